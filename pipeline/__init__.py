@@ -1,0 +1,7 @@
+"""kdpipe library: datasets, teachers, the feature store, the student, losses, training and metrics.
+
+Never imports typer, never reads params.yaml, never calls sys.exit: the command line lives in `stages`.
+"""
+from pipeline.errors import KdpipeError, ConfigError, InputError
+
+__all__ = ["KdpipeError", "ConfigError", "InputError"]

@@ -1,0 +1,214 @@
+"""The dataset index: every image (id, path, split) and every caption (text, image row), with a fingerprint.
+
+One row per image and one row per caption, written as two parquet files plus `index.json`. A caption's
+split is its image's split (derived, not stored). Later stages record the fingerprint and refuse inputs
+computed from a different index, so that features and images can never be silently misaligned.
+
+Order is significant and stable: within a split, images and captions keep their global order, and the
+feature store and image cache of that split use exactly this order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+
+INDEX_FORMAT = "kdpipe-index"
+INDEX_VERSION = 1
+SPLIT_ORDER = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitView:
+    """The images and captions of one split, in index order."""
+
+    name: str
+    image_rows: np.ndarray  # int64 [N] rows of these images in the whole index
+    image_id: np.ndarray  # object (str) [N]
+    image_path: np.ndarray  # object (str) [N], absolute or relative to the working directory
+    caption_rows: np.ndarray  # int64 [M] rows of these captions in the whole index
+    caption_text: np.ndarray  # object (str) [M]
+    text_image: np.ndarray  # int32 [M] row in this split's images of each caption's image
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_rows)
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.caption_rows)
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetIndex:
+    name: str
+    image_root: Path  # relative image paths are resolved against it
+    image_id: np.ndarray  # object (str) [N_images], unique
+    image_path: np.ndarray  # object (str) [N_images], relative to image_root (or absolute)
+    image_split: np.ndarray  # object (str) [N_images]
+    caption_text: np.ndarray  # object (str) [N_captions], non-empty
+    caption_image: np.ndarray  # int64 [N_captions], row in the images
+
+    def __post_init__(self) -> None:
+        n = len(self.image_id)
+        if not (len(self.image_path) == len(self.image_split) == n):
+            raise ValueError("image columns differ in length")
+        if len(self.caption_text) != len(self.caption_image):
+            raise ValueError("caption columns differ in length")
+        if len(set(self.image_id.tolist())) != n:
+            seen: set[str] = set()
+            dup = next(i for i in self.image_id.tolist() if i in seen or seen.add(i))
+            raise InputError(f"dataset {self.name}: image id {dup!r} appears more than once")
+        if len(self.caption_image) and (self.caption_image.min() < 0 or self.caption_image.max() >= n):
+            raise InputError(f"dataset {self.name}: a caption points at an image row outside 0..{n - 1}")
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_lists(cls, name: str, image_root: Path | str, images: list[tuple[str, str, str]],
+                   captions: list[tuple[str, int]]) -> "DatasetIndex":
+        """images: (image_id, path, split) rows; captions: (text, image row) rows."""
+        return cls(
+            name=name,
+            image_root=Path(image_root),
+            image_id=np.array([i for i, _, _ in images], dtype=object),
+            image_path=np.array([p for _, p, _ in images], dtype=object),
+            image_split=np.array([s for _, _, s in images], dtype=object),
+            caption_text=np.array([t for t, _ in captions], dtype=object),
+            caption_image=np.array([r for _, r in captions], dtype=np.int64),
+        )
+
+    def drop_images(self, rows: np.ndarray | list[int]) -> "DatasetIndex":
+        """A new index without these image rows and without their captions (rows renumbered)."""
+        keep = np.ones(len(self.image_id), dtype=bool)
+        keep[np.asarray(rows, dtype=np.int64)] = False
+        new_row = np.cumsum(keep) - 1
+        cap_keep = keep[self.caption_image]
+        return DatasetIndex(
+            name=self.name,
+            image_root=self.image_root,
+            image_id=self.image_id[keep],
+            image_path=self.image_path[keep],
+            image_split=self.image_split[keep],
+            caption_text=self.caption_text[cap_keep],
+            caption_image=new_row[self.caption_image[cap_keep]],
+        )
+
+    # -- derived views ------------------------------------------------------------------------------
+    @property
+    def n_images(self) -> int:
+        return len(self.image_id)
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.caption_text)
+
+    @cached_property
+    def splits(self) -> tuple[str, ...]:
+        """Split names present, train/val/test first, then any others alphabetically."""
+        present = set(self.image_split.tolist())
+        return tuple(s for s in SPLIT_ORDER if s in present) + tuple(sorted(present - set(SPLIT_ORDER)))
+
+    def image_abspath(self, row: int) -> Path:
+        p = Path(self.image_path[row])
+        return p if p.is_absolute() else self.image_root / p
+
+    def split(self, name: str) -> SplitView:
+        if name not in self.splits:
+            raise InputError(f"dataset {self.name}: no split {name!r}; it has {', '.join(self.splits)}")
+        image_rows = np.flatnonzero(self.image_split == name)
+        local = np.full(self.n_images, -1, dtype=np.int64)
+        local[image_rows] = np.arange(len(image_rows))
+        caption_rows = np.flatnonzero(local[self.caption_image] >= 0)
+        return SplitView(
+            name=name,
+            image_rows=image_rows,
+            image_id=self.image_id[image_rows],
+            image_path=np.array([str(self.image_abspath(r)) for r in image_rows], dtype=object),
+            caption_rows=caption_rows,
+            caption_text=self.caption_text[caption_rows],
+            text_image=local[self.caption_image[caption_rows]].astype(np.int32),
+        )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the content (ids, relative paths, splits, captions and their images), not of image_root,
+        so that moving the dataset directory keeps the fingerprint."""
+        h = hashlib.sha256()
+        h.update(f"{INDEX_FORMAT}/{INDEX_VERSION}\n".encode())
+        for column in (self.image_id, self.image_path, self.image_split, self.caption_text):
+            h.update(f"{len(column)}\n".encode())
+            for value in column.tolist():
+                b = value.encode("utf-8")
+                h.update(len(b).to_bytes(8, "little"))  # length-prefixed, so no separator can be forged
+                h.update(b)
+        h.update(np.ascontiguousarray(self.caption_image, dtype="<i8").tobytes())
+        return h.hexdigest()
+
+    # -- storage ------------------------------------------------------------------------------------
+    def save(self, directory: Path | str) -> None:
+        """Write images.parquet, captions.parquet and index.json (written last: it marks the index complete)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "index.json").unlink(missing_ok=True)
+        images = pa.table({
+            "image_id": pa.array(self.image_id.tolist(), pa.string()),
+            "path": pa.array(self.image_path.tolist(), pa.string()),
+            "split": pa.array(self.image_split.tolist(), pa.string()),
+        })
+        captions = pa.table({
+            "text": pa.array(self.caption_text.tolist(), pa.string()),
+            "image_row": pa.array(self.caption_image, pa.int64()),
+        })
+        pq.write_table(images, directory / "images.parquet")
+        pq.write_table(captions, directory / "captions.parquet")
+        meta = {
+            "format": INDEX_FORMAT, "version": INDEX_VERSION, "name": self.name,
+            "image_root": str(self.image_root), "fingerprint": self.fingerprint,
+            "n_images": self.n_images, "n_captions": self.n_captions,
+            "splits": {s: {"images": int((self.image_split == s).sum()),
+                           "captions": int((self.image_split[self.caption_image] == s).sum())}
+                       for s in self.splits},
+        }
+        tmp = directory / "index.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(directory / "index.json")
+
+    @classmethod
+    def load(cls, directory: Path | str) -> "DatasetIndex":
+        directory = Path(directory)
+        meta_path = directory / "index.json"
+        if not meta_path.is_file():
+            raise InputError(f"{directory}: no dataset index here (index.json missing); run `kdpipe prepare` first")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+            raise InputError(f"{meta_path}: not a {INDEX_FORMAT} v{INDEX_VERSION} index")
+        images = pq.read_table(directory / "images.parquet")
+        captions = pq.read_table(directory / "captions.parquet")
+        index = cls(
+            name=meta["name"],
+            image_root=Path(meta["image_root"]),
+            image_id=np.array(images["image_id"].to_pylist(), dtype=object),
+            image_path=np.array(images["path"].to_pylist(), dtype=object),
+            image_split=np.array(images["split"].to_pylist(), dtype=object),
+            caption_text=np.array(captions["text"].to_pylist(), dtype=object),
+            caption_image=captions["image_row"].to_numpy().astype(np.int64),
+        )
+        if index.fingerprint != meta["fingerprint"]:
+            raise InputError(f"{directory}: index content does not match its recorded fingerprint (edited by hand?)")
+        return index
+
+
+def read_fingerprint(directory: Path | str) -> str:
+    """The recorded fingerprint of an index directory, without loading the tables."""
+    meta_path = Path(directory) / "index.json"
+    if not meta_path.is_file():
+        raise InputError(f"{directory}: no dataset index here (index.json missing); run `kdpipe prepare` first")
+    return json.loads(meta_path.read_text())["fingerprint"]

@@ -1,0 +1,41 @@
+"""Where every stage reads and writes, relative to one work directory (`artifacts/<dataset>`).
+
+This is the one place in the code that names the artifact layout; dvc.yaml repeats the same names
+because DVC needs them statically (`${workdir}/features.zarr`, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    workdir: Path
+
+    @property
+    def index_dir(self) -> Path:  # dataset index (parquet) + fingerprint + bad-image report
+        return self.workdir / "index"
+
+    @property
+    def images(self) -> Path:  # prepare's uint8 student-resolution image cache
+        return self.workdir / "images.zarr"
+
+    @property
+    def features(self) -> Path:  # extract's teacher feature store (format v1)
+        return self.workdir / "features.zarr"
+
+    @property
+    def student(self) -> Path:  # distill's outputs: checkpoints, exported towers, training log
+        return self.workdir / "student"
+
+    @property
+    def metrics(self) -> Path:
+        return self.workdir / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.workdir / "plots"
+
+    def resolved_config(self, stage: str) -> Path:
+        return self.workdir / "config" / f"{stage}.yaml"

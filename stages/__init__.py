@@ -1,0 +1,1 @@
+"""kdpipe command line: one thin typer command per pipeline stage (see stages/cli.py)."""

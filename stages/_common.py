@@ -1,0 +1,91 @@
+"""What every stage command shares: reading params.yaml, `--set` overrides, and turning errors into one line.
+
+A stage command parses its options, calls `load_stage` for its typed config and artifact paths, calls the
+pipeline, and lets `run_stage` turn a `KdpipeError` into one red line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import typer
+import yaml
+
+from pipeline.config import apply_overrides, from_dict, write_resolved
+from pipeline.errors import ConfigError, KdpipeError
+from pipeline.paths import ArtifactPaths
+
+T = TypeVar("T")
+
+# Top-level keys of params.yaml: the work directory and one section per stage. Anything else is a typo.
+TOP_LEVEL_KEYS = ("workdir", "prepare", "extract", "distill", "evaluate")
+
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (YAML), one section per stage.")
+SET_OPTION = typer.Option(None, "--set", help="Override a parameter: section.key=value (repeatable).")
+
+
+def load_params(path: Path) -> dict[str, Any]:
+    """Read a params YAML file; a missing or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_stage(params_path: Path, section: str, cls: type[T], overrides: list[str] | None,
+               workdir: Path | None = None) -> tuple[T, ArtifactPaths]:
+    """The typed config of `section` and the artifact paths, after `--set` overrides.
+
+    Every section of the file is checked for unknown top-level keys, so a typo anywhere fails early."""
+    raw = apply_overrides(load_params(params_path), list(overrides or []))
+    unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise ConfigError(f"{params_path}: unknown section {unknown[0]!r}; allowed: {', '.join(TOP_LEVEL_KEYS)}")
+    cfg = from_dict(cls, raw.get(section), section)
+    wd = workdir or raw.get("workdir")
+    if not wd:
+        raise ConfigError(f"{params_path}: workdir is not set (e.g. workdir: artifacts/demo)")
+    return cfg, ArtifactPaths(Path(wd))
+
+
+def save_resolved(cfg: Any, paths: ArtifactPaths, section: str) -> None:
+    """Record the config a stage actually ran with, next to its outputs."""
+    write_resolved(cfg, paths.resolved_config(section), section)
+
+
+def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for stage commands: a user error becomes one red line and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdpipeError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted", fg=typer.colors.RED, err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero torchrun rank (only rank 0 prints summaries and writes shared files)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def echo(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)

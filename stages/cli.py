@@ -1,0 +1,22 @@
+"""The `kdpipe` console script (also `python -m stages`): one subcommand per stage."""
+from __future__ import annotations
+
+import typer
+
+from stages import distill, evaluate, extract, prepare
+
+app = typer.Typer(
+    name="kdpipe",
+    help="Distil a large image-text teacher into a small retrieval model from stored teacher features.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("prepare")(prepare.command)
+app.command("extract")(extract.command)
+app.command("distill")(distill.command)
+app.command("evaluate")(evaluate.command)
+
+
+def main() -> None:
+    app()
