@@ -1,0 +1,564 @@
+"""The teacher feature store, format version 1: a Zarr v3 group of L2-normalized rows, memory-mapped on read.
+
+Layout (fixed by docs/architecture, "Feature store, format version 1"):
+
+    features.zarr/
+      zarr.json            group attrs: format="kdpipe-features", version=1, complete, dim, normalized=true,
+                           dtype, splits=[...], teacher={...}, dataset={name, fingerprint}, skipped_images=[...]
+                           (+ whatever the writer adds, e.g. extract={...} for the settings that shaped the rows)
+      <split>/image_emb    float16|float32 [N, D]  chunks [chunk_rows, D]
+      <split>/text_emb     float16|float32 [M, D]  chunks [chunk_rows, D]
+      <split>/text_image   int32 [M]               row in <split>/image_emb of each caption's image
+      <split>/image_id     string [N]              zarr "string" data type (vlen-utf8 codec), same order as image_emb
+
+Every array has no filters and no compressors: the `bytes` codec (little endian) only. So a chunk file
+`<split>/image_emb/c/<i>/0` is exactly `chunk_rows * D * itemsize` raw row-major bytes (the last chunk padded
+with zeros to the full chunk size, as zarr does), which `np.memmap` maps directly. The string array uses
+zarr's `vlen-utf8` array-to-bytes codec (an encoding, not a compressor), the one string encoding of zarr 3.1
+that has a stable specification; fixed-width unicode (`<U..`) would be raw too but zarr 3.1 warns that its
+v3 representation is unstable. Reading with nothing but zarr:
+
+    g = zarr.open_group("features.zarr", mode="r"); assert g.attrs["complete"]
+    img = g["test/image_emb"][:]; ids = g["test/image_id"][:]
+
+The reader (`open_store`) validates the attrs and returns read-only memory maps over the chunk files: one
+contiguous `[N, D]` array even when there are several chunk files (each file is mapped at consecutive
+addresses of one reserved range with `mmap(MAP_FIXED)`, which needs the chunk size to be a multiple of the
+page size -- true for the default 16384-row chunks with an even D). Where that is not possible (another OS,
+odd chunk sizes) the rows are read into memory instead.
+
+Writing: `write_store` (one shot, for tests and tools) and `StoreWriter` (chunk by chunk from any number
+of processes, used by the resumable extract stage). Rows are L2-normalized in float32 before being stored.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import shutil
+import sys
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+FORMAT = "kdpipe-features"
+VERSION = 1
+EMB_ARRAYS = ("image_emb", "text_emb")
+STORE_DTYPES = ("float16", "float32")
+DEFAULT_CHUNK_ROWS = 16384
+_SMALL_CHUNK = 1 << 20  # rows per chunk of the 1-D arrays (text_image, image_id): one file for any real dataset
+_PARTIAL = ".partial"  # suffix of files being written (zarr uses the same); removed by `remove_partial_files`
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoreSplit:
+    name: str
+    image_emb: np.ndarray  # [N, D] read-only memory map over the chunk files (no copy)
+    text_emb: np.ndarray  # [M, D] read-only memory map
+    text_image: np.ndarray  # [M] int32, row in image_emb of each caption's image
+    image_id: np.ndarray  # [N] object array of str
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image_emb.shape[0])
+
+    @property
+    def n_captions(self) -> int:
+        return int(self.text_emb.shape[0])
+
+
+class FeatureStore:
+    """An opened, validated, complete store. `split(name)` gives the memory-mapped arrays of one split."""
+
+    def __init__(self, path: Path, attrs: dict[str, Any], splits: dict[str, StoreSplit]) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.dim: int = int(attrs["dim"])
+        self.teacher: dict[str, Any] = dict(attrs.get("teacher") or {})
+        self.dataset: dict[str, Any] = dict(attrs.get("dataset") or {})
+        self._splits = splits
+        self.splits: tuple[str, ...] = tuple(splits)
+
+    def split(self, name: str) -> StoreSplit:
+        if name not in self._splits:
+            raise InputError(f"{self.path}: no split {name!r} in this feature store; it has "
+                             f"{', '.join(self.splits) or 'none'}")
+        return self._splits[name]
+
+    @property
+    def skipped_images(self) -> list[dict[str, Any]]:
+        """Images left out by extract's `on_bad_image: skip` ({split, image_id, index_row, path, reason})."""
+        return list(self.attrs.get("skipped_images") or [])
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}: {v.n_images} images / {v.n_captions} captions" for s, v in self._splits.items())
+        return f"FeatureStore({str(self.path)!r}, dim={self.dim}, {sizes})"
+
+
+def read_attrs(path: Path | str) -> dict[str, Any] | None:
+    """The group attrs of a store directory, or None when there is no readable group metadata there."""
+    meta = Path(path) / "zarr.json"
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("node_type") != "group" or doc.get("zarr_format") != 3:
+        return None
+    attrs = doc.get("attributes")
+    return attrs if isinstance(attrs, dict) else None
+
+
+def open_store(path: Path | str, *, expect_fingerprint: str | None = None,
+               expect_dim: int | None = None) -> FeatureStore:
+    """Open and validate a complete format-v1 store; every problem is an InputError of one line."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: no feature store here (directory not found); run `kdpipe extract` first")
+    attrs = read_attrs(path)
+    if attrs is None:
+        raise InputError(f"{path}: not a feature store (no readable Zarr v3 group metadata zarr.json)")
+    if attrs.get("format") != FORMAT:
+        raise InputError(f"{path}: not a kdpipe feature store (format={attrs.get('format')!r}, expected {FORMAT!r})")
+    if attrs.get("version") != VERSION:
+        raise InputError(f"{path}: feature store version {attrs.get('version')!r}; this kdpipe reads version {VERSION}")
+    if attrs.get("complete") is not True:
+        raise InputError(f"{path}: feature store is incomplete (extraction was interrupted or is still running); "
+                         "rerun `kdpipe extract` to finish it")
+    dim = attrs.get("dim")
+    if not isinstance(dim, int) or dim <= 0:
+        raise InputError(f"{path}: attribute dim={dim!r} is not a positive integer")
+    if expect_dim is not None and dim != expect_dim:
+        raise InputError(f"{path}: feature dimension {dim}, expected {expect_dim}")
+    if expect_fingerprint is not None:
+        found = (attrs.get("dataset") or {}).get("fingerprint")
+        if found != expect_fingerprint:
+            raise InputError(f"{path}: computed from dataset index {str(found)[:12]}, not from the current index "
+                             f"{expect_fingerprint[:12]}; rerun `kdpipe extract`")
+
+    import zarr  # imported here: opening a store is the only reader step that needs it
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # noqa: BLE001 -- any zarr failure is a broken store for the user
+        raise InputError(f"{path}: cannot open the Zarr group ({type(err).__name__}: {err})") from None
+    names = attrs.get("splits")
+    if names is None:
+        names = sorted(k for k in group.group_keys() if not k.startswith("."))
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{path}: attribute splits={names!r} is not a list of names")
+    splits = {name: _open_split(path, group, name, dim) for name in names}
+    return FeatureStore(path, attrs, splits)
+
+
+def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
+    arrays = {}
+    for key in (*EMB_ARRAYS, "text_image", "image_id"):
+        try:
+            arrays[key] = group[f"{name}/{key}"]
+        except KeyError:
+            raise InputError(f"{path}: split {name!r} has no array {key!r}") from None
+    emb = {key: _map_emb(path, name, key, arrays[key], dim) for key in EMB_ARRAYS}
+    n, m = emb["image_emb"].shape[0], emb["text_emb"].shape[0]
+
+    ti = arrays["text_image"]
+    if ti.ndim != 1 or ti.shape[0] != m or np.dtype(ti.dtype) != np.int32:
+        raise InputError(f"{path}: {name}/text_image is {ti.dtype} {list(ti.shape)}, expected int32 [{m}]")
+    text_image = np.asarray(ti[...])
+    if m and (int(text_image.min()) < 0 or int(text_image.max()) >= n):
+        bad = int(np.flatnonzero((text_image < 0) | (text_image >= n))[0])
+        raise InputError(f"{path}: {name}/text_image[{bad}] = {int(text_image[bad])} points outside the split's "
+                         f"{n} images")
+    text_image.setflags(write=False)
+
+    ids = arrays["image_id"]
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise InputError(f"{path}: {name}/image_id has shape {list(ids.shape)}, expected [{n}]")
+    image_id = np.array([str(v) for v in ids[...].tolist()], dtype=object) if n else np.empty(0, dtype=object)
+    image_id.setflags(write=False)
+    return StoreSplit(name=name, image_emb=emb["image_emb"], text_emb=emb["text_emb"], text_image=text_image,
+                      image_id=image_id)
+
+
+def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray:
+    """Check that `arr` is an uncompressed row-chunked [R, dim] float array and memory-map its chunk files."""
+    where = f"{path}: {split}/{key}"
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4):
+        raise InputError(f"{where} has dtype {dtype}, expected float16 or float32")
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise InputError(f"{where} has shape {list(arr.shape)}, expected [rows, {dim}] (the store's dim)")
+    _check_raw_layout(where, arr)
+    rows, chunk_rows = int(arr.shape[0]), int(arr.chunks[0])
+    if arr.chunks[1] != dim:
+        raise InputError(f"{where}: chunks {list(arr.chunks)} split the feature axis; format v1 chunks rows only")
+    dtype = dtype.newbyteorder("<")
+    if rows == 0:
+        out = np.empty((0, dim), dtype=dtype)
+        out.setflags(write=False)
+        return out
+    n_chunks = -(-rows // chunk_rows)
+    chunk_bytes = chunk_rows * dim * dtype.itemsize
+    files = []
+    for i in range(n_chunks):
+        f = path / split / key / arr.metadata.encode_chunk_key((i, 0))
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            raise InputError(f"{where}: chunk file {f.relative_to(path)} is missing") from None
+        if size != chunk_bytes:
+            raise InputError(f"{where}: chunk file {f.relative_to(path)} has {size} bytes, expected {chunk_bytes} "
+                             "(truncated or not an uncompressed chunk)")
+        files.append(f)
+    return map_rows(files, chunk_rows, rows, dim, dtype)
+
+
+def _check_raw_layout(where: str, arr: Any) -> None:
+    from zarr.codecs import BytesCodec
+
+    md = arr.metadata
+    codecs = getattr(md, "codecs", None)
+    ok = (codecs is not None and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+          and (codecs[0].endian is None or codecs[0].endian.value == "little"))
+    if not ok:
+        raise InputError(f"{where}: codecs {[type(c).__name__ for c in codecs or ()]}; format v1 stores raw "
+                         "uncompressed chunks (bytes codec, little endian, no compressor or sharding)")
+    enc = md.chunk_key_encoding
+    if getattr(enc, "name", "default") != "default" or getattr(enc, "separator", "/") != "/":
+        raise InputError(f"{where}: chunk key encoding {enc}; format v1 uses the default 'c/<i>/<j>' keys")
+
+
+def map_rows(files: list[Path], chunk_rows: int, rows: int, dim: int, dtype: np.dtype) -> np.ndarray:
+    """One read-only `[rows, dim]` array over raw chunk files of `chunk_rows` rows each, without copying."""
+    dtype = np.dtype(dtype)
+    if len(files) == 1:
+        return np.memmap(files[0], dtype=dtype, mode="r", shape=(rows, dim))
+    chunk_bytes = chunk_rows * dim * dtype.itemsize
+    stitched = _StitchedMap.create(files, chunk_bytes)
+    if stitched is not None:
+        out = np.asarray(_ArrayView(stitched, (rows, dim), dtype)).view(np.memmap)
+        out.mode, out.filename, out.offset = "r", str(files[0].parent), 0
+        return out
+    # Fallback (no POSIX mmap through libc, or chunks that are not whole pages): read the rows into memory.
+    parts = [np.memmap(f, dtype=dtype, mode="r", shape=(chunk_rows, dim)) for f in files]
+    out = np.concatenate(parts)[:rows]
+    out.setflags(write=False)
+    return out
+
+
+class _ArrayView:
+    """Exposes a mapped address range to numpy (`np.asarray` keeps this object, hence the mapping, alive)."""
+
+    def __init__(self, owner: "_StitchedMap", shape: tuple[int, int], dtype: np.dtype) -> None:
+        self._owner = owner
+        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (owner.address, True),
+                                    "version": 3}
+
+
+class _StitchedMap:
+    """Chunk files mapped back to back into one reserved address range (unmapped when garbage-collected)."""
+
+    _libc: Any = None
+
+    def __init__(self, address: int, size: int) -> None:
+        self.address, self.size = address, size
+        weakref.finalize(self, self._libc.munmap, ctypes.c_void_p(address), ctypes.c_size_t(size))
+
+    @classmethod
+    def _load_libc(cls) -> Any:
+        if cls._libc is None:
+            if os.name != "posix" or not hasattr(mmap, "MAP_ANONYMOUS"):
+                cls._libc = False
+            else:
+                try:
+                    libc = ctypes.CDLL(None, use_errno=True)
+                    libc.mmap.restype = ctypes.c_void_p
+                    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_int, ctypes.c_int64]
+                    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+                    libc.munmap.restype = ctypes.c_int
+                    cls._libc = libc
+                except (OSError, AttributeError):
+                    cls._libc = False
+        return cls._libc
+
+    @classmethod
+    def create(cls, files: list[Path], chunk_bytes: int) -> "_StitchedMap | None":
+        libc = cls._load_libc()
+        if not libc or chunk_bytes % mmap.PAGESIZE or sys.platform not in ("linux", "darwin"):
+            return None
+        map_fixed = 0x10  # same value on Linux and macOS; not exported by the mmap module
+        size = chunk_bytes * len(files)
+        failed = ctypes.c_void_p(-1).value
+        base = libc.mmap(None, size, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserve, PROT_NONE
+        if base in (None, failed):
+            return None
+        owner = cls(base, size)  # from here on the whole range is unmapped when `owner` dies
+        for i, f in enumerate(files):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                got = libc.mmap(base + i * chunk_bytes, chunk_bytes, mmap.PROT_READ,
+                                mmap.MAP_SHARED | map_fixed, fd, 0)
+            finally:
+                os.close(fd)
+            if got != base + i * chunk_bytes:
+                return None  # `owner` is dropped: the reservation and any mapped files are released
+        return owner
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------
+def l2_normalize_rows(rows: np.ndarray) -> np.ndarray:
+    """float32 rows divided by their L2 norm (a zero row stays zero, as torch.nn.functional.normalize does)."""
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float32))[:, None]
+    return rows / np.maximum(norms, np.float32(1e-12))
+
+
+def is_feature_store_dir(path: Path | str) -> bool:
+    """True for a directory holding (possibly partial) kdpipe feature-store metadata."""
+    attrs = read_attrs(path)
+    return attrs is not None and attrs.get("format") == FORMAT
+
+
+def clear_store_dir(path: Path, *, keep: Iterable[str] = ()) -> None:
+    """Delete everything inside `path` (a feature store or an empty directory), keeping the names in `keep`.
+
+    Refuses a non-empty directory that is not a feature store, so a wrong `--out` never deletes user data."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise InputError(f"{path}: exists and is not a directory; expected a feature store location")
+    entries = [e for e in path.iterdir() if e.name not in set(keep)]
+    if entries and not is_feature_store_dir(path) and not (path / ".extract").is_dir():
+        raise InputError(f"{path}: exists, is not empty and is not a feature store; remove it or choose another path")
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+
+
+def remove_partial_files(path: Path) -> None:
+    """Remove files left half-written by a killed writer (`*.partial`, ours and zarr's)."""
+    for f in Path(path).rglob(f"*{_PARTIAL}"):
+        if f.is_file():
+            f.unlink(missing_ok=True)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory under `path` (after zarr wrote metadata, which it does not fsync)."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fsync_file(Path(root) / name)
+        fsync_dir(Path(root))
+
+
+def write_file_durably(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` atomically and durably: temp file, fsync, rename, fsync of the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{_PARTIAL}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _chunk_len(n: int, chunk_rows: int) -> int:
+    """Rows per chunk of an array of n rows: chunk_rows, or n when smaller (a small array is one exact file)."""
+    return max(1, min(chunk_rows, n))
+
+
+class StoreWriter:
+    """Writes a format-v1 store in three steps, from one or many processes:
+
+    1. `StoreWriter.create(...)` (one process): clears the directory, writes all metadata with
+       complete=false, and the small arrays can then be written with `write_text_image` / `write_image_id`;
+    2. `write_chunk(split, array, i, rows)` (any process, each chunk exactly once at a time): rows are
+       normalized, cast, padded and written as the raw chunk file, durably (temp file, fsync, rename);
+    3. `set_attrs(complete=True, ...)` (one process) once every chunk is written.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        attrs = read_attrs(self.path)
+        if attrs is None or attrs.get("format") != FORMAT:
+            raise InputError(f"{self.path}: no feature-store metadata to write into")
+        self.dim = int(attrs["dim"])
+        self.dtype = np.dtype(attrs["dtype"]).newbyteorder("<")
+        self._shapes: dict[tuple[str, str], tuple[int, int]] = {}  # (split, array) -> (rows, chunk_rows)
+        for split in attrs["splits"]:
+            for key in (*EMB_ARRAYS, "text_image", "image_id"):
+                meta = json.loads((self.path / split / key / "zarr.json").read_text())
+                self._shapes[split, key] = (meta["shape"][0], meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+
+    @classmethod
+    def create(cls, path: Path | str, *, layout: dict[str, tuple[int, int]], dim: int, dtype: str = "float16",
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, attrs: dict[str, Any] | None = None) -> "StoreWriter":
+        """A new store at `path` for layout {split: (n_images, n_captions)}; anything already there is removed."""
+        import zarr
+
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"store dtype {dtype!r}; expected one of {STORE_DTYPES}")
+        if chunk_rows < 1 or dim < 1:
+            raise ValueError("chunk_rows and dim must be positive")
+        path = Path(path)
+        clear_store_dir(path)
+        path.mkdir(parents=True, exist_ok=True)
+        head = {"format": FORMAT, "version": VERSION, "complete": False, "dim": int(dim), "normalized": True,
+                "dtype": dtype, "splits": list(layout)}
+        root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={**head, **(attrs or {})})
+        for split, (n_images, n_captions) in layout.items():
+            g = root.create_group(split)
+            for key, n in (("image_emb", n_images), ("text_emb", n_captions)):
+                g.create_array(key, shape=(n, dim), chunks=(_chunk_len(n, chunk_rows), dim), dtype=dtype,
+                               filters=None, compressors=None, fill_value=0.0, config={"write_empty_chunks": True})
+            g.create_array("text_image", shape=(n_captions,), chunks=(_chunk_len(n_captions, _SMALL_CHUNK),),
+                           dtype="int32", filters=None, compressors=None, fill_value=0,
+                           config={"write_empty_chunks": True})
+            g.create_array("image_id", shape=(n_images,), chunks=(_chunk_len(n_images, _SMALL_CHUNK),),
+                           dtype=str, filters=None, compressors=None, fill_value="",
+                           config={"write_empty_chunks": True})
+        return cls(path)
+
+    # -- layout -------------------------------------------------------------------------------------------
+    def rows(self, split: str, array: str) -> int:
+        return self._shapes[split, array][0]
+
+    def chunk_rows(self, split: str, array: str) -> int:
+        return self._shapes[split, array][1]
+
+    def n_chunks(self, split: str, array: str) -> int:
+        rows, cr = self._shapes[split, array]
+        return -(-rows // cr)
+
+    def chunk_range(self, split: str, array: str, i: int) -> tuple[int, int]:
+        rows, cr = self._shapes[split, array]
+        return i * cr, min(rows, (i + 1) * cr)
+
+    def chunk_path(self, split: str, array: str, i: int) -> Path:
+        return self.path / split / array / "c" / str(i) / "0"
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def write_chunk(self, split: str, array: str, i: int, rows: np.ndarray) -> None:
+        """Normalize `rows` (float, [chunk length, D]) in float32, cast, pad, and write chunk i durably."""
+        start, stop = self.chunk_range(split, array, i)
+        rows = np.asarray(rows)
+        if rows.shape != (stop - start, self.dim):
+            raise ValueError(f"{split}/{array} chunk {i}: got rows {rows.shape}, expected {(stop - start, self.dim)}")
+        if not np.isfinite(rows).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+            raise InputError(f"{split}/{array} row {bad}: the teacher produced non-finite features (NaN or inf); "
+                             "with compute_dtype float16 this is an overflow: use bfloat16 or float32")
+        cr = self.chunk_rows(split, array)
+        block = np.zeros((cr, self.dim), dtype=self.dtype)
+        block[: stop - start] = l2_normalize_rows(rows)
+        write_file_durably(self.chunk_path(split, array, i), memoryview(block).cast("B"))
+
+    def write_text_image(self, split: str, text_image: np.ndarray) -> None:
+        self._write_small(split, "text_image", np.asarray(text_image, dtype=np.int32))
+
+    def write_image_id(self, split: str, image_id: Iterable[str]) -> None:
+        ids = [str(v) for v in image_id]
+        self._write_small(split, "image_id", np.array(ids, dtype=np.dtypes.StringDType()))
+
+    def _write_small(self, split: str, key: str, values: np.ndarray) -> None:
+        import zarr
+
+        if values.shape != (self.rows(split, key),):
+            raise ValueError(f"{split}/{key}: got {values.shape}, expected ({self.rows(split, key)},)")
+        if len(values):
+            arr = zarr.open_array(str(self.path / split / key), mode="r+")
+            arr[...] = values
+        fsync_tree(self.path / split / key)
+
+    def attrs(self) -> dict[str, Any]:
+        return read_attrs(self.path) or {}
+
+    def set_attrs(self, **updates: Any) -> None:
+        """Update group attrs atomically (temp file + rename, then fsync); `complete=True` goes last."""
+        doc = json.loads((self.path / "zarr.json").read_text())
+        doc["attributes"] = {**doc["attributes"], **_jsonable(updates)}
+        write_file_durably(self.path / "zarr.json", (json.dumps(doc, indent=2, ensure_ascii=False)).encode())
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values (tuples -> lists, numpy scalars -> Python, Paths -> str)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def write_store(path: Path | str, splits: dict[str, dict[str, np.ndarray]], *, teacher: dict, dataset: dict,
+                dtype: str = "float16", chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                extra_attrs: dict[str, Any] | None = None) -> None:
+    """Write a complete store in one go. splits[name] = {image_emb [N,D], text_emb [M,D], text_image [M],
+    image_id [N]}; rows are L2-normalized (float32 math) and stored as `dtype`; complete=true is set last."""
+    if not splits:
+        raise ValueError("write_store: no splits given")
+    dims = set()
+    layout = {}
+    for name, s in splits.items():
+        missing = [k for k in (*EMB_ARRAYS, "text_image", "image_id") if k not in s]
+        if missing:
+            raise ValueError(f"write_store: split {name!r} lacks {missing}")
+        img, txt = np.asarray(s["image_emb"]), np.asarray(s["text_emb"])
+        ti = np.asarray(s["text_image"])
+        if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+            raise ValueError(f"write_store: split {name!r}: image_emb {img.shape} and text_emb {txt.shape} "
+                             "must be [rows, D] with one D")
+        if ti.shape != (txt.shape[0],) or len(s["image_id"]) != img.shape[0]:
+            raise ValueError(f"write_store: split {name!r}: text_image needs one entry per caption and "
+                             "image_id one per image")
+        if len(ti) and (ti.min() < 0 or ti.max() >= img.shape[0]):
+            raise ValueError(f"write_store: split {name!r}: text_image points outside the {img.shape[0]} images")
+        dims.add(img.shape[1])
+        layout[name] = (img.shape[0], txt.shape[0])
+    if len(dims) != 1:
+        raise ValueError(f"write_store: splits have different dims {sorted(dims)}")
+    dim = dims.pop()
+    attrs = {"teacher": teacher, "dataset": dataset, "skipped_images": [], **(extra_attrs or {})}
+    writer = StoreWriter.create(path, layout=layout, dim=dim, dtype=dtype, chunk_rows=chunk_rows,
+                                attrs=_jsonable(attrs))
+    for name, s in splits.items():
+        for key in EMB_ARRAYS:
+            data = np.asarray(s[key])
+            for i in range(writer.n_chunks(name, key)):
+                a, b = writer.chunk_range(name, key, i)
+                writer.write_chunk(name, key, i, data[a:b])
+        writer.write_text_image(name, s["text_image"])
+        writer.write_image_id(name, s["image_id"])
+    fsync_tree(writer.path)
+    writer.set_attrs(complete=True)
+
+
+__all__ = ["FORMAT", "VERSION", "FeatureStore", "StoreSplit", "StoreWriter", "open_store", "write_store",
+           "read_attrs", "l2_normalize_rows", "map_rows"]
