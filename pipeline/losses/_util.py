@@ -1,0 +1,48 @@
+"""Small helpers shared by the loss modules: fp32 inputs, image-id tensors, same-image masks."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def student_fp32(x: Tensor) -> Tensor:
+    """A student embedding in float32 for the loss math; the cast keeps the autograd graph."""
+    return x.float()
+
+
+def teacher_fp32(x: Tensor) -> Tensor:
+    """A teacher row (or a stored bank in float16) in float32, cut from any autograd graph."""
+    return x.detach().float()
+
+
+def as_ids(ids: Any, device: torch.device, n: int, what: str) -> Tensor:
+    """Image ids (tensor, array or list) as an int64 tensor of length n on `device`. Pass a tensor already on
+    the device for a large bank's ids: anything else is copied and moved on every call."""
+    if not isinstance(ids, Tensor):  # a list or a (possibly read-only, memory-mapped) numpy array: copy
+        ids = torch.from_numpy(np.array(ids))
+    t = ids.to(device)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
+        raise ValueError(f"{what}: expected integer image ids, got dtype {t.dtype}")
+    t = t.to(torch.int64).reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"{what}: expected {n} image ids, got {t.numel()}")
+    return t
+
+
+def same_image(ids_a: Tensor | None, ids_b: Tensor | None) -> Tensor | None:
+    """[A, B] bool, True where row i of A and row j of B belong to the same image; None when unknown."""
+    if ids_a is None or ids_b is None:
+        return None
+    return ids_a[:, None] == ids_b[None, :]
+
+
+def off_diagonal_same_image(ids: Tensor | None) -> Tensor | None:
+    """[B, B] bool: same image but not the pair itself (the false negatives of an in-batch matrix)."""
+    if ids is None:
+        return None
+    mask = same_image(ids, ids)
+    mask.fill_diagonal_(False)
+    return mask
