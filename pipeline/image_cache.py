@@ -96,7 +96,8 @@ class ImageCache:
         outer_chunks = arr.metadata.chunk_grid.chunk_shape[0] // inner
         index_bytes = outer_chunks * _INDEX_ENTRY
         if size != outer_chunks * chunk_bytes + index_bytes:
-            raise InputError(f"{where}: shard file has {size} bytes, expected {outer_chunks * chunk_bytes + index_bytes}")
+            expected_size = outer_chunks * chunk_bytes + index_bytes
+            raise InputError(f"{where}: shard file has {size} bytes, expected {expected_size}")
         index = np.fromfile(path, dtype="<u8", count=outer_chunks * 2, offset=size - index_bytes).reshape(-1, 2)
         expected = np.stack([np.arange(outer_chunks, dtype=np.uint64) * chunk_bytes,
                              np.full(outer_chunks, chunk_bytes, dtype=np.uint64)], axis=1)
@@ -132,7 +133,7 @@ def open_image_cache(path: Path | str, *, expect_fingerprint: str | None = None)
     try:
         group = zarr.open_group(path, mode="r")
     except Exception:  # noqa: BLE001
-        raise InputError(f"{path}: not a zarr v3 group (expected the image cache written by `kdpipe prepare`)") from None
+        raise InputError(f"{path}: not a zarr v3 group (expected the image cache of `kdpipe prepare`)") from None
     attrs = dict(group.attrs)
     if attrs.get("format") != IMAGES_FORMAT or attrs.get("version") != IMAGES_VERSION:
         raise InputError(f"{path}: not a {IMAGES_FORMAT} v{IMAGES_VERSION} store "
@@ -311,7 +312,8 @@ def write_image_cache(path: Path | str, splits: dict[str, np.ndarray], *, finger
         raise ValueError("no splits to write")
     sizes = {tuple(a.shape[1:]) for a in splits.values()}
     if len(sizes) != 1 or len(next(iter(sizes))) != 3 or next(iter(sizes))[2] != 3:
-        raise ValueError(f"expected uint8 [N, H, W, 3] arrays of one size, got shapes {[a.shape for a in splits.values()]}")
+        shapes = [a.shape for a in splits.values()]
+        raise ValueError(f"expected uint8 [N, H, W, 3] arrays of one size, got shapes {shapes}")
     h, w, _ = next(iter(sizes))
     builder = CacheBuilder(path, (h, w), chunk_images)
     try:

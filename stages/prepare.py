@@ -1,14 +1,24 @@
-"""`kdpipe prepare`: (being built)."""
+"""`kdpipe prepare`: read the dataset, write the index and the student image cache (images.zarr)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
-from stages._common import PARAMS_OPTION, SET_OPTION, run_stage
+from pipeline.prepare import PrepareConfig, run_prepare
+from stages._common import PARAMS_OPTION, SET_OPTION, echo, load_stage, run_stage, save_resolved
 
 
 @run_stage
-def command(params: Path = PARAMS_OPTION, set_: list[str] = SET_OPTION) -> None:
-    """(being built)"""
-    raise typer.Exit(1)
+def command(
+    params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
+    workdir: Path = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir)."),
+    force: bool = typer.Option(False, "--force", help="Decode again even if the outputs are up to date."),
+) -> None:
+    """Decode every image once into the uint8 student-resolution cache, and write the dataset index."""
+    cfg, paths = load_stage(params, "prepare", PrepareConfig, set_, workdir)
+    summary = run_prepare(cfg, paths, force=force)
+    save_resolved(cfg, paths, "prepare")
+    echo(json.dumps(summary))

@@ -1,0 +1,311 @@
+"""Dataset readers: Karpathy split files, DSMD-style caption lists, and plain JSONL / CSV, into one DatasetIndex.
+
+Formats (`prepare.dataset.format`):
+
+- `karpathy`: `dataset_flickr30k.json` / `dataset_coco.json`: `{"images": [{"filename", "filepath"?,
+  "split", "sentences": [{"raw", "imgid"?}, ...], "imgid"?, "cocoid"?}, ...]}`. The image path is
+  `filepath/filename` when `filepath` is present (COCO: `val2014/COCO_val2014_...jpg`), else `filename`
+  (Flickr30K). Any number of captions per image. Splits `train`, `restval`, `val`, `test`; `restval`
+  goes into `train` by default (`restval: train`), or stays its own split (`restval`), or is dropped.
+- `dsmd`: a JSON list of `{"filename": ..., "description": ...}` rows, one caption per row (a list of
+  strings is also accepted as several captions); rows with the same filename are one image.
+- `jsonl`: one JSON object per line, `{"image": path, "caption": text, "split"?: name}`.
+- `csv`: a header row with columns `image`, `caption` and optionally `split`.
+
+Splits of the row formats (`dsmd`, `jsonl`, `csv`): `annotations` is either one file, where each row's
+`split` key/column names its split and rows without one go to `default_split` (unset by default, so a
+missing split is an error rather than a silent guess), or a mapping `{split: file}` (DSMD ships one file
+per split), where every row of a file belongs to that split and a row's own `split`, if any, must agree.
+
+Image ids: the image's path relative to `image_root` exactly as the annotations give it, normalized
+(`posixpath.normpath`, forward slashes), e.g. `1000092795.jpg` for Flickr30K and
+`val2014/COCO_val2014_000000391895.jpg` for COCO. It is unique by construction (it names a file), stable
+across versions of the split file (unlike Flickr's `imgid`, which is a position in the file), the same
+rule for every format, and it is what the feature store records as `image_id`. Absolute paths in row
+formats are kept absolute.
+
+Order: images in order of first appearance in the annotations, captions in file order. Every problem
+(missing file, malformed JSON/CSV, an empty caption, a caption that names another image, an image
+listed twice, a row without an image or a split) is one `InputError` naming the file and the item.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pipeline.dataset_index import DatasetIndex
+from pipeline.errors import InputError
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Section `prepare.dataset`."""
+
+    # one annotations file, or (row formats only) a mapping split -> file
+    annotations: Path | dict[str, Path]
+    name: str = "dataset"
+    format: Literal["karpathy", "dsmd", "jsonl", "csv"] = "karpathy"
+    image_root: Path | None = None  # directory that image paths are relative to; None = the annotations' directory
+    restval: Literal["train", "restval", "drop"] = "train"  # Karpathy's restval split: into train, kept, or dropped
+    splits: tuple[str, ...] | None = None  # keep only these splits (after restval mapping); None = all
+    default_split: str | None = None  # row formats: split of rows that name none; None = such a row is an error
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("name must not be empty")
+        if isinstance(self.annotations, dict):
+            if self.format == "karpathy":
+                raise ValueError("annotations: a Karpathy split file is one file, not a mapping split -> file")
+            if not self.annotations:
+                raise ValueError("annotations: the mapping split -> file is empty")
+        if self.splits is not None and not self.splits:
+            raise ValueError("splits: an empty list keeps nothing; leave it unset to keep every split")
+
+    @property
+    def annotation_files(self) -> list[tuple[Path, str | None]]:
+        """(file, split of all its rows or None)."""
+        if isinstance(self.annotations, dict):
+            return [(Path(f), s) for s, f in self.annotations.items()]
+        return [(Path(self.annotations), None)]
+
+    @property
+    def resolved_image_root(self) -> Path:
+        if self.image_root is not None:
+            return Path(self.image_root)
+        return self.annotation_files[0][0].parent
+
+
+def read_dataset(cfg: DatasetConfig) -> DatasetIndex:
+    """Read the annotations of `cfg` into a DatasetIndex (images not opened; prepare decodes them)."""
+    for path, _ in cfg.annotation_files:
+        if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "not found"
+            raise InputError(f"prepare.dataset.annotations: {path} {what}")
+    root = cfg.resolved_image_root
+    if not root.is_dir():
+        raise InputError(f"prepare.dataset.image_root: {root} {'is not a directory' if root.exists() else 'not found'}")
+
+    builder = _Builder(cfg)
+    if cfg.format == "karpathy":
+        _read_karpathy(cfg.annotation_files[0][0], builder)
+    else:
+        reader = {"dsmd": _dsmd_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[cfg.format]
+        for path, file_split in cfg.annotation_files:
+            for where, image, captions, split in reader(path):
+                builder.add_row(where, image, captions, split, file_split)
+    return builder.build(root)
+
+
+# -- building ----------------------------------------------------------------------------------------
+class _Builder:
+    """Collects images (first appearance order) and captions, checking each item as it comes."""
+
+    def __init__(self, cfg: DatasetConfig) -> None:
+        self.cfg = cfg
+        self.images: list[tuple[str, str, str]] = []  # (id, path, split)
+        self.row_of: dict[str, int] = {}
+        self.where_of: dict[str, str] = {}
+        self.captions: list[tuple[str, int]] = []
+
+    def add_image(self, where: str, path: str, split: str) -> int:
+        image_id = _normalize_path(path, where)
+        row = self.row_of.get(image_id)
+        if row is not None:
+            if self.images[row][2] != split:
+                raise InputError(f"{where}: image {image_id!r} is in split {split!r} here but in split "
+                                 f"{self.images[row][2]!r} at {self.where_of[image_id]}")
+            return row
+        row = self.row_of[image_id] = len(self.images)
+        self.where_of[image_id] = where
+        self.images.append((image_id, image_id, split))
+        return row
+
+    def add_caption(self, where: str, text: Any, row: int) -> None:
+        if not isinstance(text, str):
+            raise InputError(f"{where}: caption must be a string, got {type(text).__name__} {text!r}")
+        if not text.strip():
+            raise InputError(f"{where}: empty caption for image {self.images[row][0]!r}")
+        self.captions.append((text, row))
+
+    def add_row(self, where: str, image: Any, captions: list[Any], split: Any, file_split: str | None) -> None:
+        if not isinstance(image, str) or not image.strip():
+            raise InputError(f"{where}: no image path (got {image!r})")
+        if split is not None and not isinstance(split, str):
+            raise InputError(f"{where}: split must be a string, got {split!r}")
+        if split is not None and not split.strip():
+            split = None
+        if file_split is not None:
+            if split is not None and split != file_split:
+                raise InputError(f"{where}: row says split {split!r} but its file is the {file_split!r} file")
+            split = file_split
+        if split is None:
+            split = self.cfg.default_split
+            if split is None:
+                raise InputError(f"{where}: row has no split; add a split column/key, give annotations as a "
+                                 "mapping split -> file, or set prepare.dataset.default_split")
+        split = self._map_split(split)
+        if split is None:
+            return
+        row = self.add_image(where, image, split)
+        for text in captions:
+            self.add_caption(where, text, row)
+
+    def _map_split(self, split: str) -> str | None:
+        """Apply the restval rule and the splits filter; None = leave this item out."""
+        if split == "restval":
+            split = {"train": "train", "restval": "restval", "drop": None}[self.cfg.restval]
+        if split is None or (self.cfg.splits is not None and split not in self.cfg.splits):
+            return None
+        return split
+
+    def build(self, root: Path) -> DatasetIndex:
+        files = ", ".join(str(p) for p, _ in self.cfg.annotation_files)
+        if not self.images:
+            where = f" in splits {', '.join(self.cfg.splits)}" if self.cfg.splits else ""
+            raise InputError(f"{files}: no images{where}")
+        present = {s for _, _, s in self.images}
+        if self.cfg.splits is not None:
+            missing = [s for s in self.cfg.splits if s not in present]
+            if missing:
+                raise InputError(f"prepare.dataset.splits: {files} has no images in split {missing[0]!r} "
+                                 f"(it has {', '.join(sorted(present))})")
+        has_caption = {row for _, row in self.captions}
+        for row, (image_id, _, _) in enumerate(self.images):
+            if row not in has_caption:
+                raise InputError(f"{self.where_of[image_id]}: image {image_id!r} has no captions")
+        return DatasetIndex.from_lists(self.cfg.name, root, self.images, self.captions)
+
+
+def _normalize_path(path: str, where: str) -> str:
+    p = path.strip().replace("\\", "/")
+    absolute = p.startswith("/")
+    p = posixpath.normpath(p)
+    if not absolute and (p == "." or p.startswith("../") or p == ".."):
+        raise InputError(f"{where}: image path {path!r} points outside the image root")
+    return p
+
+
+# -- Karpathy ----------------------------------------------------------------------------------------
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} line {err.lineno} column {err.colno}: malformed JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _read_karpathy(path: Path, builder: _Builder) -> None:
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise InputError(f"{path}: not a Karpathy split file (expected an object with an 'images' list)")
+    for i, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict):
+            raise InputError(f"{path} images[{i}]: expected an object, got {type(entry).__name__}")
+        filename = entry.get("filename")
+        where = f"{path} images[{i}]" + (f" ({filename})" if isinstance(filename, str) else "")
+        if not isinstance(filename, str) or not filename.strip():
+            raise InputError(f"{where}: no 'filename'")
+        filepath = entry.get("filepath")
+        if filepath is not None and not isinstance(filepath, str):
+            raise InputError(f"{where}: 'filepath' must be a string, got {filepath!r}")
+        split = entry.get("split")
+        if split not in KARPATHY_SPLITS:
+            raise InputError(f"{where}: split {split!r} is not one of {', '.join(KARPATHY_SPLITS)}")
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            raise InputError(f"{where}: no 'sentences'")
+        split = builder._map_split(split)
+        if split is None:
+            continue
+        image_path = posixpath.join(filepath, filename) if filepath else filename
+        n_before = len(builder.images)
+        row = builder.add_image(where, image_path, split)
+        if len(builder.images) == n_before:
+            raise InputError(f"{where}: image {builder.images[row][0]!r} is listed twice "
+                             f"(also at {builder.where_of[builder.images[row][0]]})")
+        imgid = entry.get("imgid")
+        for j, sentence in enumerate(sentences):
+            swhere = f"{where} sentences[{j}]"
+            if not isinstance(sentence, dict) or "raw" not in sentence:
+                raise InputError(f"{swhere}: expected an object with 'raw'")
+            if imgid is not None and sentence.get("imgid", imgid) != imgid:
+                raise InputError(f"{swhere}: caption points at imgid {sentence.get('imgid')!r}, "
+                                 f"but it is listed under image imgid {imgid!r}")
+            builder.add_caption(swhere, sentence["raw"], row)
+
+
+# -- row formats: each yields (where, image, [captions], split or None) ------------------------------
+Row = tuple[str, Any, list[Any], Any]
+
+
+def _dsmd_rows(path: Path) -> Iterator[Row]:
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of {{\"filename\", \"description\"}} rows")
+    for i, item in enumerate(data):
+        where = f"{path} [{i}]"
+        if not isinstance(item, dict):
+            raise InputError(f"{where}: expected an object, got {type(item).__name__}")
+        if "description" not in item:
+            raise InputError(f"{where}: no 'description'")
+        desc = item["description"]
+        yield where, item.get("filename"), desc if isinstance(desc, list) else [desc], item.get("split")
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    try:
+        fh = open(path, encoding="utf-8")
+        with fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {lineno}"
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{where} column {err.colno}: malformed JSON ({err.msg})") from None
+                if not isinstance(item, dict):
+                    raise InputError(f"{where}: expected an object, got {type(item).__name__}")
+                if "caption" not in item:
+                    raise InputError(f"{where}: no 'caption'")
+                yield where, item.get("image"), [item["caption"]], item.get("split")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _csv_rows(path: Path) -> Iterator[Row]:
+    reader = None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, strict=True)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise InputError(f"{path}: empty CSV file (expected a header with image, caption[, split])") from None
+            header = [h.strip() for h in header]
+            missing = [c for c in ("image", "caption") if c not in header]
+            if missing:
+                raise InputError(f"{path} line 1: no {missing[0]!r} column in the header {header} "
+                                 "(expected image, caption and optionally split)")
+            col = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
+            for values in reader:
+                where = f"{path} line {reader.line_num}"
+                if not values or all(not v.strip() for v in values):
+                    continue
+                if len(values) != len(header):
+                    raise InputError(f"{where}: {len(values)} fields, the header has {len(header)}")
+                split = values[col["split"]] if "split" in col else None
+                yield where, values[col["image"]], [values[col["caption"]]], split
+    except csv.Error as err:
+        line = f" line {reader.line_num}" if reader is not None else ""
+        raise InputError(f"{path}{line}: malformed CSV ({err})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
