@@ -131,10 +131,7 @@ def test_identity_names_the_teacher_and_its_inputs(teacher):
     assert (minilm_dir() / "config.json").is_file()
 
 
-def test_other_prompt_other_identity_and_bad_prompt(teacher):
-    other = LabelBridgeTeacher(teacher.tokenizer, teacher.text_model, teacher.image_model, teacher.class_names,
-                               "{}", class_file=CLASS_FILE)
-    assert other.identity()["prompt"] == "{}" and other.identity() != teacher.identity()
+def test_prompt_without_placeholder_is_an_input_error(teacher):
     with pytest.raises(InputError, match="must contain"):
         LabelBridgeTeacher(teacher.tokenizer, teacher.text_model, teacher.image_model, teacher.class_names,
                            "a photo")
