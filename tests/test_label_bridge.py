@@ -111,15 +111,17 @@ def test_classifier_top1_on_real_photos(teacher, photos):
     assert top1[3] == "tripod", top1
 
 
-def test_efficientnet_logits_and_pooled_features():
-    model = efficientnet_lite0(pretrained=False)
-    x = torch.randn(2, 3, 224, 224)
+def test_efficientnet_logits_and_pooled_features(teacher, photos):
+    model = teacher.image_model  # efficientnet_lite0(pretrained=True)
+    x = torch.stack([teacher.preprocess_image(p) for p in photos[:2]])
     with torch.no_grad():
         logits, pooled = model.forward_both(x)
         assert logits.shape == (2, 1000) and pooled.shape == (2, 1280)
         assert torch.allclose(logits, model(x), atol=1e-5)
-        assert torch.allclose(logits, model.net(x), atol=1e-5)  # the package model's own forward
+        assert torch.allclose(logits, model.net(x), atol=1e-4)  # the package model's own forward
         assert torch.allclose(pooled, model.features(x))
+    untrained = efficientnet_lite0(pretrained=False)
+    assert not torch.equal(untrained.net._fc.weight, model.net._fc.weight)
 
 
 def test_identity_names_the_teacher_and_its_inputs(teacher):
