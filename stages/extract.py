@@ -1,14 +1,32 @@
-"""`kdpipe extract`: (being built)."""
+"""`kdpipe extract`: run the teacher over every image and caption of the index and write features.zarr.
+
+Multi-GPU / multi-node: `torchrun --nproc-per-node N -m stages extract ...` (each rank computes its share
+of the chunks; rank 0 prepares and finalizes the store and prints the summary).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
 
-from stages._common import PARAMS_OPTION, SET_OPTION, run_stage
+from pipeline.dataset_index import DatasetIndex
+from pipeline.extract import ExtractConfig, run_extract
+from stages._common import PARAMS_OPTION, SET_OPTION, echo, is_main_process, load_stage, run_stage, save_resolved
 
 
 @run_stage
-def command(params: Path = PARAMS_OPTION, set_: list[str] = SET_OPTION) -> None:
-    """(being built)"""
-    raise typer.Exit(1)
+def command(
+    params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
+    workdir: Path = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir)."),
+    index: Path = typer.Option(None, "--index", help="Dataset index directory (default: <workdir>/index)."),
+    out: Path = typer.Option(None, "--out", help="Feature store to write (default: <workdir>/features.zarr)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over even if a partial store could be resumed."),
+) -> None:
+    """Compute the teacher's L2-normalized features of all images and captions (resumable, torchrun-aware)."""
+    cfg, paths = load_stage(params, "extract", ExtractConfig, set_, workdir)
+    dataset = DatasetIndex.load(index or paths.index_dir)
+    result = run_extract(dataset, cfg, out or paths.features, fresh=fresh)
+    if is_main_process():
+        save_resolved(cfg, paths, "extract")
+        echo(result.summary())

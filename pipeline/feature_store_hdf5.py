@@ -1,0 +1,271 @@
+"""Interop with HDF5 (h5py) and with features computed elsewhere.
+
+- `export_hdf5(store, file.h5)`: one HDF5 file with the store's layout: a group per split holding the
+  datasets `image_emb` [N, D], `text_emb` [M, D] (the store dtype), `text_image` int32 [M] and `image_id`
+  (UTF-8 strings) [N]. The store attrs are the file attr `kdpipe_attrs` (JSON, the exact copy), and each
+  top-level attr is repeated as an attr of its own (numbers and strings as such, the rest as JSON text).
+- `import_hdf5(file.h5, store)`: the reverse, for files in that layout (ours, or written by other code:
+  then `teacher` must be given and `image_id` may come from the dataset index). With `index`, every split
+  is checked against the index (image ids, caption -> image rows, the recorded fingerprint).
+- `import_dsmd(index, {split: (images.pt, texts.pt)}, store)`: DSMD-style per-caption tensors: a
+  torch-saved [M, D] image-feature tensor in which each image's feature is repeated once per caption (in
+  the index's caption order), and the [M, D] text features. The repeated rows are checked to be
+  identical and collapsed to one row per image.
+
+Every import writes a complete, validated format-v1 store (rows L2-normalized in float32, unless the
+source already is a normalized store of the same dtype, whose rows are copied bit for bit).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.dataset_index import DatasetIndex
+from pipeline.errors import InputError
+from pipeline.feature_store import (
+    DEFAULT_CHUNK_ROWS,
+    EMB_ARRAYS,
+    STORE_DTYPES,
+    StoreWriter,
+    _jsonable,
+    fsync_tree,
+    open_store,
+    write_store,
+)
+
+HDF5_FORMAT = "kdpipe-features-hdf5"
+_BLOCK_ROWS = 65536  # rows copied at a time (bounded memory for any store size)
+
+
+def export_hdf5(store_path: Path | str, h5_path: Path | str) -> Path:
+    """Write a complete store as one HDF5 file (written to a temporary name, renamed when complete)."""
+    import h5py
+
+    store = open_store(store_path)
+    h5_path = Path(h5_path)
+    h5_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = h5_path.with_name(h5_path.name + ".partial")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["kdpipe_attrs"] = json.dumps(store.attrs, ensure_ascii=False)
+        f.attrs["hdf5_format"] = HDF5_FORMAT
+        for key, value in store.attrs.items():
+            if isinstance(value, (str, bool, int, float)):
+                f.attrs[key] = value
+            else:
+                f.attrs[key] = json.dumps(value, ensure_ascii=False)
+        for name in store.splits:
+            sp = store.split(name)
+            g = f.create_group(name)
+            for key in EMB_ARRAYS:
+                src = getattr(sp, key)
+                ds = g.create_dataset(key, shape=src.shape, dtype=src.dtype)
+                for a in range(0, src.shape[0], _BLOCK_ROWS):
+                    ds[a:a + _BLOCK_ROWS] = src[a:a + _BLOCK_ROWS]
+            g.create_dataset("text_image", data=np.asarray(sp.text_image, dtype=np.int32))
+            g.create_dataset("image_id", data=np.array(sp.image_id.tolist(), dtype=object),
+                             dtype=h5py.string_dtype("utf-8"))
+    os.replace(tmp, h5_path)
+    return h5_path
+
+
+def import_hdf5(h5_path: Path | str, out_path: Path | str, *, index: DatasetIndex | None = None,
+                teacher: dict[str, Any] | None = None, dtype: str | None = None,
+                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+    """Build a store from an HDF5 file in the export layout. `teacher` overrides (or, for files without
+    kdpipe attrs, provides) the teacher identity; `dtype` defaults to the file's (float16 otherwise)."""
+    import h5py
+
+    h5_path, out_path = Path(h5_path), Path(out_path)
+    if not h5_path.is_file():
+        raise InputError(f"{h5_path}: HDF5 file not found")
+    try:
+        f = h5py.File(h5_path, "r")
+    except OSError as err:
+        raise InputError(f"{h5_path}: not a readable HDF5 file ({err})") from None
+    with f:
+        attrs = _file_attrs(f, h5_path)
+        split_names = attrs.get("splits") or sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+        if not split_names:
+            raise InputError(f"{h5_path}: no split groups (expected e.g. /test/image_emb, /test/text_emb, ...)")
+        layout, dims, src = {}, set(), {}
+        for name in split_names:
+            if name not in f or not isinstance(f[name], h5py.Group):
+                raise InputError(f"{h5_path}: split group /{name} not found")
+            g = f[name]
+            for key in (*EMB_ARRAYS, "text_image"):
+                if key not in g:
+                    raise InputError(f"{h5_path}: dataset /{name}/{key} not found")
+            img, txt, ti = g["image_emb"], g["text_emb"], g["text_image"]
+            if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+                raise InputError(f"{h5_path}: /{name}/image_emb {img.shape} and /{name}/text_emb {txt.shape} "
+                                 "must be [rows, D] with the same D")
+            if ti.shape != (txt.shape[0],):
+                raise InputError(f"{h5_path}: /{name}/text_image has shape {ti.shape}, expected ({txt.shape[0]},)")
+            text_image = np.asarray(ti[...]).astype(np.int64)
+            if len(text_image) and (text_image.min() < 0 or text_image.max() >= img.shape[0]):
+                raise InputError(f"{h5_path}: /{name}/text_image points outside the split's {img.shape[0]} images")
+            if "image_id" in g:
+                ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in g["image_id"][...].tolist()]
+            elif index is not None and name in index.splits:
+                ids = index.split(name).image_id.tolist()
+            else:
+                raise InputError(f"{h5_path}: /{name}/image_id not found (give the dataset index to take the "
+                                 "image ids from it)")
+            if len(ids) != img.shape[0]:
+                raise InputError(f"{h5_path}: /{name}/image_id has {len(ids)} entries for {img.shape[0]} images")
+            if index is not None:
+                _check_against_index(h5_path, name, index, ids, text_image)
+            dims.add(int(img.shape[1]))
+            layout[name] = (int(img.shape[0]), int(txt.shape[0]))
+            src[name] = (img, txt, text_image.astype(np.int32), ids)
+        if len(dims) != 1:
+            raise InputError(f"{h5_path}: splits have different feature dimensions {sorted(dims)}")
+        dim = dims.pop()
+        src_dtypes = {str(np.dtype(s[0].dtype)) for s in src.values()} | {str(np.dtype(s[1].dtype)) for s in src.values()}
+        if dtype is None:
+            dtype = src_dtypes.pop() if len(src_dtypes) == 1 and src_dtypes <= set(STORE_DTYPES) else "float16"
+        if dtype not in STORE_DTYPES:
+            raise InputError(f"store dtype {dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
+        copy_bits = attrs.get("normalized") is True and all(
+            np.dtype(s[k].dtype) == np.dtype(dtype) for s in src.values() for k in (0, 1))
+
+        recorded = (attrs.get("dataset") or {}).get("fingerprint")
+        if index is not None:
+            if recorded is not None and recorded != index.fingerprint:
+                raise InputError(f"{h5_path}: computed from dataset index {str(recorded)[:12]}, not from the given "
+                                 f"index {index.fingerprint[:12]}")
+            dataset = {"name": index.name, "fingerprint": index.fingerprint}
+        else:
+            dataset = attrs.get("dataset") or {}
+        teacher = teacher if teacher is not None else attrs.get("teacher")
+        if not teacher:
+            raise InputError(f"{h5_path}: no teacher identity recorded in the file; give one (e.g. a name)")
+        extra = {k: v for k, v in attrs.items() if k in ("extract", "skipped_images")}
+        extra.setdefault("skipped_images", [])
+        extra["imported_from"] = {"file": h5_path.name, "format": "hdf5"}
+        writer = StoreWriter.create(out_path, layout=layout, dim=dim, dtype=dtype, chunk_rows=chunk_rows,
+                                    attrs=_jsonable({"teacher": teacher, "dataset": dataset, **extra}))
+        for name, (img, txt, text_image, ids) in src.items():
+            for key, ds in (("image_emb", img), ("text_emb", txt)):
+                for i in range(writer.n_chunks(name, key)):
+                    a, b = writer.chunk_range(name, key, i)
+                    writer.write_chunk(name, key, i, ds[a:b], normalize=not copy_bits)
+            writer.write_text_image(name, text_image)
+            writer.write_image_id(name, ids)
+    fsync_tree(writer.path)
+    writer.set_attrs(complete=True)
+    open_store(out_path)  # validate what was written
+    return out_path
+
+
+def _file_attrs(f: Any, h5_path: Path) -> dict[str, Any]:
+    raw = f.attrs.get("kdpipe_attrs")
+    if raw is None:
+        return {}
+    try:
+        attrs = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        raise InputError(f"{h5_path}: attribute kdpipe_attrs is not valid JSON") from None
+    if not isinstance(attrs, dict):
+        raise InputError(f"{h5_path}: attribute kdpipe_attrs is not a JSON object")
+    return attrs
+
+
+def _check_against_index(where: Path, split: str, index: DatasetIndex, ids: list[str],
+                         text_image: np.ndarray) -> None:
+    if split not in index.splits:
+        raise InputError(f"{where}: split {split!r} is not in dataset {index.name} (it has "
+                         f"{', '.join(index.splits)})")
+    view = index.split(split)
+    if ids != view.image_id.tolist():
+        if len(ids) != view.n_images:
+            raise InputError(f"{where}: split {split!r} has {len(ids)} images, the index {view.n_images}")
+        bad = next(i for i, (a, b) in enumerate(zip(ids, view.image_id.tolist())) if a != b)
+        raise InputError(f"{where}: split {split!r} image {bad} is {ids[bad]!r}, the index has "
+                         f"{view.image_id[bad]!r} (rows must follow the index order)")
+    if len(text_image) != view.n_captions or not np.array_equal(text_image, view.text_image):
+        raise InputError(f"{where}: split {split!r}: captions do not map onto images as in the index")
+
+
+def _load_matrix(path: Path, what: str) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} file not found")
+    if path.suffix == ".npy":
+        data = np.load(path, allow_pickle=False)
+    else:
+        import torch
+
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- any unreadable file is the user's input problem
+            raise InputError(f"{path}: cannot load {what} with torch.load ({type(err).__name__}: {err})") from None
+        if not isinstance(data, torch.Tensor):
+            raise InputError(f"{path}: expected one tensor of {what}, found {type(data).__name__}")
+        data = data.detach().float().numpy()
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 2:
+        raise InputError(f"{path}: {what} must be a 2-D [rows, D] tensor, got shape {list(data.shape)}")
+    return data
+
+
+def dsmd_to_split(index: DatasetIndex, split: str, image_feats: np.ndarray, text_feats: np.ndarray,
+                  where: str = "") -> dict[str, Any]:
+    """Collapse per-caption image rows to one row per image of `split` (checking repeats are identical)."""
+    view = index.split(split)
+    where = where or split
+    m, n = view.n_captions, view.n_images
+    for what, feats in (("image", image_feats), ("text", text_feats)):
+        if feats.shape[0] != m:
+            raise InputError(f"{where}: {what} features have {feats.shape[0]} rows; split {split!r} of dataset "
+                             f"{index.name} has {m} captions (one row per caption, in index order)")
+    if image_feats.shape[1] != text_feats.shape[1]:
+        raise InputError(f"{where}: image features are {image_feats.shape[1]}-d but text features "
+                         f"{text_feats.shape[1]}-d")
+    ti = view.text_image.astype(np.int64)
+    first = np.full(n, m, dtype=np.int64)
+    np.minimum.at(first, ti, np.arange(m))
+    if (first == m).any():
+        lonely = int(np.flatnonzero(first == m)[0])
+        raise InputError(f"{where}: image {view.image_id[lonely]!r} has no caption, so per-caption features "
+                         "hold no row for it")
+    same = (image_feats == image_feats[first[ti]]).all(axis=1)
+    if not same.all():
+        row = int(np.flatnonzero(~same)[0])
+        raise InputError(f"{where}: image feature row {row} (a caption of image {view.image_id[ti[row]]!r}) differs "
+                         f"from row {int(first[ti[row]])} of the same image; the repeated rows must be identical")
+    return {"image_emb": image_feats[first], "text_emb": text_feats, "text_image": view.text_image,
+            "image_id": view.image_id.tolist()}
+
+
+def import_dsmd(index: DatasetIndex, files: dict[str, tuple[Path | str, Path | str]], out_path: Path | str, *,
+                teacher: dict[str, Any] | None = None, dtype: str = "float16",
+                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+    """files[split] = (image features [M, D], each image repeated per caption; text features [M, D])."""
+    if not files:
+        raise InputError("import-dsmd: no split given")
+    if dtype not in STORE_DTYPES:
+        raise InputError(f"store dtype {dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
+    splits = {}
+    for split, (img_path, txt_path) in files.items():
+        if split not in index.splits:
+            raise InputError(f"import-dsmd: dataset {index.name} has no split {split!r}; it has "
+                             f"{', '.join(index.splits)}")
+        image_feats = _load_matrix(Path(img_path), "image features")
+        text_feats = _load_matrix(Path(txt_path), "text features")
+        splits[split] = dsmd_to_split(index, split, image_feats, text_feats, where=str(img_path))
+    teacher = teacher or {"name": "dsmd-import"}
+    write_store(out_path, splits, teacher=teacher, dataset={"name": index.name, "fingerprint": index.fingerprint},
+                dtype=dtype, chunk_rows=chunk_rows,
+                extra_attrs={"imported_from": {"format": "dsmd",
+                                               "files": {s: [Path(a).name, Path(b).name]
+                                                         for s, (a, b) in files.items()}}})
+    open_store(out_path, expect_fingerprint=index.fingerprint)
+    return Path(out_path)
+
+
+__all__ = ["export_hdf5", "import_hdf5", "import_dsmd", "dsmd_to_split"]

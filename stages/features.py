@@ -1,0 +1,75 @@
+"""Feature-store tools: `kdpipe export-hdf5`, `kdpipe import-hdf5`, `kdpipe import-dsmd`.
+
+Register in stages/cli.py:
+    app.command("export-hdf5")(features.export_hdf5)
+    app.command("import-hdf5")(features.import_hdf5)
+    app.command("import-dsmd")(features.import_dsmd)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.dataset_index import DatasetIndex
+from pipeline.errors import ConfigError
+from stages._common import echo, run_stage
+
+_STORE_DTYPE_HELP = "Store dtype: float16 or float32 (default: the source's, else float16)."
+
+
+@run_stage
+def export_hdf5(
+    store: Path = typer.Argument(..., help="Feature store (features.zarr) to export."),
+    out: Path = typer.Option(..., "--out", help="HDF5 file to write."),
+) -> None:
+    """Export a complete feature store to one HDF5 file (same layout; store attrs as JSON)."""
+    from pipeline.feature_store_hdf5 import export_hdf5 as export
+
+    echo(f"export-hdf5: wrote {export(store, out)}")
+
+
+@run_stage
+def import_hdf5(
+    source: Path = typer.Argument(..., help="HDF5 file in the export layout (/<split>/image_emb, ...)."),
+    out: Path = typer.Option(..., "--out", help="Feature store to write."),
+    index: Path = typer.Option(None, "--index", help="Dataset index directory to check the rows against."),
+    teacher_name: str = typer.Option(None, "--teacher-name", help="Teacher name, if the file records none."),
+    dtype: str = typer.Option(None, "--dtype", help=_STORE_DTYPE_HELP),
+) -> None:
+    """Build a feature store from teacher features in an HDF5 file."""
+    from pipeline.feature_store_hdf5 import import_hdf5 as do_import
+
+    dataset = DatasetIndex.load(index) if index is not None else None
+    teacher = {"name": teacher_name} if teacher_name else None
+    echo(f"import-hdf5: wrote {do_import(source, out, index=dataset, teacher=teacher, dtype=dtype)}")
+
+
+def _split_files(values: list[str], option: str) -> dict[str, Path]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise ConfigError(f"{option} {v!r}: expected SPLIT=PATH (e.g. test=img_feats.pt)")
+        split, path = v.split("=", 1)
+        out[split.strip()] = Path(path)
+    return out
+
+
+@run_stage
+def import_dsmd(
+    index: Path = typer.Option(..., "--index", help="Dataset index directory the features were computed from."),
+    out: Path = typer.Option(..., "--out", help="Feature store to write."),
+    images: list[str] = typer.Option(..., "--images", help="SPLIT=PATH of the per-caption image features [M, D]."),
+    texts: list[str] = typer.Option(..., "--texts", help="SPLIT=PATH of the text features [M, D]."),
+    teacher_name: str = typer.Option("dsmd-import", "--teacher-name", help="Teacher name to record."),
+    dtype: str = typer.Option("float16", "--dtype", help="Store dtype: float16 or float32."),
+) -> None:
+    """Build a feature store from DSMD-style per-caption tensors (each image feature repeated per caption)."""
+    from pipeline.feature_store_hdf5 import import_dsmd as do_import
+
+    image_files, text_files = _split_files(images, "--images"), _split_files(texts, "--texts")
+    if set(image_files) != set(text_files):
+        raise ConfigError(f"--images names splits {sorted(image_files)} but --texts {sorted(text_files)}")
+    files = {s: (image_files[s], text_files[s]) for s in image_files}
+    path = do_import(DatasetIndex.load(index), files, out, teacher={"name": teacher_name}, dtype=dtype)
+    echo(f"import-dsmd: wrote {path}")

@@ -1,0 +1,328 @@
+"""The extract stage: features equal the teacher's, kill-and-resume is bitwise exact, a changed teacher,
+index or setting never mixes rows, torchrun ranks give the same store, bad images follow the policy."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from extract_helpers import TinyTeacher, make_dataset, store_files
+from pipeline.dataset_index import DatasetIndex
+from pipeline.errors import ConfigError, InputError
+from pipeline.extract import ExtractConfig, resolve_device, run_extract
+from pipeline.config import from_dict
+from pipeline.feature_store import open_store, read_attrs
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+# Small chunks so that every split has several units; batches that do not divide the chunks.
+CFG = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0)
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch):
+    # fsync only guards against OS crashes; a killed process resumes exactly without it (the SIGKILL test's
+    # subprocess keeps it on). Skipping it keeps these many small runs fast on a busy disk.
+    monkeypatch.setenv("KDPIPE_FSYNC", "0")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    index = make_dataset(root)
+    index.save(root / "index")
+    return index, root
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """An uninterrupted single-process run: the store every other run must reproduce bit for bit."""
+    index, _ = dataset
+    out = tmp_path_factory.mktemp("ref") / "features.zarr"
+    run_extract(index, CFG, out, teacher=TinyTeacher())
+    return out
+
+
+def test_features_are_the_teachers_in_index_order(dataset, reference):
+    index, _ = dataset
+    store = open_store(reference, expect_fingerprint=index.fingerprint, expect_dim=32)
+    teacher = TinyTeacher()
+    assert store.teacher == teacher.identity()
+    assert store.dataset == {"name": index.name, "fingerprint": index.fingerprint}
+    assert store.attrs["extract"] == {"compute_dtype": "float32", "device_type": "cpu", "chunk_rows": 8,
+                                      "jpeg_draft": False}
+    assert store.attrs["skipped_images"] == [] and store.splits == ("train", "test")
+    assert not (reference / ".extract").exists()  # progress records are gone from a finished store
+    for name in index.splits:
+        view, sp = index.split(name), store.split(name)
+        assert sp.image_emb.dtype == np.float16
+        images = [Image.open(p) for p in view.image_path]
+        np.testing.assert_allclose(sp.image_emb.astype(np.float32), teacher.encode_images(images).numpy(), atol=1e-3)
+        # captions were bucketed by length for the teacher; here they come back in index order
+        np.testing.assert_allclose(sp.text_emb.astype(np.float32),
+                                   teacher.encode_texts(view.caption_text.tolist()).numpy(), atol=1e-3)
+        np.testing.assert_array_equal(sp.text_image, view.text_image)
+        assert sp.image_id.tolist() == view.image_id.tolist()
+
+
+def test_loader_workers_and_fp32_store(dataset, reference, tmp_path):
+    index, _ = dataset
+    cfg = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=2)
+    run_extract(index, cfg, tmp_path / "w.zarr", teacher=TinyTeacher())
+    assert store_files(tmp_path / "w.zarr") == store_files(reference)
+    run_extract(index, ExtractConfig(chunk_rows=8, store_dtype="float32", num_workers=0), tmp_path / "f32.zarr",
+                teacher=TinyTeacher())
+    sp = open_store(tmp_path / "f32.zarr").split("test")
+    assert sp.text_emb.dtype == np.float32
+    ref = TinyTeacher().encode_texts(index.split("test").caption_text.tolist()).numpy()
+    np.testing.assert_allclose(sp.text_emb, ref, atol=1e-6)
+
+
+def _script(tmp_path, body):
+    path = tmp_path / "run.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(body))
+    return path
+
+
+def _env(fsync=True):
+    return dict(os.environ, KDPIPE_PROGRESS="0", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+                KDPIPE_FSYNC="1" if fsync else "0")
+
+
+def test_sigkill_then_resume_is_bitwise_identical(dataset, reference, tmp_path):
+    index, root = dataset
+    out = tmp_path / "features.zarr"
+    script = _script(tmp_path, """
+        from extract_helpers import TinyTeacher
+        from pipeline.dataset_index import DatasetIndex
+        from pipeline.extract import ExtractConfig, run_extract
+        cfg = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0)
+        run_extract(DatasetIndex.load(sys.argv[1]), cfg, sys.argv[2], teacher=TinyTeacher(delay=0.15))
+    """)
+    proc = subprocess.Popen([sys.executable, str(script), str(root / "index"), str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    done_dir = out / ".extract" / "done"
+    deadline = time.monotonic() + 60
+    try:
+        while len(list(done_dir.rglob("*.json"))) < 3:  # kill once a few chunks are committed, mid-chunk
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "the extraction did not start"
+            time.sleep(0.02)
+        time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    committed = len(list(done_dir.rglob("*.json")))
+    assert read_attrs(out)["complete"] is False
+    result = run_extract(index, CFG, out, teacher=TinyTeacher())
+    assert result.units_reused == committed and result.units_computed == result.units_total - committed
+    assert 3 <= committed < result.units_total
+    assert store_files(out) == store_files(reference)
+
+
+def _partial(index, out, fail_after=6, cfg=CFG):
+    """A store left half-done by a run that failed after `fail_after` batches."""
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_extract(index, cfg, out, teacher=TinyTeacher(fail_after=fail_after))
+    assert read_attrs(out)["complete"] is False
+    n = len(list((out / ".extract" / "done").rglob("*.json")))
+    assert n > 0
+    return n
+
+
+def test_resume_redoes_half_written_chunks_and_removes_stray_files(dataset, reference, tmp_path):
+    index, _ = dataset
+    out = tmp_path / "features.zarr"
+    committed = _partial(index, out)
+    # a killed writer's leftovers: a temp file, and a chunk whose data landed but whose marker did not
+    (out / "train/image_emb/c/0/0.999.partial").write_bytes(b"junk")
+    assert not (out / ".extract/done/train/image_emb.2.json").exists()
+    (out / "train/image_emb/c/2").mkdir(parents=True, exist_ok=True)
+    (out / "train/image_emb/c/2/0").write_bytes(b"\x7f" * (8 * 32 * 2))
+    result = run_extract(index, CFG, out, teacher=TinyTeacher())
+    assert result.units_reused == committed
+    assert store_files(out) == store_files(reference)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("teacher", "different teacher"),
+    ("dataset", "different dataset index"),
+    ("store_dtype", "different store_dtype"),
+    ("chunk_rows", "different extract setting (chunk_rows)"),
+    ("compute_dtype", "different extract setting (compute_dtype)"),
+    ("nothing", None),
+])
+def test_a_changed_run_starts_over_instead_of_mixing_rows(dataset, tmp_path, capsys, change, expected):
+    index, _ = dataset
+    out = tmp_path / "features.zarr"
+    committed = _partial(index, out)
+    capsys.readouterr()
+    teacher, cfg, new_index = TinyTeacher(), CFG, index
+    if change == "teacher":
+        teacher = TinyTeacher(seed=1)
+    elif change == "dataset":
+        texts = index.caption_text.copy()
+        texts[0] = texts[0] + " (edited)"
+        new_index = DatasetIndex(index.name, index.image_root, index.image_id, index.image_path, index.image_split,
+                                 texts, index.caption_image)
+    elif change == "store_dtype":
+        cfg = ExtractConfig(chunk_rows=8, num_workers=0, store_dtype="float32")
+    elif change == "chunk_rows":
+        cfg = ExtractConfig(chunk_rows=16, num_workers=0)
+    elif change == "compute_dtype":
+        cfg = ExtractConfig(chunk_rows=8, num_workers=0, compute_dtype="bfloat16")
+    result = run_extract(new_index, cfg, out, teacher=teacher)
+    err = capsys.readouterr().err
+    if expected is None:
+        assert result.units_reused == committed and result.restart_reason is None
+        assert "resuming an interrupted extraction" in err
+        return
+    assert result.units_reused == 0 and expected in result.restart_reason
+    line = next(line for line in err.splitlines() if "starting over" in line)
+    assert expected in line
+    fresh = tmp_path / "fresh.zarr"
+    run_extract(new_index, cfg, fresh, teacher=teacher)
+    assert store_files(out) == store_files(fresh)  # no row of the earlier run survived
+
+
+def test_a_complete_store_is_rewritten_and_fresh_forces_a_restart(dataset, reference, tmp_path, capsys):
+    index, _ = dataset
+    out = tmp_path / "features.zarr"
+    _partial(index, out)
+    result = run_extract(index, CFG, out, teacher=TinyTeacher(), fresh=True)
+    assert result.units_reused == 0 and "--fresh" in result.restart_reason
+    capsys.readouterr()
+    result = run_extract(index, CFG, out, teacher=TinyTeacher())
+    assert result.units_reused == 0 and "replacing the complete store" in capsys.readouterr().err
+    assert store_files(out) == store_files(reference)
+
+
+def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, reference, tmp_path):
+    index, root = dataset
+    out = tmp_path / "features.zarr"
+    script = _script(tmp_path, """
+        import json, os
+        from extract_helpers import TinyTeacher
+        from pipeline.dataset_index import DatasetIndex
+        from pipeline.extract import ExtractConfig, run_extract
+        cfg = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0)
+        r = run_extract(DatasetIndex.load(sys.argv[1]), cfg, sys.argv[2], teacher=TinyTeacher())
+        print("RESULT", json.dumps({"rank": int(os.environ["RANK"]), "computed": r.units_computed,
+                                    "total": r.units_total}), flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(root / "index"), str(out)], env=_env(fsync=False), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["computed"] > 0 for r in results)  # both ranks did work...
+    assert sum(r["computed"] for r in results) == results[0]["total"]  # ...and each unit was done once
+    assert store_files(out) == store_files(reference)
+
+
+def _corrupt(root, index):
+    view = index.split("train")
+    bad = Path(view.image_path[20])  # in the third chunk of train: two chunks are committed before it
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])  # truncated JPEG or PNG
+    return bad
+
+
+def test_bad_image_error_names_the_file_then_skip_resumes_and_drops_it(tmp_path):
+    index = make_dataset(tmp_path / "data")
+    bad = _corrupt(tmp_path / "data", index)
+    out = tmp_path / "features.zarr"
+    with pytest.raises(InputError, match=f"{bad.name}: cannot read image .*on_bad_image=skip"):
+        run_extract(index, CFG, out, teacher=TinyTeacher())
+    skip = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0, on_bad_image="skip")
+    result = run_extract(index, skip, out, teacher=TinyTeacher())
+    assert result.units_reused > 0  # the policy is not part of the identity: the run resumed
+    store = open_store(out)
+    assert [(s["split"], s["index_row"], s["image_id"], s["path"]) for s in store.skipped_images] == \
+           [("train", 20, "img020", bad.name)]
+    assert not (out / ".extract").exists()
+
+    # the store equals one computed from the index without that image: its captions are gone too
+    clean = index.drop_images([int(np.flatnonzero(index.image_id == "img020")[0])])
+    ref = tmp_path / "ref.zarr"
+    run_extract(clean, CFG, ref, teacher=TinyTeacher())
+    ref_store = open_store(ref)
+    for name in ("train", "test"):
+        a, b = store.split(name), ref_store.split(name)
+        assert a.image_id.tolist() == b.image_id.tolist()
+        np.testing.assert_array_equal(a.text_image, b.text_image)
+        np.testing.assert_allclose(a.image_emb.astype(np.float32), b.image_emb.astype(np.float32), atol=1e-3)
+        np.testing.assert_allclose(a.text_emb.astype(np.float32), b.text_emb.astype(np.float32), atol=1e-3)
+    assert store.split("train").n_images == index.split("train").n_images - 1
+
+    # a fresh skip run gives the same bytes as the error-then-skip resumed one
+    fresh = tmp_path / "fresh.zarr"
+    run_extract(index, skip, fresh, teacher=TinyTeacher())
+    assert store_files(fresh) == store_files(out)
+
+
+def test_missing_image_file_is_named(tmp_path):
+    index = make_dataset(tmp_path / "data", n_train=4, n_test=2)
+    Path(index.split("test").image_path[1]).unlink()
+    with pytest.raises(InputError, match="img005.jpg: cannot read image .*FileNotFoundError"):
+        run_extract(index, CFG, tmp_path / "f.zarr", teacher=TinyTeacher())
+
+
+def test_config_is_checked_and_cuda_without_gpu_is_one_line():
+    with pytest.raises(ConfigError, match="extract.on_bad_image: 'ignore' is not one of"):
+        from_dict(ExtractConfig, {"on_bad_image": "ignore"}, "extract")
+    with pytest.raises(ConfigError, match="chunk_rows must be at least 1"):
+        from_dict(ExtractConfig, {"chunk_rows": 0}, "extract")
+    cfg = from_dict(ExtractConfig, {"splits": ["test"], "teacher": {"kind": "beit3"}}, "extract")
+    assert cfg.splits == ("test",)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="extract.device=cuda but no CUDA GPU is available"):
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_unknown_split_and_foreign_output_directory_are_refused(dataset, tmp_path):
+    index, _ = dataset
+    with pytest.raises(InputError, match="no split 'val'; it has train, test"):
+        run_extract(index, ExtractConfig(splits=("val",)), tmp_path / "f.zarr", teacher=TinyTeacher())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="not a feature store; remove it or choose another path"):
+        run_extract(index, CFG, tmp_path / "mine", teacher=TinyTeacher())
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    only_test = tmp_path / "test_only.zarr"
+    run_extract(index, ExtractConfig(splits=("test",), chunk_rows=8, num_workers=0), only_test, teacher=TinyTeacher())
+    assert open_store(only_test).splits == ("test",)
+
+
+def test_cli_missing_index_and_bad_output_exit_2_with_one_line(dataset, tmp_path):
+    from stages.cli import app
+
+    index, root = dataset
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "extract": {"num_workers": 0}}))
+    runner = CliRunner()
+    r = runner.invoke(app, ["extract", "--params", str(params)])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no dataset index here" in lines[0]
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x").write_text("x")
+    r = runner.invoke(app, ["extract", "--params", str(params), "--index", str(root / "index"),
+                            "--out", str(tmp_path / "junk")])
+    assert r.exit_code == 2 and "not a feature store" in r.output
+
+    r = runner.invoke(app, ["extract", "--params", str(params), "--set", "extract.store_dtype=int8"])
+    assert r.exit_code == 2 and "extract.store_dtype: 'int8' is not one of" in r.output

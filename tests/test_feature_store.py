@@ -1,0 +1,202 @@
+"""Feature store v1: the one-shot writer, the memory-mapped reader and every validation error."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.errors import InputError
+from pipeline.feature_store import StoreWriter, open_store, read_attrs, write_store
+
+D = 32
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch):
+    monkeypatch.setenv("KDPIPE_FSYNC", "0")  # durability against OS crashes is not what these tests check
+
+
+def _splits(n_train=300, m_train=700, n_test=5, m_test=11, dim=D, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, n, m in (("train", n_train, m_train), ("test", n_test, m_test)):
+        out[name] = {
+            "image_emb": rng.standard_normal((n, dim)).astype(np.float32) * 3,
+            "text_emb": rng.standard_normal((m, dim)).astype(np.float32),
+            "text_image": rng.integers(0, n, m).astype(np.int32),
+            "image_id": [f"{name}/photo_{i}_é.jpg" for i in range(n)],
+        }
+    return out
+
+
+def _write(path, splits=None, **kw):
+    splits = splits or _splits()
+    kw.setdefault("chunk_rows", 128)  # 128 x 32 x 2 bytes = 8 KiB: whole pages, several chunks per array
+    write_store(path, splits, teacher={"name": "t", "dim": D}, dataset={"name": "toy", "fingerprint": "f" * 64}, **kw)
+    return splits
+
+
+def _normalized(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_round_trip_fp16_default_normalized_and_equal_to_zarr_reads(tmp_path):
+    splits = _write(tmp_path / "s.zarr")
+    store = open_store(tmp_path / "s.zarr", expect_fingerprint="f" * 64, expect_dim=D)
+    assert store.splits == ("train", "test") and store.dim == D
+    assert store.teacher == {"name": "t", "dim": D} and store.dataset["name"] == "toy"
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")  # what a zarr-only user sees
+    assert group.attrs["complete"] is True and group.attrs["format"] == "kdpipe-features"
+    for name, src in splits.items():
+        sp = store.split(name)
+        for key in ("image_emb", "text_emb"):
+            arr = getattr(sp, key)
+            assert isinstance(arr, np.memmap) and arr.dtype == np.float16 and not arr.flags.writeable
+            np.testing.assert_array_equal(arr, group[f"{name}/{key}"][...])
+            np.testing.assert_allclose(arr.astype(np.float32), _normalized(src[key]), atol=1e-3)
+            norms = np.linalg.norm(arr.astype(np.float32), axis=1)
+            np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+        assert sp.text_image.dtype == np.int32
+        np.testing.assert_array_equal(sp.text_image, src["text_image"])
+        np.testing.assert_array_equal(group[f"{name}/text_image"][...], src["text_image"])
+        assert sp.image_id.tolist() == src["image_id"]
+        assert [str(v) for v in group[f"{name}/image_id"][...].tolist()] == src["image_id"]
+
+
+def test_chunks_are_raw_uncompressed_files_and_the_store_is_rows_x_dim_x_2_bytes(tmp_path):
+    _write(tmp_path / "s.zarr")
+    meta = json.loads((tmp_path / "s.zarr/train/image_emb/zarr.json").read_text())
+    assert meta["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [128, D]
+    files = sorted((tmp_path / "s.zarr/train/image_emb/c").rglob("*"))
+    chunk_files = [f for f in files if f.is_file()]
+    assert len(chunk_files) == 3  # 300 rows in chunks of 128: 3 files, the last one padded
+    assert all(f.stat().st_size == 128 * D * 2 for f in chunk_files)
+    # a small array is one exact-size chunk (no padding to chunk_rows)
+    assert (tmp_path / "s.zarr/test/image_emb/c/0/0").stat().st_size == 5 * D * 2
+    meta_ids = json.loads((tmp_path / "s.zarr/train/image_id/zarr.json").read_text())
+    assert meta_ids["data_type"] == "string" and meta_ids["codecs"] == [{"name": "vlen-utf8", "configuration": {}}]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_reader_maps_the_chunk_files_without_copying(tmp_path):
+    _write(tmp_path / "s.zarr")
+    store = open_store(tmp_path / "s.zarr")
+    arr = store.split("train").image_emb
+    assert not arr.flags.owndata
+    maps = Path("/proc/self/maps").read_text()
+    for i in range(3):
+        assert str(tmp_path / f"s.zarr/train/image_emb/c/{i}/0") in maps
+    # one contiguous [N, D] array over the three files: slices, fancy indexing and reductions just work
+    assert arr.flags.c_contiguous and arr.shape == (300, D)
+    idx = np.random.default_rng(1).integers(0, 300, 256)
+    np.testing.assert_array_equal(arr[idx], zarr.open_array(str(tmp_path / "s.zarr/train/image_emb"))[...][idx])
+    with pytest.raises(ValueError):
+        arr[0, 0] = 1
+
+
+def test_unaligned_chunks_and_float32_still_read_correctly(tmp_path):
+    splits = _write(tmp_path / "s.zarr", chunk_rows=7, dtype="float32")  # 7 x 32 x 4 bytes: not whole pages
+    store = open_store(tmp_path / "s.zarr")
+    sp = store.split("train")
+    assert sp.image_emb.dtype == np.float32
+    np.testing.assert_allclose(sp.image_emb, _normalized(splits["train"]["image_emb"]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(sp.text_emb, zarr.open_array(str(tmp_path / "s.zarr/train/text_emb"))[...])
+
+
+def test_empty_split_arrays(tmp_path):
+    splits = _splits()
+    splits["test"] = {"image_emb": np.zeros((0, D), np.float32), "text_emb": np.zeros((0, D), np.float32),
+                      "text_image": np.zeros(0, np.int32), "image_id": []}
+    _write(tmp_path / "s.zarr", splits)
+    sp = open_store(tmp_path / "s.zarr").split("test")
+    assert sp.image_emb.shape == (0, D) and sp.text_emb.shape == (0, D) and sp.image_id.tolist() == []
+
+
+def _set_attr(path, **kw):
+    doc = json.loads((path / "zarr.json").read_text())
+    doc["attributes"].update(kw)
+    (path / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: _set_attr(p, complete=False), "incomplete"),
+    (lambda p: _set_attr(p, version=2), "version 2"),
+    (lambda p: _set_attr(p, format="something-else"), "not a kdpipe feature store"),
+    (lambda p: (p / "zarr.json").unlink(), "not a feature store"),
+    (lambda p: (p / "zarr.json").write_text("{broken"), "not a feature store"),
+    (lambda p: shutil.rmtree(p / "test" / "text_emb"), "split 'test' has no array 'text_emb'"),
+    (lambda p: (p / "train/image_emb/c/1/0").write_bytes(b"short"), "truncated"),
+    (lambda p: (p / "train/image_emb/c/2/0").unlink(), "missing"),
+])
+def test_reader_refuses_broken_stores(tmp_path, edit, message):
+    _write(tmp_path / "s.zarr")
+    edit(tmp_path / "s.zarr")
+    with pytest.raises(InputError, match=message):
+        open_store(tmp_path / "s.zarr")
+
+
+def test_reader_checks_dim_fingerprint_and_caption_rows(tmp_path):
+    _write(tmp_path / "s.zarr")
+    with pytest.raises(InputError, match=f"dimension {D}, expected 64"):
+        open_store(tmp_path / "s.zarr", expect_dim=64)
+    with pytest.raises(InputError, match="computed from dataset index ffffffffffff, not from the current index 000"):
+        open_store(tmp_path / "s.zarr", expect_fingerprint="0" * 64)
+    with pytest.raises(InputError, match="no feature store here"):
+        open_store(tmp_path / "missing.zarr")
+    store = open_store(tmp_path / "s.zarr")
+    with pytest.raises(InputError, match="no split 'val'.*train, test"):
+        store.split("val")
+    ti = zarr.open_array(str(tmp_path / "s.zarr/test/text_image"), mode="r+")
+    ti[3] = 5  # the test split has 5 images: rows 0..4
+    with pytest.raises(InputError, match=r"test/text_image\[3\] = 5 points outside the split's 5 images"):
+        open_store(tmp_path / "s.zarr")
+
+
+def test_reader_refuses_compressed_arrays(tmp_path):
+    _write(tmp_path / "s.zarr")
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+    data = group["test/image_emb"][...]
+    del group["test/image_emb"]
+    group.create_array("test/image_emb", data=data, chunks=(5, D))  # zarr's default: zstd compression
+    with pytest.raises(InputError, match="raw\\s+uncompressed|uncompressed chunks"):
+        open_store(tmp_path / "s.zarr")
+
+
+def test_writer_refuses_to_overwrite_a_foreign_directory_and_bad_inputs(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(InputError, match="not a feature store"):
+        _write(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    bad = _splits()
+    bad["test"]["text_image"][0] = 99
+    with pytest.raises(ValueError, match="outside"):
+        _write(tmp_path / "s.zarr", bad)
+    nan = _splits()
+    nan["train"]["text_emb"][5, 0] = np.nan
+    with pytest.raises(InputError, match="text_emb row 5: the teacher produced non-finite"):
+        _write(tmp_path / "s2.zarr", nan)
+    assert read_attrs(tmp_path / "s2.zarr")["complete"] is False  # a failed write never looks complete
+
+
+def test_store_writer_chunks_in_any_order_then_complete(tmp_path):
+    rng = np.random.default_rng(3)
+    w = StoreWriter.create(tmp_path / "s.zarr", layout={"val": (10, 25)}, dim=D, chunk_rows=4,
+                           attrs={"teacher": {"name": "t"}, "dataset": {"fingerprint": "x"}})
+    img, txt = rng.standard_normal((10, D)), rng.standard_normal((25, D))
+    for key, data in (("text_emb", txt), ("image_emb", img)):
+        for i in reversed(range(w.n_chunks("val", key))):
+            a, b = w.chunk_range("val", key, i)
+            w.write_chunk("val", key, i, data[a:b])
+    w.write_text_image("val", np.arange(25) % 10)
+    w.write_image_id("val", [str(i) for i in range(10)])
+    with pytest.raises(InputError, match="incomplete"):
+        open_store(tmp_path / "s.zarr")
+    w.set_attrs(complete=True)
+    sp = open_store(tmp_path / "s.zarr").split("val")
+    np.testing.assert_allclose(sp.text_emb.astype(np.float32), _normalized(txt), atol=1e-3)
+    assert not list((tmp_path / "s.zarr").rglob("*.partial"))

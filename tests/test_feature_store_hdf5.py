@@ -1,0 +1,172 @@
+"""HDF5 export/import and the DSMD per-caption import produce valid stores with the right rows."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from pipeline.dataset_index import DatasetIndex
+from pipeline.errors import InputError
+from pipeline.feature_store import open_store, write_store
+from pipeline.feature_store_hdf5 import export_hdf5, import_dsmd, import_hdf5
+
+D = 16
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch):
+    monkeypatch.setenv("KDPIPE_FSYNC", "0")
+
+
+def _index(extra_image=False):
+    images = [(f"im{i}", f"im{i}.jpg", "train" if i < 6 else "test") for i in range(10)]
+    captions = [(f"caption {c} of {i}", i) for i in range(10) for c in range(5 if i % 2 else 4)]
+    if extra_image:
+        images.append(("lonely", "lonely.jpg", "test"))
+    return DatasetIndex.from_lists("toy", "imgs", images, captions)
+
+
+def _store(path, index, dtype="float16"):
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name in index.splits:
+        v = index.split(name)
+        splits[name] = {"image_emb": rng.standard_normal((v.n_images, D)), "text_emb": rng.standard_normal((v.n_captions, D)),
+                        "text_image": v.text_image, "image_id": v.image_id.tolist()}
+    write_store(path, splits, teacher={"name": "t", "sha256": "abc"},
+                dataset={"name": index.name, "fingerprint": index.fingerprint}, dtype=dtype, chunk_rows=8)
+    return open_store(path)
+
+
+def _same_rows(a, b, exact=True):
+    assert a.splits == b.splits
+    for name in a.splits:
+        x, y = a.split(name), b.split(name)
+        for key in ("image_emb", "text_emb", "text_image"):
+            assert getattr(x, key).dtype == getattr(y, key).dtype
+            if exact or key == "text_image":
+                np.testing.assert_array_equal(getattr(x, key), getattr(y, key))
+            else:  # normalized once more in float32: equal to an ulp
+                np.testing.assert_allclose(getattr(x, key), getattr(y, key), rtol=1e-6, atol=1e-7)
+        assert x.image_id.tolist() == y.image_id.tolist()
+
+
+def test_export_layout_and_attrs_readable_with_h5py(tmp_path):
+    index = _index()
+    store = _store(tmp_path / "s.zarr", index)
+    export_hdf5(tmp_path / "s.zarr", tmp_path / "s.h5")
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert json.loads(f.attrs["kdpipe_attrs"]) == store.attrs
+        assert f.attrs["dim"] == D and f.attrs["format"] == "kdpipe-features"
+        assert json.loads(f.attrs["teacher"]) == {"name": "t", "sha256": "abc"}
+        for name in store.splits:
+            sp = store.split(name)
+            assert f[f"{name}/image_emb"].dtype == np.float16
+            np.testing.assert_array_equal(f[f"{name}/image_emb"][...], sp.image_emb)
+            np.testing.assert_array_equal(f[f"{name}/text_emb"][...], sp.text_emb)
+            np.testing.assert_array_equal(f[f"{name}/text_image"][...], sp.text_image)
+            assert [v.decode() for v in f[f"{name}/image_id"][...]] == sp.image_id.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_export_import_round_trip_is_bit_exact(tmp_path, dtype):
+    index = _index()
+    store = _store(tmp_path / "s.zarr", index, dtype=dtype)
+    export_hdf5(tmp_path / "s.zarr", tmp_path / "s.h5")
+    import_hdf5(tmp_path / "s.h5", tmp_path / "back.zarr", index=index)
+    back = open_store(tmp_path / "back.zarr", expect_fingerprint=index.fingerprint)
+    _same_rows(store, back)
+    assert back.teacher == store.teacher and back.attrs["imported_from"] == {"file": "s.h5", "format": "hdf5"}
+    # converting to the other dtype renormalizes in float32
+    other = "float32" if dtype == "float16" else "float16"
+    import_hdf5(tmp_path / "s.h5", tmp_path / "other.zarr", dtype=other)
+    conv = open_store(tmp_path / "other.zarr").split("train")
+    assert conv.image_emb.dtype == np.dtype(other)
+    np.testing.assert_allclose(conv.image_emb.astype(np.float32), store.split("train").image_emb.astype(np.float32),
+                               atol=2e-3)
+
+
+def test_import_checks_the_index_and_foreign_files(tmp_path):
+    index = _index()
+    _store(tmp_path / "s.zarr", index)
+    export_hdf5(tmp_path / "s.zarr", tmp_path / "s.h5")
+    other = DatasetIndex.from_lists("toy", "imgs", [(f"x{i}", f"im{i}.jpg", "train" if i < 6 else "test")
+                                                    for i in range(10)], list(zip(index.caption_text, index.caption_image)))
+    with pytest.raises(InputError, match="image 0 is 'im0', the index has 'x0'"):
+        import_hdf5(tmp_path / "s.h5", tmp_path / "bad.zarr", index=other)
+
+    # a file written by other code: no attrs, no image ids; unnormalized float32 rows
+    rng = np.random.default_rng(1)
+    v = index.split("test")
+    img = rng.standard_normal((v.n_images, D)).astype(np.float32)
+    txt = rng.standard_normal((v.n_captions, D)).astype(np.float32)
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["test/image_emb"], f["test/text_emb"], f["test/text_image"] = img, txt, v.text_image
+    with pytest.raises(InputError, match="no teacher identity"):
+        import_hdf5(tmp_path / "foreign.h5", tmp_path / "f.zarr", index=index)
+    import_hdf5(tmp_path / "foreign.h5", tmp_path / "f.zarr", index=index, teacher={"name": "elsewhere"})
+    sp = open_store(tmp_path / "f.zarr", expect_fingerprint=index.fingerprint).split("test")
+    assert sp.image_id.tolist() == v.image_id.tolist() and sp.image_emb.dtype == np.float32
+    np.testing.assert_allclose(sp.image_emb, img / np.linalg.norm(img, axis=1, keepdims=True), rtol=1e-6)
+    with pytest.raises(InputError, match="not a readable HDF5 file"):
+        (tmp_path / "junk.h5").write_text("junk")
+        import_hdf5(tmp_path / "junk.h5", tmp_path / "j.zarr")
+
+
+def test_dsmd_per_caption_tensors_are_deduplicated(tmp_path):
+    index = _index()
+    store = _store(tmp_path / "s.zarr", index, dtype="float32")
+    files = {}
+    for name in index.splits:
+        sp = store.split(name)
+        img = torch.from_numpy(np.asarray(sp.image_emb)[sp.text_image])  # each image repeated per caption
+        torch.save(img, tmp_path / f"{name}_img.pt")
+        np.save(tmp_path / f"{name}_txt.npy", np.asarray(sp.text_emb))
+        files[name] = (tmp_path / f"{name}_img.pt", tmp_path / f"{name}_txt.npy")
+    import_dsmd(index, files, tmp_path / "d.zarr", teacher={"name": "dsmd"}, dtype="float32")
+    _same_rows(store, open_store(tmp_path / "d.zarr", expect_fingerprint=index.fingerprint), exact=False)
+
+    sp = store.split("test")
+    tampered = np.asarray(sp.image_emb)[sp.text_image].copy()
+    tampered[6, 3] += 0.5  # test captions 4..8 belong to im7 (im6 has 4)
+    torch.save(torch.from_numpy(tampered), tmp_path / "t.pt")
+    with pytest.raises(InputError, match="row 6 .*'im7'.* differs from row 4"):
+        import_dsmd(index, {"test": (tmp_path / "t.pt", files["test"][1])}, tmp_path / "x.zarr")
+    torch.save(torch.from_numpy(tampered[:-1]), tmp_path / "short.pt")
+    with pytest.raises(InputError, match="has 18 captions"):
+        import_dsmd(index, {"test": (tmp_path / "short.pt", files["test"][1])}, tmp_path / "x.zarr")
+    torch.save({"feats": torch.zeros(3)}, tmp_path / "dict.pt")
+    with pytest.raises(InputError, match="expected one tensor"):
+        import_dsmd(index, {"test": (tmp_path / "dict.pt", files["test"][1])}, tmp_path / "x.zarr")
+    lonely = _index(extra_image=True)
+    with pytest.raises(InputError, match="'lonely' has no caption"):
+        import_dsmd(lonely, {"test": files["test"]}, tmp_path / "x.zarr")
+
+
+def test_cli_tools_and_exit_code_2(tmp_path):
+    from stages import features
+
+    app = typer.Typer()
+    app.command("export-hdf5")(features.export_hdf5)
+    app.command("import-dsmd")(features.import_dsmd)
+    runner = CliRunner()
+    r = runner.invoke(app, ["export-hdf5", str(tmp_path / "nothing.zarr"), "--out", str(tmp_path / "x.h5")])
+    assert r.exit_code == 2 and "no feature store here" in r.output and len(r.output.strip().splitlines()) == 1
+
+    index = _index()
+    index.save(tmp_path / "index")
+    store = _store(tmp_path / "s.zarr", index)
+    sp = store.split("test")
+    torch.save(torch.from_numpy(np.asarray(sp.image_emb, dtype=np.float32)[sp.text_image]), tmp_path / "i.pt")
+    torch.save(torch.from_numpy(np.asarray(sp.text_emb, dtype=np.float32)), tmp_path / "t.pt")
+    r = runner.invoke(app, ["import-dsmd", "--index", str(tmp_path / "index"), "--out", str(tmp_path / "d.zarr"),
+                            "--images", f"test={tmp_path / 'i.pt'}", "--texts", f"test={tmp_path / 't.pt'}"])
+    assert r.exit_code == 0, r.output
+    got = open_store(tmp_path / "d.zarr").split("test")
+    np.testing.assert_array_equal(got.image_emb, sp.image_emb)
+    r = runner.invoke(app, ["import-dsmd", "--index", str(tmp_path / "index"), "--out", str(tmp_path / "e.zarr"),
+                            "--images", f"test={tmp_path / 'i.pt'}", "--texts", f"val={tmp_path / 't.pt'}"])
+    assert r.exit_code == 2 and "--images names splits" in r.output
