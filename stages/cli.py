@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import distill, evaluate, extract, prepare
+from stages import demo_data, distill, evaluate, extract, prepare
 
 app = typer.Typer(
     name="kdpipe",
@@ -16,6 +16,7 @@ app.command("prepare")(prepare.command)
 app.command("extract")(extract.command)
 app.command("distill")(distill.command)
 app.command("evaluate")(evaluate.command)
+app.command("demo-data")(demo_data.command)
 
 
 def main() -> None:
