@@ -189,7 +189,7 @@ def test_rerun_is_a_noop_and_changes_are_not(photos, tmp_path, monkeypatch):
     stamp = (shard.stat().st_mtime_ns, (paths.index_dir / "index.json").stat().st_mtime_ns)
 
     calls = []
-    monkeypatch.setattr(prep, "decode_block", lambda *a: calls.append(a) or [])
+    monkeypatch.setattr(prep, "decode_block", lambda *a: calls.append(a))
     again = run_prepare(cfg, paths)
     assert again["status"] == "unchanged" and again["fingerprint"] == first["fingerprint"] and calls == []
     assert (shard.stat().st_mtime_ns, (paths.index_dir / "index.json").stat().st_mtime_ns) == stamp
