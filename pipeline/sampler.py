@@ -1,0 +1,58 @@
+"""The order in which distill visits caption pairs, and the teacher rows it uses as contrastive negatives.
+
+Every epoch is a fresh permutation of the M caption rows of the training split, a pure function of
+(seed, epoch): nothing is consumed from a shared random stream, so the position (epoch, step) is the whole
+sampler state and a resumed run sees exactly the batches an uninterrupted run would.
+
+Step s of an epoch covers the global batch `perm[s*G : (s+1)*G]` (G = batch_size x world size; the last
+incomplete batch is dropped, so every step has the same shape); rank r takes its slice of B rows.
+
+The contrastive "queue" is momentum-free: the K pairs that precede the global batch in this epoch's order,
+`perm[s*G - K : s*G]` taken cyclically (at the start of an epoch it wraps to the end of the same epoch's
+order). These are the teacher rows of the previous K/G batches, as DSMD's queue would hold, but read from
+the feature store by index, with no enqueue state. They never overlap the current batch while K <= M - G.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class EpochSampler:
+    def __init__(self, n: int, batch_size: int, seed: int, *, world_size: int = 1, rank: int = 0,
+                 shuffle: bool = True) -> None:
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sampler geometry: batch_size={batch_size}, world_size={world_size}, rank={rank}")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.world_size, self.rank, self.shuffle = int(world_size), int(rank), bool(shuffle)
+        self.global_batch = self.batch_size * self.world_size
+        self.steps_per_epoch = self.n // self.global_batch
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """int64 [n]: the caption rows of the split in the order of `epoch` (cached for the current epoch)."""
+        if self._cached is None or self._cached[0] != epoch:
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            else:
+                perm = np.arange(self.n)
+            self._cached = (epoch, perm.astype(np.int64))
+        return self._cached[1]
+
+    def global_rows(self, epoch: int, step: int) -> np.ndarray:
+        """[G] caption rows of the global batch of (epoch, step), every rank's slice in rank order."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside 0..{self.steps_per_epoch - 1}")
+        start = step * self.global_batch
+        return self.permutation(epoch)[start:start + self.global_batch]
+
+    def rows(self, epoch: int, step: int) -> np.ndarray:
+        """[B] caption rows of this rank's part of the batch."""
+        lo = self.rank * self.batch_size
+        return self.global_rows(epoch, step)[lo:lo + self.batch_size]
+
+    def queue_rows(self, epoch: int, step: int, k: int) -> np.ndarray:
+        """[k] caption rows that precede the global batch in the epoch's order (cyclically)."""
+        if k > self.n - self.global_batch:
+            raise ValueError(f"queue of {k} rows does not fit beside a batch of {self.global_batch} in {self.n} pairs")
+        start = step * self.global_batch
+        return self.permutation(epoch)[(np.arange(start - k, start) % self.n)]

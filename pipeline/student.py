@@ -1,0 +1,186 @@
+"""The student: a dual encoder (image tower + text tower), each followed by a linear projection to the
+teacher's dimension and L2 normalization (DSMD: ViT-B/16 in21k with the last layer's CLS + BERT-base uncased
+with its pooler output, 30 tokens, Xavier-normal projections with gain 1.414).
+
+Images arrive as prepare's uint8 cache rows [B, H, W, 3] and are converted, resized (if the cache has
+another size) and normalized on the model's device: the data path moves 1 byte per pixel, not 4.
+
+On disk (`save_student` / `load_student`), usable without kdpipe:
+    model.safetensors     every parameter (image_tower.*, text_tower.*, image_proj.*, text_proj.*)
+    student_config.json   format, dim, the StudentConfig, the resolved normalization constants
+    image_tower/          ViTModel.from_pretrained(...) (+ preprocessor_config.json with mean/std)
+    text_tower/           AutoModel.from_pretrained(...) and AutoTokenizer.from_pretrained(...)
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import from_dict, to_dict
+from pipeline.errors import InputError
+from pipeline.towers.image import ImageTower, ImageTowerConfig, build_image_tower
+from pipeline.towers.text import HFTextTower, TextTowerConfig, build_text_tower
+
+STUDENT_FORMAT = "kdpipe-student"
+STUDENT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Section `distill.student`."""
+
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    proj_init_gain: float = 1.414  # Xavier-normal gain of both projections (DSMD); biases start at 0
+
+
+class DualEncoderStudent(nn.Module):
+    """`forward(images_uint8, input_ids, attention_mask) -> (s_v, s_t)`, both [B, dim] fp32 L2-normalized."""
+
+    def __init__(self, cfg: StudentConfig, dim: int, *, weights: bool = True) -> None:
+        super().__init__()
+        self.config, self.dim = cfg, int(dim)
+        self.image_tower: ImageTower = build_image_tower(cfg.image, weights=weights)
+        self.text_tower: HFTextTower = build_text_tower(cfg.text, weights=weights)
+        self.image_proj = nn.Linear(self.image_tower.out_dim, self.dim)
+        self.text_proj = nn.Linear(self.text_tower.out_dim, self.dim)
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.xavier_normal_(proj.weight, gain=cfg.proj_init_gain)
+            nn.init.zeros_(proj.bias)
+        # [1, 3, 1, 1] constants that follow .to(device) but are not parameters nor saved state.
+        self.register_buffer("pixel_mean", torch.tensor(self.image_tower.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.image_tower.std).view(1, 3, 1, 1), persistent=False)
+        self.image_size = cfg.image.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_proj.weight.device
+
+    # -- images ---------------------------------------------------------------------------------------
+    def to_float(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (any device) -> float [B, 3, H, W] in [0, 1] on the model's device."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return x.float().div_(255.0)
+
+    def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, H, W] in [0, 1] -> the tower's input: resized to image_size if needed, normalized."""
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalized pixels [B, 3, S, S] -> [B, dim] fp32 L2-normalized."""
+        return F.normalize(self.image_proj(self.image_tower(pixels)).float(), dim=-1)
+
+    def encode_images(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (prepare's cache rows) -> [B, dim] fp32 L2-normalized."""
+        return self.encode_pixels(self.normalize_pixels(self.to_float(images)))
+
+    # -- texts ----------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.text_tower.tokenize(texts)
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A `tokenize` result (any device) -> [B, dim] fp32 L2-normalized."""
+        ids = tokens["input_ids"].to(self.device, non_blocking=True)
+        mask = tokens["attention_mask"].to(self.device, non_blocking=True)
+        return F.normalize(self.text_proj(self.text_tower(ids, mask)).float(), dim=-1)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_tokens(self.tokenize(texts))
+
+    # -- both (the training step; one module call so that DDP and torch.compile see it) -----------------
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized pixels [B, 3, S, S] and tokens [B, L] -> (s_v, s_t) [B, dim] fp32 L2-normalized."""
+        return self.encode_pixels(pixels), self.encode_tokens({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def build_student(cfg: StudentConfig, dim: int) -> DualEncoderStudent:
+    """A student with its towers' weights loaded from the configured local paths (or randomly initialized)."""
+    if dim <= 0:
+        raise ValueError(f"dim must be positive, got {dim}")
+    return DualEncoderStudent(cfg, dim)
+
+
+# -- saving and loading ---------------------------------------------------------------------------------
+def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
+    """Write the exported student into `directory` (other files there, e.g. checkpoints/, are kept).
+
+    Each piece is written under a temporary name and renamed, and student_config.json goes last, so an
+    interrupted save never leaves a config next to mismatched weights."""
+    from safetensors.torch import save_file
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars inside distill's own progress output
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "student_config.json").unlink(missing_ok=True)
+    for name, tower in (("image_tower", model.image_tower), ("text_tower", model.text_tower)):
+        tmp = directory / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tower.save(tmp)
+        shutil.rmtree(directory / name, ignore_errors=True)
+        tmp.rename(directory / name)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / ".model.safetensors.tmp"), metadata={"format": "pt"})
+    (directory / ".model.safetensors.tmp").replace(directory / "model.safetensors")
+    meta = {
+        "format": STUDENT_FORMAT, "version": STUDENT_VERSION, "dim": model.dim,
+        "config": to_dict(model.config),
+        "image": {"backend": model.config.image.backend, "size": model.image_size,
+                  "mean": list(model.image_tower.mean), "std": list(model.image_tower.std),
+                  "input": "uint8 RGB [B, H, W, 3] -> /255 -> resize to size -> (x - mean) / std"},
+        "text": {"max_tokens": model.text_tower.max_tokens, "pooling": model.config.text.pooling},
+        "usage": "image: normalize(image_proj(pool(image_tower(x)))); text: normalize(text_proj(pool(text_tower(t))))",
+    }
+    (directory / ".student_config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    (directory / ".student_config.json.tmp").replace(directory / "student_config.json")
+
+
+def load_student(directory: Path | str, device: str | torch.device = "cpu") -> DualEncoderStudent:
+    """A student saved by `save_student` (distill's `<workdir>/student/`), in eval mode on `device`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / "student_config.json"
+    if not meta_path.is_file():
+        raise InputError(f"{directory}: no student here (student_config.json missing); run `kdpipe distill` first")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{meta_path}: not valid JSON ({err.msg})") from None
+    if meta.get("format") != STUDENT_FORMAT or meta.get("version") != STUDENT_VERSION:
+        raise InputError(f"{meta_path}: not a {STUDENT_FORMAT} v{STUDENT_VERSION} student")
+    cfg = from_dict(StudentConfig, meta["config"], "student_config.json:config")
+    # The architecture comes from the saved towers (not from the original paths, which may be gone); the
+    # weights come from model.safetensors only, loaded strictly.
+    image_cfg = cfg.image
+    if image_cfg.backend == "hf_vit":
+        image_cfg = replace(image_cfg, path=directory / "image_tower")
+    text_cfg = replace(cfg.text, path=directory / "text_tower", tokenizer=directory / "text_tower", backend="hf_bert")
+    model = DualEncoderStudent(replace(cfg, image=image_cfg, text=text_cfg), meta["dim"], weights=False)
+    model.config = cfg
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"{directory}: model.safetensors missing")
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"{weights}: does not match student_config.json (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    return model.to(device).eval()

@@ -1,0 +1,211 @@
+"""Image towers: normalized pixels [B, 3, S, S] -> pooled features [B, F].
+
+Backends
+- `hf_vit`: a transformers `ViTModel` from a local Hugging Face dir, or a random init from explicit sizes
+  (ViT-B/16 by default). Pooling `cls` = the last layer's CLS token (as DSMD), `mean` = mean of the patch tokens.
+- `efficientnet_lite0`: the ImageNet EfficientNet-Lite0 that ships in a package (via
+  `pipeline.pretrained_assets`); pooled 1280-d features of the last conv stage.
+- `timm`: any timm model name, imported lazily (timm needs torchvision, which CPU-only machines here lack);
+  weights from a local file or a random init, never from the hub.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pipeline.errors import InputError
+from pipeline.towers import offline_hub, require_dir
+
+# The ImageNet-21k ViTs (google/vit-*-in21k) were trained with mean = std = 0.5 (DSMD's code used the
+# ImageNet constants instead); used when neither the config nor the model dir says otherwise.
+VIT_MEAN = (0.5, 0.5, 0.5)
+VIT_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    """Section `distill.student.image`."""
+
+    backend: Literal["hf_vit", "efficientnet_lite0", "timm"] = "hf_vit"
+    # hf_vit: a local Hugging Face model dir; timm: a local weights file (.safetensors / .pth / .bin);
+    # None: random init. efficientnet_lite0 ignores it (its weights ship in a package; see `pretrained`).
+    path: Path | None = None
+    pretrained: bool = True  # efficientnet_lite0: load the package-shipped ImageNet weights
+    timm_name: str = ""  # timm: the model name, e.g. "vit_base_patch16_224"
+    pooling: Literal["cls", "mean"] = "cls"
+    image_size: int = 224  # input resolution of the tower; cached images of another size are resized on the device
+    # Normalization; None: from the model dir's preprocessor_config.json (hf_vit), the timm pretrained config,
+    # EfficientNet-Lite0's constants, else 0.5 / 0.5 (ImageNet-21k ViTs).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    # hf_vit random-init sizes (ignored when `path` is given); defaults: ViT-B/16.
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    patch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.backend == "timm" and not self.timm_name:
+            raise ValueError("backend timm needs timm_name (e.g. vit_base_patch16_224)")
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+
+class ImageTower(nn.Module):
+    """Base: `forward(pixels) -> [B, out_dim]`; `mean`/`std` are the resolved normalization constants."""
+
+    out_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+
+# -- hf_vit ------------------------------------------------------------------------------------------
+class HFViTTower(ImageTower):
+    def __init__(self, cfg: ImageTowerConfig, *, key: str, weights: bool = True) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        self.pooling = cfg.pooling
+        mean, std = VIT_MEAN, VIT_STD
+        if cfg.path is not None:
+            offline_hub()
+            path = require_dir(cfg.path, f"{key}.path", "a local Hugging Face model dir with a ViT (config.json)")
+            vit_cfg = ViTConfig.from_pretrained(path, local_files_only=True)
+            if weights:
+                self.model = ViTModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+            else:
+                self.model = ViTModel(vit_cfg, add_pooling_layer=False)
+            pre = path / "preprocessor_config.json"
+            if pre.is_file():
+                meta = json.loads(pre.read_text())
+                mean = tuple(meta.get("image_mean", mean))
+                std = tuple(meta.get("image_std", std))
+        else:
+            vit_cfg = ViTConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                                num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                                image_size=cfg.image_size, patch_size=cfg.patch_size)
+            self.model = ViTModel(vit_cfg, add_pooling_layer=False)
+        self.mean = tuple(cfg.mean) if cfg.mean is not None else mean
+        self.std = tuple(cfg.std) if cfg.std is not None else std
+        self.out_dim = self.model.config.hidden_size
+        self.interpolate = self.model.config.image_size != cfg.image_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels, interpolate_pos_encoding=self.interpolate or None)
+        hidden = out.last_hidden_state  # [B, 1 + patches, H], after the final layer norm
+        return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(1)
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        size = self.model.config.image_size
+        # So that AutoImageProcessor (and a user) see the normalization this tower was trained with.
+        (Path(directory) / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(self.mean), "image_std": list(self.std),
+        }, indent=2) + "\n")
+
+
+# -- efficientnet_lite0 ------------------------------------------------------------------------------
+class EfficientNetLite0Tower(ImageTower):
+    def __init__(self, cfg: ImageTowerConfig, *, key: str, weights: bool = True) -> None:
+        super().__init__()
+        from pipeline import pretrained_assets as assets
+
+        if cfg.image_size != assets.EFFICIENTNET_LITE0_IMAGE_SIZE:
+            raise InputError(f"{key}.image_size: EfficientNet-Lite0 needs {assets.EFFICIENTNET_LITE0_IMAGE_SIZE} "
+                             f"(its convolution padding is fixed for that size), got {cfg.image_size}")
+        self.model = assets.efficientnet_lite0(pretrained=cfg.pretrained and weights)
+        # The 1000-way classifier is not part of the tower: drop it so that no parameter is left without a gradient.
+        self.model.net._fc = nn.Identity()
+        self.model.net._dropout = nn.Identity()
+        self.mean = tuple(cfg.mean) if cfg.mean is not None else tuple(assets.EFFICIENTNET_LITE0_MEAN)
+        self.std = tuple(cfg.std) if cfg.std is not None else tuple(assets.EFFICIENTNET_LITE0_STD)
+        self.out_dim = assets.EFFICIENTNET_LITE0_FEATURE_DIM
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.features(pixels)  # [B, 1280], global average of the last conv stage
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(Path(directory) / "model.safetensors"))
+        (Path(directory) / "config.json").write_text(json.dumps({
+            "backend": "efficientnet_lite0", "library": "efficientnet_lite_pytorch",
+            "note": "keys are pipeline.pretrained_assets.EfficientNetLite0's (net. = efficientnet_lite_pytorch's "
+                    "EfficientNet.from_name('efficientnet-lite0') without _fc); features = "
+                    "net.extract_features(x).mean((2, 3))", "image_mean": list(self.mean), "image_std": list(self.std),
+        }, indent=2) + "\n")
+
+
+# -- timm --------------------------------------------------------------------------------------------
+def import_timm(key: str):
+    try:
+        import timm  # noqa: PLC0415 - optional, needs torchvision
+    except Exception as err:  # ImportError, or torchvision failing to load next to this torch
+        raise InputError(f"{key}: backend timm needs the timm package, which cannot be imported here "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         "install kdpipe[timm] on a machine with a matching torchvision") from None
+    return timm
+
+
+class TimmTower(ImageTower):
+    def __init__(self, cfg: ImageTowerConfig, *, key: str, weights: bool = True) -> None:
+        super().__init__()
+        timm = import_timm(f"{key}.backend")
+        offline_hub()
+        kwargs = {"num_classes": 0}
+        if cfg.pooling == "mean":
+            kwargs["global_pool"] = "avg"
+        if cfg.path is not None and weights:
+            path = Path(cfg.path).expanduser()
+            if not path.is_file():
+                raise InputError(f"{key}.path: {path} is not a file; expected a local timm weights file "
+                                 "(kdpipe never downloads weights)")
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        try:
+            self.model = timm.create_model(cfg.timm_name, **kwargs)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise InputError(f"{key}.timm_name: {cfg.timm_name!r} is not a timm model name") from None
+            raise
+        self.timm_name = cfg.timm_name
+        pcfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        self.mean = tuple(cfg.mean) if cfg.mean is not None else tuple(pcfg.get("mean", VIT_MEAN))
+        self.std = tuple(cfg.std) if cfg.std is not None else tuple(pcfg.get("std", VIT_STD))
+        self.out_dim = self.model.num_features
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(Path(directory) / "model.safetensors"))
+        (Path(directory) / "config.json").write_text(json.dumps({
+            "backend": "timm", "timm_name": self.timm_name, "num_classes": 0,
+            "image_mean": list(self.mean), "image_std": list(self.std),
+            "load": f"timm.create_model({self.timm_name!r}, num_classes=0, pretrained=True, "
+                    "pretrained_cfg_overlay={'file': 'model.safetensors'})",
+        }, indent=2) + "\n")
+
+
+BACKENDS = {"hf_vit": HFViTTower, "efficientnet_lite0": EfficientNetLite0Tower, "timm": TimmTower}
+
+
+def build_image_tower(cfg: ImageTowerConfig, *, key: str = "distill.student.image", weights: bool = True) -> ImageTower:
+    """`weights=False` builds the architecture only (load_student then loads the saved state)."""
+    return BACKENDS[cfg.backend](cfg, key=key, weights=weights)

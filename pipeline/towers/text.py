@@ -1,0 +1,114 @@
+"""Text tower: token ids [B, L] + attention mask -> pooled features [B, F], and its tokenizer.
+
+Backend `hf_bert`: a transformers BERT-family encoder (`AutoModel`) from a local Hugging Face dir (BERT-base
+uncased for DSMD, all-MiniLM-L6-v2 for the demo), or a random-init `BertModel` from explicit sizes. Pooling
+`pooler` (DSMD: BERT's pooler output), `cls` (the last layer's CLS token) or `mean` (masked mean over tokens,
+as sentence-transformers' MiniLM). The tokenizer always comes from a local dir (lowercasing is the tokenizer's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pipeline.errors import InputError
+from pipeline.towers import offline_hub, require_dir
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    """Section `distill.student.text`."""
+
+    backend: Literal["hf_bert", "minilm"] = "hf_bert"  # minilm: hf_bert from the package-shipped all-MiniLM-L6-v2
+    path: Path | None = None  # local Hugging Face model dir; None: random init from the sizes below
+    tokenizer: Path | None = None  # local tokenizer dir; None: `path` (required when path is None)
+    pooling: Literal["pooler", "cls", "mean"] = "pooler"
+    max_tokens: int = 30
+    # random-init sizes (ignored when `path` is given); defaults: BERT-base. The vocabulary size is the tokenizer's.
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2 (CLS and SEP), got {self.max_tokens}")
+
+
+def load_tokenizer(path: Path | str, key: str):
+    from transformers import AutoTokenizer
+
+    offline_hub()
+    p = require_dir(path, key, "a local tokenizer dir (vocab.txt / tokenizer.json, tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{key}: {p} holds no loadable tokenizer ({str(err).splitlines()[0]})") from None
+
+
+class HFTextTower(nn.Module):
+    def __init__(self, cfg: TextTowerConfig, *, key: str, weights: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+        path = cfg.path
+        if cfg.backend == "minilm":
+            from pipeline import pretrained_assets
+
+            path = path or pretrained_assets.minilm_dir()
+        tok_path = cfg.tokenizer or path
+        if tok_path is None:
+            raise InputError(f"{key}: set path (a local BERT dir) or tokenizer (a local tokenizer dir); "
+                             "a random-init text tower still needs a vocabulary")
+        self.tokenizer = load_tokenizer(tok_path, f"{key}.tokenizer" if cfg.tokenizer else f"{key}.path")
+        self.pooling = cfg.pooling
+        self.max_tokens = cfg.max_tokens
+        add_pooler = cfg.pooling == "pooler"  # no dead pooler parameters when it is not used
+        if path is not None:
+            offline_hub()
+            p = require_dir(path, f"{key}.path", "a local Hugging Face model dir with a BERT-family encoder (config.json)")
+            if weights:
+                self.model = AutoModel.from_pretrained(p, local_files_only=True, add_pooling_layer=add_pooler)
+            else:
+                self.model = AutoModel.from_config(AutoConfig.from_pretrained(p, local_files_only=True),
+                                                   add_pooling_layer=add_pooler)
+        else:
+            bert_cfg = BertConfig(vocab_size=len(self.tokenizer), hidden_size=cfg.hidden_size,
+                                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                                  intermediate_size=cfg.intermediate_size,
+                                  max_position_embeddings=cfg.max_position_embeddings,
+                                  pad_token_id=self.tokenizer.pad_token_id or 0)
+            self.model = BertModel(bert_cfg, add_pooling_layer=add_pooler)
+        if len(self.tokenizer) > self.model.config.vocab_size:
+            raise InputError(f"{key}: the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary "
+                             f"only {self.model.config.vocab_size}")
+        self.out_dim = self.model.config.hidden_size
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> input_ids / attention_mask int64 [B, max_tokens] on the CPU (fixed length: one shape
+        for torch.compile; padding is masked, so features do not depend on it)."""
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt", return_token_type_ids=False)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "pooler":
+            return out.pooler_output
+        hidden = out.last_hidden_state  # [B, L, H]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def save(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)  # AutoTokenizer.from_pretrained(<dir>) works on its own
+
+
+def build_text_tower(cfg: TextTowerConfig, *, key: str = "distill.student.text", weights: bool = True) -> HFTextTower:
+    return HFTextTower(cfg, key=key, weights=weights)

@@ -1,0 +1,676 @@
+r"""Distillation training: the student learns the teacher's feature space from the stored features alone.
+
+    caption pairs (shuffled, by index) --> images (uint8 cache) + tokens --> student --> s_v, s_t
+                                       \-> teacher rows t_v, t_t + K negative rows (feature store)
+    raw loss terms (pipeline.losses) --> weights (pipeline.balancer) --> sum_i w_i L_i --> AdamW
+
+Resume is exact. Every random number of a step (dropout, augmentation) comes from a generator seeded with
+(seed, epoch, step, rank), the order of pairs and the negatives are functions of (seed, epoch, step)
+(`pipeline.sampler`), and a checkpoint holds the model, optimizer, scheduler and balancer states and the
+position; so a run killed mid-epoch and resumed from its last checkpoint redoes the same steps on the same
+batches and ends with the same weights, bit for bit on the CPU (tests/test_train.py).
+
+Outputs in `out_dir` (`<workdir>/student/`, or `<workdir>/baseline/`):
+    model.safetensors, student_config.json, image_tower/, text_tower/   the exported student (best on val)
+    checkpoints/last.pt        the training state, rewritten every epoch and every N steps
+    train_log.csv              per logged step: lr, pairs/s, weighted loss, raw terms, weights
+    val_log.csv                per evaluated epoch: val recalls, RSUM, student-teacher cosine
+    plots/training.png         the same, drawn;  train_summary.json   the run in one record
+    distill_config.yaml        the resolved config of the run
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.balancer import BalancerConfig, LossBalancer
+from pipeline.config import to_dict, write_resolved
+from pipeline.dataset_index import DatasetIndex, SplitView
+from pipeline.errors import ConfigError, InputError
+from pipeline.feature_store import FeatureStore, StoreSplit
+from pipeline.image_cache import ImageCache
+from pipeline.losses import LossConfig, DistillLoss
+from pipeline.progress import info, progress
+from pipeline.sampler import EpochSampler
+from pipeline.student import DualEncoderStudent, StudentConfig, build_student, save_student
+from pipeline.train_data import BatchLoader, TeacherBank, as_tensor, random_resized_crop, tokenize_all
+
+CHECKPOINT_FORMAT = "kdpipe-distill-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Section `distill.augment`: random resized crop + horizontal flip, on the device (off by default, as DSMD)."""
+
+    enabled: bool = False
+    scale: tuple[float, float] = (0.5, 1.0)  # fraction of the image area kept by the crop
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # aspect ratio range of the crop
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"augment.scale must satisfy 0 < low <= high <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"augment.ratio must satisfy 0 < low <= high, got {self.ratio}")
+
+
+def baseline_loss_config() -> LossConfig:
+    """The undistilled baseline: the student-student CLIP loss on pairs alone, no teacher term."""
+    return LossConfig(contrastive=0.0, l1=0.0, cosine=0.0, triplet=0.0, relation=0.0, pair_contrastive=1.0)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Section `distill`."""
+
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    baseline_loss: LossConfig = field(default_factory=baseline_loss_config)  # `kdpipe distill --baseline`
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    epochs: int = 20
+    batch_size: int = 64  # pairs per micro-batch per process; the optimizer sees batch_size x grad_accum x world
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup; DSMD: constant
+    min_lr_ratio: float = 0.0  # cosine / linear decay to lr x this at the last step
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    compile: bool = False  # torch.compile the student's training forward
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    num_workers: int = 2  # loader threads that gather images / teacher rows ahead of the GPU (0: inline)
+    seed: int = 0
+    teacher_dim: int | None = None  # refuse a store of another dimension; None: the store's
+    bank_placement: Literal["auto", "device", "memmap"] = "auto"  # teacher bank on the GPU, or gathered per batch
+    bank_max_gib: float = 4.0  # auto: the bank goes to the GPU when it is at most this large
+    checkpoint_every_steps: int = 500  # plus one at every epoch end; 0 = epoch ends only
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1  # val recalls every N epochs (and after the last); 0 = never
+    eval_batch_size: int = 256
+    select_best_on: Literal["val", "last"] = "val"  # export the best-RSUM epoch on val, or the last weights
+    train_split: str = "train"
+    val_split: str = "val"
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "grad_accum", "log_every_steps", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every_steps", "eval_every_epochs", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, min_lr_ratio in [0, 1]")
+        if self.select_best_on == "val" and (not self.val_split or self.eval_every_epochs == 0):
+            raise ValueError("select_best_on: val needs val_split and eval_every_epochs > 0 (or use select_best_on: last)")
+
+
+# Keys that change how fast a run goes, not what it computes: a checkpoint may be resumed with other values.
+RUNTIME_KEYS = frozenset({"num_workers", "compile", "device", "checkpoint_every_steps", "log_every_steps",
+                          "eval_batch_size", "bank_placement", "bank_max_gib"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs: one split of the index, the image cache and the feature store, aligned and checked
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairSplit:
+    """One split in the feature store's row order: caption texts, image cache rows, teacher rows."""
+
+    name: str
+    captions: np.ndarray  # object [M] caption of each store text row
+    images: np.ndarray  # uint8 [N_cache, H, W, 3] memory map of the split's image cache
+    cache_rows: np.ndarray | None  # int64 [N] cache row of each store image row (None: identity)
+    store: StoreSplit | None  # teacher rows (None: a split the store lacks, e.g. val for recall only)
+    text_image: np.ndarray  # int64 [M] image row of each caption (store order)
+
+
+def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, where: str) -> PairSplit:
+    """Match a split of the index and the image cache with the feature store's rows.
+
+    The store may lack images that extract skipped (`on_bad_image: skip`), with their captions; rows are
+    matched by image id and the captions of the kept images must be exactly the store's, in order."""
+    if len(images) != view.n_images:
+        raise InputError(f"{where}: the image cache has {len(images)} images in split {view.name!r}, the dataset "
+                         f"index {view.n_images}; rerun `kdpipe prepare`")
+    if store is None:
+        return PairSplit(view.name, view.caption_text, images, None, None, view.text_image.astype(np.int64))
+    if store.n_images == view.n_images and store.n_captions == view.n_captions:
+        if not np.array_equal(store.text_image, view.text_image):
+            raise InputError(f"{where}: the feature store's {view.name}/text_image differs from the dataset index; "
+                             "rerun `kdpipe extract`")
+        return PairSplit(view.name, view.caption_text, images, None, store, view.text_image.astype(np.int64))
+    row_of = {str(i): r for r, i in enumerate(view.image_id.tolist())}
+    try:
+        cache_rows = np.array([row_of[str(i)] for i in store.image_id.tolist()], dtype=np.int64)
+    except KeyError as err:
+        raise InputError(f"{where}: the feature store's split {view.name!r} has image {err.args[0]!r} that the "
+                         "dataset index lacks; rerun `kdpipe extract`") from None
+    kept = np.zeros(view.n_images, dtype=bool)
+    kept[cache_rows] = True
+    cap_keep = kept[view.text_image]
+    if int(cap_keep.sum()) != store.n_captions or not np.array_equal(
+            cache_rows[store.text_image], view.text_image[cap_keep]):
+        raise InputError(f"{where}: the feature store's split {view.name!r} ({store.n_images} images, "
+                         f"{store.n_captions} captions) does not line up with the dataset index ({view.n_images}, "
+                         f"{view.n_captions}); rerun `kdpipe extract`")
+    return PairSplit(view.name, view.caption_text[cap_keep], images, cache_rows, store,
+                     store.text_image.astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small parts of the loop
+# ---------------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    local = os.environ.get("LOCAL_RANK")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local is not None:
+        name = f"cuda:{local}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"distill.device: {name!r} but CUDA is not available here; use auto or cpu")
+    return device
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The seed of one micro-step's random numbers (dropout, augmentation): a hash of the position."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def lr_factor(cfg: DistillConfig, total_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return f
+
+
+class GatherRows(torch.autograd.Function):
+    """[B, D] on each rank -> [world x B, D] on every rank (rank order), differentiable.
+
+    Every rank then computes the same loss L on the global batch; the backward sums dL/d(rows of rank r)
+    over the ranks (all_reduce) and keeps its own slice, so the gradient of rank r's rows is world x dL/dx_r,
+    and DDP's average over the ranks gives exactly dL/dtheta."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def loss_terms(model: DualEncoderStudent, forward, loss_fn: DistillLoss, b, *, augment: AugmentConfig, seed: int,
+               gen: torch.Generator, autocast, world: int = 1) -> dict[str, torch.Tensor]:
+    """The forward half of a micro-step: uint8 images -> (augmented) normalized pixels on the device ->
+    student (through `forward`: the model, DDP or compiled) -> global batch -> raw, unweighted loss terms.
+    Dropout and augmentation draw from `seed` only."""
+    torch.manual_seed(seed)  # dropout of this micro-step (every device)
+    x = model.to_float(b.images)
+    if augment.enabled:
+        gen.manual_seed(seed)
+        x = random_resized_crop(x, model.image_size, gen, scale=augment.scale, ratio=augment.ratio, flip=augment.flip)
+    pixels = model.normalize_pixels(x)
+    with autocast():
+        s_v, s_t = forward(pixels, b.input_ids, b.attention_mask)
+    if world > 1:  # the in-batch terms see the global batch; gradients flow back to each rank
+        s_v, s_t = GatherRows.apply(s_v), GatherRows.apply(s_t)
+    return loss_fn(s_v, s_t, b.t_v, b.t_t, b.image_ids, b.queue_v, b.queue_t, b.queue_v_ids, b.queue_t_ids)
+
+
+def comparable(cfg_dict: dict) -> dict:
+    return {k: v for k, v in cfg_dict.items() if k not in RUNTIME_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation on val
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def embed_split(model: DualEncoderStudent, split: PairSplit, tokens: tuple[torch.Tensor, torch.Tensor],
+                batch_size: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student embeddings of every image (store/cache order) and caption of a split, fp32 on the CPU."""
+    was_training = model.training
+    model.eval()
+    rows = split.cache_rows if split.cache_rows is not None else np.arange(len(split.images))
+    img, txt = [], []
+    with autocast():
+        for i in range(0, len(rows), batch_size):
+            batch = as_tensor(np.take(split.images, rows[i:i + batch_size], axis=0))
+            img.append(model.encode_images(batch).float().cpu())
+        for i in range(0, len(tokens[0]), batch_size):
+            tok = {"input_ids": tokens[0][i:i + batch_size].long(), "attention_mask": tokens[1][i:i + batch_size].long()}
+            txt.append(model.encode_tokens(tok).float().cpu())
+    model.train(was_training)
+    return torch.cat(img), torch.cat(txt)
+
+
+def validate(model, split: PairSplit, tokens, batch_size: int, autocast) -> dict[str, float]:
+    from pipeline.retrieval_metrics import recall_metrics, retrieval_ranks  # the evaluate stage's protocol
+
+    img, txt = embed_split(model, split, tokens, batch_size, autocast)
+    metrics = recall_metrics(retrieval_ranks(img, txt, split.text_image))
+    if split.store is not None:  # how close the student is to the teacher on held-out data
+        metrics["teacher_cos_v"] = float((img * torch.from_numpy(np.asarray(split.store.image_emb, np.float32))).sum(1).mean())
+        metrics["teacher_cos_t"] = float((txt * torch.from_numpy(np.asarray(split.store.text_emb, np.float32))).sum(1).mean())
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logs and plots
+# ---------------------------------------------------------------------------------------------------------
+class CsvLog:
+    """An append-only CSV with a fixed header; on resume, rows past the checkpoint are dropped first."""
+
+    def __init__(self, path: Path, columns: list[str], *, keep_until: float | None, key: str) -> None:
+        self.path, self.columns = path, columns
+        rows: list[str] = []
+        if keep_until is not None and path.is_file():
+            lines = path.read_text().splitlines()
+            if lines and lines[0].split(",") == columns:
+                k = columns.index(key)
+                rows = [ln for ln in lines[1:] if ln and float(ln.split(",")[k]) <= keep_until]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(",".join(columns) + "\n" + "".join(r + "\n" for r in rows))
+
+    def write(self, values: dict[str, Any]) -> None:
+        def fmt(v: Any) -> str:
+            return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+        with self.path.open("a") as f:
+            f.write(",".join(fmt(values.get(c, "")) for c in self.columns) + "\n")
+
+
+def read_csv(path: Path) -> dict[str, np.ndarray]:
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if len(lines) < 2:
+        return {}
+    cols = lines[0].split(",")
+    data = np.array([[float(x) if x else np.nan for x in ln.split(",")] for ln in lines[1:]], dtype=float)
+    return {c: data[:, i] for i, c in enumerate(cols)}
+
+
+def plot_training(out_dir: Path) -> Path | None:
+    """plots/training.png: raw loss terms (log), weights (log), lr, val RSUM per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = read_csv(out_dir / "train_log.csv"), read_csv(out_dir / "val_log.csv")
+    if not train:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    step = train["step"]
+    for name in [c for c in train if c.endswith("_loss") and not c.startswith("w_")]:
+        axes[0, 0].plot(step, train[name], label=name)
+    axes[0, 0].set(title="raw loss terms", xlabel="step", yscale="log")
+    for name in [c for c in train if c.startswith("w_")]:
+        axes[0, 1].plot(step, train[name], label=name[2:])
+    axes[0, 1].set(title="balancer weights", xlabel="step", yscale="log")
+    axes[1, 0].plot(step, train["lr"], color="k")
+    axes[1, 0].set(title="learning rate", xlabel="step")
+    if val:
+        axes[1, 1].plot(val["epoch"], val["rsum"], "o-", label="val RSUM")
+        axes[1, 1].set(title="val RSUM", xlabel="epoch")
+    else:
+        axes[1, 1].set(title="val RSUM (no evaluation yet)")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "plots" / "training.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0  # optimizer steps done
+    best_rsum: float = -math.inf
+    best_epoch: int = -1
+    history: list = field(default_factory=list)  # val metrics per evaluated epoch
+
+
+def save_checkpoint(path: Path, *, model, optimizer, scheduler, balancer, state: TrainState, cfg_dict: dict,
+                    meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "meta": meta, "config": cfg_dict,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "balancer": balancer.state_dict(), "state": dataclasses.asdict(state),
+        # The step seeds make these redundant for the loop itself; kept so that code run between steps
+        # (or a future change) continues the same streams.
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        raise InputError(f"{path}: cannot read the checkpoint ({type(err).__name__}); use --no-resume to start over") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT or blob.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file; use --no-resume to start over")
+    for key in ("dim", "fingerprint", "train_split", "world_size"):  # world size: the sampler's global batch
+        if blob["meta"].get(key) != meta[key]:
+            raise InputError(f"{path}: checkpoint was trained with {key}={blob['meta'].get(key)!r}, the inputs now "
+                             f"have {meta[key]!r}; use --no-resume to start over")
+    old, new = comparable(blob["config"]), comparable(cfg_dict)
+    if old != new:
+        diff = _first_difference(old, new, "distill")
+        raise InputError(f"{path}: checkpoint was written with another config ({diff}); "
+                         "use --no-resume to start over")
+    return blob
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{where}.{k}")
+    return f"{where}: {a!r} then, {b!r} now"
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """Start over: remove what a previous run wrote (the directory is the stage's output)."""
+    for name in ("checkpoints", "plots", "image_tower", "text_tower"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in ("model.safetensors", "student_config.json", "train_log.csv", "val_log.csv",
+                 "train_summary.json", "distill_config.yaml"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class DistillResult:
+    out_dir: Path
+    global_step: int
+    epochs_done: int
+    best_epoch: int
+    best_rsum: float
+    history: list
+    pairs_per_s: float
+    completed: bool  # False when stopped early by `stop_after_steps`
+
+
+def open_split(index: DatasetIndex, cache: ImageCache, store: FeatureStore | None, name: str, what: str) -> PairSplit:
+    if name not in index.splits:
+        raise InputError(f"distill.{what}: the dataset has no split {name!r}; it has {', '.join(index.splits)}")
+    view = index.split(name)
+    return align_split(view, cache.split(name), store.split(name) if store is not None else None,
+                       f"{cache.path} / {store.path if store else ''}".rstrip(" /"))
+
+
+def train_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore, cache: ImageCache,
+                  out_dir: Path | str, baseline: bool = False, resume: bool = True,
+                  stop_after_steps: int | None = None) -> DistillResult:
+    """Train a student against `store` and export it into `out_dir`.
+
+    `baseline`: train with `cfg.baseline_loss` (pairs only) instead of `cfg.loss`. `resume`: continue from
+    `out_dir/checkpoints/last.pt` when it exists (its config must match, runtime keys aside); otherwise start
+    over. `stop_after_steps` (tests): return after that many optimizer steps without writing anything more,
+    as if the process had been killed there."""
+    out_dir = Path(out_dir)
+    loss_cfg = cfg.baseline_loss if baseline else cfg.loss
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    main = rank == 0
+    device = resolve_device(cfg.device)
+    if cfg.teacher_dim is not None and store.dim != cfg.teacher_dim:
+        raise InputError(f"{store.path}: feature dimension {store.dim}, expected distill.teacher_dim={cfg.teacher_dim}")
+    fingerprint = (store.dataset or {}).get("fingerprint")
+    meta = {"dim": store.dim, "fingerprint": fingerprint, "train_split": cfg.train_split, "baseline": baseline,
+            "teacher": store.teacher, "world_size": world}
+
+    train = open_split(index, cache, store, cfg.train_split, "train_split")
+    val = None
+    if cfg.val_split and cfg.eval_every_epochs:
+        val_store = store if cfg.val_split in store.splits else None
+        val = open_split(index, cache, val_store, cfg.val_split, "val_split")
+
+    # -- model, loss, balancer (the init is a function of the seed) --------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = build_student(cfg.student, store.dim).to(device)
+    loss_fn = DistillLoss(loss_cfg).to(device)
+    balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                            and torch.cuda.is_bf16_supported())
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+    # -- data ---------------------------------------------------------------------------------------------
+    sampler = EpochSampler(len(train.captions), cfg.batch_size, cfg.seed, world_size=world, rank=rank)
+    opt_steps_per_epoch = sampler.steps_per_epoch // cfg.grad_accum
+    if opt_steps_per_epoch == 0:
+        raise InputError(f"split {cfg.train_split!r} has {len(train.captions)} pairs: fewer than one optimizer step "
+                         f"of {sampler.global_batch * cfg.grad_accum} (batch_size x grad_accum x processes)")
+    queue_size = loss_cfg.queue_size
+    if loss_fn.needs_queue and queue_size > len(train.captions) - sampler.global_batch:
+        raise InputError(f"distill.loss.queue_size={queue_size}: the split {cfg.train_split!r} has only "
+                         f"{len(train.captions)} pairs, so at most {len(train.captions) - sampler.global_batch} "
+                         "negatives fit beside a batch; lower it, or use 0 for the whole bank")
+    st = train.store
+    bank = TeacherBank(st.image_emb, st.text_emb, train.text_image, device, placement=cfg.bank_placement,
+                       max_bytes=cfg.bank_max_gib * 2**30)
+    if loss_fn.needs_queue and queue_size == 0 and not bank.on_device:
+        raise InputError(f"distill.loss.queue_size=0 (the whole bank) needs the teacher bank on the device "
+                         f"({bank.nbytes / 2**30:.2f} GiB; raise distill.bank_max_gib or set a queue_size)")
+    tokens = tokenize_all(model.tokenize, train.captions)
+    loader = BatchLoader(train.images, bank, tokens, sampler, queue_size=queue_size, use_queue=loss_fn.needs_queue,
+                         num_workers=cfg.num_workers, cache_rows=train.cache_rows)
+    val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
+
+    # -- optimizer and schedule -------------------------------------------------------------------------------
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=cfg.betas, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * opt_steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+
+    # -- resume or start over ---------------------------------------------------------------------------------
+    cfg_dict = to_dict(cfg)
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    state = TrainState()
+    if resume and ckpt_path.is_file():
+        blob = load_checkpoint(ckpt_path, cfg_dict, meta)
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        balancer.load_state_dict(blob["balancer"])
+        state = TrainState(**blob["state"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        if blob["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        if main:
+            info(f"distill: resuming from {ckpt_path} at epoch {state.epoch + 1}, step {state.global_step}")
+    elif main:
+        clear_outputs(out_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, out_dir / "distill_config.yaml", "distill")
+    resumed = state.global_step > 0 or state.epoch > 0
+    train_log = val_log = None
+    if main:
+        term_cols = list(loss_fn.term_names)
+        train_log = CsvLog(out_dir / "train_log.csv",
+                           ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols]],
+                           keep_until=state.global_step if resumed else None, key="step")
+        val_cols = ["epoch", "step", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
+                    "i2t_medr", "t2i_medr", "teacher_cos_v", "teacher_cos_t"]
+        val_log = CsvLog(out_dir / "val_log.csv", val_cols, keep_until=state.epoch if resumed else None, key="epoch")
+
+    # -- the training forward: DDP and / or torch.compile around the student ---------------------------------
+    forward = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+
+    def export(reason: str) -> None:
+        save_student(model, out_dir)
+        info(f"distill: exported the student ({reason})")
+
+    def checkpoint() -> None:
+        if main:
+            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, balancer=balancer,
+                            state=state, cfg_dict=cfg_dict, meta=meta)
+        if world > 1:
+            dist.barrier()
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    pairs_per_opt_step = sampler.global_batch * cfg.grad_accum
+    remaining = (total_steps - state.global_step) * pairs_per_opt_step
+    gen = torch.Generator()
+    acc: dict[str, float] = {}
+    acc_n, acc_pairs, t_log = 0, 0, time.perf_counter()
+    t_start, pairs_done = time.perf_counter(), 0
+    t_epoch = t_start
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    bar_cm = progress("distill" + (" (baseline)" if baseline else ""), remaining, unit="pairs") if main else nullcontext()
+    with bar_cm as bar:
+        for epoch in range(state.epoch, cfg.epochs):
+            first = state.step_in_epoch * cfg.grad_accum
+            last = opt_steps_per_epoch * cfg.grad_accum
+            weights: dict[str, float] = {}
+            for hb in loader.iterate(epoch, first, last):
+                micro = hb.step % cfg.grad_accum  # position inside the optimizer step
+                seed = step_seed(cfg.seed, epoch, hb.step, rank)
+                b = loader.to_device(hb)
+                skip_sync = world > 1 and micro != cfg.grad_accum - 1  # DDP: reduce gradients on the last micro-step only
+                with (forward.no_sync() if skip_sync and hasattr(forward, "no_sync") else nullcontext()):
+                    raw = loss_terms(model, forward, loss_fn, b, augment=cfg.augment, seed=seed, gen=gen,
+                                     autocast=autocast, world=world)
+                    # one device sync per micro-step: the balancer needs the values before the backward
+                    values = dict(zip(raw, torch.stack([v.detach() for v in raw.values()]).tolist()))
+                    if micro == 0:  # one set of weights per optimizer step, from its first micro-batch
+                        weights = balancer.weights(values)
+                    total = sum(weights[k] * raw[k] for k in loss_fn.term_names) / cfg.grad_accum
+                    total.backward()
+                del b, raw, total
+                loader.release(hb)
+                for k, v in values.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                acc["loss"] = acc.get("loss", 0.0) + sum(weights[k] * values[k] for k in values)
+                acc_n += 1
+                acc_pairs += sampler.global_batch
+                if micro != cfg.grad_accum - 1:
+                    continue
+                # -- optimizer step --
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.global_step += 1
+                state.step_in_epoch += 1
+                pairs_done += pairs_per_opt_step
+                if main:
+                    bar.postfix = f"epoch {epoch + 1}/{cfg.epochs} loss {acc['loss'] / acc_n:.4g}"
+                    bar.advance(pairs_per_opt_step)
+                if main and (state.global_step % cfg.log_every_steps == 0 or state.step_in_epoch == opt_steps_per_epoch):
+                    now = time.perf_counter()
+                    row = {"step": state.global_step, "epoch": epoch + 1, "lr": lr,
+                           "pairs_per_s": acc_pairs / max(now - t_log, 1e-9)}
+                    row.update({k: v / acc_n for k, v in acc.items()})
+                    row.update({f"w_{k}": float(w) for k, w in weights.items()})
+                    train_log.write(row)
+                    acc, acc_n, acc_pairs, t_log = {}, 0, 0, now
+                end_of_epoch = state.step_in_epoch == opt_steps_per_epoch
+                if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
+                    checkpoint()
+                if stop_after_steps is not None and state.global_step >= stop_after_steps:
+                    return DistillResult(out_dir, state.global_step, state.epoch, state.best_epoch, state.best_rsum,
+                                         state.history, pairs_done / (time.perf_counter() - t_start), False)
+
+            # -- end of epoch: validate, keep the best, checkpoint --
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            is_last = state.epoch == cfg.epochs
+            if val is not None and (state.epoch % cfg.eval_every_epochs == 0 or is_last):
+                if main:
+                    metrics = validate(model, val, val_tokens, cfg.eval_batch_size, autocast)
+                    state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
+                    val_log.write(state.history[-1])
+                    info(f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
+                         f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})")
+                    if cfg.select_best_on == "val" and metrics["rsum"] > state.best_rsum:
+                        state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
+                        export(f"best val RSUM {metrics['rsum']:.2f} at epoch {state.epoch}")
+                if world > 1:
+                    dist.barrier()
+            checkpoint()
+            if main and time.perf_counter() - t_epoch > 60:  # a plot costs ~1 s: after long epochs, and at the end
+                plot_training(out_dir)
+            t_log = t_epoch = time.perf_counter()  # pairs/s measures training, not validation and checkpoints
+
+    if main:
+        if cfg.select_best_on == "last":
+            state.best_epoch = state.epoch
+            export("last epoch")
+        elif not (out_dir / "student_config.json").is_file():  # resumed after the last export was lost
+            export("last epoch: no exported best found")
+        plot_training(out_dir)
+        elapsed = time.perf_counter() - t_start
+        summary = {"epochs": state.epoch, "steps": state.global_step, "best_epoch": state.best_epoch,
+                   "best_val_rsum": state.best_rsum if state.best_epoch > 0 and cfg.select_best_on == "val" else None,
+                   "baseline": baseline, "loss_terms": list(loss_fn.term_names), "world_size": world,
+                   "pairs_per_s_this_session": pairs_done / elapsed if elapsed > 0 else None,
+                   "history": state.history}
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    elapsed = time.perf_counter() - t_start
+    return DistillResult(out_dir, state.global_step, state.epoch, state.best_epoch, state.best_rsum,
+                         state.history, pairs_done / elapsed if elapsed > 0 else 0.0, True)
+

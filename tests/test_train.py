@@ -1,0 +1,315 @@
+"""Distill training on a tiny synthetic dataset, on the CPU: teacher rows by index, the negatives, a run
+that learns, exact kill-and-resume, refused inputs, and the `kdpipe distill` command."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.config import from_dict
+from pipeline.dataset_index import DatasetIndex
+from pipeline.errors import InputError
+from pipeline.feature_store import open_store, write_store
+from pipeline.image_cache import open_image_cache, write_image_cache
+from pipeline.losses import DistillLoss
+from pipeline.sampler import EpochSampler
+from pipeline.student import build_student, load_student
+from pipeline.train import DistillConfig, train_distill
+from pipeline.train_data import BatchLoader, TeacherBank, random_resized_crop, tokenize_all
+
+DIM, HW = 16, 32
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+NOUNS = ("dog", "cat", "car", "house")
+
+
+# -- a tiny dataset: colored images with a grey square, captions naming both, teacher = class prototypes ----
+def make_workdir(root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed: int = 0,
+                 name: str = "tiny") -> DatasetIndex:
+    rng = np.random.default_rng(seed)
+    names = list(COLORS)
+    protos = rng.normal(size=(len(COLORS) * len(NOUNS), dim))
+    img_rows, captions, pixels, classes = [], [], {}, []
+    for split, count in zip(("train", "val"), sizes):
+        arr = []
+        for i in range(count):
+            c, o = int(rng.integers(len(COLORS))), int(rng.integers(len(NOUNS)))
+            row = len(img_rows)
+            img_rows.append((f"{split}{i}", f"{split}{i}.jpg", split))
+            img = np.clip(np.array(COLORS[names[c]]) + rng.normal(0, 20, (HW, HW, 3)), 0, 255).astype(np.uint8)
+            img[HW // 4:3 * HW // 4, HW // 4:3 * HW // 4] = o * 60
+            arr.append(img)
+            classes.append(c * len(NOUNS) + o)
+            captions += [(f"a {names[c]} {NOUNS[o]} photo {k}", row) for k in range(caps)]
+        pixels[split] = np.stack(arr)
+    index = DatasetIndex.from_lists(name, root / "data", img_rows, captions)
+    index.save(root / "index")
+    write_image_cache(root / "images.zarr", pixels, fingerprint=index.fingerprint)
+    splits = {}
+    for split in ("train", "val"):
+        v = index.split(split)
+        c = np.array(classes)[v.image_rows]
+        splits[split] = {"image_emb": protos[c] + 0.1 * rng.normal(size=(len(c), dim)),
+                         "text_emb": protos[c[v.text_image]] + 0.1 * rng.normal(size=(v.n_captions, dim)),
+                         "text_image": v.text_image, "image_id": v.image_id}
+    write_store(root / "features.zarr", splits, teacher={"name": "synthetic"},
+                dataset={"name": name, "fingerprint": index.fingerprint}, chunk_rows=64)
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", *names, *NOUNS, *map(str, range(10))]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=str(root / "vocab.txt")).save_pretrained(root / "tok")
+    return index
+
+
+def tiny_params(root: Path, **overrides) -> dict:
+    student = {"image": {"image_size": HW, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                         "intermediate_size": 64},
+               "text": {"tokenizer": str(root / "tok"), "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                        "intermediate_size": 64, "max_position_embeddings": 32, "max_tokens": 12}}
+    return {"student": student, "epochs": 2, "batch_size": 8, "lr": 1e-3, "loss": {"queue_size": 16},
+            "checkpoint_every_steps": 0, "log_every_steps": 1, "num_workers": 0, **overrides}
+
+
+def tiny_cfg(root: Path, **overrides) -> DistillConfig:
+    return from_dict(DistillConfig, tiny_params(root, **overrides), "distill")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    index = make_workdir(root)
+    store = open_store(root / "features.zarr", expect_fingerprint=index.fingerprint)
+    cache = open_image_cache(root / "images.zarr", expect_fingerprint=index.fingerprint)
+    return root, index, store, cache
+
+
+def run(work, out: str, cfg: DistillConfig, **kw):
+    root, index, store, cache = work
+    return train_distill(cfg, index=index, store=store, cache=cache, out_dir=root / out, **kw)
+
+
+# -- sampling and the data path ----------------------------------------------------------------------------
+def test_sampler_is_a_function_of_the_position():
+    s = EpochSampler(50, 8, seed=3)
+    assert s.steps_per_epoch == 6
+    epoch0 = np.concatenate([s.rows(0, k) for k in range(6)])
+    assert len(set(epoch0.tolist())) == 48 and not np.array_equal(epoch0, np.sort(epoch0))  # shuffled, no repeats
+    assert not np.array_equal(s.permutation(0), s.permutation(1))
+    fresh = EpochSampler(50, 8, seed=3)
+    assert np.array_equal(fresh.rows(1, 4), s.rows(1, 4))  # no hidden stream: any position, any order
+    q = s.queue_rows(0, 2, 20)  # the 20 pairs before step 2: 16 of steps 0-1, 4 from the end (cyclic)
+    perm = s.permutation(0)
+    assert np.array_equal(q, np.concatenate([perm[-4:], perm[:16]]))
+    assert not set(q.tolist()) & set(s.rows(0, 2).tolist())
+    # two ranks split each global batch
+    r0, r1 = EpochSampler(50, 4, 3, world_size=2, rank=0), EpochSampler(50, 4, 3, world_size=2, rank=1)
+    assert np.array_equal(np.concatenate([r0.rows(0, 1), r1.rows(0, 1)]), s.global_rows(0, 1))
+
+
+@pytest.mark.parametrize("placement", ["device", "memmap"])
+def test_teacher_rows_images_and_tokens_are_looked_up_by_index(work, placement):
+    root, index, store, cache = work
+    st, view = store.split("train"), index.split("train")
+    torch.manual_seed(0)
+    model = build_student(tiny_cfg(root).student, DIM)
+    bank = TeacherBank(st.image_emb, st.text_emb, st.text_image, torch.device("cpu"), placement=placement)
+    assert bank.on_device == (placement == "device")
+    tokens = tokenize_all(model.tokenize, view.caption_text)
+    sampler = EpochSampler(view.n_captions, 8, seed=1)
+    loader = BatchLoader(cache.split("train"), bank, tokens, sampler, queue_size=16, use_queue=True, num_workers=2)
+    seen = []
+    for hb in loader.iterate(1, 0, sampler.steps_per_epoch):
+        b = loader.to_device(hb)
+        rows = hb.rows
+        seen.append(rows)
+        img_rows = view.text_image[rows]
+        assert torch.equal(b.t_t.float(), torch.from_numpy(np.asarray(st.text_emb[rows], np.float32)))
+        assert torch.equal(b.t_v.float(), torch.from_numpy(np.asarray(st.image_emb[img_rows], np.float32)))
+        assert torch.equal(b.images, torch.from_numpy(cache.split("train")[img_rows]))
+        assert torch.equal(b.image_ids, torch.from_numpy(img_rows.astype(np.int64)))
+        expect = model.tokenize(list(view.caption_text[rows]))
+        assert torch.equal(b.input_ids, expect["input_ids"]) and torch.equal(b.attention_mask, expect["attention_mask"])
+        q = sampler.queue_rows(1, hb.step, 16)
+        assert torch.equal(b.queue_t.float(), torch.from_numpy(np.asarray(st.text_emb[q], np.float32)))
+        assert torch.equal(b.queue_v.float(), torch.from_numpy(np.asarray(st.image_emb[view.text_image[q]], np.float32)))
+        assert torch.equal(b.queue_t_ids, torch.from_numpy(view.text_image[q].astype(np.int64)))
+    order = np.concatenate(seen)
+    assert not np.array_equal(order, np.arange(len(order)))  # shuffled, not aligned by position
+
+
+def test_whole_bank_negatives(work):
+    root, index, store, cache = work
+    st, view = store.split("train"), index.split("train")
+    bank = TeacherBank(st.image_emb, st.text_emb, st.text_image, torch.device("cpu"))
+    tokens = (torch.zeros(view.n_captions, 4, dtype=torch.int32),) * 2
+    loader = BatchLoader(cache.split("train"), bank, tokens, EpochSampler(view.n_captions, 8, 0),
+                         queue_size=0, use_queue=True, num_workers=0)
+    b = loader.to_device(loader.host_batch(0, 0))
+    assert b.queue_v.shape == (st.n_images, DIM) and b.queue_t.shape == (st.n_captions, DIM)
+    assert torch.equal(b.queue_t_ids, torch.from_numpy(st.text_image.astype(np.int64)))
+
+
+def test_random_resized_crop_depends_on_the_seed_only():
+    x = torch.rand(3, 3, 40, 40)
+    a = random_resized_crop(x, 32, torch.Generator().manual_seed(5))
+    b = random_resized_crop(x, 32, torch.Generator().manual_seed(5))
+    c = random_resized_crop(x, 32, torch.Generator().manual_seed(6))
+    assert a.shape == (3, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    full = random_resized_crop(x, 40, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1), flip=False)
+    torch.testing.assert_close(full, x, rtol=0, atol=1e-5)  # the whole image, unflipped: the identity
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def distill_loss_and_agreement(model, work) -> tuple[float, float]:
+    """Sum of the raw distillation terms and the mean student-teacher cosine over the whole train split."""
+    root, index, store, cache = work
+    st, view = store.split("train"), index.split("train")
+    model.eval()
+    with torch.no_grad():
+        v = model.encode_images(cache.split("train")[view.text_image])
+        t = model.encode_texts(list(view.caption_text))
+        t_v = torch.from_numpy(np.asarray(st.image_emb, np.float32))[view.text_image]
+        t_t = torch.from_numpy(np.asarray(st.text_emb, np.float32))
+        ids = torch.from_numpy(view.text_image.astype(np.int64))
+        loss_fn = DistillLoss(tiny_cfg(root).loss)
+        raw = loss_fn(v, t, t_v, t_t, ids, t_v, t_t, ids, ids)
+    agreement = float(((v * t_v).sum(1).mean() + (t * t_t).sum(1).mean()) / 2)
+    return float(sum(raw.values())), agreement
+
+
+def test_a_tiny_run_lowers_the_distillation_loss_and_raises_agreement(work):
+    root = work[0]
+    cfg = tiny_cfg(root, epochs=4)
+    torch.manual_seed(cfg.seed)
+    before = distill_loss_and_agreement(build_student(cfg.student, DIM), work)
+    result = run(work, "learn", cfg)
+    assert result.completed and result.epochs_done == 4 and result.global_step == 4 * (48 // 8)
+    after = distill_loss_and_agreement(load_student(root / "learn"), work)
+    assert after[0] < 0.8 * before[0], (before, after)
+    assert after[1] > before[1] + 0.1, (before, after)
+    out = root / "learn"
+    for name in ("model.safetensors", "student_config.json", "image_tower/config.json", "text_tower/config.json",
+                 "checkpoints/last.pt", "train_log.csv", "val_log.csv", "plots/training.png", "distill_config.yaml",
+                 "train_summary.json"):
+        assert (out / name).is_file(), name
+    header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "lr", "pairs_per_s", "contrastive_loss", "w_triplet_loss"} <= set(header)
+    assert len((out / "val_log.csv").read_text().splitlines()) == 1 + 4
+    assert result.best_epoch == int(np.argmax([h["rsum"] for h in result.history])) + 1
+
+
+def test_kill_and_resume_ends_with_bitwise_equal_weights(work):
+    """Killed after step 9 (last checkpoint at step 8, mid epoch 2), resumed: the same weights, bit for bit.
+
+    Bitwise, not allclose: every random number is a function of (seed, epoch, step), every state is saved
+    exactly, and the CPU kernels are deterministic for the same shapes, so any difference is a bug. Dropout
+    (BERT's 0.1) and the on-device augmentation are on, so the random streams are exercised too."""
+    root = work[0]
+    cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=4, augment={"enabled": True},
+                   schedule="cosine", warmup_steps=2, grad_accum=2, batch_size=4, grad_clip=1.0)
+    full = run(work, "full", cfg)
+    killed = run(work, "killed", cfg, stop_after_steps=9)
+    assert not killed.completed and killed.global_step == 9
+    resumed = run(work, "killed", replace(cfg, num_workers=2))  # a runtime key may differ
+    assert resumed.completed and resumed.global_step == full.global_step == 12
+    a = torch.load(root / "full/checkpoints/last.pt")
+    b = torch.load(root / "killed/checkpoints/last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert all(torch.equal(v[s], b["optimizer"]["state"][k][s]) for s in v), k
+    assert a["balancer"] == b["balancer"] and a["state"] == b["state"]
+    assert (root / "full/model.safetensors").read_bytes() == (root / "killed/model.safetensors").read_bytes()
+
+    def log(name):  # the training log minus the timing column: same rows, no duplicates of redone steps
+        lines = [ln.split(",") for ln in (root / name / "train_log.csv").read_text().splitlines()]
+        col = lines[0].index("pairs_per_s")
+        return [ln[:col] + ln[col + 1:] for ln in lines]
+
+    assert log("full") == log("killed")
+    assert (root / "full/val_log.csv").read_text() == (root / "killed/val_log.csv").read_text()
+
+
+def test_resume_refuses_another_config_and_no_resume_starts_over(work):
+    root = work[0]
+    cfg = tiny_cfg(root, epochs=1)
+    run(work, "cfg", cfg)
+    with pytest.raises(InputError, match=r"distill\.lr: 0\.001 then, 0\.002 now.*--no-resume"):
+        run(work, "cfg", replace(cfg, lr=2e-3))
+    again = run(work, "cfg", replace(cfg, lr=2e-3), resume=False)
+    assert again.completed and again.global_step == 6
+
+
+def test_baseline_trains_on_pairs_alone(work):
+    root = work[0]
+    result = run(work, "baseline", tiny_cfg(root, epochs=1), baseline=True)
+    header = (root / "baseline/train_log.csv").read_text().splitlines()[0].split(",")
+    assert [c for c in header if c.endswith("_loss") and not c.startswith("w_")] == ["pair_contrastive_loss"]
+    assert result.completed
+
+
+def test_queue_larger_than_the_split_is_refused(work):
+    root = work[0]
+    with pytest.raises(InputError, match="queue_size=100"):
+        run(work, "q", tiny_cfg(root, loss={"queue_size": 100}))
+
+
+# -- the command: refused inputs -----------------------------------------------------------------------------
+def cli(root: Path, *args: str):
+    from stages.cli import app
+
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({"workdir": str(root), "distill": tiny_params(root, epochs=1)}))
+    return CliRunner().invoke(app, ["distill", "--params", str(params), *args])
+
+
+def test_command_trains_and_refuses_mismatched_inputs(tmp_path):
+    root = tmp_path / "w"
+    make_workdir(root)
+    ok = cli(root)
+    assert ok.exit_code == 0, ok.output
+    assert (root / "student/model.safetensors").is_file() and (root / "config/distill.yaml").is_file()
+    base = cli(root, "--baseline", "--set", "distill.epochs=1")
+    assert base.exit_code == 0 and (root / "baseline/model.safetensors").is_file()
+
+    dim = cli(root, "--set", "distill.teacher_dim=8")
+    assert dim.exit_code == 2 and "feature dimension 16, expected 8" in dim.output
+
+    # a store and an image cache computed from another dataset index
+    other = tmp_path / "other"
+    make_workdir(other, seed=1, name="other")
+    shutil.rmtree(root / "features.zarr")
+    shutil.copytree(other / "features.zarr", root / "features.zarr")
+    bad = cli(root)
+    assert bad.exit_code == 2 and "computed from dataset index" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    shutil.rmtree(root / "images.zarr")
+    shutil.copytree(other / "images.zarr", root / "images.zarr")
+    shutil.rmtree(root / "features.zarr")
+    shutil.copytree(other / "features.zarr", root / "features.zarr")
+    shutil.rmtree(root / "index")
+    shutil.copytree(other / "index", root / "index")
+    shutil.rmtree(root / "images.zarr")
+    make_workdir(tmp_path / "third", seed=2, name="third")
+    shutil.copytree(tmp_path / "third" / "images.zarr", root / "images.zarr")
+    bad = cli(root)
+    assert bad.exit_code == 2 and "image cache was made from dataset index" in bad.output
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    import json
+
+    root = tmp_path / "w"
+    make_workdir(root)
+    meta = root / "features.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["complete"] = False
+    meta.write_text(json.dumps(doc))
+    res = cli(root)
+    assert res.exit_code == 2 and "incomplete" in res.output
