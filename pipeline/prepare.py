@@ -109,7 +109,9 @@ class PrepareConfig:
     image: ResizeConfig = field(default_factory=ResizeConfig)
     on_bad_image: Literal["error", "skip"] = "error"
     workers: int | None = None  # decode processes; None = every core this process may use
-    scheduler: str | None = None  # address of a dask.distributed scheduler (shared filesystem); None = local
+    # address of a running dask.distributed scheduler (its workers must see the same files and have kdpipe
+    # installed; `workers` is then ignored); None = a LocalCluster of `workers` processes, started and closed here
+    scheduler: str | None = None
     chunk_images: int = DEFAULT_CHUNK_IMAGES  # images per cache chunk = per decode task
     cluster_min_images: int = 2000  # fewer images than this decode in-process (no LocalCluster start-up)
 
@@ -305,7 +307,7 @@ def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[l
             environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
             environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-                cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                cluster = LocalCluster(n_workers=min(workers, len(tasks)), threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=logging.ERROR)
         try:
             with Client(cluster if cluster is not None else cfg.scheduler) as client:
