@@ -45,9 +45,10 @@ def naive_loop(paths: list[str], resize: int = 256, crop: int = 224) -> tuple[fl
     return len(paths) / (time.perf_counter() - start), len(paths) / (time.thread_time() - cpu)
 
 
-def measure(data_dir: Path, workers: list[int], chunk_images: int = 64, repeat: int = 2) -> dict:
-    """Figures for one dataset directory (Karpathy json + images/); each the best of `repeat` runs, the
-    naive loop run before and after the others (a shared machine's load changes during a run)."""
+def measure(data_dir: Path, workers: list[int], chunk_images: int = 64, repeat: int = 3) -> dict:
+    """Figures for one dataset directory (Karpathy json + images/), each the best of `repeat` runs; the
+    configurations take turns (naive, 1 worker, 2 workers, naive, ...) so that a shared machine's changing
+    load hits them alike."""
     from pipeline.datasets import DatasetConfig
     from pipeline.paths import ArtifactPaths
     from pipeline.prepare import PrepareConfig, run_prepare
@@ -55,28 +56,28 @@ def measure(data_dir: Path, workers: list[int], chunk_images: int = 64, repeat: 
     paths = sorted(str(p) for p in (data_dir / "images").glob("*.jpg"))
     for p in paths:  # warm the page cache: decode speed, not disk speed
         Path(p).read_bytes()
-    results = {"n_images": len(paths), "load_before": os.getloadavg()[0], "prepare": {}}
-    naive = [naive_loop(paths) for _ in range(repeat)]
     dataset = DatasetConfig(name="bench", annotations=data_dir / "dataset_flickr30k.json",
                             image_root=data_dir / "images", restval="train")
-    for n in workers:
-        runs = []
-        for _ in range(repeat):
+    load_before = os.getloadavg()[0]
+    naive, runs = [], {n: [] for n in workers}
+    for _ in range(repeat):
+        naive.append(naive_loop(paths))
+        for n in workers:
             work = Path(tempfile.mkdtemp(prefix=f"prepare_bench_w{n}_"))
             try:
                 cfg = PrepareConfig(dataset=dataset, workers=n, chunk_images=chunk_images, cluster_min_images=0)
-                runs.append(run_prepare(cfg, ArtifactPaths(work), force=True))
+                runs[n].append(run_prepare(cfg, ArtifactPaths(work), force=True))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-        decode_rate = max(s["images_per_second"] for s in runs)
-        results["prepare"][n] = {"decode_images_per_s": decode_rate, "per_core": decode_rate / n,
-                                 "per_cpu_second": max(s["images_per_cpu_second"] for s in runs),
-                                 "end_to_end_images_per_s": len(paths) / min(s["seconds"] for s in runs),
-                                 "seconds": min(s["seconds"] for s in runs)}
-    naive += [naive_loop(paths) for _ in range(repeat)]
-    results["naive_1_process"] = max(r for r, _ in naive)
-    results["naive_per_cpu_second"] = max(c for _, c in naive)
-    results["load_after"] = os.getloadavg()[0]
+    results = {"n_images": len(paths), "load_before": load_before, "load_after": os.getloadavg()[0],
+               "naive_1_process": max(r for r, _ in naive), "naive_per_cpu_second": max(c for _, c in naive),
+               "prepare": {}}
+    for n, rs in runs.items():
+        rate = max(s["images_per_second"] for s in rs)
+        results["prepare"][n] = {"decode_images_per_s": rate, "per_core": rate / n,
+                                 "per_cpu_second": max(s["images_per_cpu_second"] for s in rs),
+                                 "end_to_end_images_per_s": len(paths) / min(s["seconds"] for s in rs),
+                                 "seconds": min(s["seconds"] for s in rs)}
     return results
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-images", type=int, default=600)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--chunk-images", type=int, default=64, help="images per task (per cache chunk)")
-    ap.add_argument("--repeat", type=int, default=2, help="runs per figure (the best is kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per figure (the best is kept)")
     ap.add_argument("--data", type=Path, default=None, help="default bench/data/flickr_like_n<N>/")
     args = ap.parse_args(argv)
 

@@ -78,12 +78,11 @@ def test_apply_overrides_parses_yaml_values_and_nests():
 # -- the command line -------------------------------------------------------------------------------
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A working directory with two real photos, a Karpathy file and params.yaml."""
-    skimage_data = pytest.importorskip("skimage.data")
+    """A working directory with two small images, a Karpathy file and params.yaml."""
     imgs = tmp_path / "data" / "imgs"
     imgs.mkdir(parents=True)
-    Image.fromarray(skimage_data.astronaut()).resize((500, 375)).save(imgs / "a.jpg")
-    Image.fromarray(skimage_data.coffee()).save(imgs / "b.jpg")
+    Image.effect_mandelbrot((500, 375), (-2, -1.2, 1, 1.2), 60).convert("RGB").save(imgs / "a.jpg")
+    Image.merge("RGB", [Image.linear_gradient("L").resize((300, 400))] * 3).save(imgs / "b.jpg")
     images = [{"filename": f, "split": s, "sentences": [{"raw": f"photo {f}"}, {"raw": f"another {f}"}]}
               for f, s in [("a.jpg", "train"), ("b.jpg", "test")]]
     (tmp_path / "data" / "ann.json").write_text(json.dumps({"images": images}))
