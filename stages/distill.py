@@ -19,7 +19,7 @@ from stages._common import PARAMS_OPTION, SET_OPTION, echo, is_main_process, loa
 def command(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
-    workdir: Path = typer.Option(None, "--workdir", help="Work directory (default: workdir in the params file)."),
+    workdir: Path = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir)."),
     baseline: bool = typer.Option(False, "--baseline", help="Train the undistilled baseline (pairs only) into <workdir>/baseline/."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint if its config matches."),
 ) -> None:

@@ -28,6 +28,16 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "
 NOUNS = ("dog", "cat", "car", "house")
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread. With two threads on a busy 2-core machine every small op waits for
+    the other thread to be scheduled (a tiny train step goes from ~30 ms to ~0.5 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # -- a tiny dataset: colored images with a grey square, captions naming both, teacher = class prototypes ----
 def make_workdir(root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed: int = 0,
                  name: str = "tiny") -> DatasetIndex:
@@ -275,6 +285,8 @@ def test_command_trains_and_refuses_mismatched_inputs(tmp_path):
     ok = cli(root)
     assert ok.exit_code == 0, ok.output
     assert (root / "student/model.safetensors").is_file() and (root / "config/distill.yaml").is_file()
+    again = cli(root)  # finished: resumes at the end, trains nothing, keeps the export
+    assert again.exit_code == 0 and "resuming" in again.output and "1 epochs, 6 steps" in again.output
     base = cli(root, "--baseline", "--set", "distill.epochs=1")
     assert base.exit_code == 0 and (root / "baseline/model.safetensors").is_file()
 
