@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-_console = Console(stderr=True)
+_console = Console(stderr=True, soft_wrap=True)  # never wrap a status line inside a path
 
 
 class _RateColumn(ProgressColumn):
