@@ -1,14 +1,59 @@
-"""`kdpipe evaluate`: (being built)."""
+"""`kdpipe evaluate`: exact retrieval metrics of the teacher and the student(s) -> metrics.json and plots/.
+
+    kdpipe evaluate                                  # teacher (feature store) + students on evaluate.split
+    kdpipe evaluate --features STORE [--split test] [--out FILE]   # stored embeddings alone, as `teacher`
+"""
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
-from stages._common import PARAMS_OPTION, SET_OPTION, run_stage
+from pipeline.config import apply_overrides, from_dict
+from pipeline.evaluate import EvaluateConfig, evaluate_features, run_evaluate, write_json
+from stages._common import PARAMS_OPTION, SET_OPTION, echo, load_params, load_stage, run_stage, save_resolved
 
 
 @run_stage
-def command(params: Path = PARAMS_OPTION, set_: list[str] = SET_OPTION) -> None:
-    """(being built)"""
-    raise typer.Exit(1)
+def command(
+    params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
+    workdir: Path = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir)."),
+    features: Path = typer.Option(None, "--features", help="Evaluate this feature store's embeddings alone "
+                                  "(as `teacher`); no model, index or params file needed."),
+    split: str = typer.Option(None, "--split", help="Split to evaluate (default: evaluate.split, i.e. test)."),
+    out: Path = typer.Option(None, "--out", help="Metrics file to write (default: <workdir>/metrics.json; "
+                             "with --features: print the JSON)."),
+) -> None:
+    """Exact R@1/5/10, RSUM and median rank of teacher and student(s); latency, parameters, recall@K plots."""
+    if features is not None:
+        # No params file needed: the default one is read when present (device, backend, tile size), an
+        # explicitly named one must exist.
+        raw = load_params(params) if params.is_file() or params != Path("params.yaml") else {}
+        cfg = from_dict(EvaluateConfig, apply_overrides(raw, list(set_ or [])).get("evaluate"), "evaluate")
+        doc = evaluate_features(features, split or cfg.split, cfg)
+        if out is None:
+            echo(json.dumps(doc, indent=2))
+        else:
+            write_json(doc, out)
+            t = doc["teacher"]
+            echo(f"evaluate: {features} {doc['split']}: {doc['n_images']:,} images / {doc['n_captions']:,} "
+                 f"captions, RSUM {t['rsum']:.2f} (i2t R@1 {t['i2t_r1']:.2f}, t2i R@1 {t['t2i_r1']:.2f}); wrote {out}")
+        return
+    cfg, paths = load_stage(params, "evaluate", EvaluateConfig, set_, workdir)
+    if split:
+        cfg = replace(cfg, split=split)
+
+    def teacher_factory(device, dtype):  # extract.teacher, for the latency comparison only
+        from pipeline.teachers import TeacherConfig, build_teacher
+
+        raw = apply_overrides(load_params(params), list(set_ or []))
+        teacher_cfg = from_dict(TeacherConfig, (raw.get("extract") or {}).get("teacher"), "extract.teacher")
+        return build_teacher(teacher_cfg, device=device, dtype=dtype)
+
+    result = run_evaluate(paths, cfg, teacher_factory=teacher_factory, metrics_path=out)
+    save_resolved(cfg, paths, "evaluate")
+    echo(result.table)
+    echo(result.summary())

@@ -1,0 +1,408 @@
+"""The evaluate stage: exact retrieval metrics of the teacher (from the feature store) and of the students
+(encoded from prepare's image cache and the index's captions) on one split, encode latency and parameter
+counts, written as `metrics.json` (schema: docs/architecture.md, "Metrics file") plus plots.
+
+Teacher and students are ranked over the very same gallery: the store's split, aligned with the dataset
+index through `image_id` (a store written with `extract.on_bad_image: skip` lacks some images; the students
+then skip them too). Metrics: `pipeline.retrieval_metrics` (float32 scores, pessimistic ties).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+
+from pipeline.errors import InputError, KdpipeError
+from pipeline.paths import ArtifactPaths
+from pipeline.progress import info, progress
+from pipeline.retrieval_metrics import (
+    TIE_RULE,
+    RetrievalRanks,
+    recall_curves,
+    recall_metrics,
+    retrieval_ranks,
+)
+
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """params.yaml section `evaluate`."""
+
+    split: str = "test"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # encoding, scoring and latency; auto: cuda when there is one
+    batch_size: int = 128  # student encoding batch (images and captions)
+    backend: Literal["auto", "torch", "faiss"] = "auto"  # exact search; auto = torch (measured faster)
+    chunk_size: int | None = None  # score tile edge; None: 4096 on CPU, 16384 on CUDA
+    # Student directories under the workdir, evaluated next to the teacher: `student` is required, the others
+    # (e.g. distill's undistilled `baseline`) are evaluated when their directory exists.
+    models: tuple[str, ...] = ("student", "baseline")
+    latency: bool = True  # time encoding per image and per caption, teacher and students, on `device`
+    latency_batch_size: int = 32
+    latency_batches: int = 3  # timed batches of latency_batch_size (after one warm-up batch)
+    latency_dtype: Literal["float32", "bfloat16"] = "float32"  # both models in the same precision
+    curve_max_k: int = 50  # recall@K curves for K = 1..curve_max_k
+    write_ranks: bool = True  # per-query ranks in plots/ranks.npz (which queries fail)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "latency_batch_size", "latency_batches", "curve_max_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive (or null for automatic), got {self.chunk_size}")
+        if not self.models or self.models[0] != "student":
+            raise ValueError(f"models must start with 'student' (the required one), got {list(self.models)}")
+        for m in self.models:
+            if m == "teacher" or not m or "/" in m or m.startswith(".") or self.models.count(m) > 1:
+                raise ValueError(f"models: {m!r} is not a usable student directory name (unique, no '/', "
+                                 "not 'teacher')")
+        if self.curve_max_k < 10:
+            raise ValueError(f"curve_max_k must be at least 10 (R@10 is reported), got {self.curve_max_k}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring embeddings
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelResult:
+    name: str
+    ranks: RetrievalRanks
+    metrics: dict[str, float]
+    curves: dict[str, np.ndarray]  # {"i2t": [K], "t2i": [K]} recall@K in percent, K = 1..curve_max_k
+    seconds: dict[str, float] = field(default_factory=dict)  # encode / score wall times
+
+
+def evaluate_embeddings(name: str, image_emb: Any, text_emb: Any, text_image: np.ndarray, cfg: EvaluateConfig,
+                        device: torch.device | None = None) -> ModelResult:
+    """Exact ranks, metrics and recall curves of one model's embeddings (numpy, memory maps or tensors)."""
+    t = time.perf_counter()
+    ranks = retrieval_ranks(image_emb, text_emb, text_image, chunk_size=cfg.chunk_size, backend=cfg.backend,
+                            device=device)
+    _sync(device)
+    seconds = time.perf_counter() - t
+    return ModelResult(name, ranks, recall_metrics(ranks), recall_curves(ranks, cfg.curve_max_k),
+                       {"score_s": round(seconds, 3)})
+
+
+def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -> dict[str, Any]:
+    """`kdpipe evaluate --features STORE`: the stored embeddings alone, under the name `teacher`."""
+    from pipeline.feature_store import open_store
+
+    store = open_store(store_path)
+    s = store.split(split)
+    result = evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, resolve_device(cfg.device))
+    return metrics_document(dataset=_dataset_name(store), split=split, n_images=s.n_images,
+                            n_captions=s.n_captions, models={"teacher": result.metrics},
+                            teacher_name=store.teacher.get("name"), tie_rule=TIE_RULE)
+
+
+def metrics_document(*, dataset: str, split: str, n_images: int, n_captions: int,
+                     models: dict[str, dict[str, float]], **extra: Any) -> dict[str, Any]:
+    """metrics.json: the architecture's keys first (dataset, split, sizes, then one block per model: teacher,
+    student, ...), then extras (teacher_name, latency, params, ...)."""
+    missing = [(m, k) for m, block in models.items() for k in METRIC_KEYS if k not in block]
+    if missing:
+        raise ValueError(f"metrics of {missing[0][0]} lack {missing[0][1]}")
+    return {"dataset": dataset, "split": split, "n_images": int(n_images), "n_captions": int(n_captions),
+            **models, **extra}
+
+
+def write_json(doc: dict[str, Any], path: Path | str) -> Path:
+    """Write JSON atomically (temp file + rename): an interrupted run leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gallery: the store's split, aligned with the dataset index and the image cache
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gallery:
+    """The split as the teacher saw it, and where its images and captions are on the index side."""
+
+    image_rows: np.ndarray | None  # rows of the index split (and image cache split) kept; None: all of them
+    captions: list[str]  # [M] caption texts, in store order
+    text_image: np.ndarray  # [M] int32, the store's text_image
+
+
+def align_gallery(view: Any, store_split: Any, where: str) -> Gallery:
+    """Match the index split `view` (a SplitView) with the store split through image ids; one clear error
+    when they disagree (a store from another index, or rows out of order)."""
+    n, m = store_split.n_images, store_split.n_captions
+    if n == view.n_images and np.array_equal(store_split.image_id, view.image_id):
+        rows = None
+        captions = view.caption_text
+        text_image = view.text_image
+    else:  # the store skipped bad images (extract.on_bad_image: skip): keep the same ones here
+        position = {image_id: i for i, image_id in enumerate(view.image_id.tolist())}
+        rows = np.array([position.get(i, -1) for i in store_split.image_id.tolist()], dtype=np.int64)
+        if (rows < 0).any() or (np.diff(rows) <= 0).any():
+            bad = store_split.image_id[int(np.flatnonzero(rows < 0)[0])] if (rows < 0).any() else None
+            raise InputError(f"{where}: the feature store's images are not a subset of the index split in index "
+                             f"order" + (f" (image {bad!r} is not in the index)" if bad is not None else ""))
+        local = np.full(view.n_images, -1, dtype=np.int64)
+        local[rows] = np.arange(len(rows))
+        keep = np.flatnonzero(local[view.text_image] >= 0)
+        captions = view.caption_text[keep]
+        text_image = local[view.text_image[keep]]
+    if len(captions) != m or not np.array_equal(text_image, store_split.text_image):
+        raise InputError(f"{where}: the feature store's captions ({m}) do not line up with the index's "
+                         f"({len(captions)}) for the same images; rerun `kdpipe extract`")
+    return Gallery(image_rows=rows, captions=list(captions), text_image=np.asarray(store_split.text_image))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Students
+# ---------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def encode_gallery(model: Any, images: np.ndarray, gallery: Gallery, batch_size: int,
+                   label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A student's [N, D] image and [M, D] caption embeddings (fp32, on the model's device).
+
+    images: the split's uint8 cache [N_index, H, W, 3] (a memory map), read batch by batch. Captions are
+    encoded in order of length (less padding per batch) and put back in gallery order."""
+    rows = gallery.image_rows
+    n = images.shape[0] if rows is None else len(rows)
+    dev = model.device
+    img = torch.empty(n, model.dim, device=dev)
+    with progress(f"{label}: encode images", n, "img") as bar:
+        for s in range(0, n, batch_size):
+            e = min(s + batch_size, n)
+            batch = np.array(images[s:e] if rows is None else images[rows[s:e]])  # copy out of the map
+            img[s:e] = model.encode_images(torch.from_numpy(batch)).float()
+            bar.advance(e - s)
+    m = len(gallery.captions)
+    order = np.argsort([len(c) for c in gallery.captions], kind="stable")
+    txt = torch.empty(m, model.dim, device=dev)
+    with progress(f"{label}: encode captions", m, "cap") as bar:
+        for s in range(0, m, batch_size):
+            idx = order[s:s + batch_size]
+            txt[torch.from_numpy(idx).to(dev)] = model.encode_texts([gallery.captions[i] for i in idx]).float()
+            bar.advance(len(idx))
+    return img, txt
+
+
+def count_parameters(obj: Any) -> int | None:
+    """Parameters of a module, or of every module held by an object (a Teacher); None when it holds none."""
+    modules = [obj] if isinstance(obj, torch.nn.Module) else [
+        v for v in vars(obj).values() if isinstance(v, torch.nn.Module)]
+    seen: dict[int, int] = {}
+    for mod in modules:
+        for p in mod.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values()) if seen else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Latency
+# ---------------------------------------------------------------------------------------------------------
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_item(fn: Callable[[Any], Any], batches: list[Any], device: torch.device) -> float:
+    """Wall time per item of fn over batches[1:], after batches[0] as warm-up (synchronized on CUDA)."""
+    fn(batches[0])
+    _sync(device)
+    items, t = 0, time.perf_counter()
+    for b in batches[1:]:
+        fn(b)
+        items += len(b)
+    _sync(device)
+    return (time.perf_counter() - t) / max(items, 1)
+
+
+def _autocast(device: torch.device, dtype_name: str):
+    if dtype_name == "float32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.inference_mode()
+def student_latency(model: Any, images: np.ndarray, captions: list[str], cfg: EvaluateConfig) -> dict[str, float]:
+    """Seconds per image and per caption: images from the uint8 cache already on the device (the model's
+    resize + normalization included), captions as strings (tokenization included)."""
+    dev = model.device
+    img_batches, txt_batches = _latency_batches(images, captions, cfg)
+    img_batches = [torch.from_numpy(b).to(dev) for b in img_batches]
+    with _autocast(dev, cfg.latency_dtype):
+        return {"image_s": seconds_per_item(model.encode_images, img_batches, dev),
+                "caption_s": seconds_per_item(model.encode_texts, txt_batches, dev)}
+
+
+@torch.inference_mode()
+def teacher_latency(teacher: Any, images: np.ndarray, captions: list[str], cfg: EvaluateConfig) -> dict[str, float]:
+    """Same measurement for the teacher: its own preprocessing of the same images happens before timing (the
+    student's resize + normalization is inside its timing, the teacher's is not: a bias in the teacher's favour);
+    its tokenization is timed, as the student's."""
+    from PIL import Image
+
+    dev = teacher.device
+    img_batches, txt_batches = _latency_batches(images, captions, cfg)
+    pixels = [torch.stack([teacher.preprocess_image(Image.fromarray(x)) for x in b]).to(dev) for b in img_batches]
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        return teacher.encode_text_batch({k: v.to(dev) for k, v in teacher.tokenize(texts).items()})
+
+    return {"image_s": seconds_per_item(teacher.encode_image_batch, pixels, dev),
+            "caption_s": seconds_per_item(encode_texts, txt_batches, dev)}
+
+
+def _latency_batches(images: np.ndarray, captions: list[str], cfg: EvaluateConfig) -> tuple[list, list]:
+    """latency_batches + 1 batches of latency_batch_size (cycling through the split if it is small)."""
+    b, k = cfg.latency_batch_size, cfg.latency_batches + 1
+    n_img = min(len(images), b * k)
+    img_rows = np.arange(b * k) % n_img
+    img = np.array(images[:n_img])
+    cap_rows = np.arange(b * k) % len(captions)
+    return ([img[img_rows[i * b:(i + 1) * b]] for i in range(k)],
+            [[captions[j] for j in cap_rows[i * b:(i + 1) * b]] for i in range(k)])
+
+
+def same_teacher(identity: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Whether a built teacher is the one that computed the store (its compute dtype aside)."""
+    drop = ("dtype",)
+    return {k: v for k, v in identity.items() if k not in drop} == {k: v for k, v in stored.items() if k not in drop}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class EvaluateOutput:
+    document: dict[str, Any]
+    results: dict[str, ModelResult]
+    metrics_path: Path
+    plots_dir: Path
+    table: str  # the Markdown table (also in plots/metrics.md)
+    seconds: float
+
+    def summary(self) -> str:
+        names = ", ".join(f"{k} RSUM {r.metrics['rsum']:.1f}" for k, r in self.results.items())
+        return (f"evaluate: {self.document['split']} split, {self.document['n_images']:,} images / "
+                f"{self.document['n_captions']:,} captions: {names}; wrote {self.metrics_path} and "
+                f"{self.plots_dir}/ in {self.seconds:.1f} s")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError("evaluate.device=cuda but no CUDA GPU is available here; set evaluate.device to cpu or auto")
+    return torch.device("cuda")
+
+
+def run_evaluate(paths: ArtifactPaths, cfg: EvaluateConfig, *,
+                 teacher_factory: Callable[[torch.device, torch.dtype], Any] | None = None,
+                 metrics_path: Path | None = None) -> EvaluateOutput:
+    """Evaluate the teacher (feature store) and the students on `cfg.split`; write metrics.json and plots/.
+
+    teacher_factory(device, dtype) builds the teacher model for the latency comparison (None, or a failure to
+    build it: the teacher's latency is recorded as null with the reason)."""
+    from pipeline.dataset_index import DatasetIndex
+    from pipeline.evaluate_plots import markdown_table, write_plots
+    from pipeline.feature_store import open_store
+    from pipeline.image_cache import open_image_cache
+    from pipeline.student import load_student
+
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    index = DatasetIndex.load(paths.index_dir)
+    store = open_store(paths.features, expect_fingerprint=index.fingerprint)
+    s = store.split(cfg.split)
+    view = index.split(cfg.split)
+    gallery = align_gallery(view, s, str(paths.features))
+    student_dirs = {m: paths.workdir / m for m in cfg.models}
+    for m, d in list(student_dirs.items()):
+        if m != "student" and not (d / "student_config.json").is_file():
+            info(f"evaluate: no {m} in {d}; not evaluated")
+            del student_dirs[m]
+    images = open_image_cache(paths.images, expect_fingerprint=index.fingerprint).split(cfg.split)
+
+    results: dict[str, ModelResult] = {}
+    results["teacher"] = evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, device)
+    students = {}
+    for m, d in student_dirs.items():
+        model = load_student(d, device)
+        students[m] = model
+        t = time.perf_counter()
+        img, txt = encode_gallery(model, images, gallery, cfg.batch_size, m)
+        _sync(device)
+        encode_s = time.perf_counter() - t
+        results[m] = evaluate_embeddings(m, img, txt, gallery.text_image, cfg, device)
+        results[m].seconds["encode_s"] = round(encode_s, 3)
+        del img, txt
+
+    params = {"teacher": None, **{m: count_parameters(model) for m, model in students.items()}}
+    latency = _measure_latency(cfg, device, students, images, gallery, store.teacher, teacher_factory, params)
+    doc = metrics_document(
+        dataset=_dataset_name(store, index.name), split=cfg.split, n_images=s.n_images, n_captions=s.n_captions,
+        models={k: r.metrics for k, r in results.items()}, teacher_name=store.teacher.get("name"),
+        tie_rule=TIE_RULE, params=params, latency=latency,
+        timing_s={k: r.seconds for k, r in results.items()})
+    table = markdown_table(doc)
+    metrics_path = write_json(doc, metrics_path or paths.metrics)
+    write_plots(paths.plots, results, doc, table, image_id=s.image_id if cfg.write_ranks else None,
+                text_image=gallery.text_image)
+    return EvaluateOutput(doc, results, metrics_path, paths.plots, table, time.perf_counter() - start)
+
+
+def _measure_latency(cfg: EvaluateConfig, device: torch.device, students: dict[str, Any], images: np.ndarray,
+                     gallery: Gallery, stored_teacher: dict[str, Any], teacher_factory: Any,
+                     params: dict[str, int | None]) -> dict[str, Any] | None:
+    if not cfg.latency:
+        return None
+    split_images = images if gallery.image_rows is None else images[gallery.image_rows[: cfg.latency_batch_size]]
+    out: dict[str, Any] = {"device": str(device), "dtype": cfg.latency_dtype, "batch_size": cfg.latency_batch_size,
+                           "timed_batches": cfg.latency_batches,
+                           "measures": "seconds per item = batch time / batch size, after one warm-up batch; "
+                                       "images: uint8 cache rows on the device (student: resize + normalize "
+                                       "included; teacher: its preprocessing done before timing); captions: "
+                                       "strings, tokenization included"}
+    teacher, reason = None, None
+    if teacher_factory is None:
+        reason = "no teacher model (evaluated from the feature store only)"
+    else:
+        try:
+            dtype = torch.float32 if cfg.latency_dtype == "float32" else torch.bfloat16
+            teacher = teacher_factory(device, dtype)
+        except (KdpipeError, OSError, ImportError) as err:
+            reason = f"teacher model not available: {err}"
+        else:
+            if stored_teacher and not same_teacher(teacher.identity(), stored_teacher):
+                reason = (f"the configured teacher ({teacher.name}) is not the one that computed the feature store "
+                          f"({stored_teacher.get('name')})")
+                teacher = None
+    if teacher is not None:
+        out["teacher"] = teacher_latency(teacher, split_images, gallery.captions, cfg)
+        params["teacher"] = count_parameters(teacher)
+        del teacher
+    else:
+        out["teacher"] = None
+        out["teacher_reason"] = reason
+    for m, model in students.items():
+        out[m] = student_latency(model, split_images, gallery.captions, cfg)
+    if out["teacher"] is not None and "student" in out:
+        out["speedup"] = {k: out["teacher"][k] / out["student"][k] for k in ("image_s", "caption_s")}
+    return out
+
+
+def _dataset_name(store: Any, fallback: str | None = None) -> str:
+    return str(store.dataset.get("name") or fallback or Path(store.path).parent.name)
+
+
+__all__ = ["EvaluateConfig", "ModelResult", "Gallery", "EvaluateOutput", "METRIC_KEYS", "evaluate_embeddings",
+           "evaluate_features", "metrics_document", "align_gallery", "encode_gallery", "count_parameters",
+           "student_latency", "teacher_latency", "run_evaluate", "write_json", "resolve_device"]

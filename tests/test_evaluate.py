@@ -1,0 +1,328 @@
+"""The evaluate stage: `--features` writes the architecture's schema, bad stores end in one line and exit 2,
+and the full stage ranks teacher and student over the same gallery (skipped images included) with the same
+numbers as the metrics module, plus latency, parameters and plots."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.dataset_index import DatasetIndex
+from pipeline.errors import ConfigError, InputError
+from pipeline.evaluate import (
+    METRIC_KEYS,
+    EvaluateConfig,
+    align_gallery,
+    count_parameters,
+    encode_gallery,
+    run_evaluate,
+)
+from pipeline.feature_store import StoreWriter, open_store, write_store
+from pipeline.image_cache import write_image_cache
+from pipeline.paths import ArtifactPaths
+from pipeline.retrieval_metrics import recall_metrics, retrieval_ranks
+from stages.cli import app
+from extract_helpers import TinyTeacher
+
+MODEL_KEYS = [*METRIC_KEYS, "i2t_meanr", "t2i_meanr"]
+D = 16
+WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()
+
+
+def store_splits(rng: np.random.Generator, sizes: dict[str, int]) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for name, n in sizes.items():
+        ti = np.repeat(np.arange(n), rng.choice([1, 5, 7], size=n)).astype(np.int32)
+        img = rng.standard_normal((n, D)).astype(np.float32)
+        out[name] = {"image_emb": img, "text_emb": img[ti] + 0.8 * rng.standard_normal((len(ti), D)),
+                     "text_image": ti, "image_id": [f"{name}_{i}.jpg" for i in range(n)]}
+    return out
+
+
+@pytest.fixture()
+def store(tmp_path) -> tuple[Path, dict]:
+    splits = store_splits(np.random.default_rng(0), {"train": 20, "test": 13})
+    path = tmp_path / "features.zarr"
+    write_store(path, splits, teacher={"name": "tiny"}, dataset={"name": "toy", "fingerprint": "f" * 64})
+    return path, splits
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+# -- kdpipe evaluate --features ---------------------------------------------------------------------------
+def test_features_cli_writes_the_schema_exactly(store, tmp_path, monkeypatch):
+    path, _ = store
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: none is needed
+    out = tmp_path / "m.json"
+    r = run_cli("--features", str(path), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert list(doc)[:5] == ["dataset", "split", "n_images", "n_captions", "teacher"]
+    assert set(doc) <= {"dataset", "split", "n_images", "n_captions", "teacher", "teacher_name", "tie_rule"}
+    assert list(doc["teacher"]) == MODEL_KEYS
+    s = open_store(path).split("test")
+    assert (doc["dataset"], doc["split"], doc["n_images"], doc["n_captions"]) == ("toy", "test", 13, s.n_captions)
+    want = recall_metrics(retrieval_ranks(s.image_emb, s.text_emb, s.text_image))
+    assert doc["teacher"] == pytest.approx(want, abs=0)
+    assert all(0 <= doc["teacher"][f"{d}_r{k}"] <= 100 for d in ("i2t", "t2i") for k in (1, 5, 10))
+    assert doc["teacher"]["rsum"] == pytest.approx(sum(doc["teacher"][k] for k in METRIC_KEYS[:6]))
+    assert "RSUM" in r.output and str(out) in r.output
+
+    r = run_cli("--features", str(path), "--split", "train", "--set", "evaluate.backend=faiss")  # JSON to stdout
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["split"] == "train" and doc["n_images"] == 20
+
+
+def test_features_cli_bad_stores_exit_2_with_one_line(store, tmp_path, monkeypatch):
+    path, splits = store
+    monkeypatch.chdir(tmp_path)
+    assert "no split 'val'" in one_error_line(run_cli("--features", str(path), "--split", "val"))
+    assert "not a feature store" in one_error_line(run_cli("--features", str(tmp_path)))
+    assert "directory not found" in one_error_line(run_cli("--features", str(tmp_path / "nope")))
+    StoreWriter(path).set_attrs(complete=False)
+    assert "incomplete" in one_error_line(run_cli("--features", str(path)))
+    StoreWriter(path).set_attrs(complete=True)
+    import zarr
+    ti = zarr.open_array(str(path / "test" / "text_image"), mode="r+")
+    ti[3] = 13  # one past the last image
+    assert "points outside" in one_error_line(run_cli("--features", str(path)))
+    ti[3] = 12
+    ti[:] = np.minimum(ti[:], 11)  # image 12 keeps no caption
+    assert "has no caption" in one_error_line(run_cli("--features", str(path)))
+    assert "evaluate.backend" in one_error_line(run_cli("--features", str(path), "--set", "evaluate.backend=annoy"))
+
+
+# -- the full stage ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from transformers import BertTokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(vocab=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "tok")
+    return root / "tok"
+
+
+def save_tiny_student(directory: Path, tokenizer_dir: Path, seed: int) -> None:
+    from pipeline.student import StudentConfig, build_student, save_student
+    from pipeline.towers.image import ImageTowerConfig
+    from pipeline.towers.text import TextTowerConfig
+
+    torch.manual_seed(seed)
+    cfg = StudentConfig(
+        image=ImageTowerConfig(image_size=16, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                               intermediate_size=64),
+        text=TextTowerConfig(tokenizer=tokenizer_dir, hidden_size=32, num_layers=1, num_heads=2,
+                             intermediate_size=64, max_position_embeddings=32, max_tokens=12))
+    save_student(build_student(cfg, D), directory)
+
+
+class ModuleTeacher(TinyTeacher):
+    """TinyTeacher holding its weights in an nn.Module (so that its parameters can be counted)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(dim=D, **kw)
+        self.model = torch.nn.Linear(48, D, bias=False)
+        with torch.no_grad():
+            self.model.weight.copy_(self.image_proj.T)
+
+
+@pytest.fixture()
+def workdir(tmp_path, tokenizer_dir) -> ArtifactPaths:
+    """index (train 6 + test 11 images, 1-7 captions each), image cache, a TinyTeacher store, two students."""
+    rng = np.random.default_rng(1)
+    images, captions = [], []
+    for split, n in (("train", 6), ("test", 11)):
+        for i in range(n):
+            row = len(images)
+            images.append((f"{split}{i}.jpg", f"{split}{i}.jpg", split))
+            for _ in range(int(rng.choice([1, 3, 7]))):
+                captions.append((" ".join(rng.choice(WORDS, size=int(rng.integers(2, 8)))), row))
+    index = DatasetIndex.from_lists("toy", tmp_path / "data", images, captions)
+    paths = ArtifactPaths(tmp_path / "work")
+    index.save(paths.index_dir)
+    pixels = {s: rng.integers(0, 256, (index.split(s).n_images, 16, 16, 3), dtype=np.uint8) for s in index.splits}
+    write_image_cache(paths.images, pixels, fingerprint=index.fingerprint)
+    teacher = TinyTeacher(dim=D)
+    from PIL import Image
+    splits = {}
+    for s in index.splits:
+        v = index.split(s)
+        splits[s] = {"image_emb": teacher.encode_images([Image.fromarray(x) for x in pixels[s]]).numpy(),
+                     "text_emb": teacher.encode_texts(list(v.caption_text)).numpy(),
+                     "text_image": v.text_image, "image_id": list(v.image_id)}
+    write_store(paths.features, splits, teacher=teacher.identity(),
+                dataset={"name": "toy", "fingerprint": index.fingerprint})
+    save_tiny_student(paths.workdir / "student", tokenizer_dir, seed=0)
+    save_tiny_student(paths.workdir / "baseline", tokenizer_dir, seed=1)
+    return paths
+
+
+def expected_student_metrics(paths: ArtifactPaths, name: str, rows: np.ndarray | None = None) -> dict:
+    """The student's metrics computed by hand: its own encoders, then the metrics module."""
+    from pipeline.image_cache import open_image_cache
+    from pipeline.student import load_student
+
+    model = load_student(paths.workdir / name)
+    s = open_store(paths.features).split("test")
+    v = DatasetIndex.load(paths.index_dir).split("test")
+    imgs = open_image_cache(paths.images).split("test")
+    imgs = np.array(imgs if rows is None else imgs[rows])
+    keep = np.isin(v.caption_rows, v.caption_rows) if rows is None else np.isin(v.text_image, rows)
+    with torch.inference_mode():
+        img = model.encode_images(torch.from_numpy(imgs))
+        txt = model.encode_texts(list(v.caption_text[keep]))
+    return recall_metrics(retrieval_ranks(img, txt, s.text_image))
+
+
+def test_run_evaluate_teacher_and_students(workdir):
+    paths = workdir
+    cfg = EvaluateConfig(device="cpu", batch_size=4, latency_batch_size=4, latency_batches=2, chunk_size=5)
+    out = run_evaluate(paths, cfg, teacher_factory=lambda device, dtype: ModuleTeacher())
+    doc = json.loads(paths.metrics.read_text())
+    assert list(doc)[:7] == ["dataset", "split", "n_images", "n_captions", "teacher", "student", "baseline"]
+    s = open_store(paths.features).split("test")
+    assert (doc["dataset"], doc["split"], doc["n_images"], doc["n_captions"]) == ("toy", "test", 11, s.n_captions)
+    for m in ("teacher", "student", "baseline"):
+        assert list(doc[m]) == MODEL_KEYS
+    assert doc["teacher"] == recall_metrics(retrieval_ranks(s.image_emb, s.text_emb, s.text_image))
+    for m in ("student", "baseline"):
+        assert doc[m] == pytest.approx(expected_student_metrics(paths, m), abs=1e-9)
+    assert doc["student"] != doc["baseline"]  # two different models
+    # latency and parameters, same device for all
+    lat = doc["latency"]
+    assert lat["device"] == "cpu" and lat["teacher"] is not None and "teacher_reason" not in lat
+    for m in ("teacher", "student", "baseline"):
+        assert lat[m]["image_s"] > 0 and lat[m]["caption_s"] > 0
+    assert lat["speedup"]["image_s"] == pytest.approx(lat["teacher"]["image_s"] / lat["student"]["image_s"])
+    from pipeline.student import load_student
+    assert doc["params"] == {"teacher": 48 * D, "student": count_parameters(load_student(paths.workdir / "student")),
+                             "baseline": count_parameters(load_student(paths.workdir / "baseline"))}
+    assert doc["teacher_name"] == "tiny" and doc["tie_rule"] == "pessimistic"
+    # plots
+    names = sorted(p.name for p in paths.plots.iterdir())
+    assert names == ["metrics.md", "ranks.npz", "recall_at_k.png", "recall_i2t.csv", "recall_t2i.csv"]
+    rows = (paths.plots / "recall_t2i.csv").read_text().splitlines()
+    assert rows[0] == "k,teacher,student,baseline" and len(rows) == 51 and rows[10].startswith("10,")
+    assert float(rows[10].split(",")[1]) == pytest.approx(doc["teacher"]["t2i_r10"], abs=1e-4)
+    ranks = np.load(paths.plots / "ranks.npz")
+    assert ranks["student_i2t"].shape == (11,) and ranks["teacher_t2i"].shape == (s.n_captions,)
+    assert list(ranks["image_id"]) == list(s.image_id)
+    table = (paths.plots / "metrics.md").read_text()
+    assert table == out.table and "| teacher |" in table and "| student |" in table
+    ratio = 100 * doc["student"]["rsum"] / doc["teacher"]["rsum"]
+    assert f"{ratio:.1f}%" in table and "speed-up" in table
+    assert "RSUM" in out.summary()
+
+
+def test_teacher_latency_is_null_with_a_reason(workdir):
+    paths = workdir
+    cfg = EvaluateConfig(device="cpu", batch_size=4, latency_batch_size=4, latency_batches=1, models=("student",))
+
+    def unavailable(device, dtype):
+        raise InputError("extract.teacher.beit3.checkpoint: not set")
+
+    doc = run_evaluate(paths, cfg, teacher_factory=unavailable).document
+    assert "baseline" not in doc and doc["latency"]["teacher"] is None
+    assert "not available: extract.teacher.beit3.checkpoint" in doc["latency"]["teacher_reason"]
+    assert doc["params"]["teacher"] is None and doc["latency"]["student"]["image_s"] > 0
+    other = run_evaluate(paths, cfg, teacher_factory=lambda d, t: ModuleTeacher(seed=5)).document
+    assert other["latency"]["teacher"] is None and "not the one that computed" in other["latency"]["teacher_reason"]
+    none = run_evaluate(paths, replace(cfg, latency=False), teacher_factory=None).document
+    assert none["latency"] is None
+
+
+def test_students_skip_the_images_the_store_skipped(workdir):
+    """A store written with on_bad_image=skip lacks images 2 and 7 of the split (and their captions): the
+    students are ranked over the same 9 images."""
+    paths = workdir
+    s = open_store(paths.features).split("test")
+    keep = np.array([i for i in range(11) if i not in (2, 7)])
+    kept_caps = np.flatnonzero(np.isin(s.text_image, keep))
+    remap = np.full(11, -1)
+    remap[keep] = np.arange(len(keep))
+    index = DatasetIndex.load(paths.index_dir)
+    train = open_store(paths.features).split("train")
+    write_store(paths.features, {
+        "train": {"image_emb": np.array(train.image_emb), "text_emb": np.array(train.text_emb),
+                  "text_image": train.text_image, "image_id": list(train.image_id)},
+        "test": {"image_emb": np.array(s.image_emb)[keep], "text_emb": np.array(s.text_emb)[kept_caps],
+                 "text_image": remap[s.text_image[kept_caps]].astype(np.int32), "image_id": list(s.image_id[keep])}},
+        teacher=TinyTeacher(dim=D).identity(), dataset={"name": "toy", "fingerprint": index.fingerprint})
+    doc = run_evaluate(paths, EvaluateConfig(device="cpu", batch_size=4, latency=False, models=("student",))).document
+    assert doc["n_images"] == 9 and doc["n_captions"] == len(kept_caps)
+    assert doc["student"] == pytest.approx(expected_student_metrics(paths, "student", rows=keep), abs=1e-9)
+
+
+def test_align_gallery_refuses_a_store_from_other_rows(workdir):
+    paths = workdir
+    v = DatasetIndex.load(paths.index_dir).split("test")
+    s = open_store(paths.features).split("test")
+    shuffled = replace(s, image_id=s.image_id[::-1].copy())
+    with pytest.raises(InputError, match="not a subset of the index split in index order"):
+        align_gallery(v, shuffled, "store")
+    fewer = replace(s, text_emb=s.text_emb[:-1], text_image=s.text_image[:-1])
+    with pytest.raises(InputError, match="do not line up"):
+        align_gallery(v, fewer, "store")
+
+
+def test_encode_gallery_keeps_caption_order(workdir):
+    """Captions are encoded in length order; each embedding must land on its own row."""
+    from pipeline.image_cache import open_image_cache
+    from pipeline.student import load_student
+
+    paths = workdir
+    model = load_student(paths.workdir / "student")
+    v = DatasetIndex.load(paths.index_dir).split("test")
+    g = align_gallery(v, open_store(paths.features).split("test"), "store")
+    _, txt = encode_gallery(model, open_image_cache(paths.images).split("test"), g, 3, "student")
+    with torch.inference_mode():
+        for j in (0, 5, len(g.captions) - 1):
+            torch.testing.assert_close(txt[j], model.encode_texts([g.captions[j]])[0], atol=1e-5, rtol=0)
+
+
+def test_stage_cli_full_run(workdir, tmp_path):
+    paths = workdir
+    params = tmp_path / "params.yaml"
+    section = {"device": "cpu", "batch_size": 4, "latency_batch_size": 4, "latency_batches": 1}
+    params.write_text(yaml.safe_dump({"workdir": str(paths.workdir), "evaluate": section,
+                                      "extract": {"teacher": {"kind": "beit3"}}}))
+    r = CliRunner().invoke(app, ["evaluate", "--params", str(params)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(paths.metrics.read_text())
+    assert set(doc) >= {"teacher", "student", "baseline", "latency", "params"}
+    assert doc["latency"]["teacher"] is None and "teacher_reason" in doc["latency"]  # no BEiT-3 checkpoint here
+    assert "| student |" in r.stdout and "evaluate: test split" in r.stdout
+    assert (paths.workdir / "config" / "evaluate.yaml").is_file()
+    r = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--set", "evaluate.models=[baseline]"])
+    assert "evaluate: models must start with 'student'" in one_error_line(r)
+    (paths.workdir / "student" / "student_config.json").unlink()
+    assert "no student here" in one_error_line(CliRunner().invoke(app, ["evaluate", "--params", str(params)]))
+
+
+def test_config_rejects_bad_values():
+    from pipeline.config import from_dict
+
+    with pytest.raises(ConfigError, match="evaluate.chunk_size"):
+        from_dict(EvaluateConfig, {"chunk_size": "big"}, "evaluate")
+    with pytest.raises(ConfigError, match="curve_max_k must be at least 10"):
+        from_dict(EvaluateConfig, {"curve_max_k": 5}, "evaluate")
+    with pytest.raises(ConfigError, match="'teacher' is not a usable"):
+        from_dict(EvaluateConfig, {"models": ["student", "teacher"]}, "evaluate")
