@@ -9,7 +9,6 @@ then skip them too). Metrics: `pipeline.retrieval_metrics` (float32 scores, pess
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,11 +115,10 @@ def metrics_document(*, dataset: str, split: str, n_images: int, n_captions: int
 
 def write_json(doc: dict[str, Any], path: Path | str) -> Path:
     """Write JSON atomically (temp file + rename): an interrupted run leaves the previous file intact."""
+    from pipeline.feature_store import write_file_durably
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode())
     return path
 
 
