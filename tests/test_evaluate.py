@@ -326,3 +326,20 @@ def test_config_rejects_bad_values():
         from_dict(EvaluateConfig, {"curve_max_k": 5}, "evaluate")
     with pytest.raises(ConfigError, match="'teacher' is not a usable"):
         from_dict(EvaluateConfig, {"models": ["student", "teacher"]}, "evaluate")
+
+
+def test_teacher_agreement_is_the_mean_cosine():
+    from pipeline.evaluate import teacher_agreement
+
+    rng = np.random.default_rng(0)
+    t_img = rng.standard_normal((4, 8)).astype(np.float32)
+    t_img /= np.linalg.norm(t_img, axis=1, keepdims=True)
+    t_txt = rng.standard_normal((6, 8)).astype(np.float32)
+    t_txt /= np.linalg.norm(t_txt, axis=1, keepdims=True)
+    same = teacher_agreement(torch.from_numpy(t_img), torch.from_numpy(t_txt), t_img.astype(np.float16), t_txt)
+    assert same["teacher_cos_image"] == pytest.approx(1.0, abs=1e-3)
+    assert same["teacher_cos_text"] == pytest.approx(1.0, abs=1e-4)
+    flipped = teacher_agreement(-torch.from_numpy(t_img), torch.from_numpy(t_txt[::-1].copy()), t_img, t_txt)
+    assert flipped["teacher_cos_image"] == pytest.approx(-1.0, abs=1e-4)
+    naive = float(np.mean([t_txt[5 - i] @ t_txt[i] for i in range(6)]))
+    assert flipped["teacher_cos_text"] == pytest.approx(naive, abs=1e-4)
