@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import demo_data, distill, evaluate, extract, prepare
+from stages import demo_data, distill, evaluate, extract, features, prepare
 
 app = typer.Typer(
     name="kdpipe",
@@ -17,6 +17,9 @@ app.command("extract")(extract.command)
 app.command("distill")(distill.command)
 app.command("evaluate")(evaluate.command)
 app.command("demo-data")(demo_data.command)
+app.command("export-hdf5")(features.export_hdf5)
+app.command("import-hdf5")(features.import_hdf5)
+app.command("import-dsmd")(features.import_dsmd)
 
 
 def main() -> None:
