@@ -1,0 +1,74 @@
+"""dvc.yaml lists exactly the code each stage runs, so that editing a loss never invalidates extraction.
+
+The import closure of each stage's command module is computed statically (every `import pipeline...` /
+`from pipeline... import` / `from stages... import`, at any depth, including imports inside functions)
+and must equal the code deps of the stage in dvc.yaml.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN_PACKAGES = ("pipeline", "stages")
+
+
+def module_file(name: str) -> Path | None:
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+    return {n for n in names if n.split(".")[0] in OWN_PACKAGES}
+
+
+def import_closure(start: str) -> set[Path]:
+    seen: set[Path] = set()
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py too
+        for i in range(1, len(parts) + 1):
+            f = module_file(".".join(parts[:i]))
+            if f is not None and f not in seen:
+                seen.add(f)
+                todo.extend(imported_modules(f))
+    return {p.relative_to(ROOT) for p in seen}
+
+
+def stage_code_deps(stage: dict) -> set[Path]:
+    deps = {Path(d) for d in stage.get("deps", [])}
+    return {d for d in deps if d.parts[0] in OWN_PACKAGES}
+
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+COMMAND_MODULE = {"demo_data": "stages.demo_data", "prepare": "stages.prepare", "extract": "stages.extract",
+                  "distill": "stages.distill", "distill_baseline": "stages.distill", "evaluate": "stages.evaluate"}
+
+
+@pytest.mark.parametrize("stage", sorted(DVC["stages"]))
+def test_stage_deps_are_its_import_closure(stage):
+    expected = import_closure(COMMAND_MODULE[stage]) - {Path("stages/__init__.py")}
+    listed = stage_code_deps(DVC["stages"][stage])
+    assert sorted(map(str, expected - listed)) == [], "code the stage runs but dvc.yaml does not list"
+    assert sorted(map(str, listed - expected)) == [], "code dvc.yaml lists but the stage never imports"
+
+
+def test_extract_does_not_depend_on_training_code():
+    deps = {str(d) for d in stage_code_deps(DVC["stages"]["extract"])}
+    assert not any(d.startswith(("pipeline/losses", "pipeline/train", "pipeline/student", "pipeline/balancer"))
+                   for d in deps)

@@ -1,0 +1,26 @@
+"""Every shipped params file (the demo's params.yaml and configs/*.yaml) parses into the stage configs."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import from_dict
+from pipeline.evaluate import EvaluateConfig
+from pipeline.extract import ExtractConfig
+from pipeline.prepare import PrepareConfig
+from pipeline.train import DistillConfig
+from stages._common import TOP_LEVEL_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"prepare": PrepareConfig, "extract": ExtractConfig, "distill": DistillConfig, "evaluate": EvaluateConfig}
+FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_params_file_parses(path):
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) <= set(TOP_LEVEL_KEYS)
+    assert set(SECTIONS) | {"workdir"} == set(TOP_LEVEL_KEYS)
+    for section, cls in SECTIONS.items():
+        assert section in raw, f"{path.name} has no {section} section"
+        from_dict(cls, raw[section], section)
