@@ -229,3 +229,28 @@ def test_timm_backend_without_timm_is_one_clear_error(tokenizer_dir):
     with pytest.raises(InputError, match="timm") as err:
         build_student(cfg, DIM)
     assert "\n" not in str(err.value)
+
+
+def test_pretrained_tower_with_missing_weights_is_refused(tmp_path):
+    """A local BERT dir whose weights lack a layer must fail by name, not start that layer at random."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    from pipeline.errors import InputError
+    from pipeline.towers import load_pretrained_strict
+
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    BertModel(cfg, add_pooling_layer=True).save_pretrained(tmp_path)
+    # the pooler may be left out when the tower does not use it ...
+    model = load_pretrained_strict(BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False,
+                                   ignorable_prefixes=("pooler.",))
+    assert model.pooler is None
+    # ... but not when it does, and nothing else may be missing
+    with pytest.raises(InputError, match="unexpected weights pooler"):
+        load_pretrained_strict(BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".layer.1." not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"distill.student.text.path: .* missing weights encoder.layer.1"):
+        load_pretrained_strict(BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False,
+                               ignorable_prefixes=("pooler.",))

@@ -27,3 +27,33 @@ def require_dir(path: Path | str, key: str, what: str) -> Path:
     if what.startswith("a local Hugging Face model") and not (p / "config.json").is_file():
         raise InputError(f"{key}: {p} has no config.json; expected {what}")
     return p
+
+
+def load_pretrained_strict(model_cls, path: Path, key: str, *, ignorable_prefixes: tuple[str, ...] = (), **kwargs):
+    """`model_cls.from_pretrained(path)` that refuses missing, unexpected or mismatched weights by name.
+
+    transformers only warns about them (and prints a load report and a progress bar for every tower); a
+    student that silently starts half of its tower from random weights is worse than an error. Keys under
+    `ignorable_prefixes` (e.g. the "pooler." of a checkpoint whose pooler the tower does not build) are the
+    one deliberate exception."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = model_cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    problems = {
+        "missing": sorted(info.get("missing_keys", ())),
+        "unexpected": sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(ignorable_prefixes)),
+        "shape-mismatched": sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                   for k in info.get("mismatched_keys", ())),
+    }
+    for kind, keys in problems.items():
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise InputError(f"{key}: {path} does not match the tower: {kind} weights {', '.join(keys[:3])}{more}")
+    return model

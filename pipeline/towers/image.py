@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.towers import offline_hub, require_dir
+from pipeline.towers import load_pretrained_strict, offline_hub, require_dir
 
 # The ImageNet-21k ViTs (google/vit-*-in21k) were trained with mean = std = 0.5 (DSMD's code used the
 # ImageNet constants instead); used when neither the config nor the model dir says otherwise.
@@ -83,7 +83,8 @@ class HFViTTower(ImageTower):
             path = require_dir(cfg.path, f"{key}.path", "a local Hugging Face model dir with a ViT (config.json)")
             vit_cfg = ViTConfig.from_pretrained(path, local_files_only=True)
             if weights:
-                self.model = ViTModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+                self.model = load_pretrained_strict(ViTModel, path, f"{key}.path", add_pooling_layer=False,
+                                                    ignorable_prefixes=("pooler.",))
             else:
                 self.model = ViTModel(vit_cfg, add_pooling_layer=False)
             pre = path / "preprocessor_config.json"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.towers import offline_hub, require_dir
+from pipeline.towers import load_pretrained_strict, offline_hub, require_dir
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ class HFTextTower(nn.Module):
             offline_hub()
             p = require_dir(path, f"{key}.path", "a local Hugging Face model dir with a BERT-family encoder (config.json)")
             if weights:
-                self.model = AutoModel.from_pretrained(p, local_files_only=True, add_pooling_layer=add_pooler)
+                # a checkpoint's pooler is the one set of weights a tower that does not pool with it may leave out
+                self.model = load_pretrained_strict(AutoModel, p, f"{key}.path", add_pooling_layer=add_pooler,
+                                                    ignorable_prefixes=() if add_pooler else ("pooler.",))
             else:
                 self.model = AutoModel.from_config(AutoConfig.from_pretrained(p, local_files_only=True),
                                                    add_pooling_layer=add_pooler)
