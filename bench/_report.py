@@ -33,6 +33,8 @@ RESULTS_DIR = REPO / "bench" / "results"
 DOC = REPO / "docs" / "performance.md"
 PLOTS_DIR = REPO / "docs" / "img"
 PARTS = ("prepare", "extract", "distill", "feature_store", "evaluate")
+# distill step pairs/s of the reference student on one H100 (plain PyTorch, shared/reference/performance.md)
+DISTILL_REFERENCE = {"eager": {64: 918, 256: 1720}, "compiled": {64: 1136, 256: 2456}}
 
 
 # -- machine description -------------------------------------------------------------------------------
@@ -164,7 +166,9 @@ class Report:
         return fig
 
     def skip(self, part: str, reason: str) -> None:
-        self._part(part).skipped = reason
+        """Say that (some of) a part did not run and why; reasons of several callers accumulate."""
+        p = self._part(part)
+        p.skipped = f"{p.skipped}; {reason}" if p.skipped and reason not in p.skipped else reason
         print(f"[{part}] skipped: {reason}", flush=True)
 
     def extra(self, part: str, key: str, value) -> None:
@@ -305,7 +309,7 @@ def render_markdown(results: list[dict], plots: dict[str, str] | None = None) ->
             p = res["parts"].get(part)
             if p is None:
                 continue
-            if p.get("skipped") and not p["figures"]:
+            if p.get("skipped"):
                 lines.append(f"| {part} | - | - | | | skipped: {p['skipped']} |")
             for f in p["figures"]:
                 fig = Figure(**f)
@@ -356,12 +360,20 @@ def plot_distill(res: dict, out: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    batches = set()
     for mode, points in sorted(curve.items()):
         pts = sorted((int(b), v) for b, v in points.items() if v is not None)
+        batches |= {b for b, _ in pts}
         if pts:
-            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=mode)
-    ax.axhline(2400, color="gray", ls="--", lw=1, label="target (bs 256, compiled)")
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=f"kdpipe, {mode}")
+    for i, pts in enumerate(DISTILL_REFERENCE.values()):  # plain PyTorch on one H100 (performance.md)
+        ax.plot(list(pts), list(pts.values()), ls=":", marker="x", color="gray", lw=1,
+                label="reference, H100 (eager, compiled)" if i == 0 else None)
+    ax.axhline(2400, color="tab:red", ls="--", lw=1, label="target (bs 256, compiled)")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(batches | {64, 256}))
+    ax.set_xticklabels([str(b) for b in sorted(batches | {64, 256})])
+    ax.minorticks_off()
     ax.set_xlabel("batch size (pairs)")
     ax.set_ylabel("pairs / s")
     ax.set_title(f"distill step, {res['info']['device']}", fontsize=9)
