@@ -60,6 +60,7 @@ from pipeline.feature_store import (
     FORMAT,
     StoreWriter,
     _jsonable,
+    chunk_len,
     clear_store_dir,
     fsync_dir,
     fsync_tree,
@@ -88,7 +89,7 @@ class ExtractConfig:
     text_batch_size: int = 1024
     num_workers: int | None = None  # image/caption loader processes per rank; None: CPUs per rank - 1 on CUDA, 0 on CPU
     prefetch_factor: int = 4  # batches each loader process prepares ahead
-    chunk_rows: int = 16384  # rows per chunk file, the unit of work and of resumption
+    chunk_rows: int = 16384  # at most this many rows per chunk file (balanced), the unit of work and of resumption
     splits: tuple[str, ...] = ()  # () = every split of the dataset index
     on_bad_image: Literal["error", "skip"] = "error"
     jpeg_draft: bool = False  # let PIL decode JPEGs at a reduced scale (>= image size); faster, not bit-exact
@@ -390,7 +391,8 @@ def _run(index: DatasetIndex, cfg: ExtractConfig, out: Path, teacher: Teacher, v
     dist.barrier()  # the store exists (fresh or resumable) before anyone reads it
 
     writer = StoreWriter(out)
-    units = _units(views, cfg.chunk_rows)  # from the index, not the store (a compacted split has fewer rows)
+    # from the index, not the store (a compacted split has fewer rows)
+    units = _units(views, cfg.chunk_rows, teacher.dim * np.dtype(cfg.store_dtype).itemsize)
     if read_attrs(out).get("complete") is True:  # finalization of an earlier run had only cleanup left
         return _result(out, writer, units, len(units), 0, t0, restart_reason)
     done = {u for u in units if (work / "done" / u.marker).is_file()}
@@ -425,12 +427,12 @@ def _result(out: Path, writer: StoreWriter, units: list[_Unit], reused: int, com
                          seconds=time.perf_counter() - t0, restart_reason=restart_reason)
 
 
-def _units(views: dict[str, SplitView], chunk_rows: int) -> list[_Unit]:
+def _units(views: dict[str, SplitView], chunk_rows: int, row_bytes: int) -> list[_Unit]:
     """Every chunk of every embedding array, in the layout StoreWriter.create gives the split's arrays."""
     units = []
     for s, v in views.items():
         for array, n in (("image_emb", v.n_images), ("text_emb", v.n_captions)):
-            cr = max(1, min(chunk_rows, n))
+            cr = chunk_len(n, chunk_rows, row_bytes)
             units.extend(_Unit(s, array, i, a, min(n, a + cr)) for i, a in enumerate(range(0, n, cr)))
     return units
 

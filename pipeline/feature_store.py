@@ -6,14 +6,15 @@ Layout (fixed by docs/architecture, "Feature store, format version 1"):
       zarr.json            group attrs: format="kdpipe-features", version=1, complete, dim, normalized=true,
                            dtype, splits=[...], teacher={...}, dataset={name, fingerprint}, skipped_images=[...]
                            (+ whatever the writer adds, e.g. extract={...} for the settings that shaped the rows)
-      <split>/image_emb    float16|float32 [N, D]  chunks [chunk_rows, D]
-      <split>/text_emb     float16|float32 [M, D]  chunks [chunk_rows, D]
+      <split>/image_emb    float16|float32 [N, D]  chunks [rows, D], rows <= chunk_rows (see chunk_len)
+      <split>/text_emb     float16|float32 [M, D]  chunks [rows, D]
       <split>/text_image   int32 [M]               row in <split>/image_emb of each caption's image
       <split>/image_id     string [N]              zarr "string" data type (vlen-utf8 codec), same order as image_emb
 
 Every array has no filters and no compressors: the `bytes` codec (little endian) only. So a chunk file
-`<split>/image_emb/c/<i>/0` is exactly `chunk_rows * D * itemsize` raw row-major bytes (the last chunk padded
-with zeros to the full chunk size, as zarr does), which `np.memmap` maps directly. The string array uses
+`<split>/image_emb/c/<i>/0` is exactly `rows * D * itemsize` raw row-major bytes (the last chunk padded
+with zeros to the full chunk size, as zarr does), which `np.memmap` maps directly. Chunks are balanced
+(`chunk_len`): the padding is a fraction of a percent, and a chunk is a whole number of 64 KiB when possible. The string array uses
 zarr's `vlen-utf8` array-to-bytes codec (an encoding, not a compressor), the one string encoding of zarr 3.1
 that has a stable specification; fixed-width unicode (`<U..`) would be raw too but zarr 3.1 warns that its
 v3 representation is unstable. Reading with nothing but zarr:
@@ -24,8 +25,8 @@ v3 representation is unstable. Reading with nothing but zarr:
 The reader (`open_store`) validates the attrs and returns read-only memory maps over the chunk files: one
 contiguous `[N, D]` array even when there are several chunk files (each file is mapped at consecutive
 addresses of one reserved range with `mmap(MAP_FIXED)`, which needs the chunk size to be a multiple of the
-page size -- true for the default 16384-row chunks with an even D). Where that is not possible (another OS,
-odd chunk sizes) the rows are read into memory instead.
+page size -- the writer makes chunks multiples of 64 KiB whenever chunk_rows allows). Where that is not
+possible (another OS, tiny chunks of an odd D, a foreign store) the rows are read into memory instead.
 
 Writing: `write_store` (one shot, for tests and tools) and `StoreWriter` (chunk by chunk from any number
 of processes, used by the resumable extract stage). Rows are L2-normalized in float32 before being stored.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import shutil
@@ -406,8 +408,30 @@ def write_file_durably(path: Path, data: bytes | memoryview) -> None:
     fsync_dir(path.parent)
 
 
+_ALIGN_BYTES = 65536  # chunk sizes are multiples of this where possible: whole pages for 4/16/64 KiB pages
+
+
+def chunk_len(n: int, chunk_rows: int, row_bytes: int | None = None) -> int:
+    """Rows per chunk of an array of n rows, at most `chunk_rows`: a small array is one exact-size chunk;
+    a larger one gets balanced chunks (the padded last chunk is nearly full, so the store stays ~rows x D
+    x itemsize bytes) whose byte size is a multiple of 64 KiB when that fits, so the reader can map the
+    files back to back. Depends only on its arguments (the same layout on every machine)."""
+    if n <= chunk_rows:
+        return max(1, n)
+    k = -(-n // chunk_rows)
+    align = _ALIGN_BYTES // math.gcd(_ALIGN_BYTES, row_bytes) if row_bytes else 1
+    while True:
+        c = -(-n // k)
+        aligned = -(-c // align) * align
+        if aligned <= chunk_rows:
+            return aligned
+        if align > chunk_rows:
+            return c  # whole pages are impossible within chunk_rows: balanced, unaligned
+        k += 1
+
+
 def _chunk_len(n: int, chunk_rows: int) -> int:
-    """Rows per chunk of an array of n rows: chunk_rows, or n when smaller (a small array is one exact file)."""
+    """The chunk length of the small 1-D arrays."""
     return max(1, min(chunk_rows, n))
 
 
@@ -453,7 +477,8 @@ class StoreWriter:
         for split, (n_images, n_captions) in layout.items():
             g = root.create_group(split)
             for key, n in (("image_emb", n_images), ("text_emb", n_captions)):
-                g.create_array(key, shape=(n, dim), chunks=(_chunk_len(n, chunk_rows), dim), dtype=dtype,
+                rows = chunk_len(n, chunk_rows, dim * np.dtype(dtype).itemsize)
+                g.create_array(key, shape=(n, dim), chunks=(rows, dim), dtype=dtype,
                                filters=None, compressors=None, fill_value=0.0, config={"write_empty_chunks": True})
             g.create_array("text_image", shape=(n_captions,), chunks=(_chunk_len(n_captions, _SMALL_CHUNK),),
                            dtype="int32", filters=None, compressors=None, fill_value=0,
@@ -583,4 +608,4 @@ def write_store(path: Path | str, splits: dict[str, dict[str, np.ndarray]], *, t
 
 
 __all__ = ["FORMAT", "VERSION", "FeatureStore", "StoreSplit", "StoreWriter", "open_store", "write_store",
-           "read_attrs", "l2_normalize_rows", "map_rows"]
+           "read_attrs", "l2_normalize_rows", "map_rows", "chunk_len"]

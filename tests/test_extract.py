@@ -217,14 +217,14 @@ def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, referen
         from pipeline.extract import ExtractConfig, run_extract
         cfg = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0)
         r = run_extract(DatasetIndex.load(sys.argv[1]), cfg, sys.argv[2], teacher=TinyTeacher())
-        print("RESULT", json.dumps({"rank": int(os.environ["RANK"]), "computed": r.units_computed,
-                                    "total": r.units_total}), flush=True)
+        with open(f"{sys.argv[3]}/rank{os.environ['RANK']}.json", "w") as f:
+            json.dump({"rank": int(os.environ["RANK"]), "computed": r.units_computed, "total": r.units_total}, f)
     """)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(root / "index"), str(out)], env=_env(fsync=False), capture_output=True,
-                          text=True, timeout=120)
+                           str(script), str(root / "index"), str(out), str(tmp_path)], env=_env(fsync=False),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["computed"] > 0 for r in results)  # both ranks did work...
     assert sum(r["computed"] for r in results) == results[0]["total"]  # ...and each unit was done once
@@ -326,3 +326,43 @@ def test_cli_missing_index_and_bad_output_exit_2_with_one_line(dataset, tmp_path
 
     r = runner.invoke(app, ["extract", "--params", str(params), "--set", "extract.store_dtype=int8"])
     assert r.exit_code == 2 and "extract.store_dtype: 'int8' is not one of" in r.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real teacher: a tiny random BEiT-3 in an official-format checkpoint, through the command line
+# ---------------------------------------------------------------------------------------------------------
+from beit3_fixtures import base_style_ckpt, tiny_spm  # noqa: E402,F401  (pytest fixtures)
+
+
+def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_ckpt, tiny_spm):
+    from pipeline.teachers.beit3 import BEiT3Teacher
+    from stages.cli import app
+
+    index, root = dataset
+    ckpt, _ = base_style_ckpt
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "extract": {
+        "teacher": {"kind": "beit3", "beit3": {"checkpoint": str(ckpt), "tokenizer": str(tiny_spm),
+                                          "num_heads": 4}},
+        "device": "auto", "chunk_rows": 8, "image_batch_size": 4, "text_batch_size": 8, "num_workers": 2}}))
+    out = tmp_path / "work" / "features.zarr"
+    r = CliRunner().invoke(app, ["extract", "--params", str(params), "--index", str(root / "index")])
+    assert r.exit_code == 0, r.output
+    assert "extract: wrote" in r.output and (tmp_path / "work" / "config" / "extract.yaml").is_file()
+
+    teacher = BEiT3Teacher.from_checkpoint(ckpt, tokenizer=tiny_spm, num_heads=4)
+    store = open_store(out, expect_fingerprint=index.fingerprint, expect_dim=teacher.dim)
+    assert store.teacher == teacher.identity() and store.teacher["checkpoint"]["file"] == ckpt.name
+    for name in index.splits:
+        view, sp = index.split(name), store.split(name)
+        images = [Image.open(p) for p in view.image_path]
+        np.testing.assert_allclose(sp.image_emb.astype(np.float32), teacher.encode_images(images).numpy(), atol=2e-3)
+        np.testing.assert_allclose(sp.text_emb.astype(np.float32),
+                                   teacher.encode_texts(view.caption_text.tolist()).numpy(), atol=2e-3)
+
+    # a missing tokenizer file: one line, exit code 2, the finished store untouched
+    before = store_files(out)
+    r = CliRunner().invoke(app, ["extract", "--params", str(params), "--index", str(root / "index"),
+                                 "--set", f"extract.teacher.beit3.tokenizer={tmp_path / 'missing.spm'}"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "missing.spm" in r.output
+    assert store_files(out) == before

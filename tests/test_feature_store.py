@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.feature_store import StoreWriter, open_store, read_attrs, write_store
+from pipeline.feature_store import StoreWriter, chunk_len, open_store, read_attrs, write_store
 
 D = 32
 
@@ -19,7 +19,7 @@ def _no_fsync(monkeypatch):
     monkeypatch.setenv("KDPIPE_FSYNC", "0")  # durability against OS crashes is not what these tests check
 
 
-def _splits(n_train=300, m_train=700, n_test=5, m_test=11, dim=D, seed=0):
+def _splits(n_train=3000, m_train=7000, n_test=5, m_test=11, dim=D, seed=0):
     rng = np.random.default_rng(seed)
     out = {}
     for name, n, m in (("train", n_train, m_train), ("test", n_test, m_test)):
@@ -34,7 +34,7 @@ def _splits(n_train=300, m_train=700, n_test=5, m_test=11, dim=D, seed=0):
 
 def _write(path, splits=None, **kw):
     splits = splits or _splits()
-    kw.setdefault("chunk_rows", 128)  # 128 x 32 x 2 bytes = 8 KiB: whole pages, several chunks per array
+    kw.setdefault("chunk_rows", 1024)  # 1024 x 32 x 2 bytes = 64 KiB: whole pages, several chunks per array
     write_store(path, splits, teacher={"name": "t", "dim": D}, dataset={"name": "toy", "fingerprint": "f" * 64}, **kw)
     return splits
 
@@ -70,11 +70,11 @@ def test_chunks_are_raw_uncompressed_files_and_the_store_is_rows_x_dim_x_2_bytes
     _write(tmp_path / "s.zarr")
     meta = json.loads((tmp_path / "s.zarr/train/image_emb/zarr.json").read_text())
     assert meta["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [128, D]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1024, D]
     files = sorted((tmp_path / "s.zarr/train/image_emb/c").rglob("*"))
     chunk_files = [f for f in files if f.is_file()]
-    assert len(chunk_files) == 3  # 300 rows in chunks of 128: 3 files, the last one padded
-    assert all(f.stat().st_size == 128 * D * 2 for f in chunk_files)
+    assert len(chunk_files) == 3  # 3000 rows in chunks of 1024: 3 files, the last one padded
+    assert all(f.stat().st_size == 1024 * D * 2 for f in chunk_files)
     # a small array is one exact-size chunk (no padding to chunk_rows)
     assert (tmp_path / "s.zarr/test/image_emb/c/0/0").stat().st_size == 5 * D * 2
     meta_ids = json.loads((tmp_path / "s.zarr/train/image_id/zarr.json").read_text())
@@ -91,20 +91,32 @@ def test_reader_maps_the_chunk_files_without_copying(tmp_path):
     for i in range(3):
         assert str(tmp_path / f"s.zarr/train/image_emb/c/{i}/0") in maps
     # one contiguous [N, D] array over the three files: slices, fancy indexing and reductions just work
-    assert arr.flags.c_contiguous and arr.shape == (300, D)
-    idx = np.random.default_rng(1).integers(0, 300, 256)
+    assert arr.flags.c_contiguous and arr.shape == (3000, D)
+    idx = np.random.default_rng(1).integers(0, 3000, 256)
     np.testing.assert_array_equal(arr[idx], zarr.open_array(str(tmp_path / "s.zarr/train/image_emb"))[...][idx])
     with pytest.raises(ValueError):
         arr[0, 0] = 1
 
 
 def test_unaligned_chunks_and_float32_still_read_correctly(tmp_path):
-    splits = _write(tmp_path / "s.zarr", chunk_rows=7, dtype="float32")  # 7 x 32 x 4 bytes: not whole pages
+    splits = _write(tmp_path / "s.zarr", _splits(n_train=300, m_train=700), chunk_rows=7, dtype="float32")
+    assert (tmp_path / "s.zarr/train/image_emb/c/0/0").stat().st_size == 7 * D * 4  # not whole pages
     store = open_store(tmp_path / "s.zarr")
     sp = store.split("train")
     assert sp.image_emb.dtype == np.float32
     np.testing.assert_allclose(sp.image_emb, _normalized(splits["train"]["image_emb"]), rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(sp.text_emb, zarr.open_array(str(tmp_path / "s.zarr/train/text_emb"))[...])
+
+
+def test_chunk_len_balances_chunks_and_aligns_them_to_64k():
+    # Flickr30K captions, D=1024 fp16: 10 chunks of 15,904 rows (a multiple of 32 rows = 64 KiB), 0.08% padding
+    assert chunk_len(158_915, 16384, 2048) == 15_904
+    assert chunk_len(100, 16384, 2048) == 100  # small: one exact chunk
+    assert chunk_len(16384 * 3, 16384, 2816) == 16384  # D=1408: 256-row alignment, exact fit
+    assert chunk_len(300, 128, 64) == 100  # 64 KiB would need 1024 rows > 128: balanced, unaligned
+    for n, cr, rb in ((158_915, 16384, 2048), (31_783, 16384, 2816), (616_767, 16384, 768), (10, 3, 4)):
+        c = chunk_len(n, cr, rb)
+        assert c <= cr and -(-n // c) * c - n < c
 
 
 def test_empty_split_arrays(tmp_path):
