@@ -457,6 +457,7 @@ def _prepare(out: Path, identity: dict[str, Any], views: dict[str, SplitView], c
             return "already complete", None
         else:
             remove_partial_files(out)
+            _finish_swaps(out)
             n_done = sum(1 for _ in (work / "done").rglob("*.json")) if (work / "done").is_dir() else 0
             return f"resuming an interrupted extraction ({n_done} chunks already done)", None
     elif ours and attrs.get("complete") is True:
@@ -627,6 +628,19 @@ def _finalize(out: Path, index: DatasetIndex, views: dict[str, SplitView], units
     StoreWriter(out).set_attrs(skipped_images=skipped, complete=True)
     shutil.rmtree(work)
     fsync_dir(out)
+
+
+def _finish_swaps(out: Path) -> None:
+    """A finalization killed between the two renames of `_compact_split` left a split only under
+    .extract/compact/: put it in place before anything reads the store."""
+    work = out / WORK_DIR
+    if not (work / "trash").is_dir():
+        return
+    for old in (work / "trash").iterdir():
+        new = work / "compact" / old.name
+        if not (out / old.name).exists() and new.is_dir():
+            os.replace(new, out / old.name)
+            fsync_dir(out)
 
 
 def _compact_split(out: Path, split: str, view: SplitView, bad_rows: list[int], chunk_rows: int) -> None:

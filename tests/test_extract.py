@@ -366,3 +366,30 @@ def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_
                                  "--set", f"extract.teacher.beit3.tokenizer={tmp_path / 'missing.spm'}"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "missing.spm" in r.output
     assert store_files(out) == before
+
+
+def test_finalization_killed_during_the_compaction_swap_completes_on_rerun(tmp_path, monkeypatch):
+    import pipeline.extract as extract
+
+    index = make_dataset(tmp_path / "data")
+    _corrupt(tmp_path / "data", index)
+    skip = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0, on_bad_image="skip")
+    fresh = tmp_path / "fresh.zarr"
+    run_extract(index, skip, fresh, teacher=TinyTeacher())
+
+    real_replace = os.replace
+
+    def crash_after_moving_the_old_split_away(src, dst):
+        real_replace(src, dst)
+        if Path(dst).parent.name == "trash":
+            raise RuntimeError("killed between the two renames")
+
+    out = tmp_path / "features.zarr"
+    monkeypatch.setattr(extract.os, "replace", crash_after_moving_the_old_split_away)
+    with pytest.raises(RuntimeError, match="between the two renames"):
+        run_extract(index, skip, out, teacher=TinyTeacher())
+    monkeypatch.setattr(extract.os, "replace", real_replace)
+    assert not (out / "train").exists() and read_attrs(out)["complete"] is False
+    result = run_extract(index, skip, out, teacher=TinyTeacher())
+    assert result.units_computed == 0 and result.units_reused == result.units_total
+    assert store_files(out) == store_files(fresh)
