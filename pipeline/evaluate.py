@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
+from pipeline.devices import resolve_device
 from pipeline.errors import InputError, KdpipeError
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import info, progress
@@ -96,7 +97,7 @@ def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -
 
     store = open_store(store_path)
     s = store.split(split)
-    result = evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, resolve_device(cfg.device))
+    result = evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, resolve_device(cfg.device, "evaluate.device"))
     return metrics_document(dataset=_dataset_name(store), split=split, n_images=s.n_images,
                             n_captions=s.n_captions, models={"teacher": result.metrics},
                             teacher_name=store.teacher.get("name"), tie_rule=TIE_RULE)
@@ -308,14 +309,6 @@ class EvaluateOutput:
                 f"{self.plots_dir}/ in {self.seconds:.1f} s")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise InputError("evaluate.device=cuda but no CUDA GPU is available here; set evaluate.device to cpu or auto")
-    return torch.device("cuda")
-
-
 def run_evaluate(paths: ArtifactPaths, cfg: EvaluateConfig, *,
                  teacher_factory: Callable[[torch.device, torch.dtype], Any] | None = None,
                  metrics_path: Path | None = None) -> EvaluateOutput:
@@ -330,7 +323,7 @@ def run_evaluate(paths: ArtifactPaths, cfg: EvaluateConfig, *,
     from pipeline.student import load_student
 
     start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "evaluate.device")
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint)
     s = store.split(cfg.split)
@@ -418,4 +411,4 @@ def _dataset_name(store: Any, fallback: str | None = None) -> str:
 
 __all__ = ["EvaluateConfig", "ModelResult", "Gallery", "EvaluateOutput", "METRIC_KEYS", "evaluate_embeddings",
            "evaluate_features", "metrics_document", "align_gallery", "encode_gallery", "count_parameters",
-           "student_latency", "teacher_latency", "teacher_agreement", "run_evaluate", "write_json", "resolve_device"]
+           "student_latency", "teacher_latency", "teacher_agreement", "run_evaluate", "write_json"]

@@ -344,7 +344,7 @@ def _faiss_ranks(image_emb: Any, text_emb: Any, ti: np.ndarray, chunk: int, dev:
 
     img = _as_f32_numpy(image_emb)
     txt = _as_f32_numpy(text_emb)
-    n, m = len(img), len(txt)
+    n = len(img)
     # Separation that makes faiss's order of a negative and a positive the torch path's order too: any float32
     # evaluation of a D-term dot product, in any summation order, is within beta of the exact value.
     d = img.shape[1]

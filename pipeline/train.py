@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -38,7 +37,8 @@ import torch.distributed as dist
 from pipeline.balancer import BalancerConfig, LossBalancer
 from pipeline.config import to_dict, write_resolved
 from pipeline.dataset_index import DatasetIndex, SplitView
-from pipeline.errors import ConfigError, InputError
+from pipeline.devices import resolve_device
+from pipeline.errors import InputError
 from pipeline.feature_store import FeatureStore, StoreSplit
 from pipeline.image_cache import ImageCache
 from pipeline.losses import LossConfig, DistillLoss
@@ -180,18 +180,6 @@ def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, w
 # ---------------------------------------------------------------------------------------------------------
 # Small parts of the loop
 # ---------------------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    local = os.environ.get("LOCAL_RANK")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local is not None:
-        name = f"cuda:{local}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"distill.device: {name!r} but CUDA is not available here; use auto or cpu")
-    return device
-
-
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """The seed of one micro-step's random numbers (dropout, augmentation): a hash of the position."""
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -462,7 +450,7 @@ def train_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStor
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     main = rank == 0
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "distill.device")
     if cfg.teacher_dim is not None and store.dim != cfg.teacher_dim:
         raise InputError(f"{store.path}: feature dimension {store.dim}, expected distill.teacher_dim={cfg.teacher_dim}")
     fingerprint = (store.dataset or {}).get("fingerprint")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.teachers import BEiT3TeacherConfig
 from pipeline.teachers.base import Teacher, TokenBatch
@@ -31,22 +32,6 @@ from pipeline.teachers.beit3_tokenizer import BEiT3Tokenizer
 
 MEAN = STD = 0.5  # IMAGENET_INCEPTION_MEAN / _STD of the official transform
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """A torch.device; CUDA on a machine without a usable GPU is an InputError."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {device!r} requested but no CUDA GPU is available here (use device=cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise InputError(f"device {device!r}: the BEiT-3 teacher runs on cpu or cuda")
-    return dev
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
