@@ -55,6 +55,7 @@ import torch
 from PIL import Image
 
 from pipeline.dataset_index import DatasetIndex, SplitView
+from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.feature_store import (
     FORMAT,
@@ -172,20 +173,6 @@ def _env_int(name: str, default: int) -> int:
         return default if value is None else int(value)
     except ValueError:
         raise InputError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """The configured device; a CUDA request on a machine without a usable GPU is one clear error."""
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        built = torch.version.cuda or "none (CPU-only build)"
-        raise InputError(f"extract.device=cuda but no CUDA GPU is available (torch {torch.__version__}, CUDA "
-                         f"{built}); set extract.device to cpu or auto")
-    if local_rank >= torch.cuda.device_count():
-        raise InputError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
-                         "start at most one process per GPU")
-    return torch.device("cuda", local_rank)
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> str:
@@ -348,7 +335,7 @@ def run_extract(index: DatasetIndex, cfg: ExtractConfig, out_path: Path | str, t
     t0 = time.perf_counter()
     out = Path(out_path)
     local_rank = _env_int("LOCAL_RANK", 0)
-    device = teacher.device if teacher is not None else resolve_device(cfg.device, local_rank)
+    device = teacher.device if teacher is not None else resolve_device(cfg.device, "extract.device", local_rank)
     device = torch.device(device)
     compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     splits = cfg.splits or index.splits
@@ -678,4 +665,4 @@ def _compact_split(out: Path, split: str, view: SplitView, bad_rows: list[int], 
     fsync_dir(out)
 
 
-__all__ = ["ExtractConfig", "ExtractResult", "run_extract", "resolve_device", "resolve_compute_dtype", "load_rgb"]
+__all__ = ["ExtractConfig", "ExtractResult", "run_extract", "resolve_compute_dtype", "load_rgb"]

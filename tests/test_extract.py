@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from extract_helpers import TinyTeacher, make_dataset, store_files
 from pipeline.dataset_index import DatasetIndex
 from pipeline.errors import ConfigError, InputError
-from pipeline.extract import ExtractConfig, resolve_device, run_extract
+from pipeline.devices import resolve_device
+from pipeline.extract import ExtractConfig, run_extract
 from pipeline.config import from_dict
 from pipeline.feature_store import open_store, read_attrs
 
@@ -288,7 +289,7 @@ def test_config_is_checked_and_cuda_without_gpu_is_one_line():
     assert cfg.splits == ("test",)
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="extract.device=cuda but no CUDA GPU is available"):
-            resolve_device("cuda")
+            resolve_device("cuda", "extract.device")
     assert resolve_device("cpu").type == "cpu"
 
 
