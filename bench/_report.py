@@ -88,6 +88,8 @@ def machine_info() -> dict:
     commit = _git("rev-parse", "--short=12", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "pipeline", "stages", "bench"))
     info["kdpipe_commit"] = commit + ("+dirty" if dirty and commit else "")
+    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU figures: record how busy it was
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
     info["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info["device"] = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
     return info
@@ -302,7 +304,12 @@ def render_markdown(results: list[dict], plots: dict[str, str] | None = None) ->
         versions = ", ".join(f"{k} {info[k]}" for k in ("python", "torch", "cuda", "numpy") if info.get(k))
         lines += [f"`bench/results/{slug}.json` - scale {res.get('scale')}x - {info['date']} - {versions} - "
                   f"kdpipe {info.get('kdpipe_commit') or '?'} - {info.get('cpu_cores')} CPU cores"
-                  + (f" ({info['cpu']})" if info.get("gpu") else ""), ""]
+                  + (f" ({info['cpu']})" if info.get("gpu") else "")
+                  + (f" - load average {info['load_average_1min']} at the start" if "load_average_1min" in info else ""), ""]
+        ds = info.get("dataset")
+        if ds:
+            lines += [f"Synthetic dataset: {ds['n_images']:,} JPEGs (mean {ds['jpeg_mean_kb']} KB), {ds['n_captions']:,} "
+                      f"captions (mean {ds['caption_words_mean']} words).", ""]
         lines += ["| part | figure | measured | target | ceiling | status |", "|---|---|---|---|---|---|"]
         notes = []
         for part in PARTS:

@@ -35,6 +35,7 @@ from PIL import Image
 FLICKR30K_IMAGES = 31_783
 FLICKR30K_SPLITS = {"train": 29_000, "val": 1_014, "test": 1_000}  # the rest is "restval"
 CAPTIONS_PER_IMAGE = 5
+GENERATOR_VERSION = 1  # bump when the images or captions change, so that bench/run regenerates
 DEFAULT_ROOT = Path(__file__).resolve().parent / "data"
 NOISE_SIGMA = (6, 12)  # luma noise, grey levels
 QUALITY = (92, 98)  # JPEG quality range
@@ -307,7 +308,8 @@ def generate(out_dir: Path, *, scale: float = 0.1, n_images: int | None = None, 
     tmp.write_text(json.dumps(index))
     os.replace(tmp, out_dir / "dataset_flickr30k.json")
     summary = {
-        "scale": scale, "seed": seed, "n_images": total, "n_captions": int(words.size), "splits": sizes,
+        "version": GENERATOR_VERSION, "scale": scale, "seed": seed, "n_images": total,
+        "n_captions": int(words.size), "splits": sizes,
         "jpeg_mean_kb": round(float(nbytes.mean()) / 1024, 1), "jpeg_median_kb": round(float(np.median(nbytes)) / 1024, 1),
         "total_mb": round(float(nbytes.sum()) / 2**20, 1),
         "caption_words_mean": round(float(words.mean()), 2), "caption_words_p99": int(np.percentile(words, 99)),

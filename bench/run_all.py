@@ -57,8 +57,9 @@ def part_feature_store(rep: Report, ctx: Ctx) -> None:
     from make_flickr_like import split_sizes
     from pipeline.feature_store import open_store, write_store
 
-    # the splits of the dataset at this scale (restval folded into train), 5 captions per image, D = 1024
-    sizes = split_sizes(ctx.scale)
+    # the splits of the dataset at this scale, at least Flickr30K's (the bank distill reads: restval folded
+    # into train, 5 captions per image, D = 1024), so that the store is not a few MiB at 0.1x
+    sizes = split_sizes(max(1.0, ctx.scale))
     sizes = {"train": sizes["train"] + sizes["restval"], "val": sizes["val"], "test": sizes["test"]}
     d = 1024
     rng = np.random.default_rng(0)
@@ -373,9 +374,11 @@ def ensure_dataset(scale: float, data: Path | None) -> tuple[Path, dict]:
     summary_file = out / "summary.json"
     if summary_file.exists() and (out / "dataset_flickr30k.json").exists():
         summary = json.loads(summary_file.read_text())
-        if summary.get("n_images") == sum(gen.split_sizes(scale).values()):
+        if (summary.get("n_images"), summary.get("version")) == (sum(gen.split_sizes(scale).values()),
+                                                                gen.GENERATOR_VERSION):
             print(f"dataset: reusing {out} ({summary['n_images']:,} images, JPEG mean {summary['jpeg_mean_kb']} KB)")
             return out, summary
+        shutil.rmtree(out)  # made by another generator version or for another size: rebuild, keep nothing
     return out, gen.generate(out, scale=scale)
 
 
