@@ -192,7 +192,9 @@ class Report:
             try:
                 old = json.loads(path.read_text())
                 kept = {k: v for k, v in old.get("parts", {}).items() if k not in data["parts"]}
-                data["parts"] = {k: ({**kept, **data["parts"]})[k] for k in PARTS if k in kept or k in data["parts"]}
+                merged = {**kept, **data["parts"]}
+                order = [k for k in PARTS if k in merged] + sorted(k for k in merged if k not in PARTS)
+                data["parts"] = {k: merged[k] for k in order}
             except (json.JSONDecodeError, OSError):
                 pass
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,10 +314,8 @@ def render_markdown(results: list[dict], plots: dict[str, str] | None = None) ->
                       f"captions (mean {ds['caption_words_mean']} words).", ""]
         lines += ["| part | figure | measured | target | ceiling | status |", "|---|---|---|---|---|---|"]
         notes = []
-        for part in PARTS:
-            p = res["parts"].get(part)
-            if p is None:
-                continue
+        for part in [k for k in PARTS if k in res["parts"]] + sorted(k for k in res["parts"] if k not in PARTS):
+            p = res["parts"][part]
             if p.get("skipped"):
                 lines.append(f"| {part} | - | - | | | skipped: {p['skipped']} |")
             for f in p["figures"]:
