@@ -25,6 +25,7 @@ TOP_LEVEL_KEYS = ("workdir", "prepare", "extract", "distill", "evaluate")
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (YAML), one section per stage.")
 SET_OPTION = typer.Option(None, "--set", help="Override a parameter: section.key=value (repeatable).")
+WORKDIR_OPTION = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir).")
 
 
 def load_params(path: Path) -> dict[str, Any]:

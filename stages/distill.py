@@ -12,14 +12,16 @@ from pathlib import Path
 
 import typer
 
-from stages._common import PARAMS_OPTION, SET_OPTION, echo, is_main_process, load_stage, run_stage, save_resolved
+from stages._common import (
+    PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, is_main_process, load_stage, run_stage, save_resolved,
+)
 
 
 @run_stage
 def command(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
-    workdir: Path = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir)."),
+    workdir: Path = WORKDIR_OPTION,
     baseline: bool = typer.Option(False, "--baseline", help="Train the undistilled baseline (pairs only) into <workdir>/baseline/."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint if its config matches."),
 ) -> None:

@@ -13,14 +13,16 @@ import typer
 
 from pipeline.config import apply_overrides, from_dict
 from pipeline.evaluate import EvaluateConfig, evaluate_features, run_evaluate, write_json
-from stages._common import PARAMS_OPTION, SET_OPTION, echo, load_params, load_stage, run_stage, save_resolved
+from stages._common import (
+    PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, load_params, load_stage, run_stage, save_resolved,
+)
 
 
 @run_stage
 def command(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
-    workdir: Path = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir)."),
+    workdir: Path = WORKDIR_OPTION,
     features: Path = typer.Option(None, "--features", help="Evaluate this feature store's embeddings alone "
                                   "(as `teacher`); no model, index or params file needed."),
     split: str = typer.Option(None, "--split", help="Split to evaluate (default: evaluate.split, i.e. test)."),

@@ -11,14 +11,16 @@ import typer
 
 from pipeline.dataset_index import DatasetIndex
 from pipeline.extract import ExtractConfig, run_extract
-from stages._common import PARAMS_OPTION, SET_OPTION, echo, is_main_process, load_stage, run_stage, save_resolved
+from stages._common import (
+    PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, is_main_process, load_stage, run_stage, save_resolved,
+)
 
 
 @run_stage
 def command(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
-    workdir: Path = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir)."),
+    workdir: Path = WORKDIR_OPTION,
     index: Path = typer.Option(None, "--index", help="Dataset index directory (default: <workdir>/index)."),
     out: Path = typer.Option(None, "--out", help="Feature store to write (default: <workdir>/features.zarr)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over even if a partial store could be resumed."),

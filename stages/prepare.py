@@ -7,14 +7,14 @@ from pathlib import Path
 import typer
 
 from pipeline.prepare import PrepareConfig, run_prepare
-from stages._common import PARAMS_OPTION, SET_OPTION, echo, load_stage, run_stage, save_resolved
+from stages._common import PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, load_stage, run_stage, save_resolved
 
 
 @run_stage
 def command(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
-    workdir: Path = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir)."),
+    workdir: Path = WORKDIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Decode again even if the outputs are up to date."),
 ) -> None:
     """Decode every image once into the uint8 student-resolution cache, and write the dataset index."""

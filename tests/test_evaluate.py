@@ -31,8 +31,8 @@ from stages.cli import app
 from extract_helpers import TinyTeacher
 
 MODEL_KEYS = [*METRIC_KEYS, "i2t_meanr", "t2i_meanr"]
+WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()  # the tokenizer_dir vocabulary
 D = 16
-WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()
 
 
 def store_splits(rng: np.random.Generator, sizes: dict[str, int]) -> dict[str, dict[str, np.ndarray]]:
@@ -110,16 +110,6 @@ def test_features_cli_bad_stores_exit_2_with_one_line(store, tmp_path, monkeypat
 
 
 # -- the full stage ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from transformers import BertTokenizer
-
-    root = tmp_path_factory.mktemp("tok")
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "tok")
-    return root / "tok"
-
-
 def save_tiny_student(directory: Path, tokenizer_dir: Path, seed: int) -> None:
     from pipeline.student import StudentConfig, build_student, save_student
     from pipeline.towers.image import ImageTowerConfig

@@ -18,28 +18,10 @@ from pipeline.towers.image import ImageTowerConfig, import_timm
 from pipeline.towers.text import TextTowerConfig
 
 DIM = 16
-WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. With two threads on a busy 2-core machine every small op waits for
-    the other thread to be scheduled (a tiny train step goes from ~30 ms to ~0.5 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from transformers import BertTokenizer
-
-    root = tmp_path_factory.mktemp("tok")
-    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "tok")
-    return root / "tok"
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def tiny_cfg(tokenizer_dir: Path, **image) -> StudentConfig:
     return StudentConfig(

@@ -29,14 +29,7 @@ NOUNS = ("dog", "cat", "car", "house")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. With two threads on a busy 2-core machine every small op waits for
-    the other thread to be scheduled (a tiny train step goes from ~30 ms to ~0.5 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # -- a tiny dataset: colored images with a grey square, captions naming both, teacher = class prototypes ----
 def make_workdir(root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed: int = 0,

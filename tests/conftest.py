@@ -1,0 +1,29 @@
+"""Fixtures shared by the student, training and evaluation tests: a tiny WordPiece tokenizer and one thread."""
+from pathlib import Path
+
+import pytest
+import torch
+
+# the vocabulary of the tiny test tokenizer (after the five BERT special tokens)
+WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread. With two threads on a busy 2-core machine every small op waits for
+    the other thread to be scheduled (a tiny train step goes from ~30 ms to ~0.5 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A local BERT tokenizer directory (uncased WordPiece over WORDS), as a text tower's `tokenizer` path."""
+    from transformers import BertTokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(vocab=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "tok")
+    return root / "tok"
