@@ -376,13 +376,9 @@ def fsync_file(path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    if os.name != "posix" or not _fsync_enabled():
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make a rename or a new file in `path` durable (POSIX only: elsewhere a directory cannot be opened)."""
+    if os.name == "posix":
+        fsync_file(path)
 
 
 def fsync_tree(path: Path) -> None:
