@@ -1,0 +1,103 @@
+"""End to end through the command line: prepare -> extract -> distill (student and baseline) -> evaluate on a
+few real demo photos, with the real offline teacher and the tiniest student, in a temporary work directory.
+
+The stages are chained only through their files, as DVC chains them; the checks are the contracts between
+them (fingerprints, shapes, normalized rows) and the metrics file's schema.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.dataset_index import DatasetIndex
+from pipeline.demo_data import DEMO_IMAGES, DEMO_JSON, build_demo_images
+from pipeline.feature_store import open_store
+from pipeline.image_cache import open_image_cache
+from stages.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_SPLIT = {"train": 4, "val": 2, "test": 2}
+METRIC_KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
+
+pytest.importorskip("skimage", reason="the demo photos ship in scikit-image (install kdpipe[demo])")
+
+
+def tiny_dataset(root: Path) -> Path:
+    """The first photos of each demo split, written as JPEG, and their captions in Karpathy format."""
+    demo = json.loads((ROOT / DEMO_JSON).read_text())
+    keep, count = [], dict.fromkeys(PER_SPLIT, 0)
+    for image in demo["images"]:
+        if count[image["split"]] < PER_SPLIT[image["split"]]:
+            count[image["split"]] += 1
+            keep.append(image)
+    names = {image["filename"] for image in keep}
+    build_demo_images(root / "images", tuple(d for d in DEMO_IMAGES if d.filename in names))
+    (root / "dataset.json").write_text(json.dumps({"images": keep}))
+    return root / "dataset.json"
+
+
+def params(root: Path, tokenizer_dir: Path) -> Path:
+    p = {
+        "workdir": str(root / "artifacts"),
+        "prepare": {"dataset": {"name": "tiny", "format": "karpathy", "annotations": str(root / "dataset.json"),
+                                "image_root": str(root / "images")},
+                    "workers": 1},
+        "extract": {"teacher": {"kind": "label_bridge",
+                                "label_bridge": {"class_names": str(ROOT / "data/demo/imagenet_classes.tsv")}},
+                    "device": "cpu", "image_batch_size": 4, "text_batch_size": 8, "num_workers": 0},
+        "distill": {"student": {"image": {"backend": "hf_vit", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                          "intermediate_size": 64, "patch_size": 16, "image_size": 32},
+                                "text": {"tokenizer": str(tokenizer_dir), "hidden_size": 32, "num_layers": 1,
+                                         "num_heads": 2, "intermediate_size": 64, "max_tokens": 16}},
+                    "loss": {"queue_size": 0}, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu"},
+        "evaluate": {"device": "cpu", "latency": False},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return path
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, f"kdpipe {' '.join(args)} failed:\n{result.output}"
+    return result.output
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
+    tiny_dataset(tmp_path)
+    p = str(params(tmp_path, tokenizer_dir))
+    work = tmp_path / "artifacts"
+
+    run("prepare", "--params", p)
+    index = DatasetIndex.load(work / "index")
+    assert {s: index.split(s).n_images for s in index.splits} == PER_SPLIT
+    cache = open_image_cache(work / "images.zarr", expect_fingerprint=index.fingerprint)
+    assert cache.split("test").shape == (2, 224, 224, 3)
+
+    run("extract", "--params", p)
+    store = open_store(work / "features.zarr", expect_fingerprint=index.fingerprint, expect_dim=384)
+    test = store.split("test")
+    assert test.image_id.tolist() == index.split("test").image_id.tolist()
+    assert np.allclose(np.linalg.norm(test.text_emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+    run("distill", "--params", p)
+    run("distill", "--params", p, "--baseline")
+    for model in ("student", "baseline"):
+        assert (work / model / "model.safetensors").is_file() and (work / model / "student_config.json").is_file()
+
+    run("evaluate", "--params", p)
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert list(metrics)[:7] == ["dataset", "split", "n_images", "n_captions", "teacher", "student", "baseline"]
+    assert (metrics["dataset"], metrics["split"], metrics["n_images"]) == ("tiny", "test", 2)
+    assert metrics["n_captions"] == len(index.split("test").caption_text)
+    for model in ("teacher", "student", "baseline"):
+        block = metrics[model]
+        assert all(k in block for k in METRIC_KEYS)
+        assert block["rsum"] == pytest.approx(sum(block[k] for k in METRIC_KEYS[:6]))
+    assert (work / "plots" / "recall_at_k.png").is_file()
