@@ -70,7 +70,7 @@ from pipeline.feature_store import (
     remove_partial_files,
     write_file_durably,
 )
-from pipeline.progress import progress
+from pipeline.progress import info, progress
 from pipeline.teachers import Teacher, TeacherConfig, build_teacher
 
 WORK_DIR = ".extract"  # progress records inside the store while it is being written; deleted at the end
@@ -373,8 +373,8 @@ def _run(index: DatasetIndex, cfg: ExtractConfig, out: Path, teacher: Teacher, v
     restart_reason = None
     if dist.rank == 0:
         message, restart_reason = _prepare(out, identity, views, cfg, fresh)
-        if message:  # one unwrapped line on stderr (rich would wrap it at the console width)
-            print(f"{out}: {message}", file=sys.stderr, flush=True)
+        if message:
+            info(f"{out}: {message}")
     dist.barrier()  # the store exists (fresh or resumable) before anyone reads it
 
     writer = StoreWriter(out)

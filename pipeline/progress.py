@@ -83,9 +83,10 @@ def progress(description: str, total: int | None, unit: str = "it") -> Iterator[
         yield bar
     elapsed = time.perf_counter() - start
     rate = bar.done / elapsed if elapsed > 0 else float("inf")
-    _console.print(f"{description}: {bar.done:,} {unit} in {elapsed:.1f} s ({rate:,.1f} {unit}/s)", highlight=False)
+    _console.print(f"{description}: {bar.done:,} {unit} in {elapsed:.1f} s ({rate:,.1f} {unit}/s)",
+                   highlight=False, markup=False)
 
 
 def info(message: str) -> None:
     """One status line on stderr (kept off stdout so that stdout stays machine-readable)."""
-    _console.print(message, highlight=False)
+    _console.print(message, highlight=False, markup=False)  # a path with [brackets] stays as it is
