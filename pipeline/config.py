@@ -41,6 +41,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
         raise ConfigError(f"{where}: {err}") from None
 
 
+def require_at_least(cfg: Any, minimum: int, *names: str) -> None:
+    """For `__post_init__` range checks: each named field must be >= minimum (ValueError naming the field)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if origin in (typing.Union, types.UnionType):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
+from pipeline.config import require_at_least
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError, KdpipeError
 from pipeline.paths import ArtifactPaths
@@ -52,9 +53,7 @@ class EvaluateConfig:
     write_ranks: bool = True  # per-query ranks in plots/ranks.npz (which queries fail)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "latency_batch_size", "latency_batches", "curve_max_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "batch_size", "latency_batch_size", "latency_batches", "curve_max_k")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive (or null for automatic), got {self.chunk_size}")
         if not self.models or self.models[0] != "student":

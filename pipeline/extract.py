@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.config import require_at_least
 from pipeline.dataset_index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
@@ -96,9 +97,7 @@ class ExtractConfig:
     jpeg_draft: bool = False  # let PIL decode JPEGs at a reduced scale (>= image size); faster, not bit-exact
 
     def __post_init__(self) -> None:
-        for name in ("image_batch_size", "text_batch_size", "prefetch_factor", "chunk_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "image_batch_size", "text_batch_size", "prefetch_factor", "chunk_rows")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (or null for automatic), got {self.num_workers}")
         if len(set(self.splits)) != len(self.splits):

@@ -68,16 +68,22 @@ def test_matches_naive_oracle(per_image, shuffle):
             assert got.i2t.dtype == np.int64 and got.t2i.dtype == np.int64
 
 
+def noisy_gallery(rng, n: int, dim: int, noise: float, shuffle: bool):
+    """Unit image vectors and unit captions = their image + Gaussian noise (5-7 captions per image)."""
+    ti = caption_layout(rng, n, [5, 6, 7], shuffle=shuffle)
+    img = rng.standard_normal((n, dim)).astype(np.float32)
+    txt = (img[ti] + noise * rng.standard_normal((len(ti), dim))).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    return img, txt, ti
+
+
 def test_matches_naive_on_random_float_data():
     """Gaussian unit vectors (no ties), fp32 and fp16 stores, each positive farther from every negative than any
     two float32 evaluations of a dot product can differ (2 * D * 2^-24 for unit vectors)."""
     rng = np.random.default_rng(11)
     n, dim = 60, 64
-    ti = caption_layout(rng, n, [5, 6, 7], shuffle=True)
-    img = rng.standard_normal((n, dim)).astype(np.float32)
-    txt = (img[ti] + 6.0 * rng.standard_normal((len(ti), dim))).astype(np.float32)
-    img /= np.linalg.norm(img, axis=1, keepdims=True)
-    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    img, txt, ti = noisy_gallery(rng, n, dim, noise=6.0, shuffle=True)
     for dtype in (np.float32, np.float16):
         a, b = img.astype(dtype), txt.astype(dtype)
         S = a.astype(np.float64) @ b.astype(np.float64).T
@@ -196,11 +202,7 @@ def test_faiss_settles_separated_queries_and_hands_near_ties_to_torch(monkeypatc
     torch backend rank for rank."""
     rng = np.random.default_rng(2)
     n, dim = 400, 256
-    ti = caption_layout(rng, n, [5, 6, 7], shuffle=False)
-    img = rng.standard_normal((n, dim)).astype(np.float32)
-    txt = (img[ti] + 9.0 * rng.standard_normal((len(ti), dim))).astype(np.float32)
-    img /= np.linalg.norm(img, axis=1, keepdims=True)
-    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    img, txt, ti = noisy_gallery(rng, n, dim, noise=9.0, shuffle=False)
     handed = []
     real = rm._tiled_ranks
 
