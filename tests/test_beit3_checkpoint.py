@@ -207,8 +207,10 @@ def test_teacher_clear_errors(base_style_ckpt, tiny_spm, tmp_path):
         BEiT3Teacher.from_checkpoint(path, tokenizer=tmp_path / "beit3.spm", num_heads=4)
     with pytest.raises(InputError, match="does not match preset 'large'.*embed_dim 32 \\(preset: 1024\\)"):
         BEiT3Teacher.from_checkpoint(path, tokenizer=tiny_spm, num_heads=4, preset="large")
-    with pytest.raises(InputError, match="teacher.beit3.checkpoint is not set"):
+    with pytest.raises(InputError, match="^extract.teacher.beit3.checkpoint is not set"):  # the params.yaml key
         BEiT3Teacher.from_config(BEiT3TeacherConfig(tokenizer=tiny_spm))
+    with pytest.raises(InputError, match="^extract.teacher.beit3.tokenizer is not set"):
+        BEiT3Teacher.from_config(BEiT3TeacherConfig(checkpoint=path))
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA GPU"):
             BEiT3Teacher.from_checkpoint(path, tokenizer=tiny_spm, num_heads=4, device="cuda")

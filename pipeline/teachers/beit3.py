@@ -110,9 +110,9 @@ class BEiT3Teacher(Teacher):
     def from_config(cls, cfg: BEiT3TeacherConfig, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> "BEiT3Teacher":
         if cfg.checkpoint is None:
-            raise InputError("teacher.beit3.checkpoint is not set (path to an official BEiT-3 retrieval .pth)")
+            raise InputError("extract.teacher.beit3.checkpoint is not set (path to an official BEiT-3 retrieval .pth)")
         if cfg.tokenizer is None:
-            raise InputError("teacher.beit3.tokenizer is not set (path to beit3.spm)")
+            raise InputError("extract.teacher.beit3.tokenizer is not set (path to beit3.spm)")
         return cls.from_checkpoint(cfg.checkpoint, tokenizer=cfg.tokenizer, num_heads=cfg.num_heads,
                                    image_size=cfg.image_size, max_text_len=cfg.max_text_len, device=device,
                                    dtype=dtype, preset=None if cfg.preset == "auto" else cfg.preset)
