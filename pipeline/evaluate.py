@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import require_at_least
 from pipeline.devices import resolve_device
+from pipeline.environment import numerics_environment
 from pipeline.errors import InputError, KdpipeError
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import info, progress
@@ -356,7 +357,7 @@ def run_evaluate(paths: ArtifactPaths, cfg: EvaluateConfig, *,
         dataset=_dataset_name(store, index.name), split=cfg.split, n_images=s.n_images, n_captions=s.n_captions,
         models={k: r.metrics for k, r in results.items()}, teacher_name=store.teacher.get("name"),
         tie_rule=TIE_RULE, params=params, latency=latency,
-        timing_s={k: r.seconds for k, r in results.items()})
+        timing_s={k: r.seconds for k, r in results.items()}, environment=numerics_environment(device))
     table = markdown_table(doc)
     metrics_path = write_json(doc, metrics_path or paths.metrics)
     write_plots(paths.plots, results, doc, table, image_id=s.image_id if cfg.write_ranks else None,

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from pipeline.dataset_index import DatasetIndex
 from pipeline.errors import ConfigError, InputError
+from pipeline.environment import numerics_environment
 from pipeline.evaluate import (
     METRIC_KEYS,
     EvaluateConfig,
@@ -209,6 +210,7 @@ def test_run_evaluate_teacher_and_students(workdir):
     assert doc["params"] == {"teacher": 48 * D, "student": count_parameters(load_student(paths.workdir / "student")),
                              "baseline": count_parameters(load_student(paths.workdir / "baseline"))}
     assert doc["teacher_name"] == "tiny" and doc["tie_rule"] == "pessimistic"
+    assert doc["environment"] == numerics_environment("cpu")  # where these numbers were computed
     # plots
     names = sorted(p.name for p in paths.plots.iterdir())
     assert names == ["metrics.md", "ranks.npz", "recall_at_k.png", "recall_i2t.csv", "recall_t2i.csv"]
