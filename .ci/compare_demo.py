@@ -1,9 +1,20 @@
 """Compare a reproduced demo run with the committed one.
 
-- Deterministic stages (demo data, prepare, extract): every output hash in dvc.lock must be identical.
-- Metrics: each recall may differ by at most one query of its direction (100/N_images for i2t,
-  100/N_captions for t2i: a single near-tie flipping on another CPU's float rounding), rsum by at most
-  the sum of those; dataset sizes must be equal. Anything larger is a real change and fails.
+Float results are bitwise reproducible only on the same machine class (CPU vendor/model/ISA, library
+versions, thread count: `environment` in metrics.json, from pipeline/environment.py). An AMD EPYC and an
+Intel Xeon give teacher features that differ in the last bit, and ten epochs of training on 80 pairs turn
+that into other student weights. So:
+
+- Always: the integer stages (demo data, prepare: JPEG decode and resize) must give identical output
+  hashes in dvc.lock, and the dataset sizes must be equal.
+- Same machine class as the committed run: the extract output must be identical too, and every recall of
+  every model exactly equal. Anything else is nondeterminism, a bug.
+- The README's demo table must show the committed metrics (numbers are never typed by hand).
+- Another machine class: the teacher's recalls may differ by one query of their direction (a near tie
+  flipped by last-bit differences in the features); the student's and the baseline's recalls by the
+  cross-machine spread measured for this demo (CROSS_MACHINE below), their agreement with the teacher
+  likewise; and what the demo claims must still hold: the distilled student agrees with the teacher and
+  the pairs-only baseline does not.
 """
 from __future__ import annotations
 
@@ -13,8 +24,18 @@ import sys
 
 import yaml
 
-DETERMINISTIC_STAGES = ("demo_data", "prepare", "extract")
+INTEGER_STAGES = ("demo_data", "prepare")
+FLOAT_STAGES = ("extract",)
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+AGREEMENT = ("teacher_cos_image", "teacher_cos_text")
+
+# Another machine class: how far the trained models may move. Measured by rerunning the demo under six
+# numerics variants of the same code (an Intel Xeon; an AMD EPYC with its default kernels, with ATen's AVX2
+# kernels, with MKL's and oneDNN's AVX2 paths, with one thread): teacher features moved by <= 6e-5 and its
+# recalls not at all, while student and baseline recalls moved by up to 2 of the 6 image queries and 5 of the
+# 30 caption queries, RSUM by up to 57 and the agreement with the teacher by up to 0.071; the distilled
+# student's agreement stayed >= 0.073 above the baseline's. The tolerances leave room above those spreads.
+CROSS_MACHINE = {"recall_queries": {"i2t": 3, "t2i": 7}, "rsum": 90.0, "agreement": 0.1, "min_agreement_gap": 0.04}
 
 
 def outs(lock: dict, stage: str) -> dict[str, str]:
@@ -24,25 +45,23 @@ def outs(lock: dict, stage: str) -> dict[str, str]:
     return {o["path"]: o.get("md5") or o.get("hash", "") for o in entry.get("outs", [])}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    for name in ("committed-lock", "reproduced-lock", "committed-metrics", "reproduced-metrics"):
-        ap.add_argument(f"--{name}", required=True)
-    a = ap.parse_args()
-    failures: list[str] = []
-
-    old_lock, new_lock = (yaml.safe_load(open(p)) for p in (a.committed_lock, a.reproduced_lock))
-    for stage in DETERMINISTIC_STAGES:
+def compare_stage_outputs(old_lock: dict, new_lock: dict, stages: tuple[str, ...], failures: list[str]) -> bool:
+    """Print and check that each stage's output hashes are reproduced; True when all are identical."""
+    identical = True
+    for stage in stages:
         old, new = outs(old_lock, stage), outs(new_lock, stage)
         if not old:
             failures.append(f"stage {stage}: missing from the committed dvc.lock")
         for path, digest in old.items():
-            status = "same" if new.get(path) == digest else f"CHANGED ({digest} -> {new.get(path)})"
-            print(f"  {stage:10s} {path}: {status}")
-            if new.get(path) != digest:
+            same = new.get(path) == digest
+            identical &= same
+            print(f"  {stage:10s} {path}: {'same' if same else f'CHANGED ({digest} -> {new.get(path)})'}")
+            if not same:
                 failures.append(f"stage {stage}: output {path} is not reproduced bit for bit")
+    return identical
 
-    old_m, new_m = (json.load(open(p)) for p in (a.committed_metrics, a.reproduced_metrics))
+
+def compare_metrics(old_m: dict, new_m: dict, same_class: bool, failures: list[str]) -> list[str]:
     for key in ("dataset", "split", "n_images", "n_captions"):
         if old_m.get(key) != new_m.get(key):
             failures.append(f"metrics {key}: {old_m.get(key)!r} -> {new_m.get(key)!r}")
@@ -52,25 +71,102 @@ def main() -> int:
         if model not in new_m:
             failures.append(f"metrics: {model} missing from the reproduced run")
             continue
-        rsum_tol = 0.0
-        for key in RECALLS:
-            tol = per_query[key[:3]] + 1e-6
-            rsum_tol += tol
+        for key in (*RECALLS, "rsum"):
+            if same_class:
+                tol = 0.0
+            elif key == "rsum":  # the teacher's: one query of each direction at each K
+                tol = 3 * (per_query["i2t"] + per_query["t2i"]) if model == "teacher" else CROSS_MACHINE["rsum"]
+            else:
+                queries = 1 if model == "teacher" else CROSS_MACHINE["recall_queries"][key[:3]]
+                tol = queries * per_query[key[:3]]
             diff = abs(new_m[model][key] - old_m[model][key])
-            print(f"  {model:8s} {key:7s} committed {old_m[model][key]:7.2f} reproduced {new_m[model][key]:7.2f}"
+            print(f"  {model:8s} {key:17s} committed {old_m[model][key]:7.2f} reproduced {new_m[model][key]:7.2f}"
                   f"  |diff| {diff:.2f} (tolerance {tol:.2f})")
-            if diff > tol:
-                failures.append(f"metrics {model}.{key}: {old_m[model][key]} -> {new_m[model][key]} (tolerance {tol:.2f})")
-        diff = abs(new_m[model]["rsum"] - old_m[model]["rsum"])
-        if diff > rsum_tol:
-            failures.append(f"metrics {model}.rsum: {old_m[model]['rsum']} -> {new_m[model]['rsum']} (tolerance {rsum_tol:.2f})")
+            if diff > tol + 1e-9:
+                failures.append(f"metrics {model}.{key}: {old_m[model][key]} -> {new_m[model][key]} "
+                                f"(tolerance {tol:.2f})")
+        for key in AGREEMENT if model != "teacher" else ():
+            tol = 0.0 if same_class else CROSS_MACHINE["agreement"]
+            diff = abs(new_m[model][key] - old_m[model][key])
+            print(f"  {model:8s} {key:17s} committed {old_m[model][key]:7.4f} reproduced {new_m[model][key]:7.4f}"
+                  f"  |diff| {diff:.4f} (tolerance {tol:.4f})")
+            if diff > tol + 1e-9:
+                failures.append(f"metrics {model}.{key}: {old_m[model][key]} -> {new_m[model][key]} "
+                                f"(tolerance {tol:.4f})")
+    if {"student", "baseline"} <= set(new_m):  # the demo's claim, on any machine
+        for key in AGREEMENT:
+            gap = new_m["student"][key] - new_m["baseline"][key]
+            if gap < CROSS_MACHINE["min_agreement_gap"]:
+                failures.append(f"metrics: student {key} {new_m['student'][key]} is not above the baseline's "
+                                f"{new_m['baseline'][key]} by {CROSS_MACHINE['min_agreement_gap']}")
+    return models
+
+
+README_ROWS = {"teacher": "| teacher (label bridge) |", "student": "| distilled student |",
+               "baseline": "| baseline (pairs only, no teacher) |"}
+
+
+def compare_readme(readme: str, metrics: dict, failures: list[str]) -> None:
+    """The README's demo table (recalls and RSUM to 0.1, agreement to 0.01) against the committed metrics."""
+    for model, prefix in README_ROWS.items():
+        lines = [line for line in readme.splitlines() if line.startswith(prefix)]
+        if model not in metrics:
+            continue
+        if len(lines) != 1:
+            failures.append(f"README: expected one demo table row starting {prefix!r}, found {len(lines)}")
+            continue
+        cells = [c.strip() for c in lines[0][len(prefix):].strip().strip("|").split("|")]
+        shown = cells[:len(RECALLS) + 1]
+        expected = [f"{metrics[model][k]:.1f}" for k in (*RECALLS, "rsum")]
+        if model != "teacher":
+            shown.append(cells[len(RECALLS) + 1].replace(" ", ""))
+            expected.append("/".join(f"{abs(v) if round(v, 2) == 0 else v:.2f}"
+                                     for v in (metrics[model][k] for k in AGREEMENT)))
+        if shown != expected:
+            failures.append(f"README: the {model} row shows {' | '.join(shown)}; metrics.json has {' | '.join(expected)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    for name in ("committed-lock", "reproduced-lock", "committed-metrics", "reproduced-metrics"):
+        ap.add_argument(f"--{name}", required=True)
+    ap.add_argument("--readme", help="check that this README's demo table shows the committed metrics")
+    a = ap.parse_args()
+    failures: list[str] = []
+
+    old_lock, new_lock = (yaml.safe_load(open(p)) for p in (a.committed_lock, a.reproduced_lock))
+    old_m, new_m = (json.load(open(p)) for p in (a.committed_metrics, a.reproduced_metrics))
+    old_env, new_env = old_m.get("environment"), new_m.get("environment")
+    same_class = old_env is not None and old_env == new_env
+    if same_class:
+        print(f"same machine class as the committed run ({new_env['cpu']}, {new_env['cpu_id']}): "
+              "every output and recall must be identical")
+    else:
+        print("another machine class than the committed run: float stages within the measured cross-machine spread")
+        for key in sorted(set(old_env or {}) | set(new_env or {})):
+            old_v, new_v = (old_env or {}).get(key), (new_env or {}).get(key)
+            if old_v != new_v:
+                print(f"  environment {key}: committed {old_v!r}, here {new_v!r}")
+
+    compare_stage_outputs(old_lock, new_lock, INTEGER_STAGES, failures)
+    if same_class:
+        compare_stage_outputs(old_lock, new_lock, FLOAT_STAGES, failures)
+    else:
+        ignored: list[str] = []
+        compare_stage_outputs(old_lock, new_lock, FLOAT_STAGES, ignored)
+        if ignored:
+            print("  (extract differs in the last bits on another machine class: checked through the teacher's recalls)")
+    models = compare_metrics(old_m, new_m, same_class, failures)
+    if a.readme:
+        compare_readme(open(a.readme, encoding="utf-8").read(), old_m, failures)
 
     if failures:
         print("demo reproduction FAILED:")
         for f in failures:
             print("  - " + f)
         return 1
-    print(f"demo reproduction OK: deterministic stages identical, metrics of {', '.join(models)} within tolerance")
+    how = "bit for bit" if same_class else "within the cross-machine tolerances"
+    print(f"demo reproduction OK ({how}): integer stages identical, metrics of {', '.join(models)} reproduced")
     return 0
 
 
