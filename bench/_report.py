@@ -45,16 +45,6 @@ def _git(*args: str) -> str:
         return ""
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cuda_available() -> bool:
     try:
         import torch
@@ -66,7 +56,9 @@ def cuda_available() -> bool:
 
 def machine_info() -> dict:
     """Device name, core count, versions (python, torch, CUDA, numpy, kdpipe commit) and the UTC date."""
-    info = {"cpu": cpu_name(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+    from pipeline.environment import cpu_description  # model name, vendor/family/model, ISA flags
+
+    info = {**cpu_description(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
     try:
         import torch
