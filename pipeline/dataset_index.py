@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.exif import EXIF_ORIENTATION
 
 INDEX_FORMAT = "kdpipe-index"
 INDEX_VERSION = 1
@@ -56,8 +57,13 @@ class DatasetIndex:
     image_split: np.ndarray  # object (str) [N_images]
     caption_text: np.ndarray  # object (str) [N_captions], non-empty
     caption_image: np.ndarray  # int64 [N_captions], row in the images
+    # How every stage reads the image files: "ignore" their EXIF orientation tag (stored pixels as they are,
+    # as torchvision, BEiT-3 and DSMD load them) or "apply" it (phone photos shot sideways come out upright).
+    exif_orientation: str = "ignore"
 
     def __post_init__(self) -> None:
+        if self.exif_orientation not in EXIF_ORIENTATION:
+            raise ValueError(f"exif_orientation must be one of {EXIF_ORIENTATION}, got {self.exif_orientation!r}")
         n = len(self.image_id)
         if not (len(self.image_path) == len(self.image_split) == n):
             raise ValueError("image columns differ in length")
@@ -73,9 +79,10 @@ class DatasetIndex:
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_lists(cls, name: str, image_root: Path | str, images: list[tuple[str, str, str]],
-                   captions: list[tuple[str, int]]) -> "DatasetIndex":
+                   captions: list[tuple[str, int]], exif_orientation: str = "ignore") -> "DatasetIndex":
         """images: (image_id, path, split) rows; captions: (text, image row) rows."""
         return cls(
+            exif_orientation=exif_orientation,
             name=name,
             image_root=Path(image_root),
             image_id=np.array([i for i, _, _ in images], dtype=object),
@@ -99,6 +106,7 @@ class DatasetIndex:
             image_split=self.image_split[keep],
             caption_text=self.caption_text[cap_keep],
             caption_image=new_row[self.caption_image[cap_keep]],
+            exif_orientation=self.exif_orientation,
         )
 
     # -- derived views ------------------------------------------------------------------------------
@@ -139,8 +147,9 @@ class DatasetIndex:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the content (ids, relative paths, splits, captions and their images), not of image_root,
-        so that moving the dataset directory keeps the fingerprint."""
+        """sha256 of the content (ids, relative paths, splits, captions and their images) and of how the images
+        are read (only when EXIF orientation is applied: indexes that ignore it keep their fingerprints), not of
+        image_root, so that moving the dataset directory keeps the fingerprint."""
         h = hashlib.sha256()
         h.update(f"{INDEX_FORMAT}/{INDEX_VERSION}\n".encode())
         for column in (self.image_id, self.image_path, self.image_split, self.caption_text):
@@ -150,6 +159,8 @@ class DatasetIndex:
                 h.update(len(b).to_bytes(8, "little"))  # length-prefixed, so no separator can be forged
                 h.update(b)
         h.update(np.ascontiguousarray(self.caption_image, dtype="<i8").tobytes())
+        if self.exif_orientation != "ignore":  # other pixels: features and image caches must not match
+            h.update(f"\nexif_orientation={self.exif_orientation}".encode())
         return h.hexdigest()
 
     # -- storage ------------------------------------------------------------------------------------
@@ -172,6 +183,7 @@ class DatasetIndex:
         meta = {
             "format": INDEX_FORMAT, "version": INDEX_VERSION, "name": self.name,
             "image_root": str(self.image_root), "fingerprint": self.fingerprint,
+            "exif_orientation": self.exif_orientation,
             "n_images": self.n_images, "n_captions": self.n_captions,
             "splits": {s: {"images": int((self.image_split == s).sum()),
                            "captions": int((self.image_split[self.caption_image] == s).sum())}
@@ -200,6 +212,7 @@ class DatasetIndex:
             image_split=np.array(images["split"].to_pylist(), dtype=object),
             caption_text=np.array(captions["text"].to_pylist(), dtype=object),
             caption_image=captions["image_row"].to_numpy().astype(np.int64),
+            exif_orientation=meta.get("exif_orientation", "ignore"),
         )
         if index.fingerprint != meta["fingerprint"]:
             raise InputError(f"{directory}: index content does not match its recorded fingerprint (edited by hand?)")

@@ -55,6 +55,9 @@ class DatasetConfig:
     restval: Literal["train", "restval", "drop"] = "train"  # Karpathy's restval split: into train, kept, or dropped
     splits: tuple[str, ...] | None = None  # keep only these splits (after restval mapping); None = all
     default_split: str | None = None  # row formats: split of rows that name none; None = such a row is an error
+    # ignore: pixels as stored, as the reference loaders (and published Flickr30K/COCO numbers); apply: turn
+    # images upright by their EXIF orientation tag (phone photos). Recorded in the index, used by every stage.
+    exif_orientation: Literal["ignore", "apply"] = "ignore"
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -179,7 +182,8 @@ class _Builder:
         for row, (image_id, _, _) in enumerate(self.images):
             if row not in has_caption:
                 raise InputError(f"{self.where_of[image_id]}: image {image_id!r} has no captions")
-        return DatasetIndex.from_lists(self.cfg.name, root, self.images, self.captions)
+        return DatasetIndex.from_lists(self.cfg.name, root, self.images, self.captions,
+                                       exif_orientation=self.cfg.exif_orientation)
 
 
 def _normalize_path(path: str, where: str) -> str:

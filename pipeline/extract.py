@@ -58,6 +58,7 @@ from pipeline.config import require_at_least
 from pipeline.dataset_index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
+from pipeline.exif import orientation, upright
 from pipeline.feature_store import (
     FORMAT,
     StoreWriter,
@@ -211,27 +212,31 @@ def _auto_workers(device: torch.device, local_world: int) -> int:
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def load_rgb(path: str, draft_size: int | None = None) -> Image.Image:
-    """Decode an image file fully as RGB (raises on a missing, truncated or unreadable file)."""
+def load_rgb(path: str, draft_size: int | None = None, exif: str = "ignore") -> Image.Image:
+    """Decode an image file fully as RGB (raises on a missing, truncated or unreadable file); exif "apply":
+    turned upright by its EXIF orientation tag (the dataset index's choice, see pipeline/exif.py)."""
     with Image.open(path) as im:
+        tag = orientation(im) if exif == "apply" else 1
         if draft_size and im.format == "JPEG":
-            im.draft("RGB", (draft_size, draft_size))  # DCT-domain downscale, never below the requested size
-        return im.convert("RGB")  # convert() loads all pixel data, so a truncated file fails here
+            # DCT-domain downscale, never below the requested size; square, so the same before or after a rotation
+            im.draft("RGB", (draft_size, draft_size))
+        return upright(im.convert("RGB"), tag)  # convert() loads all pixel data, so a truncated file fails here
 
 
 class _ImageItems(torch.utils.data.Dataset):
     """Item i -> (pixels [3, S, S], error message or ""); a bad image gives `blank` and its message."""
 
     def __init__(self, paths: list[str], preprocess: Callable[[Image.Image], torch.Tensor],
-                 blank: torch.Tensor, draft_size: int | None) -> None:
+                 blank: torch.Tensor, draft_size: int | None, exif: str) -> None:
         self.paths, self.preprocess, self.blank, self.draft_size = paths, preprocess, blank, draft_size
+        self.exif = exif
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         try:
-            image = load_rgb(self.paths[i], self.draft_size)
+            image = load_rgb(self.paths[i], self.draft_size, self.exif)
         except _BAD_IMAGE_ERRORS as err:
             return self.blank.clone(), f"{type(err).__name__}: {err}"
         return self.preprocess(image), ""
@@ -393,7 +398,8 @@ def _run(index: DatasetIndex, cfg: ExtractConfig, out: Path, teacher: Teacher, v
         image_units = [u for u in mine if u.array == "image_emb"]
         text_units = [u for u in mine if u.array == "text_emb"]
         if image_units:
-            _extract_images(image_units, views, teacher, cfg, writer, work, workers, device, show, tag)
+            _extract_images(image_units, views, teacher, cfg, writer, work, workers, device, show, tag,
+                            index.exif_orientation)
         if text_units:
             _extract_texts(text_units, views, teacher, cfg, writer, work, workers, device, show, tag)
 
@@ -495,7 +501,7 @@ def _bar(show: bool, description: str, total: int, unit: str) -> Iterator[Any]:
 
 def _extract_images(units: list[_Unit], views: dict[str, SplitView], teacher: Teacher, cfg: ExtractConfig,
                     writer: StoreWriter, work: Path, workers: int, device: torch.device, show: bool,
-                    tag: str) -> None:
+                    tag: str, exif: str) -> None:
     # A teacher may offer the resize alone as uint8 (normalized on the device by encode_image_batch):
     # 4x fewer bytes through worker IPC, pinned memory and the host-to-device copy.
     preprocess = getattr(teacher, "preprocess_image_uint8", None) or teacher.preprocess_image
@@ -510,7 +516,7 @@ def _extract_images(units: list[_Unit], views: dict[str, SplitView], teacher: Te
         for b in range(0, u.rows, cfg.image_batch_size):
             batches.append(list(range(base + b, base + min(u.rows, b + cfg.image_batch_size))))
             batch_of.append((k, b))
-    loader = _loader(_ImageItems(paths, preprocess, blank, draft), workers,
+    loader = _loader(_ImageItems(paths, preprocess, blank, draft, exif), workers,
                      device.type == "cuda", cfg.prefetch_factor, batch_sampler=batches)
 
     buffers: dict[int, np.ndarray] = {}

@@ -44,6 +44,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from pipeline.dataset_index import DatasetIndex, read_fingerprint
 from pipeline.datasets import DatasetConfig, read_dataset
 from pipeline.errors import InputError
+from pipeline.exif import orientation, upright
 from pipeline.image_cache import (
     DEFAULT_CHUNK_IMAGES,
     CacheBuilder,
@@ -86,7 +87,7 @@ class ResizeConfig:
     def describe(self) -> dict[str, Any]:
         """JSON-native description recorded in the cache; a different description means different pixels."""
         return {"mode": self.mode, "resize": self.resize, "crop": self.crop, "filter": self.filter,
-                "draft": self.draft, "channels": "RGB", "exif_orientation": False}
+                "draft": self.draft, "channels": "RGB"}
 
     def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
         """(resized size (w, h), crop box (left, top, right, bottom)) for a source image of this size."""
@@ -125,22 +126,33 @@ class PrepareConfig:
 
 
 # -- decoding one image, one block ------------------------------------------------------------------
-def decode_image(path: str | Path, rc: ResizeConfig) -> np.ndarray:
-    """One image file -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/ValueError for a bad file."""
+def decode_image(path: str | Path, rc: ResizeConfig, exif: str = "ignore") -> np.ndarray:
+    """One image file -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/ValueError for a bad file.
+    exif: "apply" turns the image upright by its EXIF orientation tag first (see pipeline/exif.py)."""
     with Image.open(path) as img:
-        size, crop = rc.geometry(*img.size)
-        source = None  # the region of the decoded image that the resize maps onto `size`: all of it
-        if rc.draft and img.format == "JPEG":
-            # DCT-scaled decoding, only if the file is >= 2x `size` in both sides. The scaled image has
-            # ceil(side / scale) pixels, the last row/column partly padding: `source` is the exact
-            # (fractional) extent of the original image in it, so the geometry stays that of a full decode.
-            drafted = img.draft("RGB", size)
-            if drafted is not None:
-                source = drafted[1]
-        img.load()  # decodes everything: truncation shows up here
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
-        out = rgb.resize(size, _FILTERS[rc.filter], box=source).crop(crop)
-        return np.asarray(out)
+        return _resize_crop(img, rc, orientation(img) if exif == "apply" else 1)
+
+
+def _resize_crop(img: Image.Image, rc: ResizeConfig, tag: int) -> np.ndarray:
+    """An opened image -> uint8 [crop, crop, 3], first turned upright by EXIF orientation `tag` (1: as stored)."""
+    if tag != 1:
+        # Transposed after a full decode: a drafted (DCT-scaled) image would have to map its fractional source
+        # box through the rotation too, and phone photos are the only ones that pay for the simpler path.
+        img.load()
+        img = upright(img, tag)
+    size, crop = rc.geometry(*img.size)
+    source = None  # the region of the decoded image that the resize maps onto `size`: all of it
+    if rc.draft and img.format == "JPEG" and tag == 1:
+        # DCT-scaled decoding, only if the file is >= 2x `size` in both sides. The scaled image has
+        # ceil(side / scale) pixels, the last row/column partly padding: `source` is the exact
+        # (fractional) extent of the original image in it, so the geometry stays that of a full decode.
+        drafted = img.draft("RGB", size)
+        if drafted is not None:
+            source = drafted[1]
+    img.load()  # decodes everything: truncation shows up here
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    out = rgb.resize(size, _FILTERS[rc.filter], box=source).crop(crop)
+    return np.asarray(out)
 
 
 def describe_failure(path: str, err: BaseException) -> str:
@@ -166,12 +178,13 @@ def describe_failure(path: str, err: BaseException) -> str:
     return f"corrupt image ({type(err).__name__}: {text})"
 
 
-def decode_block(paths: list[str], rc: ResizeConfig, data_file: str, start_row: int) -> dict[str, Any]:
+def decode_block(paths: list[str], rc: ResizeConfig, data_file: str, start_row: int,
+                 exif: str = "ignore") -> dict[str, Any]:
     """Decode consecutive images and write them at `start_row` of a split's data file (one inner chunk).
 
-    Returns {"failures": [(position in `paths`, reason), ...], "cpu_seconds": CPU time of this call's
-    thread}; a failed image's row stays zero and is removed by the caller under `skip`. Runs in dask
-    workers and in-process alike."""
+    Returns {"failures": [(position in `paths`, reason), ...], "exif_tagged": images with an EXIF
+    orientation other than 1, "cpu_seconds": CPU time of this call's thread}; a failed image's row stays zero
+    and is removed by the caller under `skip`. Runs in dask workers and in-process alike."""
     cpu_start = time.thread_time()
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True (by another library?): truncated "
@@ -179,13 +192,17 @@ def decode_block(paths: list[str], rc: ResizeConfig, data_file: str, start_row: 
     h, w = rc.image_size
     block = np.zeros((len(paths), h, w, 3), dtype=np.uint8)
     failures: list[tuple[int, str]] = []
+    tagged = 0  # images whose EXIF orientation asks for a rotation or mirror
     for i, path in enumerate(paths):
         try:
-            block[i] = decode_image(path, rc)
+            with Image.open(path) as img:
+                tag = orientation(img)
+                block[i] = _resize_crop(img, rc, tag if exif == "apply" else 1)
+            tagged += tag != 1
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
             failures.append((i, describe_failure(path, err)))
     write_rows(data_file, start_row, block)
-    return {"failures": failures, "cpu_seconds": time.thread_time() - cpu_start}
+    return {"failures": failures, "exif_tagged": tagged, "cpu_seconds": time.thread_time() - cpu_start}
 
 
 # -- the stage ---------------------------------------------------------------------------------------
@@ -236,6 +253,7 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
             rows = views[task.split].image_rows
             bad.extend((int(rows[task.start + i]), reason) for i, reason in result["failures"])
         cpu_s = sum(result["cpu_seconds"] for _, result in results)
+        tagged = sum(result["exif_tagged"] for _, result in results)
         bad.sort()
         if bad and cfg.on_bad_image == "error":
             raise InputError(_error_line(index, bad))
@@ -262,7 +280,8 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
         index.save(paths.index_dir)
         builder.publish({
             "fingerprint": index.fingerprint, "source_fingerprint": source_fingerprint,
-            "dataset": index.name, "resize": rc.describe(), "on_bad_image": cfg.on_bad_image,
+            "dataset": index.name, "resize": rc.describe(), "exif_orientation": index.exif_orientation,
+            "on_bad_image": cfg.on_bad_image,
             "n_bad": len(bad), "pillow": Image.__version__,
         })
     except BaseException:
@@ -280,6 +299,12 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
     }
     skipped = f", {len(bad)} bad image(s) skipped (listed in {paths.index_dir / BAD_IMAGES_FILE})" if bad else ""
     info(f"prepare: wrote {paths.images} ({n_ok:,} images at {rc.crop}x{rc.crop}) and {paths.index_dir}{skipped}")
+    if tagged:
+        how = ("turned upright (prepare.dataset.exif_orientation: apply)" if index.exif_orientation == "apply" else
+               "used as stored, like the reference loaders; set prepare.dataset.exif_orientation: apply for "
+               "phone photos")
+        info(f"prepare: {tagged:,} image(s) carry an EXIF orientation tag (rotated or mirrored): {how}")
+    summary["exif_tagged"] = tagged
     return summary
 
 
@@ -287,13 +312,14 @@ def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[l
     """Run every block, in-process or on dask; returns ((task, decode_block's result) per task, seconds
     from the first task submitted to the last done, i.e. without the cluster's start-up)."""
     workers = cfg.workers or available_cpus()
+    exif = cfg.dataset.exif_orientation
     in_process = cfg.scheduler is None and (workers == 1 or n_images < cfg.cluster_min_images)
     out = []
     with progress("prepare: decode", total=n_images, unit="img") as bar:
         if in_process:
             start = time.perf_counter()
             for task in tasks:
-                out.append((task, decode_block(task.paths, cfg.image, task.data_file, task.start)))
+                out.append((task, decode_block(task.paths, cfg.image, task.data_file, task.start, exif)))
                 bar.advance(len(task.paths))
             return out, time.perf_counter() - start
         import dask
@@ -312,7 +338,7 @@ def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[l
         try:
             with Client(cluster if cluster is not None else cfg.scheduler) as client:
                 start = time.perf_counter()
-                futures = {client.submit(decode_block, t.paths, cfg.image, t.data_file, t.start, pure=False): t
+                futures = {client.submit(decode_block, t.paths, cfg.image, t.data_file, t.start, exif, pure=False): t
                            for t in tasks}
                 for fut in as_completed(futures):
                     task = futures[fut]
@@ -349,6 +375,7 @@ def _unchanged(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) ->
     a = cache.attrs
     same = (a.get("source_fingerprint") == index.fingerprint and a.get("fingerprint") == recorded
             and a.get("resize") == cfg.image.describe()
+            and a.get("exif_orientation", "ignore") == index.exif_orientation
             and a.get("chunk_images") == cfg.chunk_images
             and (a.get("n_bad") == 0 or a.get("on_bad_image") == cfg.on_bad_image))
     if not same:
@@ -359,7 +386,7 @@ def _unchanged(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) ->
     return {"status": "unchanged", "fingerprint": recorded,
             "images": {s: int((saved.image_split == s).sum()) for s in saved.splits},
             "captions": saved.n_captions, "bad_images": len(report), "decode_seconds": 0.0,
-            "images_per_second": None, "images_per_cpu_second": None, "seconds": None}
+            "images_per_second": None, "images_per_cpu_second": None, "seconds": None, "exif_tagged": None}
 
 
 def _write_json(path: Path, data: Any) -> None:

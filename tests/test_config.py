@@ -31,7 +31,7 @@ def test_nested_sections_build_typed_values():
 
 @pytest.mark.parametrize("edit, message", [
     ({"dataset": {**BASE["dataset"], "annotaions": "x"}},
-     r"^prepare\.dataset\.annotaions: unknown key; allowed keys are: annotations, default_split, format, "),
+     r"^prepare\.dataset\.annotaions: unknown key; allowed keys are: annotations, default_split, exif_orientation, format, "),
     ({"worker": 2}, r"^prepare\.worker: unknown key; allowed keys are: .*workers"),
     ({"image": {"crop": "224px"}}, r"^prepare\.image\.crop: expected an integer, got '224px'$"),
     ({"workers": True}, r"^prepare\.workers: expected an integer, got True$"),
