@@ -61,6 +61,15 @@ def compare_stage_outputs(old_lock: dict, new_lock: dict, stages: tuple[str, ...
     return identical
 
 
+def check_value(name: str, old: float, new: float, tol: float, digits: int, failures: list[str]) -> None:
+    """Print one committed/reproduced pair and record a failure when they differ by more than `tol`."""
+    diff = abs(new - old)
+    print(f"  {name:26s} committed {old:7.{digits}f} reproduced {new:7.{digits}f}  |diff| {diff:.{digits}f} "
+          f"(tolerance {tol:.{digits}f})")
+    if diff > tol + 1e-9:
+        failures.append(f"metrics {name}: {old} -> {new} (tolerance {tol:.{digits}f})")
+
+
 def compare_metrics(old_m: dict, new_m: dict, same_class: bool, failures: list[str]) -> list[str]:
     for key in ("dataset", "split", "n_images", "n_captions"):
         if old_m.get(key) != new_m.get(key):
@@ -79,20 +88,10 @@ def compare_metrics(old_m: dict, new_m: dict, same_class: bool, failures: list[s
             else:
                 queries = 1 if model == "teacher" else CROSS_MACHINE["recall_queries"][key[:3]]
                 tol = queries * per_query[key[:3]]
-            diff = abs(new_m[model][key] - old_m[model][key])
-            print(f"  {model:8s} {key:17s} committed {old_m[model][key]:7.2f} reproduced {new_m[model][key]:7.2f}"
-                  f"  |diff| {diff:.2f} (tolerance {tol:.2f})")
-            if diff > tol + 1e-9:
-                failures.append(f"metrics {model}.{key}: {old_m[model][key]} -> {new_m[model][key]} "
-                                f"(tolerance {tol:.2f})")
+            check_value(f"{model}.{key}", old_m[model][key], new_m[model][key], tol, 2, failures)
         for key in AGREEMENT if model != "teacher" else ():
             tol = 0.0 if same_class else CROSS_MACHINE["agreement"]
-            diff = abs(new_m[model][key] - old_m[model][key])
-            print(f"  {model:8s} {key:17s} committed {old_m[model][key]:7.4f} reproduced {new_m[model][key]:7.4f}"
-                  f"  |diff| {diff:.4f} (tolerance {tol:.4f})")
-            if diff > tol + 1e-9:
-                failures.append(f"metrics {model}.{key}: {old_m[model][key]} -> {new_m[model][key]} "
-                                f"(tolerance {tol:.4f})")
+            check_value(f"{model}.{key}", old_m[model][key], new_m[model][key], tol, 4, failures)
     if {"student", "baseline"} <= set(new_m):  # the demo's claim, on any machine
         for key in AGREEMENT:
             gap = new_m["student"][key] - new_m["baseline"][key]
