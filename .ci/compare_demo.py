@@ -29,8 +29,8 @@ FLOAT_STAGES = ("extract",)
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 AGREEMENT = ("teacher_cos_image", "teacher_cos_text")
 
-# Another machine class: how far the trained models may move. Measured by rerunning the demo under six
-# numerics variants of the same code (an Intel Xeon; an AMD EPYC with its default kernels, with ATen's AVX2
+# Another machine class: how far the trained models may move. Measured by rerunning the demo in five
+# numerics classes of the same code (an Intel Xeon; an AMD EPYC with its default kernels, with ATen's AVX2
 # kernels, with MKL's and oneDNN's AVX2 paths, with one thread): teacher features moved by <= 6e-5 and its
 # recalls not at all, while student and baseline recalls moved by up to 2 of the 6 image queries and 5 of the
 # 30 caption queries, RSUM by up to 57 and the agreement with the teacher by up to 0.071; the distilled
