@@ -108,9 +108,9 @@ README_ROWS = {"teacher": "| teacher (label bridge) |", "student": "| distilled 
 def compare_readme(readme: str, metrics: dict, failures: list[str]) -> None:
     """The README's demo table (recalls and RSUM to 0.1, agreement to 0.01) against the committed metrics."""
     for model, prefix in README_ROWS.items():
-        lines = [line for line in readme.splitlines() if line.startswith(prefix)]
         if model not in metrics:
             continue
+        lines = [line for line in readme.splitlines() if line.startswith(prefix)]
         if len(lines) != 1:
             failures.append(f"README: expected one demo table row starting {prefix!r}, found {len(lines)}")
             continue

@@ -82,7 +82,6 @@ class DatasetIndex:
                    captions: list[tuple[str, int]], exif_orientation: str = "ignore") -> "DatasetIndex":
         """images: (image_id, path, split) rows; captions: (text, image row) rows."""
         return cls(
-            exif_orientation=exif_orientation,
             name=name,
             image_root=Path(image_root),
             image_id=np.array([i for i, _, _ in images], dtype=object),
@@ -90,6 +89,7 @@ class DatasetIndex:
             image_split=np.array([s for _, _, s in images], dtype=object),
             caption_text=np.array([t for t, _ in captions], dtype=object),
             caption_image=np.array([r for _, r in captions], dtype=np.int64),
+            exif_orientation=exif_orientation,
         )
 
     def drop_images(self, rows: np.ndarray | list[int]) -> "DatasetIndex":

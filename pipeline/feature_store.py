@@ -426,9 +426,9 @@ def chunk_len(n: int, chunk_rows: int, row_bytes: int | None = None) -> int:
         k += 1
 
 
-def _chunk_len(n: int, chunk_rows: int) -> int:
-    """The chunk length of the small 1-D arrays."""
-    return max(1, min(chunk_rows, n))
+def _small_chunk_len(n: int) -> int:
+    """Rows per chunk of the 1-D arrays (text_image, image_id): all n in one chunk up to _SMALL_CHUNK."""
+    return max(1, min(_SMALL_CHUNK, n))
 
 
 class StoreWriter:
@@ -476,10 +476,10 @@ class StoreWriter:
                 rows = chunk_len(n, chunk_rows, dim * np.dtype(dtype).itemsize)
                 g.create_array(key, shape=(n, dim), chunks=(rows, dim), dtype=dtype,
                                filters=None, compressors=None, fill_value=0.0, config={"write_empty_chunks": True})
-            g.create_array("text_image", shape=(n_captions,), chunks=(_chunk_len(n_captions, _SMALL_CHUNK),),
+            g.create_array("text_image", shape=(n_captions,), chunks=(_small_chunk_len(n_captions),),
                            dtype="int32", filters=None, compressors=None, fill_value=0,
                            config={"write_empty_chunks": True})
-            g.create_array("image_id", shape=(n_images,), chunks=(_chunk_len(n_images, _SMALL_CHUNK),),
+            g.create_array("image_id", shape=(n_images,), chunks=(_small_chunk_len(n_images),),
                            dtype=str, filters=None, compressors=None, fill_value="",
                            config={"write_empty_chunks": True})
         return cls(path)
