@@ -8,7 +8,7 @@ GPU part: the default student (ViT-B/16 + BERT-base, random init from their conf
 default loss (contrastive vs a K = 8192 queue + L1 + cosine + hardest-negative triplet, dsmd balancer),
 bf16 autocast, AdamW, with a Flickr30K-sized teacher bank (31,783 image rows + 158,915 caption rows,
 D = 1024, fp16) on the GPU. Each step is the trainer's own code: BatchLoader (loader threads gathering
-uint8 images from a memory-mapped cache into pinned memory), `pipeline.train.loss_terms`, the balancer
+uint8 images from a memory-mapped cache into pinned memory), `pipeline.distill.run.loss_terms`, the balancer
 (one sync), backward, optimizer step. Batch 64 / 128 / 256, eager and torch.compile: pairs/s and peak
 GPU memory (targets: >= 2,400 pairs/s at 256 compiled on one H100; the default batch 64 within 20 GB).
 
@@ -42,7 +42,7 @@ GPU_REFERENCE_PAIRS_PER_S = 2456  # the reference compiled step at batch 256 on 
 # -- inputs: a memory-mapped feature store and image cache, as the trainer reads them ----------------------
 def make_store(root: Path, n_images: int, dim: int, seed: int = 0):
     """A complete format-v1 store of random unit rows (fp16), written with the project's writer."""
-    from pipeline.feature_store import open_store, write_store
+    from pipeline.store.features import open_store, write_store
 
     rng = np.random.default_rng(seed)
     n_captions = n_images * CAPTIONS_PER_IMAGE
@@ -57,7 +57,7 @@ def make_store(root: Path, n_images: int, dim: int, seed: int = 0):
 
 def make_image_cache(root: Path, n: int, size: int = 224, seed: int = 0) -> np.ndarray:
     """n random uint8 images [n, size, size, 3] in prepare's format (memory-mapped on read)."""
-    from pipeline.image_cache import open_image_cache, write_image_cache
+    from pipeline.store.image_cache import open_image_cache, write_image_cache
 
     rng = np.random.default_rng(seed)
     write_image_cache(root / "images.zarr", {"train": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)},
@@ -78,8 +78,8 @@ def random_tokens(n: int, length: int = 30, vocab: int = 30522, seed: int = 0) -
 
 
 def make_loader(images, store, device, *, batch: int, workers: int, placement: str, n_cache: int):
-    from pipeline.sampler import EpochSampler
-    from pipeline.train_data import BatchLoader, TeacherBank
+    from pipeline.distill.sampler import EpochSampler
+    from pipeline.distill.data import BatchLoader, TeacherBank
 
     bank = TeacherBank(store.image_emb, store.text_emb, store.text_image, device, placement=placement)
     sampler = EpochSampler(store.n_captions, batch, seed=0)
@@ -112,7 +112,7 @@ def bench_data_path(rep: Report, root: Path, store, images, n_cache: int, batche
 def default_student_config(root: Path):
     """The default StudentConfig (ViT-B/16 + BERT-base, random init), with a 30,522-token uncased vocabulary:
     the MiniLM package's (BERT-base uncased's) when installed, else a synthetic one of the same size."""
-    from pipeline.student import StudentConfig
+    from pipeline.towers.student import StudentConfig
     from pipeline.towers.text import TextTowerConfig
 
     try:
@@ -132,10 +132,10 @@ def default_student_config(root: Path):
 
 def bench_gpu(rep: Report, root: Path, store, images, n_cache: int, batches: list[int], steps: int,
               compile_modes: list[bool]) -> None:
-    from pipeline.balancer import BalancerConfig, LossBalancer
-    from pipeline.losses import DistillLoss, LossConfig
-    from pipeline.student import build_student
-    from pipeline.train import AugmentConfig, loss_terms
+    from pipeline.distill.balancer import BalancerConfig, LossBalancer
+    from pipeline.distill.losses import DistillLoss, LossConfig
+    from pipeline.towers.student import build_student
+    from pipeline.distill.run import AugmentConfig, loss_terms
 
     device = torch.device("cuda")
     torch.set_float32_matmul_precision("high")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 from _report import RESULTS_DIR, Report, device_slug, timeit  # noqa: E402
 
-from pipeline.retrieval_metrics import RetrievalRanks, recall_metrics, retrieval_ranks  # noqa: E402
+from pipeline.evaluate.retrieval import RetrievalRanks, recall_metrics, retrieval_ranks  # noqa: E402
 
 PART = "evaluate"
 
@@ -178,7 +178,7 @@ _BIG = """
 import sys, time
 import numpy as np
 sys.path.insert(0, {repo!r})
-from pipeline.retrieval_metrics import retrieval_ranks
+from pipeline.evaluate.retrieval import retrieval_ranks
 n, m, d = {n}, {m}, {d}
 rng = np.random.default_rng(0)
 ti = np.repeat(np.arange(n), m // n)

@@ -55,7 +55,7 @@ def random_features(n: int, d: int, rng: np.random.Generator, dtype=np.float32) 
 
 def part_feature_store(rep: Report, ctx: Ctx) -> None:
     from make_flickr_like import split_sizes
-    from pipeline.feature_store import open_store, write_store
+    from pipeline.store.features import open_store, write_store
 
     # the splits of the dataset at this scale, at least Flickr30K's (the bank distill reads: restval folded
     # into train, 5 captions per image, D = 1024), so that the store is not a few MiB at 0.1x
@@ -223,7 +223,7 @@ def recorded_progress(module):
 
 
 def dataset_index(ctx: Ctx):
-    from pipeline.datasets import DatasetConfig, read_dataset
+    from pipeline.data.readers import DatasetConfig, read_dataset
 
     return read_dataset(DatasetConfig(name="flickr_like", annotations=ctx.data / "dataset_flickr30k.json",
                                       image_root=ctx.data / "images"))
@@ -247,7 +247,7 @@ def extract_end_to_end(rep: Report, ctx: Ctx, label: str, dims, cfg_kw: dict, *,
                        target_cap=None, ceiling_img=None, ceiling_cap=None, note: str = "") -> None:
     import torch
 
-    import pipeline.extract as extract
+    import pipeline.teachers.extract as extract
     from pipeline.teachers.beit3 import BEiT3Teacher
     from pipeline.teachers.beit3_model import BEiT3ForRetrieval
 

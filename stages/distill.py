@@ -26,10 +26,10 @@ def command(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint if its config matches."),
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
-    from pipeline.dataset_index import DatasetIndex
-    from pipeline.feature_store import open_store
-    from pipeline.image_cache import open_image_cache
-    from pipeline.train import DistillConfig, train_distill
+    from pipeline.data.index import DatasetIndex
+    from pipeline.store.features import open_store
+    from pipeline.store.image_cache import open_image_cache
+    from pipeline.distill.run import DistillConfig, run_distill
 
     cfg, paths = load_stage(params, "distill", DistillConfig, set_, workdir)
     index = DatasetIndex.load(paths.index_dir)
@@ -47,7 +47,7 @@ def command(
     try:
         if is_main_process():
             save_resolved(cfg, paths, "distill")
-        result = train_distill(cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline,
+        result = run_distill(cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline,
                                resume=resume)
     finally:
         if distributed:

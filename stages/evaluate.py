@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from pipeline.config import apply_overrides, from_dict
-from pipeline.evaluate import EvaluateConfig, evaluate_features, run_evaluate, write_json
+from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
 from stages._common import (
     PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, load_params, load_stage, run_stage, save_resolved,
 )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.dataset_index import DatasetIndex
-from pipeline.extract import ExtractConfig, run_extract
+from pipeline.data.index import DatasetIndex
+from pipeline.teachers.extract import ExtractConfig, run_extract
 from stages._common import (
     PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, is_main_process, load_stage, run_stage, save_resolved,
 )

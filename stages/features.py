@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.dataset_index import DatasetIndex
+from pipeline.data.index import DatasetIndex
 from pipeline.errors import ConfigError
 from stages._common import echo, run_stage
 
@@ -24,7 +24,7 @@ def export_hdf5(
     out: Path = typer.Option(..., "--out", help="HDF5 file to write."),
 ) -> None:
     """Export a complete feature store to one HDF5 file (same layout; store attrs as JSON)."""
-    from pipeline.feature_store_hdf5 import export_hdf5 as export
+    from pipeline.store.hdf5 import export_hdf5 as export
 
     echo(f"export-hdf5: wrote {export(store, out)}")
 
@@ -38,7 +38,7 @@ def import_hdf5(
     dtype: str = typer.Option(None, "--dtype", help=_STORE_DTYPE_HELP),
 ) -> None:
     """Build a feature store from teacher features in an HDF5 file."""
-    from pipeline.feature_store_hdf5 import import_hdf5 as do_import
+    from pipeline.store.hdf5 import import_hdf5 as do_import
 
     dataset = DatasetIndex.load(index) if index is not None else None
     teacher = {"name": teacher_name} if teacher_name else None
@@ -65,7 +65,7 @@ def import_dsmd(
     dtype: str = typer.Option("float16", "--dtype", help="Store dtype: float16 or float32."),
 ) -> None:
     """Build a feature store from DSMD-style per-caption tensors (each image feature repeated per caption)."""
-    from pipeline.feature_store_hdf5 import import_dsmd as do_import
+    from pipeline.store.hdf5 import import_dsmd as do_import
 
     image_files, text_files = _split_files(images, "--images"), _split_files(texts, "--texts")
     if set(image_files) != set(text_files):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.prepare import PrepareConfig, run_prepare
+from pipeline.data.prepare import PrepareConfig, run_prepare
 from stages._common import PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, load_stage, run_stage, save_resolved
 
 

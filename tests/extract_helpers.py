@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.dataset_index import DatasetIndex
+from pipeline.data.index import DatasetIndex
 from pipeline.teachers.base import Teacher, TokenBatch
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline.balancer import BalancerConfig, LossBalancer
+from pipeline.distill.balancer import BalancerConfig, LossBalancer
 from pipeline.config import from_dict
 from pipeline.errors import ConfigError, InputError
 

@@ -45,7 +45,7 @@ def test_tiny_dataset_reads_decodes_and_is_deterministic(tmp_path):
             pixels = np.asarray(pic.convert("RGB"))
         assert pixels.std() > 10  # real content, not a flat image
 
-    datasets = pytest.importorskip("pipeline.datasets")
+    datasets = pytest.importorskip("pipeline.data.readers")
     index = datasets.read_dataset(datasets.DatasetConfig(annotations=a / "dataset_flickr30k.json",
                                                          image_root=a / "images", name="flickr_like"))
     assert index.n_images == 12 and index.n_captions == 60

@@ -10,9 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.config import apply_overrides, from_dict, to_dict
-from pipeline.datasets import DatasetConfig
+from pipeline.data.readers import DatasetConfig
 from pipeline.errors import ConfigError
-from pipeline.prepare import PrepareConfig, ResizeConfig
+from pipeline.data.prepare import PrepareConfig, ResizeConfig
 from stages.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def test_cli_prepare_runs_and_records_resolved_config(project):
     assert summary["status"] == "written" and summary["images"] == {"train": 1, "test": 1}
     resolved = yaml.safe_load((project / "artifacts/toy/config/prepare.yaml").read_text())
     assert resolved["prepare"]["image"]["crop"] == 160 and resolved["prepare"]["dataset"]["name"] == "toy"
-    from pipeline.image_cache import open_image_cache
+    from pipeline.store.image_cache import open_image_cache
     assert open_image_cache(project / "artifacts/toy/images.zarr").split("test").shape == (1, 160, 160, 3)
     again = run_cli("prepare", "--set", "prepare.image.crop=160")
     assert json.loads(again.stdout.strip().splitlines()[-1])["status"] == "unchanged"

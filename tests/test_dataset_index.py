@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.dataset_index import DatasetIndex, read_fingerprint
+from pipeline.data.index import DatasetIndex, read_fingerprint
 from pipeline.errors import InputError
 
 

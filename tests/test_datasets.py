@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import from_dict
-from pipeline.datasets import DatasetConfig, read_dataset
+from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import ConfigError, InputError
 
 

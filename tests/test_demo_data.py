@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import DEMO_IMAGES, DEMO_JSON, build_demo_images, load_source, render
+from pipeline.data.demo_photos import DEMO_IMAGES, DEMO_JSON, build_demo_images, load_source, render
 from pipeline.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.dataset_index import DatasetIndex
+from pipeline.data.index import DatasetIndex
 from pipeline.errors import ConfigError, InputError
 from pipeline.environment import numerics_environment
-from pipeline.evaluate import (
+from pipeline.evaluate.run import (
     METRIC_KEYS,
     EvaluateConfig,
     align_gallery,
@@ -24,10 +24,10 @@ from pipeline.evaluate import (
     encode_gallery,
     run_evaluate,
 )
-from pipeline.feature_store import StoreWriter, open_store, write_store
-from pipeline.image_cache import write_image_cache
+from pipeline.store.features import StoreWriter, open_store, write_store
+from pipeline.store.image_cache import write_image_cache
 from pipeline.paths import ArtifactPaths
-from pipeline.retrieval_metrics import recall_metrics, retrieval_ranks
+from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks
 from stages.cli import app
 from extract_helpers import TinyTeacher
 
@@ -112,7 +112,7 @@ def test_features_cli_bad_stores_exit_2_with_one_line(store, tmp_path, monkeypat
 
 # -- the full stage ----------------------------------------------------------------------------------------
 def save_tiny_student(directory: Path, tokenizer_dir: Path, seed: int) -> None:
-    from pipeline.student import StudentConfig, build_student, save_student
+    from pipeline.towers.student import StudentConfig, build_student, save_student
     from pipeline.towers.image import ImageTowerConfig
     from pipeline.towers.text import TextTowerConfig
 
@@ -168,8 +168,8 @@ def workdir(tmp_path, tokenizer_dir) -> ArtifactPaths:
 
 def expected_student_metrics(paths: ArtifactPaths, name: str, rows: np.ndarray | None = None) -> dict:
     """The student's metrics computed by hand: its own encoders, then the metrics module."""
-    from pipeline.image_cache import open_image_cache
-    from pipeline.student import load_student
+    from pipeline.store.image_cache import open_image_cache
+    from pipeline.towers.student import load_student
 
     model = load_student(paths.workdir / name)
     s = open_store(paths.features).split("test")
@@ -206,7 +206,7 @@ def test_run_evaluate_teacher_and_students(workdir):
     for m in ("teacher", "student", "baseline"):
         assert lat[m]["image_s"] > 0 and lat[m]["caption_s"] > 0
     assert lat["speedup"]["image_s"] == pytest.approx(lat["teacher"]["image_s"] / lat["student"]["image_s"])
-    from pipeline.student import load_student
+    from pipeline.towers.student import load_student
     assert doc["params"] == {"teacher": 48 * D, "student": count_parameters(load_student(paths.workdir / "student")),
                              "baseline": count_parameters(load_student(paths.workdir / "baseline"))}
     assert doc["teacher_name"] == "tiny" and doc["tie_rule"] == "pessimistic"
@@ -281,8 +281,8 @@ def test_align_gallery_refuses_a_store_from_other_rows(workdir):
 
 def test_encode_gallery_keeps_caption_order(workdir):
     """Captions are encoded in length order; each embedding must land on its own row."""
-    from pipeline.image_cache import open_image_cache
-    from pipeline.student import load_student
+    from pipeline.store.image_cache import open_image_cache
+    from pipeline.towers.student import load_student
 
     paths = workdir
     model = load_student(paths.workdir / "student")
@@ -325,7 +325,7 @@ def test_config_rejects_bad_values():
 
 
 def test_teacher_agreement_is_the_mean_cosine():
-    from pipeline.evaluate import teacher_agreement
+    from pipeline.evaluate.run import teacher_agreement
 
     rng = np.random.default_rng(0)
     t_img = rng.standard_normal((4, 8)).astype(np.float32)

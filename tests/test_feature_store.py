@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.feature_store import StoreWriter, chunk_len, open_store, read_attrs, write_store
+from pipeline.store.features import StoreWriter, chunk_len, open_store, read_attrs, write_store
 
 D = 32
 

@@ -8,10 +8,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from pipeline.dataset_index import DatasetIndex
+from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.feature_store import open_store, write_store
-from pipeline.feature_store_hdf5 import export_hdf5, import_dsmd, import_hdf5
+from pipeline.store.features import open_store, write_store
+from pipeline.store.hdf5 import export_hdf5, import_dsmd, import_hdf5
 
 D = 16
 

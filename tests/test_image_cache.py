@@ -6,7 +6,7 @@ import pytest
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.image_cache import CacheBuilder, open_image_cache, write_image_cache, write_rows
+from pipeline.store.image_cache import CacheBuilder, open_image_cache, write_image_cache, write_rows
 
 
 def random_images(n, h=6, w=7, seed=0):

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from pipeline.config import from_dict
 from pipeline.errors import ConfigError
-from pipeline.losses import DistillLoss, LossConfig, TERMS
-from pipeline.losses.triplet import hardest_negative_triplet
+from pipeline.distill.losses import DistillLoss, LossConfig, TERMS
+from pipeline.distill.losses.triplet import hardest_negative_triplet
 
 B, D, K = 6, 8, 10
 IDS = [0, 1, 0, 2, 3, 1]  # pairs 0/2 and 1/5 share an image

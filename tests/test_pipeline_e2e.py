@@ -14,10 +14,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.dataset_index import DatasetIndex
-from pipeline.demo_data import DEMO_IMAGES, DEMO_JSON, build_demo_images
-from pipeline.feature_store import open_store
-from pipeline.image_cache import open_image_cache
+from pipeline.data.index import DatasetIndex
+from pipeline.data.demo_photos import DEMO_IMAGES, DEMO_JSON, build_demo_images
+from pipeline.store.features import open_store
+from pipeline.store.image_cache import open_image_cache
 from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

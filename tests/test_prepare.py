@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline import prepare as prep
-from pipeline.dataset_index import DatasetIndex
-from pipeline.datasets import DatasetConfig
+from pipeline.data import prepare as prep
+from pipeline.data.index import DatasetIndex
+from pipeline.data.readers import DatasetConfig
 from pipeline.errors import InputError
-from pipeline.image_cache import open_image_cache
+from pipeline.store.image_cache import open_image_cache
 from pipeline.paths import ArtifactPaths
-from pipeline.prepare import PrepareConfig, ResizeConfig, decode_image, run_prepare
+from pipeline.data.prepare import PrepareConfig, ResizeConfig, decode_image, run_prepare
 
 skimage_data = pytest.importorskip("skimage.data", reason="the real test photos ship with scikit-image")
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="the real test photos ship with scikit-learn")

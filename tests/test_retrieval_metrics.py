@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.retrieval_metrics as rm
+import pipeline.evaluate.retrieval as rm
 from pipeline.errors import InputError
-from pipeline.retrieval_metrics import RetrievalRanks, recall_curve, recall_metrics, retrieval_ranks
+from pipeline.evaluate.retrieval import RetrievalRanks, recall_curve, recall_metrics, retrieval_ranks
 
 
 # -- the oracle ------------------------------------------------------------------------------------------

@@ -13,15 +13,15 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.config import from_dict
-from pipeline.dataset_index import DatasetIndex
+from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.feature_store import open_store, write_store
-from pipeline.image_cache import open_image_cache, write_image_cache
-from pipeline.losses import DistillLoss
-from pipeline.sampler import EpochSampler
-from pipeline.student import build_student, load_student
-from pipeline.train import DistillConfig, train_distill
-from pipeline.train_data import BatchLoader, TeacherBank, random_resized_crop, tokenize_all
+from pipeline.store.features import open_store, write_store
+from pipeline.store.image_cache import open_image_cache, write_image_cache
+from pipeline.distill.losses import DistillLoss
+from pipeline.distill.sampler import EpochSampler
+from pipeline.towers.student import build_student, load_student
+from pipeline.distill.run import DistillConfig, run_distill
+from pipeline.distill.data import BatchLoader, TeacherBank, random_resized_crop, tokenize_all
 
 DIM, HW = 16, 32
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -94,7 +94,7 @@ def work(tmp_path_factory):
 
 def run(work, out: str, cfg: DistillConfig, **kw):
     root, index, store, cache = work
-    return train_distill(cfg, index=index, store=store, cache=cache, out_dir=root / out, **kw)
+    return run_distill(cfg, index=index, store=store, cache=cache, out_dir=root / out, **kw)
 
 
 # -- sampling and the data path ----------------------------------------------------------------------------

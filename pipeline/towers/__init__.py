@@ -2,7 +2,7 @@
 
 A tower knows how to build itself (from a local weights path or a random init), how to pool, and how to
 save itself in a form its own library loads without kdpipe (`save_pretrained` for transformers models).
-The projections to the teacher's dimension and the normalization live in `pipeline.student`.
+The projections to the teacher's dimension and the normalization live in `pipeline.towers.student`.
 """
 from __future__ import annotations
 

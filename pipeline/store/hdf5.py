@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dataset_index import DatasetIndex
+from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.feature_store import (
+from pipeline.store.features import (
     DEFAULT_CHUNK_ROWS,
     EMB_ARRAYS,
     STORE_DTYPES,

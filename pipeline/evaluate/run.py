@@ -4,7 +4,7 @@ counts, written as `metrics.json` (schema: docs/architecture.md, "Metrics file")
 
 Teacher and students are ranked over the very same gallery: the store's split, aligned with the dataset
 index through `image_id` (a store written with `extract.on_bad_image: skip` lacks some images; the students
-then skip them too). Metrics: `pipeline.retrieval_metrics` (float32 scores, pessimistic ties).
+then skip them too). Metrics: `pipeline.evaluate.retrieval` (float32 scores, pessimistic ties).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pipeline.environment import numerics_environment
 from pipeline.errors import InputError, KdpipeError
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import info, progress
-from pipeline.retrieval_metrics import (
+from pipeline.evaluate.retrieval import (
     TIE_RULE,
     RetrievalRanks,
     recall_curves,
@@ -93,7 +93,7 @@ def evaluate_embeddings(name: str, image_emb: Any, text_emb: Any, text_image: np
 
 def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -> dict[str, Any]:
     """`kdpipe evaluate --features STORE`: the stored embeddings alone, under the name `teacher`."""
-    from pipeline.feature_store import open_store
+    from pipeline.store.features import open_store
 
     store = open_store(store_path)
     s = store.split(split)
@@ -116,7 +116,7 @@ def metrics_document(*, dataset: str, split: str, n_images: int, n_captions: int
 
 def write_json(doc: dict[str, Any], path: Path | str) -> Path:
     """Write JSON atomically (temp file + rename): an interrupted run leaves the previous file intact."""
-    from pipeline.feature_store import write_file_durably
+    from pipeline.store.features import write_file_durably
 
     path = Path(path)
     write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode())
@@ -316,11 +316,11 @@ def run_evaluate(paths: ArtifactPaths, cfg: EvaluateConfig, *,
 
     teacher_factory(device, dtype) builds the teacher model for the latency comparison (None, or a failure to
     build it: the teacher's latency is recorded as null with the reason)."""
-    from pipeline.dataset_index import DatasetIndex
-    from pipeline.evaluate_plots import markdown_table, write_plots
-    from pipeline.feature_store import open_store
-    from pipeline.image_cache import open_image_cache
-    from pipeline.student import load_student
+    from pipeline.data.index import DatasetIndex
+    from pipeline.evaluate.plots import markdown_table, write_plots
+    from pipeline.store.features import open_store
+    from pipeline.store.image_cache import open_image_cache
+    from pipeline.towers.student import load_student
 
     start = time.perf_counter()
     device = resolve_device(cfg.device, "evaluate.device")

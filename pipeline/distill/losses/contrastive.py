@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.losses._util import off_diagonal_same_image, same_image, student_fp32, teacher_fp32
+from pipeline.distill.losses._util import off_diagonal_same_image, same_image, student_fp32, teacher_fp32
 
 
 def queue_info_nce(anchor: Tensor, positive: Tensor, queue: Tensor, anchor_ids: Tensor | None,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.sampler import EpochSampler
+from pipeline.distill.sampler import EpochSampler
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.exif import EXIF_ORIENTATION
+from pipeline.data.exif import EXIF_ORIENTATION
 
 INDEX_FORMAT = "kdpipe-index"
 INDEX_VERSION = 1

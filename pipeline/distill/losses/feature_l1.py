@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pipeline.losses._util import student_fp32, teacher_fp32
+from pipeline.distill.losses._util import student_fp32, teacher_fp32
 
 
 class FeatureL1Loss(nn.Module):

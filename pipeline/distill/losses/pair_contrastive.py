@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.losses._util import off_diagonal_same_image, student_fp32
+from pipeline.distill.losses._util import off_diagonal_same_image, student_fp32
 
 
 class PairContrastiveLoss(nn.Module):

@@ -41,11 +41,11 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pipeline.dataset_index import DatasetIndex, read_fingerprint
-from pipeline.datasets import DatasetConfig, read_dataset
+from pipeline.data.index import DatasetIndex, read_fingerprint
+from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
-from pipeline.exif import orientation, upright
-from pipeline.image_cache import (
+from pipeline.data.exif import orientation, upright
+from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
     CacheBuilder,
     open_image_cache,
@@ -128,7 +128,7 @@ class PrepareConfig:
 # -- decoding one image, one block ------------------------------------------------------------------
 def decode_image(path: str | Path, rc: ResizeConfig, exif: str = "ignore") -> np.ndarray:
     """One image file -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/ValueError for a bad file.
-    exif: "apply" turns the image upright by its EXIF orientation tag first (see pipeline/exif.py)."""
+    exif: "apply" turns the image upright by its EXIF orientation tag first (see pipeline/data/exif.py)."""
     with Image.open(path) as img:
         return _resize_crop(img, rc, orientation(img) if exif == "apply" else 1)
 

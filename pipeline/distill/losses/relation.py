@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.losses._util import student_fp32, teacher_fp32
+from pipeline.distill.losses._util import student_fp32, teacher_fp32
 
 
 def kl_rows(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:

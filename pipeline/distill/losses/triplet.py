@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.losses._util import same_image, student_fp32, teacher_fp32
+from pipeline.distill.losses._util import same_image, student_fp32, teacher_fp32
 
 
 def hardest_negative_triplet(a: Tensor, b: Tensor, image_ids: Tensor | None, margin: float) -> Tensor:

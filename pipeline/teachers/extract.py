@@ -55,11 +55,11 @@ import torch
 from PIL import Image
 
 from pipeline.config import require_at_least
-from pipeline.dataset_index import DatasetIndex, SplitView
+from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
-from pipeline.exif import orientation, upright
-from pipeline.feature_store import (
+from pipeline.data.exif import orientation, upright
+from pipeline.store.features import (
     FORMAT,
     StoreWriter,
     _jsonable,
@@ -214,7 +214,7 @@ _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompres
 
 def load_rgb(path: str, draft_size: int | None = None, exif: str = "ignore") -> Image.Image:
     """Decode an image file fully as RGB (raises on a missing, truncated or unreadable file); exif "apply":
-    turned upright by its EXIF orientation tag (the dataset index's choice, see pipeline/exif.py)."""
+    turned upright by its EXIF orientation tag (the dataset index's choice, see pipeline/data/exif.py)."""
     with Image.open(path) as im:
         tag = orientation(im) if exif == "apply" else 1
         if draft_size and im.format == "JPEG":

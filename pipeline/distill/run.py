@@ -2,11 +2,11 @@ r"""Distillation training: the student learns the teacher's feature space from t
 
     caption pairs (shuffled, by index) --> images (uint8 cache) + tokens --> student --> s_v, s_t
                                        \-> teacher rows t_v, t_t + K negative rows (feature store)
-    raw loss terms (pipeline.losses) --> weights (pipeline.balancer) --> sum_i w_i L_i --> AdamW
+    raw loss terms (pipeline.distill.losses) --> weights (pipeline.distill.balancer) --> sum_i w_i L_i --> AdamW
 
 Resume is exact. Every random number of a step (dropout, augmentation) comes from a generator seeded with
 (seed, epoch, step, rank), the order of pairs and the negatives are functions of (seed, epoch, step)
-(`pipeline.sampler`), and a checkpoint holds the model, optimizer, scheduler and balancer states and the
+(`pipeline.distill.sampler`), and a checkpoint holds the model, optimizer, scheduler and balancer states and the
 position; so a run killed mid-epoch and resumed from its last checkpoint redoes the same steps on the same
 batches and ends with the same weights, bit for bit on the CPU (tests/test_train.py).
 
@@ -34,18 +34,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.balancer import BalancerConfig, LossBalancer
+from pipeline.distill.balancer import BalancerConfig, LossBalancer
 from pipeline.config import to_dict, write_resolved
-from pipeline.dataset_index import DatasetIndex, SplitView
+from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
-from pipeline.feature_store import FeatureStore, StoreSplit
-from pipeline.image_cache import ImageCache
-from pipeline.losses import LossConfig, DistillLoss
+from pipeline.store.features import FeatureStore, StoreSplit
+from pipeline.store.image_cache import ImageCache
+from pipeline.distill.losses import LossConfig, DistillLoss
 from pipeline.progress import info, progress
-from pipeline.sampler import EpochSampler
-from pipeline.student import DualEncoderStudent, StudentConfig, build_student, save_student
-from pipeline.train_data import BatchLoader, TeacherBank, as_tensor, random_resized_crop, tokenize_all
+from pipeline.distill.sampler import EpochSampler
+from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student
+from pipeline.distill.data import BatchLoader, TeacherBank, as_tensor, random_resized_crop, tokenize_all
 
 CHECKPOINT_FORMAT = "kdpipe-distill-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -266,7 +266,7 @@ def embed_split(model: DualEncoderStudent, split: PairSplit, tokens: tuple[torch
 
 
 def validate(model, split: PairSplit, tokens, batch_size: int, autocast) -> dict[str, float]:
-    from pipeline.retrieval_metrics import recall_metrics, retrieval_ranks  # the evaluate stage's protocol
+    from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks  # the evaluate stage's protocol
 
     img, txt = embed_split(model, split, tokens, batch_size, autocast)
     metrics = recall_metrics(retrieval_ranks(img, txt, split.text_image))
@@ -436,7 +436,7 @@ def open_split(index: DatasetIndex, cache: ImageCache, store: FeatureStore | Non
                        f"{cache.path} / {store.path if store else ''}".rstrip(" /"))
 
 
-def train_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore, cache: ImageCache,
+def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore, cache: ImageCache,
                   out_dir: Path | str, baseline: bool = False, resume: bool = True,
                   stop_after_steps: int | None = None) -> DistillResult:
     """Train a student against `store` and export it into `out_dir`.

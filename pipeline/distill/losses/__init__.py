@@ -11,7 +11,7 @@ One loss per file, each a module that takes embeddings (never models) and return
 
 `DistillLoss` builds only the terms whose weight is > 0 (a weight of 0: the term is not built, not even
 named) and returns their raw, UNWEIGHTED values as `{"<name>_loss": scalar}`; weighting is the balancer's
-job (`pipeline.balancer`), which receives `DistillLoss.weights` as the fixed weights. The loss math runs in
+job (`pipeline.distill.balancer`), which receives `DistillLoss.weights` as the fixed weights. The loss math runs in
 float32 with autocast disabled, whatever precision the student produced; teacher rows carry no gradient.
 """
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.losses._util import as_ids
-from pipeline.losses.contrastive import ContrastiveDistillLoss
-from pipeline.losses.cosine import CosineDistillLoss
-from pipeline.losses.feature_l1 import FeatureL1Loss
-from pipeline.losses.pair_contrastive import PairContrastiveLoss
-from pipeline.losses.relation import RelationDistillLoss
-from pipeline.losses.triplet import HardNegativeTripletLoss
+from pipeline.distill.losses._util import as_ids
+from pipeline.distill.losses.contrastive import ContrastiveDistillLoss
+from pipeline.distill.losses.cosine import CosineDistillLoss
+from pipeline.distill.losses.feature_l1 import FeatureL1Loss
+from pipeline.distill.losses.pair_contrastive import PairContrastiveLoss
+from pipeline.distill.losses.relation import RelationDistillLoss
+from pipeline.distill.losses.triplet import HardNegativeTripletLoss
 
 __all__ = [
     "LossConfig", "DistillLoss", "TERMS", "ContrastiveDistillLoss", "FeatureL1Loss", "CosineDistillLoss",

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from pipeline.dataset_index import DatasetIndex
+from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")

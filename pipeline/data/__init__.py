@@ -1,0 +1,1 @@
+"""Dataset readers, the dataset index, EXIF handling, the demo data and the prepare stage."""

@@ -1,0 +1,1 @@
+"""The evaluate stage: exact retrieval metrics, the stage itself, its plots and tables."""

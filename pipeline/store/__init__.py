@@ -1,0 +1,1 @@
+"""On-disk formats: the teacher feature store, the student image cache and HDF5/DSMD interop."""
