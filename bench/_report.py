@@ -82,7 +82,7 @@ def machine_info() -> dict:
     info["kdpipe_commit"] = commit + ("+dirty" if dirty and commit else "")
     if hasattr(os, "getloadavg"):  # other work on the machine skews CPU figures: record how busy it was
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
-    info["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info["date"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     info["device"] = info.get("gpu") or f"{info['cpu']} ({info['cpu_cores']} cores)"
     return info
 
@@ -139,12 +139,12 @@ class Report:
         self.parts: dict[str, Part] = {}
 
     @classmethod
-    def for_this_machine(cls, scale: float | None = None) -> "Report":
+    def for_this_machine(cls, scale: float | None = None) -> Report:
         return cls(machine_info(), scale)
 
     def _part(self, part: str) -> Part:
         if part not in self.parts:
-            self.parts[part] = Part(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+            self.parts[part] = Part(date=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
         return self.parts[part]
 
     def add(self, part: str, name: str, value: float | None, unit: str, target: float | None = None,
@@ -241,7 +241,7 @@ class GpuSampler:
             self.samples.append(s)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self

@@ -78,8 +78,8 @@ def random_tokens(n: int, length: int = 30, vocab: int = 30522, seed: int = 0) -
 
 
 def make_loader(images, store, device, *, batch: int, workers: int, placement: str, n_cache: int):
-    from pipeline.distill.sampler import EpochSampler
     from pipeline.distill.data import BatchLoader, TeacherBank
+    from pipeline.distill.sampler import EpochSampler
 
     bank = TeacherBank(store.image_emb, store.text_emb, store.text_image, device, placement=placement)
     sampler = EpochSampler(store.n_captions, batch, seed=0)
@@ -134,8 +134,8 @@ def bench_gpu(rep: Report, root: Path, store, images, n_cache: int, batches: lis
               compile_modes: list[bool]) -> None:
     from pipeline.distill.balancer import BalancerConfig, LossBalancer
     from pipeline.distill.losses import DistillLoss, LossConfig
-    from pipeline.towers.student import build_student
     from pipeline.distill.run import AugmentConfig, loss_terms
+    from pipeline.towers.student import build_student
 
     device = torch.device("cuda")
     torch.set_float32_matmul_precision("high")

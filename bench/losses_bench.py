@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import Report, timeit  # noqa: E402
+
 from pipeline.distill.losses import DistillLoss, LossConfig  # noqa: E402
 
 B, D, K = 256, 1024, 8192

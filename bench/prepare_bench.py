@@ -49,9 +49,9 @@ def measure(data_dir: Path, workers: list[int], chunk_images: int = 64, repeat: 
     """Figures for one dataset directory (Karpathy json + images/), each the best of `repeat` runs; the
     configurations take turns (naive, 1 worker, 2 workers, naive, ...) so that a shared machine's changing
     load hits them alike."""
+    from pipeline.data.prepare import PrepareConfig, run_prepare
     from pipeline.data.readers import DatasetConfig
     from pipeline.paths import ArtifactPaths
-    from pipeline.data.prepare import PrepareConfig, run_prepare
 
     paths = sorted(str(p) for p in (data_dir / "images").glob("*.jpg"))
     for p in paths:  # warm the page cache: decode speed, not disk speed

@@ -30,7 +30,16 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from _report import PARTS, RESULTS_DIR, GpuSampler, Report, cuda_available, device_slug, render_docs, timeit  # noqa: E402
+from _report import (  # noqa: E402
+    PARTS,
+    RESULTS_DIR,
+    GpuSampler,
+    Report,
+    cuda_available,
+    device_slug,
+    render_docs,
+    timeit,
+)
 
 FLICKR_CAPTIONS = 155_070  # 31,014 split images x 5 (+ restval) ~ the 159k-row teacher bank of the issue
 
@@ -55,6 +64,7 @@ def random_features(n: int, d: int, rng: np.random.Generator, dtype=np.float32) 
 
 def part_feature_store(rep: Report, ctx: Ctx) -> None:
     from make_flickr_like import split_sizes
+
     from pipeline.store.features import open_store, write_store
 
     # the splits of the dataset at this scale, at least Flickr30K's (the bank distill reads: restval folded
@@ -326,10 +336,9 @@ def part_extract(rep: Report, ctx: Ctx) -> None:
 
 
 def part_distill(rep: Report, ctx: Ctx) -> None:
-    import torch
-
     import distill_bench
     import losses_bench
+    import torch
 
     with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
         root = Path(tmp)

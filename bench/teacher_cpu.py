@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from beit3_reference import reference_image_features, reference_text_features  # noqa: E402
+
 from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3Dims, BEiT3ForRetrieval  # noqa: E402
 
 CONFIGS = {

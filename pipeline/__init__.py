@@ -2,6 +2,6 @@
 
 Never imports typer, never reads params.yaml, never calls sys.exit: the command line lives in `stages`.
 """
-from pipeline.errors import KdpipeError, ConfigError, InputError
+from pipeline.errors import ConfigError, InputError, KdpipeError
 
 __all__ = ["KdpipeError", "ConfigError", "InputError"]

@@ -13,7 +13,14 @@ from pathlib import Path
 import typer
 
 from stages._common import (
-    PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, is_main_process, load_stage, run_stage, save_resolved,
+    PARAMS_OPTION,
+    SET_OPTION,
+    WORKDIR_OPTION,
+    echo,
+    is_main_process,
+    load_stage,
+    run_stage,
+    save_resolved,
 )
 
 
@@ -27,9 +34,9 @@ def command(
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
     from pipeline.data.index import DatasetIndex
+    from pipeline.distill.run import DistillConfig, run_distill
     from pipeline.store.features import open_store
     from pipeline.store.image_cache import open_image_cache
-    from pipeline.distill.run import DistillConfig, run_distill
 
     cfg, paths = load_stage(params, "distill", DistillConfig, set_, workdir)
     index = DatasetIndex.load(paths.index_dir)

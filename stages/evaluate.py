@@ -14,7 +14,14 @@ import typer
 from pipeline.config import apply_overrides, from_dict
 from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
 from stages._common import (
-    PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, load_params, load_stage, run_stage, save_resolved,
+    PARAMS_OPTION,
+    SET_OPTION,
+    WORKDIR_OPTION,
+    echo,
+    load_params,
+    load_stage,
+    run_stage,
+    save_resolved,
 )
 
 

@@ -12,7 +12,14 @@ import typer
 from pipeline.data.index import DatasetIndex
 from pipeline.teachers.extract import ExtractConfig, run_extract
 from stages._common import (
-    PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, is_main_process, load_stage, run_stage, save_resolved,
+    PARAMS_OPTION,
+    SET_OPTION,
+    WORKDIR_OPTION,
+    echo,
+    is_main_process,
+    load_stage,
+    run_stage,
+    save_resolved,
 )
 
 

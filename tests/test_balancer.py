@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pipeline.distill.balancer import BalancerConfig, LossBalancer
 from pipeline.config import from_dict
+from pipeline.distill.balancer import BalancerConfig, LossBalancer
 from pipeline.errors import ConfigError, InputError
 
 NAMES = ("contrastive_loss", "l1_loss", "cosine_loss", "triplet_loss")

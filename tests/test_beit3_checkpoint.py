@@ -12,15 +12,19 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-
 from beit3_fixtures import *  # noqa: F401,F403  (fixtures)
 from beit3_fixtures import BASE_STYLE, LARGE_STYLE, TinySpec, official_key_shapes, official_state_dict, write_checkpoint
 from beit3_reference import reference_image_features
+
 from pipeline.errors import InputError
 from pipeline.teachers import BEiT3TeacherConfig, TeacherConfig, build_teacher
 from pipeline.teachers.beit3 import BEiT3Teacher
-from pipeline.teachers.beit3_checkpoint import (file_sha256, infer_dims, interpolate_vision_positions,
-                                                load_beit3_checkpoint)
+from pipeline.teachers.beit3_checkpoint import (
+    file_sha256,
+    infer_dims,
+    interpolate_vision_positions,
+    load_beit3_checkpoint,
+)
 from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3Dims
 
 STYLES = {"base": ("base_style_ckpt", BASE_STYLE), "large": ("large_style_ckpt", LARGE_STYLE)}

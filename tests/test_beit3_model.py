@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from beit3_fixtures import *  # noqa: F401,F403  (fixtures)
 from beit3_fixtures import BASE_STYLE, LARGE_STYLE
 from beit3_reference import reference_image_features, reference_text_features
+from PIL import Image
+
 from pipeline.errors import InputError
 from pipeline.teachers.beit3 import BEiT3Teacher, normalize_pixels
 from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3Dims, BEiT3ForRetrieval, count_parameters

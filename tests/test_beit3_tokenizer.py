@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import sentencepiece as spm
 import torch
-
 from beit3_fixtures import *  # noqa: F401,F403  (fixtures)
+
 from pipeline.errors import InputError
 from pipeline.teachers.beit3_tokenizer import BOS, EOS, PAD, UNK, BEiT3Tokenizer
 

@@ -10,9 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.config import apply_overrides, from_dict, to_dict
+from pipeline.data.prepare import PrepareConfig, ResizeConfig
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import ConfigError
-from pipeline.data.prepare import PrepareConfig, ResizeConfig
 from stages.cli import app
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from extract_helpers import TinyTeacher
 from typer.testing import CliRunner
 
 from pipeline.data.index import DatasetIndex
-from pipeline.errors import ConfigError, InputError
 from pipeline.environment import numerics_environment
+from pipeline.errors import ConfigError, InputError
+from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks
 from pipeline.evaluate.run import (
     METRIC_KEYS,
     EvaluateConfig,
@@ -24,12 +26,10 @@ from pipeline.evaluate.run import (
     encode_gallery,
     run_evaluate,
 )
+from pipeline.paths import ArtifactPaths
 from pipeline.store.features import StoreWriter, open_store, write_store
 from pipeline.store.image_cache import write_image_cache
-from pipeline.paths import ArtifactPaths
-from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks
 from stages.cli import app
-from extract_helpers import TinyTeacher
 
 MODEL_KEYS = [*METRIC_KEYS, "i2t_meanr", "t2i_meanr"]
 WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()  # the tokenizer_dir vocabulary
@@ -112,8 +112,8 @@ def test_features_cli_bad_stores_exit_2_with_one_line(store, tmp_path, monkeypat
 
 # -- the full stage ----------------------------------------------------------------------------------------
 def save_tiny_student(directory: Path, tokenizer_dir: Path, seed: int) -> None:
-    from pipeline.towers.student import StudentConfig, build_student, save_student
     from pipeline.towers.image import ImageTowerConfig
+    from pipeline.towers.student import StudentConfig, build_student, save_student
     from pipeline.towers.text import TextTowerConfig
 
     torch.manual_seed(seed)

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from extract_helpers import TinyTeacher, make_dataset, store_files
 from PIL import Image
 from typer.testing import CliRunner
 
-from extract_helpers import TinyTeacher, make_dataset, store_files
-from pipeline.data.index import DatasetIndex
-from pipeline.errors import ConfigError, InputError
-from pipeline.devices import resolve_device
-from pipeline.teachers.extract import ExtractConfig, run_extract
 from pipeline.config import from_dict
+from pipeline.data.index import DatasetIndex
+from pipeline.devices import resolve_device
+from pipeline.errors import ConfigError, InputError
 from pipeline.store.features import open_store, read_attrs
+from pipeline.teachers.extract import ExtractConfig, run_extract
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -335,7 +335,7 @@ def test_cli_missing_index_and_bad_output_exit_2_with_one_line(dataset, tmp_path
 from beit3_fixtures import base_style_ckpt, tiny_spm  # noqa: E402,F401  (pytest fixtures)
 
 
-def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_ckpt, tiny_spm):
+def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_ckpt, tiny_spm):  # noqa: F811
     from pipeline.teachers.beit3 import BEiT3Teacher
     from stages.cli import app
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import from_dict
-from pipeline.errors import ConfigError
-from pipeline.distill.losses import DistillLoss, LossConfig, TERMS
+from pipeline.distill.losses import TERMS, DistillLoss, LossConfig
 from pipeline.distill.losses.triplet import hardest_negative_triplet
+from pipeline.errors import ConfigError
 
 B, D, K = 6, 8, 10
 IDS = [0, 1, 0, 2, 3, 1]  # pairs 0/2 and 1/5 share an image

@@ -5,10 +5,10 @@ import pytest
 import yaml
 
 from pipeline.config import from_dict
-from pipeline.evaluate.run import EvaluateConfig
-from pipeline.teachers.extract import ExtractConfig
 from pipeline.data.prepare import PrepareConfig
 from pipeline.distill.run import DistillConfig
+from pipeline.evaluate.run import EvaluateConfig
+from pipeline.teachers.extract import ExtractConfig
 from stages._common import TOP_LEVEL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]

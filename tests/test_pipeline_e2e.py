@@ -14,8 +14,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.data.index import DatasetIndex
 from pipeline.data.demo_photos import DEMO_IMAGES, DEMO_JSON, build_demo_images
+from pipeline.data.index import DatasetIndex
 from pipeline.store.features import open_store
 from pipeline.store.image_cache import open_image_cache
 from stages.cli import app

@@ -9,11 +9,11 @@ from PIL import Image, ImageFile
 
 from pipeline.data import prepare as prep
 from pipeline.data.index import DatasetIndex
+from pipeline.data.prepare import PrepareConfig, ResizeConfig, decode_image, run_prepare
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import InputError
-from pipeline.store.image_cache import open_image_cache
 from pipeline.paths import ArtifactPaths
-from pipeline.data.prepare import PrepareConfig, ResizeConfig, decode_image, run_prepare
+from pipeline.store.image_cache import open_image_cache
 
 skimage_data = pytest.importorskip("skimage.data", reason="the real test photos ship with scikit-image")
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="the real test photos ship with scikit-learn")

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from pipeline.config import from_dict
 from pipeline.errors import ConfigError, InputError
-from pipeline.towers.student import StudentConfig, build_student, load_student, save_student
 from pipeline.towers.image import ImageTowerConfig, import_timm
+from pipeline.towers.student import StudentConfig, build_student, load_student, save_student
 from pipeline.towers.text import TextTowerConfig
 
 DIM = 16

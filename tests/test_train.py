@@ -14,14 +14,14 @@ from typer.testing import CliRunner
 
 from pipeline.config import from_dict
 from pipeline.data.index import DatasetIndex
+from pipeline.distill.data import BatchLoader, TeacherBank, random_resized_crop, tokenize_all
+from pipeline.distill.losses import DistillLoss
+from pipeline.distill.run import DistillConfig, run_distill
+from pipeline.distill.sampler import EpochSampler
 from pipeline.errors import InputError
 from pipeline.store.features import open_store, write_store
 from pipeline.store.image_cache import open_image_cache, write_image_cache
-from pipeline.distill.losses import DistillLoss
-from pipeline.distill.sampler import EpochSampler
 from pipeline.towers.student import build_student, load_student
-from pipeline.distill.run import DistillConfig, run_distill
-from pipeline.distill.data import BatchLoader, TeacherBank, random_resized_crop, tokenize_all
 
 DIM, HW = 16, 32
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}

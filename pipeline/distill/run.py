@@ -25,27 +25,28 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.distill.balancer import BalancerConfig, LossBalancer
 from pipeline.config import to_dict, write_resolved
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
+from pipeline.distill.balancer import BalancerConfig, LossBalancer
+from pipeline.distill.data import BatchLoader, TeacherBank, as_tensor, random_resized_crop, tokenize_all
+from pipeline.distill.losses import DistillLoss, LossConfig
+from pipeline.distill.sampler import EpochSampler
 from pipeline.errors import InputError
+from pipeline.progress import info, progress
 from pipeline.store.features import FeatureStore, StoreSplit
 from pipeline.store.image_cache import ImageCache
-from pipeline.distill.losses import LossConfig, DistillLoss
-from pipeline.progress import info, progress
-from pipeline.distill.sampler import EpochSampler
 from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student
-from pipeline.distill.data import BatchLoader, TeacherBank, as_tensor, random_resized_crop, tokenize_all
 
 CHECKPOINT_FORMAT = "kdpipe-distill-checkpoint"
 CHECKPOINT_VERSION = 1

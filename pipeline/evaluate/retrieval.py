@@ -36,9 +36,10 @@ therefore torch, on the GPU when `device` is one (faiss-cpu).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -207,7 +208,7 @@ class _Rows:
     def slice(self, start: int, stop: int) -> torch.Tensor:
         return self.full[start:stop] if self.full is not None else self._convert(self.x[start:stop])
 
-    def permuted(self, order: np.ndarray | None) -> "_Rows":
+    def permuted(self, order: np.ndarray | None) -> _Rows:
         """The same rows in `order` (None: unchanged)."""
         if order is None:
             return self

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,8 +22,6 @@ from pipeline.config import require_at_least
 from pipeline.devices import resolve_device
 from pipeline.environment import numerics_environment
 from pipeline.errors import InputError, KdpipeError
-from pipeline.paths import ArtifactPaths
-from pipeline.progress import info, progress
 from pipeline.evaluate.retrieval import (
     TIE_RULE,
     RetrievalRanks,
@@ -30,6 +29,8 @@ from pipeline.evaluate.retrieval import (
     recall_metrics,
     retrieval_ranks,
 )
+from pipeline.paths import ArtifactPaths
+from pipeline.progress import info, progress
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
 

@@ -41,9 +41,10 @@ import os
 import shutil
 import sys
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -259,7 +260,7 @@ def map_rows(files: list[Path], chunk_rows: int, rows: int, dim: int, dtype: np.
 class _ArrayView:
     """Exposes a mapped address range to numpy (`np.asarray` keeps this object, hence the mapping, alive)."""
 
-    def __init__(self, owner: "_StitchedMap", shape: tuple[int, int], dtype: np.dtype) -> None:
+    def __init__(self, owner: _StitchedMap, shape: tuple[int, int], dtype: np.dtype) -> None:
         self._owner = owner
         self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (owner.address, True),
                                     "version": 3}
@@ -293,7 +294,7 @@ class _StitchedMap:
         return cls._libc
 
     @classmethod
-    def create(cls, files: list[Path], chunk_bytes: int) -> "_StitchedMap | None":
+    def create(cls, files: list[Path], chunk_bytes: int) -> _StitchedMap | None:
         libc = cls._load_libc()
         if not libc or chunk_bytes % mmap.PAGESIZE or sys.platform not in ("linux", "darwin"):
             return None
@@ -456,7 +457,7 @@ class StoreWriter:
 
     @classmethod
     def create(cls, path: Path | str, *, layout: dict[str, tuple[int, int]], dim: int, dtype: str = "float16",
-               chunk_rows: int = DEFAULT_CHUNK_ROWS, attrs: dict[str, Any] | None = None) -> "StoreWriter":
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, attrs: dict[str, Any] | None = None) -> StoreWriter:
         """A new store at `path` for layout {split: (n_images, n_captions)}; anything already there is removed."""
         import zarr
 

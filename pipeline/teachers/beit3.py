@@ -97,7 +97,7 @@ class BEiT3Teacher(Teacher):
     def from_checkpoint(cls, path: str | Path, tokenizer: str | Path, num_heads: int | None = None,
                         image_size: int | None = None, max_text_len: int = 64,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        preset: str | None = None) -> "BEiT3Teacher":
+                        preset: str | None = None) -> BEiT3Teacher:
         """An official retrieval checkpoint (dimensions read from its tensor shapes) and its beit3.spm.
         `image_size` None: the checkpoint's own; `preset`: if given, the checkpoint must be that one."""
         device = resolve_device(device)  # fail before reading gigabytes
@@ -108,7 +108,7 @@ class BEiT3Teacher(Teacher):
 
     @classmethod
     def from_config(cls, cfg: BEiT3TeacherConfig, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> "BEiT3Teacher":
+                    dtype: torch.dtype = torch.float32) -> BEiT3Teacher:
         if cfg.checkpoint is None:
             raise InputError("extract.teacher.beit3.checkpoint is not set (path to an official BEiT-3 retrieval .pth)")
         if cfg.tokenizer is None:
@@ -120,7 +120,7 @@ class BEiT3Teacher(Teacher):
     @classmethod
     def from_model(cls, model: BEiT3ForRetrieval, tokenizer: BEiT3Tokenizer | str | Path | None, *,
                    max_text_len: int = 64, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32, seed: int | None = None) -> "BEiT3Teacher":
+                   dtype: torch.dtype = torch.float32, seed: int | None = None) -> BEiT3Teacher:
         """A teacher around weights already in memory (tests, benchmarks); tokenizer None: model only."""
         if tokenizer is not None and not isinstance(tokenizer, BEiT3Tokenizer):
             tokenizer = BEiT3Tokenizer(tokenizer, max_len=max_text_len)
@@ -129,7 +129,7 @@ class BEiT3Teacher(Teacher):
     @classmethod
     def random(cls, dims: BEiT3Dims | str, tokenizer: BEiT3Tokenizer | str | Path | None, *, seed: int = 0,
                image_size: int | None = None, max_text_len: int = 64, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> "BEiT3Teacher":
+               dtype: torch.dtype = torch.float32) -> BEiT3Teacher:
         """Random weights (deterministic in `seed`) for a preset name or explicit dims."""
         if isinstance(dims, str):
             if dims not in BEIT3_PRESETS:

@@ -72,7 +72,7 @@ class BEiT3Dims:
         """Longest caption (in tokens, <s> and </s> included) the text position table can hold."""
         return self.text_positions - FIRST_POSITION
 
-    def with_image_size(self, image_size: int) -> "BEiT3Dims":
+    def with_image_size(self, image_size: int) -> BEiT3Dims:
         return replace(self, image_size=int(image_size))
 
 
@@ -154,7 +154,10 @@ class MultiwayAttention(nn.Module):
 
     def forward(self, x: Tensor, modality: str, attn_mask: Tensor | None) -> Tensor:
         b, n, d = x.shape
-        heads = lambda t: t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)  # -> [B,H,L,d/H]
+
+        def heads(t: Tensor) -> Tensor:  # [B, L, D] -> [B, H, L, D/H]
+            return t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
         q = heads(self.q_proj(x, modality))
         k = heads(self.k_proj(x, modality))
         v = heads(self.v_proj(x, modality))
@@ -273,7 +276,7 @@ class BEiT3ForRetrieval(nn.Module):
 
     # -- random weights (tests, benchmarks) ---------------------------------------------------------
     @torch.no_grad()
-    def init_random(self, seed: int = 0, std: float = 0.02) -> "BEiT3ForRetrieval":
+    def init_random(self, seed: int = 0, std: float = 0.02) -> BEiT3ForRetrieval:
         """Deterministic random weights: N(0, std) matrices and embeddings, small random biases and
         LayerNorm affines (so that tests exercise every parameter)."""
         g = torch.Generator().manual_seed(seed)

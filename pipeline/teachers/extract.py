@@ -44,21 +44,23 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.config import require_at_least
+from pipeline.data.exif import orientation, upright
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
-from pipeline.data.exif import orientation, upright
+from pipeline.progress import info, progress
 from pipeline.store.features import (
     FORMAT,
     StoreWriter,
@@ -72,7 +74,6 @@ from pipeline.store.features import (
     remove_partial_files,
     write_file_durably,
 )
-from pipeline.progress import info, progress
 from pipeline.teachers import Teacher, TeacherConfig, build_teacher
 
 WORK_DIR = ".extract"  # progress records inside the store while it is being written; deleted at the end

@@ -119,7 +119,7 @@ class LabelBridgeTeacher(Teacher):
 
     @classmethod
     def from_config(cls, cfg: LabelBridgeTeacherConfig, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> "LabelBridgeTeacher":
+                    dtype: torch.dtype = torch.float32) -> LabelBridgeTeacher:
         device = torch.device(device)
         class_names = read_class_names(cfg.class_names)
         tokenizer, text_model = _load_minilm(device)

@@ -122,7 +122,6 @@ def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
     Each piece is written under a temporary name and renamed, and student_config.json goes last, so an
     interrupted save never leaves a config next to mismatched weights."""
     from safetensors.torch import save_file
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars inside distill's own progress output
