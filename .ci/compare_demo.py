@@ -16,6 +16,7 @@ that into other student weights. So:
   likewise; and what the demo claims must still hold: the distilled student agrees with the teacher and
   the pairs-only baseline does not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,10 @@ def compare_stage_outputs(old_lock: dict, new_lock: dict, stages: tuple[str, ...
 def check_value(name: str, old: float, new: float, tol: float, digits: int, failures: list[str]) -> None:
     """Print one committed/reproduced pair and record a failure when they differ by more than `tol`."""
     diff = abs(new - old)
-    print(f"  {name:26s} committed {old:7.{digits}f} reproduced {new:7.{digits}f}  |diff| {diff:.{digits}f} "
-          f"(tolerance {tol:.{digits}f})")
+    print(
+        f"  {name:26s} committed {old:7.{digits}f} reproduced {new:7.{digits}f}  |diff| {diff:.{digits}f} "
+        f"(tolerance {tol:.{digits}f})"
+    )
     if diff > tol + 1e-9:
         failures.append(f"metrics {name}: {old} -> {new} (tolerance {tol:.{digits}f})")
 
@@ -96,13 +99,18 @@ def compare_metrics(old_m: dict, new_m: dict, same_class: bool, failures: list[s
         for key in AGREEMENT:
             gap = new_m["student"][key] - new_m["baseline"][key]
             if gap < CROSS_MACHINE["min_agreement_gap"]:
-                failures.append(f"metrics: student {key} {new_m['student'][key]} is not above the baseline's "
-                                f"{new_m['baseline'][key]} by {CROSS_MACHINE['min_agreement_gap']}")
+                failures.append(
+                    f"metrics: student {key} {new_m['student'][key]} is not above the baseline's "
+                    f"{new_m['baseline'][key]} by {CROSS_MACHINE['min_agreement_gap']}"
+                )
     return models
 
 
-README_ROWS = {"teacher": "| teacher (label bridge) |", "student": "| distilled student |",
-               "baseline": "| baseline (pairs only, no teacher) |"}
+README_ROWS = {
+    "teacher": "| teacher (label bridge) |",
+    "student": "| distilled student |",
+    "baseline": "| baseline (pairs only, no teacher) |",
+}
 
 
 def compare_readme(readme: str, metrics: dict, failures: list[str]) -> None:
@@ -114,15 +122,18 @@ def compare_readme(readme: str, metrics: dict, failures: list[str]) -> None:
         if len(lines) != 1:
             failures.append(f"README: expected one demo table row starting {prefix!r}, found {len(lines)}")
             continue
-        cells = [c.strip() for c in lines[0][len(prefix):].strip().strip("|").split("|")]
-        shown = cells[:len(RECALLS) + 1]
+        cells = [c.strip() for c in lines[0][len(prefix) :].strip().strip("|").split("|")]
+        shown = cells[: len(RECALLS) + 1]
         expected = [f"{metrics[model][k]:.1f}" for k in (*RECALLS, "rsum")]
         if model != "teacher":
             shown.append(cells[len(RECALLS) + 1].replace(" ", ""))
-            expected.append("/".join(f"{abs(v) if round(v, 2) == 0 else v:.2f}"
-                                     for v in (metrics[model][k] for k in AGREEMENT)))
+            expected.append(
+                "/".join(f"{abs(v) if round(v, 2) == 0 else v:.2f}" for v in (metrics[model][k] for k in AGREEMENT))
+            )
         if shown != expected:
-            failures.append(f"README: the {model} row shows {' | '.join(shown)}; metrics.json has {' | '.join(expected)}")
+            failures.append(
+                f"README: the {model} row shows {' | '.join(shown)}; metrics.json has {' | '.join(expected)}"
+            )
 
 
 def main() -> int:
@@ -138,8 +149,10 @@ def main() -> int:
     old_env, new_env = old_m.get("environment"), new_m.get("environment")
     same_class = old_env is not None and old_env == new_env
     if same_class:
-        print(f"same machine class as the committed run ({new_env['cpu']}, {new_env['cpu_id']}): "
-              "every output and recall must be identical")
+        print(
+            f"same machine class as the committed run ({new_env['cpu']}, {new_env['cpu_id']}): "
+            "every output and recall must be identical"
+        )
     else:
         print("another machine class than the committed run: float stages within the measured cross-machine spread")
         for key in sorted(set(old_env or {}) | set(new_env or {})):
@@ -154,7 +167,9 @@ def main() -> int:
         ignored: list[str] = []
         compare_stage_outputs(old_lock, new_lock, FLOAT_STAGES, ignored)
         if ignored:
-            print("  (extract differs in the last bits on another machine class: checked through the teacher's recalls)")
+            print(
+                "  (extract differs in the last bits on another machine class: checked through the teacher's recalls)"
+            )
     models = compare_metrics(old_m, new_m, same_class, failures)
     if a.readme:
         compare_readme(open(a.readme, encoding="utf-8").read(), old_m, failures)

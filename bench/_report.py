@@ -13,6 +13,7 @@ Each figure has a unit and, where the project has one, a target and a reference 
 better follows from the unit (rates up, times and memory down) unless `better=` says so. A figure is
 never a test: the status column only says how it compares.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,12 @@ def machine_info() -> dict:
     """Device name, core count, versions (python, torch, CUDA, numpy, kdpipe commit) and the UTC date."""
     from pipeline.environment import cpu_description  # model name, vendor/family/model, ISA flags
 
-    info = {**cpu_description(), "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    info = {
+        **cpu_description(),
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     try:
         import torch
 
@@ -67,8 +72,12 @@ def machine_info() -> dict:
         info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
-                        gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+            info.update(
+                gpu=props.name,
+                gpu_count=torch.cuda.device_count(),
+                gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                cuda=torch.version.cuda,
+            )
     except ImportError:
         pass
     try:
@@ -147,8 +156,17 @@ class Report:
             self.parts[part] = Part(date=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
         return self.parts[part]
 
-    def add(self, part: str, name: str, value: float | None, unit: str, target: float | None = None,
-            ceiling: float | None = None, note: str = "", better: str | None = None) -> Figure:
+    def add(
+        self,
+        part: str,
+        name: str,
+        value: float | None,
+        unit: str,
+        target: float | None = None,
+        ceiling: float | None = None,
+        note: str = "",
+        better: str | None = None,
+    ) -> Figure:
         """Record one figure (value None: listed as not measured, with `note` saying why) and print it."""
         if better is None:
             better = "higher" if _RATE.search(unit) else "lower"
@@ -173,8 +191,7 @@ class Report:
 
     # -- files ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"info": self.info, "scale": self.scale,
-                "parts": {k: asdict(v) for k, v in self.parts.items()}}
+        return {"info": self.info, "scale": self.scale, "parts": {k: asdict(v) for k, v in self.parts.items()}}
 
     def save(self, path: Path | str, merge: bool = True) -> Path:
         """Write JSON; with `merge`, parts already in the file and not run now are kept (for `--only`)."""
@@ -213,9 +230,9 @@ def _fmt(v: float | None) -> str:
 class GpuSampler:
     """Samples `nvidia-smi` utilisation and memory every `interval` seconds while the block runs.
 
-        with GpuSampler() as gpu:
-            run()
-        gpu.mean_util, gpu.max_memory_mb   # None where nvidia-smi is absent
+    with GpuSampler() as gpu:
+        run()
+    gpu.mean_util, gpu.max_memory_mb   # None where nvidia-smi is absent
     """
 
     def __init__(self, interval: float = 0.2, index: int = 0) -> None:
@@ -226,8 +243,17 @@ class GpuSampler:
 
     def _query(self) -> tuple[float, float] | None:
         try:
-            out = subprocess.run(["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu,memory.used",
-                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(
+                [
+                    "nvidia-smi",
+                    f"--id={self.index}",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             util, mem = out.stdout.strip().splitlines()[0].split(",")
             return float(util), float(mem)
         except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -280,11 +306,13 @@ def timeit(fn, *, repeat: int = 5, warmup: int = 1, sync=None) -> tuple[float, f
 
 
 # -- rendering ------------------------------------------------------------------------------------------
-_PART_TITLES = {"prepare": "prepare (JPEG decode + resize into the uint8 image cache)",
-                "extract": "extract (teacher over images and captions)",
-                "distill": "distill (student training step and its data path)",
-                "feature_store": "feature store (memory-mapped teacher rows)",
-                "evaluate": "evaluate (exact retrieval scoring)"}
+_PART_TITLES = {
+    "prepare": "prepare (JPEG decode + resize into the uint8 image cache)",
+    "extract": "extract (teacher over images and captions)",
+    "distill": "distill (student training step and its data path)",
+    "feature_store": "feature store (memory-mapped teacher rows)",
+    "evaluate": "evaluate (exact retrieval scoring)",
+}
 
 
 def render_markdown(results: list[dict], plots: dict[str, str] | None = None) -> str:
@@ -296,14 +324,20 @@ def render_markdown(results: list[dict], plots: dict[str, str] | None = None) ->
         slug = res.get("_slug") or device_slug(info)
         lines += [f"## {info['device']}", ""]
         versions = ", ".join(f"{k} {info[k]}" for k in ("python", "torch", "cuda", "numpy") if info.get(k))
-        lines += [f"`bench/results/{slug}.json` - scale {res.get('scale')}x - {info['date']} - {versions} - "
-                  f"kdpipe {info.get('kdpipe_commit') or '?'} - {info.get('cpu_cores')} CPU cores"
-                  + (f" ({info['cpu']})" if info.get("gpu") else "")
-                  + (f" - load average {info['load_average_1min']} at the start" if "load_average_1min" in info else ""), ""]
+        lines += [
+            f"`bench/results/{slug}.json` - scale {res.get('scale')}x - {info['date']} - {versions} - "
+            f"kdpipe {info.get('kdpipe_commit') or '?'} - {info.get('cpu_cores')} CPU cores"
+            + (f" ({info['cpu']})" if info.get("gpu") else "")
+            + (f" - load average {info['load_average_1min']} at the start" if "load_average_1min" in info else ""),
+            "",
+        ]
         ds = info.get("dataset")
         if ds:
-            lines += [f"Synthetic dataset: {ds['n_images']:,} JPEGs (mean {ds['jpeg_mean_kb']} KB), {ds['n_captions']:,} "
-                      f"captions (mean {ds['caption_words_mean']} words).", ""]
+            lines += [
+                f"Synthetic dataset: {ds['n_images']:,} JPEGs (mean {ds['jpeg_mean_kb']} KB), {ds['n_captions']:,} "
+                f"captions (mean {ds['caption_words_mean']} words).",
+                "",
+            ]
         lines += ["| part | figure | measured | target | ceiling | status |", "|---|---|---|---|---|---|"]
         notes = []
         for part in [k for k in PARTS if k in res["parts"]] + sorted(k for k in res["parts"] if k not in PARTS):
@@ -366,8 +400,15 @@ def plot_distill(res: dict, out: Path) -> bool:
         if pts:
             ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=f"kdpipe, {mode}")
     for i, pts in enumerate(DISTILL_REFERENCE.values()):  # plain PyTorch on one H100 (performance.md)
-        ax.plot(list(pts), list(pts.values()), ls=":", marker="x", color="gray", lw=1,
-                label="reference, H100 (eager, compiled)" if i == 0 else None)
+        ax.plot(
+            list(pts),
+            list(pts.values()),
+            ls=":",
+            marker="x",
+            color="gray",
+            lw=1,
+            label="reference, H100 (eager, compiled)" if i == 0 else None,
+        )
     ax.axhline(2400, color="tab:red", ls="--", lw=1, label="target (bs 256, compiled)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(batches | {64, 256}))

@@ -17,6 +17,7 @@ memory-mapped image cache and feature store with 0 / 2 / 4 loader threads; with 
 device (only images cross) and streamed from the memory map (images + teacher rows + negatives). Target:
 at least 3x what the GPU consumes (3 x 2,456 pairs/s, the reference compiled step at batch 256).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,19 @@ def make_store(root: Path, n_images: int, dim: int, seed: int = 0):
     n_captions = n_images * CAPTIONS_PER_IMAGE
     text_image = (np.arange(n_captions) // CAPTIONS_PER_IMAGE).astype(np.int32)
     rows = lambda n: rng.standard_normal((n, dim), dtype=np.float32)  # noqa: E731 - normalized by the writer
-    write_store(root / "features.zarr", {"train": {
-        "image_emb": rows(n_images), "text_emb": rows(n_captions), "text_image": text_image,
-        "image_id": np.array([f"{i:010d}" for i in range(n_images)], dtype=object)}},
-        teacher={"name": "random"}, dataset={"name": "bench", "fingerprint": "bench"})
+    write_store(
+        root / "features.zarr",
+        {
+            "train": {
+                "image_emb": rows(n_images),
+                "text_emb": rows(n_captions),
+                "text_image": text_image,
+                "image_id": np.array([f"{i:010d}" for i in range(n_images)], dtype=object),
+            }
+        },
+        teacher={"name": "random"},
+        dataset={"name": "bench", "fingerprint": "bench"},
+    )
     return open_store(root / "features.zarr").split("train")
 
 
@@ -60,8 +70,9 @@ def make_image_cache(root: Path, n: int, size: int = 224, seed: int = 0) -> np.n
     from pipeline.store.image_cache import open_image_cache, write_image_cache
 
     rng = np.random.default_rng(seed)
-    write_image_cache(root / "images.zarr", {"train": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)},
-                      fingerprint="bench")
+    write_image_cache(
+        root / "images.zarr", {"train": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)}, fingerprint="bench"
+    )
     return open_image_cache(root / "images.zarr").split("train")
 
 
@@ -84,17 +95,28 @@ def make_loader(images, store, device, *, batch: int, workers: int, placement: s
     bank = TeacherBank(store.image_emb, store.text_emb, store.text_image, device, placement=placement)
     sampler = EpochSampler(store.n_captions, batch, seed=0)
     cache_rows = np.arange(store.n_images) % n_cache  # more teacher images than cached ones: reuse them
-    return BatchLoader(images, bank, random_tokens(store.n_captions), sampler, queue_size=QUEUE, use_queue=True,
-                       num_workers=workers, cache_rows=cache_rows)
+    return BatchLoader(
+        images,
+        bank,
+        random_tokens(store.n_captions),
+        sampler,
+        queue_size=QUEUE,
+        use_queue=True,
+        num_workers=workers,
+        cache_rows=cache_rows,
+    )
 
 
 # -- the data path alone (CPU) -------------------------------------------------------------------------------
 def bench_data_path(rep: Report, root: Path, store, images, n_cache: int, batches: int = 40) -> None:
-    for placement, what in (("device", "bank on the device: images only"),
-                            ("memmap", "bank streamed: images + teacher rows + 8,192 negatives")):
+    for placement, what in (
+        ("device", "bank on the device: images only"),
+        ("memmap", "bank streamed: images + teacher rows + 8,192 negatives"),
+    ):
         for workers in (0, 2, 4):
-            loader = make_loader(images, store, torch.device("cpu"), batch=256, workers=workers,
-                                 placement=placement, n_cache=n_cache)
+            loader = make_loader(
+                images, store, torch.device("cpu"), batch=256, workers=workers, placement=placement, n_cache=n_cache
+            )
             for hb in loader.iterate(0, 0, 4):  # warm the page cache and the buffers
                 loader.release(hb)
             t = time.perf_counter()
@@ -103,9 +125,14 @@ def bench_data_path(rep: Report, root: Path, store, images, n_cache: int, batche
                 loader.release(hb)  # as the training loop does once the step is done with it
                 n += 1
             rate = n * 256 / (time.perf_counter() - t)
-            rep.add("distill", f"data path, batch 256, {workers} loader threads, {what}", rate, "pairs/s",
-                    target=3 * GPU_REFERENCE_PAIRS_PER_S,
-                    note=f"{rate / GPU_REFERENCE_PAIRS_PER_S:.1f}x the reference GPU step (2,456 pairs/s)")
+            rep.add(
+                "distill",
+                f"data path, batch 256, {workers} loader threads, {what}",
+                rate,
+                "pairs/s",
+                target=3 * GPU_REFERENCE_PAIRS_PER_S,
+                note=f"{rate / GPU_REFERENCE_PAIRS_PER_S:.1f}x the reference GPU step (2,456 pairs/s)",
+            )
 
 
 # -- the training step on the GPU ---------------------------------------------------------------------------
@@ -130,8 +157,9 @@ def default_student_config(root: Path):
     return StudentConfig(text=TextTowerConfig(tokenizer=tok))
 
 
-def bench_gpu(rep: Report, root: Path, store, images, n_cache: int, batches: list[int], steps: int,
-              compile_modes: list[bool]) -> None:
+def bench_gpu(
+    rep: Report, root: Path, store, images, n_cache: int, batches: list[int], steps: int, compile_modes: list[bool]
+) -> None:
     from pipeline.distill.balancer import BalancerConfig, LossBalancer
     from pipeline.distill.losses import DistillLoss, LossConfig
     from pipeline.distill.run import AugmentConfig, loss_terms
@@ -185,9 +213,15 @@ def bench_gpu(rep: Report, root: Path, store, images, n_cache: int, batches: lis
                 rep.add("distill", f"pairs/s, {label}", None, "pairs/s", note="out of GPU memory")
                 continue
             ref = {64: 918, 256: 1720} if not compiled else {64: 1136, 256: 2456}
-            rep.add("distill", f"pairs/s, {label}", rate, "pairs/s",
-                    target=2400 if (compiled and batch == 256) else None, ceiling=ref.get(batch),
-                    note=f"{params / 1e6:.0f}M parameters, bank on the GPU, K = {QUEUE}")
+            rep.add(
+                "distill",
+                f"pairs/s, {label}",
+                rate,
+                "pairs/s",
+                target=2400 if (compiled and batch == 256) else None,
+                ceiling=ref.get(batch),
+                note=f"{params / 1e6:.0f}M parameters, bank on the GPU, K = {QUEUE}",
+            )
             rep.add("distill", f"peak GPU memory, {label}", peak, "GB", target=20 if batch == 64 else None)
             results[label] = {"pairs_per_s": rate, "peak_gb": peak}
     rep.extra("distill", "train_step", results)
@@ -207,8 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {rep.info['device']} | torch {rep.info.get('torch')}")
     gpu = args.only in (None, "gpu") and cuda_available()
     if args.only in (None, "gpu") and not gpu:
-        rep.add("distill", "pairs/s at batch 256, compiled", None, "pairs/s", target=2400, ceiling=2456,
-                note="not measured: no CUDA here")
+        rep.add(
+            "distill",
+            "pairs/s at batch 256, compiled",
+            None,
+            "pairs/s",
+            target=2400,
+            ceiling=2456,
+            note="not measured: no CUDA here",
+        )
         rep.skip("distill", "GPU training step: no CUDA")
         if args.only == "gpu":
             return 0
@@ -217,14 +258,24 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         store = make_store(root, N_IMAGES, DIM)
         images = make_image_cache(root, args.cache_images)
-        print(f"inputs: teacher bank {store.n_images:,} + {store.n_captions:,} rows x {DIM} fp16, "
-              f"{args.cache_images:,} cached images, written in {time.perf_counter() - t:.1f} s")
+        print(
+            f"inputs: teacher bank {store.n_images:,} + {store.n_captions:,} rows x {DIM} fp16, "
+            f"{args.cache_images:,} cached images, written in {time.perf_counter() - t:.1f} s"
+        )
         if args.only in (None, "data"):
             bench_data_path(rep, root, store, images, args.cache_images)
         if gpu:
             modes = [False] if args.no_compile else [False, True]
-            bench_gpu(rep, root, store, images, args.cache_images, [int(b) for b in args.batches.split(",")],
-                      args.steps, modes)
+            bench_gpu(
+                rep,
+                root,
+                store,
+                images,
+                args.cache_images,
+                [int(b) for b in args.batches.split(",")],
+                args.steps,
+                modes,
+            )
     if args.out:
         rep.save(args.out)
     return 0

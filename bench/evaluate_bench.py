@@ -12,6 +12,7 @@ Also: the peak memory of ranking a gallery whose fp32 score matrix would take 8 
 
 Target (shared/reference/performance.md): <= 1.5 s on 2 CPU cores. A benchmark prints figures; it never fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,18 +66,17 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int) -> None:
     """Every score tile of a @ b.T, chunk x chunk, into one reused buffer (the matmul work of an evaluation)."""
     buf = torch.empty(chunk * chunk, dtype=a.dtype)
     for r0 in range(0, len(a), chunk):
-        rows = a[r0:r0 + chunk]
+        rows = a[r0 : r0 + chunk]
         for c0 in range(0, len(b), chunk):
-            cols = b[c0:c0 + chunk]
-            torch.mm(rows, cols.T, out=buf[:len(rows) * len(cols)].view(len(rows), len(cols)))
+            cols = b[c0 : c0 + chunk]
+            torch.mm(rows, cols.T, out=buf[: len(rows) * len(cols)].view(len(rows), len(cols)))
 
 
 def differing(a: RetrievalRanks, b: RetrievalRanks) -> int:
     return int((a.i2t != b.i2t).sum() + (a.t2i != b.t2i).sum())
 
 
-def at_exact_ties(ours: RetrievalRanks, naive: RetrievalRanks, img: np.ndarray, txt: np.ndarray,
-                  ti: np.ndarray) -> int:
+def at_exact_ties(ours: RetrievalRanks, naive: RetrievalRanks, img: np.ndarray, txt: np.ndarray, ti: np.ndarray) -> int:
     """How many of the queries ranked differently have a negative scoring exactly their positive's fp32 score
     (in the naive score matrix): there the naive sort order and the pessimistic rule legitimately differ."""
     i2t_q, t2i_q = np.flatnonzero(ours.i2t != naive.i2t), np.flatnonzero(ours.t2i != naive.t2i)
@@ -93,8 +93,9 @@ def at_exact_ties(ours: RetrievalRanks, naive: RetrievalRanks, img: np.ndarray, 
     return tied
 
 
-def bench_evaluate(rep: Report, cuda: bool, repeat: int = 3, chunks: tuple[int, ...] = (2048, 4096, 8192),
-                   faiss: bool = True) -> None:
+def bench_evaluate(
+    rep: Report, cuda: bool, repeat: int = 3, chunks: tuple[int, ...] = (2048, 4096, 8192), faiss: bool = True
+) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     try:
@@ -107,65 +108,111 @@ def bench_evaluate(rep: Report, cuda: bool, repeat: int = 3, chunks: tuple[int, 
         ref = naive_ranks(img, txt, ti)
         naive_s = time.perf_counter() - t
         ref_m = recall_metrics(ref)
-        rep.add(PART, "COCO-5K naive reference (full matrix + 2 argsorts), 2 CPU threads", naive_s, "s",
-                note="the obviously-correct implementation, same run, one run")
+        rep.add(
+            PART,
+            "COCO-5K naive reference (full matrix + 2 argsorts), 2 CPU threads",
+            naive_s,
+            "s",
+            note="the obviously-correct implementation, same run, one run",
+        )
 
         best_chunk, best_time = None, None
         for chunk in chunks:
             ranks = retrieval_ranks(img, txt, ti, chunk_size=chunk, backend="torch")
-            best, med = timeit(lambda: recall_metrics(retrieval_ranks(img, txt, ti, chunk_size=chunk,
-                                                                      backend="torch")), repeat=repeat, warmup=0)
+            best, med = timeit(
+                lambda: recall_metrics(retrieval_ranks(img, txt, ti, chunk_size=chunk, backend="torch")),
+                repeat=repeat,
+                warmup=0,
+            )
             diff = differing(ranks, ref)
             if diff:
                 diff = f"{diff} ({at_exact_ties(ranks, ref, img, txt, ti)} at exact fp32 ties, pessimistic here)"
-            rep.add(PART, f"COCO-5K exact evaluation, torch, tile {chunk}, 2 CPU threads", best, "s", target=1.5,
-                    ceiling=1.27, note=f"{shape}; median {med:.2f} s; {naive_s / best:.1f}x faster than naive; "
-                    f"{diff} of {n + m:,} query ranks differ from naive; ceiling = 16 cores")
+            rep.add(
+                PART,
+                f"COCO-5K exact evaluation, torch, tile {chunk}, 2 CPU threads",
+                best,
+                "s",
+                target=1.5,
+                ceiling=1.27,
+                note=f"{shape}; median {med:.2f} s; {naive_s / best:.1f}x faster than naive; "
+                f"{diff} of {n + m:,} query ranks differ from naive; ceiling = 16 cores",
+            )
             if best_time is None or best < best_time:
                 best_chunk, best_time = chunk, best
         m_ours = recall_metrics(retrieval_ranks(img, txt, ti, backend="auto"))
-        print(f"  metrics (auto): rsum {m_ours['rsum']:.2f} (naive {ref_m['rsum']:.2f}), "
-              f"i2t R@1 {m_ours['i2t_r1']:.2f}, t2i R@1 {m_ours['t2i_r1']:.2f}, "
-              f"i2t medr {m_ours['i2t_medr']:.0f}, t2i medr {m_ours['t2i_medr']:.0f}; fastest tile {best_chunk}")
+        print(
+            f"  metrics (auto): rsum {m_ours['rsum']:.2f} (naive {ref_m['rsum']:.2f}), "
+            f"i2t R@1 {m_ours['i2t_r1']:.2f}, t2i R@1 {m_ours['t2i_r1']:.2f}, "
+            f"i2t medr {m_ours['i2t_medr']:.0f}, t2i medr {m_ours['t2i_medr']:.0f}; fastest tile {best_chunk}"
+        )
 
         if faiss:
             t = time.perf_counter()
             franks = retrieval_ranks(img, txt, ti, backend="faiss")
             fs = time.perf_counter() - t
             torch_ranks = retrieval_ranks(img, txt, ti, backend="torch")
-            rep.add(PART, "COCO-5K exact evaluation, faiss IndexFlatIP backend, 2 CPU threads", fs, "s", target=1.5,
-                    note=f"top-64 both ways, queries beyond it or near a tie counted exactly by torch; "
-                    f"{differing(franks, torch_ranks)} query ranks differ from torch ({differing(franks, ref)} from "
-                    f"naive); {fs / best_time:.1f}x the torch backend's time, which is why auto = torch")
+            rep.add(
+                PART,
+                "COCO-5K exact evaluation, faiss IndexFlatIP backend, 2 CPU threads",
+                fs,
+                "s",
+                target=1.5,
+                note=f"top-64 both ways, queries beyond it or near a tie counted exactly by torch; "
+                f"{differing(franks, torch_ranks)} query ranks differ from torch ({differing(franks, ref)} from "
+                f"naive); {fs / best_time:.1f}x the torch backend's time, which is why auto = torch",
+            )
 
         # The floor: the same score tiles as the fastest evaluation, written into one reused buffer, nothing else.
         a, b = torch.from_numpy(img).float(), torch.from_numpy(txt).float()
         mm, _ = timeit(lambda: tiled_matmul(a, b, best_chunk), repeat=repeat, warmup=1)
-        rep.add(PART, "fp32 score matmul alone, 2 CPU threads", gflop / mm, "GFLOP/s",
-                note=f"{mm:.2f} s in {best_chunk}-wide tiles: the floor under any exact evaluation here; "
-                f"the evaluation spends {best_time - mm:.2f} s on everything else")
+        rep.add(
+            PART,
+            "fp32 score matmul alone, 2 CPU threads",
+            gflop / mm,
+            "GFLOP/s",
+            note=f"{mm:.2f} s in {best_chunk}-wide tiles: the floor under any exact evaluation here; "
+            f"the evaluation spends {best_time - mm:.2f} s on everything else",
+        )
         # What a bf16 matmul would buy, and why it is not used: inputs rounded to 8 significant bits move scores
         # by up to ~2^-7 for unit rows, far more than the gaps between neighbouring scores, so ranks change.
         a16, b16 = a.bfloat16(), b.bfloat16()
         mm16, _ = timeit(lambda: tiled_matmul(a16, b16, best_chunk), repeat=repeat, warmup=1)
         bf16_ranks = retrieval_ranks(a16.float(), b16.float(), ti)
-        rep.add(PART, "bf16 score matmul alone (not exact), 2 CPU threads", gflop / mm16, "GFLOP/s",
-                note=f"{mm16:.2f} s; ranking bf16-rounded rows changes {differing(bf16_ranks, ref)} of {n + m:,} "
-                "query ranks, so exact evaluation stays in fp32")
+        rep.add(
+            PART,
+            "bf16 score matmul alone (not exact), 2 CPU threads",
+            gflop / mm16,
+            "GFLOP/s",
+            note=f"{mm16:.2f} s; ranking bf16-rounded rows changes {differing(bf16_ranks, ref)} of {n + m:,} "
+            "query ranks, so exact evaluation stays in fp32",
+        )
 
         if cuda:
             dev = "cuda"
             sync = torch.cuda.synchronize
             g_ranks = retrieval_ranks(img, txt, ti, device=dev)  # warm-up (CUDA context, kernels)
-            best, med = timeit(lambda: recall_metrics(retrieval_ranks(img, txt, ti, device=dev)), repeat=5,
-                               warmup=1, sync=sync)
-            rep.add(PART, "COCO-5K exact evaluation on GPU (from host fp16 arrays)", best * 1e3, "ms", ceiling=17.7,
-                    note=f"median {med * 1e3:.1f} ms, host-to-device copy included; "
-                    f"{differing(g_ranks, ref)} query ranks differ from the CPU naive")
+            best, med = timeit(
+                lambda: recall_metrics(retrieval_ranks(img, txt, ti, device=dev)), repeat=5, warmup=1, sync=sync
+            )
+            rep.add(
+                PART,
+                "COCO-5K exact evaluation on GPU (from host fp16 arrays)",
+                best * 1e3,
+                "ms",
+                ceiling=17.7,
+                note=f"median {med * 1e3:.1f} ms, host-to-device copy included; "
+                f"{differing(g_ranks, ref)} query ranks differ from the CPU naive",
+            )
             ag, bg = a.to(dev), b.to(dev)
             g_best, _ = timeit(lambda: retrieval_ranks(ag, bg, ti, device=dev), repeat=5, warmup=1, sync=sync)
-            rep.add(PART, "COCO-5K exact ranks on GPU (fp32 tensors already on the GPU)", g_best * 1e3, "ms",
-                    ceiling=17.7, note="ceiling: the score matmul + top-10 on an H100")
+            rep.add(
+                PART,
+                "COCO-5K exact ranks on GPU (fp32 tensors already on the GPU)",
+                g_best * 1e3,
+                "ms",
+                ceiling=17.7,
+                note="ceiling: the score matmul + top-10 on an H100",
+            )
             g_naive, _ = timeit(lambda: naive_ranks(img, txt, ti, device=dev), repeat=3, warmup=1, sync=sync)
             rep.add(PART, "COCO-5K naive reference on GPU", g_naive * 1e3, "ms", note="same run")
         else:
@@ -208,9 +255,14 @@ def bench_bounded_memory(rep: Report, n: int = 20_000, m: int = 100_000, d: int 
         return
     seconds, before_kb, after_kb, _ = out.stdout.split()
     added = (int(after_kb) - int(before_kb)) / 1024
-    rep.add(PART, f"peak memory added by ranking a {n:,} x {m:,} gallery (D={d}), 2 CPU threads", added, "MB",
-            note=f"inputs {(n + m) * d * 2 / 2**20:.0f} MB (fp16); its full fp32 score matrix would be "
-            f"{n * m * 4 / 1e9:.0f} GB; ranked exactly in {float(seconds):.1f} s (tiles of <= 4096 x 4096)")
+    rep.add(
+        PART,
+        f"peak memory added by ranking a {n:,} x {m:,} gallery (D={d}), 2 CPU threads",
+        added,
+        "MB",
+        note=f"inputs {(n + m) * d * 2 / 2**20:.0f} MB (fp16); its full fp32 score matrix would be "
+        f"{n * m * 4 / 1e9:.0f} GB; ranked exactly in {float(seconds):.1f} s (tiles of <= 4096 x 4096)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ Writes the store once (write_store; reused by later runs with the same shape und
   and zarr's own full read of the same array for comparison.
 Target (shared/reference/performance.md): a random batch of 256 rows < 1 ms. Figures only; never fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,20 @@ def _make(path: Path, n_images: int, captions_per_image: int, dim: int, dtype: s
     n_caps = n_images * captions_per_image
     print(f"writing {n_images:,} + {n_caps:,} rows x {dim} {dtype} to {path} ...", flush=True)
     t = time.perf_counter()
-    write_store(path, {"train": {
-        "image_emb": rng.standard_normal((n_images, dim), dtype=np.float32),
-        "text_emb": rng.standard_normal((n_caps, dim), dtype=np.float32),
-        "text_image": np.repeat(np.arange(n_images, dtype=np.int32), captions_per_image),
-        "image_id": [f"{i:010d}.jpg" for i in range(n_images)],
-    }}, teacher={"name": "random"}, dataset={"name": "flickr-like", "fingerprint": f"bench-{n_images}-{dim}"},
-        dtype=dtype)
+    write_store(
+        path,
+        {
+            "train": {
+                "image_emb": rng.standard_normal((n_images, dim), dtype=np.float32),
+                "text_emb": rng.standard_normal((n_caps, dim), dtype=np.float32),
+                "text_image": np.repeat(np.arange(n_images, dtype=np.int32), captions_per_image),
+                "image_id": [f"{i:010d}.jpg" for i in range(n_images)],
+            }
+        },
+        teacher={"name": "random"},
+        dataset={"name": "flickr-like", "fingerprint": f"bench-{n_images}-{dim}"},
+        dtype=dtype,
+    )
     secs = time.perf_counter() - t
     print(f"  write_store: {secs:.1f} s ({(n_images + n_caps) / secs:,.0f} rows/s, incl. normalization + fsync)")
 
@@ -81,8 +89,8 @@ def _scan(arrays) -> tuple[float, int]:
     t = time.perf_counter()
     for arr in arrays:
         for s in range(0, arr.shape[0], 16384):
-            part = arr[s:s + 16384]
-            np.copyto(buf[:len(part)], part)
+            part = arr[s : s + 16384]
+            np.copyto(buf[: len(part)], part)
             nbytes += part.nbytes
     return time.perf_counter() - t, nbytes
 
@@ -114,10 +122,14 @@ def main() -> None:
     item = np.dtype(a.dtype).itemsize
     rows = sp.n_images + sp.n_captions
     disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"store: {sp.n_images:,} image rows + {sp.n_captions:,} caption rows x {store.dim} {a.dtype}; "
-          f"{disk / 2**20:,.1f} MiB on disk = {disk / (rows * store.dim * item):.4f} x rows*D*{item} bytes")
-    print(f"open_store + split: {open_ms:.2f} ms  (type {type(sp.text_emb).__name__}, "
-          f"owns data: {sp.text_emb.flags.owndata})")
+    print(
+        f"store: {sp.n_images:,} image rows + {sp.n_captions:,} caption rows x {store.dim} {a.dtype}; "
+        f"{disk / 2**20:,.1f} MiB on disk = {disk / (rows * store.dim * item):.4f} x rows*D*{item} bytes"
+    )
+    print(
+        f"open_store + split: {open_ms:.2f} ms  (type {type(sp.text_emb).__name__}, "
+        f"owns data: {sp.text_emb.flags.owndata})"
+    )
 
     rng = np.random.default_rng(1)
     te, ie, ti = sp.text_emb, sp.image_emb, sp.text_image
@@ -147,8 +159,10 @@ def main() -> None:
             te[idx]
             times.append(time.perf_counter() - t)
         ms = np.array(times) * 1e3
-        print(f"random 256 caption rows, cold (page cache dropped; first 200 batches, each a disk read): median "
-              f"{np.median(ms) * 1e3:.0f} us, p99 {np.percentile(ms, 99) * 1e3:.0f} us")
+        print(
+            f"random 256 caption rows, cold (page cache dropped; first 200 batches, each a disk read): median "
+            f"{np.median(ms) * 1e3:.0f} us, p99 {np.percentile(ms, 99) * 1e3:.0f} us"
+        )
         del te
         gc.collect()
         _evict(path)

@@ -11,6 +11,7 @@ Variants: intra-modal only (the paper) and with the cross-modal terms. Student r
 the queue / bank is held as the trainer would hold it on the device (fp16 on a GPU, as stored; fp32 on the
 CPU), and the loss upcasts it. Prints ms per forward+backward and, on CUDA, the peak memory the loss adds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,11 @@ def make_inputs(device: torch.device, bank: bool, bank_dtype: torch.dtype, seed:
     unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
     image_ids = torch.randint(0, N_IMAGES, (B,), generator=g)
     inputs = {
-        "s_v": unit(B, D).to(device).requires_grad_(True), "s_t": unit(B, D).to(device).requires_grad_(True),
-        "t_v": unit(B, D).to(device), "t_t": unit(B, D).to(device), "image_ids": image_ids.to(device),
+        "s_v": unit(B, D).to(device).requires_grad_(True),
+        "s_t": unit(B, D).to(device).requires_grad_(True),
+        "t_v": unit(B, D).to(device),
+        "t_t": unit(B, D).to(device),
+        "image_ids": image_ids.to(device),
     }
     if bank:
         n_img, n_txt = N_IMAGES, N_IMAGES * CAPTIONS_PER_IMAGE
@@ -45,8 +49,12 @@ def make_inputs(device: torch.device, bank: bool, bank_dtype: torch.dtype, seed:
     else:
         n_img = n_txt = K
         qv_ids, qt_ids = torch.randint(0, N_IMAGES, (K,), generator=g), torch.randint(0, N_IMAGES, (K,), generator=g)
-    inputs.update(queue_v=unit(n_img, D).to(device, bank_dtype), queue_t=unit(n_txt, D).to(device, bank_dtype),
-                  queue_v_image_ids=qv_ids.to(device), queue_t_image_ids=qt_ids.to(device))
+    inputs.update(
+        queue_v=unit(n_img, D).to(device, bank_dtype),
+        queue_t=unit(n_txt, D).to(device, bank_dtype),
+        queue_v_image_ids=qv_ids.to(device),
+        queue_t_image_ids=qt_ids.to(device),
+    )
     return inputs
 
 
@@ -62,7 +70,7 @@ def bench_device(rep: Report, device: torch.device, quick: bool) -> None:
     bank_dtype = torch.float16 if cuda else torch.float32
     repeat, warmup = (20, 3) if cuda else (3, 1)
     where = "CUDA" if cuda else f"CPU {torch.get_num_threads()} threads"
-    for bank in ([False] if quick else [False, True]):
+    for bank in [False] if quick else [False, True]:
         negatives = "F30K bank 31.8k img + 158.9k txt rows" if bank else f"queue K={K}"
         inputs = make_inputs(device, bank, bank_dtype)
         for cross_modal in (False, True):

@@ -18,6 +18,7 @@ and generated in parallel; a rerun over an existing directory only writes what i
 
 Layout: `<out>/dataset_flickr30k.json`, `<out>/images/<10-digit id>.jpg`, `<out>/summary.json`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,22 @@ def load_photos() -> list[np.ndarray]:
     try:
         import skimage.data as sk
 
-        for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
-                     "immunohistochemistry", "camera", "coins", "moon", "brick", "grass", "gravel", "clock"):
+        for name in (
+            "astronaut",
+            "chelsea",
+            "coffee",
+            "rocket",
+            "hubble_deep_field",
+            "retina",
+            "immunohistochemistry",
+            "camera",
+            "coins",
+            "moon",
+            "brick",
+            "grass",
+            "gravel",
+            "clock",
+        ):
             try:
                 photos.append(getattr(sk, name)())
             except Exception:  # a loader that needs the network, or missing in this version
@@ -166,38 +181,218 @@ def render_image(rng: np.random.Generator) -> tuple[np.ndarray, int]:
     # a smooth lighting gradient in a random direction plus luma noise (the fine detail that resized
     # crops lack; luma, so that 4:2:0 chroma subsampling does not average it away): int16 arithmetic
     angle, amp = rng.uniform(0, 2 * np.pi), rng.uniform(-40, 40)
-    grad = (amp * (np.cos(angle) * np.linspace(-0.5, 0.5, w)[None, :]
-                   + np.sin(angle) * np.linspace(-0.5, 0.5, h)[:, None])).astype(np.int16)
+    grad = (
+        amp * (np.cos(angle) * np.linspace(-0.5, 0.5, w)[None, :] + np.sin(angle) * np.linspace(-0.5, 0.5, h)[:, None])
+    ).astype(np.int16)
     y, x = int(rng.integers(0, 1024 - h + 1)), int(rng.integers(0, 1024 - w + 1))
     sigma16 = int(rng.integers(NOISE_SIGMA[0] * 16, NOISE_SIGMA[1] * 16 + 1))  # sigma in 1/16 steps
-    luma = grad + ((_NOISE[y:y + h, x:x + w].astype(np.int32) * sigma16) >> 8).astype(np.int16)
+    luma = grad + ((_NOISE[y : y + h, x : x + w].astype(np.int32) * sigma16) >> 8).astype(np.int16)
     out = np.asarray(canvas, dtype=np.int16) + luma[:, :, None]
     np.clip(out, 0, 255, out=out)
     return out.astype(np.uint8), int(rng.integers(QUALITY[0], QUALITY[1] + 1))
 
 
 # -- captions ------------------------------------------------------------------------------------------
-_SUBJECTS = ["man", "woman", "boy", "girl", "child", "dog", "person", "young man", "older woman", "little girl",
-             "little boy", "group of people", "couple", "crowd", "worker", "musician", "biker", "skier",
-             "surfer", "football player", "brown dog", "black dog", "white cat", "baby", "teenager", "tourist",
-             "police officer", "construction worker", "dancer", "climber", "team", "family", "toddler"]
-_ADJ = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "gray", "brown",
-        "striped", "colorful", "dark", "bright", "large", "small", "old", "young", "tall", "wet", "sunny",
-        "crowded", "busy", "quiet", "snowy", "sandy", "grassy", "wooden", "long"]
-_CLOTHES = ["shirt", "jacket", "hat", "dress", "helmet", "coat", "t-shirt", "sweater", "uniform", "skirt",
-            "jeans", "shorts", "cap", "scarf", "backpack", "sunglasses", "wetsuit", "apron", "costume"]
-_VERBS = ["is walking", "is running", "is sitting", "is standing", "is playing", "is riding", "is jumping",
-          "is climbing", "is holding", "is looking", "is smiling", "is talking", "is eating", "is working",
-          "is dancing", "is throwing", "is catching", "is pushing", "is carrying", "is waiting", "is reading",
-          "are walking", "are playing", "are sitting", "are standing", "is performing", "is swimming"]
-_PREP = ["on", "in", "near", "next to", "behind", "in front of", "along", "across", "under", "beside",
-         "through", "down", "up", "over", "at", "by", "around", "inside"]
-_PLACES = ["street", "beach", "park", "field", "sidewalk", "river", "mountain", "stage", "road", "city",
-           "building", "fountain", "restaurant", "kitchen", "playground", "snow", "water", "grass", "crowd",
-           "market", "bridge", "store", "wall", "track", "pool", "lake", "forest", "trail", "window", "car"]
-_OBJECTS = ["ball", "bike", "guitar", "skateboard", "surfboard", "umbrella", "camera", "phone", "flag",
-            "frisbee", "bag", "drink", "sign", "book", "microphone", "stick", "kite", "rope", "stroller",
-            "bucket", "toy", "sandwich", "newspaper", "bench", "table", "horse", "boat", "truck", "tree"]
+_SUBJECTS = [
+    "man",
+    "woman",
+    "boy",
+    "girl",
+    "child",
+    "dog",
+    "person",
+    "young man",
+    "older woman",
+    "little girl",
+    "little boy",
+    "group of people",
+    "couple",
+    "crowd",
+    "worker",
+    "musician",
+    "biker",
+    "skier",
+    "surfer",
+    "football player",
+    "brown dog",
+    "black dog",
+    "white cat",
+    "baby",
+    "teenager",
+    "tourist",
+    "police officer",
+    "construction worker",
+    "dancer",
+    "climber",
+    "team",
+    "family",
+    "toddler",
+]
+_ADJ = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "black",
+    "white",
+    "orange",
+    "purple",
+    "pink",
+    "gray",
+    "brown",
+    "striped",
+    "colorful",
+    "dark",
+    "bright",
+    "large",
+    "small",
+    "old",
+    "young",
+    "tall",
+    "wet",
+    "sunny",
+    "crowded",
+    "busy",
+    "quiet",
+    "snowy",
+    "sandy",
+    "grassy",
+    "wooden",
+    "long",
+]
+_CLOTHES = [
+    "shirt",
+    "jacket",
+    "hat",
+    "dress",
+    "helmet",
+    "coat",
+    "t-shirt",
+    "sweater",
+    "uniform",
+    "skirt",
+    "jeans",
+    "shorts",
+    "cap",
+    "scarf",
+    "backpack",
+    "sunglasses",
+    "wetsuit",
+    "apron",
+    "costume",
+]
+_VERBS = [
+    "is walking",
+    "is running",
+    "is sitting",
+    "is standing",
+    "is playing",
+    "is riding",
+    "is jumping",
+    "is climbing",
+    "is holding",
+    "is looking",
+    "is smiling",
+    "is talking",
+    "is eating",
+    "is working",
+    "is dancing",
+    "is throwing",
+    "is catching",
+    "is pushing",
+    "is carrying",
+    "is waiting",
+    "is reading",
+    "are walking",
+    "are playing",
+    "are sitting",
+    "are standing",
+    "is performing",
+    "is swimming",
+]
+_PREP = [
+    "on",
+    "in",
+    "near",
+    "next to",
+    "behind",
+    "in front of",
+    "along",
+    "across",
+    "under",
+    "beside",
+    "through",
+    "down",
+    "up",
+    "over",
+    "at",
+    "by",
+    "around",
+    "inside",
+]
+_PLACES = [
+    "street",
+    "beach",
+    "park",
+    "field",
+    "sidewalk",
+    "river",
+    "mountain",
+    "stage",
+    "road",
+    "city",
+    "building",
+    "fountain",
+    "restaurant",
+    "kitchen",
+    "playground",
+    "snow",
+    "water",
+    "grass",
+    "crowd",
+    "market",
+    "bridge",
+    "store",
+    "wall",
+    "track",
+    "pool",
+    "lake",
+    "forest",
+    "trail",
+    "window",
+    "car",
+]
+_OBJECTS = [
+    "ball",
+    "bike",
+    "guitar",
+    "skateboard",
+    "surfboard",
+    "umbrella",
+    "camera",
+    "phone",
+    "flag",
+    "frisbee",
+    "bag",
+    "drink",
+    "sign",
+    "book",
+    "microphone",
+    "stick",
+    "kite",
+    "rope",
+    "stroller",
+    "bucket",
+    "toy",
+    "sandwich",
+    "newspaper",
+    "bench",
+    "table",
+    "horse",
+    "boat",
+    "truck",
+    "tree",
+]
 _CONNECT = ["while", "and", "as", "with", "where", "near", "during", "after", "before"]
 _COUNT = ["A", "A", "A", "An", "The", "Two", "Three", "Several", "Many", "Four", "Some"]
 
@@ -268,13 +463,27 @@ def karpathy_json(splits: list[str], captions: list[list[str]], name: str = "fli
             tokens = [t.lower() for t in raw.rstrip(" .").split()]
             sents.append({"tokens": tokens, "raw": raw, "imgid": i, "sentid": sentid})
             sentid += 1
-        images.append({"filename": filename_of(i), "imgid": i, "split": split,
-                       "sentids": [s["sentid"] for s in sents], "sentences": sents})
+        images.append(
+            {
+                "filename": filename_of(i),
+                "imgid": i,
+                "split": split,
+                "sentids": [s["sentid"] for s in sents],
+                "sentences": sents,
+            }
+        )
     return {"images": images, "dataset": name}
 
 
-def generate(out_dir: Path, *, scale: float = 0.1, n_images: int | None = None, seed: int = 0,
-             workers: int | None = None, quiet: bool = False) -> dict:
+def generate(
+    out_dir: Path,
+    *,
+    scale: float = 0.1,
+    n_images: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    quiet: bool = False,
+) -> dict:
     """Write the dataset to `out_dir`; returns the summary (also written to `out_dir/summary.json`)."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -308,20 +517,31 @@ def generate(out_dir: Path, *, scale: float = 0.1, n_images: int | None = None, 
     tmp.write_text(json.dumps(index))
     os.replace(tmp, out_dir / "dataset_flickr30k.json")
     summary = {
-        "version": GENERATOR_VERSION, "scale": scale, "seed": seed, "n_images": total,
-        "n_captions": int(words.size), "splits": sizes,
-        "jpeg_mean_kb": round(float(nbytes.mean()) / 1024, 1), "jpeg_median_kb": round(float(np.median(nbytes)) / 1024, 1),
+        "version": GENERATOR_VERSION,
+        "scale": scale,
+        "seed": seed,
+        "n_images": total,
+        "n_captions": int(words.size),
+        "splits": sizes,
+        "jpeg_mean_kb": round(float(nbytes.mean()) / 1024, 1),
+        "jpeg_median_kb": round(float(np.median(nbytes)) / 1024, 1),
         "total_mb": round(float(nbytes.sum()) / 2**20, 1),
-        "caption_words_mean": round(float(words.mean()), 2), "caption_words_p99": int(np.percentile(words, 99)),
-        "caption_words_max": int(words.max()), "seconds": round(seconds, 1), "workers": workers,
+        "caption_words_mean": round(float(words.mean()), 2),
+        "caption_words_p99": int(np.percentile(words, 99)),
+        "caption_words_max": int(words.max()),
+        "seconds": round(seconds, 1),
+        "workers": workers,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if not quiet:
-        print(f"{total:,} images ({', '.join(f'{k} {v:,}' for k, v in sizes.items())}), "
-              f"JPEG mean {summary['jpeg_mean_kb']} KB (median {summary['jpeg_median_kb']} KB, "
-              f"{summary['total_mb']:,} MB), captions mean {summary['caption_words_mean']} words "
-              f"(p99 {summary['caption_words_p99']}, max {summary['caption_words_max']}), "
-              f"{seconds:.1f} s with {workers} workers -> {out_dir}", file=sys.stderr)
+        print(
+            f"{total:,} images ({', '.join(f'{k} {v:,}' for k, v in sizes.items())}), "
+            f"JPEG mean {summary['jpeg_mean_kb']} KB (median {summary['jpeg_median_kb']} KB, "
+            f"{summary['total_mb']:,} MB), captions mean {summary['caption_words_mean']} words "
+            f"(p99 {summary['caption_words_p99']}, max {summary['caption_words_max']}), "
+            f"{seconds:.1f} s with {workers} workers -> {out_dir}",
+            file=sys.stderr,
+        )
     return summary
 
 
@@ -337,8 +557,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = ap.parse_args(argv)
-    return generate(args.out or default_dir(args.scale), scale=args.scale, n_images=args.n_images,
-                    seed=args.seed, workers=args.workers)
+    return generate(
+        args.out or default_dir(args.scale),
+        scale=args.scale,
+        n_images=args.n_images,
+        seed=args.seed,
+        workers=args.workers,
+    )
 
 
 if __name__ == "__main__":

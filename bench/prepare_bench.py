@@ -10,6 +10,7 @@ under bench/data/. Every file is read once before timing so that the disk is out
 `workers: 1` runs in-process; more workers run on a dask LocalCluster, whose start-up is reported
 separately (end-to-end vs decode-only rate). Prints figures; not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def measure(data_dir: Path, workers: list[int], chunk_images: int = 64, repeat: 
     paths = sorted(str(p) for p in (data_dir / "images").glob("*.jpg"))
     for p in paths:  # warm the page cache: decode speed, not disk speed
         Path(p).read_bytes()
-    dataset = DatasetConfig(name="bench", annotations=data_dir / "dataset_flickr30k.json",
-                            image_root=data_dir / "images", restval="train")
+    dataset = DatasetConfig(
+        name="bench", annotations=data_dir / "dataset_flickr30k.json", image_root=data_dir / "images", restval="train"
+    )
     load_before = os.getloadavg()[0]
     naive, runs = [], {n: [] for n in workers}
     for _ in range(repeat):
@@ -69,15 +71,23 @@ def measure(data_dir: Path, workers: list[int], chunk_images: int = 64, repeat: 
                 runs[n].append(run_prepare(cfg, ArtifactPaths(work), force=True))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-    results = {"n_images": len(paths), "load_before": load_before, "load_after": os.getloadavg()[0],
-               "naive_1_process": max(r for r, _ in naive), "naive_per_cpu_second": max(c for _, c in naive),
-               "prepare": {}}
+    results = {
+        "n_images": len(paths),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "naive_1_process": max(r for r, _ in naive),
+        "naive_per_cpu_second": max(c for _, c in naive),
+        "prepare": {},
+    }
     for n, rs in runs.items():
         rate = max(s["images_per_second"] for s in rs)
-        results["prepare"][n] = {"decode_images_per_s": rate, "per_core": rate / n,
-                                 "per_cpu_second": max(s["images_per_cpu_second"] for s in rs),
-                                 "end_to_end_images_per_s": len(paths) / min(s["seconds"] for s in rs),
-                                 "seconds": min(s["seconds"] for s in rs)}
+        results["prepare"][n] = {
+            "decode_images_per_s": rate,
+            "per_core": rate / n,
+            "per_cpu_second": max(s["images_per_cpu_second"] for s in rs),
+            "end_to_end_images_per_s": len(paths) / min(s["seconds"] for s in rs),
+            "seconds": min(s["seconds"] for s in rs),
+        }
     return results
 
 
@@ -99,20 +109,26 @@ def main(argv: list[str] | None = None) -> dict:
     res = measure(data_dir, args.workers, args.chunk_images, args.repeat)
 
     naive, naive_cpu = res["naive_1_process"], res["naive_per_cpu_second"]
-    print(f"\nprepare benchmark: {res['n_images']:,} Flickr-sized JPEGs (mean {summary['jpeg_mean_kb']} KB), "
-          f"shorter side 256 -> center 224, bilinear; {os.cpu_count()} cores, load average "
-          f"{res['load_before']:.1f} before, {res['load_after']:.1f} after; best of {args.repeat} runs each")
+    print(
+        f"\nprepare benchmark: {res['n_images']:,} Flickr-sized JPEGs (mean {summary['jpeg_mean_kb']} KB), "
+        f"shorter side 256 -> center 224, bilinear; {os.cpu_count()} cores, load average "
+        f"{res['load_before']:.1f} before, {res['load_after']:.1f} after; best of {args.repeat} runs each"
+    )
     header = ("images/s", "per worker", "vs 1 worker", "img/CPU-s", "end to end")
     print(f"  {'':28s} {header[0]:>9s} {header[1]:>10s} {header[2]:>11s} {header[3]:>10s} {header[4]:>11s}")
     print(f"  {'naive PIL loop, 1 process':28s} {naive:9.1f} {naive:10.1f} {'':>11s} {naive_cpu:10.1f}")
     one = None
     for n, r in res["prepare"].items():
         one = one or r["decode_images_per_s"] / n
-        print(f"  {f'run_prepare, {n} worker(s)':28s} {r['decode_images_per_s']:9.1f} {r['per_core']:10.1f} "
-              f"{r['decode_images_per_s'] / one:10.2f}x {r['per_cpu_second']:10.1f} "
-              f"{r['end_to_end_images_per_s']:7.1f} ({r['seconds']:.1f} s, with start-up)")
-    print("  images/s: wall clock of the decode phase (cluster start-up excluded); img/CPU-s: images per second of "
-          "CPU time in the decoding threads, i.e. per fully used core, which a busy machine does not distort")
+        print(
+            f"  {f'run_prepare, {n} worker(s)':28s} {r['decode_images_per_s']:9.1f} {r['per_core']:10.1f} "
+            f"{r['decode_images_per_s'] / one:10.2f}x {r['per_cpu_second']:10.1f} "
+            f"{r['end_to_end_images_per_s']:7.1f} ({r['seconds']:.1f} s, with start-up)"
+        )
+    print(
+        "  images/s: wall clock of the decode phase (cluster start-up excluded); img/CPU-s: images per second of "
+        "CPU time in the decoding threads, i.e. per fully used core, which a busy machine does not distort"
+    )
     return res
 
 

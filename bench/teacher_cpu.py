@@ -7,6 +7,7 @@ same inputs, both in float32. Prints ms per batch, the speed ratio and the max a
 
 A benchmark prints figures; it never fails on speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,12 @@ from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3Dims, BEiT3ForRetr
 
 CONFIGS = {
     # name: (dims, image batch, text batch, caption tokens)
-    "tiny": (BEiT3Dims(embed_dim=64, depth=2, num_heads=4, ffn_dim=256, patch_size=8, image_size=64,
-                       vocab_size=1000), 16, 64, 24),
+    "tiny": (
+        BEiT3Dims(embed_dim=64, depth=2, num_heads=4, ffn_dim=256, patch_size=8, image_size=64, vocab_size=1000),
+        16,
+        64,
+        24,
+    ),
     "base": (BEIT3_PRESETS["base"], 4, 32, 24),  # base width at 224 px (depth from --depth)
 }
 
@@ -72,10 +77,16 @@ def run(name: str, depth: int | None = None, repeat: int = 5, seed: int = 0) -> 
         ref_txt = reference_text_features(sd, ids, pad, dims.num_heads, dtype=torch.float32)
         out["image_max_abs_diff"] = (ours_img - ref_img).abs().max().item()
         out["text_max_abs_diff"] = (ours_txt - ref_txt).abs().max().item()
-        img = _time_pair(lambda: model.encode_image(pixels),
-                         lambda: reference_image_features(sd, pixels, dims.num_heads, dtype=torch.float32), repeat)
-        txt = _time_pair(lambda: model.encode_text(ids, pad),
-                         lambda: reference_text_features(sd, ids, pad, dims.num_heads, dtype=torch.float32), repeat)
+        img = _time_pair(
+            lambda: model.encode_image(pixels),
+            lambda: reference_image_features(sd, pixels, dims.num_heads, dtype=torch.float32),
+            repeat,
+        )
+        txt = _time_pair(
+            lambda: model.encode_text(ids, pad),
+            lambda: reference_text_features(sd, ids, pad, dims.num_heads, dtype=torch.float32),
+            repeat,
+        )
         out["image_ours_ms"], out["image_ref_ms"] = 1e3 * img[0], 1e3 * img[1]
         out["text_ours_ms"], out["text_ref_ms"] = 1e3 * txt[0], 1e3 * txt[1]
     out.update(n_images=n_img, n_texts=n_txt, tokens=n_tok)
@@ -92,14 +103,20 @@ def main() -> None:
         depth = args.depth if args.depth is not None else (4 if name == "base" else None)
         r = run(name, depth=depth, repeat=args.repeat)
         d = r["dims"]
-        print(f"[{name}] D={d['embed_dim']} depth={d['depth']} heads={d['num_heads']} FFN={d['ffn_dim']} "
-              f"patch={d['patch_size']} image={d['image_size']}  ({r['threads']} threads, float32)")
-        print(f"  images  x{r['n_images']:<3}: ours {r['image_ours_ms']:8.1f} ms   naive reference "
-              f"{r['image_ref_ms']:8.1f} ms   ratio {r['image_ref_ms'] / r['image_ours_ms']:.2f}x   "
-              f"max |diff| {r['image_max_abs_diff']:.2e}")
-        print(f"  captions x{r['n_texts']:<3} ({r['tokens']} tokens, padded): ours {r['text_ours_ms']:8.1f} ms   "
-              f"naive reference {r['text_ref_ms']:8.1f} ms   ratio {r['text_ref_ms'] / r['text_ours_ms']:.2f}x   "
-              f"max |diff| {r['text_max_abs_diff']:.2e}")
+        print(
+            f"[{name}] D={d['embed_dim']} depth={d['depth']} heads={d['num_heads']} FFN={d['ffn_dim']} "
+            f"patch={d['patch_size']} image={d['image_size']}  ({r['threads']} threads, float32)"
+        )
+        print(
+            f"  images  x{r['n_images']:<3}: ours {r['image_ours_ms']:8.1f} ms   naive reference "
+            f"{r['image_ref_ms']:8.1f} ms   ratio {r['image_ref_ms'] / r['image_ours_ms']:.2f}x   "
+            f"max |diff| {r['image_max_abs_diff']:.2e}"
+        )
+        print(
+            f"  captions x{r['n_texts']:<3} ({r['tokens']} tokens, padded): ours {r['text_ours_ms']:8.1f} ms   "
+            f"naive reference {r['text_ref_ms']:8.1f} ms   ratio {r['text_ref_ms'] / r['text_ours_ms']:.2f}x   "
+            f"max |diff| {r['text_max_abs_diff']:.2e}"
+        )
 
 
 if __name__ == "__main__":

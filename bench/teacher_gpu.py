@@ -8,6 +8,7 @@ stage runs them (BEiT3Teacher.encode_image_batch / encode_text_batch).
 Without CUDA it says so and exits 0. Targets (shared/reference/performance.md, one H100, end to end):
 giant at 224 px >= 800 images/s and >= 3,500 captions/s; model-only ceilings ~890 / ~3,760.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def _rate(fn, items: int, sync, seconds: float = 10.0, warmup: int = 3) -> float
     return n * items / (time.perf_counter() - t0)
 
 
-def run(config: str, image_batch: int, text_batch: int, seconds: float, dtype: torch.dtype,
-        device: str = "cuda", dims=None) -> dict:
+def run(
+    config: str, image_batch: int, text_batch: int, seconds: float, dtype: torch.dtype, device: str = "cuda", dims=None
+) -> dict:
     """`device` / `dims` other than the defaults only to smoke-test this script on a CPU."""
     from pipeline.teachers.beit3 import BEiT3Teacher
     from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3ForRetrieval, count_parameters
@@ -54,9 +56,14 @@ def run(config: str, image_batch: int, text_batch: int, seconds: float, dtype: t
     with torch.device(device):  # default init, directly on the GPU (a 2B-parameter CPU init takes minutes)
         model = BEiT3ForRetrieval(dims)
     teacher = BEiT3Teacher.from_model(model, None, device=device, dtype=dtype if cuda else torch.float32)
-    out = {"config": config, "params": count_parameters(dims),
-           "gpu": torch.cuda.get_device_name() if cuda else "cpu",
-           "dtype": str(teacher.dtype).replace("torch.", ""), "image_batch": image_batch, "text_batch": text_batch}
+    out = {
+        "config": config,
+        "params": count_parameters(dims),
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": str(teacher.dtype).replace("torch.", ""),
+        "image_batch": image_batch,
+        "text_batch": text_batch,
+    }
     pixels = torch.randn(image_batch, 3, dims.image_size, dims.image_size, device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -66,8 +73,7 @@ def run(config: str, image_batch: int, text_batch: int, seconds: float, dtype: t
         ids = torch.randint(4, min(64000, dims.vocab_size), (text_batch, n_tok), device=device)
         ids[:, 0], ids[:, -1] = 0, 2
         tokens = {"input_ids": ids, "padding_mask": torch.zeros_like(ids, dtype=torch.bool)}
-        out[f"captions_per_s_{n_tok}tok"] = _rate(lambda: teacher.encode_text_batch(tokens), text_batch, sync,
-                                                  seconds)
+        out[f"captions_per_s_{n_tok}tok"] = _rate(lambda: teacher.encode_text_batch(tokens), text_batch, sync, seconds)
     del model, teacher
     if cuda:
         torch.cuda.empty_cache()

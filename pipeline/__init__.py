@@ -2,6 +2,7 @@
 
 Never imports typer, never reads params.yaml, never calls sys.exit: the command line lives in `stages`.
 """
+
 from pipeline.errors import ConfigError, InputError, KdpipeError
 
 __all__ = ["KdpipeError", "ConfigError", "InputError"]

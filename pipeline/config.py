@@ -5,6 +5,7 @@ checks every key and value against the dataclass's type hints and raises `Config
 key (`distill.loss.margin`), the value and what is allowed. Supported field types: bool, int, float,
 str, Path, Literal[...], X | None, tuple[X, ...], dict[str, X] and nested dataclasses.
 """
+
 from __future__ import annotations
 
 import dataclasses

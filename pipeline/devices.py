@@ -1,4 +1,5 @@
 """Choosing the torch device from a config value, with one clear error when it cannot be had."""
+
 from __future__ import annotations
 
 import os
@@ -27,12 +28,16 @@ def resolve_device(name: str | torch.device, key: str = "device", local_rank: in
         raise InputError(f"{key}={text!r}: kdpipe runs on cpu or cuda")
     if not torch.cuda.is_available():
         built = torch.version.cuda or "none (CPU-only build)"
-        raise InputError(f"{key}={text} but no CUDA GPU is available here (torch {torch.__version__}, CUDA {built}); "
-                         f"set {key} to cpu or auto")
+        raise InputError(
+            f"{key}={text} but no CUDA GPU is available here (torch {torch.__version__}, CUDA {built}); "
+            f"set {key} to cpu or auto"
+        )
     if dev.index is None:
         rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device("cuda", rank)
     if dev.index >= torch.cuda.device_count():
-        raise InputError(f"{key}={text}: GPU {dev.index} requested but this machine has {torch.cuda.device_count()}; "
-                         "start at most one process per GPU")
+        raise InputError(
+            f"{key}={text}: GPU {dev.index} requested but this machine has {torch.cuda.device_count()}; "
+            "start at most one process per GPU"
+        )
     return dev

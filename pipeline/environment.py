@@ -8,6 +8,7 @@ inputs, so a reproduction can tell "same machine class: must match bit for bit" 
 class: can only match within float noise" (`.ci/compare_demo.py`), and a reader of metrics.json knows
 where its latencies were measured.
 """
+
 from __future__ import annotations
 
 import platform
@@ -18,8 +19,18 @@ import numpy as np
 import torch
 
 # Instruction-set flags (of /proc/cpuinfo) that change which kernels MKL, oneDNN and numpy run.
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16",
-              "amx_tile", "amx_fp16")
+_ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_bf16",
+    "amx_tile",
+    "amx_fp16",
+)
 
 
 def _cpuinfo_fields(text: str) -> dict[str, str]:

@@ -3,6 +3,7 @@
 This is the one place in the code that names the artifact layout; dvc.yaml repeats the same names
 because DVC needs them statically (`${workdir}/features.zarr`, ...).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

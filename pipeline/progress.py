@@ -3,6 +3,7 @@
 Bars go to stderr and switch themselves off when stderr is not a terminal (CI logs, DVC captured output)
 unless KDPIPE_PROGRESS=1; the one-line summary at the end is always printed.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,8 +84,9 @@ def progress(description: str, total: int | None, unit: str = "it") -> Iterator[
         yield bar
     elapsed = time.perf_counter() - start
     rate = bar.done / elapsed if elapsed > 0 else float("inf")
-    _console.print(f"{description}: {bar.done:,} {unit} in {elapsed:.1f} s ({rate:,.1f} {unit}/s)",
-                   highlight=False, markup=False)
+    _console.print(
+        f"{description}: {bar.done:,} {unit} in {elapsed:.1f} s ({rate:,.1f} {unit}/s)", highlight=False, markup=False
+    )
 
 
 def info(message: str) -> None:

@@ -3,6 +3,7 @@
 A stage command parses its options, calls `load_stage` for its typed config and artifact paths, calls the
 pipeline, and lets `run_stage` turn a `KdpipeError` into one red line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,9 @@ def load_params(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_stage(params_path: Path, section: str, cls: type[T], overrides: list[str] | None,
-               workdir: Path | None = None) -> tuple[T, ArtifactPaths]:
+def load_stage(
+    params_path: Path, section: str, cls: type[T], overrides: list[str] | None, workdir: Path | None = None
+) -> tuple[T, ArtifactPaths]:
     """The typed config of `section` and the artifact paths, after `--set` overrides.
 
     Every section of the file is checked for unknown top-level keys, so a typo anywhere fails early."""

@@ -1,4 +1,5 @@
 """The `kdpipe` console script (also `python -m stages`): one subcommand per stage."""
+
 from __future__ import annotations
 
 import typer

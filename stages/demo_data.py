@@ -1,4 +1,5 @@
 """`kdpipe demo-data`: write the built-in demo's photos (shipped in scikit-image, scikit-learn, matplotlib)."""
+
 from __future__ import annotations
 
 from pathlib import Path

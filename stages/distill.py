@@ -5,6 +5,7 @@ refuses any of them that belongs to another index (fingerprint) or is incomplete
 into `<workdir>/student/` (with `--baseline`: the undistilled baseline, trained with `distill.baseline_loss`
 on the pairs alone, into `<workdir>/baseline/`). Under torchrun every process runs this same command.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,12 @@ def command(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
     workdir: Path = WORKDIR_OPTION,
-    baseline: bool = typer.Option(False, "--baseline", help="Train the undistilled baseline (pairs only) into <workdir>/baseline/."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint if its config matches."),
+    baseline: bool = typer.Option(
+        False, "--baseline", help="Train the undistilled baseline (pairs only) into <workdir>/baseline/."
+    ),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Continue from the last checkpoint if its config matches."
+    ),
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
     from pipeline.data.index import DatasetIndex
@@ -54,8 +59,9 @@ def command(
     try:
         if is_main_process():
             save_resolved(cfg, paths, "distill")
-        result = run_distill(cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline,
-                               resume=resume)
+        result = run_distill(
+            cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume
+        )
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -1,8 +1,9 @@
 """`kdpipe evaluate`: exact retrieval metrics of the teacher and the student(s) -> metrics.json and plots/.
 
-    kdpipe evaluate                                  # teacher (feature store) + students on evaluate.split
-    kdpipe evaluate --features STORE [--split test] [--out FILE]   # stored embeddings alone, as `teacher`
+kdpipe evaluate                                  # teacher (feature store) + students on evaluate.split
+kdpipe evaluate --features STORE [--split test] [--out FILE]   # stored embeddings alone, as `teacher`
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,15 @@ def command(
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
     workdir: Path = WORKDIR_OPTION,
-    features: Path = typer.Option(None, "--features", help="Evaluate this feature store's embeddings alone "
-                                  "(as `teacher`); no model, index or params file needed."),
+    features: Path = typer.Option(
+        None,
+        "--features",
+        help="Evaluate this feature store's embeddings alone (as `teacher`); no model, index or params file needed.",
+    ),
     split: str = typer.Option(None, "--split", help="Split to evaluate (default: evaluate.split, i.e. test)."),
-    out: Path = typer.Option(None, "--out", help="Metrics file to write (default: <workdir>/metrics.json; "
-                             "with --features: print the JSON)."),
+    out: Path = typer.Option(
+        None, "--out", help="Metrics file to write (default: <workdir>/metrics.json; with --features: print the JSON)."
+    ),
 ) -> None:
     """Exact R@1/5/10, RSUM and median rank of teacher and student(s); latency, parameters, recall@K plots."""
     if features is not None:
@@ -48,8 +53,10 @@ def command(
         else:
             write_json(doc, out)
             t = doc["teacher"]
-            echo(f"evaluate: {features} {doc['split']}: {doc['n_images']:,} images / {doc['n_captions']:,} "
-                 f"captions, RSUM {t['rsum']:.2f} (i2t R@1 {t['i2t_r1']:.2f}, t2i R@1 {t['t2i_r1']:.2f}); wrote {out}")
+            echo(
+                f"evaluate: {features} {doc['split']}: {doc['n_images']:,} images / {doc['n_captions']:,} "
+                f"captions, RSUM {t['rsum']:.2f} (i2t R@1 {t['i2t_r1']:.2f}, t2i R@1 {t['t2i_r1']:.2f}); wrote {out}"
+            )
         return
     cfg, paths = load_stage(params, "evaluate", EvaluateConfig, set_, workdir)
     if split:

@@ -3,6 +3,7 @@
 Multi-GPU / multi-node: `torchrun --nproc-per-node N -m stages extract ...` (each rank computes its share
 of the chunks; rank 0 prepares and finalizes the store and prints the summary).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ Register in stages/cli.py:
     app.command("import-hdf5")(features.import_hdf5)
     app.command("import-dsmd")(features.import_dsmd)
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """`kdpipe prepare`: read the dataset, write the index and the student image cache (images.zarr)."""
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ names written out from the official state dict, not taken from our model) and a 
 
 Import the fixtures into a test module with `from beit3_fixtures import *`.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,9 @@ def official_key_shapes(spec: TinySpec, heads: bool = True) -> dict[str, tuple[i
     return shapes
 
 
-def official_state_dict(spec: TinySpec, seed: int = 0, heads: bool = True,
-                        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def official_state_dict(
+    spec: TinySpec, seed: int = 0, heads: bool = True, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Random weights scaled so that activations stay O(1) and attention is far from uniform: every
     parameter matters (LayerNorm affines and biases are random too)."""
     g = torch.Generator().manual_seed(seed)
@@ -99,8 +101,9 @@ def official_state_dict(spec: TinySpec, seed: int = 0, heads: bool = True,
     return sd
 
 
-def write_checkpoint(path: Path, sd: dict[str, torch.Tensor], wrapper: str | None = "model",
-                     extra: dict | None = None) -> Path:
+def write_checkpoint(
+    path: Path, sd: dict[str, torch.Tensor], wrapper: str | None = "model", extra: dict | None = None
+) -> Path:
     obj = {wrapper: sd} if wrapper else dict(sd)
     if extra:
         obj.update(extra)
@@ -111,15 +114,19 @@ def write_checkpoint(path: Path, sd: dict[str, torch.Tensor], wrapper: str | Non
 # ---------------------------------------------------------------------------------------------------
 # A tiny SentencePiece model (unigram, like XLM-R's), trained on made-up captions
 # ---------------------------------------------------------------------------------------------------
-WORDS = ("a man woman dog cat riding bike on the street with red blue green hat playing ball in park two "
-         "children sitting bench near water large small building people walking beach sunset camera holding "
-         "black white shirt girl boy jumps over grass table food eating").split()
+WORDS = (
+    "a man woman dog cat riding bike on the street with red blue green hat playing ball in park two "
+    "children sitting bench near water large small building people walking beach sunset camera holding "
+    "black white shirt girl boy jumps over grass table food eating"
+).split()
 
 
 def tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))).capitalize() + rng.choice(".!?")
-             for _ in range(n)]
+    sents = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))).capitalize() + rng.choice(".!?")
+        for _ in range(n)
+    ]
     return sents + ["Café naïve résumé, Über cool 123 456", "UPPER lower MiXeD Case", "It's 3:45 p.m. (late)"]
 
 
@@ -130,8 +137,9 @@ def train_tiny_spm(directory: Path, vocab_size: int = 120) -> Path:
     corpus = directory / "corpus.txt"
     corpus.write_text("\n".join(tiny_corpus()), encoding="utf-8")
     prefix = directory / "tiny"
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
-                                   model_type="unigram", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="unigram", minloglevel=2
+    )
     return prefix.with_suffix(".model")
 
 
@@ -154,5 +162,16 @@ def large_style_ckpt(tmp_path_factory) -> tuple[Path, dict]:
     return path, sd
 
 
-__all__ = ["TinySpec", "BASE_STYLE", "LARGE_STYLE", "official_key_shapes", "official_state_dict",
-           "write_checkpoint", "train_tiny_spm", "tiny_corpus", "tiny_spm", "base_style_ckpt", "large_style_ckpt"]
+__all__ = [
+    "TinySpec",
+    "BASE_STYLE",
+    "LARGE_STYLE",
+    "official_key_shapes",
+    "official_state_dict",
+    "write_checkpoint",
+    "train_tiny_spm",
+    "tiny_corpus",
+    "tiny_spm",
+    "base_style_ckpt",
+    "large_style_ckpt",
+]

@@ -10,6 +10,7 @@ oracle for our implementation. Deliberately independent of `pipeline.teachers.be
 
 Do not import torchscale or our model here.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def _gelu(x):
 def _attention(x, sd, prefix, e, num_heads, key_padding_mask):
     b, n, d = x.shape
     hd = d // num_heads
-    q = _linear(x, sd, f"{prefix}.q_proj.{e}") * hd ** -0.5
+    q = _linear(x, sd, f"{prefix}.q_proj.{e}") * hd**-0.5
     k = _linear(x, sd, f"{prefix}.k_proj.{e}")
     v = _linear(x, sd, f"{prefix}.v_proj.{e}")
     heads = []

@@ -1,4 +1,5 @@
 """Fixtures shared by the student, training and evaluation tests: a tiny WordPiece tokenizer and one thread."""
+
 from pathlib import Path
 
 import pytest

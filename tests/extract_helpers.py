@@ -6,6 +6,7 @@ code path of a real teacher (preprocess in loader workers, tokenize, bucketing b
 device). `delay` (seconds per batch) makes a run slow enough to be killed half way; `fail_after` (batches)
 makes it fail half way, leaving a partial store behind.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,8 +24,15 @@ from pipeline.teachers.base import Teacher, TokenBatch
 class TinyTeacher(Teacher):
     name = "tiny"
 
-    def __init__(self, dim: int = 32, image_size: int = 8, max_len: int = 12, seed: int = 0,
-                 delay: float = 0.0, fail_after: int | None = None) -> None:
+    def __init__(
+        self,
+        dim: int = 32,
+        image_size: int = 8,
+        max_len: int = 12,
+        seed: int = 0,
+        delay: float = 0.0,
+        fail_after: int | None = None,
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.dim, self.image_size, self.max_len, self.seed, self.delay = dim, image_size, max_len, seed, delay
         self.device = torch.device("cpu")
@@ -33,8 +41,13 @@ class TinyTeacher(Teacher):
         self.char_emb = torch.randn(128, dim, generator=g)
 
     def identity(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.dim, "image_size": self.image_size, "max_text_len": self.max_len,
-                "seed": self.seed}
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "image_size": self.image_size,
+            "max_text_len": self.max_len,
+            "seed": self.seed,
+        }
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
@@ -70,8 +83,14 @@ class TinyTeacher(Teacher):
         return torch.nn.functional.normalize(mean, dim=-1)
 
 
-def make_dataset(root: Path, n_train: int = 23, n_test: int = 9, captions_per_image: int = 3,
-                 size: tuple[int, int] = (20, 14), name: str = "tiny") -> DatasetIndex:
+def make_dataset(
+    root: Path,
+    n_train: int = 23,
+    n_test: int = 9,
+    captions_per_image: int = 3,
+    size: tuple[int, int] = (20, 14),
+    name: str = "tiny",
+) -> DatasetIndex:
     """Random JPEG and PNG images under root/images and an index with a train and a test split."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True, exist_ok=True)

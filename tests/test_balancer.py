@@ -1,4 +1,5 @@
 """The loss balancer in its three modes against hand-computed values, and exact resume."""
+
 from __future__ import annotations
 
 import copy
@@ -180,8 +181,9 @@ def test_tensor_values_and_bad_values():
 
 
 # -- exact resume ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", [{"mode": "dsmd"}, {"mode": "dsmd", "normalize": "initial"},
-                                 {"mode": "dsmd_code"}, {"mode": "fixed"}])
+@pytest.mark.parametrize(
+    "cfg", [{"mode": "dsmd"}, {"mode": "dsmd", "normalize": "initial"}, {"mode": "dsmd_code"}, {"mode": "fixed"}]
+)
 def test_resume_gives_identical_next_weights(cfg):
     run = balancer(**cfg)
     for raw in STEPS[:2]:

@@ -1,5 +1,6 @@
 """Official-format BEiT-3 checkpoints: key-for-key loading, refusals by key name, dims inference, position
 interpolation (against a hand-written bicubic), the memory cost of loading, and the teacher's clear errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,16 @@ def test_loads_key_for_key(request, style):
     for k, v in sd.items():
         assert ours[k].dtype == torch.float32
         assert torch.equal(ours[k], v.float()), k
-    assert loaded.dims == BEiT3Dims(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
-                                    ffn_dim=spec.ffn_dim, patch_size=spec.patch_size, image_size=spec.image_size,
-                                    vocab_size=spec.vocab_size, text_positions=spec.text_positions)
+    assert loaded.dims == BEiT3Dims(
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        ffn_dim=spec.ffn_dim,
+        patch_size=spec.patch_size,
+        image_size=spec.image_size,
+        vocab_size=spec.vocab_size,
+        text_positions=spec.text_positions,
+    )
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
 
 
@@ -85,8 +93,9 @@ def test_unwraps_plain_and_ddp_state_dicts_and_ignores_training_args(tmp_path):
     sd = official_state_dict(BASE_STYLE)
     plain = write_checkpoint(tmp_path / "plain.pth", sd, wrapper=None)
     ddp = write_checkpoint(tmp_path / "ddp.pth", {f"module.{k}": v for k, v in sd.items()}, wrapper=None)
-    with_args = write_checkpoint(tmp_path / "args.pth", sd, "model",
-                                 extra={"args": argparse.Namespace(lr=1e-4, model="beit3_base"), "epoch": 9})
+    with_args = write_checkpoint(
+        tmp_path / "args.pth", sd, "model", extra={"args": argparse.Namespace(lr=1e-4, model="beit3_base"), "epoch": 9}
+    )
     for path in (plain, ddp, with_args):
         model = load_beit3_checkpoint(path, num_heads=4).model
         assert torch.equal(model.vision_head.weight, sd["vision_head.weight"])
@@ -99,9 +108,11 @@ def test_refuses_unreadable_files(tmp_path):
     junk.write_bytes(b"\x00" * 100)
     with pytest.raises(InputError, match="junk.pth"):
         load_beit3_checkpoint(junk)
+
     class Evil:  # noqa: E306
         def __reduce__(self):
             return (print, ("code ran",))
+
     evil = tmp_path / "evil.pth"
     torch.save({"model": official_state_dict(BASE_STYLE), "hook": Evil()}, evil)
     with pytest.raises(InputError, match="cannot be loaded safely"):
@@ -110,8 +121,16 @@ def test_refuses_unreadable_files(tmp_path):
 
 # -- dims inference ------------------------------------------------------------------------------------
 def _meta_state(dims: BEiT3Dims) -> dict[str, torch.Tensor]:
-    spec = TinySpec(dims.embed_dim, dims.depth, dims.num_heads, dims.ffn_dim, dims.patch_size, dims.image_size,
-                    dims.vocab_size, dims.text_positions)
+    spec = TinySpec(
+        dims.embed_dim,
+        dims.depth,
+        dims.num_heads,
+        dims.ffn_dim,
+        dims.patch_size,
+        dims.image_size,
+        dims.vocab_size,
+        dims.text_positions,
+    )
     return {k: torch.empty(s, device="meta") for k, s in official_key_shapes(spec).items()}
 
 
@@ -169,14 +188,16 @@ def test_position_interpolation_matches_hand_bicubic(base_style_ckpt, tiny_spm):
     # and a shrink (grid 4 -> 3), through the function directly
     small = interpolate_vision_positions(table, 3)
     m3 = _bicubic_matrix(4, 3)
-    np.testing.assert_allclose(small[3:].double().numpy(),
-                               np.einsum("ir,rcd,jc->ijd", m3, grid, m3).reshape(9, 32), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        small[3:].double().numpy(), np.einsum("ir,rcd,jc->ijd", m3, grid, m3).reshape(9, 32), atol=1e-5, rtol=0
+    )
     # the resized model still computes the reference math with the resized table
     teacher = BEiT3Teacher.from_checkpoint(path, tokenizer=tiny_spm, num_heads=4, image_size=48)
     pixels = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
     ref_sd = dict(sd, **{"beit3.encoder.embed_positions.A.weight": new.detach().clone()})
-    torch.testing.assert_close(teacher.encode_image_batch(pixels).double(),
-                               reference_image_features(ref_sd, pixels, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        teacher.encode_image_batch(pixels).double(), reference_image_features(ref_sd, pixels, 4), atol=1e-5, rtol=0
+    )
     assert teacher.identity()["checkpoint"]["image_size"] == 32 and teacher.identity()["image_size"] == 48
     with pytest.raises(InputError, match="multiple of the patch size 8"):
         load_beit3_checkpoint(path, num_heads=4, image_size=50)
@@ -190,8 +211,9 @@ def test_sha256_streamed(base_style_ckpt):
 
 def test_teacher_identity_and_config(base_style_ckpt, tiny_spm):
     path, _ = base_style_ckpt
-    cfg = TeacherConfig(kind="beit3", beit3=BEiT3TeacherConfig(checkpoint=path, tokenizer=tiny_spm, num_heads=4,
-                                                               max_text_len=32))
+    cfg = TeacherConfig(
+        kind="beit3", beit3=BEiT3TeacherConfig(checkpoint=path, tokenizer=tiny_spm, num_heads=4, max_text_len=32)
+    )
     teacher = build_teacher(cfg)
     ident = teacher.identity()
     assert ident["checkpoint"] == {"file": path.name, "sha256": file_sha256(path), "image_size": 32}
@@ -221,8 +243,7 @@ def test_teacher_clear_errors(base_style_ckpt, tiny_spm, tmp_path):
     # a tokenizer with more ids than the text embedding has rows does not match the checkpoint
     small_vocab = official_state_dict(TinySpec(32, 1, 4, 64, 8, 16, vocab_size=50))
     with pytest.raises(InputError, match="tokenizer and checkpoint do not match"):
-        BEiT3Teacher.from_checkpoint(write_checkpoint(tmp_path / "v.pth", small_vocab), tokenizer=tiny_spm,
-                                     num_heads=4)
+        BEiT3Teacher.from_checkpoint(write_checkpoint(tmp_path / "v.pth", small_vocab), tokenizer=tiny_spm, num_heads=4)
 
 
 def test_loading_costs_one_copy_of_the_checkpoint(tmp_path):
@@ -230,8 +251,7 @@ def test_loading_costs_one_copy_of_the_checkpoint(tmp_path):
     torch.load + load_state_dict into an allocated model needs two copies). Measured in a fresh process
     whose peak-RSS counter is reset after warming up the imports (the first meta-device build imports
     ~80 MB of modules, a fixed cost unrelated to the checkpoint)."""
-    spec = TinySpec(embed_dim=256, depth=1, num_heads=4, ffn_dim=512, patch_size=16, image_size=32,
-                    vocab_size=64010)
+    spec = TinySpec(embed_dim=256, depth=1, num_heads=4, ffn_dim=512, patch_size=16, image_size=32, vocab_size=64010)
     path = write_checkpoint(tmp_path / "big.pth", official_state_dict(spec))  # ~72 MB, mostly text_embed
     size = path.stat().st_size
     script = textwrap.dedent(f"""

@@ -1,5 +1,6 @@
 """BEiT-3 model: the architecture's parameter counts, features equal to the naive reference (fp32 ~1e-5),
 padding invariance, expert separation, and the official eval transform."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -91,14 +92,23 @@ def test_float64_math_is_identical_to_reference(request, tiny_spm, style):
     teacher, sd, spec = _teacher(request, style, tiny_spm)
     model = BEiT3ForRetrieval(teacher.dims)
     model.load_state_dict({k: v.double() for k, v in teacher.model.state_dict().items()}, assign=True)
-    pixels = torch.rand(2, 3, spec.image_size, spec.image_size, dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(1)) * 2 - 1
-    torch.testing.assert_close(model.encode_image(pixels), reference_image_features(sd, pixels, spec.num_heads),
-                               atol=1e-12, rtol=0)
+    pixels = (
+        torch.rand(
+            2, 3, spec.image_size, spec.image_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+        )
+        * 2
+        - 1
+    )
+    torch.testing.assert_close(
+        model.encode_image(pixels), reference_image_features(sd, pixels, spec.num_heads), atol=1e-12, rtol=0
+    )
     tok = teacher.tokenize(CAPTIONS)
-    torch.testing.assert_close(model.encode_text(tok["input_ids"], tok["padding_mask"]),
-                               reference_text_features(sd, tok["input_ids"], tok["padding_mask"], spec.num_heads),
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        model.encode_text(tok["input_ids"], tok["padding_mask"]),
+        reference_text_features(sd, tok["input_ids"], tok["padding_mask"], spec.num_heads),
+        atol=1e-12,
+        rtol=0,
+    )
 
 
 def test_padding_invariance(request, tiny_spm):
@@ -181,9 +191,11 @@ def _hand_preprocess(image: Image.Image, size: int) -> torch.Tensor:
 def test_preprocessing_matches_hand_written_pil(request, tiny_spm):
     teacher, sd, spec = _teacher(request, "base", tiny_spm)
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (23, 57, 3), dtype=np.uint8)),  # wide, squashed
-              Image.fromarray(rng.integers(0, 256, (70, 31), dtype=np.uint8), mode="L"),  # grayscale
-              Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), mode="RGBA")]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (23, 57, 3), dtype=np.uint8)),  # wide, squashed
+        Image.fromarray(rng.integers(0, 256, (70, 31), dtype=np.uint8), mode="L"),  # grayscale
+        Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), mode="RGBA"),
+    ]
     for im in images:
         ours = teacher.preprocess_image(im)
         hand = _hand_preprocess(im, spec.image_size)
@@ -193,8 +205,9 @@ def test_preprocessing_matches_hand_written_pil(request, tiny_spm):
         torch.testing.assert_close(normalize_pixels(teacher.preprocess_image_uint8(im)), hand, atol=0, rtol=0)
     # encode_images end to end = the reference on hand-preprocessed pixels
     ours = teacher.encode_images(images)
-    ref = reference_image_features(sd, torch.stack([_hand_preprocess(im, spec.image_size) for im in images]),
-                                   spec.num_heads)
+    ref = reference_image_features(
+        sd, torch.stack([_hand_preprocess(im, spec.image_size) for im in images]), spec.num_heads
+    )
     torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=0)
     uint8 = torch.stack([teacher.preprocess_image_uint8(im) for im in images])
     torch.testing.assert_close(teacher.encode_image_batch(uint8), ours, atol=1e-6, rtol=0)

@@ -1,4 +1,5 @@
 """BEiT-3 tokenizer: fairseq ids of a tiny SentencePiece model trained here, against the model's own encode."""
+
 from __future__ import annotations
 
 import pytest
@@ -78,8 +79,8 @@ def test_batch_padding_to_longest_and_to_max_len(tiny_spm, sp):
         assert (ids[row, n:] == PAD).all() and mask[row, n:].all() and not mask[row, :n].any()
     full = tok(SENTENCES[:3], pad_to_max_len=True)
     assert full["input_ids"].shape == (3, 64)
-    assert torch.equal(full["input_ids"][:, :ids.shape[1]], ids)
-    assert (full["input_ids"][:, ids.shape[1]:] == PAD).all()
+    assert torch.equal(full["input_ids"][:, : ids.shape[1]], ids)
+    assert (full["input_ids"][:, ids.shape[1] :] == PAD).all()
 
 
 def test_empty_caption(tiny_spm):

@@ -1,5 +1,6 @@
 """The benchmark's synthetic Flickr30K-shaped dataset: Karpathy file readable by the dataset reader, images
 decode with Flickr's sizes, captions have the expected count, and generation is deterministic."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,8 @@ def test_tiny_dataset_reads_decodes_and_is_deterministic(tmp_path):
         assert pixels.std() > 10  # real content, not a flat image
 
     datasets = pytest.importorskip("pipeline.data.readers")
-    index = datasets.read_dataset(datasets.DatasetConfig(annotations=a / "dataset_flickr30k.json",
-                                                         image_root=a / "images", name="flickr_like"))
+    index = datasets.read_dataset(
+        datasets.DatasetConfig(annotations=a / "dataset_flickr30k.json", image_root=a / "images", name="flickr_like")
+    )
     assert index.n_images == 12 and index.n_captions == 60
     assert all(index.image_abspath(r).is_file() for r in range(index.n_images))

@@ -1,5 +1,6 @@
 """CI's demo comparison (.ci/compare_demo.py): bit for bit on the committed run's machine class, within the
 measured cross-machine spread elsewhere, and the integer stages identical everywhere."""
+
 from __future__ import annotations
 
 import copy
@@ -22,15 +23,28 @@ def _load_script():
 
 compare_demo = _load_script()
 
-ENV_A = {"cpu": "Intel(R) Xeon(R) Processor", "cpu_id": "GenuineIntel 6 143", "cpu_isa": "avx2 avx512f",
-         "kernels": "AVX512", "threads": 2, "torch": "2.13.0+cpu", "numpy": "2.4.6", "python": "3.11.7",
-         "device": "cpu"}
+ENV_A = {
+    "cpu": "Intel(R) Xeon(R) Processor",
+    "cpu_id": "GenuineIntel 6 143",
+    "cpu_isa": "avx2 avx512f",
+    "kernels": "AVX512",
+    "threads": 2,
+    "torch": "2.13.0+cpu",
+    "numpy": "2.4.6",
+    "python": "3.11.7",
+    "device": "cpu",
+}
 ENV_B = {**ENV_A, "cpu": "AMD EPYC", "cpu_id": "AuthenticAMD 25 17"}
 
 
 def _lock(**hashes: str) -> dict:
-    return {"schema": "2.0", "stages": {stage: {"cmd": f"kdpipe {stage}", "outs": [{"path": f"out/{stage}", "md5": h}]}
-                                        for stage, h in hashes.items()}}
+    return {
+        "schema": "2.0",
+        "stages": {
+            stage: {"cmd": f"kdpipe {stage}", "outs": [{"path": f"out/{stage}", "md5": h}]}
+            for stage, h in hashes.items()
+        },
+    }
 
 
 LOCK = _lock(demo_data="a1", prepare="b2", extract="c3", distill="d4")
@@ -44,12 +58,21 @@ def _model(r1: float, cos: float | None = None) -> dict:
     return m
 
 
-METRICS = {"dataset": "demo", "split": "test", "n_images": 6, "n_captions": 30, "teacher": _model(100.0),
-           "student": _model(50.0, 0.20), "baseline": _model(50.0, 0.0), "environment": ENV_A}
+METRICS = {
+    "dataset": "demo",
+    "split": "test",
+    "n_images": 6,
+    "n_captions": 30,
+    "teacher": _model(100.0),
+    "student": _model(50.0, 0.20),
+    "baseline": _model(50.0, 0.0),
+    "environment": ENV_A,
+}
 
 
-def _run(tmp_path: Path, new_lock: dict, new_metrics: dict, capsys, monkeypatch,
-         old_metrics: dict = METRICS) -> tuple[int, str]:
+def _run(
+    tmp_path: Path, new_lock: dict, new_metrics: dict, capsys, monkeypatch, old_metrics: dict = METRICS
+) -> tuple[int, str]:
     files = {}
     for name, doc in (("old.lock", LOCK), ("new.lock", new_lock)):
         files[name] = tmp_path / name
@@ -57,10 +80,20 @@ def _run(tmp_path: Path, new_lock: dict, new_metrics: dict, capsys, monkeypatch,
     for name, doc in (("old.json", old_metrics), ("new.json", new_metrics)):
         files[name] = tmp_path / name
         files[name].write_text(json.dumps(doc))
-    monkeypatch.setattr("sys.argv", ["compare_demo.py", "--committed-lock", str(files["old.lock"]),
-                                     "--reproduced-lock", str(files["new.lock"]),
-                                     "--committed-metrics", str(files["old.json"]),
-                                     "--reproduced-metrics", str(files["new.json"])])
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "compare_demo.py",
+            "--committed-lock",
+            str(files["old.lock"]),
+            "--reproduced-lock",
+            str(files["new.lock"]),
+            "--committed-metrics",
+            str(files["old.json"]),
+            "--reproduced-metrics",
+            str(files["new.json"]),
+        ],
+    )
     rc = compare_demo.main()
     return rc, capsys.readouterr().out
 
@@ -79,11 +112,14 @@ def test_identical_run_on_the_same_machine_class_passes(tmp_path, capsys, monkey
     assert rc == 0 and "bit for bit" in out
 
 
-@pytest.mark.parametrize("new_lock, changes", [
-    (_lock(demo_data="a1", prepare="b2", extract="XX", distill="d4"), {}),  # features not identical
-    (LOCK, {"student__i2t_r1": 50.0 + 100 / 6}),  # one query
-    (LOCK, {"student__teacher_cos_text": 0.21}),
-])
+@pytest.mark.parametrize(
+    "new_lock, changes",
+    [
+        (_lock(demo_data="a1", prepare="b2", extract="XX", distill="d4"), {}),  # features not identical
+        (LOCK, {"student__i2t_r1": 50.0 + 100 / 6}),  # one query
+        (LOCK, {"student__teacher_cos_text": 0.21}),
+    ],
+)
 def test_same_machine_class_tolerates_nothing(tmp_path, capsys, monkeypatch, new_lock, changes):
     rc, out = _run(tmp_path, new_lock, _metrics(ENV_A, **changes), capsys, monkeypatch)
     assert rc == 1 and "FAILED" in out
@@ -91,22 +127,29 @@ def test_same_machine_class_tolerates_nothing(tmp_path, capsys, monkeypatch, new
 
 def test_another_machine_class_is_checked_within_the_measured_spread(tmp_path, capsys, monkeypatch):
     q = compare_demo.CROSS_MACHINE["recall_queries"]
-    changes = {"student__i2t_r1": 50.0 - q["i2t"] * 100 / 6, "student__t2i_r1": 40.0 + q["t2i"] * 100 / 30,
-               "baseline__teacher_cos_image": 0.04, "teacher__t2i_r1": 40.0 - 100 / 30}
+    changes = {
+        "student__i2t_r1": 50.0 - q["i2t"] * 100 / 6,
+        "student__t2i_r1": 40.0 + q["t2i"] * 100 / 30,
+        "baseline__teacher_cos_image": 0.04,
+        "teacher__t2i_r1": 40.0 - 100 / 30,
+    }
     new_lock = _lock(demo_data="a1", prepare="b2", extract="XX", distill="YY")
     rc, out = _run(tmp_path, new_lock, _metrics(ENV_B, **changes), capsys, monkeypatch)
     assert rc == 0, out
     assert "another machine class" in out and "environment cpu_id" in out
 
 
-@pytest.mark.parametrize("new_lock, changes", [
-    (_lock(demo_data="a1", prepare="ZZ", extract="XX", distill="d4"), {}),  # integer stage changed
-    (LOCK, {"teacher__t2i_r1": 40.0 - 2 * 100 / 30}),  # teacher: one query at most
-    (LOCK, {"student__t2i_r1": 40.0 - (compare_demo.CROSS_MACHINE["recall_queries"]["t2i"] + 1) * 100 / 30}),
-    (LOCK, {"student__rsum": METRICS["student"]["rsum"] - compare_demo.CROSS_MACHINE["rsum"] - 1}),
-    (LOCK, {"student__teacher_cos_image": 0.20 - compare_demo.CROSS_MACHINE["agreement"] - 0.01}),
-    (LOCK, {"student__teacher_cos_text": 0.12, "baseline__teacher_cos_text": 0.10}),  # the claim fails
-])
+@pytest.mark.parametrize(
+    "new_lock, changes",
+    [
+        (_lock(demo_data="a1", prepare="ZZ", extract="XX", distill="d4"), {}),  # integer stage changed
+        (LOCK, {"teacher__t2i_r1": 40.0 - 2 * 100 / 30}),  # teacher: one query at most
+        (LOCK, {"student__t2i_r1": 40.0 - (compare_demo.CROSS_MACHINE["recall_queries"]["t2i"] + 1) * 100 / 30}),
+        (LOCK, {"student__rsum": METRICS["student"]["rsum"] - compare_demo.CROSS_MACHINE["rsum"] - 1}),
+        (LOCK, {"student__teacher_cos_image": 0.20 - compare_demo.CROSS_MACHINE["agreement"] - 0.01}),
+        (LOCK, {"student__teacher_cos_text": 0.12, "baseline__teacher_cos_text": 0.10}),  # the claim fails
+    ],
+)
 def test_another_machine_class_still_fails_real_changes(tmp_path, capsys, monkeypatch, new_lock, changes):
     rc, out = _run(tmp_path, new_lock, _metrics(ENV_B, **changes), capsys, monkeypatch)
     assert rc == 1 and "FAILED" in out
@@ -121,12 +164,14 @@ def test_committed_run_without_environment_is_treated_as_another_machine_class(t
 
 
 def _readme(student_rsum: str) -> str:
-    return "\n".join([
-        "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | agreement |",
-        "| teacher (label bridge) | 100.0 | 100.0 | 100.0 | 40.0 | 90.0 | 100.0 | 530.0 | 1 / 1 |",
-        f"| distilled student | 50.0 | 100.0 | 100.0 | 40.0 | 90.0 | 100.0 | {student_rsum} | 0.20 / 0.20 |",
-        "| baseline (pairs only, no teacher) | 50.0 | 100.0 | 100.0 | 40.0 | 90.0 | 100.0 | 480.0 | 0.00 / 0.00 |",
-    ])
+    return "\n".join(
+        [
+            "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | agreement |",
+            "| teacher (label bridge) | 100.0 | 100.0 | 100.0 | 40.0 | 90.0 | 100.0 | 530.0 | 1 / 1 |",
+            f"| distilled student | 50.0 | 100.0 | 100.0 | 40.0 | 90.0 | 100.0 | {student_rsum} | 0.20 / 0.20 |",
+            "| baseline (pairs only, no teacher) | 50.0 | 100.0 | 100.0 | 40.0 | 90.0 | 100.0 | 480.0 | 0.00 / 0.00 |",
+        ]
+    )
 
 
 def test_readme_table_must_show_the_committed_metrics():

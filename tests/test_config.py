@@ -1,4 +1,5 @@
 """Typed config: nested dataclasses from dicts, `--set` overrides, and the CLI turning mistakes into exit 2."""
+
 import json
 import subprocess
 import sys
@@ -16,8 +17,11 @@ from pipeline.errors import ConfigError
 from stages.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = {"dataset": {"name": "toy", "annotations": "ann.json", "image_root": "imgs"},
-        "image": {"crop": 200}, "workers": 2}
+BASE = {
+    "dataset": {"name": "toy", "annotations": "ann.json", "image_root": "imgs"},
+    "image": {"crop": 200},
+    "workers": 2,
+}
 
 
 def test_nested_sections_build_typed_values():
@@ -29,24 +33,33 @@ def test_nested_sections_build_typed_values():
     assert from_dict(ResizeConfig, {"resize": 300}, "prepare.image").resize == 300
 
 
-@pytest.mark.parametrize("edit, message", [
-    ({"dataset": {**BASE["dataset"], "annotaions": "x"}},
-     r"^prepare\.dataset\.annotaions: unknown key; allowed keys are: annotations, default_split, exif_orientation, format, "),
-    ({"worker": 2}, r"^prepare\.worker: unknown key; allowed keys are: .*workers"),
-    ({"image": {"crop": "224px"}}, r"^prepare\.image\.crop: expected an integer, got '224px'$"),
-    ({"workers": True}, r"^prepare\.workers: expected an integer, got True$"),
-    ({"workers": 1.5}, r"^prepare\.workers: expected an integer, got 1\.5$"),
-    ({"image": {"draft": "yes"}}, r"^prepare\.image\.draft: expected true or false, got 'yes'$"),
-    ({"on_bad_image": "ignore"},
-     r"^prepare\.on_bad_image: 'ignore' is not one of the allowed values: 'error', 'skip'$"),
-    ({"image": {"mode": "stretch"}},
-     r"^prepare\.image\.mode: 'stretch' is not one of the allowed values: 'shorter_side_center_crop', 'squash'$"),
-    ({"dataset": {**BASE["dataset"], "format": "parquet"}}, r"^prepare\.dataset\.format: 'parquet' is not one of"),
-    ({"dataset": {**BASE["dataset"], "splits": "test"}}, r"^prepare\.dataset\.splits: expected a list"),
-    ({"image": {"crop": 300}}, r"^prepare\.image: crop \(300\) must not exceed resize \(256\)"),
-    ({"workers": 0}, r"^prepare: workers must be >= 1 or null"),
-    ({"image": ["crop", 224]}, r"^prepare\.image: expected a mapping of keys"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            {"dataset": {**BASE["dataset"], "annotaions": "x"}},
+            r"^prepare\.dataset\.annotaions: unknown key; allowed keys are: annotations, default_split, exif_orientation, format, ",
+        ),
+        ({"worker": 2}, r"^prepare\.worker: unknown key; allowed keys are: .*workers"),
+        ({"image": {"crop": "224px"}}, r"^prepare\.image\.crop: expected an integer, got '224px'$"),
+        ({"workers": True}, r"^prepare\.workers: expected an integer, got True$"),
+        ({"workers": 1.5}, r"^prepare\.workers: expected an integer, got 1\.5$"),
+        ({"image": {"draft": "yes"}}, r"^prepare\.image\.draft: expected true or false, got 'yes'$"),
+        (
+            {"on_bad_image": "ignore"},
+            r"^prepare\.on_bad_image: 'ignore' is not one of the allowed values: 'error', 'skip'$",
+        ),
+        (
+            {"image": {"mode": "stretch"}},
+            r"^prepare\.image\.mode: 'stretch' is not one of the allowed values: 'shorter_side_center_crop', 'squash'$",
+        ),
+        ({"dataset": {**BASE["dataset"], "format": "parquet"}}, r"^prepare\.dataset\.format: 'parquet' is not one of"),
+        ({"dataset": {**BASE["dataset"], "splits": "test"}}, r"^prepare\.dataset\.splits: expected a list"),
+        ({"image": {"crop": 300}}, r"^prepare\.image: crop \(300\) must not exceed resize \(256\)"),
+        ({"workers": 0}, r"^prepare: workers must be >= 1 or null"),
+        ({"image": ["crop", 224]}, r"^prepare\.image: expected a mapping of keys"),
+    ],
+)
 def test_bad_values_name_the_key(edit, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(PrepareConfig, {**BASE, **edit}, "prepare")
@@ -61,16 +74,28 @@ def test_missing_required_key_is_named():
 
 def test_apply_overrides_parses_yaml_values_and_nests():
     raw = {"workdir": "w", "prepare": dict(BASE)}
-    out = apply_overrides(raw, ["prepare.image.crop=128", "prepare.workers=null", "prepare.dataset.splits=[test, val]",
-                                "prepare.scheduler=tcp://10.0.0.1:8786", "prepare.image.filter=bicubic",
-                                "distill.loss.margin=0.05"])
+    out = apply_overrides(
+        raw,
+        [
+            "prepare.image.crop=128",
+            "prepare.workers=null",
+            "prepare.dataset.splits=[test, val]",
+            "prepare.scheduler=tcp://10.0.0.1:8786",
+            "prepare.image.filter=bicubic",
+            "distill.loss.margin=0.05",
+        ],
+    )
     assert raw["prepare"]["workers"] == 2  # the input is not modified
     cfg = from_dict(PrepareConfig, out["prepare"], "prepare")
     assert (cfg.image.crop, cfg.workers, cfg.dataset.splits) == (128, None, ("test", "val"))
     assert cfg.scheduler == "tcp://10.0.0.1:8786" and cfg.image.filter == "bicubic"
     assert out["distill"] == {"loss": {"margin": 0.05}}
-    for bad, message in [("prepare.workers", "expected section.key=value"), ("workers=2", "a section name, then a key"),
-                         ("prepare.image=[1", "not valid YAML"), ("prepare.workers.x=1", "workers is not a section")]:
+    for bad, message in [
+        ("prepare.workers", "expected section.key=value"),
+        ("workers=2", "a section name, then a key"),
+        ("prepare.image=[1", "not valid YAML"),
+        ("prepare.workers.x=1", "workers is not a section"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(raw, [bad])
 
@@ -83,12 +108,18 @@ def project(tmp_path, monkeypatch):
     imgs.mkdir(parents=True)
     Image.effect_mandelbrot((500, 375), (-2, -1.2, 1, 1.2), 60).convert("RGB").save(imgs / "a.jpg")
     Image.merge("RGB", [Image.linear_gradient("L").resize((300, 400))] * 3).save(imgs / "b.jpg")
-    images = [{"filename": f, "split": s, "sentences": [{"raw": f"photo {f}"}, {"raw": f"another {f}"}]}
-              for f, s in [("a.jpg", "train"), ("b.jpg", "test")]]
+    images = [
+        {"filename": f, "split": s, "sentences": [{"raw": f"photo {f}"}, {"raw": f"another {f}"}]}
+        for f, s in [("a.jpg", "train"), ("b.jpg", "test")]
+    ]
     (tmp_path / "data" / "ann.json").write_text(json.dumps({"images": images}))
-    params = {"workdir": "artifacts/toy",
-              "prepare": {"dataset": {"name": "toy", "annotations": "data/ann.json", "image_root": "data/imgs"},
-                          "workers": 1}}
+    params = {
+        "workdir": "artifacts/toy",
+        "prepare": {
+            "dataset": {"name": "toy", "annotations": "data/ann.json", "image_root": "data/imgs"},
+            "workers": 1,
+        },
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -116,21 +147,27 @@ def test_cli_prepare_runs_and_records_resolved_config(project):
     resolved = yaml.safe_load((project / "artifacts/toy/config/prepare.yaml").read_text())
     assert resolved["prepare"]["image"]["crop"] == 160 and resolved["prepare"]["dataset"]["name"] == "toy"
     from pipeline.store.image_cache import open_image_cache
+
     assert open_image_cache(project / "artifacts/toy/images.zarr").split("test").shape == (1, 160, 160, 3)
     again = run_cli("prepare", "--set", "prepare.image.crop=160")
     assert json.loads(again.stdout.strip().splitlines()[-1])["status"] == "unchanged"
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("prepare.dataset.colour=red", "error: prepare.dataset.colour: unknown key; allowed keys are:"),
-    ("prepare.workers=two", "error: prepare.workers: expected an integer, got 'two'"),
-    ("prepare.on_bad_image=ignore",
-     "error: prepare.on_bad_image: 'ignore' is not one of the allowed values: 'error', 'skip'"),
-    ("prepare.dataset.annotations=data/nope.json", "error: prepare.dataset.annotations: data/nope.json not found"),
-    ("prepare.dataset.image_root=data/nope", "error: prepare.dataset.image_root: data/nope not found"),
-    ("prepare.image.crop=999", "error: prepare.image: crop (999) must not exceed resize (256)"),
-    ("evaluat.split=test", "error: params.yaml: unknown section 'evaluat'"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("prepare.dataset.colour=red", "error: prepare.dataset.colour: unknown key; allowed keys are:"),
+        ("prepare.workers=two", "error: prepare.workers: expected an integer, got 'two'"),
+        (
+            "prepare.on_bad_image=ignore",
+            "error: prepare.on_bad_image: 'ignore' is not one of the allowed values: 'error', 'skip'",
+        ),
+        ("prepare.dataset.annotations=data/nope.json", "error: prepare.dataset.annotations: data/nope.json not found"),
+        ("prepare.dataset.image_root=data/nope", "error: prepare.dataset.image_root: data/nope not found"),
+        ("prepare.image.crop=999", "error: prepare.image: crop (999) must not exceed resize (256)"),
+        ("evaluat.split=test", "error: params.yaml: unknown section 'evaluat'"),
+    ],
+)
 def test_cli_mistakes_exit_2_with_one_line(project, override, expected):
     line = one_error_line(run_cli("prepare", "--set", override))
     assert line.startswith(expected), line
@@ -149,9 +186,13 @@ def test_cli_bad_image_is_one_line(project):
 
 def test_real_process_exit_code_and_no_traceback(project):
     """The console entry point itself (not the test runner): exit 2, one red line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "stages", "prepare", "--set",
-                           "prepare.dataset.annotations=data/missing.json"],
-                          cwd=project, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages", "prepare", "--set", "prepare.dataset.annotations=data/missing.json"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: prepare.dataset.annotations: data/missing.json not found"
     assert proc.stdout == ""

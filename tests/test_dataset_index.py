@@ -1,4 +1,5 @@
 """DatasetIndex: split views, dropping images, storage round trip, fingerprint stability."""
+
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,20 @@ def test_fingerprint_depends_on_content_not_on_root():
     base = small_index().fingerprint
     assert small_index(root="/elsewhere").fingerprint == base
     images = [("a", "a.jpg", "train"), ("b", "b.jpg", "test"), ("c", "c.jpg", "train"), ("d", "d.jpg", "test")]
-    edited = DatasetIndex.from_lists("toy", "imgs", images, [("a one!", 0), ("b one", 1), ("b two", 1),
-                                                              ("c one", 2), ("d one", 3), ("a two", 0), ("d two", 3)])
+    edited = DatasetIndex.from_lists(
+        "toy",
+        "imgs",
+        images,
+        [("a one!", 0), ("b one", 1), ("b two", 1), ("c one", 2), ("d one", 3), ("a two", 0), ("d two", 3)],
+    )
     assert edited.fingerprint != base
     # moving a caption to another image changes it too, even with the same texts
-    moved = DatasetIndex.from_lists("toy", "imgs", images, [("a one", 2), ("b one", 1), ("b two", 1),
-                                                             ("c one", 2), ("d one", 3), ("a two", 0), ("d two", 3)])
+    moved = DatasetIndex.from_lists(
+        "toy",
+        "imgs",
+        images,
+        [("a one", 2), ("b one", 1), ("b two", 1), ("c one", 2), ("d one", 3), ("a two", 0), ("d two", 3)],
+    )
     assert moved.fingerprint != base
 
 

@@ -1,4 +1,5 @@
 """Dataset readers: Karpathy (COCO / Flickr30K), DSMD, JSONL, CSV; the fingerprint; one-line errors."""
+
 import json
 from pathlib import Path
 
@@ -12,13 +13,30 @@ from pipeline.errors import ConfigError, InputError
 def coco_file(tmp_path, edit=None) -> Path:
     """A COCO-style Karpathy file: images with 5, 6 and 7 captions, splits train/restval/val/test."""
     images = []
-    for i, (split, n, folder) in enumerate([("train", 5, "train2014"), ("restval", 6, "val2014"),
-                                            ("val", 7, "val2014"), ("test", 5, "val2014"),
-                                            ("test", 7, "val2014"), ("restval", 5, "val2014")]):
-        sentences = [{"raw": f"image {i} caption {k}.", "imgid": i, "sentid": 10 * i + k, "tokens": []}
-                     for k in range(n)]
-        images.append({"filepath": folder, "filename": f"COCO_{folder}_{i:012d}.jpg", "imgid": i,
-                       "cocoid": 1000 + i, "split": split, "sentences": sentences, "sentids": []})
+    for i, (split, n, folder) in enumerate(
+        [
+            ("train", 5, "train2014"),
+            ("restval", 6, "val2014"),
+            ("val", 7, "val2014"),
+            ("test", 5, "val2014"),
+            ("test", 7, "val2014"),
+            ("restval", 5, "val2014"),
+        ]
+    ):
+        sentences = [
+            {"raw": f"image {i} caption {k}.", "imgid": i, "sentid": 10 * i + k, "tokens": []} for k in range(n)
+        ]
+        images.append(
+            {
+                "filepath": folder,
+                "filename": f"COCO_{folder}_{i:012d}.jpg",
+                "imgid": i,
+                "cocoid": 1000 + i,
+                "split": split,
+                "sentences": sentences,
+                "sentids": [],
+            }
+        )
     data = {"images": images, "dataset": "coco"}
     if edit is not None:
         edit(data)
@@ -28,9 +46,15 @@ def coco_file(tmp_path, edit=None) -> Path:
 
 
 def flickr_file(tmp_path) -> Path:
-    images = [{"filename": f"{1000 + i}.jpg", "imgid": i, "split": s,
-               "sentences": [{"raw": f"flickr {i} #{k}", "imgid": i} for k in range(5)]}
-              for i, s in enumerate(["train", "train", "val", "test"])]
+    images = [
+        {
+            "filename": f"{1000 + i}.jpg",
+            "imgid": i,
+            "split": s,
+            "sentences": [{"raw": f"flickr {i} #{k}", "imgid": i} for k in range(5)],
+        }
+        for i, s in enumerate(["train", "train", "val", "test"])
+    ]
     path = tmp_path / "dataset_flickr30k.json"
     path.write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
     return path
@@ -96,20 +120,28 @@ def _set(path, value):
         for k in path[:-1]:
             node = node[k]
         node[path[-1]] = value
+
     return edit
 
 
-@pytest.mark.parametrize("edit, message", [
-    (_set(["images", 2, "sentences", 3, "raw"], "   "),
-     r"images\[2\] \(COCO_val2014_000000000002.jpg\) sentences\[3\]: "
-     r"empty caption for image 'val2014/COCO_val2014_000000000002.jpg'"),
-    (_set(["images", 1, "sentences", 0, "imgid"], 99), r"images\[1\].*sentences\[0\]: caption points at imgid 99"),
-    (_set(["images", 4, "filename"], "COCO_val2014_000000000003.jpg"),
-     r"images\[4\].*listed twice \(also at .*images\[3\]"),
-    (_set(["images", 0, "split"], "training"), r"images\[0\].*split 'training' is not one of"),
-    (_set(["images", 0, "sentences"], []), r"images\[0\].*no 'sentences'"),
-    (_set(["images", 5, "sentences", 1, "raw"], 5), r"images\[5\].*sentences\[1\]: caption must be a string"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            _set(["images", 2, "sentences", 3, "raw"], "   "),
+            r"images\[2\] \(COCO_val2014_000000000002.jpg\) sentences\[3\]: "
+            r"empty caption for image 'val2014/COCO_val2014_000000000002.jpg'",
+        ),
+        (_set(["images", 1, "sentences", 0, "imgid"], 99), r"images\[1\].*sentences\[0\]: caption points at imgid 99"),
+        (
+            _set(["images", 4, "filename"], "COCO_val2014_000000000003.jpg"),
+            r"images\[4\].*listed twice \(also at .*images\[3\]",
+        ),
+        (_set(["images", 0, "split"], "training"), r"images\[0\].*split 'training' is not one of"),
+        (_set(["images", 0, "sentences"], []), r"images\[0\].*no 'sentences'"),
+        (_set(["images", 5, "sentences", 1, "raw"], 5), r"images\[5\].*sentences\[1\]: caption must be a string"),
+    ],
+)
 def test_karpathy_bad_items_name_the_item(tmp_path, edit, message):
     with pytest.raises(InputError, match=message):
         read_dataset(cfg(coco_file(tmp_path, edit)))
@@ -128,13 +160,19 @@ def test_malformed_json_missing_files(tmp_path):
 
 # -- row formats -------------------------------------------------------------------------------------
 def test_dsmd_one_file_per_split(tmp_path):
-    (tmp_path / "train.json").write_text(json.dumps(
-        [{"filename": "a.jpg", "description": "a cat"}, {"filename": "b.jpg", "description": "a dog"},
-         {"filename": "a.jpg", "description": "a cat on a mat"}]))
-    (tmp_path / "test.json").write_text(json.dumps(
-        [{"filename": "c.jpg", "description": ["a bird", "a small bird"]}]))
-    index = read_dataset(DatasetConfig(format="dsmd", annotations={"train": tmp_path / "train.json",
-                                                                   "test": tmp_path / "test.json"}))
+    (tmp_path / "train.json").write_text(
+        json.dumps(
+            [
+                {"filename": "a.jpg", "description": "a cat"},
+                {"filename": "b.jpg", "description": "a dog"},
+                {"filename": "a.jpg", "description": "a cat on a mat"},
+            ]
+        )
+    )
+    (tmp_path / "test.json").write_text(json.dumps([{"filename": "c.jpg", "description": ["a bird", "a small bird"]}]))
+    index = read_dataset(
+        DatasetConfig(format="dsmd", annotations={"train": tmp_path / "train.json", "test": tmp_path / "test.json"})
+    )
     assert index.image_root == tmp_path  # default: the annotations' directory
     assert index.image_id.tolist() == ["a.jpg", "b.jpg", "c.jpg"]
     assert index.image_split.tolist() == ["train", "train", "test"]
@@ -143,8 +181,11 @@ def test_dsmd_one_file_per_split(tmp_path):
 
 def test_dsmd_rows_need_a_split(tmp_path):
     f = tmp_path / "all.json"
-    f.write_text(json.dumps([{"filename": "a.jpg", "description": "x", "split": "test"},
-                             {"filename": "b.jpg", "description": "y"}]))
+    f.write_text(
+        json.dumps(
+            [{"filename": "a.jpg", "description": "x", "split": "test"}, {"filename": "b.jpg", "description": "y"}]
+        )
+    )
     with pytest.raises(InputError, match=r"all.json \[1\]: row has no split"):
         read_dataset(DatasetConfig(format="dsmd", annotations=f))
     index = read_dataset(DatasetConfig(format="dsmd", annotations=f, default_split="train"))
@@ -155,11 +196,16 @@ def test_dsmd_rows_need_a_split(tmp_path):
 
 
 def test_jsonl_and_csv_same_index(tmp_path):
-    rows = [("img/a.jpg", "a red car, parked", "train"), ("img/b.jpg", 'a "quoted" word', "test"),
-            ("img/a.jpg", "another caption", "train")]
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"image": i, "caption": c, "split": s})
-                                                for i, c, s in rows) + "\n\n")
+    rows = [
+        ("img/a.jpg", "a red car, parked", "train"),
+        ("img/b.jpg", 'a "quoted" word', "test"),
+        ("img/a.jpg", "another caption", "train"),
+    ]
+    (tmp_path / "d.jsonl").write_text(
+        "\n".join(json.dumps({"image": i, "caption": c, "split": s}) for i, c, s in rows) + "\n\n"
+    )
     import csv
+
     with open(tmp_path / "d.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["caption", "image", "split"])
@@ -171,30 +217,42 @@ def test_jsonl_and_csv_same_index(tmp_path):
     assert a.caption_text.tolist() == [c for _, c, _ in rows]
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "b.jpg", "caption": "", "split": "train"}',
-     r"d.jsonl line 2: empty caption for image 'b.jpg'"),
-    ('{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "a.jpg", "caption": "y", "split": "test"}',
-     r"d.jsonl line 2: image 'a.jpg' is in split 'test' here but in split 'train' at .*d.jsonl line 1"),
-    ('{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "b.jpg" "caption": "y"}',
-     r"d.jsonl line 2 column 19: malformed JSON"),
-    ('{"caption": "x", "split": "train"}', r"d.jsonl line 1: no image path"),
-    ('{"image": "../a.jpg", "caption": "x", "split": "train"}', r"line 1: image path '../a.jpg' points outside"),
-    ('{"image": "a.jpg", "split": "train"}', r"d.jsonl line 1: no 'caption'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "b.jpg", "caption": "", "split": "train"}',
+            r"d.jsonl line 2: empty caption for image 'b.jpg'",
+        ),
+        (
+            '{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "a.jpg", "caption": "y", "split": "test"}',
+            r"d.jsonl line 2: image 'a.jpg' is in split 'test' here but in split 'train' at .*d.jsonl line 1",
+        ),
+        (
+            '{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "b.jpg" "caption": "y"}',
+            r"d.jsonl line 2 column 19: malformed JSON",
+        ),
+        ('{"caption": "x", "split": "train"}', r"d.jsonl line 1: no image path"),
+        ('{"image": "../a.jpg", "caption": "x", "split": "train"}', r"line 1: image path '../a.jpg' points outside"),
+        ('{"image": "a.jpg", "split": "train"}', r"d.jsonl line 1: no 'caption'"),
+    ],
+)
 def test_jsonl_bad_rows(tmp_path, text, message):
     (tmp_path / "d.jsonl").write_text(text)
     with pytest.raises(InputError, match=message):
         read_dataset(DatasetConfig(format="jsonl", annotations=tmp_path / "d.jsonl"))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("image,text\na.jpg,x\n", r"d.csv line 1: no 'caption' column"),
-    ("image,caption\na.jpg,x,extra\n", r"d.csv line 2: 3 fields, the header has 2"),
-    ("image,caption\na.jpg,   \n", r"d.csv line 2: empty caption for image 'a.jpg'"),
-    ('image,caption\na.jpg,"unterminated\n', r"d.csv line \d+: malformed CSV"),
-    ("", r"d.csv: empty CSV file"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("image,text\na.jpg,x\n", r"d.csv line 1: no 'caption' column"),
+        ("image,caption\na.jpg,x,extra\n", r"d.csv line 2: 3 fields, the header has 2"),
+        ("image,caption\na.jpg,   \n", r"d.csv line 2: empty caption for image 'a.jpg'"),
+        ('image,caption\na.jpg,"unterminated\n', r"d.csv line \d+: malformed CSV"),
+        ("", r"d.csv: empty CSV file"),
+    ],
+)
 def test_csv_bad_rows(tmp_path, text, message):
     (tmp_path / "d.csv").write_text(text)
     with pytest.raises(InputError, match=message):
@@ -202,13 +260,19 @@ def test_csv_bad_rows(tmp_path, text, message):
 
 
 def test_dataset_config_from_params(tmp_path):
-    c = from_dict(DatasetConfig, {"format": "dsmd", "annotations": {"train": "t.json", "test": "s.json"},
-                                  "splits": ["test"]}, "prepare.dataset")
+    c = from_dict(
+        DatasetConfig,
+        {"format": "dsmd", "annotations": {"train": "t.json", "test": "s.json"}, "splits": ["test"]},
+        "prepare.dataset",
+    )
     assert c.annotations == {"train": Path("t.json"), "test": Path("s.json")} and c.splits == ("test",)
     with pytest.raises(ConfigError, match=r"prepare.dataset: annotations: a Karpathy split file is one file"):
         from_dict(DatasetConfig, {"annotations": {"train": "t.json"}}, "prepare.dataset")
-    with pytest.raises(ConfigError, match=r"prepare.dataset.restval: 'keep' is not one of the allowed values: "
-                                          r"'train', 'restval', 'drop'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"prepare.dataset.restval: 'keep' is not one of the allowed values: "
+        r"'train', 'restval', 'drop'",
+    ):
         from_dict(DatasetConfig, {"annotations": "a.json", "restval": "keep"}, "prepare.dataset")
     with pytest.raises(ConfigError, match=r"prepare.dataset.annotations"):
         from_dict(DatasetConfig, {"annotations": 3}, "prepare.dataset")

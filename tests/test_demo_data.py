@@ -1,4 +1,5 @@
 """The built-in demo's data: committed captions (Karpathy format) and the image builder (package photos)."""
+
 from __future__ import annotations
 
 import json

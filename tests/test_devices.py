@@ -1,4 +1,5 @@
 """resolve_device: config names to torch devices, and the one-line errors."""
+
 import pytest
 import torch
 

@@ -4,6 +4,7 @@ The import closure of each stage's command module is computed statically (every 
 `from pipeline... import` / `from stages... import`, at any depth, including imports inside functions)
 and must equal the code deps of the stage in dvc.yaml.
 """
+
 from __future__ import annotations
 
 import ast
@@ -56,8 +57,14 @@ def stage_code_deps(stage: dict) -> set[Path]:
 
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-COMMAND_MODULE = {"demo_data": "stages.demo_data", "prepare": "stages.prepare", "extract": "stages.extract",
-                  "distill": "stages.distill", "distill_baseline": "stages.distill", "evaluate": "stages.evaluate"}
+COMMAND_MODULE = {
+    "demo_data": "stages.demo_data",
+    "prepare": "stages.prepare",
+    "extract": "stages.extract",
+    "distill": "stages.distill",
+    "distill_baseline": "stages.distill",
+    "evaluate": "stages.evaluate",
+}
 
 
 @pytest.mark.parametrize("stage", sorted(DVC["stages"]))
@@ -70,5 +77,4 @@ def test_stage_deps_are_its_import_closure(stage):
 
 def test_extract_does_not_depend_on_training_code():
     deps = {str(d) for d in stage_code_deps(DVC["stages"]["extract"])}
-    assert not any(d.startswith(("pipeline/distill/", "pipeline/towers/student.py"))
-                   for d in deps)
+    assert not any(d.startswith(("pipeline/distill/", "pipeline/towers/student.py")) for d in deps)

@@ -1,4 +1,5 @@
 """The numerics environment recorded with metrics: which processor class and libraries computed them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,9 +33,16 @@ flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_vnni avx512_bf16
 
 def test_cpu_description_names_vendor_model_and_kernel_relevant_flags():
     intel, amd = cpu_description(INTEL), cpu_description(AMD)
-    assert intel == {"cpu": "Intel(R) Xeon(R) Processor", "cpu_id": "GenuineIntel 6 143",
-                     "cpu_isa": "avx2 fma avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile"}
-    assert amd == {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD 25 17", "cpu_isa": "avx2 fma avx512f avx512_bf16 avx512_vnni"}
+    assert intel == {
+        "cpu": "Intel(R) Xeon(R) Processor",
+        "cpu_id": "GenuineIntel 6 143",
+        "cpu_isa": "avx2 fma avx512f avx512_bf16 avx512_vnni amx_bf16 amx_tile",
+    }
+    assert amd == {
+        "cpu": "AMD EPYC",
+        "cpu_id": "AuthenticAMD 25 17",
+        "cpu_isa": "avx2 fma avx512f avx512_bf16 avx512_vnni",
+    }
     assert intel != amd  # the two machines whose demo features differ in the last bit
 
 

@@ -1,6 +1,7 @@
 """The evaluate stage: `--features` writes the architecture's schema, bad stores end in one line and exit 2,
 and the full stage ranks teacher and student over the same gallery (skipped images included) with the same
 numbers as the metrics module, plus latency, parameters and plots."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,12 @@ def store_splits(rng: np.random.Generator, sizes: dict[str, int]) -> dict[str, d
     for name, n in sizes.items():
         ti = np.repeat(np.arange(n), rng.choice([1, 5, 7], size=n)).astype(np.int32)
         img = rng.standard_normal((n, D)).astype(np.float32)
-        out[name] = {"image_emb": img, "text_emb": img[ti] + 0.8 * rng.standard_normal((len(ti), D)),
-                     "text_image": ti, "image_id": [f"{name}_{i}.jpg" for i in range(n)]}
+        out[name] = {
+            "image_emb": img,
+            "text_emb": img[ti] + 0.8 * rng.standard_normal((len(ti), D)),
+            "text_image": ti,
+            "image_id": [f"{name}_{i}.jpg" for i in range(n)],
+        }
     return out
 
 
@@ -101,6 +106,7 @@ def test_features_cli_bad_stores_exit_2_with_one_line(store, tmp_path, monkeypat
     assert "incomplete" in one_error_line(run_cli("--features", str(path)))
     StoreWriter(path).set_attrs(complete=True)
     import zarr
+
     ti = zarr.open_array(str(path / "test" / "text_image"), mode="r+")
     ti[3] = 13  # one past the last image
     assert "points outside" in one_error_line(run_cli("--features", str(path)))
@@ -118,10 +124,19 @@ def save_tiny_student(directory: Path, tokenizer_dir: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     cfg = StudentConfig(
-        image=ImageTowerConfig(image_size=16, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
-                               intermediate_size=64),
-        text=TextTowerConfig(tokenizer=tokenizer_dir, hidden_size=32, num_layers=1, num_heads=2,
-                             intermediate_size=64, max_position_embeddings=32, max_tokens=12))
+        image=ImageTowerConfig(
+            image_size=16, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+        ),
+        text=TextTowerConfig(
+            tokenizer=tokenizer_dir,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            max_tokens=12,
+        ),
+    )
     save_student(build_student(cfg, D), directory)
 
 
@@ -153,14 +168,19 @@ def workdir(tmp_path, tokenizer_dir) -> ArtifactPaths:
     write_image_cache(paths.images, pixels, fingerprint=index.fingerprint)
     teacher = TinyTeacher(dim=D)
     from PIL import Image
+
     splits = {}
     for s in index.splits:
         v = index.split(s)
-        splits[s] = {"image_emb": teacher.encode_images([Image.fromarray(x) for x in pixels[s]]).numpy(),
-                     "text_emb": teacher.encode_texts(list(v.caption_text)).numpy(),
-                     "text_image": v.text_image, "image_id": list(v.image_id)}
-    write_store(paths.features, splits, teacher=teacher.identity(),
-                dataset={"name": "toy", "fingerprint": index.fingerprint})
+        splits[s] = {
+            "image_emb": teacher.encode_images([Image.fromarray(x) for x in pixels[s]]).numpy(),
+            "text_emb": teacher.encode_texts(list(v.caption_text)).numpy(),
+            "text_image": v.text_image,
+            "image_id": list(v.image_id),
+        }
+    write_store(
+        paths.features, splits, teacher=teacher.identity(), dataset={"name": "toy", "fingerprint": index.fingerprint}
+    )
     save_tiny_student(paths.workdir / "student", tokenizer_dir, seed=0)
     save_tiny_student(paths.workdir / "baseline", tokenizer_dir, seed=1)
     return paths
@@ -207,8 +227,12 @@ def test_run_evaluate_teacher_and_students(workdir):
         assert lat[m]["image_s"] > 0 and lat[m]["caption_s"] > 0
     assert lat["speedup"]["image_s"] == pytest.approx(lat["teacher"]["image_s"] / lat["student"]["image_s"])
     from pipeline.towers.student import load_student
-    assert doc["params"] == {"teacher": 48 * D, "student": count_parameters(load_student(paths.workdir / "student")),
-                             "baseline": count_parameters(load_student(paths.workdir / "baseline"))}
+
+    assert doc["params"] == {
+        "teacher": 48 * D,
+        "student": count_parameters(load_student(paths.workdir / "student")),
+        "baseline": count_parameters(load_student(paths.workdir / "baseline")),
+    }
     assert doc["teacher_name"] == "tiny" and doc["tie_rule"] == "pessimistic"
     assert doc["environment"] == numerics_environment("cpu")  # where these numbers were computed
     # plots
@@ -255,12 +279,25 @@ def test_students_skip_the_images_the_store_skipped(workdir):
     remap[keep] = np.arange(len(keep))
     index = DatasetIndex.load(paths.index_dir)
     train = open_store(paths.features).split("train")
-    write_store(paths.features, {
-        "train": {"image_emb": np.array(train.image_emb), "text_emb": np.array(train.text_emb),
-                  "text_image": train.text_image, "image_id": list(train.image_id)},
-        "test": {"image_emb": np.array(s.image_emb)[keep], "text_emb": np.array(s.text_emb)[kept_caps],
-                 "text_image": remap[s.text_image[kept_caps]].astype(np.int32), "image_id": list(s.image_id[keep])}},
-        teacher=TinyTeacher(dim=D).identity(), dataset={"name": "toy", "fingerprint": index.fingerprint})
+    write_store(
+        paths.features,
+        {
+            "train": {
+                "image_emb": np.array(train.image_emb),
+                "text_emb": np.array(train.text_emb),
+                "text_image": train.text_image,
+                "image_id": list(train.image_id),
+            },
+            "test": {
+                "image_emb": np.array(s.image_emb)[keep],
+                "text_emb": np.array(s.text_emb)[kept_caps],
+                "text_image": remap[s.text_image[kept_caps]].astype(np.int32),
+                "image_id": list(s.image_id[keep]),
+            },
+        },
+        teacher=TinyTeacher(dim=D).identity(),
+        dataset={"name": "toy", "fingerprint": index.fingerprint},
+    )
     doc = run_evaluate(paths, EvaluateConfig(device="cpu", batch_size=4, latency=False, models=("student",))).document
     assert doc["n_images"] == 9 and doc["n_captions"] == len(kept_caps)
     recalls = {k: v for k, v in doc["student"].items() if not k.startswith("teacher_cos")}
@@ -298,8 +335,9 @@ def test_stage_cli_full_run(workdir, tmp_path):
     paths = workdir
     params = tmp_path / "params.yaml"
     section = {"device": "cpu", "batch_size": 4, "latency_batch_size": 4, "latency_batches": 1}
-    params.write_text(yaml.safe_dump({"workdir": str(paths.workdir), "evaluate": section,
-                                      "extract": {"teacher": {"kind": "beit3"}}}))
+    params.write_text(
+        yaml.safe_dump({"workdir": str(paths.workdir), "evaluate": section, "extract": {"teacher": {"kind": "beit3"}}})
+    )
     r = CliRunner().invoke(app, ["evaluate", "--params", str(params)])
     assert r.exit_code == 0, r.output
     doc = json.loads(paths.metrics.read_text())

@@ -1,5 +1,6 @@
 """EXIF orientation: read from the header, applied only when the dataset asks for it, and the same pixels
 for the student's image cache (prepare) and the teacher (extract)."""
+
 import json
 from pathlib import Path
 
@@ -68,8 +69,9 @@ def test_prepare_decodes_as_the_upright_image_only_when_asked(tmp_path, draft):
     jpeg = tagged(tmp_path / "sideways.jpg", stored, 6, quality=95)
     with Image.open(jpeg) as im:
         im.convert("RGB").transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright_decoded.png")
-    np.testing.assert_array_equal(decode_image(jpeg, rc, exif="apply"),
-                                  decode_image(tmp_path / "upright_decoded.png", rc))
+    np.testing.assert_array_equal(
+        decode_image(jpeg, rc, exif="apply"), decode_image(tmp_path / "upright_decoded.png", rc)
+    )
 
 
 def test_extract_reads_the_same_orientation(tmp_path):
@@ -78,8 +80,9 @@ def test_extract_reads_the_same_orientation(tmp_path):
     with Image.open(path) as im:
         as_stored = im.convert("RGB")
     np.testing.assert_array_equal(np.asarray(load_rgb(str(path))), np.asarray(as_stored))
-    np.testing.assert_array_equal(np.asarray(load_rgb(str(path), exif="apply")),
-                                  np.asarray(as_stored.transpose(Image.Transpose.ROTATE_90)))
+    np.testing.assert_array_equal(
+        np.asarray(load_rgb(str(path), exif="apply")), np.asarray(as_stored.transpose(Image.Transpose.ROTATE_90))
+    )
     drafted = load_rgb(str(path), draft_size=64, exif="apply")  # a square draft, then the quarter turn
     assert drafted.size[0] < drafted.size[1]
 
@@ -90,9 +93,16 @@ def _dataset(tmp_path: Path) -> tuple[Path, Path]:
     tagged(root / "phone.jpg", photo(), 6, quality=95)
     photo((300, 300)).save(root / "plain.jpg", quality=95)
     ann = tmp_path / "ann.json"
-    ann.write_text(json.dumps({"images": [
-        {"filename": name, "split": "train", "sentences": [{"raw": f"a photo {name}"}]}
-        for name in ("phone.jpg", "plain.jpg")]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"filename": name, "split": "train", "sentences": [{"raw": f"a photo {name}"}]}
+                    for name in ("phone.jpg", "plain.jpg")
+                ]
+            }
+        )
+    )
     return root, ann
 
 
@@ -100,8 +110,9 @@ def test_prepare_records_the_choice_and_says_what_it_did(tmp_path, capsys):
     root, ann = _dataset(tmp_path)
     runs = {}
     for mode in ("ignore", "apply"):
-        cfg = PrepareConfig(dataset=DatasetConfig(name="phone", annotations=ann, image_root=root,
-                                                  exif_orientation=mode), workers=1)
+        cfg = PrepareConfig(
+            dataset=DatasetConfig(name="phone", annotations=ann, image_root=root, exif_orientation=mode), workers=1
+        )
         paths = ArtifactPaths(tmp_path / mode)
         summary = run_prepare(cfg, paths)
         captured = capsys.readouterr()
@@ -119,8 +130,7 @@ def test_prepare_records_the_choice_and_says_what_it_did(tmp_path, capsys):
 
 
 def test_index_round_trip_and_older_indexes(tmp_path):
-    index = DatasetIndex.from_lists("d", tmp_path, [("a", "a.jpg", "train")], [("a cat", 0)],
-                                    exif_orientation="apply")
+    index = DatasetIndex.from_lists("d", tmp_path, [("a", "a.jpg", "train")], [("a cat", 0)], exif_orientation="apply")
     index.save(tmp_path / "index")
     assert DatasetIndex.load(tmp_path / "index").exif_orientation == "apply"
     assert index.drop_images([]).exif_orientation == "apply"

@@ -1,5 +1,6 @@
 """The extract stage: features equal the teacher's, kill-and-resume is bitwise exact, a changed teacher,
 index or setting never mixes rows, torchrun ranks give the same store, bad images follow the policy."""
+
 import json
 import os
 import signal
@@ -60,8 +61,12 @@ def test_features_are_the_teachers_in_index_order(dataset, reference):
     teacher = TinyTeacher()
     assert store.teacher == teacher.identity()
     assert store.dataset == {"name": index.name, "fingerprint": index.fingerprint}
-    assert store.attrs["extract"] == {"compute_dtype": "float32", "device_type": "cpu", "chunk_rows": 8,
-                                      "jpeg_draft": False}
+    assert store.attrs["extract"] == {
+        "compute_dtype": "float32",
+        "device_type": "cpu",
+        "chunk_rows": 8,
+        "jpeg_draft": False,
+    }
     assert store.attrs["skipped_images"] == [] and store.splits == ("train", "test")
     assert not (reference / ".extract").exists()  # progress records are gone from a finished store
     for name in index.splits:
@@ -70,8 +75,9 @@ def test_features_are_the_teachers_in_index_order(dataset, reference):
         images = [Image.open(p) for p in view.image_path]
         np.testing.assert_allclose(sp.image_emb.astype(np.float32), teacher.encode_images(images).numpy(), atol=1e-3)
         # captions were bucketed by length for the teacher; here they come back in index order
-        np.testing.assert_allclose(sp.text_emb.astype(np.float32),
-                                   teacher.encode_texts(view.caption_text.tolist()).numpy(), atol=1e-3)
+        np.testing.assert_allclose(
+            sp.text_emb.astype(np.float32), teacher.encode_texts(view.caption_text.tolist()).numpy(), atol=1e-3
+        )
         np.testing.assert_array_equal(sp.text_image, view.text_image)
         assert sp.image_id.tolist() == view.image_id.tolist()
 
@@ -81,8 +87,12 @@ def test_loader_workers_and_fp32_store(dataset, reference, tmp_path):
     cfg = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=2)
     run_extract(index, cfg, tmp_path / "w.zarr", teacher=TinyTeacher())
     assert store_files(tmp_path / "w.zarr") == store_files(reference)
-    run_extract(index, ExtractConfig(chunk_rows=8, store_dtype="float32", num_workers=0), tmp_path / "f32.zarr",
-                teacher=TinyTeacher())
+    run_extract(
+        index,
+        ExtractConfig(chunk_rows=8, store_dtype="float32", num_workers=0),
+        tmp_path / "f32.zarr",
+        teacher=TinyTeacher(),
+    )
     sp = open_store(tmp_path / "f32.zarr").split("test")
     assert sp.text_emb.dtype == np.float32
     ref = TinyTeacher().encode_texts(index.split("test").caption_text.tolist()).numpy()
@@ -96,22 +106,30 @@ def _script(tmp_path, body):
 
 
 def _env(fsync=True):
-    return dict(os.environ, KDPIPE_PROGRESS="0", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-                KDPIPE_FSYNC="1" if fsync else "0")
+    return dict(
+        os.environ, KDPIPE_PROGRESS="0", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", KDPIPE_FSYNC="1" if fsync else "0"
+    )
 
 
 def test_sigkill_then_resume_is_bitwise_identical(dataset, reference, tmp_path):
     index, root = dataset
     out = tmp_path / "features.zarr"
-    script = _script(tmp_path, """
+    script = _script(
+        tmp_path,
+        """
         from extract_helpers import TinyTeacher
         from pipeline.data.index import DatasetIndex
         from pipeline.teachers.extract import ExtractConfig, run_extract
         cfg = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0)
         run_extract(DatasetIndex.load(sys.argv[1]), cfg, sys.argv[2], teacher=TinyTeacher(delay=0.15))
-    """)
-    proc = subprocess.Popen([sys.executable, str(script), str(root / "index"), str(out)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    """,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(root / "index"), str(out)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     done_dir = out / ".extract" / "done"
     deadline = time.monotonic() + 60
     try:
@@ -155,14 +173,17 @@ def test_resume_redoes_half_written_chunks_and_removes_stray_files(dataset, refe
     assert store_files(out) == store_files(reference)
 
 
-@pytest.mark.parametrize("change, expected", [
-    ("teacher", "different teacher"),
-    ("dataset", "different dataset index"),
-    ("store_dtype", "different store_dtype"),
-    ("chunk_rows", "different extract setting (chunk_rows)"),
-    ("compute_dtype", "different extract setting (compute_dtype)"),
-    ("nothing", None),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ("teacher", "different teacher"),
+        ("dataset", "different dataset index"),
+        ("store_dtype", "different store_dtype"),
+        ("chunk_rows", "different extract setting (chunk_rows)"),
+        ("compute_dtype", "different extract setting (compute_dtype)"),
+        ("nothing", None),
+    ],
+)
 def test_a_changed_run_starts_over_instead_of_mixing_rows(dataset, tmp_path, capsys, change, expected):
     index, _ = dataset
     out = tmp_path / "features.zarr"
@@ -174,8 +195,15 @@ def test_a_changed_run_starts_over_instead_of_mixing_rows(dataset, tmp_path, cap
     elif change == "dataset":
         texts = index.caption_text.copy()
         texts[0] = texts[0] + " (edited)"
-        new_index = DatasetIndex(index.name, index.image_root, index.image_id, index.image_path, index.image_split,
-                                 texts, index.caption_image)
+        new_index = DatasetIndex(
+            index.name,
+            index.image_root,
+            index.image_id,
+            index.image_path,
+            index.image_split,
+            texts,
+            index.caption_image,
+        )
     elif change == "store_dtype":
         cfg = ExtractConfig(chunk_rows=8, num_workers=0, store_dtype="float32")
     elif change == "chunk_rows":
@@ -211,7 +239,9 @@ def test_a_complete_store_is_rewritten_and_fresh_forces_a_restart(dataset, refer
 def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, reference, tmp_path):
     index, root = dataset
     out = tmp_path / "features.zarr"
-    script = _script(tmp_path, """
+    script = _script(
+        tmp_path,
+        """
         import json, os
         from extract_helpers import TinyTeacher
         from pipeline.data.index import DatasetIndex
@@ -220,10 +250,26 @@ def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, referen
         r = run_extract(DatasetIndex.load(sys.argv[1]), cfg, sys.argv[2], teacher=TinyTeacher())
         with open(f"{sys.argv[3]}/rank{os.environ['RANK']}.json", "w") as f:
             json.dump({"rank": int(os.environ["RANK"]), "computed": r.units_computed, "total": r.units_total}, f)
-    """)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(root / "index"), str(out), str(tmp_path)], env=_env(fsync=False),
-                          capture_output=True, text=True, timeout=120)
+    """,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(root / "index"),
+            str(out),
+            str(tmp_path),
+        ],
+        env=_env(fsync=False),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1]
@@ -250,8 +296,9 @@ def test_bad_image_error_names_the_file_then_skip_resumes_and_drops_it(tmp_path)
     result = run_extract(index, skip, out, teacher=TinyTeacher())
     assert result.units_reused > 0  # the policy is not part of the identity: the run resumed
     store = open_store(out)
-    assert [(s["split"], s["index_row"], s["image_id"], s["path"]) for s in store.skipped_images] == \
-           [("train", 20, "img020", bad.name)]
+    assert [(s["split"], s["index_row"], s["image_id"], s["path"]) for s in store.skipped_images] == [
+        ("train", 20, "img020", bad.name)
+    ]
     assert not (out / ".extract").exists()
 
     # the store equals one computed from the index without that image: its captions are gone too
@@ -321,8 +368,9 @@ def test_cli_missing_index_and_bad_output_exit_2_with_one_line(dataset, tmp_path
 
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("x")
-    r = runner.invoke(app, ["extract", "--params", str(params), "--index", str(root / "index"),
-                            "--out", str(tmp_path / "junk")])
+    r = runner.invoke(
+        app, ["extract", "--params", str(params), "--index", str(root / "index"), "--out", str(tmp_path / "junk")]
+    )
     assert r.exit_code == 2 and "not a feature store" in r.output
 
     r = runner.invoke(app, ["extract", "--params", str(params), "--set", "extract.store_dtype=int8"])
@@ -342,10 +390,24 @@ def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_
     index, root = dataset
     ckpt, _ = base_style_ckpt
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "extract": {
-        "teacher": {"kind": "beit3", "beit3": {"checkpoint": str(ckpt), "tokenizer": str(tiny_spm),
-                                          "num_heads": 4}},
-        "device": "auto", "chunk_rows": 8, "image_batch_size": 4, "text_batch_size": 8, "num_workers": 2}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "workdir": str(tmp_path / "work"),
+                "extract": {
+                    "teacher": {
+                        "kind": "beit3",
+                        "beit3": {"checkpoint": str(ckpt), "tokenizer": str(tiny_spm), "num_heads": 4},
+                    },
+                    "device": "auto",
+                    "chunk_rows": 8,
+                    "image_batch_size": 4,
+                    "text_batch_size": 8,
+                    "num_workers": 2,
+                },
+            }
+        )
+    )
     out = tmp_path / "work" / "features.zarr"
     r = CliRunner().invoke(app, ["extract", "--params", str(params), "--index", str(root / "index")])
     assert r.exit_code == 0, r.output
@@ -358,13 +420,24 @@ def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_
         view, sp = index.split(name), store.split(name)
         images = [Image.open(p) for p in view.image_path]
         np.testing.assert_allclose(sp.image_emb.astype(np.float32), teacher.encode_images(images).numpy(), atol=2e-3)
-        np.testing.assert_allclose(sp.text_emb.astype(np.float32),
-                                   teacher.encode_texts(view.caption_text.tolist()).numpy(), atol=2e-3)
+        np.testing.assert_allclose(
+            sp.text_emb.astype(np.float32), teacher.encode_texts(view.caption_text.tolist()).numpy(), atol=2e-3
+        )
 
     # a missing tokenizer file: one line, exit code 2, the finished store untouched
     before = store_files(out)
-    r = CliRunner().invoke(app, ["extract", "--params", str(params), "--index", str(root / "index"),
-                                 "--set", f"extract.teacher.beit3.tokenizer={tmp_path / 'missing.spm'}"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--params",
+            str(params),
+            "--index",
+            str(root / "index"),
+            "--set",
+            f"extract.teacher.beit3.tokenizer={tmp_path / 'missing.spm'}",
+        ],
+    )
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "missing.spm" in r.output
     assert store_files(out) == before
 

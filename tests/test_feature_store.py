@@ -1,4 +1,5 @@
 """Feature store v1: the one-shot writer, the memory-mapped reader and every validation error."""
+
 import json
 import shutil
 import sys
@@ -121,8 +122,12 @@ def test_chunk_len_balances_chunks_and_aligns_them_to_64k():
 
 def test_empty_split_arrays(tmp_path):
     splits = _splits()
-    splits["test"] = {"image_emb": np.zeros((0, D), np.float32), "text_emb": np.zeros((0, D), np.float32),
-                      "text_image": np.zeros(0, np.int32), "image_id": []}
+    splits["test"] = {
+        "image_emb": np.zeros((0, D), np.float32),
+        "text_emb": np.zeros((0, D), np.float32),
+        "text_image": np.zeros(0, np.int32),
+        "image_id": [],
+    }
     _write(tmp_path / "s.zarr", splits)
     sp = open_store(tmp_path / "s.zarr").split("test")
     assert sp.image_emb.shape == (0, D) and sp.text_emb.shape == (0, D) and sp.image_id.tolist() == []
@@ -134,16 +139,19 @@ def _set_attr(path, **kw):
     (path / "zarr.json").write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: _set_attr(p, complete=False), "incomplete"),
-    (lambda p: _set_attr(p, version=2), "version 2"),
-    (lambda p: _set_attr(p, format="something-else"), "not a kdpipe feature store"),
-    (lambda p: (p / "zarr.json").unlink(), "not a feature store"),
-    (lambda p: (p / "zarr.json").write_text("{broken"), "not a feature store"),
-    (lambda p: shutil.rmtree(p / "test" / "text_emb"), "split 'test' has no array 'text_emb'"),
-    (lambda p: (p / "train/image_emb/c/1/0").write_bytes(b"short"), "truncated"),
-    (lambda p: (p / "train/image_emb/c/2/0").unlink(), "missing"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: _set_attr(p, complete=False), "incomplete"),
+        (lambda p: _set_attr(p, version=2), "version 2"),
+        (lambda p: _set_attr(p, format="something-else"), "not a kdpipe feature store"),
+        (lambda p: (p / "zarr.json").unlink(), "not a feature store"),
+        (lambda p: (p / "zarr.json").write_text("{broken"), "not a feature store"),
+        (lambda p: shutil.rmtree(p / "test" / "text_emb"), "split 'test' has no array 'text_emb'"),
+        (lambda p: (p / "train/image_emb/c/1/0").write_bytes(b"short"), "truncated"),
+        (lambda p: (p / "train/image_emb/c/2/0").unlink(), "missing"),
+    ],
+)
 def test_reader_refuses_broken_stores(tmp_path, edit, message):
     _write(tmp_path / "s.zarr")
     edit(tmp_path / "s.zarr")
@@ -197,8 +205,13 @@ def test_writer_refuses_to_overwrite_a_foreign_directory_and_bad_inputs(tmp_path
 
 def test_store_writer_chunks_in_any_order_then_complete(tmp_path):
     rng = np.random.default_rng(3)
-    w = StoreWriter.create(tmp_path / "s.zarr", layout={"val": (10, 25)}, dim=D, chunk_rows=4,
-                           attrs={"teacher": {"name": "t"}, "dataset": {"fingerprint": "x"}})
+    w = StoreWriter.create(
+        tmp_path / "s.zarr",
+        layout={"val": (10, 25)},
+        dim=D,
+        chunk_rows=4,
+        attrs={"teacher": {"name": "t"}, "dataset": {"fingerprint": "x"}},
+    )
     img, txt = rng.standard_normal((10, D)), rng.standard_normal((25, D))
     for key, data in (("text_emb", txt), ("image_emb", img)):
         for i in reversed(range(w.n_chunks("val", key))):

@@ -1,4 +1,5 @@
 """HDF5 export/import and the DSMD per-caption import produce valid stores with the right rows."""
+
 import json
 
 import h5py
@@ -34,10 +35,20 @@ def _store(path, index, dtype="float16"):
     splits = {}
     for name in index.splits:
         v = index.split(name)
-        splits[name] = {"image_emb": rng.standard_normal((v.n_images, D)), "text_emb": rng.standard_normal((v.n_captions, D)),
-                        "text_image": v.text_image, "image_id": v.image_id.tolist()}
-    write_store(path, splits, teacher={"name": "t", "sha256": "abc"},
-                dataset={"name": index.name, "fingerprint": index.fingerprint}, dtype=dtype, chunk_rows=8)
+        splits[name] = {
+            "image_emb": rng.standard_normal((v.n_images, D)),
+            "text_emb": rng.standard_normal((v.n_captions, D)),
+            "text_image": v.text_image,
+            "image_id": v.image_id.tolist(),
+        }
+    write_store(
+        path,
+        splits,
+        teacher={"name": "t", "sha256": "abc"},
+        dataset={"name": index.name, "fingerprint": index.fingerprint},
+        dtype=dtype,
+        chunk_rows=8,
+    )
     return open_store(path)
 
 
@@ -85,16 +96,21 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, dtype):
     import_hdf5(tmp_path / "s.h5", tmp_path / "other.zarr", dtype=other)
     conv = open_store(tmp_path / "other.zarr").split("train")
     assert conv.image_emb.dtype == np.dtype(other)
-    np.testing.assert_allclose(conv.image_emb.astype(np.float32), store.split("train").image_emb.astype(np.float32),
-                               atol=2e-3)
+    np.testing.assert_allclose(
+        conv.image_emb.astype(np.float32), store.split("train").image_emb.astype(np.float32), atol=2e-3
+    )
 
 
 def test_import_checks_the_index_and_foreign_files(tmp_path):
     index = _index()
     _store(tmp_path / "s.zarr", index)
     export_hdf5(tmp_path / "s.zarr", tmp_path / "s.h5")
-    other = DatasetIndex.from_lists("toy", "imgs", [(f"x{i}", f"im{i}.jpg", "train" if i < 6 else "test")
-                                                    for i in range(10)], list(zip(index.caption_text, index.caption_image)))
+    other = DatasetIndex.from_lists(
+        "toy",
+        "imgs",
+        [(f"x{i}", f"im{i}.jpg", "train" if i < 6 else "test") for i in range(10)],
+        list(zip(index.caption_text, index.caption_image)),
+    )
     with pytest.raises(InputError, match="image 0 is 'im0', the index has 'x0'"):
         import_hdf5(tmp_path / "s.h5", tmp_path / "bad.zarr", index=other)
 
@@ -162,11 +178,35 @@ def test_cli_tools_and_exit_code_2(tmp_path):
     sp = store.split("test")
     torch.save(torch.from_numpy(np.asarray(sp.image_emb, dtype=np.float32)[sp.text_image]), tmp_path / "i.pt")
     torch.save(torch.from_numpy(np.asarray(sp.text_emb, dtype=np.float32)), tmp_path / "t.pt")
-    r = runner.invoke(app, ["import-dsmd", "--index", str(tmp_path / "index"), "--out", str(tmp_path / "d.zarr"),
-                            "--images", f"test={tmp_path / 'i.pt'}", "--texts", f"test={tmp_path / 't.pt'}"])
+    r = runner.invoke(
+        app,
+        [
+            "import-dsmd",
+            "--index",
+            str(tmp_path / "index"),
+            "--out",
+            str(tmp_path / "d.zarr"),
+            "--images",
+            f"test={tmp_path / 'i.pt'}",
+            "--texts",
+            f"test={tmp_path / 't.pt'}",
+        ],
+    )
     assert r.exit_code == 0, r.output
     got = open_store(tmp_path / "d.zarr").split("test")
     np.testing.assert_array_equal(got.image_emb, sp.image_emb)
-    r = runner.invoke(app, ["import-dsmd", "--index", str(tmp_path / "index"), "--out", str(tmp_path / "e.zarr"),
-                            "--images", f"test={tmp_path / 'i.pt'}", "--texts", f"val={tmp_path / 't.pt'}"])
+    r = runner.invoke(
+        app,
+        [
+            "import-dsmd",
+            "--index",
+            str(tmp_path / "index"),
+            "--out",
+            str(tmp_path / "e.zarr"),
+            "--images",
+            f"test={tmp_path / 'i.pt'}",
+            "--texts",
+            f"val={tmp_path / 't.pt'}",
+        ],
+    )
     assert r.exit_code == 2 and "--images names splits" in r.output

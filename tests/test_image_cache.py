@@ -1,4 +1,5 @@
 """The image cache format: memmap reads equal zarr reads, compaction, refusal of incomplete/foreign stores."""
+
 import json
 
 import numpy as np
@@ -16,8 +17,9 @@ def random_images(n, h=6, w=7, seed=0):
 def test_memmap_equals_input_and_plain_zarr_reads(tmp_path):
     train, test = random_images(10), random_images(3, seed=1)
     path = tmp_path / "images.zarr"
-    write_image_cache(path, {"train": train, "test": test}, fingerprint="f" * 64, meta={"resize": {"mode": "x"}},
-                      chunk_images=4)
+    write_image_cache(
+        path, {"train": train, "test": test}, fingerprint="f" * 64, meta={"resize": {"mode": "x"}}, chunk_images=4
+    )
     cache = open_image_cache(path, expect_fingerprint="f" * 64)
     assert cache.splits == ("train", "test") and cache.image_size == (6, 7)
     assert cache.attrs["format"] == "kdpipe-images" and cache.attrs["version"] == 1 and cache.attrs["complete"]
@@ -39,7 +41,7 @@ def test_compact_drops_rows_and_keeps_order(tmp_path):
     builder = CacheBuilder(tmp_path / "images.zarr", (6, 7), chunk_images=4)
     f = builder.allocate("train", 11)
     for s in range(0, 11, 4):
-        write_rows(f, s, images[s:s + 4])
+        write_rows(f, s, images[s : s + 4])
     assert builder.compact("train", [1, 5, 6, 10]) == 7
     builder.publish({"fingerprint": "a"})
     keep = [0, 2, 3, 4, 7, 8, 9]

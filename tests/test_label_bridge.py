@@ -1,4 +1,5 @@
 """The offline "label bridge" teacher (MiniLM + EfficientNet-Lite0) on real photos shipped in scikit-image."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ PHOTOS = {
 
 @pytest.fixture(scope="module")
 def teacher() -> LabelBridgeTeacher:
-    return build_teacher(TeacherConfig(kind="label_bridge",
-                                       label_bridge=LabelBridgeTeacherConfig(class_names=CLASS_FILE)))
+    return build_teacher(
+        TeacherConfig(kind="label_bridge", label_bridge=LabelBridgeTeacherConfig(class_names=CLASS_FILE))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,13 @@ def test_outputs_are_unit_norm_float32_384(embeddings, teacher):
 
 
 def test_encode_texts_is_batch_invariant(teacher):
-    texts = ["a cat", "a red motorcycle parked inside a cluttered garage next to a wooden bench",
-             "espresso", "two galaxies and many faint stars on a black background", "grass"]
+    texts = [
+        "a cat",
+        "a red motorcycle parked inside a cluttered garage next to a wooden bench",
+        "espresso",
+        "two galaxies and many faint stars on a black background",
+        "grass",
+    ]
     full = teacher.encode_texts(texts)
     ones = teacher.encode_texts(texts, batch_size=1)
     twos = teacher.encode_texts(texts, batch_size=2)
@@ -135,8 +142,7 @@ def test_identity_names_the_teacher_and_its_inputs(teacher):
 
 def test_prompt_without_placeholder_is_an_input_error(teacher):
     with pytest.raises(InputError, match="must contain"):
-        LabelBridgeTeacher(teacher.tokenizer, teacher.text_model, teacher.image_model, teacher.class_names,
-                           "a photo")
+        LabelBridgeTeacher(teacher.tokenizer, teacher.text_model, teacher.image_model, teacher.class_names, "a photo")
 
 
 def test_class_file_errors(tmp_path):

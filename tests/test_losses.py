@@ -1,4 +1,5 @@
 """Each loss against a naive reference written here with explicit Python loops (float64 Python math)."""
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,17 @@ def unit(*shape, seed):
 
 @pytest.fixture
 def batch():
-    return {"s_v": unit(B, D, seed=1), "s_t": unit(B, D, seed=2), "t_v": unit(B, D, seed=3),
-            "t_t": unit(B, D, seed=4), "image_ids": torch.tensor(IDS),
-            "queue_v": unit(K, D, seed=5), "queue_t": unit(K, D, seed=6),
-            "queue_v_image_ids": torch.tensor(Q_IDS), "queue_t_image_ids": torch.tensor(Q_IDS[::-1])}
+    return {
+        "s_v": unit(B, D, seed=1),
+        "s_t": unit(B, D, seed=2),
+        "t_v": unit(B, D, seed=3),
+        "t_t": unit(B, D, seed=4),
+        "image_ids": torch.tensor(IDS),
+        "queue_v": unit(K, D, seed=5),
+        "queue_t": unit(K, D, seed=6),
+        "queue_v_image_ids": torch.tensor(Q_IDS),
+        "queue_t_image_ids": torch.tensor(Q_IDS[::-1]),
+    }
 
 
 # -- naive references -----------------------------------------------------------------------------------
@@ -140,11 +148,13 @@ def test_contrastive_with_queue(batch, cross_modal, mask):
     b, T = batch, 0.05
     ids = IDS if mask else None
     qv, qt = b["queue_v_image_ids"].tolist(), b["queue_t_image_ids"].tolist()
-    expected = (naive_queue_nce(b["s_v"], b["t_v"], b["queue_v"], ids, qv, T)
-                + naive_queue_nce(b["s_t"], b["t_t"], b["queue_t"], ids, qt, T))
+    expected = naive_queue_nce(b["s_v"], b["t_v"], b["queue_v"], ids, qv, T) + naive_queue_nce(
+        b["s_t"], b["t_t"], b["queue_t"], ids, qt, T
+    )
     if cross_modal:
-        expected += (naive_queue_nce(b["s_v"], b["t_t"], b["queue_t"], ids, qt, T)
-                     + naive_queue_nce(b["s_t"], b["t_v"], b["queue_v"], ids, qv, T))
+        expected += naive_queue_nce(b["s_v"], b["t_t"], b["queue_t"], ids, qt, T) + naive_queue_nce(
+            b["s_t"], b["t_v"], b["queue_v"], ids, qv, T
+        )
     assert set(out) == {"contrastive_loss"}
     close(out["contrastive_loss"], expected)
 
@@ -156,8 +166,9 @@ def test_contrastive_masks_queue_entries_of_the_anchors_image(batch):
     b["queue_v_image_ids"] = torch.cat([torch.tensor(IDS), b["queue_v_image_ids"]])
     loss = DistillLoss(LossConfig(**only(contrastive=1.0)))
     masked = loss(**b)["contrastive_loss"]
-    expected = (naive_queue_nce(b["s_v"], b["t_v"], b["queue_v"], IDS, b["queue_v_image_ids"].tolist(), 0.05)
-                + naive_queue_nce(b["s_t"], b["t_t"], b["queue_t"], IDS, b["queue_t_image_ids"].tolist(), 0.05))
+    expected = naive_queue_nce(
+        b["s_v"], b["t_v"], b["queue_v"], IDS, b["queue_v_image_ids"].tolist(), 0.05
+    ) + naive_queue_nce(b["s_t"], b["t_t"], b["queue_t"], IDS, b["queue_t_image_ids"].tolist(), 0.05)
     close(masked, expected)
     assert all(i in b["queue_v_image_ids"].tolist() for i in IDS)  # every anchor has entries to mask
     unmasked = DistillLoss(LossConfig(**only(contrastive=1.0), mask_same_image=False))(**b)["contrastive_loss"]
@@ -205,8 +216,10 @@ def test_triplet_four_pairings(batch, margin, mask):
     loss = DistillLoss(LossConfig(**only(triplet=1.0), margin=margin, mask_same_image=mask))
     out = loss(**batch)
     b, ids = batch, (IDS if mask else None)
-    expected = sum(naive_triplet(b[x], b[y], ids, margin)[0]
-                   for x, y in (("s_v", "t_v"), ("s_t", "t_t"), ("s_v", "t_t"), ("s_t", "t_v")))
+    expected = sum(
+        naive_triplet(b[x], b[y], ids, margin)[0]
+        for x, y in (("s_v", "t_v"), ("s_t", "t_t"), ("s_v", "t_t"), ("s_t", "t_v"))
+    )
     close(out["triplet_loss"], expected)
 
 
@@ -292,8 +305,13 @@ def test_weight_zero_builds_no_term(zero):
     assert zero not in loss.terms
     assert loss.term_names == tuple(f"{n}_loss" for n in TERMS if n != zero)
     assert loss.needs_queue == (zero != "contrastive")
-    b = {"s_v": unit(B, D, seed=1), "s_t": unit(B, D, seed=2), "t_v": unit(B, D, seed=3),
-         "t_t": unit(B, D, seed=4), "image_ids": torch.tensor(IDS)}
+    b = {
+        "s_v": unit(B, D, seed=1),
+        "s_t": unit(B, D, seed=2),
+        "t_v": unit(B, D, seed=3),
+        "t_t": unit(B, D, seed=4),
+        "image_ids": torch.tensor(IDS),
+    }
     assert tuple(loss(**b)) == loss.term_names
 
 
@@ -320,11 +338,27 @@ def test_missing_ids_are_refused(batch):
     with pytest.raises(ValueError, match="image_ids"):
         loss(batch["s_v"], batch["s_t"], batch["t_v"], batch["t_t"], None)
     with pytest.raises(ValueError, match="queue_v_image_ids"):
-        loss(batch["s_v"], batch["s_t"], batch["t_v"], batch["t_t"], batch["image_ids"],
-             batch["queue_v"], batch["queue_t"])
+        loss(
+            batch["s_v"],
+            batch["s_t"],
+            batch["t_v"],
+            batch["t_t"],
+            batch["image_ids"],
+            batch["queue_v"],
+            batch["queue_t"],
+        )
     with pytest.raises(ValueError, match="both queue_v and queue_t"):
-        loss(batch["s_v"], batch["s_t"], batch["t_v"], batch["t_t"], batch["image_ids"],
-             batch["queue_v"], None, batch["queue_v_image_ids"], None)
+        loss(
+            batch["s_v"],
+            batch["s_t"],
+            batch["t_v"],
+            batch["t_t"],
+            batch["image_ids"],
+            batch["queue_v"],
+            None,
+            batch["queue_v_image_ids"],
+            None,
+        )
     with pytest.raises(ValueError, match="t_v"):
         loss(batch["s_v"], batch["s_t"], None, batch["t_t"], batch["image_ids"])
 

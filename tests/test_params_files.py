@@ -1,4 +1,5 @@
 """Every shipped params file (the demo's params.yaml and configs/*.yaml) parses into the stage configs."""
+
 from pathlib import Path
 
 import pytest

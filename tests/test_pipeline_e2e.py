@@ -4,6 +4,7 @@ few real demo photos, with the real offline teacher and the tiniest student, in 
 The stages are chained only through their files, as DVC chains them; the checks are the contracts between
 them (fingerprints, shapes, normalized rows) and the metrics file's schema.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,17 +45,51 @@ def tiny_dataset(root: Path) -> Path:
 def params(root: Path, tokenizer_dir: Path) -> Path:
     p = {
         "workdir": str(root / "artifacts"),
-        "prepare": {"dataset": {"name": "tiny", "format": "karpathy", "annotations": str(root / "dataset.json"),
-                                "image_root": str(root / "images")},
-                    "workers": 1},
-        "extract": {"teacher": {"kind": "label_bridge",
-                                "label_bridge": {"class_names": str(ROOT / "data/demo/imagenet_classes.tsv")}},
-                    "device": "cpu", "image_batch_size": 4, "text_batch_size": 8, "num_workers": 0},
-        "distill": {"student": {"image": {"backend": "hf_vit", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                                          "intermediate_size": 64, "patch_size": 16, "image_size": 32},
-                                "text": {"tokenizer": str(tokenizer_dir), "hidden_size": 32, "num_layers": 1,
-                                         "num_heads": 2, "intermediate_size": 64, "max_tokens": 16}},
-                    "loss": {"queue_size": 0}, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu"},
+        "prepare": {
+            "dataset": {
+                "name": "tiny",
+                "format": "karpathy",
+                "annotations": str(root / "dataset.json"),
+                "image_root": str(root / "images"),
+            },
+            "workers": 1,
+        },
+        "extract": {
+            "teacher": {
+                "kind": "label_bridge",
+                "label_bridge": {"class_names": str(ROOT / "data/demo/imagenet_classes.tsv")},
+            },
+            "device": "cpu",
+            "image_batch_size": 4,
+            "text_batch_size": 8,
+            "num_workers": 0,
+        },
+        "distill": {
+            "student": {
+                "image": {
+                    "backend": "hf_vit",
+                    "hidden_size": 32,
+                    "num_layers": 1,
+                    "num_heads": 2,
+                    "intermediate_size": 64,
+                    "patch_size": 16,
+                    "image_size": 32,
+                },
+                "text": {
+                    "tokenizer": str(tokenizer_dir),
+                    "hidden_size": 32,
+                    "num_layers": 1,
+                    "num_heads": 2,
+                    "intermediate_size": 64,
+                    "max_tokens": 16,
+                },
+            },
+            "loss": {"queue_size": 0},
+            "epochs": 1,
+            "batch_size": 4,
+            "num_workers": 0,
+            "device": "cpu",
+        },
         "evaluate": {"device": "cpu", "latency": False},
     }
     path = root / "params.yaml"

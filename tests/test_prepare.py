@@ -1,5 +1,6 @@
 """prepare on real photos (scikit-image / scikit-learn): equality with a naive PIL reference, draft-mode
 tolerance, bad images (error and skip), idempotent reruns, atomic writes, the dask path."""
+
 import json
 from pathlib import Path
 
@@ -65,16 +66,30 @@ def photos(tmp_path_factory) -> Path:
     return root
 
 
-GOOD = ["astronaut.jpg", "chelsea.jpg", "rocket.jpg", "coffee.jpg", "china.jpg", "flower.jpg",
-        "camera_grey.jpg", "coffee_flipped.png"]
+GOOD = [
+    "astronaut.jpg",
+    "chelsea.jpg",
+    "rocket.jpg",
+    "coffee.jpg",
+    "china.jpg",
+    "flower.jpg",
+    "camera_grey.jpg",
+    "coffee_flipped.png",
+]
 SPLITS = ["train", "train", "test", "train", "test", "train", "test", "train"]
 
 
 def write_annotations(path: Path, rows: list[tuple[str, str]]) -> Path:
     """Karpathy-style file: each (filename, split) with 2-3 captions."""
-    images = [{"filename": f, "split": s, "imgid": i,
-               "sentences": [{"raw": f"{f} caption {k}", "imgid": i} for k in range(2 + i % 2)]}
-              for i, (f, s) in enumerate(rows)]
+    images = [
+        {
+            "filename": f,
+            "split": s,
+            "imgid": i,
+            "sentences": [{"raw": f"{f} caption {k}", "imgid": i} for k in range(2 + i % 2)],
+        }
+        for i, (f, s) in enumerate(rows)
+    ]
     path.write_text(json.dumps({"images": images}))
     return path
 
@@ -103,8 +118,13 @@ def test_output_equals_naive_reference_pixel_for_pixel(photos, tmp_path):
     assert json.loads((paths.index_dir / "bad_images.json").read_text()) == []
 
 
-@pytest.mark.parametrize("rc", [ResizeConfig(filter="bicubic", resize=160, crop=128, draft=False),
-                                ResizeConfig(mode="squash", crop=96, draft=False)])
+@pytest.mark.parametrize(
+    "rc",
+    [
+        ResizeConfig(filter="bicubic", resize=160, crop=128, draft=False),
+        ResizeConfig(mode="squash", crop=96, draft=False),
+    ],
+)
 def test_other_recipes_match_their_references(photos, rc):
     for name in ("rocket.jpg", "china.jpg", "camera_grey.jpg"):
         out = decode_image(photos / name, rc)
@@ -120,11 +140,17 @@ def test_draft_mode_is_faithful_within_tolerance(tmp_path):
     """Large JPEGs take libjpeg's DCT-scaled decode: mean |diff| < 2 grey levels and PSNR > 35 dB vs a full
     decode (measured 0.3-1.4 and 40-53 dB); without draft, equal to the reference pixel for pixel."""
     china, flower = sklearn_datasets.load_sample_images().images
-    big = {"retina.jpg": skimage_data.retina(),  # 1411 x 1411: 1/4 scale
-           "hubble.jpg": skimage_data.hubble_deep_field(),  # 1000 x 872: 1/2 scale
-           "mosaic.jpg": np.concatenate([np.concatenate([skimage_data.astronaut()[:384], china[:384, :512]], 1),
-                                         np.concatenate([flower[:384, :512], skimage_data.rocket()[:384, :512]], 1)]),
-           "odd.jpg": np.asarray(Image.fromarray(china).resize((1283, 857), Image.LANCZOS))}  # non-multiple of 4
+    big = {
+        "retina.jpg": skimage_data.retina(),  # 1411 x 1411: 1/4 scale
+        "hubble.jpg": skimage_data.hubble_deep_field(),  # 1000 x 872: 1/2 scale
+        "mosaic.jpg": np.concatenate(
+            [
+                np.concatenate([skimage_data.astronaut()[:384], china[:384, :512]], 1),
+                np.concatenate([flower[:384, :512], skimage_data.rocket()[:384, :512]], 1),
+            ]
+        ),
+        "odd.jpg": np.asarray(Image.fromarray(china).resize((1283, 857), Image.LANCZOS)),
+    }  # non-multiple of 4
     for name, pixels in big.items():
         Image.fromarray(pixels).save(tmp_path / name, quality=90)
         ref = naive_reference(tmp_path / name)
@@ -137,8 +163,14 @@ def test_draft_mode_is_faithful_within_tolerance(tmp_path):
 
 
 def test_bad_images_error_mode_names_the_file_and_writes_nothing(photos, tmp_path):
-    rows = [("astronaut.jpg", "train"), ("truncated.jpg", "train"), ("chelsea.jpg", "test"),
-            ("empty.jpg", "test"), ("missing.jpg", "train"), ("notes.jpg", "train")]
+    rows = [
+        ("astronaut.jpg", "train"),
+        ("truncated.jpg", "train"),
+        ("chelsea.jpg", "test"),
+        ("empty.jpg", "test"),
+        ("missing.jpg", "train"),
+        ("notes.jpg", "train"),
+    ]
     ann = write_annotations(tmp_path / "ann.json", rows)
     paths = ArtifactPaths(tmp_path / "work")
     with pytest.raises(InputError) as err:
@@ -153,19 +185,34 @@ def test_bad_images_error_mode_names_the_file_and_writes_nothing(photos, tmp_pat
 
 
 def test_bad_images_skip_mode_leaves_them_out_and_reports_them(photos, tmp_path):
-    rows = [("astronaut.jpg", "train"), ("truncated.jpg", "train"), ("chelsea.jpg", "test"),
-            ("empty.jpg", "test"), ("rocket.jpg", "train"), ("missing.jpg", "train"), ("notes.jpg", "train"),
-            ("coffee.jpg", "train"), ("china.jpg", "test")]
+    rows = [
+        ("astronaut.jpg", "train"),
+        ("truncated.jpg", "train"),
+        ("chelsea.jpg", "test"),
+        ("empty.jpg", "test"),
+        ("rocket.jpg", "train"),
+        ("missing.jpg", "train"),
+        ("notes.jpg", "train"),
+        ("coffee.jpg", "train"),
+        ("china.jpg", "test"),
+    ]
     ann = write_annotations(tmp_path / "ann.json", rows)
     paths = ArtifactPaths(tmp_path / "work")
     summary = run_prepare(config(photos, ann, chunk_images=2, on_bad_image="skip"), paths)
     assert summary["bad_images"] == 4 and summary["images"] == {"train": 3, "test": 2}
     report = json.loads((paths.index_dir / "bad_images.json").read_text())
     assert [(Path(r["file"]).name, r["split"]) for r in report] == [
-        ("truncated.jpg", "train"), ("empty.jpg", "test"), ("missing.jpg", "train"), ("notes.jpg", "train")]
+        ("truncated.jpg", "train"),
+        ("empty.jpg", "test"),
+        ("missing.jpg", "train"),
+        ("notes.jpg", "train"),
+    ]
     reasons = [r["reason"] for r in report]
     assert reasons[0].startswith("truncated image") and reasons[1:] == [
-        "empty file", "file not found", "not an image file PIL can read"]
+        "empty file",
+        "file not found",
+        "not an image file PIL can read",
+    ]
     assert report[0]["captions"] == ["truncated.jpg caption 0", "truncated.jpg caption 1", "truncated.jpg caption 2"]
     assert report[2]["captions"] == ["missing.jpg caption 0", "missing.jpg caption 1", "missing.jpg caption 2"]
     assert report[3]["captions"] == ["notes.jpg caption 0", "notes.jpg caption 1"]

@@ -5,6 +5,7 @@ whatever the summation order: the oracle, the tiled torch path and faiss then se
 included, and must agree rank for rank. Random float data is used where its positives are provably far from
 every negative (checked), which is when ranks are well defined at float32 precision.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -89,7 +90,7 @@ def test_matches_naive_on_random_float_data():
         S = a.astype(np.float64) @ b.astype(np.float64).T
         pos_t = S[ti, np.arange(len(ti))]
         gaps = np.abs(S - pos_t[None, :])[np.arange(n)[:, None] != ti[None, :]]
-        assert gaps.min() > 2 * dim * 2.0 ** -24  # the premise: ranks do not depend on float32 rounding
+        assert gaps.min() > 2 * dim * 2.0**-24  # the premise: ranks do not depend on float32 rounding
         want = naive_ranks(a, b, ti)
         assert 1 < np.median(want[1]) < n  # neither trivial nor hopeless
         for backend in ("torch", "faiss"):
@@ -103,9 +104,11 @@ def test_fp16_and_tensor_inputs_are_scored_in_fp32():
     ti = caption_layout(rng, 30, [5], shuffle=False)
     img, txt = correlated(rng, 30, ti, dim=8, noise=1.0)
     want = retrieval_ranks(img, txt, ti, chunk_size=9)
-    for a, b in [(img.astype(np.float16), txt.astype(np.float16)),  # dyadic /8 values are exact in fp16
-                 (torch.from_numpy(img).half(), torch.from_numpy(txt).half()),
-                 (torch.from_numpy(img), torch.from_numpy(txt))]:
+    for a, b in [
+        (img.astype(np.float16), txt.astype(np.float16)),  # dyadic /8 values are exact in fp16
+        (torch.from_numpy(img).half(), torch.from_numpy(txt).half()),
+        (torch.from_numpy(img), torch.from_numpy(txt)),
+    ]:
         got = retrieval_ranks(a, b, torch.from_numpy(ti).numpy(), chunk_size=9)
         np.testing.assert_array_equal(got.i2t, want.i2t)
         np.testing.assert_array_equal(got.t2i, want.t2i)
@@ -115,7 +118,7 @@ def test_fp16_store_is_scored_in_fp32():
     """Image 0 scores its own caption 1 + 2^-11 and a negative 1.0: in fp16 arithmetic both round to 1.0, a tie
     that the pessimistic rule would count against it; upcast to fp32 first, the own caption wins."""
     img = np.array([[1, 1], [1, -1]], dtype=np.float16)
-    txt = np.array([[1, 2.0 ** -11], [1, 0]], dtype=np.float16)  # c0 -> image 0, c1 -> image 1
+    txt = np.array([[1, 2.0**-11], [1, 0]], dtype=np.float16)  # c0 -> image 0, c1 -> image 1
     assert (img @ txt.T)[0].tolist() == [1.0, 1.0]  # what fp16 scoring would see
     got = retrieval_ranks(img, txt, np.array([0, 1]))
     assert got.i2t.tolist() == [1, 1]
@@ -137,12 +140,16 @@ def test_perfect_embeddings_give_100_everywhere():
 
 # -- a case worked out by hand, and the tie rule ---------------------------------------------------------
 HAND_IMG = np.array([[2, 0, 0], [0, 2, 0], [1, 1, 1]], dtype=np.float32)
-HAND_TXT = np.array([[1, 0, 0],   # c0, image 0
-                     [0, 0, 1],   # c1, image 0
-                     [1, 1, 0],   # c2, image 1
-                     [0, 1, 1],   # c3, image 2
-                     [0, 0, 3]],  # c4, image 2
-                    dtype=np.float32)
+HAND_TXT = np.array(
+    [
+        [1, 0, 0],  # c0, image 0
+        [0, 0, 1],  # c1, image 0
+        [1, 1, 0],  # c2, image 1
+        [0, 1, 1],  # c3, image 2
+        [0, 0, 3],
+    ],  # c4, image 2
+    dtype=np.float32,
+)
 HAND_TI = np.array([0, 0, 1, 2, 2])
 # Scores (images x captions):  I0: 2 0 2 0 0 | I1: 0 0 2 2 0 | I2: 1 1 2 2 3
 # i2t: I0 best own 2 (c0), tied by negative c2 -> 2;  I1 own 2 (c2), tied by c3 -> 2;  I2 own 3 (c4) -> 1
@@ -263,8 +270,19 @@ def test_tiles_never_exceed_chunk_squared(monkeypatch):
 def test_recall_metrics_and_curves():
     ranks = RetrievalRanks(i2t=np.array([1, 2, 6, 11, 60]), t2i=np.array([1, 1, 3, 4, 9, 10, 10, 200]))
     m = recall_metrics(ranks)
-    assert list(m) == ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
-                       "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr"]
+    assert list(m) == [
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "t2i_r1",
+        "t2i_r5",
+        "t2i_r10",
+        "rsum",
+        "i2t_medr",
+        "t2i_medr",
+        "i2t_meanr",
+        "t2i_meanr",
+    ]
     assert (m["i2t_r1"], m["i2t_r5"], m["i2t_r10"]) == (20.0, 40.0, 60.0)
     assert (m["t2i_r1"], m["t2i_r5"], m["t2i_r10"]) == (25.0, 50.0, 87.5)
     assert m["rsum"] == pytest.approx(20 + 40 + 60 + 25 + 50 + 87.5)

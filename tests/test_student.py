@@ -1,5 +1,6 @@
 """The student: gradients reach every parameter, normalization on the device, save/load (and loading the
 saved towers with transformers alone), local-only weights, the optional backends."""
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,32 @@ from pipeline.towers.text import TextTowerConfig
 DIM = 16
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def tiny_cfg(tokenizer_dir: Path, **image) -> StudentConfig:
     return StudentConfig(
-        image=ImageTowerConfig(**{"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2,
-                                  "num_heads": 2, "intermediate_size": 64, **image}),
-        text=TextTowerConfig(tokenizer=tokenizer_dir, hidden_size=32, num_layers=2, num_heads=2,
-                             intermediate_size=64, max_position_embeddings=32, max_tokens=12))
+        image=ImageTowerConfig(
+            **{
+                "image_size": 32,
+                "patch_size": 8,
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 64,
+                **image,
+            }
+        ),
+        text=TextTowerConfig(
+            tokenizer=tokenizer_dir,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            max_tokens=12,
+        ),
+    )
 
 
 def images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -40,8 +58,18 @@ TEXTS = ["A dog runs", "the cat sits on a man", "photo of a red woman"]
 
 def test_defaults_are_dsmd():
     cfg = StudentConfig()
-    assert (cfg.image.backend, cfg.image.pooling, cfg.image.hidden_size, cfg.image.patch_size) == ("hf_vit", "cls", 768, 16)
-    assert (cfg.text.backend, cfg.text.pooling, cfg.text.max_tokens, cfg.proj_init_gain) == ("hf_bert", "pooler", 30, 1.414)
+    assert (cfg.image.backend, cfg.image.pooling, cfg.image.hidden_size, cfg.image.patch_size) == (
+        "hf_vit",
+        "cls",
+        768,
+        16,
+    )
+    assert (cfg.text.backend, cfg.text.pooling, cfg.text.max_tokens, cfg.proj_init_gain) == (
+        "hf_bert",
+        "pooler",
+        30,
+        1.414,
+    )
     with pytest.raises(ConfigError, match="distill.student.image.pooling"):
         from_dict(StudentConfig, {"image": {"pooling": "avg"}}, "distill.student")
 
@@ -58,7 +86,9 @@ def test_every_parameter_gets_a_gradient(tokenizer_dir, image_pooling, text_pool
     torch.testing.assert_close(v.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(t.norm(dim=1), torch.ones(3))
     ((v @ torch.randn(DIM)).sum() + (t @ torch.randn(DIM)).sum()).backward()
-    none = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    none = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not none, f"parameters without a gradient: {none}"
     # the pooler exists only when used (no dead parameters)
     has_pooler = any(".pooler." in n for n, _ in model.named_parameters())
@@ -91,8 +121,10 @@ def test_images_are_normalized_on_the_device_as_configured(tokenizer_dir):
         # another cache size is resized on the device to the tower's image size
         big = images(2, size=48)
         assert model.encode_images(big).shape == (2, DIM)
-    imagenet = replace(tiny_cfg(tokenizer_dir), image=replace(tiny_cfg(tokenizer_dir).image,
-                                                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    imagenet = replace(
+        tiny_cfg(tokenizer_dir),
+        image=replace(tiny_cfg(tokenizer_dir).image, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    )
     assert build_student(imagenet, DIM).image_tower.std == (0.229, 0.224, 0.225)
     with pytest.raises(ValueError, match="uint8"):
         model.encode_images(x.float())
@@ -135,22 +167,32 @@ def test_save_load_round_trip_and_towers_load_with_transformers_alone(tokenizer_
 def test_missing_local_paths_are_one_clear_error_never_a_download(tokenizer_dir, tmp_path):
     missing = tmp_path / "no-such-model"
     cases = [
-        (replace(tiny_cfg(tokenizer_dir), image=replace(tiny_cfg(tokenizer_dir).image, path=missing)),
-         "distill.student.image.path"),
-        (replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, path=missing)),
-         "distill.student.text.path"),
-        (replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, tokenizer=missing)),
-         "distill.student.text.tokenizer"),
-        (replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, tokenizer=None)),
-         "distill.student.text"),
+        (
+            replace(tiny_cfg(tokenizer_dir), image=replace(tiny_cfg(tokenizer_dir).image, path=missing)),
+            "distill.student.image.path",
+        ),
+        (
+            replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, path=missing)),
+            "distill.student.text.path",
+        ),
+        (
+            replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, tokenizer=missing)),
+            "distill.student.text.tokenizer",
+        ),
+        (
+            replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, tokenizer=None)),
+            "distill.student.text",
+        ),
     ]
     for cfg, key in cases:
         with pytest.raises(InputError, match=key) as err:
             build_student(cfg, DIM)
         assert "\n" not in str(err.value)
     # a hub-style name is not a local directory either: refused before any network access
-    hub = replace(tiny_cfg(tokenizer_dir), image=replace(tiny_cfg(tokenizer_dir).image,
-                                                         path=Path("google/vit-base-patch16-224-in21k")))
+    hub = replace(
+        tiny_cfg(tokenizer_dir),
+        image=replace(tiny_cfg(tokenizer_dir).image, path=Path("google/vit-base-patch16-224-in21k")),
+    )
     with pytest.raises(InputError, match="never downloads"):
         build_student(hub, DIM)
     with pytest.raises(InputError, match="no student here"):
@@ -224,15 +266,20 @@ def test_pretrained_tower_with_missing_weights_is_refused(tmp_path):
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
     BertModel(cfg, add_pooling_layer=True).save_pretrained(tmp_path)
     # the pooler may be left out when the tower does not use it ...
-    model = load_pretrained_strict(BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False,
-                                   ignorable_prefixes=("pooler.",))
+    model = load_pretrained_strict(
+        BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False, ignorable_prefixes=("pooler.",)
+    )
     assert model.pooler is None
     # ... but not when it does, and nothing else may be missing
     with pytest.raises(InputError, match="unexpected weights pooler"):
         load_pretrained_strict(BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False)
     weights = load_file(tmp_path / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if ".layer.1." not in k}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if ".layer.1." not in k},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(InputError, match=r"distill.student.text.path: .* missing weights encoder.layer.1"):
-        load_pretrained_strict(BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False,
-                               ignorable_prefixes=("pooler.",))
+        load_pretrained_strict(
+            BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False, ignorable_prefixes=("pooler.",)
+        )

@@ -1,5 +1,6 @@
 """Distill training on a tiny synthetic dataset, on the CPU: teacher rows by index, the negatives, a run
 that learns, exact kill-and-resume, refused inputs, and the `kdpipe distill` command."""
+
 from __future__ import annotations
 
 import shutil
@@ -28,12 +29,13 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "
 NOUNS = ("dog", "cat", "car", "house")
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
+
 # -- a tiny dataset: colored images with a grey square, captions naming both, teacher = class prototypes ----
-def make_workdir(root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed: int = 0,
-                 name: str = "tiny") -> DatasetIndex:
+def make_workdir(
+    root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed: int = 0, name: str = "tiny"
+) -> DatasetIndex:
     rng = np.random.default_rng(seed)
     names = list(COLORS)
     protos = rng.normal(size=(len(COLORS) * len(NOUNS), dim))
@@ -45,7 +47,7 @@ def make_workdir(root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed:
             row = len(img_rows)
             img_rows.append((f"{split}{i}", f"{split}{i}.jpg", split))
             img = np.clip(np.array(COLORS[names[c]]) + rng.normal(0, 20, (HW, HW, 3)), 0, 255).astype(np.uint8)
-            img[HW // 4:3 * HW // 4, HW // 4:3 * HW // 4] = o * 60
+            img[HW // 4 : 3 * HW // 4, HW // 4 : 3 * HW // 4] = o * 60
             arr.append(img)
             classes.append(c * len(NOUNS) + o)
             captions += [(f"a {names[c]} {NOUNS[o]} photo {k}", row) for k in range(caps)]
@@ -57,11 +59,19 @@ def make_workdir(root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed:
     for split in ("train", "val"):
         v = index.split(split)
         c = np.array(classes)[v.image_rows]
-        splits[split] = {"image_emb": protos[c] + 0.1 * rng.normal(size=(len(c), dim)),
-                         "text_emb": protos[c[v.text_image]] + 0.1 * rng.normal(size=(v.n_captions, dim)),
-                         "text_image": v.text_image, "image_id": v.image_id}
-    write_store(root / "features.zarr", splits, teacher={"name": "synthetic"},
-                dataset={"name": name, "fingerprint": index.fingerprint}, chunk_rows=64)
+        splits[split] = {
+            "image_emb": protos[c] + 0.1 * rng.normal(size=(len(c), dim)),
+            "text_emb": protos[c[v.text_image]] + 0.1 * rng.normal(size=(v.n_captions, dim)),
+            "text_image": v.text_image,
+            "image_id": v.image_id,
+        }
+    write_store(
+        root / "features.zarr",
+        splits,
+        teacher={"name": "synthetic"},
+        dataset={"name": name, "fingerprint": index.fingerprint},
+        chunk_rows=64,
+    )
     from transformers import BertTokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", *names, *NOUNS, *map(str, range(10))]
@@ -71,12 +81,36 @@ def make_workdir(root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed:
 
 
 def tiny_params(root: Path, **overrides) -> dict:
-    student = {"image": {"image_size": HW, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-                         "intermediate_size": 64},
-               "text": {"tokenizer": str(root / "tok"), "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-                        "intermediate_size": 64, "max_position_embeddings": 32, "max_tokens": 12}}
-    return {"student": student, "epochs": 2, "batch_size": 8, "lr": 1e-3, "loss": {"queue_size": 16},
-            "checkpoint_every_steps": 0, "log_every_steps": 1, "num_workers": 0, **overrides}
+    student = {
+        "image": {
+            "image_size": HW,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "intermediate_size": 64,
+        },
+        "text": {
+            "tokenizer": str(root / "tok"),
+            "hidden_size": 32,
+            "num_layers": 2,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 32,
+            "max_tokens": 12,
+        },
+    }
+    return {
+        "student": student,
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "loss": {"queue_size": 16},
+        "checkpoint_every_steps": 0,
+        "log_every_steps": 1,
+        "num_workers": 0,
+        **overrides,
+    }
 
 
 def tiny_cfg(root: Path, **overrides) -> DistillConfig:
@@ -140,7 +174,9 @@ def test_teacher_rows_images_and_tokens_are_looked_up_by_index(work, placement):
         assert torch.equal(b.input_ids, expect["input_ids"]) and torch.equal(b.attention_mask, expect["attention_mask"])
         q = sampler.queue_rows(1, hb.step, 16)
         assert torch.equal(b.queue_t.float(), torch.from_numpy(np.asarray(st.text_emb[q], np.float32)))
-        assert torch.equal(b.queue_v.float(), torch.from_numpy(np.asarray(st.image_emb[view.text_image[q]], np.float32)))
+        assert torch.equal(
+            b.queue_v.float(), torch.from_numpy(np.asarray(st.image_emb[view.text_image[q]], np.float32))
+        )
         assert torch.equal(b.queue_t_ids, torch.from_numpy(view.text_image[q].astype(np.int64)))
     order = np.concatenate(seen)
     assert not np.array_equal(order, np.arange(len(order)))  # shuffled, not aligned by position
@@ -151,8 +187,15 @@ def test_whole_bank_negatives(work):
     st, view = store.split("train"), index.split("train")
     bank = TeacherBank(st.image_emb, st.text_emb, st.text_image, torch.device("cpu"))
     tokens = (torch.zeros(view.n_captions, 4, dtype=torch.int32),) * 2
-    loader = BatchLoader(cache.split("train"), bank, tokens, EpochSampler(view.n_captions, 8, 0),
-                         queue_size=0, use_queue=True, num_workers=0)
+    loader = BatchLoader(
+        cache.split("train"),
+        bank,
+        tokens,
+        EpochSampler(view.n_captions, 8, 0),
+        queue_size=0,
+        use_queue=True,
+        num_workers=0,
+    )
     b = loader.to_device(loader.host_batch(0, 0))
     assert b.queue_v.shape == (st.n_images, DIM) and b.queue_t.shape == (st.n_captions, DIM)
     assert torch.equal(b.queue_t_ids, torch.from_numpy(st.text_image.astype(np.int64)))
@@ -197,9 +240,18 @@ def test_a_tiny_run_lowers_the_distillation_loss_and_raises_agreement(work):
     assert after[0] < 0.8 * before[0], (before, after)
     assert after[1] > before[1] + 0.1, (before, after)
     out = root / "learn"
-    for name in ("model.safetensors", "student_config.json", "image_tower/config.json", "text_tower/config.json",
-                 "checkpoints/last.pt", "train_log.csv", "val_log.csv", "plots/training.png", "distill_config.yaml",
-                 "train_summary.json"):
+    for name in (
+        "model.safetensors",
+        "student_config.json",
+        "image_tower/config.json",
+        "text_tower/config.json",
+        "checkpoints/last.pt",
+        "train_log.csv",
+        "val_log.csv",
+        "plots/training.png",
+        "distill_config.yaml",
+        "train_summary.json",
+    ):
         assert (out / name).is_file(), name
     header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
     assert {"step", "lr", "pairs_per_s", "contrastive_loss", "w_triplet_loss"} <= set(header)
@@ -214,8 +266,17 @@ def test_kill_and_resume_ends_with_bitwise_equal_weights(work):
     exactly, and the CPU kernels are deterministic for the same shapes, so any difference is a bug. Dropout
     (BERT's 0.1) and the on-device augmentation are on, so the random streams are exercised too."""
     root = work[0]
-    cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=4, augment={"enabled": True},
-                   schedule="cosine", warmup_steps=2, grad_accum=2, batch_size=4, grad_clip=1.0)
+    cfg = tiny_cfg(
+        root,
+        epochs=2,
+        checkpoint_every_steps=4,
+        augment={"enabled": True},
+        schedule="cosine",
+        warmup_steps=2,
+        grad_accum=2,
+        batch_size=4,
+        grad_clip=1.0,
+    )
     full = run(work, "full", cfg)
     killed = run(work, "killed", cfg, stop_after_steps=9)
     assert not killed.completed and killed.global_step == 9
@@ -233,7 +294,7 @@ def test_kill_and_resume_ends_with_bitwise_equal_weights(work):
     def log(name):  # the training log minus the timing column: same rows, no duplicates of redone steps
         lines = [ln.split(",") for ln in (root / name / "train_log.csv").read_text().splitlines()]
         col = lines[0].index("pairs_per_s")
-        return [ln[:col] + ln[col + 1:] for ln in lines]
+        return [ln[:col] + ln[col + 1 :] for ln in lines]
 
     assert log("full") == log("killed")
     assert (root / "full/val_log.csv").read_text() == (root / "killed/val_log.csv").read_text()

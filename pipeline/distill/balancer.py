@@ -35,6 +35,7 @@ mode "fixed"
 
 `last_rates` (the r_i of the latest call; None for `fixed`) and `last_weights` are exposed for logging.
 """
+
 from __future__ import annotations
 
 import math
@@ -148,8 +149,11 @@ class LossBalancer:
     # -- exact resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "version": STATE_VERSION, "mode": self.cfg.mode, "normalize": self.cfg.normalize,
-            "term_names": list(self.term_names), "step": self.step,
+            "version": STATE_VERSION,
+            "mode": self.cfg.mode,
+            "normalize": self.cfg.normalize,
+            "term_names": list(self.term_names),
+            "step": self.step,
             "prev": None if self.prev is None else list(self.prev),
             "initial": None if self.initial is None else list(self.initial),
             "last_rates": None if self.last_rates is None else dict(self.last_rates),
@@ -160,12 +164,16 @@ class LossBalancer:
         if state.get("version") != STATE_VERSION:
             raise InputError(f"balancer state: version {state.get('version')!r}, expected {STATE_VERSION}")
         if state.get("mode") != self.cfg.mode or state.get("normalize") != self.cfg.normalize:
-            raise InputError(f"balancer state: saved with mode={state.get('mode')!r} normalize="
-                             f"{state.get('normalize')!r}, but the config says mode={self.cfg.mode!r} "
-                             f"normalize={self.cfg.normalize!r}")
+            raise InputError(
+                f"balancer state: saved with mode={state.get('mode')!r} normalize="
+                f"{state.get('normalize')!r}, but the config says mode={self.cfg.mode!r} "
+                f"normalize={self.cfg.normalize!r}"
+            )
         if tuple(state.get("term_names", ())) != self.term_names:
-            raise InputError(f"balancer state: saved for the loss terms {state.get('term_names')}, "
-                             f"but this run has {list(self.term_names)}")
+            raise InputError(
+                f"balancer state: saved for the loss terms {state.get('term_names')}, "
+                f"but this run has {list(self.term_names)}"
+            )
         self.step = int(state["step"])
         self.prev = None if state["prev"] is None else [float(v) for v in state["prev"]]
         self.initial = None if state["initial"] is None else [float(v) for v in state["initial"]]

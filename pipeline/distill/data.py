@@ -10,6 +10,7 @@ Everything is looked up BY INDEX from memory-mapped arrays, never by batch posit
 Loader threads only copy bytes (no randomness), so the batch of (epoch, step) is the same whatever the
 number of threads and whenever it is built: resume is exact.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def tokenize_all(tokenize, texts, chunk: int = 4096) -> tuple[torch.Tensor, torc
     """Every caption -> (input_ids, attention_mask) int32 [M, L] (the model's fixed max_tokens)."""
     ids, mask = [], []
     for i in range(0, len(texts), chunk):
-        tok = tokenize([str(t) for t in texts[i:i + chunk]])
+        tok = tokenize([str(t) for t in texts[i : i + chunk]])
         ids.append(tok["input_ids"].to(torch.int32))
         mask.append(tok["attention_mask"].to(torch.int32))
     return torch.cat(ids), torch.cat(mask)
@@ -50,8 +51,16 @@ class TeacherBank:
     otherwise (`placement` memmap, or auto with a bank over `max_bytes` on a GPU) `text`/`image` stay
     memory-mapped numpy arrays and the loader threads gather the rows of each batch."""
 
-    def __init__(self, image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
-                 device: torch.device, *, placement: str = "auto", max_bytes: float = 4 * 2**30) -> None:
+    def __init__(
+        self,
+        image_emb: np.ndarray,
+        text_emb: np.ndarray,
+        text_image: np.ndarray,
+        device: torch.device,
+        *,
+        placement: str = "auto",
+        max_bytes: float = 4 * 2**30,
+    ) -> None:
         self.device = device
         self.dim = int(text_emb.shape[1])
         self.n_images, self.n_texts = int(image_emb.shape[0]), int(text_emb.shape[0])
@@ -106,12 +115,24 @@ class BatchLoader:
     `queue_size` K > 0: the K pairs preceding the batch in the epoch order (EpochSampler.queue_rows);
     K = 0: the whole bank (every image row and every caption row of the split) as negatives."""
 
-    def __init__(self, images: np.ndarray, bank: TeacherBank, tokens: tuple[torch.Tensor, torch.Tensor],
-                 sampler: EpochSampler, *, queue_size: int, use_queue: bool, num_workers: int = 2,
-                 prefetch: int = 4, cache_rows: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        bank: TeacherBank,
+        tokens: tuple[torch.Tensor, torch.Tensor],
+        sampler: EpochSampler,
+        *,
+        queue_size: int,
+        use_queue: bool,
+        num_workers: int = 2,
+        prefetch: int = 4,
+        cache_rows: np.ndarray | None = None,
+    ) -> None:
         self.images, self.bank, self.sampler = images, bank, sampler
         # image cache row of each caption (the store may lack images that extract skipped)
-        self.caption_cache_row = bank.text_image_np if cache_rows is None else np.asarray(cache_rows, np.int64)[bank.text_image_np]
+        self.caption_cache_row = (
+            bank.text_image_np if cache_rows is None else np.asarray(cache_rows, np.int64)[bank.text_image_np]
+        )
         self.queue_size, self.use_queue = int(queue_size), bool(use_queue)
         self.num_workers, self.prefetch = int(num_workers), max(1, int(prefetch))
         self.pin = bank.device.type == "cuda"
@@ -199,9 +220,15 @@ class BatchLoader:
         else:
             t_v, t_t = (x.to(dev, non_blocking=True) for x in hb.t_rows)
         batch = DeviceBatch(
-            epoch=hb.epoch, step=hb.step, rows=hb.rows, images=hb.images.to(dev, non_blocking=True),
-            input_ids=self.input_ids[rows].long(), attention_mask=self.attention_mask[rows].long(),
-            t_v=t_v, t_t=t_t, image_ids=image_ids,
+            epoch=hb.epoch,
+            step=hb.step,
+            rows=hb.rows,
+            images=hb.images.to(dev, non_blocking=True),
+            input_ids=self.input_ids[rows].long(),
+            attention_mask=self.attention_mask[rows].long(),
+            t_v=t_v,
+            t_t=t_t,
+            image_ids=image_ids,
         )
         if not self.use_queue:
             return batch
@@ -220,9 +247,15 @@ class BatchLoader:
 
 
 # -- augmentation (on the device) -------------------------------------------------------------------------
-def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, *,
-                        scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        flip: bool = True) -> torch.Tensor:
+def random_resized_crop(
+    x: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    *,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
     """float [B, 3, H, W] -> [B, 3, size, size]: per image a random crop of `scale` of the area with aspect
     ratio in `ratio` (clipped to the image), resized bilinearly, mirrored with probability 0.5.
 

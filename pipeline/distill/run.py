@@ -18,6 +18,7 @@ Outputs in `out_dir` (`<workdir>/student/`, or `<workdir>/baseline/`):
     plots/training.png         the same, drawn;  train_summary.json   the run in one record
     distill_config.yaml        the resolved config of the run
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -122,12 +123,24 @@ class DistillConfig:
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, min_lr_ratio in [0, 1]")
         if self.select_best_on == "val" and (not self.val_split or self.eval_every_epochs == 0):
-            raise ValueError("select_best_on: val needs val_split and eval_every_epochs > 0 (or use select_best_on: last)")
+            raise ValueError(
+                "select_best_on: val needs val_split and eval_every_epochs > 0 (or use select_best_on: last)"
+            )
 
 
 # Keys that change how fast a run goes, not what it computes: a checkpoint may be resumed with other values.
-RUNTIME_KEYS = frozenset({"num_workers", "compile", "device", "checkpoint_every_steps", "log_every_steps",
-                          "eval_batch_size", "bank_placement", "bank_max_gib"})
+RUNTIME_KEYS = frozenset(
+    {
+        "num_workers",
+        "compile",
+        "device",
+        "checkpoint_every_steps",
+        "log_every_steps",
+        "eval_batch_size",
+        "bank_placement",
+        "bank_max_gib",
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,31 +164,41 @@ def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, w
     The store may lack images that extract skipped (`on_bad_image: skip`), with their captions; rows are
     matched by image id and the captions of the kept images must be exactly the store's, in order."""
     if len(images) != view.n_images:
-        raise InputError(f"{where}: the image cache has {len(images)} images in split {view.name!r}, the dataset "
-                         f"index {view.n_images}; rerun `kdpipe prepare`")
+        raise InputError(
+            f"{where}: the image cache has {len(images)} images in split {view.name!r}, the dataset "
+            f"index {view.n_images}; rerun `kdpipe prepare`"
+        )
     if store is None:
         return PairSplit(view.name, view.caption_text, images, None, None, view.text_image.astype(np.int64))
     if store.n_images == view.n_images and store.n_captions == view.n_captions:
         if not np.array_equal(store.text_image, view.text_image):
-            raise InputError(f"{where}: the feature store's {view.name}/text_image differs from the dataset index; "
-                             "rerun `kdpipe extract`")
+            raise InputError(
+                f"{where}: the feature store's {view.name}/text_image differs from the dataset index; "
+                "rerun `kdpipe extract`"
+            )
         return PairSplit(view.name, view.caption_text, images, None, store, view.text_image.astype(np.int64))
     row_of = {str(i): r for r, i in enumerate(view.image_id.tolist())}
     try:
         cache_rows = np.array([row_of[str(i)] for i in store.image_id.tolist()], dtype=np.int64)
     except KeyError as err:
-        raise InputError(f"{where}: the feature store's split {view.name!r} has image {err.args[0]!r} that the "
-                         "dataset index lacks; rerun `kdpipe extract`") from None
+        raise InputError(
+            f"{where}: the feature store's split {view.name!r} has image {err.args[0]!r} that the "
+            "dataset index lacks; rerun `kdpipe extract`"
+        ) from None
     kept = np.zeros(view.n_images, dtype=bool)
     kept[cache_rows] = True
     cap_keep = kept[view.text_image]
     if int(cap_keep.sum()) != store.n_captions or not np.array_equal(
-            cache_rows[store.text_image], view.text_image[cap_keep]):
-        raise InputError(f"{where}: the feature store's split {view.name!r} ({store.n_images} images, "
-                         f"{store.n_captions} captions) does not line up with the dataset index ({view.n_images}, "
-                         f"{view.n_captions}); rerun `kdpipe extract`")
-    return PairSplit(view.name, view.caption_text[cap_keep], images, cache_rows, store,
-                     store.text_image.astype(np.int64))
+        cache_rows[store.text_image], view.text_image[cap_keep]
+    ):
+        raise InputError(
+            f"{where}: the feature store's split {view.name!r} ({store.n_images} images, "
+            f"{store.n_captions} captions) does not line up with the dataset index ({view.n_images}, "
+            f"{view.n_captions}); rerun `kdpipe extract`"
+        )
+    return PairSplit(
+        view.name, view.caption_text[cap_keep], images, cache_rows, store, store.text_image.astype(np.int64)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,11 +242,21 @@ class GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)
         start = dist.get_rank() * ctx.rows
-        return grad[start:start + ctx.rows]
+        return grad[start : start + ctx.rows]
 
 
-def loss_terms(model: DualEncoderStudent, forward, loss_fn: DistillLoss, b, *, augment: AugmentConfig, seed: int,
-               gen: torch.Generator, autocast, world: int = 1) -> dict[str, torch.Tensor]:
+def loss_terms(
+    model: DualEncoderStudent,
+    forward,
+    loss_fn: DistillLoss,
+    b,
+    *,
+    augment: AugmentConfig,
+    seed: int,
+    gen: torch.Generator,
+    autocast,
+    world: int = 1,
+) -> dict[str, torch.Tensor]:
     """The forward half of a micro-step: uint8 images -> (augmented) normalized pixels on the device ->
     student (through `forward`: the model, DDP or compiled) -> global batch -> raw, unweighted loss terms.
     Dropout and augmentation draw from `seed` only."""
@@ -248,8 +281,9 @@ def comparable(cfg_dict: dict) -> dict:
 # Evaluation on val
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def embed_split(model: DualEncoderStudent, split: PairSplit, tokens: tuple[torch.Tensor, torch.Tensor],
-                batch_size: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_split(
+    model: DualEncoderStudent, split: PairSplit, tokens: tuple[torch.Tensor, torch.Tensor], batch_size: int, autocast
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Student embeddings of every image (store/cache order) and caption of a split, fp32 on the CPU."""
     was_training = model.training
     model.eval()
@@ -257,10 +291,13 @@ def embed_split(model: DualEncoderStudent, split: PairSplit, tokens: tuple[torch
     img, txt = [], []
     with autocast():
         for i in range(0, len(rows), batch_size):
-            batch = as_tensor(np.take(split.images, rows[i:i + batch_size], axis=0))
+            batch = as_tensor(np.take(split.images, rows[i : i + batch_size], axis=0))
             img.append(model.encode_images(batch).float().cpu())
         for i in range(0, len(tokens[0]), batch_size):
-            tok = {"input_ids": tokens[0][i:i + batch_size].long(), "attention_mask": tokens[1][i:i + batch_size].long()}
+            tok = {
+                "input_ids": tokens[0][i : i + batch_size].long(),
+                "attention_mask": tokens[1][i : i + batch_size].long(),
+            }
             txt.append(model.encode_tokens(tok).float().cpu())
     model.train(was_training)
     return torch.cat(img), torch.cat(txt)
@@ -272,8 +309,12 @@ def validate(model, split: PairSplit, tokens, batch_size: int, autocast) -> dict
     img, txt = embed_split(model, split, tokens, batch_size, autocast)
     metrics = recall_metrics(retrieval_ranks(img, txt, split.text_image))
     if split.store is not None:  # how close the student is to the teacher on held-out data
-        metrics["teacher_cos_v"] = float((img * torch.from_numpy(np.asarray(split.store.image_emb, np.float32))).sum(1).mean())
-        metrics["teacher_cos_t"] = float((txt * torch.from_numpy(np.asarray(split.store.text_emb, np.float32))).sum(1).mean())
+        metrics["teacher_cos_v"] = float(
+            (img * torch.from_numpy(np.asarray(split.store.image_emb, np.float32))).sum(1).mean()
+        )
+        metrics["teacher_cos_t"] = float(
+            (txt * torch.from_numpy(np.asarray(split.store.text_emb, np.float32))).sum(1).mean()
+        )
     return metrics
 
 
@@ -361,17 +402,26 @@ class TrainState:
     history: list = field(default_factory=list)  # val metrics per evaluated epoch
 
 
-def save_checkpoint(path: Path, *, model, optimizer, scheduler, balancer, state: TrainState, cfg_dict: dict,
-                    meta: dict) -> None:
+def save_checkpoint(
+    path: Path, *, model, optimizer, scheduler, balancer, state: TrainState, cfg_dict: dict, meta: dict
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "meta": meta, "config": cfg_dict,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "balancer": balancer.state_dict(), "state": dataclasses.asdict(state),
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "meta": meta,
+        "config": cfg_dict,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "balancer": balancer.state_dict(),
+        "state": dataclasses.asdict(state),
         # The step seeds make these redundant for the loop itself; kept so that code run between steps
         # (or a future change) continues the same streams.
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
@@ -382,18 +432,25 @@ def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise InputError(f"{path}: cannot read the checkpoint ({type(err).__name__}); use --no-resume to start over") from None
-    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT or blob.get("version") != CHECKPOINT_VERSION:
+        raise InputError(
+            f"{path}: cannot read the checkpoint ({type(err).__name__}); use --no-resume to start over"
+        ) from None
+    if (
+        not isinstance(blob, dict)
+        or blob.get("format") != CHECKPOINT_FORMAT
+        or blob.get("version") != CHECKPOINT_VERSION
+    ):
         raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file; use --no-resume to start over")
     for key in ("dim", "fingerprint", "train_split", "world_size"):  # world size: the sampler's global batch
         if blob["meta"].get(key) != meta[key]:
-            raise InputError(f"{path}: checkpoint was trained with {key}={blob['meta'].get(key)!r}, the inputs now "
-                             f"have {meta[key]!r}; use --no-resume to start over")
+            raise InputError(
+                f"{path}: checkpoint was trained with {key}={blob['meta'].get(key)!r}, the inputs now "
+                f"have {meta[key]!r}; use --no-resume to start over"
+            )
     old, new = comparable(blob["config"]), comparable(cfg_dict)
     if old != new:
         diff = _first_difference(old, new, "distill")
-        raise InputError(f"{path}: checkpoint was written with another config ({diff}); "
-                         "use --no-resume to start over")
+        raise InputError(f"{path}: checkpoint was written with another config ({diff}); use --no-resume to start over")
     return blob
 
 
@@ -409,8 +466,14 @@ def clear_outputs(out_dir: Path) -> None:
     """Start over: remove what a previous run wrote (the directory is the stage's output)."""
     for name in ("checkpoints", "plots", "image_tower", "text_tower"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in ("model.safetensors", "student_config.json", "train_log.csv", "val_log.csv",
-                 "train_summary.json", "distill_config.yaml"):
+    for name in (
+        "model.safetensors",
+        "student_config.json",
+        "train_log.csv",
+        "val_log.csv",
+        "train_summary.json",
+        "distill_config.yaml",
+    ):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -433,13 +496,25 @@ def open_split(index: DatasetIndex, cache: ImageCache, store: FeatureStore | Non
     if name not in index.splits:
         raise InputError(f"distill.{what}: the dataset has no split {name!r}; it has {', '.join(index.splits)}")
     view = index.split(name)
-    return align_split(view, cache.split(name), store.split(name) if store is not None else None,
-                       f"{cache.path} / {store.path if store else ''}".rstrip(" /"))
+    return align_split(
+        view,
+        cache.split(name),
+        store.split(name) if store is not None else None,
+        f"{cache.path} / {store.path if store else ''}".rstrip(" /"),
+    )
 
 
-def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore, cache: ImageCache,
-                  out_dir: Path | str, baseline: bool = False, resume: bool = True,
-                  stop_after_steps: int | None = None) -> DistillResult:
+def run_distill(
+    cfg: DistillConfig,
+    *,
+    index: DatasetIndex,
+    store: FeatureStore,
+    cache: ImageCache,
+    out_dir: Path | str,
+    baseline: bool = False,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+) -> DistillResult:
     """Train a student against `store` and export it into `out_dir`.
 
     `baseline`: train with `cfg.baseline_loss` (pairs only) instead of `cfg.loss`. `resume`: continue from
@@ -455,8 +530,14 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
     if cfg.teacher_dim is not None and store.dim != cfg.teacher_dim:
         raise InputError(f"{store.path}: feature dimension {store.dim}, expected distill.teacher_dim={cfg.teacher_dim}")
     fingerprint = (store.dataset or {}).get("fingerprint")
-    meta = {"dim": store.dim, "fingerprint": fingerprint, "train_split": cfg.train_split, "baseline": baseline,
-            "teacher": store.teacher, "world_size": world}
+    meta = {
+        "dim": store.dim,
+        "fingerprint": fingerprint,
+        "train_split": cfg.train_split,
+        "baseline": baseline,
+        "teacher": store.teacher,
+        "world_size": world,
+    }
 
     train = open_split(index, cache, store, cfg.train_split, "train_split")
     val = None
@@ -469,8 +550,9 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
     model = build_student(cfg.student, store.dim).to(device)
     loss_fn = DistillLoss(loss_cfg).to(device)
     balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
-                                            and torch.cuda.is_bf16_supported())
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -482,27 +564,48 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
     sampler = EpochSampler(len(train.captions), cfg.batch_size, cfg.seed, world_size=world, rank=rank)
     opt_steps_per_epoch = sampler.steps_per_epoch // cfg.grad_accum
     if opt_steps_per_epoch == 0:
-        raise InputError(f"split {cfg.train_split!r} has {len(train.captions)} pairs: fewer than one optimizer step "
-                         f"of {sampler.global_batch * cfg.grad_accum} (batch_size x grad_accum x processes)")
+        raise InputError(
+            f"split {cfg.train_split!r} has {len(train.captions)} pairs: fewer than one optimizer step "
+            f"of {sampler.global_batch * cfg.grad_accum} (batch_size x grad_accum x processes)"
+        )
     queue_size = loss_cfg.queue_size
     if loss_fn.needs_queue and queue_size > len(train.captions) - sampler.global_batch:
-        raise InputError(f"distill.loss.queue_size={queue_size}: the split {cfg.train_split!r} has only "
-                         f"{len(train.captions)} pairs, so at most {len(train.captions) - sampler.global_batch} "
-                         "negatives fit beside a batch; lower it, or use 0 for the whole bank")
+        raise InputError(
+            f"distill.loss.queue_size={queue_size}: the split {cfg.train_split!r} has only "
+            f"{len(train.captions)} pairs, so at most {len(train.captions) - sampler.global_batch} "
+            "negatives fit beside a batch; lower it, or use 0 for the whole bank"
+        )
     st = train.store
-    bank = TeacherBank(st.image_emb, st.text_emb, train.text_image, device, placement=cfg.bank_placement,
-                       max_bytes=cfg.bank_max_gib * 2**30)
+    bank = TeacherBank(
+        st.image_emb,
+        st.text_emb,
+        train.text_image,
+        device,
+        placement=cfg.bank_placement,
+        max_bytes=cfg.bank_max_gib * 2**30,
+    )
     if loss_fn.needs_queue and queue_size == 0 and not bank.on_device:
-        raise InputError(f"distill.loss.queue_size=0 (the whole bank) needs the teacher bank on the device "
-                         f"({bank.nbytes / 2**30:.2f} GiB; raise distill.bank_max_gib or set a queue_size)")
+        raise InputError(
+            f"distill.loss.queue_size=0 (the whole bank) needs the teacher bank on the device "
+            f"({bank.nbytes / 2**30:.2f} GiB; raise distill.bank_max_gib or set a queue_size)"
+        )
     tokens = tokenize_all(model.tokenize, train.captions)
-    loader = BatchLoader(train.images, bank, tokens, sampler, queue_size=queue_size, use_queue=loss_fn.needs_queue,
-                         num_workers=cfg.num_workers, cache_rows=train.cache_rows)
+    loader = BatchLoader(
+        train.images,
+        bank,
+        tokens,
+        sampler,
+        queue_size=queue_size,
+        use_queue=loss_fn.needs_queue,
+        num_workers=cfg.num_workers,
+        cache_rows=train.cache_rows,
+    )
     val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
 
     # -- optimizer and schedule -------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
     total_steps = cfg.epochs * opt_steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
 
@@ -531,11 +634,27 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
     train_log = val_log = None
     if main:
         term_cols = list(loss_fn.term_names)
-        train_log = CsvLog(out_dir / "train_log.csv",
-                           ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols]],
-                           keep_until=state.global_step if resumed else None, key="step")
-        val_cols = ["epoch", "step", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
-                    "i2t_medr", "t2i_medr", "teacher_cos_v", "teacher_cos_t"]
+        train_log = CsvLog(
+            out_dir / "train_log.csv",
+            ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols]],
+            keep_until=state.global_step if resumed else None,
+            key="step",
+        )
+        val_cols = [
+            "epoch",
+            "step",
+            "i2t_r1",
+            "i2t_r5",
+            "i2t_r10",
+            "t2i_r1",
+            "t2i_r5",
+            "t2i_r10",
+            "rsum",
+            "i2t_medr",
+            "t2i_medr",
+            "teacher_cos_v",
+            "teacher_cos_t",
+        ]
         val_log = CsvLog(out_dir / "val_log.csv", val_cols, keep_until=state.epoch if resumed else None, key="epoch")
 
     # -- the training forward: DDP and / or torch.compile around the student ---------------------------------
@@ -553,8 +672,16 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
 
     def checkpoint() -> None:
         if main:
-            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, balancer=balancer,
-                            state=state, cfg_dict=cfg_dict, meta=meta)
+            save_checkpoint(
+                ckpt_path,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                balancer=balancer,
+                state=state,
+                cfg_dict=cfg_dict,
+                meta=meta,
+            )
         if world > 1:
             dist.barrier()
 
@@ -568,7 +695,9 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
     t_epoch = t_start
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    bar_cm = progress("distill" + (" (baseline)" if baseline else ""), remaining, unit="pairs") if main else nullcontext()
+    bar_cm = (
+        progress("distill" + (" (baseline)" if baseline else ""), remaining, unit="pairs") if main else nullcontext()
+    )
     with bar_cm as bar:
         for epoch in range(state.epoch, cfg.epochs):
             first = state.step_in_epoch * cfg.grad_accum
@@ -578,10 +707,21 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
                 micro = hb.step % cfg.grad_accum  # position inside the optimizer step
                 seed = step_seed(cfg.seed, epoch, hb.step, rank)
                 b = loader.to_device(hb)
-                skip_sync = world > 1 and micro != cfg.grad_accum - 1  # DDP: reduce gradients on the last micro-step only
-                with (forward.no_sync() if skip_sync and hasattr(forward, "no_sync") else nullcontext()):
-                    raw = loss_terms(model, forward, loss_fn, b, augment=cfg.augment, seed=seed, gen=gen,
-                                     autocast=autocast, world=world)
+                skip_sync = (
+                    world > 1 and micro != cfg.grad_accum - 1
+                )  # DDP: reduce gradients on the last micro-step only
+                with forward.no_sync() if skip_sync and hasattr(forward, "no_sync") else nullcontext():
+                    raw = loss_terms(
+                        model,
+                        forward,
+                        loss_fn,
+                        b,
+                        augment=cfg.augment,
+                        seed=seed,
+                        gen=gen,
+                        autocast=autocast,
+                        world=world,
+                    )
                     # one device sync per micro-step: the balancer needs the values before the backward
                     values = dict(zip(raw, torch.stack([v.detach() for v in raw.values()]).tolist()))
                     if micro == 0:  # one set of weights per optimizer step, from its first micro-batch
@@ -610,20 +750,38 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
                 if main:
                     bar.postfix = f"epoch {epoch + 1}/{cfg.epochs} loss {acc['loss'] / acc_n:.4g}"
                     bar.advance(pairs_per_opt_step)
-                if main and (state.global_step % cfg.log_every_steps == 0 or state.step_in_epoch == opt_steps_per_epoch):
+                if main and (
+                    state.global_step % cfg.log_every_steps == 0 or state.step_in_epoch == opt_steps_per_epoch
+                ):
                     now = time.perf_counter()
-                    row = {"step": state.global_step, "epoch": epoch + 1, "lr": lr,
-                           "pairs_per_s": acc_pairs / max(now - t_log, 1e-9)}
+                    row = {
+                        "step": state.global_step,
+                        "epoch": epoch + 1,
+                        "lr": lr,
+                        "pairs_per_s": acc_pairs / max(now - t_log, 1e-9),
+                    }
                     row.update({k: v / acc_n for k, v in acc.items()})
                     row.update({f"w_{k}": float(w) for k, w in weights.items()})
                     train_log.write(row)
                     acc, acc_n, acc_pairs, t_log = {}, 0, 0, now
                 end_of_epoch = state.step_in_epoch == opt_steps_per_epoch
-                if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
+                if (
+                    cfg.checkpoint_every_steps
+                    and state.global_step % cfg.checkpoint_every_steps == 0
+                    and not end_of_epoch
+                ):
                     checkpoint()
                 if stop_after_steps is not None and state.global_step >= stop_after_steps:
-                    return DistillResult(out_dir, state.global_step, state.epoch, state.best_epoch, state.best_rsum,
-                                         state.history, pairs_done / (time.perf_counter() - t_start), False)
+                    return DistillResult(
+                        out_dir,
+                        state.global_step,
+                        state.epoch,
+                        state.best_epoch,
+                        state.best_rsum,
+                        state.history,
+                        pairs_done / (time.perf_counter() - t_start),
+                        False,
+                    )
 
             # -- end of epoch: validate, keep the best, checkpoint --
             state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -633,8 +791,10 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
                     metrics = validate(model, val, val_tokens, cfg.eval_batch_size, autocast)
                     state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
                     val_log.write(state.history[-1])
-                    info(f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
-                         f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})")
+                    info(
+                        f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
+                        f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})"
+                    )
                     if cfg.select_best_on == "val" and metrics["rsum"] > state.best_rsum:
                         state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
                         export(f"best val RSUM {metrics['rsum']:.2f} at epoch {state.epoch}")
@@ -653,13 +813,26 @@ def run_distill(cfg: DistillConfig, *, index: DatasetIndex, store: FeatureStore,
             export("last epoch: no exported best found")
         plot_training(out_dir)
         elapsed = time.perf_counter() - t_start
-        summary = {"epochs": state.epoch, "steps": state.global_step, "best_epoch": state.best_epoch,
-                   "best_val_rsum": state.best_rsum if state.best_epoch > 0 and cfg.select_best_on == "val" else None,
-                   "baseline": baseline, "loss_terms": list(loss_fn.term_names), "world_size": world,
-                   "pairs_per_s_this_session": pairs_done / elapsed if elapsed > 0 else None,
-                   "history": state.history}
+        summary = {
+            "epochs": state.epoch,
+            "steps": state.global_step,
+            "best_epoch": state.best_epoch,
+            "best_val_rsum": state.best_rsum if state.best_epoch > 0 and cfg.select_best_on == "val" else None,
+            "baseline": baseline,
+            "loss_terms": list(loss_fn.term_names),
+            "world_size": world,
+            "pairs_per_s_this_session": pairs_done / elapsed if elapsed > 0 else None,
+            "history": state.history,
+        }
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     elapsed = time.perf_counter() - t_start
-    return DistillResult(out_dir, state.global_step, state.epoch, state.best_epoch, state.best_rsum,
-                         state.history, pairs_done / elapsed if elapsed > 0 else 0.0, True)
-
+    return DistillResult(
+        out_dir,
+        state.global_step,
+        state.epoch,
+        state.best_epoch,
+        state.best_rsum,
+        state.history,
+        pairs_done / elapsed if elapsed > 0 else 0.0,
+        True,
+    )

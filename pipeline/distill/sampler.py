@@ -12,14 +12,16 @@ The contrastive "queue" is momentum-free: the K pairs that precede the global ba
 order). These are the teacher rows of the previous K/G batches, as DSMD's queue would hold, but read from
 the feature store by index, with no enqueue state. They never overlap the current batch while K <= M - G.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 
 class EpochSampler:
-    def __init__(self, n: int, batch_size: int, seed: int, *, world_size: int = 1, rank: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int, *, world_size: int = 1, rank: int = 0, shuffle: bool = True
+    ) -> None:
         if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler geometry: batch_size={batch_size}, world_size={world_size}, rank={rank}")
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
@@ -43,12 +45,12 @@ class EpochSampler:
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside 0..{self.steps_per_epoch - 1}")
         start = step * self.global_batch
-        return self.permutation(epoch)[start:start + self.global_batch]
+        return self.permutation(epoch)[start : start + self.global_batch]
 
     def rows(self, epoch: int, step: int) -> np.ndarray:
         """[B] caption rows of this rank's part of the batch."""
         lo = self.rank * self.batch_size
-        return self.global_rows(epoch, step)[lo:lo + self.batch_size]
+        return self.global_rows(epoch, step)[lo : lo + self.batch_size]
 
     def queue_rows(self, epoch: int, step: int, k: int) -> np.ndarray:
         """[k] caption rows that precede the global batch in the epoch's order (cyclically)."""

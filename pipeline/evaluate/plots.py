@@ -10,6 +10,7 @@ plots/
 
 The directory is rewritten as a whole (built beside it, then swapped in).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,15 @@ import numpy as np
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
 
 
-def write_plots(out_dir: Path | str, results: dict[str, Any], doc: dict[str, Any], table: str, *,
-                image_id: np.ndarray | None = None, text_image: np.ndarray | None = None) -> Path:
+def write_plots(
+    out_dir: Path | str,
+    results: dict[str, Any],
+    doc: dict[str, Any],
+    table: str,
+    *,
+    image_id: np.ndarray | None = None,
+    text_image: np.ndarray | None = None,
+) -> Path:
     """results: {model: ModelResult} (curves, ranks). image_id None: no ranks.npz."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
@@ -31,13 +39,17 @@ def write_plots(out_dir: Path | str, results: dict[str, Any], doc: dict[str, Any
     tmp.mkdir(parents=True)
     curves = {name: r.curves for name, r in results.items()}
     write_curves_csv(tmp, curves)
-    plot_recall_curves(curves, tmp / "recall_at_k.png", title=f"{doc['dataset']} {doc['split']}: "
-                       f"{doc['n_images']:,} images, {doc['n_captions']:,} captions")
+    plot_recall_curves(
+        curves,
+        tmp / "recall_at_k.png",
+        title=f"{doc['dataset']} {doc['split']}: {doc['n_images']:,} images, {doc['n_captions']:,} captions",
+    )
     (tmp / "metrics.md").write_text(table)
     if image_id is not None:
         arrays = {f"{name}_{d}": getattr(r.ranks, d) for name, r in results.items() for d in DIRECTIONS}
-        np.savez_compressed(tmp / "ranks.npz", image_id=np.asarray(image_id, dtype=str),
-                            text_image=np.asarray(text_image), **arrays)
+        np.savez_compressed(
+            tmp / "ranks.npz", image_id=np.asarray(image_id, dtype=str), text_image=np.asarray(text_image), **arrays
+        )
     old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
     if out_dir.exists():
         out_dir.rename(old)
@@ -67,8 +79,14 @@ def plot_recall_curves(curves: dict[str, dict[str, np.ndarray]], path: Path, tit
     for ax, (d, label) in zip(axes, DIRECTIONS.items()):
         for i, (name, c) in enumerate(curves.items()):
             ks = np.arange(1, len(c[d]) + 1)
-            ax.plot(ks, c[d], label=name, lw=1.8 if name == "teacher" else 1.4, drawstyle="steps-post",
-                    ls="-" if i < 4 else "--")
+            ax.plot(
+                ks,
+                c[d],
+                label=name,
+                lw=1.8 if name == "teacher" else 1.4,
+                drawstyle="steps-post",
+                ls="-" if i < 4 else "--",
+            )
         for k in (1, 5, 10):
             ax.axvline(k, color="gray", lw=0.5, ls=":")
         ax.set_xscale("log")
@@ -93,9 +111,13 @@ def markdown_table(doc: dict[str, Any]) -> str:
     models = [k for k, v in doc.items() if isinstance(v, dict) and "rsum" in v]
     teacher_rsum = doc["teacher"]["rsum"] if "teacher" in doc else None
     head = "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | RSUM / teacher |"
-    lines = [f"{doc['dataset']}, {doc['split']} split: {doc['n_images']:,} images, {doc['n_captions']:,} captions "
-             f"(exact search, float32 scores, {doc.get('tie_rule', 'pessimistic')} ties)", "", head,
-             "|---|" + "---:|" * 8]
+    lines = [
+        f"{doc['dataset']}, {doc['split']} split: {doc['n_images']:,} images, {doc['n_captions']:,} captions "
+        f"(exact search, float32 scores, {doc.get('tie_rule', 'pessimistic')} ties)",
+        "",
+        head,
+        "|---|" + "---:|" * 8,
+    ]
     for m in models:
         r = doc[m]
         ratio = f"{100 * r['rsum'] / teacher_rsum:.1f}%" if teacher_rsum else "-"

@@ -33,6 +33,7 @@ at the cores' peak (173 GFLOP/s); faiss 4.6 s. A bf16 matmul would take 0.65 s t
 by more than the gaps between neighbours and change 10% of the ranks, so scores stay fp32. Backend "auto" is
 therefore torch, on the GPU when `device` is one (faiss-cpu).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -87,7 +88,7 @@ def recall_curve(ranks: np.ndarray, max_k: int = 50) -> np.ndarray:
     r = np.asarray(ranks)
     if r.size == 0:
         raise ValueError("recall_curve: no ranks")
-    hits = np.bincount(np.minimum(r, max_k + 1), minlength=max_k + 2)[1:max_k + 1].cumsum()
+    hits = np.bincount(np.minimum(r, max_k + 1), minlength=max_k + 2)[1 : max_k + 1].cumsum()
     return 100.0 * hits / r.size
 
 
@@ -102,8 +103,15 @@ def _percent_within(r: np.ndarray, k: int) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # Ranks
 # ---------------------------------------------------------------------------------------------------------
-def retrieval_ranks(image_emb: Any, text_emb: Any, text_image: Any, *, chunk_size: int | None = None,
-                    backend: Backend = "auto", device: str | torch.device | None = None) -> RetrievalRanks:
+def retrieval_ranks(
+    image_emb: Any,
+    text_emb: Any,
+    text_image: Any,
+    *,
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
+    device: str | torch.device | None = None,
+) -> RetrievalRanks:
     """Exact 1-based ranks of every image (i2t) and caption (t2i) query, scores in float32.
 
     image_emb [N, D], text_emb [M, D]: numpy arrays (memory maps welcome, fp16 or fp32) or torch tensors;
@@ -113,8 +121,11 @@ def retrieval_ranks(image_emb: Any, text_emb: Any, text_image: Any, *, chunk_siz
     """
     n, m, d = _check_inputs(image_emb, text_emb, text_image)
     ti = np.asarray(text_image).astype(np.int64, copy=False)
-    dev = torch.device(device) if device is not None else (
-        image_emb.device if isinstance(image_emb, torch.Tensor) else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (image_emb.device if isinstance(image_emb, torch.Tensor) else torch.device("cpu"))
+    )
     if chunk_size is None:
         chunk_size = DEFAULT_CHUNK_CUDA if dev.type == "cuda" else DEFAULT_CHUNK_CPU
     if chunk_size < 1:
@@ -132,8 +143,9 @@ def retrieval_ranks(image_emb: Any, text_emb: Any, text_image: Any, *, chunk_siz
 
 def _check_inputs(image_emb: Any, text_emb: Any, text_image: Any) -> tuple[int, int, int]:
     if len(image_emb.shape) != 2 or len(text_emb.shape) != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must be "
-                         "[rows, D] with the same D")
+        raise ValueError(
+            f"image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must be [rows, D] with the same D"
+        )
     n, d = int(image_emb.shape[0]), int(image_emb.shape[1])
     m = int(text_emb.shape[0])
     ti = np.asarray(text_image)
@@ -146,8 +158,10 @@ def _check_inputs(image_emb: Any, text_emb: Any, text_image: Any) -> tuple[int, 
         raise InputError(f"text_image[{bad}] = {int(ti[bad])} points outside the {n} images")
     counts = np.bincount(ti, minlength=n)
     if not counts.all():
-        raise InputError(f"image row {int(np.flatnonzero(counts == 0)[0])} has no caption; image-to-text "
-                         f"retrieval needs at least one caption per image ({int((counts == 0).sum())} have none)")
+        raise InputError(
+            f"image row {int(np.flatnonzero(counts == 0)[0])} has no caption; image-to-text "
+            f"retrieval needs at least one caption per image ({int((counts == 0).sum())} have none)"
+        )
     return n, m, d
 
 
@@ -239,8 +253,9 @@ class _Gathered:
         return self.x[torch.from_numpy(idx)] if isinstance(self.x, torch.Tensor) else self.x[idx]
 
 
-def _tiled_ranks(img: _Rows, txt: _Rows, text_image: np.ndarray, chunk: int, *,
-                 want_i2t: bool = True, want_t2i: bool = True) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _tiled_ranks(
+    img: _Rows, txt: _Rows, text_image: np.ndarray, chunk: int, *, want_i2t: bool = True, want_t2i: bool = True
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Exact pessimistic ranks by counting, tile by tile (see the module docstring).
 
     text_image may hold -1: a caption of no image in this set (a distractor for every i2t query, no t2i rank);
@@ -284,7 +299,8 @@ def _tiled_ranks(img: _Rows, txt: _Rows, text_image: np.ndarray, chunk: int, *,
         pos_t[g0:g1] = pos
         pos_i[r0:r1] = best
         n_own[r0:r1] = torch.zeros(r1 - r0, dtype=torch.int64, device=dev).scatter_add(
-            0, local, (pos == best[local]).to(torch.int64))
+            0, local, (pos == best[local]).to(torch.int64)
+        )
         accumulate(s, r0, r1, g0, g1)
 
     # Phase 2: every other tile, against positives that are all known now.
@@ -352,7 +368,7 @@ def _faiss_ranks(image_emb: Any, text_emb: Any, ti: np.ndarray, chunk: int, dev:
     # Separation that makes faiss's order of a negative and a positive the torch path's order too: any float32
     # evaluation of a D-term dot product, in any summation order, is within beta of the exact value.
     d = img.shape[1]
-    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
     beta = gamma * float(np.linalg.norm(img, axis=1).max()) * float(np.linalg.norm(txt, axis=1).max())
     sep = 4 * beta
     # i2t: images query the captions; a hit is any caption of the image.
@@ -370,14 +386,14 @@ def _faiss_ranks(image_emb: Any, text_emb: Any, ti: np.ndarray, chunk: int, dev:
         i2t[todo_i] = exact
     if len(todo_t):
         rows = _Rows(torch.from_numpy(txt[todo_t]), dev, len(todo_t) * txt.shape[1])
-        _, exact = _tiled_ranks(_Rows(torch.from_numpy(img), dev, img.size), rows, ti[todo_t], chunk,
-                                want_i2t=False)
+        _, exact = _tiled_ranks(_Rows(torch.from_numpy(img), dev, img.size), rows, ti[todo_t], chunk, want_i2t=False)
         t2i[todo_t] = exact
     return RetrievalRanks(i2t=i2t, t2i=t2i)
 
 
-def _faiss_direction(gallery: np.ndarray, queries: np.ndarray, is_positive, sep: float, chunk: int,
-                     faiss: Any) -> tuple[np.ndarray, np.ndarray]:
+def _faiss_direction(
+    gallery: np.ndarray, queries: np.ndarray, is_positive, sep: float, chunk: int, faiss: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """Ranks from an IndexFlatIP top-k; returns (ranks [Q], queries that need exact counting).
 
     A query is settled here only if its best positive is listed, no listed negative is within `sep` of it, and the
@@ -413,5 +429,12 @@ def _as_f32_numpy(x: Any) -> np.ndarray:
     return out
 
 
-__all__ = ["RetrievalRanks", "TIE_RULE", "RECALL_KS", "retrieval_ranks", "recall_metrics", "recall_curve",
-           "recall_curves"]
+__all__ = [
+    "RetrievalRanks",
+    "TIE_RULE",
+    "RECALL_KS",
+    "retrieval_ranks",
+    "recall_metrics",
+    "recall_curve",
+    "recall_curves",
+]

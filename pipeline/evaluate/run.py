@@ -6,6 +6,7 @@ Teacher and students are ranked over the very same gallery: the store's split, a
 index through `image_id` (a store written with `extract.on_bad_image: skip` lacks some images; the students
 then skip them too). Metrics: `pipeline.evaluate.retrieval` (float32 scores, pessimistic ties).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ class EvaluateConfig:
             raise ValueError(f"models must start with 'student' (the required one), got {list(self.models)}")
         for m in self.models:
             if m == "teacher" or not m or "/" in m or m.startswith(".") or self.models.count(m) > 1:
-                raise ValueError(f"models: {m!r} is not a usable student directory name (unique, no '/', "
-                                 "not 'teacher')")
+                raise ValueError(
+                    f"models: {m!r} is not a usable student directory name (unique, no '/', not 'teacher')"
+                )
         if self.curve_max_k < 10:
             raise ValueError(f"curve_max_k must be at least 10 (R@10 is reported), got {self.curve_max_k}")
 
@@ -80,16 +82,24 @@ class ModelResult:
     seconds: dict[str, float] = field(default_factory=dict)  # encode / score wall times
 
 
-def evaluate_embeddings(name: str, image_emb: Any, text_emb: Any, text_image: np.ndarray, cfg: EvaluateConfig,
-                        device: torch.device | None = None) -> ModelResult:
+def evaluate_embeddings(
+    name: str,
+    image_emb: Any,
+    text_emb: Any,
+    text_image: np.ndarray,
+    cfg: EvaluateConfig,
+    device: torch.device | None = None,
+) -> ModelResult:
     """Exact ranks, metrics and recall curves of one model's embeddings (numpy, memory maps or tensors)."""
     t = time.perf_counter()
-    ranks = retrieval_ranks(image_emb, text_emb, text_image, chunk_size=cfg.chunk_size, backend=cfg.backend,
-                            device=device)
+    ranks = retrieval_ranks(
+        image_emb, text_emb, text_image, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device
+    )
     _sync(device)
     seconds = time.perf_counter() - t
-    return ModelResult(name, ranks, recall_metrics(ranks), recall_curves(ranks, cfg.curve_max_k),
-                       {"score_s": round(seconds, 3)})
+    return ModelResult(
+        name, ranks, recall_metrics(ranks), recall_curves(ranks, cfg.curve_max_k), {"score_s": round(seconds, 3)}
+    )
 
 
 def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -98,21 +108,36 @@ def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -
 
     store = open_store(store_path)
     s = store.split(split)
-    result = evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, resolve_device(cfg.device, "evaluate.device"))
-    return metrics_document(dataset=_dataset_name(store), split=split, n_images=s.n_images,
-                            n_captions=s.n_captions, models={"teacher": result.metrics},
-                            teacher_name=store.teacher.get("name"), tie_rule=TIE_RULE)
+    result = evaluate_embeddings(
+        "teacher", s.image_emb, s.text_emb, s.text_image, cfg, resolve_device(cfg.device, "evaluate.device")
+    )
+    return metrics_document(
+        dataset=_dataset_name(store),
+        split=split,
+        n_images=s.n_images,
+        n_captions=s.n_captions,
+        models={"teacher": result.metrics},
+        teacher_name=store.teacher.get("name"),
+        tie_rule=TIE_RULE,
+    )
 
 
-def metrics_document(*, dataset: str, split: str, n_images: int, n_captions: int,
-                     models: dict[str, dict[str, float]], **extra: Any) -> dict[str, Any]:
+def metrics_document(
+    *, dataset: str, split: str, n_images: int, n_captions: int, models: dict[str, dict[str, float]], **extra: Any
+) -> dict[str, Any]:
     """metrics.json: the architecture's keys first (dataset, split, sizes, then one block per model: teacher,
     student, ...), then extras (teacher_name, latency, params, ...)."""
     missing = [(m, k) for m, block in models.items() for k in METRIC_KEYS if k not in block]
     if missing:
         raise ValueError(f"metrics of {missing[0][0]} lack {missing[0][1]}")
-    return {"dataset": dataset, "split": split, "n_images": int(n_images), "n_captions": int(n_captions),
-            **models, **extra}
+    return {
+        "dataset": dataset,
+        "split": split,
+        "n_images": int(n_images),
+        "n_captions": int(n_captions),
+        **models,
+        **extra,
+    }
 
 
 def write_json(doc: dict[str, Any], path: Path | str) -> Path:
@@ -149,16 +174,20 @@ def align_gallery(view: Any, store_split: Any, where: str) -> Gallery:
         rows = np.array([position.get(i, -1) for i in store_split.image_id.tolist()], dtype=np.int64)
         if (rows < 0).any() or (np.diff(rows) <= 0).any():
             bad = store_split.image_id[int(np.flatnonzero(rows < 0)[0])] if (rows < 0).any() else None
-            raise InputError(f"{where}: the feature store's images are not a subset of the index split in index "
-                             f"order" + (f" (image {bad!r} is not in the index)" if bad is not None else ""))
+            raise InputError(
+                f"{where}: the feature store's images are not a subset of the index split in index "
+                f"order" + (f" (image {bad!r} is not in the index)" if bad is not None else "")
+            )
         local = np.full(view.n_images, -1, dtype=np.int64)
         local[rows] = np.arange(len(rows))
         keep = np.flatnonzero(local[view.text_image] >= 0)
         captions = view.caption_text[keep]
         text_image = local[view.text_image[keep]]
     if len(captions) != m or not np.array_equal(text_image, store_split.text_image):
-        raise InputError(f"{where}: the feature store's captions ({m}) do not line up with the index's "
-                         f"({len(captions)}) for the same images; rerun `kdpipe extract`")
+        raise InputError(
+            f"{where}: the feature store's captions ({m}) do not line up with the index's "
+            f"({len(captions)}) for the same images; rerun `kdpipe extract`"
+        )
     return Gallery(image_rows=rows, captions=list(captions), text_image=np.asarray(store_split.text_image))
 
 
@@ -166,8 +195,9 @@ def align_gallery(view: Any, store_split: Any, where: str) -> Gallery:
 # Students
 # ---------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def encode_gallery(model: Any, images: np.ndarray, gallery: Gallery, batch_size: int,
-                   label: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_gallery(
+    model: Any, images: np.ndarray, gallery: Gallery, batch_size: int, label: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A student's [N, D] image and [M, D] caption embeddings (fp32, on the model's device).
 
     images: the split's uint8 cache [N_index, H, W, 3] (a memory map), read batch by batch. Captions are
@@ -187,21 +217,24 @@ def encode_gallery(model: Any, images: np.ndarray, gallery: Gallery, batch_size:
     txt = torch.empty(m, model.dim, device=dev)
     with progress(f"{label}: encode captions", m, "cap") as bar:
         for s in range(0, m, batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             txt[torch.from_numpy(idx).to(dev)] = model.encode_texts([gallery.captions[i] for i in idx]).float()
             bar.advance(len(idx))
     return img, txt
 
 
-def teacher_agreement(image_emb: torch.Tensor, text_emb: torch.Tensor, teacher_image: np.ndarray,
-                      teacher_text: np.ndarray) -> dict[str, float]:
+def teacher_agreement(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, teacher_image: np.ndarray, teacher_text: np.ndarray
+) -> dict[str, float]:
     """Mean cosine between a student's and the teacher's embedding of each gallery image and caption.
 
     Distillation's direct goal; on a tiny gallery, where a recall moves by a whole query, it is the finer
     measure of how close a student came to the teacher (an undistilled student stays near 0)."""
     out = {}
-    for key, student, teacher in (("teacher_cos_image", image_emb, teacher_image),
-                                  ("teacher_cos_text", text_emb, teacher_text)):
+    for key, student, teacher in (
+        ("teacher_cos_image", image_emb, teacher_image),
+        ("teacher_cos_text", text_emb, teacher_text),
+    ):
         t = torch.as_tensor(np.asarray(teacher, dtype=np.float32), device=student.device)
         out[key] = round(float((student.float() * t).sum(1).mean()), 4)
     return out
@@ -209,8 +242,9 @@ def teacher_agreement(image_emb: torch.Tensor, text_emb: torch.Tensor, teacher_i
 
 def count_parameters(obj: Any) -> int | None:
     """Parameters of a module, or of every module held by an object (a Teacher); None when it holds none."""
-    modules = [obj] if isinstance(obj, torch.nn.Module) else [
-        v for v in vars(obj).values() if isinstance(v, torch.nn.Module)]
+    modules = (
+        [obj] if isinstance(obj, torch.nn.Module) else [v for v in vars(obj).values() if isinstance(v, torch.nn.Module)]
+    )
     seen: dict[int, int] = {}
     for mod in modules:
         for p in mod.parameters():
@@ -252,8 +286,10 @@ def student_latency(model: Any, images: np.ndarray, captions: list[str], cfg: Ev
     img_batches, txt_batches = _latency_batches(images, captions, cfg)
     img_batches = [torch.from_numpy(b).to(dev) for b in img_batches]
     with _autocast(dev, cfg.latency_dtype):
-        return {"image_s": seconds_per_item(model.encode_images, img_batches, dev),
-                "caption_s": seconds_per_item(model.encode_texts, txt_batches, dev)}
+        return {
+            "image_s": seconds_per_item(model.encode_images, img_batches, dev),
+            "caption_s": seconds_per_item(model.encode_texts, txt_batches, dev),
+        }
 
 
 @torch.inference_mode()
@@ -270,8 +306,10 @@ def teacher_latency(teacher: Any, images: np.ndarray, captions: list[str], cfg: 
     def encode_texts(texts: list[str]) -> torch.Tensor:
         return teacher.encode_text_batch({k: v.to(dev) for k, v in teacher.tokenize(texts).items()})
 
-    return {"image_s": seconds_per_item(teacher.encode_image_batch, pixels, dev),
-            "caption_s": seconds_per_item(encode_texts, txt_batches, dev)}
+    return {
+        "image_s": seconds_per_item(teacher.encode_image_batch, pixels, dev),
+        "caption_s": seconds_per_item(encode_texts, txt_batches, dev),
+    }
 
 
 def _latency_batches(images: np.ndarray, captions: list[str], cfg: EvaluateConfig) -> tuple[list, list]:
@@ -281,8 +319,10 @@ def _latency_batches(images: np.ndarray, captions: list[str], cfg: EvaluateConfi
     img_rows = np.arange(b * k) % n_img
     img = np.array(images[:n_img])
     cap_rows = np.arange(b * k) % len(captions)
-    return ([img[img_rows[i * b:(i + 1) * b]] for i in range(k)],
-            [[captions[j] for j in cap_rows[i * b:(i + 1) * b]] for i in range(k)])
+    return (
+        [img[img_rows[i * b : (i + 1) * b]] for i in range(k)],
+        [[captions[j] for j in cap_rows[i * b : (i + 1) * b]] for i in range(k)],
+    )
 
 
 def same_teacher(identity: dict[str, Any], stored: dict[str, Any]) -> bool:
@@ -305,14 +345,20 @@ class EvaluateOutput:
 
     def summary(self) -> str:
         names = ", ".join(f"{k} RSUM {r.metrics['rsum']:.1f}" for k, r in self.results.items())
-        return (f"evaluate: {self.document['split']} split, {self.document['n_images']:,} images / "
-                f"{self.document['n_captions']:,} captions: {names}; wrote {self.metrics_path} and "
-                f"{self.plots_dir}/ in {self.seconds:.1f} s")
+        return (
+            f"evaluate: {self.document['split']} split, {self.document['n_images']:,} images / "
+            f"{self.document['n_captions']:,} captions: {names}; wrote {self.metrics_path} and "
+            f"{self.plots_dir}/ in {self.seconds:.1f} s"
+        )
 
 
-def run_evaluate(paths: ArtifactPaths, cfg: EvaluateConfig, *,
-                 teacher_factory: Callable[[torch.device, torch.dtype], Any] | None = None,
-                 metrics_path: Path | None = None) -> EvaluateOutput:
+def run_evaluate(
+    paths: ArtifactPaths,
+    cfg: EvaluateConfig,
+    *,
+    teacher_factory: Callable[[torch.device, torch.dtype], Any] | None = None,
+    metrics_path: Path | None = None,
+) -> EvaluateOutput:
     """Evaluate the teacher (feature store) and the students on `cfg.split`; write metrics.json and plots/.
 
     teacher_factory(device, dtype) builds the teacher model for the latency comparison (None, or a failure to
@@ -355,29 +401,54 @@ def run_evaluate(paths: ArtifactPaths, cfg: EvaluateConfig, *,
     params = {"teacher": None, **{m: count_parameters(model) for m, model in students.items()}}
     latency = _measure_latency(cfg, device, students, images, gallery, store.teacher, teacher_factory, params)
     doc = metrics_document(
-        dataset=_dataset_name(store, index.name), split=cfg.split, n_images=s.n_images, n_captions=s.n_captions,
-        models={k: r.metrics for k, r in results.items()}, teacher_name=store.teacher.get("name"),
-        tie_rule=TIE_RULE, params=params, latency=latency,
-        timing_s={k: r.seconds for k, r in results.items()}, environment=numerics_environment(device))
+        dataset=_dataset_name(store, index.name),
+        split=cfg.split,
+        n_images=s.n_images,
+        n_captions=s.n_captions,
+        models={k: r.metrics for k, r in results.items()},
+        teacher_name=store.teacher.get("name"),
+        tie_rule=TIE_RULE,
+        params=params,
+        latency=latency,
+        timing_s={k: r.seconds for k, r in results.items()},
+        environment=numerics_environment(device),
+    )
     table = markdown_table(doc)
     metrics_path = write_json(doc, metrics_path or paths.metrics)
-    write_plots(paths.plots, results, doc, table, image_id=s.image_id if cfg.write_ranks else None,
-                text_image=gallery.text_image)
+    write_plots(
+        paths.plots,
+        results,
+        doc,
+        table,
+        image_id=s.image_id if cfg.write_ranks else None,
+        text_image=gallery.text_image,
+    )
     return EvaluateOutput(doc, results, metrics_path, paths.plots, table, time.perf_counter() - start)
 
 
-def _measure_latency(cfg: EvaluateConfig, device: torch.device, students: dict[str, Any], images: np.ndarray,
-                     gallery: Gallery, stored_teacher: dict[str, Any], teacher_factory: Any,
-                     params: dict[str, int | None]) -> dict[str, Any] | None:
+def _measure_latency(
+    cfg: EvaluateConfig,
+    device: torch.device,
+    students: dict[str, Any],
+    images: np.ndarray,
+    gallery: Gallery,
+    stored_teacher: dict[str, Any],
+    teacher_factory: Any,
+    params: dict[str, int | None],
+) -> dict[str, Any] | None:
     if not cfg.latency:
         return None
     split_images = images if gallery.image_rows is None else images[gallery.image_rows[: cfg.latency_batch_size]]
-    out: dict[str, Any] = {"device": str(device), "dtype": cfg.latency_dtype, "batch_size": cfg.latency_batch_size,
-                           "timed_batches": cfg.latency_batches,
-                           "measures": "seconds per item = batch time / batch size, after one warm-up batch; "
-                                       "images: uint8 cache rows on the device (student: resize + normalize "
-                                       "included; teacher: its preprocessing done before timing); captions: "
-                                       "strings, tokenization included"}
+    out: dict[str, Any] = {
+        "device": str(device),
+        "dtype": cfg.latency_dtype,
+        "batch_size": cfg.latency_batch_size,
+        "timed_batches": cfg.latency_batches,
+        "measures": "seconds per item = batch time / batch size, after one warm-up batch; "
+        "images: uint8 cache rows on the device (student: resize + normalize "
+        "included; teacher: its preprocessing done before timing); captions: "
+        "strings, tokenization included",
+    }
     teacher, reason = None, None
     if teacher_factory is None:
         reason = "no teacher model (evaluated from the feature store only)"
@@ -389,8 +460,10 @@ def _measure_latency(cfg: EvaluateConfig, device: torch.device, students: dict[s
             reason = f"teacher model not available: {err}"
         else:
             if stored_teacher and not same_teacher(teacher.identity(), stored_teacher):
-                reason = (f"the configured teacher ({teacher.name}) is not the one that computed the feature store "
-                          f"({stored_teacher.get('name')})")
+                reason = (
+                    f"the configured teacher ({teacher.name}) is not the one that computed the feature store "
+                    f"({stored_teacher.get('name')})"
+                )
                 teacher = None
     if teacher is not None:
         out["teacher"] = teacher_latency(teacher, split_images, gallery.captions, cfg)
@@ -410,6 +483,21 @@ def _dataset_name(store: Any, fallback: str | None = None) -> str:
     return str(store.dataset.get("name") or fallback or Path(store.path).parent.name)
 
 
-__all__ = ["EvaluateConfig", "ModelResult", "Gallery", "EvaluateOutput", "METRIC_KEYS", "evaluate_embeddings",
-           "evaluate_features", "metrics_document", "align_gallery", "encode_gallery", "count_parameters",
-           "student_latency", "teacher_latency", "teacher_agreement", "run_evaluate", "write_json"]
+__all__ = [
+    "EvaluateConfig",
+    "ModelResult",
+    "Gallery",
+    "EvaluateOutput",
+    "METRIC_KEYS",
+    "evaluate_embeddings",
+    "evaluate_features",
+    "metrics_document",
+    "align_gallery",
+    "encode_gallery",
+    "count_parameters",
+    "student_latency",
+    "teacher_latency",
+    "teacher_agreement",
+    "run_evaluate",
+    "write_json",
+]

@@ -31,6 +31,7 @@ possible (another OS, tiny chunks of an odd D, a foreign store) the rows are rea
 Writing: `write_store` (one shot, for tests and tools) and `StoreWriter` (chunk by chunk from any number
 of processes, used by the resumable extract stage). Rows are L2-normalized in float32 before being stored.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -93,8 +94,9 @@ class FeatureStore:
 
     def split(self, name: str) -> StoreSplit:
         if name not in self._splits:
-            raise InputError(f"{self.path}: no split {name!r} in this feature store; it has "
-                             f"{', '.join(self.splits) or 'none'}")
+            raise InputError(
+                f"{self.path}: no split {name!r} in this feature store; it has {', '.join(self.splits) or 'none'}"
+            )
         return self._splits[name]
 
     @property
@@ -120,8 +122,9 @@ def read_attrs(path: Path | str) -> dict[str, Any] | None:
     return attrs if isinstance(attrs, dict) else None
 
 
-def open_store(path: Path | str, *, expect_fingerprint: str | None = None,
-               expect_dim: int | None = None) -> FeatureStore:
+def open_store(
+    path: Path | str, *, expect_fingerprint: str | None = None, expect_dim: int | None = None
+) -> FeatureStore:
     """Open and validate a complete format-v1 store; every problem is an InputError of one line."""
     path = Path(path)
     if not path.is_dir():
@@ -134,8 +137,10 @@ def open_store(path: Path | str, *, expect_fingerprint: str | None = None,
     if attrs.get("version") != VERSION:
         raise InputError(f"{path}: feature store version {attrs.get('version')!r}; this kdpipe reads version {VERSION}")
     if attrs.get("complete") is not True:
-        raise InputError(f"{path}: feature store is incomplete (extraction was interrupted or is still running); "
-                         "rerun `kdpipe extract` to finish it")
+        raise InputError(
+            f"{path}: feature store is incomplete (extraction was interrupted or is still running); "
+            "rerun `kdpipe extract` to finish it"
+        )
     dim = attrs.get("dim")
     if not isinstance(dim, int) or dim <= 0:
         raise InputError(f"{path}: attribute dim={dim!r} is not a positive integer")
@@ -144,8 +149,10 @@ def open_store(path: Path | str, *, expect_fingerprint: str | None = None,
     if expect_fingerprint is not None:
         found = (attrs.get("dataset") or {}).get("fingerprint")
         if found != expect_fingerprint:
-            raise InputError(f"{path}: computed from dataset index {str(found)[:12]}, not from the current index "
-                             f"{expect_fingerprint[:12]}; rerun `kdpipe extract`")
+            raise InputError(
+                f"{path}: computed from dataset index {str(found)[:12]}, not from the current index "
+                f"{expect_fingerprint[:12]}; rerun `kdpipe extract`"
+            )
 
     import zarr  # imported here: opening a store is the only reader step that needs it
 
@@ -178,8 +185,9 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
     text_image = np.asarray(ti[...])
     if m and (int(text_image.min()) < 0 or int(text_image.max()) >= n):
         bad = int(np.flatnonzero((text_image < 0) | (text_image >= n))[0])
-        raise InputError(f"{path}: {name}/text_image[{bad}] = {int(text_image[bad])} points outside the split's "
-                         f"{n} images")
+        raise InputError(
+            f"{path}: {name}/text_image[{bad}] = {int(text_image[bad])} points outside the split's {n} images"
+        )
     text_image.setflags(write=False)
 
     ids = arrays["image_id"]
@@ -187,8 +195,9 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
         raise InputError(f"{path}: {name}/image_id has shape {list(ids.shape)}, expected [{n}]")
     image_id = np.array([str(v) for v in ids[...].tolist()], dtype=object) if n else np.empty(0, dtype=object)
     image_id.setflags(write=False)
-    return StoreSplit(name=name, image_emb=emb["image_emb"], text_emb=emb["text_emb"], text_image=text_image,
-                      image_id=image_id)
+    return StoreSplit(
+        name=name, image_emb=emb["image_emb"], text_emb=emb["text_emb"], text_image=text_image, image_id=image_id
+    )
 
 
 def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray:
@@ -218,8 +227,10 @@ def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray
         except FileNotFoundError:
             raise InputError(f"{where}: chunk file {f.relative_to(path)} is missing") from None
         if size != chunk_bytes:
-            raise InputError(f"{where}: chunk file {f.relative_to(path)} has {size} bytes, expected {chunk_bytes} "
-                             "(truncated or not an uncompressed chunk)")
+            raise InputError(
+                f"{where}: chunk file {f.relative_to(path)} has {size} bytes, expected {chunk_bytes} "
+                "(truncated or not an uncompressed chunk)"
+            )
         files.append(f)
     return map_rows(files, chunk_rows, rows, dim, dtype)
 
@@ -229,11 +240,17 @@ def _check_raw_layout(where: str, arr: Any) -> None:
 
     md = arr.metadata
     codecs = getattr(md, "codecs", None)
-    ok = (codecs is not None and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-          and (codecs[0].endian is None or codecs[0].endian.value == "little"))
+    ok = (
+        codecs is not None
+        and len(codecs) == 1
+        and isinstance(codecs[0], BytesCodec)
+        and (codecs[0].endian is None or codecs[0].endian.value == "little")
+    )
     if not ok:
-        raise InputError(f"{where}: codecs {[type(c).__name__ for c in codecs or ()]}; format v1 stores raw "
-                         "uncompressed chunks (bytes codec, little endian, no compressor or sharding)")
+        raise InputError(
+            f"{where}: codecs {[type(c).__name__ for c in codecs or ()]}; format v1 stores raw "
+            "uncompressed chunks (bytes codec, little endian, no compressor or sharding)"
+        )
     enc = md.chunk_key_encoding
     if getattr(enc, "name", "default") != "default" or getattr(enc, "separator", "/") != "/":
         raise InputError(f"{where}: chunk key encoding {enc}; format v1 uses the default 'c/<i>/<j>' keys")
@@ -262,8 +279,7 @@ class _ArrayView:
 
     def __init__(self, owner: _StitchedMap, shape: tuple[int, int], dtype: np.dtype) -> None:
         self._owner = owner
-        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (owner.address, True),
-                                    "version": 3}
+        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (owner.address, True), "version": 3}
 
 
 class _StitchedMap:
@@ -284,8 +300,14 @@ class _StitchedMap:
                 try:
                     libc = ctypes.CDLL(None, use_errno=True)
                     libc.mmap.restype = ctypes.c_void_p
-                    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                                          ctypes.c_int, ctypes.c_int64]
+                    libc.mmap.argtypes = [
+                        ctypes.c_void_p,
+                        ctypes.c_size_t,
+                        ctypes.c_int,
+                        ctypes.c_int,
+                        ctypes.c_int,
+                        ctypes.c_int64,
+                    ]
                     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
                     libc.munmap.restype = ctypes.c_int
                     cls._libc = libc
@@ -308,8 +330,7 @@ class _StitchedMap:
         for i, f in enumerate(files):
             fd = os.open(f, os.O_RDONLY)
             try:
-                got = libc.mmap(base + i * chunk_bytes, chunk_bytes, mmap.PROT_READ,
-                                mmap.MAP_SHARED | map_fixed, fd, 0)
+                got = libc.mmap(base + i * chunk_bytes, chunk_bytes, mmap.PROT_READ, mmap.MAP_SHARED | map_fixed, fd, 0)
             finally:
                 os.close(fd)
             if got != base + i * chunk_bytes:
@@ -456,8 +477,16 @@ class StoreWriter:
                 self._shapes[split, key] = (meta["shape"][0], meta["chunk_grid"]["configuration"]["chunk_shape"][0])
 
     @classmethod
-    def create(cls, path: Path | str, *, layout: dict[str, tuple[int, int]], dim: int, dtype: str = "float16",
-               chunk_rows: int = DEFAULT_CHUNK_ROWS, attrs: dict[str, Any] | None = None) -> StoreWriter:
+    def create(
+        cls,
+        path: Path | str,
+        *,
+        layout: dict[str, tuple[int, int]],
+        dim: int,
+        dtype: str = "float16",
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        attrs: dict[str, Any] | None = None,
+    ) -> StoreWriter:
         """A new store at `path` for layout {split: (n_images, n_captions)}; anything already there is removed."""
         import zarr
 
@@ -468,21 +497,50 @@ class StoreWriter:
         path = Path(path)
         clear_store_dir(path)
         path.mkdir(parents=True, exist_ok=True)
-        head = {"format": FORMAT, "version": VERSION, "complete": False, "dim": int(dim), "normalized": True,
-                "dtype": dtype, "splits": list(layout)}
+        head = {
+            "format": FORMAT,
+            "version": VERSION,
+            "complete": False,
+            "dim": int(dim),
+            "normalized": True,
+            "dtype": dtype,
+            "splits": list(layout),
+        }
         root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={**head, **(attrs or {})})
         for split, (n_images, n_captions) in layout.items():
             g = root.create_group(split)
             for key, n in (("image_emb", n_images), ("text_emb", n_captions)):
                 rows = chunk_len(n, chunk_rows, dim * np.dtype(dtype).itemsize)
-                g.create_array(key, shape=(n, dim), chunks=(rows, dim), dtype=dtype,
-                               filters=None, compressors=None, fill_value=0.0, config={"write_empty_chunks": True})
-            g.create_array("text_image", shape=(n_captions,), chunks=(_small_chunk_len(n_captions),),
-                           dtype="int32", filters=None, compressors=None, fill_value=0,
-                           config={"write_empty_chunks": True})
-            g.create_array("image_id", shape=(n_images,), chunks=(_small_chunk_len(n_images),),
-                           dtype=str, filters=None, compressors=None, fill_value="",
-                           config={"write_empty_chunks": True})
+                g.create_array(
+                    key,
+                    shape=(n, dim),
+                    chunks=(rows, dim),
+                    dtype=dtype,
+                    filters=None,
+                    compressors=None,
+                    fill_value=0.0,
+                    config={"write_empty_chunks": True},
+                )
+            g.create_array(
+                "text_image",
+                shape=(n_captions,),
+                chunks=(_small_chunk_len(n_captions),),
+                dtype="int32",
+                filters=None,
+                compressors=None,
+                fill_value=0,
+                config={"write_empty_chunks": True},
+            )
+            g.create_array(
+                "image_id",
+                shape=(n_images,),
+                chunks=(_small_chunk_len(n_images),),
+                dtype=str,
+                filters=None,
+                compressors=None,
+                fill_value="",
+                config={"write_empty_chunks": True},
+            )
         return cls(path)
 
     # -- layout -------------------------------------------------------------------------------------------
@@ -514,8 +572,10 @@ class StoreWriter:
             raise ValueError(f"{split}/{array} chunk {i}: got rows {rows.shape}, expected {(stop - start, self.dim)}")
         if rows.dtype.kind == "f" and not np.isfinite(rows).all():
             bad = start + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
-            raise InputError(f"{split}/{array} row {bad}: the teacher produced non-finite features (NaN or inf); "
-                             "with compute_dtype float16 this is an overflow: use bfloat16 or float32")
+            raise InputError(
+                f"{split}/{array} row {bad}: the teacher produced non-finite features (NaN or inf); "
+                "with compute_dtype float16 this is an overflow: use bfloat16 or float32"
+            )
         cr = self.chunk_rows(split, array)
         block = np.zeros((cr, self.dim), dtype=self.dtype)
         block[: stop - start] = l2_normalize_rows(rows) if normalize else rows
@@ -561,9 +621,16 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-def write_store(path: Path | str, splits: dict[str, dict[str, np.ndarray]], *, teacher: dict, dataset: dict,
-                dtype: str = "float16", chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                extra_attrs: dict[str, Any] | None = None) -> None:
+def write_store(
+    path: Path | str,
+    splits: dict[str, dict[str, np.ndarray]],
+    *,
+    teacher: dict,
+    dataset: dict,
+    dtype: str = "float16",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    extra_attrs: dict[str, Any] | None = None,
+) -> None:
     """Write a complete store in one go. splits[name] = {image_emb [N,D], text_emb [M,D], text_image [M],
     image_id [N]}; rows are L2-normalized (float32 math) and stored as `dtype`; complete=true is set last."""
     if not splits:
@@ -577,11 +644,14 @@ def write_store(path: Path | str, splits: dict[str, dict[str, np.ndarray]], *, t
         img, txt = np.asarray(s["image_emb"]), np.asarray(s["text_emb"])
         ti = np.asarray(s["text_image"])
         if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
-            raise ValueError(f"write_store: split {name!r}: image_emb {img.shape} and text_emb {txt.shape} "
-                             "must be [rows, D] with one D")
+            raise ValueError(
+                f"write_store: split {name!r}: image_emb {img.shape} and text_emb {txt.shape} "
+                "must be [rows, D] with one D"
+            )
         if ti.shape != (txt.shape[0],) or len(s["image_id"]) != img.shape[0]:
-            raise ValueError(f"write_store: split {name!r}: text_image needs one entry per caption and "
-                             "image_id one per image")
+            raise ValueError(
+                f"write_store: split {name!r}: text_image needs one entry per caption and image_id one per image"
+            )
         if len(ti) and (ti.min() < 0 or ti.max() >= img.shape[0]):
             raise ValueError(f"write_store: split {name!r}: text_image points outside the {img.shape[0]} images")
         dims.add(img.shape[1])
@@ -590,8 +660,9 @@ def write_store(path: Path | str, splits: dict[str, dict[str, np.ndarray]], *, t
         raise ValueError(f"write_store: splits have different dims {sorted(dims)}")
     dim = dims.pop()
     attrs = {"teacher": teacher, "dataset": dataset, "skipped_images": [], **(extra_attrs or {})}
-    writer = StoreWriter.create(path, layout=layout, dim=dim, dtype=dtype, chunk_rows=chunk_rows,
-                                attrs=_jsonable(attrs))
+    writer = StoreWriter.create(
+        path, layout=layout, dim=dim, dtype=dtype, chunk_rows=chunk_rows, attrs=_jsonable(attrs)
+    )
     for name, s in splits.items():
         for key in EMB_ARRAYS:
             data = np.asarray(s[key])
@@ -604,5 +675,16 @@ def write_store(path: Path | str, splits: dict[str, dict[str, np.ndarray]], *, t
     writer.set_attrs(complete=True)
 
 
-__all__ = ["FORMAT", "VERSION", "FeatureStore", "StoreSplit", "StoreWriter", "open_store", "write_store",
-           "read_attrs", "l2_normalize_rows", "map_rows", "chunk_len"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "FeatureStore",
+    "StoreSplit",
+    "StoreWriter",
+    "open_store",
+    "write_store",
+    "read_attrs",
+    "l2_normalize_rows",
+    "map_rows",
+    "chunk_len",
+]

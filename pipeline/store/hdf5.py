@@ -15,6 +15,7 @@
 Every import writes a complete, validated format-v1 store (rows L2-normalized in float32, unless the
 source already is a normalized store of the same dtype, whose rows are copied bit for bit).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,17 +65,24 @@ def export_hdf5(store_path: Path | str, h5_path: Path | str) -> Path:
                 src = getattr(sp, key)
                 ds = g.create_dataset(key, shape=src.shape, dtype=src.dtype)
                 for a in range(0, src.shape[0], _BLOCK_ROWS):
-                    ds[a:a + _BLOCK_ROWS] = src[a:a + _BLOCK_ROWS]
+                    ds[a : a + _BLOCK_ROWS] = src[a : a + _BLOCK_ROWS]
             g.create_dataset("text_image", data=np.asarray(sp.text_image, dtype=np.int32))
-            g.create_dataset("image_id", data=np.array(sp.image_id.tolist(), dtype=object),
-                             dtype=h5py.string_dtype("utf-8"))
+            g.create_dataset(
+                "image_id", data=np.array(sp.image_id.tolist(), dtype=object), dtype=h5py.string_dtype("utf-8")
+            )
     os.replace(tmp, h5_path)
     return h5_path
 
 
-def import_hdf5(h5_path: Path | str, out_path: Path | str, *, index: DatasetIndex | None = None,
-                teacher: dict[str, Any] | None = None, dtype: str | None = None,
-                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+def import_hdf5(
+    h5_path: Path | str,
+    out_path: Path | str,
+    *,
+    index: DatasetIndex | None = None,
+    teacher: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Path:
     """Build a store from an HDF5 file in the export layout. `teacher` overrides (or, for files without
     kdpipe attrs, provides) the teacher identity; `dtype` defaults to the file's (float16 otherwise)."""
     import h5py
@@ -101,8 +109,10 @@ def import_hdf5(h5_path: Path | str, out_path: Path | str, *, index: DatasetInde
                     raise InputError(f"{h5_path}: dataset /{name}/{key} not found")
             img, txt, ti = g["image_emb"], g["text_emb"], g["text_image"]
             if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
-                raise InputError(f"{h5_path}: /{name}/image_emb {img.shape} and /{name}/text_emb {txt.shape} "
-                                 "must be [rows, D] with the same D")
+                raise InputError(
+                    f"{h5_path}: /{name}/image_emb {img.shape} and /{name}/text_emb {txt.shape} "
+                    "must be [rows, D] with the same D"
+                )
             if ti.shape != (txt.shape[0],):
                 raise InputError(f"{h5_path}: /{name}/text_image has shape {ti.shape}, expected ({txt.shape[0]},)")
             text_image = np.asarray(ti[...]).astype(np.int64)
@@ -113,8 +123,9 @@ def import_hdf5(h5_path: Path | str, out_path: Path | str, *, index: DatasetInde
             elif index is not None and name in index.splits:
                 ids = index.split(name).image_id.tolist()
             else:
-                raise InputError(f"{h5_path}: /{name}/image_id not found (give the dataset index to take the "
-                                 "image ids from it)")
+                raise InputError(
+                    f"{h5_path}: /{name}/image_id not found (give the dataset index to take the image ids from it)"
+                )
             if len(ids) != img.shape[0]:
                 raise InputError(f"{h5_path}: /{name}/image_id has {len(ids)} entries for {img.shape[0]} images")
             if index is not None:
@@ -125,19 +136,24 @@ def import_hdf5(h5_path: Path | str, out_path: Path | str, *, index: DatasetInde
         if len(dims) != 1:
             raise InputError(f"{h5_path}: splits have different feature dimensions {sorted(dims)}")
         dim = dims.pop()
-        src_dtypes = {str(np.dtype(s[0].dtype)) for s in src.values()} | {str(np.dtype(s[1].dtype)) for s in src.values()}
+        src_dtypes = {str(np.dtype(s[0].dtype)) for s in src.values()} | {
+            str(np.dtype(s[1].dtype)) for s in src.values()
+        }
         if dtype is None:
             dtype = src_dtypes.pop() if len(src_dtypes) == 1 and src_dtypes <= set(STORE_DTYPES) else "float16"
         if dtype not in STORE_DTYPES:
             raise InputError(f"store dtype {dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
         copy_bits = attrs.get("normalized") is True and all(
-            np.dtype(s[k].dtype) == np.dtype(dtype) for s in src.values() for k in (0, 1))
+            np.dtype(s[k].dtype) == np.dtype(dtype) for s in src.values() for k in (0, 1)
+        )
 
         recorded = (attrs.get("dataset") or {}).get("fingerprint")
         if index is not None:
             if recorded is not None and recorded != index.fingerprint:
-                raise InputError(f"{h5_path}: computed from dataset index {str(recorded)[:12]}, not from the given "
-                                 f"index {index.fingerprint[:12]}")
+                raise InputError(
+                    f"{h5_path}: computed from dataset index {str(recorded)[:12]}, not from the given "
+                    f"index {index.fingerprint[:12]}"
+                )
             dataset = {"name": index.name, "fingerprint": index.fingerprint}
         else:
             dataset = attrs.get("dataset") or {}
@@ -147,8 +163,14 @@ def import_hdf5(h5_path: Path | str, out_path: Path | str, *, index: DatasetInde
         extra = {k: v for k, v in attrs.items() if k in ("extract", "skipped_images")}
         extra.setdefault("skipped_images", [])
         extra["imported_from"] = {"file": h5_path.name, "format": "hdf5"}
-        writer = StoreWriter.create(out_path, layout=layout, dim=dim, dtype=dtype, chunk_rows=chunk_rows,
-                                    attrs=_jsonable({"teacher": teacher, "dataset": dataset, **extra}))
+        writer = StoreWriter.create(
+            out_path,
+            layout=layout,
+            dim=dim,
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            attrs=_jsonable({"teacher": teacher, "dataset": dataset, **extra}),
+        )
         for name, (img, txt, text_image, ids) in src.items():
             for key, ds in (("image_emb", img), ("text_emb", txt)):
                 for i in range(writer.n_chunks(name, key)):
@@ -175,18 +197,18 @@ def _file_attrs(f: Any, h5_path: Path) -> dict[str, Any]:
     return attrs
 
 
-def _check_against_index(where: Path, split: str, index: DatasetIndex, ids: list[str],
-                         text_image: np.ndarray) -> None:
+def _check_against_index(where: Path, split: str, index: DatasetIndex, ids: list[str], text_image: np.ndarray) -> None:
     if split not in index.splits:
-        raise InputError(f"{where}: split {split!r} is not in dataset {index.name} (it has "
-                         f"{', '.join(index.splits)})")
+        raise InputError(f"{where}: split {split!r} is not in dataset {index.name} (it has {', '.join(index.splits)})")
     view = index.split(split)
     if ids != view.image_id.tolist():
         if len(ids) != view.n_images:
             raise InputError(f"{where}: split {split!r} has {len(ids)} images, the index {view.n_images}")
         bad = next(i for i, (a, b) in enumerate(zip(ids, view.image_id.tolist())) if a != b)
-        raise InputError(f"{where}: split {split!r} image {bad} is {ids[bad]!r}, the index has "
-                         f"{view.image_id[bad]!r} (rows must follow the index order)")
+        raise InputError(
+            f"{where}: split {split!r} image {bad} is {ids[bad]!r}, the index has "
+            f"{view.image_id[bad]!r} (rows must follow the index order)"
+        )
     if len(text_image) != view.n_captions or not np.array_equal(text_image, view.text_image):
         raise InputError(f"{where}: split {split!r}: captions do not map onto images as in the index")
 
@@ -213,38 +235,55 @@ def _load_matrix(path: Path, what: str) -> np.ndarray:
     return data
 
 
-def dsmd_to_split(index: DatasetIndex, split: str, image_feats: np.ndarray, text_feats: np.ndarray,
-                  where: str = "") -> dict[str, Any]:
+def dsmd_to_split(
+    index: DatasetIndex, split: str, image_feats: np.ndarray, text_feats: np.ndarray, where: str = ""
+) -> dict[str, Any]:
     """Collapse per-caption image rows to one row per image of `split` (checking repeats are identical)."""
     view = index.split(split)
     where = where or split
     m, n = view.n_captions, view.n_images
     for what, feats in (("image", image_feats), ("text", text_feats)):
         if feats.shape[0] != m:
-            raise InputError(f"{where}: {what} features have {feats.shape[0]} rows; split {split!r} of dataset "
-                             f"{index.name} has {m} captions (one row per caption, in index order)")
+            raise InputError(
+                f"{where}: {what} features have {feats.shape[0]} rows; split {split!r} of dataset "
+                f"{index.name} has {m} captions (one row per caption, in index order)"
+            )
     if image_feats.shape[1] != text_feats.shape[1]:
-        raise InputError(f"{where}: image features are {image_feats.shape[1]}-d but text features "
-                         f"{text_feats.shape[1]}-d")
+        raise InputError(
+            f"{where}: image features are {image_feats.shape[1]}-d but text features {text_feats.shape[1]}-d"
+        )
     ti = view.text_image.astype(np.int64)
     first = np.full(n, m, dtype=np.int64)
     np.minimum.at(first, ti, np.arange(m))
     if (first == m).any():
         lonely = int(np.flatnonzero(first == m)[0])
-        raise InputError(f"{where}: image {view.image_id[lonely]!r} has no caption, so per-caption features "
-                         "hold no row for it")
+        raise InputError(
+            f"{where}: image {view.image_id[lonely]!r} has no caption, so per-caption features hold no row for it"
+        )
     same = (image_feats == image_feats[first[ti]]).all(axis=1)
     if not same.all():
         row = int(np.flatnonzero(~same)[0])
-        raise InputError(f"{where}: image feature row {row} (a caption of image {view.image_id[ti[row]]!r}) differs "
-                         f"from row {int(first[ti[row]])} of the same image; the repeated rows must be identical")
-    return {"image_emb": image_feats[first], "text_emb": text_feats, "text_image": view.text_image,
-            "image_id": view.image_id.tolist()}
+        raise InputError(
+            f"{where}: image feature row {row} (a caption of image {view.image_id[ti[row]]!r}) differs "
+            f"from row {int(first[ti[row]])} of the same image; the repeated rows must be identical"
+        )
+    return {
+        "image_emb": image_feats[first],
+        "text_emb": text_feats,
+        "text_image": view.text_image,
+        "image_id": view.image_id.tolist(),
+    }
 
 
-def import_dsmd(index: DatasetIndex, files: dict[str, tuple[Path | str, Path | str]], out_path: Path | str, *,
-                teacher: dict[str, Any] | None = None, dtype: str = "float16",
-                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Path:
+def import_dsmd(
+    index: DatasetIndex,
+    files: dict[str, tuple[Path | str, Path | str]],
+    out_path: Path | str,
+    *,
+    teacher: dict[str, Any] | None = None,
+    dtype: str = "float16",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Path:
     """files[split] = (image features [M, D], each image repeated per caption; text features [M, D])."""
     if not files:
         raise InputError("import-dsmd: no split given")
@@ -253,17 +292,27 @@ def import_dsmd(index: DatasetIndex, files: dict[str, tuple[Path | str, Path | s
     splits = {}
     for split, (img_path, txt_path) in files.items():
         if split not in index.splits:
-            raise InputError(f"import-dsmd: dataset {index.name} has no split {split!r}; it has "
-                             f"{', '.join(index.splits)}")
+            raise InputError(
+                f"import-dsmd: dataset {index.name} has no split {split!r}; it has {', '.join(index.splits)}"
+            )
         image_feats = _load_matrix(Path(img_path), "image features")
         text_feats = _load_matrix(Path(txt_path), "text features")
         splits[split] = dsmd_to_split(index, split, image_feats, text_feats, where=str(img_path))
     teacher = teacher or {"name": "dsmd-import"}
-    write_store(out_path, splits, teacher=teacher, dataset={"name": index.name, "fingerprint": index.fingerprint},
-                dtype=dtype, chunk_rows=chunk_rows,
-                extra_attrs={"imported_from": {"format": "dsmd",
-                                               "files": {s: [Path(a).name, Path(b).name]
-                                                         for s, (a, b) in files.items()}}})
+    write_store(
+        out_path,
+        splits,
+        teacher=teacher,
+        dataset={"name": index.name, "fingerprint": index.fingerprint},
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+        extra_attrs={
+            "imported_from": {
+                "format": "dsmd",
+                "files": {s: [Path(a).name, Path(b).name] for s, (a, b) in files.items()},
+            }
+        },
+    )
     open_store(out_path, expect_fingerprint=index.fingerprint)
     return Path(out_path)
 

@@ -21,6 +21,7 @@ laid out back to back (e.g. rewritten by another tool) is refused instead of bei
 Writers build the store in a hidden temp directory next to `path`, set `complete = true` last and then
 rename it into place: a crash never leaves something at `path` that looks finished.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,8 +100,13 @@ class ImageCache:
             expected_size = outer_chunks * chunk_bytes + index_bytes
             raise InputError(f"{where}: shard file has {size} bytes, expected {expected_size}")
         index = np.fromfile(path, dtype="<u8", count=outer_chunks * 2, offset=size - index_bytes).reshape(-1, 2)
-        expected = np.stack([np.arange(outer_chunks, dtype=np.uint64) * chunk_bytes,
-                             np.full(outer_chunks, chunk_bytes, dtype=np.uint64)], axis=1)
+        expected = np.stack(
+            [
+                np.arange(outer_chunks, dtype=np.uint64) * chunk_bytes,
+                np.full(outer_chunks, chunk_bytes, dtype=np.uint64),
+            ],
+            axis=1,
+        )
         if not np.array_equal(index[:n_chunks], expected[:n_chunks]):
             raise InputError(f"{where}: inner chunks are not stored back to back from offset 0; cannot memory-map")
         return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, h, w, 3))
@@ -136,13 +142,17 @@ def open_image_cache(path: Path | str, *, expect_fingerprint: str | None = None)
         raise InputError(f"{path}: not a zarr v3 group (expected the image cache of `kdpipe prepare`)") from None
     attrs = dict(group.attrs)
     if attrs.get("format") != IMAGES_FORMAT or attrs.get("version") != IMAGES_VERSION:
-        raise InputError(f"{path}: not a {IMAGES_FORMAT} v{IMAGES_VERSION} store "
-                         f"(format={attrs.get('format')!r}, version={attrs.get('version')!r})")
+        raise InputError(
+            f"{path}: not a {IMAGES_FORMAT} v{IMAGES_VERSION} store "
+            f"(format={attrs.get('format')!r}, version={attrs.get('version')!r})"
+        )
     if attrs.get("complete") is not True:
         raise InputError(f"{path}: image cache is incomplete (an interrupted write?); rerun `kdpipe prepare`")
     if expect_fingerprint is not None and attrs.get("fingerprint") != expect_fingerprint:
-        raise InputError(f"{path}: image cache was made from dataset index {str(attrs.get('fingerprint'))[:12]}, "
-                         f"not {expect_fingerprint[:12]}; rerun `kdpipe prepare`")
+        raise InputError(
+            f"{path}: image cache was made from dataset index {str(attrs.get('fingerprint'))[:12]}, "
+            f"not {expect_fingerprint[:12]}; rerun `kdpipe prepare`"
+        )
     return ImageCache(path, attrs)
 
 
@@ -220,7 +230,7 @@ class CacheBuilder:
         for start, stop in _runs(kept[kept > drop[0]]):
             for s in range(start, stop, self.chunk_images):
                 e = min(stop, s + self.chunk_images)
-                mm[dst:dst + (e - s)] = mm[s:e]
+                mm[dst : dst + (e - s)] = mm[s:e]
                 dst += e - s
         mm.flush()
         del mm
@@ -242,8 +252,12 @@ class CacheBuilder:
         splits = [s for s in self.sizes if self.sizes[s] > 0]
         group = zarr.open_group(self.tmp, mode="a", zarr_format=3)  # "w" would delete the data files
         base = {
-            "format": IMAGES_FORMAT, "version": IMAGES_VERSION, "complete": False,
-            "image_size": [h, w], "chunk_images": self.chunk_images, "splits": splits,
+            "format": IMAGES_FORMAT,
+            "version": IMAGES_VERSION,
+            "complete": False,
+            "image_size": [h, w],
+            "chunk_images": self.chunk_images,
+            "splits": splits,
             "n_images": {s: self.sizes[s] for s in splits},
         }
         group.attrs.update({**attrs, **base})
@@ -255,15 +269,23 @@ class CacheBuilder:
             f = self.data_file(split)
             if f.stat().st_size != outer * self.image_bytes:
                 raise RuntimeError(f"{f}: data file has the wrong size")  # a bug in the writer, not user input
-            index = np.stack([np.arange(n_chunks, dtype="<u8") * chunk_bytes,
-                              np.full(n_chunks, chunk_bytes, dtype="<u8")], axis=1)
+            index = np.stack(
+                [np.arange(n_chunks, dtype="<u8") * chunk_bytes, np.full(n_chunks, chunk_bytes, dtype="<u8")], axis=1
+            )
             with open(f, "ab") as fh:
                 fh.write(index.astype("<u8").tobytes())
             group.create_array(
-                f"{split}/{SPLIT_ARRAY}", shape=(n, h, w, 3), dtype="uint8", chunks=(outer, h, w, 3),
-                serializer=ShardingCodec(chunk_shape=(self.chunk_images, h, w, 3), codecs=[BytesCodec()],
-                                         index_codecs=[BytesCodec()]),
-                compressors=None, filters=None, fill_value=0, dimension_names=["image", "y", "x", "rgb"],
+                f"{split}/{SPLIT_ARRAY}",
+                shape=(n, h, w, 3),
+                dtype="uint8",
+                chunks=(outer, h, w, 3),
+                serializer=ShardingCodec(
+                    chunk_shape=(self.chunk_images, h, w, 3), codecs=[BytesCodec()], index_codecs=[BytesCodec()]
+                ),
+                compressors=None,
+                filters=None,
+                fill_value=0,
+                dimension_names=["image", "y", "x", "rgb"],
             )
         group.attrs["complete"] = True  # last write inside the temp dir; the rename below publishes it
         _replace_dir(self.tmp, self.path)
@@ -303,8 +325,14 @@ def remove_stale_temp(path: Path | str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def write_image_cache(path: Path | str, splits: dict[str, np.ndarray], *, fingerprint: str,
-                      meta: dict | None = None, chunk_images: int = DEFAULT_CHUNK_IMAGES) -> None:
+def write_image_cache(
+    path: Path | str,
+    splits: dict[str, np.ndarray],
+    *,
+    fingerprint: str,
+    meta: dict | None = None,
+    chunk_images: int = DEFAULT_CHUNK_IMAGES,
+) -> None:
     """Write arrays uint8 [N, H, W, 3] (one per split, same H, W) as an image cache, atomically.
 
     For tests and small tools; `kdpipe prepare` fills the same format in parallel through CacheBuilder."""
@@ -322,7 +350,7 @@ def write_image_cache(path: Path | str, splits: dict[str, np.ndarray], *, finger
                 raise ValueError(f"split {name!r}: expected uint8 images, got {images.dtype}")
             f = builder.allocate(name, len(images))
             for s in range(0, len(images), builder.chunk_images):
-                write_rows(f, s, images[s:s + builder.chunk_images])
+                write_rows(f, s, images[s : s + builder.chunk_images])
         builder.publish({**(meta or {}), "fingerprint": fingerprint, "resize": (meta or {}).get("resize", {})})
     except BaseException:
         builder.abort()

@@ -3,6 +3,7 @@
 Each kind's implementation is imported only when it is built, so the extract stage's code surface (and
 its DVC dependencies) stays what it really uses.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,8 +42,9 @@ class TeacherConfig:
     label_bridge: LabelBridgeTeacherConfig = field(default_factory=LabelBridgeTeacherConfig)
 
 
-def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Teacher:
+def build_teacher(
+    cfg: TeacherConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Teacher:
     """The configured teacher, in eval mode on `device`, computing in `dtype` (bf16/fp16 use autocast)."""
     if cfg.kind == "beit3":
         from pipeline.teachers.beit3 import BEiT3Teacher
@@ -55,5 +57,4 @@ def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu",
     raise ValueError(f"unknown teacher kind {cfg.kind!r}")
 
 
-__all__ = ["Teacher", "TokenBatch", "TeacherConfig", "BEiT3TeacherConfig", "LabelBridgeTeacherConfig",
-           "build_teacher"]
+__all__ = ["Teacher", "TokenBatch", "TeacherConfig", "BEiT3TeacherConfig", "LabelBridgeTeacherConfig", "build_teacher"]

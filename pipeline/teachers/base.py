@@ -5,6 +5,7 @@ is split so that the extract stage can overlap CPU and GPU work: `preprocess_ima
 the CPU in loader workers (they must not touch the model), `encode_image_batch` / `encode_text_batch`
 run on the teacher's device. `encode_images` / `encode_texts` are the convenient one-call API.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -58,7 +59,7 @@ class Teacher(ABC):
         """PIL images -> [N, D] float32 on the CPU, L2-normalized, with the teacher's own preprocessing."""
         out = []
         for i in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess_image(im.convert("RGB")) for im in images[i:i + batch_size]])
+            pixels = torch.stack([self.preprocess_image(im.convert("RGB")) for im in images[i : i + batch_size]])
             out.append(self.encode_image_batch(pixels.to(self.device)).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
@@ -67,6 +68,6 @@ class Teacher(ABC):
         """Captions -> [N, D] float32 on the CPU, L2-normalized, with the teacher's own tokenizer."""
         out = []
         for i in range(0, len(texts), batch_size):
-            tokens = {k: v.to(self.device) for k, v in self.tokenize(texts[i:i + batch_size]).items()}
+            tokens = {k: v.to(self.device) for k, v in self.tokenize(texts[i : i + batch_size]).items()}
             out.append(self.encode_text_batch(tokens).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.dim)

@@ -10,6 +10,7 @@ Eval transform (unilm/beit3 `build_transform(is_train=False)`): PIL bicubic resi
 crop, aspect ratio squashed), to [0, 1], normalize with mean = std = 0.5. On CUDA, bf16 / fp16 run under
 autocast (the official evaluation runs under fp16 autocast); on the CPU the teacher computes in float32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,14 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """torch.float32 / bfloat16 / float16, or their names ("bf16", "fp16", "float32", ...)."""
     if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        names = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }
         if dtype.lower().removeprefix("torch.") not in names:
             raise InputError(f"dtype {dtype!r}: the BEiT-3 teacher computes in float32, bfloat16 or float16")
         return names[dtype.lower().removeprefix("torch.")]
@@ -59,26 +66,38 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class BEiT3Teacher(Teacher):
-    def __init__(self, model: BEiT3ForRetrieval, tokenizer: BEiT3Tokenizer | None, *,
-                 device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
-                 checkpoint: Path | None = None, checkpoint_image_size: int | None = None,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        model: BEiT3ForRetrieval,
+        tokenizer: BEiT3Tokenizer | None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        checkpoint: Path | None = None,
+        checkpoint_image_size: int | None = None,
+        seed: int | None = None,
+    ):
         """Prefer the constructors: `from_checkpoint`, `from_config`, `from_model` (in-memory weights).
         `tokenizer` None: a model-only teacher (benchmarks) whose `tokenize` refuses."""
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype)
         if self.device.type == "cpu" and dtype != torch.float32:
-            warnings.warn(f"BEiT-3 teacher on the CPU computes in float32 ({_DTYPES[dtype]} autocast is "
-                          f"used on CUDA only)", stacklevel=3)
+            warnings.warn(
+                f"BEiT-3 teacher on the CPU computes in float32 ({_DTYPES[dtype]} autocast is used on CUDA only)",
+                stacklevel=3,
+            )
             dtype = torch.float32
         self.dtype = dtype
         self.dims: BEiT3Dims = model.dims
         if tokenizer is not None and tokenizer.vocab_size > self.dims.vocab_size:
-            raise InputError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} ids but the model's text "
-                             f"embedding only {self.dims.vocab_size} rows (tokenizer and checkpoint do not match)")
+            raise InputError(
+                f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} ids but the model's text "
+                f"embedding only {self.dims.vocab_size} rows (tokenizer and checkpoint do not match)"
+            )
         if tokenizer is not None and tokenizer.max_len > self.dims.max_text_len:
-            raise InputError(f"max_text_len={tokenizer.max_len} exceeds the model's {self.dims.max_text_len} "
-                             f"text positions")
+            raise InputError(
+                f"max_text_len={tokenizer.max_len} exceeds the model's {self.dims.max_text_len} text positions"
+            )
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.dim = self.dims.embed_dim
@@ -94,42 +113,78 @@ class BEiT3Teacher(Teacher):
 
     # -- constructors ---------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: str | Path, tokenizer: str | Path, num_heads: int | None = None,
-                        image_size: int | None = None, max_text_len: int = 64,
-                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        preset: str | None = None) -> BEiT3Teacher:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        tokenizer: str | Path,
+        num_heads: int | None = None,
+        image_size: int | None = None,
+        max_text_len: int = 64,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        preset: str | None = None,
+    ) -> BEiT3Teacher:
         """An official retrieval checkpoint (dimensions read from its tensor shapes) and its beit3.spm.
         `image_size` None: the checkpoint's own; `preset`: if given, the checkpoint must be that one."""
         device = resolve_device(device)  # fail before reading gigabytes
         tok = BEiT3Tokenizer(tokenizer, max_len=max_text_len)
         loaded = load_beit3_checkpoint(path, num_heads=num_heads, image_size=image_size, preset=preset)
-        return cls(loaded.model, tok, device=device, dtype=dtype, checkpoint=loaded.path,
-                   checkpoint_image_size=loaded.checkpoint_image_size)
+        return cls(
+            loaded.model,
+            tok,
+            device=device,
+            dtype=dtype,
+            checkpoint=loaded.path,
+            checkpoint_image_size=loaded.checkpoint_image_size,
+        )
 
     @classmethod
-    def from_config(cls, cfg: BEiT3TeacherConfig, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> BEiT3Teacher:
+    def from_config(
+        cls, cfg: BEiT3TeacherConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> BEiT3Teacher:
         if cfg.checkpoint is None:
             raise InputError("extract.teacher.beit3.checkpoint is not set (path to an official BEiT-3 retrieval .pth)")
         if cfg.tokenizer is None:
             raise InputError("extract.teacher.beit3.tokenizer is not set (path to beit3.spm)")
-        return cls.from_checkpoint(cfg.checkpoint, tokenizer=cfg.tokenizer, num_heads=cfg.num_heads,
-                                   image_size=cfg.image_size, max_text_len=cfg.max_text_len, device=device,
-                                   dtype=dtype, preset=None if cfg.preset == "auto" else cfg.preset)
+        return cls.from_checkpoint(
+            cfg.checkpoint,
+            tokenizer=cfg.tokenizer,
+            num_heads=cfg.num_heads,
+            image_size=cfg.image_size,
+            max_text_len=cfg.max_text_len,
+            device=device,
+            dtype=dtype,
+            preset=None if cfg.preset == "auto" else cfg.preset,
+        )
 
     @classmethod
-    def from_model(cls, model: BEiT3ForRetrieval, tokenizer: BEiT3Tokenizer | str | Path | None, *,
-                   max_text_len: int = 64, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32, seed: int | None = None) -> BEiT3Teacher:
+    def from_model(
+        cls,
+        model: BEiT3ForRetrieval,
+        tokenizer: BEiT3Tokenizer | str | Path | None,
+        *,
+        max_text_len: int = 64,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int | None = None,
+    ) -> BEiT3Teacher:
         """A teacher around weights already in memory (tests, benchmarks); tokenizer None: model only."""
         if tokenizer is not None and not isinstance(tokenizer, BEiT3Tokenizer):
             tokenizer = BEiT3Tokenizer(tokenizer, max_len=max_text_len)
         return cls(model, tokenizer, device=device, dtype=dtype, seed=seed)
 
     @classmethod
-    def random(cls, dims: BEiT3Dims | str, tokenizer: BEiT3Tokenizer | str | Path | None, *, seed: int = 0,
-               image_size: int | None = None, max_text_len: int = 64, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> BEiT3Teacher:
+    def random(
+        cls,
+        dims: BEiT3Dims | str,
+        tokenizer: BEiT3Tokenizer | str | Path | None,
+        *,
+        seed: int = 0,
+        image_size: int | None = None,
+        max_text_len: int = 64,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> BEiT3Teacher:
         """Random weights (deterministic in `seed`) for a preset name or explicit dims."""
         if isinstance(dims, str):
             if dims not in BEIT3_PRESETS:
@@ -151,12 +206,16 @@ class BEiT3Teacher(Teacher):
                 "image_size": self.image_size,
                 "max_text_len": self.max_text_len,
                 "dtype": _DTYPES[self.dtype],
-                "tokenizer": None if self.tokenizer is None else
-                {"file": self.tokenizer.path.name, "sha256": file_sha256(self.tokenizer.path)},
+                "tokenizer": None
+                if self.tokenizer is None
+                else {"file": self.tokenizer.path.name, "sha256": file_sha256(self.tokenizer.path)},
             }
             if self.checkpoint is not None:
-                ident["checkpoint"] = {"file": self.checkpoint.name, "sha256": file_sha256(self.checkpoint),
-                                       "image_size": self.checkpoint_image_size}
+                ident["checkpoint"] = {
+                    "file": self.checkpoint.name,
+                    "sha256": file_sha256(self.checkpoint),
+                    "image_size": self.checkpoint_image_size,
+                }
             else:  # in-memory weights: identified by their content
                 ident["checkpoint"] = None
                 ident["random_init_seed"] = self.seed
@@ -186,8 +245,11 @@ class BEiT3Teacher(Teacher):
         return self.tokenizer
 
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype,
-                              enabled=self.device.type == "cuda" and self.dtype != torch.float32)
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.dtype,
+            enabled=self.device.type == "cuda" and self.dtype != torch.float32,
+        )
 
     @torch.inference_mode()
     def encode_image_batch(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ One path, in timm's `checkpoint_filter_fn` style:
 Memory: `torch.load(mmap=True)` maps the file instead of reading it, and `assign=True` makes the model's
 parameters *be* those tensors, so loading a checkpoint costs about one copy of it (file pages), not two.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,11 +78,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
         why = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), lines[0])
-        raise InputError(f"{path}: holds objects other than tensors and cannot be loaded safely as weights "
-                         f"only ({why[:200]})") from None
+        raise InputError(
+            f"{path}: holds objects other than tensors and cannot be loaded safely as weights only ({why[:200]})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})") from None
+        raise InputError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
+        ) from None
     return unwrap_state_dict(obj, path)
 
 
@@ -96,7 +100,7 @@ def unwrap_state_dict(obj, path: str | Path = "checkpoint") -> dict[str, Tensor]
     if not isinstance(obj, dict) or not obj:
         raise InputError(f"{path}: no state dict found (expected a dict of tensors under 'model' or 'module')")
     if all(isinstance(k, str) and k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise InputError(f"{path}: entries that are not tensors: {_names(bad)}")
@@ -124,20 +128,31 @@ def infer_dims(state: dict[str, Tensor], num_heads: int | None = None, path: str
     vocab, d = text.shape
     proj = _need(state, "beit3.vision_embed.proj.weight", 4, path)
     if proj.shape[0] != d or proj.shape[1] != 3 or proj.shape[2] != proj.shape[3]:
-        raise InputError(f"{path}: beit3.vision_embed.proj.weight has shape {tuple(proj.shape)}, "
-                         f"expected ({d}, 3, P, P)")
+        raise InputError(
+            f"{path}: beit3.vision_embed.proj.weight has shape {tuple(proj.shape)}, expected ({d}, 3, P, P)"
+        )
     patch = proj.shape[-1]
     depth = _depth(state, path)
     ffn = _need(state, "beit3.encoder.layers.0.ffn.A.fc1.weight", 2, path).shape[0]
     rows_a = _need(state, "beit3.encoder.embed_positions.A.weight", 2, path).shape[0]
     grid = math.isqrt(max(rows_a - FIRST_POSITION - 1, 0))
     if grid < 1 or grid * grid != rows_a - FIRST_POSITION - 1:
-        raise InputError(f"{path}: beit3.encoder.embed_positions.A.weight has {rows_a} rows, expected "
-                         f"G*G + 3 for a square patch grid")
+        raise InputError(
+            f"{path}: beit3.encoder.embed_positions.A.weight has {rows_a} rows, expected "
+            f"G*G + 3 for a square patch grid"
+        )
     text_positions = _need(state, "beit3.encoder.embed_positions.B.weight", 2, path).shape[0]
     heads = _heads(d, num_heads, path)
-    return BEiT3Dims(embed_dim=d, depth=depth, num_heads=heads, ffn_dim=ffn, patch_size=patch,
-                     image_size=grid * patch, vocab_size=vocab, text_positions=text_positions)
+    return BEiT3Dims(
+        embed_dim=d,
+        depth=depth,
+        num_heads=heads,
+        ffn_dim=ffn,
+        patch_size=patch,
+        image_size=grid * patch,
+        vocab_size=vocab,
+        text_positions=text_positions,
+    )
 
 
 def _depth(state, path) -> int:
@@ -154,13 +169,17 @@ def _heads(width: int, num_heads: int | None, path) -> int:
     by_width = {p.embed_dim: p.num_heads for p in BEIT3_PRESETS.values()}
     if width in by_width:
         if num_heads is not None and num_heads != by_width[width]:
-            raise InputError(f"{path}: width {width} is a preset width with {by_width[width]} heads, "
-                             f"but num_heads={num_heads} was given")
+            raise InputError(
+                f"{path}: width {width} is a preset width with {by_width[width]} heads, "
+                f"but num_heads={num_heads} was given"
+            )
         return by_width[width]
     if num_heads is None:
-        raise InputError(f"{path}: width {width} matches no preset ("
-                         + ", ".join(f"{k}={p.embed_dim}" for k, p in BEIT3_PRESETS.items())
-                         + "); pass num_heads")
+        raise InputError(
+            f"{path}: width {width} matches no preset ("
+            + ", ".join(f"{k}={p.embed_dim}" for k, p in BEIT3_PRESETS.items())
+            + "); pass num_heads"
+        )
     if num_heads <= 0 or width % num_heads:
         raise InputError(f"{path}: num_heads={num_heads} does not divide the width {width}")
     return num_heads
@@ -173,9 +192,11 @@ def check_preset(dims: BEiT3Dims, preset: str | None, path: str | Path = "checkp
     if preset not in BEIT3_PRESETS:
         raise InputError(f"unknown BEiT-3 preset {preset!r}; known: {', '.join(BEIT3_PRESETS)}")
     p = BEIT3_PRESETS[preset]
-    diffs = [f"{name} {getattr(dims, name)} (preset: {getattr(p, name)})"
-             for name in ("embed_dim", "depth", "num_heads", "ffn_dim", "patch_size")
-             if getattr(dims, name) != getattr(p, name)]
+    diffs = [
+        f"{name} {getattr(dims, name)} (preset: {getattr(p, name)})"
+        for name in ("embed_dim", "depth", "num_heads", "ffn_dim", "patch_size")
+        if getattr(dims, name) != getattr(p, name)
+    ]
     if diffs:
         raise InputError(f"{path}: checkpoint does not match preset {preset!r}: " + ", ".join(diffs))
 
@@ -197,8 +218,9 @@ def interpolate_vision_positions(table: Tensor, new_grid: int) -> Tensor:
     return torch.cat([table[:extra], grid], dim=0)
 
 
-def checkpoint_filter_fn(state: dict[str, Tensor], dims: BEiT3Dims, path: str | Path = "checkpoint"
-                         ) -> dict[str, Tensor]:
+def checkpoint_filter_fn(
+    state: dict[str, Tensor], dims: BEiT3Dims, path: str | Path = "checkpoint"
+) -> dict[str, Tensor]:
     """Validate and adapt an official state dict (already unwrapped) for `BEiT3ForRetrieval(dims)`.
 
     Refuses, naming the keys: pretrain-only checkpoints (no retrieval heads), missing keys, unexpected
@@ -211,7 +233,8 @@ def checkpoint_filter_fn(state: dict[str, Tensor], dims: BEiT3Dims, path: str | 
             "need the image-text heads of an itc or retrieval fine-tuned checkpoint "
             "(beit3_*_itc_patch16_224.pth or beit3_*_patch16_384_{coco,f30k}_retrieval.pth); heads are never "
             "initialised at random"
-            + (f"; it carries pretraining-only weights instead (MLM/MIM heads): {_names(extras)}" if extras else ""))
+            + (f"; it carries pretraining-only weights instead (MLM/MIM heads): {_names(extras)}" if extras else "")
+        )
     state = dict(state)
     key = "beit3.encoder.embed_positions.A.weight"
     if key in state and state[key].ndim == 2:
@@ -227,21 +250,28 @@ def checkpoint_filter_fn(state: dict[str, Tensor], dims: BEiT3Dims, path: str | 
             parts.append(f"{len(missing)} missing key(s): {_names(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_names(unexpected)}")
-        raise InputError(f"{path}: does not match a BEiT-3 retrieval model of the inferred dimensions "
-                         f"({_describe(dims)}): " + "; ".join(parts))
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if state[k].shape != v.shape]
+        raise InputError(
+            f"{path}: does not match a BEiT-3 retrieval model of the inferred dimensions "
+            f"({_describe(dims)}): " + "; ".join(parts)
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
     if wrong:
-        raise InputError(f"{path}: tensor shapes do not match the inferred dimensions ({_describe(dims)}): "
-                         + _names(wrong))
+        raise InputError(
+            f"{path}: tensor shapes do not match the inferred dimensions ({_describe(dims)}): " + _names(wrong)
+        )
     bad_dtype = [k for k in expected if not state[k].is_floating_point()]
     if bad_dtype:
         raise InputError(f"{path}: tensors that are not floating point: {_names(bad_dtype)}")
     return state
 
 
-def load_beit3_checkpoint(path: str | Path, *, num_heads: int | None = None, image_size: int | None = None,
-                          preset: str | None = None) -> LoadedCheckpoint:
+def load_beit3_checkpoint(
+    path: str | Path, *, num_heads: int | None = None, image_size: int | None = None, preset: str | None = None
+) -> LoadedCheckpoint:
     """Read an official retrieval checkpoint into a `BEiT3ForRetrieval` in eval mode, float32, on the CPU.
 
     `image_size`: None keeps the checkpoint's own; another size interpolates the position table.
@@ -253,8 +283,9 @@ def load_beit3_checkpoint(path: str | Path, *, num_heads: int | None = None, ima
     ckpt_size = dims.image_size
     if image_size is not None and int(image_size) != ckpt_size:
         if int(image_size) <= 0 or int(image_size) % dims.patch_size:
-            raise InputError(f"image_size={image_size} is not a positive multiple of the patch size "
-                             f"{dims.patch_size} of {path}")
+            raise InputError(
+                f"image_size={image_size} is not a positive multiple of the patch size {dims.patch_size} of {path}"
+            )
         dims = dims.with_image_size(int(image_size))
     state = checkpoint_filter_fn(state, dims, path)
     # fp16/bf16 files become fp32 here (a copy, tensor by tensor); fp32 tensors stay the mapped ones.
@@ -273,5 +304,7 @@ def _names(keys: list[str]) -> str:
 
 
 def _describe(d: BEiT3Dims) -> str:
-    return (f"width {d.embed_dim}, depth {d.depth}, heads {d.num_heads}, FFN {d.ffn_dim}, patch {d.patch_size}, "
-            f"image {d.image_size}, vocab {d.vocab_size}")
+    return (
+        f"width {d.embed_dim}, depth {d.depth}, heads {d.num_heads}, FFN {d.ffn_dim}, patch {d.patch_size}, "
+        f"image {d.image_size}, vocab {d.vocab_size}"
+    )

@@ -12,6 +12,7 @@ BEiT3 (the `beit3.` prefix of the checkpoint) -> BEiT3ForRetrieval (heads, encod
 
 Shapes: B batch, L tokens, D width, H heads, F FFN width, P patch, S image size, G = S // P grid side.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,16 @@ class BEiT3Dims:
     text_positions: int = 1024  # rows of embed_positions.B (fairseq max_source_positions)
 
     def __post_init__(self):
-        for name in ("embed_dim", "depth", "num_heads", "ffn_dim", "patch_size", "image_size", "vocab_size",
-                     "text_positions"):
+        for name in (
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "ffn_dim",
+            "patch_size",
+            "image_size",
+            "vocab_size",
+            "text_positions",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"BEiT3Dims.{name} must be positive, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
@@ -60,7 +69,7 @@ class BEiT3Dims:
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size ** 2
+        return self.grid_size**2
 
     @property
     def vision_positions(self) -> int:
@@ -89,7 +98,12 @@ def preset_of(dims: BEiT3Dims) -> str | None:
     """The preset whose architecture `dims` is (image size and table sizes aside), else None."""
     for name, p in BEIT3_PRESETS.items():
         if (p.embed_dim, p.depth, p.num_heads, p.ffn_dim, p.patch_size) == (
-                dims.embed_dim, dims.depth, dims.num_heads, dims.ffn_dim, dims.patch_size):
+            dims.embed_dim,
+            dims.depth,
+            dims.num_heads,
+            dims.ffn_dim,
+            dims.patch_size,
+        ):
             return name
     return None
 
@@ -214,9 +228,10 @@ class Encoder(nn.Module):
         n = x.shape[1]
         table = self.embed_positions.expert(modality).weight
         if n + FIRST_POSITION > table.shape[0]:
-            raise ValueError(f"sequence of {n} tokens is longer than the position table allows "
-                             f"({table.shape[0] - FIRST_POSITION})")
-        x = x + table[FIRST_POSITION:FIRST_POSITION + n]  # positions 2..L+1, broadcast over the batch
+            raise ValueError(
+                f"sequence of {n} tokens is longer than the position table allows ({table.shape[0] - FIRST_POSITION})"
+            )
+        x = x + table[FIRST_POSITION : FIRST_POSITION + n]  # positions 2..L+1, broadcast over the batch
         attn_mask = None
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)  # as torchscale: padded rows zeroed

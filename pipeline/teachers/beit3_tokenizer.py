@@ -19,6 +19,7 @@ caption becomes `[0, 2]` (the official `_get_text_segment` raises), and literal 
 a caption ("<s>", "<mask>", ...) are tokenized as text (transformers' slow tokenizer would turn them into
 the special ids, with version-dependent whitespace stripping around them).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -81,6 +82,6 @@ class BEiT3Tokenizer:
         ids = torch.full((len(seqs), width), PAD, dtype=torch.int64)
         mask = torch.ones((len(seqs), width), dtype=torch.bool)
         for row, s in enumerate(seqs):
-            ids[row, :len(s)] = torch.tensor(s, dtype=torch.int64)
-            mask[row, :len(s)] = False
+            ids[row, : len(s)] = torch.tensor(s, dtype=torch.int64)
+            mask[row, : len(s)] = False
         return {"input_ids": ids, "padding_mask": mask}

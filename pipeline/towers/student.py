@@ -11,6 +11,7 @@ On disk (`save_student` / `load_student`), usable without kdpipe:
     image_tower/          ViTModel.from_pretrained(...) (+ preprocessor_config.json with mean/std)
     text_tower/           AutoModel.from_pretrained(...) and AutoTokenizer.from_pretrained(...)
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ class DualEncoderStudent(nn.Module):
     def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """float [B, 3, H, W] in [0, 1] -> the tower's input: resized to image_size if needed, normalized."""
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+            )
         return (x - self.pixel_mean) / self.pixel_std
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -102,10 +104,13 @@ class DualEncoderStudent(nn.Module):
         return self.encode_tokens(self.tokenize(texts))
 
     # -- both (the training step; one module call so that DDP and torch.compile see it) -----------------
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized pixels [B, 3, S, S] and tokens [B, L] -> (s_v, s_t) [B, dim] fp32 L2-normalized."""
-        return self.encode_pixels(pixels), self.encode_tokens({"input_ids": input_ids, "attention_mask": attention_mask})
+        return self.encode_pixels(pixels), self.encode_tokens(
+            {"input_ids": input_ids, "attention_mask": attention_mask}
+        )
 
 
 def build_student(cfg: StudentConfig, dim: int) -> DualEncoderStudent:
@@ -139,11 +144,17 @@ def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
     save_file(state, str(directory / ".model.safetensors.tmp"), metadata={"format": "pt"})
     (directory / ".model.safetensors.tmp").replace(directory / "model.safetensors")
     meta = {
-        "format": STUDENT_FORMAT, "version": STUDENT_VERSION, "dim": model.dim,
+        "format": STUDENT_FORMAT,
+        "version": STUDENT_VERSION,
+        "dim": model.dim,
         "config": to_dict(model.config),
-        "image": {"backend": model.config.image.backend, "size": model.image_size,
-                  "mean": list(model.image_tower.mean), "std": list(model.image_tower.std),
-                  "input": "uint8 RGB [B, H, W, 3] -> /255 -> resize to size -> (x - mean) / std"},
+        "image": {
+            "backend": model.config.image.backend,
+            "size": model.image_size,
+            "mean": list(model.image_tower.mean),
+            "std": list(model.image_tower.std),
+            "input": "uint8 RGB [B, H, W, 3] -> /255 -> resize to size -> (x - mean) / std",
+        },
         "text": {"max_tokens": model.text_tower.max_tokens, "pooling": model.config.text.pooling},
         "usage": "image: normalize(image_proj(pool(image_tower(x)))); text: normalize(text_proj(pool(text_tower(t))))",
     }
@@ -180,6 +191,8 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise InputError(f"{weights}: does not match student_config.json (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]})")
+        raise InputError(
+            f"{weights}: does not match student_config.json (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
     return model.to(device).eval()

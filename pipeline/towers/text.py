@@ -5,6 +5,7 @@ uncased for DSMD, all-MiniLM-L6-v2 for the demo), or a random-init `BertModel` f
 `pooler` (DSMD: BERT's pooler output), `cls` (the last layer's CLS token) or `mean` (masked mean over tokens,
 as sentence-transformers' MiniLM). The tokenizer always comes from a local dir (lowercasing is the tokenizer's).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,39 +63,61 @@ class HFTextTower(nn.Module):
             path = path or pretrained_assets.minilm_dir()
         tok_path = cfg.tokenizer or path
         if tok_path is None:
-            raise InputError(f"{key}: set path (a local BERT dir) or tokenizer (a local tokenizer dir); "
-                             "a random-init text tower still needs a vocabulary")
+            raise InputError(
+                f"{key}: set path (a local BERT dir) or tokenizer (a local tokenizer dir); "
+                "a random-init text tower still needs a vocabulary"
+            )
         self.tokenizer = load_tokenizer(tok_path, f"{key}.tokenizer" if cfg.tokenizer else f"{key}.path")
         self.pooling = cfg.pooling
         self.max_tokens = cfg.max_tokens
         add_pooler = cfg.pooling == "pooler"  # no dead pooler parameters when it is not used
         if path is not None:
             offline_hub()
-            p = require_dir(path, f"{key}.path", "a local Hugging Face model dir with a BERT-family encoder (config.json)")
+            p = require_dir(
+                path, f"{key}.path", "a local Hugging Face model dir with a BERT-family encoder (config.json)"
+            )
             if weights:
                 # a checkpoint's pooler is the one set of weights a tower that does not pool with it may leave out
-                self.model = load_pretrained_strict(AutoModel, p, f"{key}.path", add_pooling_layer=add_pooler,
-                                                    ignorable_prefixes=() if add_pooler else ("pooler.",))
+                self.model = load_pretrained_strict(
+                    AutoModel,
+                    p,
+                    f"{key}.path",
+                    add_pooling_layer=add_pooler,
+                    ignorable_prefixes=() if add_pooler else ("pooler.",),
+                )
             else:
-                self.model = AutoModel.from_config(AutoConfig.from_pretrained(p, local_files_only=True),
-                                                   add_pooling_layer=add_pooler)
+                self.model = AutoModel.from_config(
+                    AutoConfig.from_pretrained(p, local_files_only=True), add_pooling_layer=add_pooler
+                )
         else:
-            bert_cfg = BertConfig(vocab_size=len(self.tokenizer), hidden_size=cfg.hidden_size,
-                                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                                  intermediate_size=cfg.intermediate_size,
-                                  max_position_embeddings=cfg.max_position_embeddings,
-                                  pad_token_id=self.tokenizer.pad_token_id or 0)
+            bert_cfg = BertConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                intermediate_size=cfg.intermediate_size,
+                max_position_embeddings=cfg.max_position_embeddings,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
+            )
             self.model = BertModel(bert_cfg, add_pooling_layer=add_pooler)
         if len(self.tokenizer) > self.model.config.vocab_size:
-            raise InputError(f"{key}: the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary "
-                             f"only {self.model.config.vocab_size}")
+            raise InputError(
+                f"{key}: the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary "
+                f"only {self.model.config.vocab_size}"
+            )
         self.out_dim = self.model.config.hidden_size
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Captions -> input_ids / attention_mask int64 [B, max_tokens] on the CPU (fixed length: one shape
         for torch.compile; padding is masked, so features do not depend on it)."""
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens,
-                             return_tensors="pt", return_token_type_ids=False)
+        enc = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ named) and returns their raw, UNWEIGHTED values as `{"<name>_loss": scalar}`; we
 job (`pipeline.distill.balancer`), which receives `DistillLoss.weights` as the fixed weights. The loss math runs in
 float32 with autocast disabled, whatever precision the student produced; teacher rows carry no gradient.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,15 @@ from pipeline.distill.losses.relation import RelationDistillLoss
 from pipeline.distill.losses.triplet import HardNegativeTripletLoss
 
 __all__ = [
-    "LossConfig", "DistillLoss", "TERMS", "ContrastiveDistillLoss", "FeatureL1Loss", "CosineDistillLoss",
-    "HardNegativeTripletLoss", "RelationDistillLoss", "PairContrastiveLoss",
+    "LossConfig",
+    "DistillLoss",
+    "TERMS",
+    "ContrastiveDistillLoss",
+    "FeatureL1Loss",
+    "CosineDistillLoss",
+    "HardNegativeTripletLoss",
+    "RelationDistillLoss",
+    "PairContrastiveLoss",
 ]
 
 TERMS = ("contrastive", "l1", "cosine", "triplet", "relation", "pair_contrastive")  # build and output order
@@ -94,9 +102,18 @@ class DistillLoss(nn.Module):
         self.needs_queue: bool = "contrastive" in self.terms
         self.needs_teacher: bool = any(name in TEACHER_TERMS for name in self.terms)
 
-    def forward(self, s_v: Tensor, s_t: Tensor, t_v: Tensor | None, t_t: Tensor | None, image_ids: Any,
-                queue_v: Tensor | None = None, queue_t: Tensor | None = None,
-                queue_v_image_ids: Any = None, queue_t_image_ids: Any = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        s_v: Tensor,
+        s_t: Tensor,
+        t_v: Tensor | None,
+        t_t: Tensor | None,
+        image_ids: Any,
+        queue_v: Tensor | None = None,
+        queue_t: Tensor | None = None,
+        queue_v_image_ids: Any = None,
+        queue_t_image_ids: Any = None,
+    ) -> dict[str, Tensor]:
         """s_v, s_t [B, D] student rows; t_v, t_t [B, D] teacher rows of the same pairs (None allowed when
         no term needs the teacher); image_ids [B] (the image row of each pair; may be None when
         `mask_same_image` is off); queue_v [K, D] teacher image rows, queue_t [K', D] teacher text rows,
@@ -120,8 +137,10 @@ class DistillLoss(nn.Module):
             ids = as_ids(image_ids, s_v.device, B, "image_ids")
             if self.needs_queue and queue_v is not None and queue_t is not None:
                 if queue_v_image_ids is None or queue_t_image_ids is None:
-                    raise ValueError("queue_v_image_ids, queue_t_image_ids: needed to mask same-image queue "
-                                     "entries (mask_same_image is on)")
+                    raise ValueError(
+                        "queue_v_image_ids, queue_t_image_ids: needed to mask same-image queue "
+                        "entries (mask_same_image is on)"
+                    )
                 qv_ids = as_ids(queue_v_image_ids, s_v.device, queue_v.shape[0], "queue_v_image_ids")
                 qt_ids = as_ids(queue_t_image_ids, s_v.device, queue_t.shape[0], "queue_t_image_ids")
 

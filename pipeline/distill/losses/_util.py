@@ -1,4 +1,5 @@
 """Small helpers shared by the loss modules: fp32 inputs, image-id tensors, same-image masks."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -18,6 +18,7 @@ given, such entries are masked out (logit -inf). Without a queue, the other in-b
 negatives (`logits = a p^T / T`, target the diagonal), off-diagonal rows of the same image masked.
 The math runs in float32; teacher rows and queues carry no gradient.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,14 @@ from torch import Tensor, nn
 from pipeline.distill.losses._util import off_diagonal_same_image, same_image, student_fp32, teacher_fp32
 
 
-def queue_info_nce(anchor: Tensor, positive: Tensor, queue: Tensor, anchor_ids: Tensor | None,
-                   queue_ids: Tensor | None, temperature: float) -> Tensor:
+def queue_info_nce(
+    anchor: Tensor,
+    positive: Tensor,
+    queue: Tensor,
+    anchor_ids: Tensor | None,
+    queue_ids: Tensor | None,
+    temperature: float,
+) -> Tensor:
     """mean_i CE([<a_i, p_i>, a_i . Q] / T, 0); queue entries of the anchor's own image masked."""
     pos = (anchor * positive).sum(-1, keepdim=True)  # [B, 1]
     neg = anchor @ queue.T  # [B, K]
@@ -55,9 +62,18 @@ class ContrastiveDistillLoss(nn.Module):
         self.temperature = float(temperature)
         self.cross_modal = bool(cross_modal)
 
-    def forward(self, s_v: Tensor, s_t: Tensor, t_v: Tensor, t_t: Tensor, image_ids: Tensor | None = None,
-                queue_v: Tensor | None = None, queue_t: Tensor | None = None,
-                queue_v_image_ids: Tensor | None = None, queue_t_image_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        s_v: Tensor,
+        s_t: Tensor,
+        t_v: Tensor,
+        t_t: Tensor,
+        image_ids: Tensor | None = None,
+        queue_v: Tensor | None = None,
+        queue_t: Tensor | None = None,
+        queue_v_image_ids: Tensor | None = None,
+        queue_t_image_ids: Tensor | None = None,
+    ) -> Tensor:
         """`image_ids` [B] int64 (None: every pair its own image, nothing masked but the positive);
         `queue_v` [K, D] / `queue_t` [K', D] with the image row of each entry (needed when image_ids is
         given). Give both queues or neither (None: in-batch negatives)."""
@@ -73,7 +89,9 @@ class ContrastiveDistillLoss(nn.Module):
         if queue_v is None:
             return sum(in_batch_info_nce(a, p, image_ids, T) for a, p, _ in pairs)
         if image_ids is not None and (queue_v_image_ids is None or queue_t_image_ids is None):
-            raise ValueError("contrastive loss: masking same-image negatives needs queue_v_image_ids and "
-                             "queue_t_image_ids (the image row of every queue entry)")
+            raise ValueError(
+                "contrastive loss: masking same-image negatives needs queue_v_image_ids and "
+                "queue_t_image_ids (the image row of every queue entry)"
+            )
         queues = {"v": (teacher_fp32(queue_v), queue_v_image_ids), "t": (teacher_fp32(queue_t), queue_t_image_ids)}
         return sum(queue_info_nce(a, p, queues[m][0], image_ids, queues[m][1], T) for a, p, m in pairs)

@@ -5,6 +5,7 @@
 The cosine is computed (not just the dot product), so the term stays right if a caller passes rows that
 are not exactly unit-norm.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F

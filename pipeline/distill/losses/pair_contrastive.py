@@ -8,6 +8,7 @@ No teacher: this term alone trains the UNDISTILLED baseline on the image-caption
 Off-diagonal entries of the same image (two captions of one image in a shuffled caption batch) are
 masked out (logit -inf) when image ids are given: they are not negatives. Fixed temperature.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ One temperature `tau` for teacher and student (the stored features carry no logi
 the same image are not masked here: this term matches distributions, and the teacher gives such columns
 the same probability mass, which is exactly what the student should copy.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -19,8 +20,12 @@ from pipeline.distill.losses._util import student_fp32, teacher_fp32
 
 def kl_rows(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     """mean_i KL(softmax(teacher_i) || softmax(student_i))."""
-    return F.kl_div(F.log_softmax(student_logits, dim=1), F.log_softmax(teacher_logits, dim=1),
-                    reduction="batchmean", log_target=True)
+    return F.kl_div(
+        F.log_softmax(student_logits, dim=1),
+        F.log_softmax(teacher_logits, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
 
 class RelationDistillLoss(nn.Module):

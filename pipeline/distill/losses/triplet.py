@@ -17,6 +17,7 @@ Margin: 0.2 by default (VSE++ and the public DSMD code's default); DSMD's traini
 the paper's text says its margin coefficient is 0 (its sensitivity table: 0 -> RSUM 528.8, 0.05 -> 518.6).
 With margin 0 the term reaches exactly 0 once every hardest negative is below its positive.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,5 +51,9 @@ class HardNegativeTripletLoss(nn.Module):
         s_v, s_t = student_fp32(s_v), student_fp32(s_t)
         t_v, t_t = teacher_fp32(t_v), teacher_fp32(t_t)
         m = self.margin
-        return (hardest_negative_triplet(s_v, t_v, image_ids, m) + hardest_negative_triplet(s_t, t_t, image_ids, m)
-                + hardest_negative_triplet(s_v, t_t, image_ids, m) + hardest_negative_triplet(s_t, t_v, image_ids, m))
+        return (
+            hardest_negative_triplet(s_v, t_v, image_ids, m)
+            + hardest_negative_triplet(s_t, t_t, image_ids, m)
+            + hardest_negative_triplet(s_v, t_t, image_ids, m)
+            + hardest_negative_triplet(s_t, t_v, image_ids, m)
+        )
