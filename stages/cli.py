@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+import pipeline
 from stages import demo_data, distill, evaluate, extract, features, prepare
 
 app = typer.Typer(
@@ -13,6 +14,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kdpipe {pipeline.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the kdpipe version and exit."
+    ),
+) -> None:
+    """Distil a large image-text teacher into a small retrieval model from stored teacher features."""
+
+
 app.command("prepare")(prepare.command)
 app.command("extract")(extract.command)
 app.command("distill")(distill.command)
