@@ -96,3 +96,41 @@ def test_bad_files(tmp_path):
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(InputError, match="not a SentencePiece model"):
         BEiT3Tokenizer(bad)
+
+
+# -- against an independent implementation: transformers' XLMRobertaTokenizer, as unilm/beit3 builds it ----
+ODD = [
+    "  two  spaces   and a tab\there ",  # whitespace folding
+    "ﬁne ① Ｆｕｌｌ width",  # NFKC (the spm model's normalizer)
+    "a man a woman a dog a cat riding a bike on the street with a red hat " * 3,  # longer than max_len
+]
+
+
+@pytest.fixture(scope="module")
+def xlmr(tiny_spm, tmp_path_factory):
+    """transformers' XLMRobertaTokenizer on the same spm model (unilm/beit3: XLMRobertaTokenizer(beit3.spm)).
+
+    transformers 5 builds it through its SentencePiece converter, which reads the model with protobuf."""
+    import shutil
+
+    from transformers import XLMRobertaTokenizer
+
+    directory = tmp_path_factory.mktemp("xlmr")
+    shutil.copy(tiny_spm, directory / "sentencepiece.bpe.model")  # the file name transformers looks for
+    return XLMRobertaTokenizer.from_pretrained(directory)
+
+
+def test_fairseq_mapping_equals_transformers_xlmroberta(tiny_spm, sp, xlmr):
+    tok = BEiT3Tokenizer(tiny_spm)
+    # the id table: specials, every piece, <unk> and <mask>
+    assert (xlmr.bos_token_id, xlmr.pad_token_id, xlmr.eos_token_id, xlmr.unk_token_id) == (BOS, PAD, EOS, UNK)
+    for k in range(3, sp.get_piece_size()):
+        assert xlmr.convert_tokens_to_ids(sp.id_to_piece(k)) == k + 1, sp.id_to_piece(k)
+    assert len(xlmr) == tok.vocab_size and xlmr.mask_token_id == tok.vocab_size - 1
+    # whole captions as unilm/beit3's _get_text_segment builds them: tokenize -> ids -> [:max_len - 2] -> <s> .. </s>
+    for max_len in (64, 8):
+        tok = BEiT3Tokenizer(tiny_spm, max_len=max_len)
+        for text in SENTENCES + ODD:
+            ids = xlmr.convert_tokens_to_ids(xlmr.tokenize(text))
+            assert tok.encode(text) == [BOS, *ids[: max_len - 2], EOS], (max_len, text)
+            assert xlmr(text)["input_ids"] == [BOS, *ids, EOS]  # the tokenizer's own special-token wrapping agrees

@@ -92,8 +92,14 @@ class DistillConfig:
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0  # optimizer steps of linear warmup from 0
-    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup; DSMD: constant
+    # After warmup. The DSMD paper and code use `step` (configs/); `constant` stays the default because a
+    # step schedule's decay epochs only make sense for a given number of epochs.
+    schedule: Literal["constant", "cosine", "linear", "step"] = "constant"
     min_lr_ratio: float = 0.0  # cosine / linear decay to lr x this at the last step
+    # step: the rate is multiplied by decay_factor once this many epochs are done, for each listed number
+    # (torch's MultiStepLR stepped per epoch; DSMD: (10,) of 20 epochs in the paper, StepLR(20) in the code)
+    decay_epochs: tuple[int, ...] = ()
+    decay_factor: float = 0.1
     grad_accum: int = 1
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
@@ -122,10 +128,27 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, min_lr_ratio in [0, 1]")
+        self._check_step_schedule()
         if self.select_best_on == "val" and (not self.val_split or self.eval_every_epochs == 0):
             raise ValueError(
                 "select_best_on: val needs val_split and eval_every_epochs > 0 (or use select_best_on: last)"
             )
+
+    def _check_step_schedule(self) -> None:
+        if self.schedule != "step":
+            if self.decay_epochs:
+                raise ValueError(f"decay_epochs is used by schedule: step only (schedule is {self.schedule!r})")
+            return
+        if not self.decay_epochs:
+            raise ValueError("schedule: step needs decay_epochs (e.g. [10]: x decay_factor after epoch 10)")
+        e = self.decay_epochs
+        if any(b <= a for a, b in zip(e, e[1:])) or not 0 < e[0] or e[-1] >= self.epochs:
+            # an epoch >= epochs would never apply: almost surely epochs was changed and decay_epochs was not
+            raise ValueError(
+                f"decay_epochs must increase strictly within 1..{self.epochs - 1} (epochs - 1), got {list(e)}"
+            )
+        if not (math.isfinite(self.decay_factor) and 0 < self.decay_factor <= 1):
+            raise ValueError(f"decay_factor must be in (0, 1], got {self.decay_factor!r}")
 
 
 # Keys that change how fast a run goes, not what it computes: a checkpoint may be resumed with other values.
@@ -210,11 +233,23 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 
 
 def lr_factor(cfg: DistillConfig, total_steps: int) -> Callable[[int], float]:
+    """The LambdaLR factor of optimizer step `step` (0-based) of a run of `total_steps` = epochs x steps per epoch.
+
+    `step` is per epoch, as DSMD's StepLR stepped after each epoch: optimizer step s lies in epoch
+    s // (total_steps / epochs), and the factor is decay_factor ** (how many decay_epochs that epoch has
+    reached), the same for every step of the epoch."""
+    if total_steps <= 0 or total_steps % cfg.epochs:
+        raise ValueError(f"lr_factor: total_steps {total_steps} is not epochs ({cfg.epochs}) x steps per epoch")
+    steps_per_epoch = total_steps // cfg.epochs
+
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
+        if cfg.schedule == "step":
+            done = step // steps_per_epoch  # epochs completed before this step
+            return cfg.decay_factor ** sum(done >= e for e in cfg.decay_epochs)
         span = max(1, total_steps - cfg.warmup_steps)
         t = min(1.0, (step - cfg.warmup_steps) / span)
         shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t

@@ -22,10 +22,15 @@ from torch import nn
 from pipeline.errors import InputError
 from pipeline.towers import load_pretrained_strict, offline_hub, require_dir
 
-# The ImageNet-21k ViTs (google/vit-*-in21k) were trained with mean = std = 0.5 (DSMD's code used the
-# ImageNet constants instead); used when neither the config nor the model dir says otherwise.
-VIT_MEAN = (0.5, 0.5, 0.5)
-VIT_STD = (0.5, 0.5, 0.5)
+# Named pixel normalizations, (mean, std) per RGB channel of pixels in [0, 1] (`pixel_norm`).
+PIXEL_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    # The ImageNet-21k ViTs (google/vit-*-in21k, their preprocessor_config.json) were trained with this
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # torchvision's ImageNet statistics: what DSMD's code normalizes its in21k ViT's input with
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+# Used when neither the config nor the tower's own preprocessing config says otherwise.
+VIT_MEAN, VIT_STD = PIXEL_NORMS["half"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,13 @@ class ImageTowerConfig:
     timm_name: str = ""  # timm: the model name, e.g. "vit_base_patch16_224"
     pooling: Literal["cls", "mean"] = "cls"
     image_size: int = 224  # input resolution of the tower; cached images of another size are resized on the device
-    # Normalization; None: from the model dir's preprocessor_config.json (hf_vit), the timm pretrained config,
-    # EfficientNet-Lite0's constants, else 0.5 / 0.5 (ImageNet-21k ViTs).
+    # Pixel normalization: `half` (0.5 / 0.5) or `imagenet` (ImageNet mean / std), or `auto`: the tower's own
+    # preprocessing config, i.e. what its weights were trained with: hf_vit the model dir's
+    # preprocessor_config.json (image_mean / image_std; google/vit-*-in21k: half), timm the model's
+    # pretrained_cfg mean / std, efficientnet_lite0 the constants of its packaged weights (half); half where
+    # there is none (a random init, or a dir without preprocessor_config.json).
+    pixel_norm: Literal["auto", "half", "imagenet"] = "auto"
+    # Explicit constants instead of a named pixel_norm (each, when given, overrides the resolved value).
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     # hf_vit random-init sizes (ignored when `path` is given); defaults: ViT-B/16.
@@ -58,6 +68,16 @@ class ImageTowerConfig:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.pixel_norm != "auto" and (self.mean is not None or self.std is not None):
+            raise ValueError(f"pixel_norm {self.pixel_norm!r} and explicit mean/std: give one of the two")
+
+
+def resolve_pixel_norm(cfg: ImageTowerConfig, own_mean, own_std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a tower: explicit mean/std, else the named pixel_norm, else the tower's own (`auto`)."""
+    mean, std = PIXEL_NORMS[cfg.pixel_norm] if cfg.pixel_norm != "auto" else (own_mean, own_std)
+    mean = cfg.mean if cfg.mean is not None else mean
+    std = cfg.std if cfg.std is not None else std
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 class ImageTower(nn.Module):
@@ -104,8 +124,7 @@ class HFViTTower(ImageTower):
                 patch_size=cfg.patch_size,
             )
             self.model = ViTModel(vit_cfg, add_pooling_layer=False)
-        self.mean = tuple(cfg.mean) if cfg.mean is not None else mean
-        self.std = tuple(cfg.std) if cfg.std is not None else std
+        self.mean, self.std = resolve_pixel_norm(cfg, mean, std)
         self.out_dim = self.model.config.hidden_size
         self.interpolate = self.model.config.image_size != cfg.image_size
 
@@ -152,8 +171,7 @@ class EfficientNetLite0Tower(ImageTower):
         # The 1000-way classifier is not part of the tower: drop it so that no parameter is left without a gradient.
         self.model.net._fc = nn.Identity()
         self.model.net._dropout = nn.Identity()
-        self.mean = tuple(cfg.mean) if cfg.mean is not None else tuple(assets.EFFICIENTNET_LITE0_MEAN)
-        self.std = tuple(cfg.std) if cfg.std is not None else tuple(assets.EFFICIENTNET_LITE0_STD)
+        self.mean, self.std = resolve_pixel_norm(cfg, assets.EFFICIENTNET_LITE0_MEAN, assets.EFFICIENTNET_LITE0_STD)
         self.out_dim = assets.EFFICIENTNET_LITE0_FEATURE_DIM
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -220,8 +238,7 @@ class TimmTower(ImageTower):
             raise
         self.timm_name = cfg.timm_name
         pcfg = getattr(self.model, "pretrained_cfg", {}) or {}
-        self.mean = tuple(cfg.mean) if cfg.mean is not None else tuple(pcfg.get("mean", VIT_MEAN))
-        self.std = tuple(cfg.std) if cfg.std is not None else tuple(pcfg.get("std", VIT_STD))
+        self.mean, self.std = resolve_pixel_norm(cfg, pcfg.get("mean", VIT_MEAN), pcfg.get("std", VIT_STD))
         self.out_dim = self.model.num_features
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
