@@ -539,63 +539,74 @@ def open_split(index: DatasetIndex, cache: ImageCache, store: FeatureStore | Non
     )
 
 
-def run_distill(
-    cfg: DistillConfig,
-    *,
-    index: DatasetIndex,
-    store: FeatureStore,
-    cache: ImageCache,
-    out_dir: Path | str,
-    baseline: bool = False,
-    resume: bool = True,
-    stop_after_steps: int | None = None,
-) -> DistillResult:
-    """Train a student against `store` and export it into `out_dir`.
+# ---------------------------------------------------------------------------------------------------------
+# Setup: inputs, model, loss, balancer, data, optimizer, resume, logs -> one `Run`
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a run sets up once and the loop reads (and `state`, the position it advances)."""
 
-    `baseline`: train with `cfg.baseline_loss` (pairs only) instead of `cfg.loss`. `resume`: continue from
-    `out_dir/checkpoints/last.pt` when it exists (its config must match, runtime keys aside); otherwise start
-    over. `stop_after_steps` (tests): return after that many optimizer steps without writing anything more,
-    as if the process had been killed there."""
-    out_dir = Path(out_dir)
-    loss_cfg = cfg.baseline_loss if baseline else cfg.loss
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    main = rank == 0
-    device = resolve_device(cfg.device, "distill.device")
+    cfg: DistillConfig
+    out_dir: Path
+    baseline: bool
+    world: int
+    rank: int
+    device: torch.device
+    meta: dict  # what a checkpoint must share with the inputs to be resumed
+    train: PairSplit
+    val: PairSplit | None
+    model: DualEncoderStudent
+    loss_fn: DistillLoss
+    balancer: LossBalancer
+    use_bf16: bool
+    sampler: EpochSampler
+    loader: BatchLoader
+    val_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    opt_steps_per_epoch: int
+    total_steps: int
+    cfg_dict: dict = field(default_factory=dict)
+    state: TrainState = field(default_factory=TrainState)
+    forward: Any = None  # the training forward: the model, DDP or compiled
+    train_log: CsvLog | None = None
+    val_log: CsvLog | None = None
+    gen: torch.Generator = field(default_factory=torch.Generator)  # augmentation, reseeded every micro-step
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.pt"
+
+    @property
+    def pairs_per_opt_step(self) -> int:
+        return self.sampler.global_batch * self.cfg.grad_accum
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+
+def open_inputs(
+    cfg: DistillConfig, index: DatasetIndex, store: FeatureStore, cache: ImageCache
+) -> tuple[PairSplit, PairSplit | None]:
+    """The training split (with its teacher rows) and the validation split (teacher rows when the store has them)."""
     if cfg.teacher_dim is not None and store.dim != cfg.teacher_dim:
         raise InputError(f"{store.path}: feature dimension {store.dim}, expected distill.teacher_dim={cfg.teacher_dim}")
-    fingerprint = (store.dataset or {}).get("fingerprint")
-    meta = {
-        "dim": store.dim,
-        "fingerprint": fingerprint,
-        "train_split": cfg.train_split,
-        "baseline": baseline,
-        "teacher": store.teacher,
-        "world_size": world,
-    }
-
     train = open_split(index, cache, store, cfg.train_split, "train_split")
     val = None
     if cfg.val_split and cfg.eval_every_epochs:
         val_store = store if cfg.val_split in store.splits else None
         val = open_split(index, cache, val_store, cfg.val_split, "val_split")
+    return train, val
 
-    # -- model, loss, balancer (the init is a function of the seed) --------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = build_student(cfg.student, store.dim).to(device)
-    loss_fn = DistillLoss(loss_cfg).to(device)
-    balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
-    use_bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-
-    # -- data ---------------------------------------------------------------------------------------------
+def build_data(
+    cfg: DistillConfig, train: PairSplit, model: DualEncoderStudent, loss_fn: DistillLoss, world: int, rank: int
+) -> tuple[EpochSampler, BatchLoader, int]:
+    """The pair sampler, the teacher bank and the batch loader of the training split; optimizer steps per epoch."""
     sampler = EpochSampler(len(train.captions), cfg.batch_size, cfg.seed, world_size=world, rank=rank)
     opt_steps_per_epoch = sampler.steps_per_epoch // cfg.grad_accum
     if opt_steps_per_epoch == 0:
@@ -603,7 +614,7 @@ def run_distill(
             f"split {cfg.train_split!r} has {len(train.captions)} pairs: fewer than one optimizer step "
             f"of {sampler.global_batch * cfg.grad_accum} (batch_size x grad_accum x processes)"
         )
-    queue_size = loss_cfg.queue_size
+    queue_size = loss_fn.cfg.queue_size
     if loss_fn.needs_queue and queue_size > len(train.captions) - sampler.global_batch:
         raise InputError(
             f"distill.loss.queue_size={queue_size}: the split {cfg.train_split!r} has only "
@@ -611,6 +622,7 @@ def run_distill(
             "negatives fit beside a batch; lower it, or use 0 for the whole bank"
         )
     st = train.store
+    device = next(model.parameters()).device
     bank = TeacherBank(
         st.image_emb,
         st.text_emb,
@@ -635,239 +647,336 @@ def run_distill(
         num_workers=cfg.num_workers,
         cache_rows=train.cache_rows,
     )
-    val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
+    return sampler, loader, opt_steps_per_epoch
 
-    # -- optimizer and schedule -------------------------------------------------------------------------------
+
+def setup_run(
+    cfg: DistillConfig,
+    *,
+    index: DatasetIndex,
+    store: FeatureStore,
+    cache: ImageCache,
+    out_dir: Path,
+    baseline: bool,
+    resume: bool,
+) -> Run:
+    """Inputs -> model, loss, balancer (the init is a function of the seed) -> data -> optimizer -> resume
+    or start over -> logs -> the training forward."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = resolve_device(cfg.device, "distill.device")
+    train, val = open_inputs(cfg, index, store, cache)
+    meta = {
+        "dim": store.dim,
+        "fingerprint": (store.dataset or {}).get("fingerprint"),
+        "train_split": cfg.train_split,
+        "baseline": baseline,
+        "teacher": store.teacher,
+        "world_size": world,
+    }
+    torch.manual_seed(cfg.seed)
+    model = build_student(cfg.student, store.dim).to(device)
+    loss_fn = DistillLoss(cfg.baseline_loss if baseline else cfg.loss).to(device)
+    balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank)
+    val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
     total_steps = cfg.epochs * opt_steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+    run = Run(
+        cfg, out_dir, baseline, world, rank, device, meta, train, val, model, loss_fn, balancer, use_bf16,
+        sampler, loader, val_tokens, optimizer, scheduler, opt_steps_per_epoch, total_steps, cfg_dict=to_dict(cfg),
+    )  # fmt: skip
+    restore_or_start_over(run, resume)
+    open_logs(run)
+    run.forward = training_forward(run)
+    return run
 
-    # -- resume or start over ---------------------------------------------------------------------------------
-    cfg_dict = to_dict(cfg)
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    state = TrainState()
-    if resume and ckpt_path.is_file():
-        blob = load_checkpoint(ckpt_path, cfg_dict, meta)
-        model.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        balancer.load_state_dict(blob["balancer"])
-        state = TrainState(**blob["state"])
+
+def restore_or_start_over(run: Run, resume: bool) -> None:
+    """Load the last checkpoint (model, optimizer, scheduler, balancer, position, RNG) or clear the outputs."""
+    if resume and run.ckpt_path.is_file():
+        blob = load_checkpoint(run.ckpt_path, run.cfg_dict, run.meta)
+        run.model.load_state_dict(blob["model"])
+        run.optimizer.load_state_dict(blob["optimizer"])
+        run.scheduler.load_state_dict(blob["scheduler"])
+        run.balancer.load_state_dict(blob["balancer"])
+        run.state = TrainState(**blob["state"])
         torch.set_rng_state(blob["rng"]["torch"])
         if blob["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-        if main:
-            info(f"distill: resuming from {ckpt_path} at epoch {state.epoch + 1}, step {state.global_step}")
-    elif main:
-        clear_outputs(out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, out_dir / "distill_config.yaml", "distill")
-    resumed = state.global_step > 0 or state.epoch > 0
-    train_log = val_log = None
-    if main:
-        term_cols = list(loss_fn.term_names)
-        train_log = CsvLog(
-            out_dir / "train_log.csv",
-            ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols]],
-            keep_until=state.global_step if resumed else None,
-            key="step",
-        )
-        val_cols = [
-            "epoch",
-            "step",
-            "i2t_r1",
-            "i2t_r5",
-            "i2t_r10",
-            "t2i_r1",
-            "t2i_r5",
-            "t2i_r10",
-            "rsum",
-            "i2t_medr",
-            "t2i_medr",
-            "teacher_cos_v",
-            "teacher_cos_t",
-        ]
-        val_log = CsvLog(out_dir / "val_log.csv", val_cols, keep_until=state.epoch if resumed else None, key="epoch")
+        if run.main:
+            info(f"distill: resuming from {run.ckpt_path} at epoch {run.state.epoch + 1}, step {run.state.global_step}")
+    elif run.main:
+        clear_outputs(run.out_dir)
+    if run.main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(run.cfg, run.out_dir / "distill_config.yaml", "distill")
 
-    # -- the training forward: DDP and / or torch.compile around the student ---------------------------------
-    forward = model
-    if world > 1:
+
+VAL_COLUMNS = ["epoch", "step", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+VAL_COLUMNS += ["i2t_medr", "t2i_medr", "teacher_cos_v", "teacher_cos_t"]
+
+
+def open_logs(run: Run) -> None:
+    """train_log.csv and val_log.csv (main process), cut back to the checkpoint's position on resume."""
+    if not run.main:
+        return
+    state = run.state
+    resumed = state.global_step > 0 or state.epoch > 0
+    term_cols = list(run.loss_fn.term_names)
+    run.train_log = CsvLog(
+        run.out_dir / "train_log.csv",
+        ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols]],
+        keep_until=state.global_step if resumed else None,
+        key="step",
+    )
+    run.val_log = CsvLog(
+        run.out_dir / "val_log.csv", VAL_COLUMNS, keep_until=state.epoch if resumed else None, key="epoch"
+    )
+
+
+def training_forward(run: Run):
+    """DDP and / or torch.compile around the student (the model itself on one process, uncompiled)."""
+    forward = run.model
+    if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
+        forward = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.cfg.compile:
         forward = torch.compile(forward)
+    return forward
 
-    def export(reason: str) -> None:
-        save_student(model, out_dir)
-        info(f"distill: exported the student ({reason})")
 
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(
-                ckpt_path,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                balancer=balancer,
-                state=state,
-                cfg_dict=cfg_dict,
-                meta=meta,
-            )
-        if world > 1:
-            dist.barrier()
+# ---------------------------------------------------------------------------------------------------------
+# Step: micro-steps (forward, balancer, backward) -> optimizer step (log, periodic checkpoint)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Meter:
+    """Running sums of the logged values since the last train_log row, and the session's throughput."""
 
-    # -- the loop ---------------------------------------------------------------------------------------------
-    pairs_per_opt_step = sampler.global_batch * cfg.grad_accum
-    remaining = (total_steps - state.global_step) * pairs_per_opt_step
-    gen = torch.Generator()
-    acc: dict[str, float] = {}
-    acc_n, acc_pairs, t_log = 0, 0, time.perf_counter()
-    t_start, pairs_done = time.perf_counter(), 0
-    t_epoch = t_start
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    bar_cm = (
-        progress("distill" + (" (baseline)" if baseline else ""), remaining, unit="pairs") if main else nullcontext()
+    acc: dict[str, float] = field(default_factory=dict)
+    n: int = 0
+    pairs: int = 0
+    t_log: float = field(default_factory=time.perf_counter)
+    t_start: float = field(default_factory=time.perf_counter)
+    t_epoch: float = field(default_factory=time.perf_counter)
+    pairs_done: int = 0  # pairs trained on in this session (pairs/s of the result)
+
+    def add(self, values: dict[str, float], weights: dict[str, float], pairs: int) -> None:
+        for k, v in values.items():
+            self.acc[k] = self.acc.get(k, 0.0) + v
+        self.acc["loss"] = self.acc.get("loss", 0.0) + sum(weights[k] * values[k] for k in values)
+        self.n += 1
+        self.pairs += pairs
+
+    def flush(self, row: dict[str, Any]) -> dict[str, Any]:
+        """`row` plus pairs/s and the means since the last flush; starts new sums."""
+        now = time.perf_counter()
+        row = {**row, "pairs_per_s": self.pairs / max(now - self.t_log, 1e-9)}
+        row.update({k: v / self.n for k, v in self.acc.items()})
+        self.acc, self.n, self.pairs, self.t_log = {}, 0, 0, now
+        return row
+
+    def pairs_per_s(self) -> float:
+        elapsed = time.perf_counter() - self.t_start
+        return self.pairs_done / elapsed if elapsed > 0 else 0.0
+
+
+def micro_step(run: Run, hb, epoch: int, weights: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Forward and backward of one micro-batch; returns its raw term values and the step's weights (set by the
+    balancer from the first micro-batch of each optimizer step)."""
+    cfg = run.cfg
+    micro = hb.step % cfg.grad_accum  # position inside the optimizer step
+    seed = step_seed(cfg.seed, epoch, hb.step, run.rank)
+    b = run.loader.to_device(hb)
+    skip_sync = run.world > 1 and micro != cfg.grad_accum - 1  # DDP: reduce gradients on the last micro-step only
+    with run.forward.no_sync() if skip_sync and hasattr(run.forward, "no_sync") else nullcontext():
+        raw = loss_terms(
+            run.model,
+            run.forward,
+            run.loss_fn,
+            b,
+            augment=cfg.augment,
+            seed=seed,
+            gen=run.gen,
+            autocast=run.autocast,
+            world=run.world,
+        )
+        # one device sync per micro-step: the balancer needs the values before the backward
+        values = dict(zip(raw, torch.stack([v.detach() for v in raw.values()]).tolist()))
+        if micro == 0:
+            weights = run.balancer.weights(values)
+        total = sum(weights[k] * raw[k] for k in run.loss_fn.term_names) / cfg.grad_accum
+        total.backward()
+    del b, raw, total
+    run.loader.release(hb)
+    return values, weights
+
+
+def optimizer_step(run: Run, epoch: int, meter: Meter, weights: dict[str, float], bar) -> None:
+    """Clip, step, advance the position; then the log row and the periodic (mid-epoch) checkpoint."""
+    cfg, state = run.cfg, run.state
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    state.step_in_epoch += 1
+    meter.pairs_done += run.pairs_per_opt_step
+    if run.main:
+        bar.postfix = f"epoch {epoch + 1}/{cfg.epochs} loss {meter.acc['loss'] / meter.n:.4g}"
+        bar.advance(run.pairs_per_opt_step)
+    end_of_epoch = state.step_in_epoch == run.opt_steps_per_epoch
+    if run.main and (state.global_step % cfg.log_every_steps == 0 or end_of_epoch):
+        row = meter.flush({"step": state.global_step, "epoch": epoch + 1, "lr": lr})
+        row.update({f"w_{k}": float(w) for k, w in weights.items()})
+        run.train_log.write(row)
+    if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
+        checkpoint(run)
+
+
+def train_epoch(run: Run, epoch: int, meter: Meter, bar, stop_after_steps: int | None) -> bool:
+    """The remaining optimizer steps of `epoch`; True when stopped by `stop_after_steps`."""
+    cfg = run.cfg
+    first = run.state.step_in_epoch * cfg.grad_accum
+    last = run.opt_steps_per_epoch * cfg.grad_accum
+    weights: dict[str, float] = {}
+    for hb in run.loader.iterate(epoch, first, last):
+        values, weights = micro_step(run, hb, epoch, weights)
+        meter.add(values, weights, run.sampler.global_batch)
+        if hb.step % cfg.grad_accum != cfg.grad_accum - 1:
+            continue
+        optimizer_step(run, epoch, meter, weights, bar)
+        if stop_after_steps is not None and run.state.global_step >= stop_after_steps:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End of epoch: validate, keep the best, checkpoint
+# ---------------------------------------------------------------------------------------------------------
+def checkpoint(run: Run) -> None:
+    if run.main:
+        save_checkpoint(
+            run.ckpt_path,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            balancer=run.balancer,
+            state=run.state,
+            cfg_dict=run.cfg_dict,
+            meta=run.meta,
+        )
+    if run.world > 1:
+        dist.barrier()
+
+
+def export(run: Run, reason: str) -> None:
+    save_student(run.model, run.out_dir)
+    info(f"distill: exported the student ({reason})")
+
+
+def validate_epoch(run: Run) -> None:
+    """Val recalls of the current weights (main process), logged; export when they are the best so far."""
+    cfg, state = run.cfg, run.state
+    if run.main:
+        metrics = validate(run.model, run.val, run.val_tokens, cfg.eval_batch_size, run.autocast)
+        state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
+        run.val_log.write(state.history[-1])
+        info(
+            f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
+            f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})"
+        )
+        if cfg.select_best_on == "val" and metrics["rsum"] > state.best_rsum:
+            state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
+            export(run, f"best val RSUM {metrics['rsum']:.2f} at epoch {state.epoch}")
+    if run.world > 1:
+        dist.barrier()
+
+
+def end_epoch(run: Run, epoch: int, meter: Meter) -> None:
+    state = run.state
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    is_last = state.epoch == run.cfg.epochs
+    if run.val is not None and (state.epoch % run.cfg.eval_every_epochs == 0 or is_last):
+        validate_epoch(run)
+    checkpoint(run)
+    if run.main and time.perf_counter() - meter.t_epoch > 60:  # a plot costs ~1 s: after long epochs, and at the end
+        plot_training(run.out_dir)
+    meter.t_log = meter.t_epoch = time.perf_counter()  # pairs/s measures training, not validation and checkpoints
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export and the run
+# ---------------------------------------------------------------------------------------------------------
+def result(run: Run, meter: Meter, completed: bool) -> DistillResult:
+    s = run.state
+    return DistillResult(
+        run.out_dir, s.global_step, s.epoch, s.best_epoch, s.best_rsum, s.history, meter.pairs_per_s(), completed
     )
-    with bar_cm as bar:
-        for epoch in range(state.epoch, cfg.epochs):
-            first = state.step_in_epoch * cfg.grad_accum
-            last = opt_steps_per_epoch * cfg.grad_accum
-            weights: dict[str, float] = {}
-            for hb in loader.iterate(epoch, first, last):
-                micro = hb.step % cfg.grad_accum  # position inside the optimizer step
-                seed = step_seed(cfg.seed, epoch, hb.step, rank)
-                b = loader.to_device(hb)
-                skip_sync = (
-                    world > 1 and micro != cfg.grad_accum - 1
-                )  # DDP: reduce gradients on the last micro-step only
-                with forward.no_sync() if skip_sync and hasattr(forward, "no_sync") else nullcontext():
-                    raw = loss_terms(
-                        model,
-                        forward,
-                        loss_fn,
-                        b,
-                        augment=cfg.augment,
-                        seed=seed,
-                        gen=gen,
-                        autocast=autocast,
-                        world=world,
-                    )
-                    # one device sync per micro-step: the balancer needs the values before the backward
-                    values = dict(zip(raw, torch.stack([v.detach() for v in raw.values()]).tolist()))
-                    if micro == 0:  # one set of weights per optimizer step, from its first micro-batch
-                        weights = balancer.weights(values)
-                    total = sum(weights[k] * raw[k] for k in loss_fn.term_names) / cfg.grad_accum
-                    total.backward()
-                del b, raw, total
-                loader.release(hb)
-                for k, v in values.items():
-                    acc[k] = acc.get(k, 0.0) + v
-                acc["loss"] = acc.get("loss", 0.0) + sum(weights[k] * values[k] for k in values)
-                acc_n += 1
-                acc_pairs += sampler.global_batch
-                if micro != cfg.grad_accum - 1:
-                    continue
-                # -- optimizer step --
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.global_step += 1
-                state.step_in_epoch += 1
-                pairs_done += pairs_per_opt_step
-                if main:
-                    bar.postfix = f"epoch {epoch + 1}/{cfg.epochs} loss {acc['loss'] / acc_n:.4g}"
-                    bar.advance(pairs_per_opt_step)
-                if main and (
-                    state.global_step % cfg.log_every_steps == 0 or state.step_in_epoch == opt_steps_per_epoch
-                ):
-                    now = time.perf_counter()
-                    row = {
-                        "step": state.global_step,
-                        "epoch": epoch + 1,
-                        "lr": lr,
-                        "pairs_per_s": acc_pairs / max(now - t_log, 1e-9),
-                    }
-                    row.update({k: v / acc_n for k, v in acc.items()})
-                    row.update({f"w_{k}": float(w) for k, w in weights.items()})
-                    train_log.write(row)
-                    acc, acc_n, acc_pairs, t_log = {}, 0, 0, now
-                end_of_epoch = state.step_in_epoch == opt_steps_per_epoch
-                if (
-                    cfg.checkpoint_every_steps
-                    and state.global_step % cfg.checkpoint_every_steps == 0
-                    and not end_of_epoch
-                ):
-                    checkpoint()
-                if stop_after_steps is not None and state.global_step >= stop_after_steps:
-                    return DistillResult(
-                        out_dir,
-                        state.global_step,
-                        state.epoch,
-                        state.best_epoch,
-                        state.best_rsum,
-                        state.history,
-                        pairs_done / (time.perf_counter() - t_start),
-                        False,
-                    )
 
-            # -- end of epoch: validate, keep the best, checkpoint --
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            is_last = state.epoch == cfg.epochs
-            if val is not None and (state.epoch % cfg.eval_every_epochs == 0 or is_last):
-                if main:
-                    metrics = validate(model, val, val_tokens, cfg.eval_batch_size, autocast)
-                    state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
-                    val_log.write(state.history[-1])
-                    info(
-                        f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
-                        f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})"
-                    )
-                    if cfg.select_best_on == "val" and metrics["rsum"] > state.best_rsum:
-                        state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
-                        export(f"best val RSUM {metrics['rsum']:.2f} at epoch {state.epoch}")
-                if world > 1:
-                    dist.barrier()
-            checkpoint()
-            if main and time.perf_counter() - t_epoch > 60:  # a plot costs ~1 s: after long epochs, and at the end
-                plot_training(out_dir)
-            t_log = t_epoch = time.perf_counter()  # pairs/s measures training, not validation and checkpoints
 
-    if main:
+def finish(run: Run, meter: Meter) -> DistillResult:
+    """Export the selected weights (if not yet), the final plot and train_summary.json."""
+    cfg, state = run.cfg, run.state
+    if run.main:
         if cfg.select_best_on == "last":
             state.best_epoch = state.epoch
-            export("last epoch")
-        elif not (out_dir / "student_config.json").is_file():  # resumed after the last export was lost
-            export("last epoch: no exported best found")
-        plot_training(out_dir)
-        elapsed = time.perf_counter() - t_start
+            export(run, "last epoch")
+        elif not (run.out_dir / "student_config.json").is_file():  # resumed after the last export was lost
+            export(run, "last epoch: no exported best found")
+        plot_training(run.out_dir)
         summary = {
             "epochs": state.epoch,
             "steps": state.global_step,
             "best_epoch": state.best_epoch,
             "best_val_rsum": state.best_rsum if state.best_epoch > 0 and cfg.select_best_on == "val" else None,
-            "baseline": baseline,
-            "loss_terms": list(loss_fn.term_names),
-            "world_size": world,
-            "pairs_per_s_this_session": pairs_done / elapsed if elapsed > 0 else None,
+            "baseline": run.baseline,
+            "loss_terms": list(run.loss_fn.term_names),
+            "world_size": run.world,
+            "pairs_per_s_this_session": meter.pairs_per_s() if time.perf_counter() > meter.t_start else None,
             "history": state.history,
         }
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    elapsed = time.perf_counter() - t_start
-    return DistillResult(
-        out_dir,
-        state.global_step,
-        state.epoch,
-        state.best_epoch,
-        state.best_rsum,
-        state.history,
-        pairs_done / elapsed if elapsed > 0 else 0.0,
-        True,
-    )
+        (run.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result(run, meter, True)
+
+
+def run_distill(
+    cfg: DistillConfig,
+    *,
+    index: DatasetIndex,
+    store: FeatureStore,
+    cache: ImageCache,
+    out_dir: Path | str,
+    baseline: bool = False,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+) -> DistillResult:
+    """Train a student against `store` and export it into `out_dir`.
+
+    `baseline`: train with `cfg.baseline_loss` (pairs only) instead of `cfg.loss`. `resume`: continue from
+    `out_dir/checkpoints/last.pt` when it exists (its config must match, runtime keys aside); otherwise start
+    over. `stop_after_steps` (tests): return after that many optimizer steps without writing anything more,
+    as if the process had been killed there."""
+    run = setup_run(cfg, index=index, store=store, cache=cache, out_dir=Path(out_dir), baseline=baseline, resume=resume)
+    meter = Meter()
+    remaining = (run.total_steps - run.state.global_step) * run.pairs_per_opt_step
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    title = "distill" + (" (baseline)" if baseline else "")
+    with progress(title, remaining, unit="pairs") if run.main else nullcontext() as bar:
+        for epoch in range(run.state.epoch, cfg.epochs):
+            if train_epoch(run, epoch, meter, bar, stop_after_steps):
+                return result(run, meter, False)
+            end_epoch(run, epoch, meter)
+    return finish(run, meter)
