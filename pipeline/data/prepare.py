@@ -225,8 +225,11 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
     """Build `paths.index_dir` and `paths.images` from the dataset; returns a summary (also printed)."""
     start = time.perf_counter()
     index = read_dataset(cfg.dataset)
-    info(f"prepare: dataset {index.name}: {index.n_images:,} images, {index.n_captions:,} captions, splits "
-         + ", ".join(f"{s} {int((index.image_split == s).sum()):,}" for s in index.splits))
+    n_unpaired = index.n_images - len(np.unique(index.caption_image))
+    unpaired = f" ({n_unpaired:,} without captions)" if n_unpaired else ""
+    texts = f", {index.n_unpaired_texts:,} texts without images" if index.n_unpaired_texts else ""
+    info(f"prepare: dataset {index.name}: {index.n_images:,} images{unpaired}, {index.n_captions:,} captions{texts}, "
+         "splits " + ", ".join(f"{s} {int((index.image_split == s).sum()):,}" for s in index.splits))
     if not force:
         summary = _unchanged(cfg, paths, index)
         if summary is not None:
