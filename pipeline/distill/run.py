@@ -4,6 +4,12 @@ r"""Distillation training: the student learns the teacher's feature space from t
                                        \-> teacher rows t_v, t_t + K negative rows (feature store)
     raw loss terms (pipeline.distill.losses) --> weights (pipeline.distill.balancer) --> sum_i w_i L_i --> AdamW
 
+Unpaired data (`unpaired_images_per_step`, `unpaired_texts_per_step`, default 0 = off): each step also draws
+that many images without captions and / or texts without an image per process (`UnpairedSampler`: cyclic
+over the pool, a pure function of (seed, epoch, step)); the student encodes them in the same forward as the
+pairs, and the intra-modal loss terms use them (pipeline.distill.losses). An epoch is one pass over the pairs;
+the unpaired pools are drawn cyclically across epochs. The baseline (`--baseline`, no teacher) never draws them.
+
 Resume is exact. Every random number of a step (dropout, augmentation) comes from a generator seeded with
 (seed, epoch, step, rank), the order of pairs and the negatives are functions of (seed, epoch, step)
 (`pipeline.distill.sampler`), and a checkpoint holds the model, optimizer, scheduler and balancer states and the
@@ -28,7 +34,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,9 +46,9 @@ from pipeline.config import to_dict, write_resolved
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.distill.balancer import BalancerConfig, LossBalancer
-from pipeline.distill.data import BatchLoader, TeacherBank, as_tensor, random_resized_crop, tokenize_all
+from pipeline.distill.data import BatchLoader, TeacherBank, Unpaired, as_tensor, random_resized_crop, tokenize_all
 from pipeline.distill.losses import DistillLoss, LossConfig
-from pipeline.distill.sampler import EpochSampler
+from pipeline.distill.sampler import EpochSampler, UnpairedSampler
 from pipeline.errors import InputError
 from pipeline.progress import info, progress
 from pipeline.store.features import FeatureStore, StoreSplit
@@ -88,6 +94,8 @@ class DistillConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     epochs: int = 20
     batch_size: int = 64  # pairs per micro-batch per process; the optimizer sees batch_size x grad_accum x world
+    unpaired_images_per_step: int = 0  # images without captions beside each micro-batch, per process (0: off)
+    unpaired_texts_per_step: int = 0  # texts without an image beside each micro-batch, per process (0: off)
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -123,7 +131,14 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every_steps", "eval_every_epochs", "num_workers"):
+        for name in (
+            "warmup_steps",
+            "checkpoint_every_steps",
+            "eval_every_epochs",
+            "num_workers",
+            "unpaired_images_per_step",
+            "unpaired_texts_per_step",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -179,6 +194,7 @@ class PairSplit:
     cache_rows: np.ndarray | None  # int64 [N] cache row of each store image row (None: identity)
     store: StoreSplit | None  # teacher rows (None: a split the store lacks, e.g. val for recall only)
     text_image: np.ndarray  # int64 [M] image row of each caption (store order)
+    unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # [U] texts, no image
 
 
 def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, where: str) -> PairSplit:
@@ -191,6 +207,16 @@ def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, w
             f"{where}: the image cache has {len(images)} images in split {view.name!r}, the dataset "
             f"index {view.n_images}; rerun `kdpipe prepare`"
         )
+    if store is not None and store.n_unpaired_texts != len(view.unpaired_text):
+        raise InputError(
+            f"{where}: the feature store has {store.n_unpaired_texts} texts without an image in split "
+            f"{view.name!r}, the dataset index {len(view.unpaired_text)}; rerun `kdpipe extract`"
+        )
+    split = _align_pairs(view, images, store, where)
+    return replace(split, unpaired_text=view.unpaired_text)
+
+
+def _align_pairs(view: SplitView, images: np.ndarray, store: StoreSplit | None, where: str) -> PairSplit:
     if store is None:
         return PairSplit(view.name, view.caption_text, images, None, None, view.text_image.astype(np.int64))
     if store.n_images == view.n_images and store.n_captions == view.n_captions:
@@ -297,19 +323,43 @@ def loss_terms(
     Dropout and augmentation draw from `seed` only."""
     torch.manual_seed(seed)  # dropout of this micro-step (every device)
     x = model.to_float(b.images)
+    ids, mask = b.input_ids, b.attention_mask
+    n_pairs = x.shape[0]
+    if b.u_images is not None:  # unpaired rows go through the same forward, after the pairs
+        x = torch.cat([x, model.to_float(b.u_images)])
+    if b.u_input_ids is not None:
+        ids, mask = torch.cat([ids, b.u_input_ids]), torch.cat([mask, b.u_attention_mask])
     if augment.enabled:
         gen.manual_seed(seed)
         x = random_resized_crop(x, model.image_size, gen, scale=augment.scale, ratio=augment.ratio, flip=augment.flip)
     pixels = model.normalize_pixels(x)
     with autocast():
-        s_v, s_t = forward(pixels, b.input_ids, b.attention_mask)
+        s_v, s_t = forward(pixels, ids, mask)
+    # [B + B_v, D] and [B + B_t, D] -> the pairs' rows and the unpaired rows (empty when none are drawn)
+    s_v, u_v, s_t, u_t = s_v[:n_pairs], s_v[n_pairs:], s_t[:n_pairs], s_t[n_pairs:]
     if world > 1:  # the in-batch terms see the global batch; gradients flow back to each rank
         s_v, s_t = GatherRows.apply(s_v), GatherRows.apply(s_t)
-    return loss_fn(s_v, s_t, b.t_v, b.t_t, b.image_ids, b.queue_v, b.queue_t, b.queue_v_ids, b.queue_t_ids)
+        u_v = GatherRows.apply(u_v) if b.u_images is not None else u_v
+        u_t = GatherRows.apply(u_t) if b.u_input_ids is not None else u_t
+    unpaired = None
+    if b.unpaired is not None:
+        unpaired = replace(
+            b.unpaired,
+            s_v=u_v if b.u_images is not None else None,
+            s_t=u_t if b.u_input_ids is not None else None,
+        )
+    return loss_fn(
+        s_v, s_t, b.t_v, b.t_t, b.image_ids, b.queue_v, b.queue_t, b.queue_v_ids, b.queue_t_ids, unpaired=unpaired
+    )
+
+
+# Keys added after checkpoints existed, with the value that reproduces the older runs: a checkpoint without
+# them compares as if it had them.
+ADDED_KEYS = {"unpaired_images_per_step": 0, "unpaired_texts_per_step": 0}
 
 
 def comparable(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in RUNTIME_KEYS}
+    return {k: v for k, v in {**ADDED_KEYS, **cfg_dict}.items() if k not in RUNTIME_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +392,10 @@ def validate(model, split: PairSplit, tokens, batch_size: int, autocast) -> dict
     from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks  # the evaluate stage's protocol
 
     img, txt = embed_split(model, split, tokens, batch_size, autocast)
-    metrics = recall_metrics(retrieval_ranks(img, txt, split.text_image))
+    # images without captions (if the split has any) are not queries of the protocol: the recalls use the
+    # captioned images (rows renumbered), the teacher agreement every image
+    paired, text_image = np.unique(split.text_image, return_inverse=True)
+    metrics = recall_metrics(retrieval_ranks(img[torch.from_numpy(paired)], txt, text_image))
     if split.store is not None:  # how close the student is to the teacher on held-out data
         metrics["teacher_cos_v"] = float(
             (img * torch.from_numpy(np.asarray(split.store.image_emb, np.float32))).sum(1).mean()
@@ -623,6 +676,7 @@ def build_data(
         )
     st = train.store
     device = next(model.parameters()).device
+    unpaired = build_unpaired(cfg, train, model, loss_fn, sampler)
     bank = TeacherBank(
         st.image_emb,
         st.text_emb,
@@ -630,6 +684,7 @@ def build_data(
         device,
         placement=cfg.bank_placement,
         max_bytes=cfg.bank_max_gib * 2**30,
+        unpaired_text_emb=st.unpaired_text_emb if unpaired is not None and unpaired.texts is not None else None,
     )
     if loss_fn.needs_queue and queue_size == 0 and not bank.on_device:
         raise InputError(
@@ -646,8 +701,37 @@ def build_data(
         use_queue=loss_fn.needs_queue,
         num_workers=cfg.num_workers,
         cache_rows=train.cache_rows,
+        unpaired=unpaired,
     )
     return sampler, loader, opt_steps_per_epoch
+
+
+def build_unpaired(
+    cfg: DistillConfig, train: PairSplit, model: DualEncoderStudent, loss_fn: DistillLoss, pairs: EpochSampler
+) -> Unpaired | None:
+    """The samplers of the unpaired images and texts to draw beside the pairs (None: none are drawn, because
+    the counts are 0 or no loss term uses a teacher, as in the baseline)."""
+    if not loss_fn.needs_teacher or not (cfg.unpaired_images_per_step or cfg.unpaired_texts_per_step):
+        return None
+    st, world, rank = train.store, pairs.world_size, pairs.rank
+
+    def sampler(what: str, n: int, per_step: int, stream: int) -> UnpairedSampler:
+        if per_step * world > n:
+            raise InputError(
+                f"distill.unpaired_{what}_per_step={per_step}: the split {cfg.train_split!r} has {n} {what} "
+                f"without {'captions' if what == 'images' else 'an image'}, fewer than one step draws "
+                f"({per_step} x {world} processes); lower it, or 0 to draw none"
+            )
+        return UnpairedSampler(n, per_step, cfg.seed, pairs.steps_per_epoch, stream=stream, world_size=world, rank=rank)
+
+    images = image_rows = texts = tokens = None
+    if cfg.unpaired_images_per_step:
+        image_rows = st.unpaired_image
+        images = sampler("images", len(image_rows), cfg.unpaired_images_per_step, stream=1)
+    if cfg.unpaired_texts_per_step:
+        texts = sampler("texts", st.n_unpaired_texts, cfg.unpaired_texts_per_step, stream=2)
+        tokens = tokenize_all(model.tokenize, train.unpaired_text)
+    return Unpaired(images=images, image_rows=image_rows, texts=texts, tokens=tokens)
 
 
 def setup_run(
