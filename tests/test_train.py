@@ -4,6 +4,7 @@ that learns, exact kill-and-resume, refused inputs, and the `kdpipe distill` com
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -504,3 +505,23 @@ def test_unpaired_counts_are_checked(work, uwork):
         run(work, "u_bad", tiny_cfg(work[0], unpaired_texts_per_step=1))
     with pytest.raises(ConfigError, match="unpaired_images_per_step must be >= 0"):
         tiny_cfg(work[0], unpaired_images_per_step=-1)
+
+
+def test_val_recalls_rank_captioned_images_only(work):
+    """Images without captions in a val split are not queries: the recalls equal those of the split without
+    them (retrieval needs a caption per image), whatever their position."""
+    from pipeline.distill.run import PairSplit, validate
+
+    root, index, store, cache = work
+    view, images = index.split("val"), cache.split("val")
+    torch.manual_seed(0)
+    model = build_student(tiny_cfg(root).student, DIM)
+    tokens = tokenize_all(model.tokenize, view.caption_text)
+    ti = view.text_image.astype(np.int64)
+    plain = PairSplit("val", view.caption_text, images, None, None, ti)
+    # the same images plus two without captions, at the front: every caption's image row moves by 2
+    extra = np.concatenate([images[[1, 2]], images])
+    with_extra = PairSplit("val", view.caption_text, extra, None, None, ti + 2)
+    a = validate(model, plain, tokens, 16, nullcontext)
+    b = validate(model, with_extra, tokens, 16, nullcontext)
+    assert a == pytest.approx(b, abs=1e-9)
