@@ -525,3 +525,13 @@ def test_val_recalls_rank_captioned_images_only(work):
     a = validate(model, plain, tokens, 16, nullcontext)
     b = validate(model, with_extra, tokens, 16, nullcontext)
     assert a == pytest.approx(b, abs=1e-9)
+
+
+def test_checkpoints_from_before_the_unpaired_keys_still_compare_equal():
+    from pipeline.config import to_dict
+    from pipeline.distill.run import comparable
+
+    now = to_dict(DistillConfig())
+    before = {k: v for k, v in now.items() if not k.startswith("unpaired_")}  # written before the keys existed
+    assert comparable(before) == comparable(now)
+    assert comparable(before) != comparable({**now, "unpaired_images_per_step": 4})
