@@ -283,27 +283,37 @@ def test_kill_and_resume_ends_with_bitwise_equal_weights(work):
         batch_size=4,
         grad_clip=1.0,
     )
-    full = run(work, "full", cfg)
-    killed = run(work, "killed", cfg, stop_after_steps=9)
+    kill_resume_and_compare(work, "", cfg)
+
+
+def kill_resume_and_compare(work, prefix: str, cfg: DistillConfig) -> dict:
+    """Run `cfg` uninterrupted, and killed after step 9 then resumed: weights, optimizer and balancer states,
+    the export and the logs must be bitwise equal. Returns the uninterrupted run's last checkpoint."""
+    root = work[0]
+    full = run(work, f"{prefix}full", cfg)
+    killed = run(work, f"{prefix}killed", cfg, stop_after_steps=9)
     assert not killed.completed and killed.global_step == 9
-    resumed = run(work, "killed", replace(cfg, num_workers=2))  # a runtime key may differ
+    resumed = run(work, f"{prefix}killed", replace(cfg, num_workers=2))  # a runtime key may differ
     assert resumed.completed and resumed.global_step == full.global_step == 12
-    a = torch.load(root / "full/checkpoints/last.pt")
-    b = torch.load(root / "killed/checkpoints/last.pt")
+    a = torch.load(root / f"{prefix}full/checkpoints/last.pt")
+    b = torch.load(root / f"{prefix}killed/checkpoints/last.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
         assert all(torch.equal(v[s], b["optimizer"]["state"][k][s]) for s in v), k
     assert a["balancer"] == b["balancer"] and a["state"] == b["state"]
-    assert (root / "full/model.safetensors").read_bytes() == (root / "killed/model.safetensors").read_bytes()
+    assert (root / f"{prefix}full/model.safetensors").read_bytes() == (
+        root / f"{prefix}killed/model.safetensors"
+    ).read_bytes()
 
     def log(name):  # the training log minus the timing column: same rows, no duplicates of redone steps
         lines = [ln.split(",") for ln in (root / name / "train_log.csv").read_text().splitlines()]
         col = lines[0].index("pairs_per_s")
         return [ln[:col] + ln[col + 1 :] for ln in lines]
 
-    assert log("full") == log("killed")
-    assert (root / "full/val_log.csv").read_text() == (root / "killed/val_log.csv").read_text()
+    assert log(f"{prefix}full") == log(f"{prefix}killed")
+    assert (root / f"{prefix}full/val_log.csv").read_text() == (root / f"{prefix}killed/val_log.csv").read_text()
+    return a
 
 
 def test_resume_refuses_another_config_and_no_resume_starts_over(work):
@@ -469,20 +479,7 @@ def test_kill_and_resume_with_unpaired_batches_is_bitwise_exact(uwork):
         unpaired_texts_per_step=2,
         loss={"queue_size": 16, "relation": 1.0},
     )
-    full = run(uwork, "u_full", cfg)
-    killed = run(uwork, "u_killed", cfg, stop_after_steps=9)
-    assert not killed.completed and killed.global_step == 9
-    resumed = run(uwork, "u_killed", replace(cfg, num_workers=2))
-    assert resumed.completed and resumed.global_step == full.global_step == 12
-    a = torch.load(root / "u_full/checkpoints/last.pt")
-    b = torch.load(root / "u_killed/checkpoints/last.pt")
-    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
-    assert a["balancer"] == b["balancer"] and a["state"] == b["state"]
-    log = [(root / d / "train_log.csv").read_text().splitlines() for d in ("u_full", "u_killed")]
-    col = log[0][0].split(",").index("pairs_per_s")
-    assert [r.split(",")[:col] + r.split(",")[col + 1 :] for r in log[0]] == [
-        r.split(",")[:col] + r.split(",")[col + 1 :] for r in log[1]
-    ]
+    a = kill_resume_and_compare(uwork, "u_", cfg)
     pairs_only = run(uwork, "u_pairs", replace(cfg, unpaired_images_per_step=0, unpaired_texts_per_step=0))
     c = torch.load(root / "u_pairs/checkpoints/last.pt")
     assert pairs_only.global_step == 12 and not all(torch.equal(v, c["model"][k]) for k, v in a["model"].items())
