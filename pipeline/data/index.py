@@ -191,23 +191,13 @@ class DatasetIndex:
         image_root, so that moving the dataset directory keeps the fingerprint."""
         h = hashlib.sha256()
         h.update(f"{INDEX_FORMAT}/{INDEX_VERSION}\n".encode())
-        for column in (self.image_id, self.image_path, self.image_split, self.caption_text):
-            h.update(f"{len(column)}\n".encode())
-            for value in column.tolist():
-                b = value.encode("utf-8")
-                h.update(len(b).to_bytes(8, "little"))  # length-prefixed, so no separator can be forged
-                h.update(b)
+        _hash_strings(h, (self.image_id, self.image_path, self.image_split, self.caption_text))
         h.update(np.ascontiguousarray(self.caption_image, dtype="<i8").tobytes())
         if self.exif_orientation != "ignore":  # other pixels: features and image caches must not match
             h.update(f"\nexif_orientation={self.exif_orientation}".encode())
         if self.n_unpaired_texts:  # only then: an index without them keeps its fingerprint
             h.update(b"\nunpaired_text\n")
-            for column in (self.unpaired_text, self.unpaired_text_split):
-                h.update(f"{len(column)}\n".encode())
-                for value in column.tolist():
-                    b = value.encode("utf-8")
-                    h.update(len(b).to_bytes(8, "little"))
-                    h.update(b)
+            _hash_strings(h, (self.unpaired_text, self.unpaired_text_split))
         return h.hexdigest()
 
     # -- storage ------------------------------------------------------------------------------------
@@ -284,6 +274,16 @@ class DatasetIndex:
         if index.fingerprint != meta["fingerprint"]:
             raise InputError(f"{directory}: index content does not match its recorded fingerprint (edited by hand?)")
         return index
+
+
+def _hash_strings(h, columns) -> None:
+    """Each column's length, then each string length-prefixed (so no separator can be forged)."""
+    for column in columns:
+        h.update(f"{len(column)}\n".encode())
+        for value in column.tolist():
+            b = value.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
 
 
 def read_fingerprint(directory: Path | str) -> str:
