@@ -138,7 +138,7 @@ def _set(path, value):
             r"images\[4\].*listed twice \(also at .*images\[3\]",
         ),
         (_set(["images", 0, "split"], "training"), r"images\[0\].*split 'training' is not one of"),
-        (_set(["images", 0, "sentences"], []), r"images\[0\].*no 'sentences'"),
+        (_set(["images", 0, "sentences"], None), r"images\[0\].*no 'sentences' list"),
         (_set(["images", 5, "sentences", 1, "raw"], 5), r"images\[5\].*sentences\[1\]: caption must be a string"),
     ],
 )
@@ -221,7 +221,7 @@ def test_jsonl_and_csv_same_index(tmp_path):
     "text, message",
     [
         (
-            '{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "b.jpg", "caption": "", "split": "train"}',
+            '{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "b.jpg", "caption": " ", "split": "train"}',
             r"d.jsonl line 2: empty caption for image 'b.jpg'",
         ),
         (
@@ -276,3 +276,86 @@ def test_dataset_config_from_params(tmp_path):
         from_dict(DatasetConfig, {"annotations": "a.json", "restval": "keep"}, "prepare.dataset")
     with pytest.raises(ConfigError, match=r"prepare.dataset.annotations"):
         from_dict(DatasetConfig, {"annotations": 3}, "prepare.dataset")
+
+
+# -- unpaired items: images without captions, texts without images, a folder of unlabelled images ---------
+def test_karpathy_empty_sentences_is_an_unpaired_image(tmp_path):
+    index = read_dataset(cfg(coco_file(tmp_path, _set(["images", 3, "sentences"], []))))
+    test = index.split("test")
+    assert test.image_id.tolist() == ["val2014/COCO_val2014_000000000003.jpg", "val2014/COCO_val2014_000000000004.jpg"]
+    assert test.unpaired_image.tolist() == [0] and test.text_image.tolist() == [1] * 7
+    assert index.n_unpaired_texts == 0
+
+
+def test_jsonl_and_csv_empty_fields_are_unpaired_items(tmp_path):
+    rows = [
+        ("a.jpg", "a caption of a", "train"),
+        ("b.jpg", "", "train"),  # unpaired image
+        ("", "a text without an image", "train"),  # unpaired text
+        ("c.jpg", "c in test", "test"),
+        ("", "a test text", "test"),
+    ]
+    (tmp_path / "d.jsonl").write_text(
+        "\n".join(json.dumps({"image": i if i else None, "caption": c, "split": s}) for i, c, s in rows)
+    )
+    (tmp_path / "d.csv").write_text("image,caption,split\n" + "".join(f"{i},{c},{s}\n" for i, c, s in rows))
+    a = read_dataset(DatasetConfig(format="jsonl", annotations=tmp_path / "d.jsonl"))
+    b = read_dataset(DatasetConfig(format="csv", annotations=tmp_path / "d.csv"))
+    assert a.fingerprint == b.fingerprint
+    train = a.split("train")
+    assert train.image_id.tolist() == ["a.jpg", "b.jpg"] and train.unpaired_image.tolist() == [1]
+    assert train.caption_text.tolist() == ["a caption of a"] and train.text_image.tolist() == [0]
+    assert train.unpaired_text.tolist() == ["a text without an image"]
+    assert a.split("test").unpaired_text.tolist() == ["a test text"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"image": "", "caption": "", "split": "train"}', r"line 1: row has neither an image nor a caption"),
+        ('{"image": null, "caption": "  ", "split": "train"}', r"line 1: empty caption for a row without an image"),
+        ('{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "", "caption": "y", "split": "val"}',
+         r"unpaired texts in split 'val', which has no images"),
+    ],
+)  # fmt: skip
+def test_unpaired_rows_that_are_still_refused(tmp_path, text, message):
+    (tmp_path / "d.jsonl").write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_dataset(DatasetConfig(format="jsonl", annotations=tmp_path / "d.jsonl"))
+
+
+def test_dsmd_has_no_notation_for_unpaired_items(tmp_path):
+    f = tmp_path / "all.json"
+    f.write_text(json.dumps([{"description": "x", "split": "train"}]))
+    with pytest.raises(InputError, match=r"\[0\]: no image path"):
+        read_dataset(DatasetConfig(format="dsmd", annotations=f))
+    f.write_text(json.dumps([{"filename": "a.jpg", "description": "", "split": "train"}]))
+    with pytest.raises(InputError, match=r"\[0\]: empty caption for image 'a.jpg'"):
+        read_dataset(DatasetConfig(format="dsmd", annotations=f))
+
+
+def test_unlabelled_folder_adds_unpaired_images_in_sorted_order(tmp_path):
+    (tmp_path / "d.jsonl").write_text(
+        '{"image": "a.jpg", "caption": "x", "split": "train"}\n{"image": "t.jpg", "caption": "y", "split": "test"}'
+    )
+    extra = tmp_path / "more"
+    for name in ("z.png", "sub/b.JPG", "sub/a.jpeg", "notes.txt", ".hidden/h.png", "sub/.x.png"):
+        (extra / name).parent.mkdir(parents=True, exist_ok=True)
+        (extra / name).write_bytes(b"")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    base = DatasetConfig(format="jsonl", annotations=tmp_path / "d.jsonl")
+    index = read_dataset(DatasetConfig(**{**base.__dict__, "unlabelled_images": extra}))
+    train = index.split("train")
+    assert train.image_id.tolist() == ["a.jpg", "more/sub/a.jpeg", "more/sub/b.JPG", "more/z.png"]
+    assert train.unpaired_image.tolist() == [1, 2, 3]
+    # the image root itself as the folder: a.jpg (captioned, same split) stays one image with its caption
+    again = read_dataset(DatasetConfig(**{**base.__dict__, "unlabelled_images": tmp_path}))
+    assert again.split("train").image_id.tolist() == ["a.jpg", "more/sub/a.jpeg", "more/sub/b.JPG", "more/z.png"]
+    # into another split: a test image must never become training data
+    (tmp_path / "t.jpg").write_bytes(b"")
+    with pytest.raises(InputError, match=r"unlabelled_images: .* \(t.jpg\): image 't.jpg' is in split 'train'"):
+        read_dataset(DatasetConfig(**{**base.__dict__, "unlabelled_images": tmp_path}))
+    with pytest.raises(InputError, match=r"unlabelled_images: .*nowhere not found"):
+        read_dataset(DatasetConfig(**{**base.__dict__, "unlabelled_images": tmp_path / "nowhere"}))
+    with pytest.raises(ConfigError, match="unlabelled_split"):
+        from_dict(DatasetConfig, {"annotations": "x", "unlabelled_images": "d", "splits": ["test"]}, "prepare.dataset")

@@ -467,3 +467,39 @@ def test_finalization_killed_during_the_compaction_swap_completes_on_rerun(tmp_p
     result = run_extract(index, skip, out, teacher=TinyTeacher())
     assert result.units_computed == 0 and result.units_reused == result.units_total
     assert store_files(out) == store_files(fresh)
+
+
+def _with_unpaired(index: DatasetIndex) -> DatasetIndex:
+    """The tiny dataset with the captions of images 5..9 removed (unpaired images) and 11 texts without an
+    image in train, 2 in test (unpaired texts): more rows than one chunk of 8, so several units."""
+    images = list(zip(index.image_id.tolist(), index.image_path.tolist(), index.image_split.tolist()))
+    captions = [(t, r) for t, r in zip(index.caption_text.tolist(), index.caption_image.tolist()) if not 5 <= r < 10]
+    texts = [(f"only text {k} " + "x" * k, "train") for k in range(11)] + [("a test text", "test"), ("b", "test")]
+    return DatasetIndex.from_lists(index.name, index.image_root, images, captions, unpaired_texts=texts)
+
+
+def test_unpaired_images_and_texts_are_extracted_and_resume_exactly(tmp_path):
+    index = _with_unpaired(make_dataset(tmp_path / "data"))
+    ref = tmp_path / "ref.zarr"
+    run_extract(index, CFG, ref, teacher=TinyTeacher())
+    store, teacher = open_store(ref, expect_fingerprint=index.fingerprint), TinyTeacher()
+    for name in ("train", "test"):
+        view, sp = index.split(name), store.split(name)
+        np.testing.assert_array_equal(sp.text_image, view.text_image)
+        assert sp.unpaired_image.tolist() == view.unpaired_image.tolist()
+        expected = teacher.encode_texts(view.unpaired_text.tolist()).numpy()
+        np.testing.assert_allclose(sp.unpaired_text_emb.astype(np.float32), expected, atol=1e-3)
+    assert store.split("train").unpaired_image.tolist() == [5, 6, 7, 8, 9]
+    # a run that fails half way, then resumes, writes the same bytes
+    out = tmp_path / "out.zarr"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_extract(index, CFG, out, teacher=TinyTeacher(fail_after=12))
+    assert run_extract(index, CFG, out, teacher=TinyTeacher()).units_reused > 0
+    assert store_files(out) == store_files(ref)
+    # a skipped bad image compacts its split; the unpaired texts stay
+    bad = _corrupt(tmp_path / "data", index)
+    skip = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0, on_bad_image="skip")
+    run_extract(index, skip, tmp_path / "skip.zarr", teacher=TinyTeacher())
+    compacted = open_store(tmp_path / "skip.zarr").split("train")
+    assert bad.stem not in compacted.image_id.tolist() and compacted.n_images == index.split("train").n_images - 1
+    np.testing.assert_array_equal(compacted.unpaired_text_emb, store.split("train").unpaired_text_emb)

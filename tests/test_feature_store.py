@@ -225,3 +225,54 @@ def test_store_writer_chunks_in_any_order_then_complete(tmp_path):
     sp = open_store(tmp_path / "s.zarr").split("val")
     np.testing.assert_allclose(sp.text_emb.astype(np.float32), _normalized(txt), atol=1e-3)
     assert not list((tmp_path / "s.zarr").rglob("*.partial"))
+
+
+# -- unpaired items: images no caption names, texts without an image -----------------------------------
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_unpaired_texts_are_an_additive_optional_array(tmp_path):
+    """A store with unpaired texts is the paired-only store plus one directory: remove it and every other file
+    is byte-identical, so a version-1 reader (which opens only the four arrays) reads exactly the pairs."""
+    rng = np.random.default_rng(1)
+    paired = _splits(n_train=40, m_train=30, n_test=5, m_test=11)
+    paired["train"]["text_image"] = (np.arange(30) % 35).astype(np.int32)  # images 30..39 have no caption
+    extra = rng.standard_normal((7, D)).astype(np.float32) * 2
+    with_texts = {**paired, "train": {**paired["train"], "unpaired_text_emb": extra}}
+    _write(tmp_path / "p.zarr", paired)
+    _write(tmp_path / "u.zarr", with_texts)
+    store = open_store(tmp_path / "u.zarr")
+    train = store.split("train")
+    assert train.n_unpaired_texts == 7 and store.split("test").unpaired_text_emb is None
+    np.testing.assert_allclose(train.unpaired_text_emb, _normalized(extra), atol=1e-3)
+    assert train.unpaired_text_emb.dtype == np.float16 and not train.unpaired_text_emb.flags.writeable
+    assert train.unpaired_image.tolist() == list(range(30, 40))
+    assert open_store(tmp_path / "p.zarr").split("train").n_unpaired_texts == 0
+    files = _files(tmp_path / "u.zarr")
+    assert any(k.startswith("train/unpaired_text_emb/") for k in files)
+    assert {k: v for k, v in files.items() if not k.startswith("train/unpaired_text_emb/")} == _files(
+        tmp_path / "p.zarr"
+    )
+    # the writer reopens a store with the optional array (extract resumes through StoreWriter)
+    w = StoreWriter(tmp_path / "u.zarr")
+    assert w.rows("train", "unpaired_text_emb") == 7 and w.rows("test", "unpaired_text_emb") == 0
+
+
+def test_a_v1_store_built_with_plain_zarr_opens_without_unpaired_texts(tmp_path):
+    """The documented v1 layout, written by "another tool" with nothing but zarr (no kdpipe writer)."""
+    path = tmp_path / "v1.zarr"
+    attrs = {"format": "kdpipe-features", "version": 1, "complete": True, "dim": D, "normalized": True,
+             "dtype": "float32", "splits": ["test"], "teacher": {}, "dataset": {}}  # fmt: skip
+    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+    g = root.create_group("test")
+    img = _normalized(np.random.default_rng(2).standard_normal((4, D))).astype(np.float32)
+    for key, rows in (("image_emb", img), ("text_emb", img[[0, 0, 1, 2, 3]])):
+        arr = g.create_array(key, shape=rows.shape, chunks=rows.shape, dtype="float32", compressors=None)
+        arr[...] = rows
+    g.create_array("text_image", shape=(5,), chunks=(5,), dtype="int32", compressors=None)[...] = [0, 0, 1, 2, 3]
+    ids = g.create_array("image_id", shape=(4,), chunks=(4,), dtype=str, compressors=None)
+    ids[...] = np.array(["a", "b", "c", "d"], dtype=np.dtypes.StringDType())
+    split = open_store(path).split("test")
+    assert split.unpaired_text_emb is None and split.n_unpaired_texts == 0 and split.unpaired_image.size == 0
+    np.testing.assert_array_equal(split.text_emb, img[[0, 0, 1, 2, 3]])

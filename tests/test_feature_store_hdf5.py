@@ -210,3 +210,26 @@ def test_cli_tools_and_exit_code_2(tmp_path):
         ],
     )
     assert r.exit_code == 2 and "--images names splits" in r.output
+
+
+def test_unpaired_texts_round_trip_through_hdf5(tmp_path):
+    images = [(f"im{i}", f"im{i}.jpg", "train") for i in range(4)]
+    index = DatasetIndex.from_lists(
+        "toy", "imgs", images, [("a", 0), ("b", 1)], unpaired_texts=[("no image", "train"), ("none", "train")]
+    )
+    rng = np.random.default_rng(3)
+    v = index.split("train")
+    split = {"image_emb": rng.standard_normal((4, D)), "text_emb": rng.standard_normal((2, D)),
+             "text_image": v.text_image, "image_id": v.image_id.tolist(),
+             "unpaired_text_emb": rng.standard_normal((2, D))}  # fmt: skip
+    write_store(
+        tmp_path / "s.zarr", {"train": split}, teacher={"name": "t"}, dataset={"fingerprint": index.fingerprint}
+    )
+    export_hdf5(tmp_path / "s.zarr", tmp_path / "s.h5")
+    import_hdf5(tmp_path / "s.h5", tmp_path / "back.zarr", index=index)
+    a, b = open_store(tmp_path / "s.zarr").split("train"), open_store(tmp_path / "back.zarr").split("train")
+    np.testing.assert_array_equal(a.unpaired_text_emb, b.unpaired_text_emb)
+    assert b.unpaired_image.tolist() == [2, 3]
+    other = DatasetIndex.from_lists("toy", "imgs", images, [("a", 0), ("b", 1)], unpaired_texts=[("x", "train")])
+    with pytest.raises(InputError, match="unpaired_text_emb has 2 rows, the index 1 texts without an image"):
+        import_hdf5(tmp_path / "s.h5", tmp_path / "bad.zarr", index=other)

@@ -390,3 +390,125 @@ def test_ids_may_be_read_only_numpy_arrays(batch):
     expected = loss(**batch)
     out = loss(**{**batch, **as_numpy})
     assert {k: float(v) for k, v in out.items()} == {k: float(v) for k, v in expected.items()}
+
+
+# -- unpaired rows: images without captions and texts without images join the intra-modal terms -----------
+UV, UT = 3, 4
+U_V_IDS = [9, 10, 4]  # image rows of the unpaired images (4 is also a queue entry's image: masked there)
+U_T_IDS = [-1, -2, -3, -4]  # texts of no image: ids no image has, distinct per text
+
+
+@pytest.fixture
+def unpaired():
+    from pipeline.distill.losses import UnpairedRows
+
+    return UnpairedRows(
+        s_v=unit(UV, D, seed=11),
+        t_v=unit(UV, D, seed=12),
+        v_ids=torch.tensor(U_V_IDS),
+        s_t=unit(UT, D, seed=13),
+        t_t=unit(UT, D, seed=14),
+        t_ids=torch.tensor(U_T_IDS),
+    )
+
+
+def cat(a, b):
+    return torch.cat([a, b])
+
+
+def naive_relation_rect(s_v, s_t, t_v, t_t, tau):
+    """naive_relation for n_v images against n_t texts (rows: images for i2t, texts for t2i)."""
+    s_v, s_t, t_v, t_t = rows(s_v), rows(s_t), rows(t_v), rows(t_t)
+
+    def kl_dir(ta, tb, sa, sb):
+        total = 0.0
+        for i in range(len(ta)):
+            p = softmax([dot(ta[i], tb[j]) / tau for j in range(len(tb))])
+            q = softmax([dot(sa[i], sb[j]) / tau for j in range(len(sb))])
+            total += sum(p[j] * (math.log(p[j]) - math.log(q[j])) for j in range(len(tb)))
+        return total / len(ta)
+
+    return (kl_dir(t_v, t_t, s_v, s_t) + kl_dir(t_t, t_v, s_t, s_v)) / 2
+
+
+@pytest.mark.parametrize("cross_modal", [False, True])
+@pytest.mark.parametrize("mask", [True, False])
+def test_contrastive_with_unpaired_rows_and_queue(batch, unpaired, cross_modal, mask):
+    b, u, T = dict(batch), unpaired, 0.05
+    b["queue_v"] = cat(u.t_v, b["queue_v"])  # a whole-bank-like queue: the unpaired images' own rows are in it
+    b["queue_v_image_ids"] = cat(torch.tensor(U_V_IDS), b["queue_v_image_ids"])
+    loss = DistillLoss(LossConfig(**only(contrastive=1.0), cross_modal=cross_modal, mask_same_image=mask))
+    out = loss(**b, unpaired=u)["contrastive_loss"]
+    qv, qt = b["queue_v_image_ids"].tolist(), b["queue_t_image_ids"].tolist()
+    ids_v, ids_t, ids = (IDS + U_V_IDS, IDS + U_T_IDS, IDS) if mask else (None, None, None)
+    expected = naive_queue_nce(cat(b["s_v"], u.s_v), cat(b["t_v"], u.t_v), b["queue_v"], ids_v, qv, T)
+    expected += naive_queue_nce(cat(b["s_t"], u.s_t), cat(b["t_t"], u.t_t), b["queue_t"], ids_t, qt, T)
+    if cross_modal:  # pairs only
+        expected += naive_queue_nce(b["s_v"], b["t_t"], b["queue_t"], ids, qt, T)
+        expected += naive_queue_nce(b["s_t"], b["t_v"], b["queue_v"], ids, qv, T)
+    close(out, expected)
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_contrastive_in_batch_with_unpaired_rows(batch, unpaired, mask):
+    b, u, T = {k: batch[k] for k in ("s_v", "s_t", "t_v", "t_t", "image_ids")}, unpaired, 0.05
+    out = DistillLoss(LossConfig(**only(contrastive=1.0), mask_same_image=mask))(**b, unpaired=u)
+    ids_v, ids_t = (IDS + U_V_IDS, IDS + U_T_IDS) if mask else (None, None)
+    expected = naive_in_batch_nce(cat(b["s_v"], u.s_v), cat(b["t_v"], u.t_v), ids_v, T)
+    expected += naive_in_batch_nce(cat(b["s_t"], u.s_t), cat(b["t_t"], u.t_t), ids_t, T)
+    close(out["contrastive_loss"], expected)
+
+
+def test_l1_cosine_relation_with_unpaired_rows(batch, unpaired):
+    b, u = batch, unpaired
+    cfg = LossConfig(**only(l1=1.0, cosine=1.0, relation=1.0), relation_temperature=0.1)
+    out = DistillLoss(cfg)(**b, unpaired=u)
+    l1 = cos = 0.0
+    for s, t, n in (
+        (cat(b["s_v"], u.s_v), cat(b["t_v"], u.t_v), B + UV),
+        (cat(b["s_t"], u.s_t), cat(b["t_t"], u.t_t), B + UT),
+    ):
+        S, T = rows(s), rows(t)
+        l1 += sum(abs(S[i][d] - T[i][d]) for i in range(n) for d in range(D)) / (n * D)
+        cos += (1 - sum(dot(S[i], T[i]) / math.sqrt(dot(S[i], S[i]) * dot(T[i], T[i])) for i in range(n)) / n) / 2
+    close(out["l1_loss"], l1)
+    close(out["cosine_loss"], cos)
+    rel = naive_relation_rect(
+        cat(b["s_v"], u.s_v), cat(b["s_t"], u.s_t), cat(b["t_v"], u.t_v), cat(b["t_t"], u.t_t), 0.1
+    )
+    close(out["relation_loss"], rel)
+    # only one side drawn: the other modality sees its pairs alone
+    only_v = type(u)(s_v=u.s_v, t_v=u.t_v, v_ids=u.v_ids)
+    l1_v = DistillLoss(LossConfig(**only(l1=1.0)))(**b, unpaired=only_v)["l1_loss"]
+    S, T = rows(b["s_t"]), rows(b["t_t"])
+    text_part = sum(abs(S[i][d] - T[i][d]) for i in range(B) for d in range(D)) / (B * D)
+    S, T = rows(cat(b["s_v"], u.s_v)), rows(cat(b["t_v"], u.t_v))
+    close(l1_v, text_part + sum(abs(S[i][d] - T[i][d]) for i in range(B + UV) for d in range(D)) / ((B + UV) * D))
+
+
+def test_pair_terms_ignore_unpaired_rows_and_gradients_reach_them(batch, unpaired):
+    cfg = LossConfig(relation=1.0, pair_contrastive=1.0, cross_modal=True)
+    pair_only = DistillLoss(LossConfig(**only(triplet=1.0, pair_contrastive=1.0)))
+    a, b = pair_only(**batch), pair_only(**batch, unpaired=unpaired)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    u = type(unpaired)(
+        **{k: (v.clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in vars(unpaired).items()}
+    )
+    out = DistillLoss(cfg)(**batch, unpaired=u)
+    for term in ("contrastive_loss", "l1_loss", "cosine_loss", "relation_loss"):
+        g = torch.autograd.grad(out[term], [u.s_v, u.s_t], retain_graph=True)
+        assert all(x.abs().sum() > 0 for x in g), term
+    for term in ("triplet_loss", "pair_contrastive_loss"):
+        assert not out[term].requires_grad or all(
+            x is None for x in torch.autograd.grad(out[term], [u.s_v, u.s_t], allow_unused=True, retain_graph=True)
+        ), term
+    sum(out.values()).backward()
+    assert u.t_v.grad is None and u.t_t.grad is None
+
+
+def test_unpaired_rows_are_checked(batch, unpaired):
+    loss = DistillLoss(LossConfig(**only(l1=1.0)))
+    with pytest.raises(ValueError, match=r"unpaired t_v: expected teacher rows of shape \(3, 8\)"):
+        loss(**batch, unpaired=type(unpaired)(s_v=unpaired.s_v, t_v=unpaired.t_v[:2], v_ids=unpaired.v_ids))
+    with pytest.raises(ValueError, match="unpaired t_ids: needed to mask"):
+        loss(**batch, unpaired=type(unpaired)(s_t=unpaired.s_t, t_t=unpaired.t_t))

@@ -4,6 +4,7 @@ that learns, exact kill-and-resume, refused inputs, and the `kdpipe distill` com
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pipeline.distill.data import BatchLoader, TeacherBank, random_resized_crop,
 from pipeline.distill.losses import DistillLoss
 from pipeline.distill.run import DistillConfig, run_distill
 from pipeline.distill.sampler import EpochSampler
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.store.features import open_store, write_store
 from pipeline.store.image_cache import open_image_cache, write_image_cache
 from pipeline.towers.student import build_student, load_student
@@ -34,15 +35,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # -- a tiny dataset: colored images with a grey square, captions naming both, teacher = class prototypes ----
 def make_workdir(
-    root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed: int = 0, name: str = "tiny"
+    root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed: int = 0, name: str = "tiny", unpaired=(0, 0)
 ) -> DatasetIndex:
+    """`unpaired` = (images without captions, texts without an image) added to train (none: the same data)."""
     rng = np.random.default_rng(seed)
     names = list(COLORS)
     protos = rng.normal(size=(len(COLORS) * len(NOUNS), dim))
     img_rows, captions, pixels, classes = [], [], {}, []
     for split, count in zip(("train", "val"), sizes):
         arr = []
-        for i in range(count):
+        for i in range(count + (unpaired[0] if split == "train" else 0)):
             c, o = int(rng.integers(len(COLORS))), int(rng.integers(len(NOUNS)))
             row = len(img_rows)
             img_rows.append((f"{split}{i}", f"{split}{i}.jpg", split))
@@ -50,9 +52,11 @@ def make_workdir(
             img[HW // 4 : 3 * HW // 4, HW // 4 : 3 * HW // 4] = o * 60
             arr.append(img)
             classes.append(c * len(NOUNS) + o)
-            captions += [(f"a {names[c]} {NOUNS[o]} photo {k}", row) for k in range(caps)]
+            captions += [(f"a {names[c]} {NOUNS[o]} photo {k}", row) for k in range(caps if i < count else 0)]
         pixels[split] = np.stack(arr)
-    index = DatasetIndex.from_lists(name, root / "data", img_rows, captions)
+    text_classes = rng.integers(len(COLORS) * len(NOUNS), size=unpaired[1])
+    texts = [(f"a {names[c // len(NOUNS)]} {NOUNS[c % len(NOUNS)]} photo", "train") for c in text_classes.tolist()]
+    index = DatasetIndex.from_lists(name, root / "data", img_rows, captions, unpaired_texts=texts)
     index.save(root / "index")
     write_image_cache(root / "images.zarr", pixels, fingerprint=index.fingerprint)
     splits = {}
@@ -65,6 +69,8 @@ def make_workdir(
             "text_image": v.text_image,
             "image_id": v.image_id,
         }
+    if unpaired[1]:
+        splits["train"]["unpaired_text_emb"] = protos[text_classes] + 0.1 * rng.normal(size=(unpaired[1], dim))
     write_store(
         root / "features.zarr",
         splits,
@@ -277,27 +283,37 @@ def test_kill_and_resume_ends_with_bitwise_equal_weights(work):
         batch_size=4,
         grad_clip=1.0,
     )
-    full = run(work, "full", cfg)
-    killed = run(work, "killed", cfg, stop_after_steps=9)
+    kill_resume_and_compare(work, "", cfg)
+
+
+def kill_resume_and_compare(work, prefix: str, cfg: DistillConfig) -> dict:
+    """Run `cfg` uninterrupted, and killed after step 9 then resumed: weights, optimizer and balancer states,
+    the export and the logs must be bitwise equal. Returns the uninterrupted run's last checkpoint."""
+    root = work[0]
+    full = run(work, f"{prefix}full", cfg)
+    killed = run(work, f"{prefix}killed", cfg, stop_after_steps=9)
     assert not killed.completed and killed.global_step == 9
-    resumed = run(work, "killed", replace(cfg, num_workers=2))  # a runtime key may differ
+    resumed = run(work, f"{prefix}killed", replace(cfg, num_workers=2))  # a runtime key may differ
     assert resumed.completed and resumed.global_step == full.global_step == 12
-    a = torch.load(root / "full/checkpoints/last.pt")
-    b = torch.load(root / "killed/checkpoints/last.pt")
+    a = torch.load(root / f"{prefix}full/checkpoints/last.pt")
+    b = torch.load(root / f"{prefix}killed/checkpoints/last.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
         assert all(torch.equal(v[s], b["optimizer"]["state"][k][s]) for s in v), k
     assert a["balancer"] == b["balancer"] and a["state"] == b["state"]
-    assert (root / "full/model.safetensors").read_bytes() == (root / "killed/model.safetensors").read_bytes()
+    assert (root / f"{prefix}full/model.safetensors").read_bytes() == (
+        root / f"{prefix}killed/model.safetensors"
+    ).read_bytes()
 
     def log(name):  # the training log minus the timing column: same rows, no duplicates of redone steps
         lines = [ln.split(",") for ln in (root / name / "train_log.csv").read_text().splitlines()]
         col = lines[0].index("pairs_per_s")
         return [ln[:col] + ln[col + 1 :] for ln in lines]
 
-    assert log("full") == log("killed")
-    assert (root / "full/val_log.csv").read_text() == (root / "killed/val_log.csv").read_text()
+    assert log(f"{prefix}full") == log(f"{prefix}killed")
+    assert (root / f"{prefix}full/val_log.csv").read_text() == (root / f"{prefix}killed/val_log.csv").read_text()
+    return a
 
 
 def test_resume_refuses_another_config_and_no_resume_starts_over(work):
@@ -379,3 +395,140 @@ def test_incomplete_store_is_refused(tmp_path):
     meta.write_text(json.dumps(doc))
     res = cli(root)
     assert res.exit_code == 2 and "incomplete" in res.output
+
+
+# -- unpaired rows: images without captions and texts without an image beside the pairs -------------------
+@pytest.fixture(scope="module")
+def uwork(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill_unpaired")
+    index = make_workdir(root, unpaired=(10, 12))
+    store = open_store(root / "features.zarr", expect_fingerprint=index.fingerprint)
+    cache = open_image_cache(root / "images.zarr", expect_fingerprint=index.fingerprint)
+    return root, index, store, cache
+
+
+def test_unpaired_sampler_is_a_function_of_the_position_and_cycles_over_the_pool():
+    from pipeline.distill.sampler import UnpairedSampler
+
+    n, per, world, steps = 10, 3, 2, 4
+    ranks = [UnpairedSampler(n, per, 5, steps, stream=1, world_size=world, rank=r) for r in range(world)]
+    fresh = UnpairedSampler(n, per, 5, steps, stream=1, world_size=world, rank=0)
+    drawn = np.concatenate([ranks[0].global_rows(e, s) for e in range(3) for s in range(steps)])  # 72 draws
+    for c in range(len(drawn) // n):  # every cycle of n draws is a permutation of the pool, a new one each time
+        assert sorted(drawn[c * n : (c + 1) * n].tolist()) == list(range(n))
+    assert not np.array_equal(drawn[:n], drawn[n : 2 * n])
+    for e, s in [(2, 3), (0, 0), (1, 2)]:  # any order, any fresh instance: the same rows
+        g = fresh.global_rows(e, s)
+        assert np.array_equal(g, drawn[(e * steps + s) * 6 : (e * steps + s + 1) * 6])
+        assert np.array_equal(np.concatenate([r.rows(e, s) for r in ranks]), g)
+    other_stream = UnpairedSampler(n, per, 5, steps, stream=2, world_size=world, rank=0)
+    assert not np.array_equal(other_stream.global_rows(0, 0), drawn[:6])
+
+
+@pytest.mark.parametrize("placement", ["device", "memmap"])
+def test_unpaired_rows_are_looked_up_by_index(uwork, placement):
+    from pipeline.distill.data import Unpaired
+    from pipeline.distill.sampler import UnpairedSampler
+
+    root, index, store, cache = uwork
+    st, view = store.split("train"), index.split("train")
+    assert st.unpaired_image.tolist() == list(range(16, 26)) and st.n_unpaired_texts == 12
+    torch.manual_seed(0)
+    model = build_student(tiny_cfg(root).student, DIM)
+    bank = TeacherBank(
+        st.image_emb, st.text_emb, st.text_image, torch.device("cpu"), placement=placement,
+        unpaired_text_emb=st.unpaired_text_emb,
+    )  # fmt: skip
+    sampler = EpochSampler(view.n_captions, 8, seed=1)
+    u_img = UnpairedSampler(10, 3, 1, sampler.steps_per_epoch, stream=1)
+    u_txt = UnpairedSampler(12, 5, 1, sampler.steps_per_epoch, stream=2)
+    unpaired = Unpaired(u_img, st.unpaired_image, u_txt, tokenize_all(model.tokenize, view.unpaired_text))
+    tokens = tokenize_all(model.tokenize, view.caption_text)
+    loader = BatchLoader(
+        cache.split("train"), bank, tokens, sampler, queue_size=16, use_queue=True, num_workers=2, unpaired=unpaired
+    )
+    for hb in loader.iterate(2, 0, sampler.steps_per_epoch):
+        b = loader.to_device(hb)
+        img_rows = st.unpaired_image[u_img.rows(2, hb.step)]
+        assert torch.equal(b.u_images, torch.from_numpy(cache.split("train")[img_rows]))
+        assert torch.equal(b.unpaired.t_v.float(), torch.from_numpy(np.asarray(st.image_emb[img_rows], np.float32)))
+        assert torch.equal(b.unpaired.v_ids, torch.from_numpy(img_rows))
+        t_rows = u_txt.rows(2, hb.step)
+        expect = model.tokenize(list(view.unpaired_text[t_rows]))
+        assert torch.equal(b.u_input_ids, expect["input_ids"])
+        assert torch.equal(
+            b.unpaired.t_t.float(), torch.from_numpy(np.asarray(st.unpaired_text_emb[t_rows], np.float32))
+        )
+        assert torch.equal(b.unpaired.t_ids, torch.from_numpy(-1 - t_rows))
+        assert b.images.shape[0] == 8 and b.t_v.shape[0] == 8  # the pairs are untouched
+
+
+def test_kill_and_resume_with_unpaired_batches_is_bitwise_exact(uwork):
+    """As test_kill_and_resume_ends_with_bitwise_equal_weights, with unpaired images and texts drawn every
+    micro-step: killed after step 9, resumed, the same weights and logs bit for bit. The unpaired rows are
+    really used: a run without them ends elsewhere."""
+    root = uwork[0]
+    cfg = tiny_cfg(
+        root,
+        epochs=2,
+        checkpoint_every_steps=4,
+        augment={"enabled": True},
+        grad_accum=2,
+        batch_size=4,
+        unpaired_images_per_step=3,
+        unpaired_texts_per_step=2,
+        loss={"queue_size": 16, "relation": 1.0},
+    )
+    a = kill_resume_and_compare(uwork, "u_", cfg)
+    pairs_only = run(uwork, "u_pairs", replace(cfg, unpaired_images_per_step=0, unpaired_texts_per_step=0))
+    c = torch.load(root / "u_pairs/checkpoints/last.pt")
+    assert pairs_only.global_step == 12 and not all(torch.equal(v, c["model"][k]) for k, v in a["model"].items())
+
+
+def test_baseline_ignores_unpaired_rows(uwork):
+    root = uwork[0]
+    cfg = tiny_cfg(root, epochs=1)
+    run(uwork, "u_base0", cfg, baseline=True)
+    run(uwork, "u_base1", replace(cfg, unpaired_images_per_step=4, unpaired_texts_per_step=4), baseline=True)
+    assert (root / "u_base0/model.safetensors").read_bytes() == (root / "u_base1/model.safetensors").read_bytes()
+
+
+def test_unpaired_counts_are_checked(work, uwork):
+    with pytest.raises(
+        InputError, match=r"unpaired_images_per_step=11: the split 'train' has 10 images without captions"
+    ):
+        run(uwork, "u_bad", tiny_cfg(uwork[0], unpaired_images_per_step=11))
+    with pytest.raises(InputError, match=r"unpaired_texts_per_step=1: the split 'train' has 0 texts without an image"):
+        run(work, "u_bad", tiny_cfg(work[0], unpaired_texts_per_step=1))
+    with pytest.raises(ConfigError, match="unpaired_images_per_step must be >= 0"):
+        tiny_cfg(work[0], unpaired_images_per_step=-1)
+
+
+def test_val_recalls_rank_captioned_images_only(work):
+    """Images without captions in a val split are not queries: the recalls equal those of the split without
+    them (retrieval needs a caption per image), whatever their position."""
+    from pipeline.distill.run import PairSplit, validate
+
+    root, index, store, cache = work
+    view, images = index.split("val"), cache.split("val")
+    torch.manual_seed(0)
+    model = build_student(tiny_cfg(root).student, DIM)
+    tokens = tokenize_all(model.tokenize, view.caption_text)
+    ti = view.text_image.astype(np.int64)
+    plain = PairSplit("val", view.caption_text, images, None, None, ti)
+    # the same images plus two without captions, at the front: every caption's image row moves by 2
+    extra = np.concatenate([images[[1, 2]], images])
+    with_extra = PairSplit("val", view.caption_text, extra, None, None, ti + 2)
+    a = validate(model, plain, tokens, 16, nullcontext)
+    b = validate(model, with_extra, tokens, 16, nullcontext)
+    assert a == pytest.approx(b, abs=1e-9)
+
+
+def test_checkpoints_from_before_the_unpaired_keys_still_compare_equal():
+    from pipeline.config import to_dict
+    from pipeline.distill.run import comparable
+
+    now = to_dict(DistillConfig())
+    before = {k: v for k, v in now.items() if not k.startswith("unpaired_")}  # written before the keys existed
+    assert comparable(before) == comparable(now)
+    assert comparable(before) != comparable({**now, "unpaired_images_per_step": 4})

@@ -6,12 +6,20 @@ computed from a different index, so that features and images can never be silent
 
 Order is significant and stable: within a split, images and captions keep their global order, and the
 feature store and image cache of that split use exactly this order.
+
+Unpaired items (issue 12: distillation on data without captions):
+- an UNPAIRED IMAGE is an image no caption points to: an ordinary image row, nothing else to store;
+- an UNPAIRED TEXT is a caption of no image. It has no image to take a split from, so it lives in a table
+  of its own, `unpaired_text` with `unpaired_text_split` (texts.parquet), never in the caption columns:
+  every reader of `caption_image` keeps its meaning (a valid image row), and the caption order is untouched.
+An index with unpaired texts is written as version 2 (a version-1 reader refuses it instead of silently
+dropping them); one without is written exactly as before (version 1, same files, same fingerprint).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -23,11 +31,12 @@ from pipeline.errors import InputError
 from pipeline.data.exif import EXIF_ORIENTATION
 
 INDEX_FORMAT = "kdpipe-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 1  # paired captions (and unpaired images) only
+INDEX_VERSION_UNPAIRED_TEXT = 2  # + texts.parquet
 SPLIT_ORDER = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SplitView:
     """The images and captions of one split, in index order."""
 
@@ -38,10 +47,18 @@ class SplitView:
     caption_rows: np.ndarray  # int64 [M] rows of these captions in the whole index
     caption_text: np.ndarray  # object (str) [M]
     text_image: np.ndarray  # int32 [M] row in this split's images of each caption's image
+    unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
 
     @property
     def n_images(self) -> int:
         return len(self.image_rows)
+
+    @cached_property
+    def unpaired_image(self) -> np.ndarray:
+        """int64 [N_u] rows in this split's images that no caption points to, in image order."""
+        paired = np.zeros(self.n_images, dtype=bool)
+        paired[self.text_image] = True
+        return np.flatnonzero(~paired)
 
     @property
     def n_captions(self) -> int:
@@ -56,10 +73,12 @@ class DatasetIndex:
     image_path: np.ndarray  # object (str) [N_images], relative to image_root (or absolute)
     image_split: np.ndarray  # object (str) [N_images]
     caption_text: np.ndarray  # object (str) [N_captions], non-empty
-    caption_image: np.ndarray  # int64 [N_captions], row in the images
+    caption_image: np.ndarray  # int64 [N_captions], row in the images (an image no caption names is unpaired)
     # How every stage reads the image files: "ignore" their EXIF orientation tag (stored pixels as they are,
     # as torchvision, BEiT-3 and DSMD load them) or "apply" it (phone photos shot sideways come out upright).
     exif_orientation: str = "ignore"
+    unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
+    unpaired_text_split: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
 
     def __post_init__(self) -> None:
         if self.exif_orientation not in EXIF_ORIENTATION:
@@ -75,12 +94,19 @@ class DatasetIndex:
             raise InputError(f"dataset {self.name}: image id {dup!r} appears more than once")
         if len(self.caption_image) and (self.caption_image.min() < 0 or self.caption_image.max() >= n):
             raise InputError(f"dataset {self.name}: a caption points at an image row outside 0..{n - 1}")
+        if len(self.unpaired_text) != len(self.unpaired_text_split):
+            raise ValueError("unpaired text columns differ in length")
+        orphan = set(self.unpaired_text_split.tolist()) - set(self.image_split.tolist())
+        if orphan:  # the image cache and the feature store are laid out per split of images
+            raise InputError(f"dataset {self.name}: unpaired texts in split {sorted(orphan)[0]!r}, "
+                             "which has no images")
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
     def from_lists(cls, name: str, image_root: Path | str, images: list[tuple[str, str, str]],
-                   captions: list[tuple[str, int]], exif_orientation: str = "ignore") -> "DatasetIndex":
-        """images: (image_id, path, split) rows; captions: (text, image row) rows."""
+                   captions: list[tuple[str, int]], exif_orientation: str = "ignore",
+                   unpaired_texts: list[tuple[str, str]] = ()) -> "DatasetIndex":
+        """images: (image_id, path, split) rows; captions: (text, image row) rows; unpaired_texts: (text, split)."""
         return cls(
             name=name,
             image_root=Path(image_root),
@@ -90,6 +116,8 @@ class DatasetIndex:
             caption_text=np.array([t for t, _ in captions], dtype=object),
             caption_image=np.array([r for _, r in captions], dtype=np.int64),
             exif_orientation=exif_orientation,
+            unpaired_text=np.array([t for t, _ in unpaired_texts], dtype=object),
+            unpaired_text_split=np.array([s for _, s in unpaired_texts], dtype=object),
         )
 
     def drop_images(self, rows: np.ndarray | list[int]) -> "DatasetIndex":
@@ -107,6 +135,8 @@ class DatasetIndex:
             caption_text=self.caption_text[cap_keep],
             caption_image=new_row[self.caption_image[cap_keep]],
             exif_orientation=self.exif_orientation,
+            unpaired_text=self.unpaired_text,
+            unpaired_text_split=self.unpaired_text_split,
         )
 
     # -- derived views ------------------------------------------------------------------------------
@@ -117,6 +147,14 @@ class DatasetIndex:
     @property
     def n_captions(self) -> int:
         return len(self.caption_text)
+
+    @property
+    def n_unpaired_texts(self) -> int:
+        return len(self.unpaired_text)
+
+    @property
+    def version(self) -> int:
+        return INDEX_VERSION_UNPAIRED_TEXT if self.n_unpaired_texts else INDEX_VERSION
 
     @cached_property
     def splits(self) -> tuple[str, ...]:
@@ -143,6 +181,7 @@ class DatasetIndex:
             caption_rows=caption_rows,
             caption_text=self.caption_text[caption_rows],
             text_image=local[self.caption_image[caption_rows]].astype(np.int32),
+            unpaired_text=self.unpaired_text[self.unpaired_text_split == name],
         )
 
     @cached_property
@@ -152,15 +191,13 @@ class DatasetIndex:
         image_root, so that moving the dataset directory keeps the fingerprint."""
         h = hashlib.sha256()
         h.update(f"{INDEX_FORMAT}/{INDEX_VERSION}\n".encode())
-        for column in (self.image_id, self.image_path, self.image_split, self.caption_text):
-            h.update(f"{len(column)}\n".encode())
-            for value in column.tolist():
-                b = value.encode("utf-8")
-                h.update(len(b).to_bytes(8, "little"))  # length-prefixed, so no separator can be forged
-                h.update(b)
+        _hash_strings(h, (self.image_id, self.image_path, self.image_split, self.caption_text))
         h.update(np.ascontiguousarray(self.caption_image, dtype="<i8").tobytes())
         if self.exif_orientation != "ignore":  # other pixels: features and image caches must not match
             h.update(f"\nexif_orientation={self.exif_orientation}".encode())
+        if self.n_unpaired_texts:  # only then: an index without them keeps its fingerprint
+            h.update(b"\nunpaired_text\n")
+            _hash_strings(h, (self.unpaired_text, self.unpaired_text_split))
         return h.hexdigest()
 
     # -- storage ------------------------------------------------------------------------------------
@@ -180,8 +217,15 @@ class DatasetIndex:
         })
         pq.write_table(images, directory / "images.parquet")
         pq.write_table(captions, directory / "captions.parquet")
+        (directory / "texts.parquet").unlink(missing_ok=True)
+        if self.n_unpaired_texts:
+            texts = pa.table({
+                "text": pa.array(self.unpaired_text.tolist(), pa.string()),
+                "split": pa.array(self.unpaired_text_split.tolist(), pa.string()),
+            })
+            pq.write_table(texts, directory / "texts.parquet")
         meta = {
-            "format": INDEX_FORMAT, "version": INDEX_VERSION, "name": self.name,
+            "format": INDEX_FORMAT, "version": self.version, "name": self.name,
             "image_root": str(self.image_root), "fingerprint": self.fingerprint,
             "exif_orientation": self.exif_orientation,
             "n_images": self.n_images, "n_captions": self.n_captions,
@@ -189,6 +233,10 @@ class DatasetIndex:
                            "captions": int((self.image_split[self.caption_image] == s).sum())}
                        for s in self.splits},
         }
+        if self.n_unpaired_texts or self.n_images > len(np.unique(self.caption_image)):
+            for s, counts in meta["splits"].items():  # absent for paired-only data: index.json as before
+                view = self.split(s)
+                counts.update(unpaired_images=len(view.unpaired_image), unpaired_texts=len(view.unpaired_text))
         tmp = directory / "index.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         tmp.replace(directory / "index.json")
@@ -200,10 +248,17 @@ class DatasetIndex:
         if not meta_path.is_file():
             raise InputError(f"{directory}: no dataset index here (index.json missing); run `kdpipe prepare` first")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
-            raise InputError(f"{meta_path}: not a {INDEX_FORMAT} v{INDEX_VERSION} index")
+        versions = (INDEX_VERSION, INDEX_VERSION_UNPAIRED_TEXT)
+        if meta.get("format") != INDEX_FORMAT or meta.get("version") not in versions:
+            raise InputError(f"{meta_path}: not a {INDEX_FORMAT} v{INDEX_VERSION} or v{INDEX_VERSION_UNPAIRED_TEXT} index")
         images = pq.read_table(directory / "images.parquet")
         captions = pq.read_table(directory / "captions.parquet")
+        texts = {"text": [], "split": []}
+        if meta["version"] == INDEX_VERSION_UNPAIRED_TEXT:
+            if not (directory / "texts.parquet").is_file():
+                raise InputError(f"{directory}: a v{INDEX_VERSION_UNPAIRED_TEXT} index without texts.parquet; "
+                                 "rerun `kdpipe prepare`")
+            texts = pq.read_table(directory / "texts.parquet").to_pydict()
         index = cls(
             name=meta["name"],
             image_root=Path(meta["image_root"]),
@@ -213,10 +268,22 @@ class DatasetIndex:
             caption_text=np.array(captions["text"].to_pylist(), dtype=object),
             caption_image=captions["image_row"].to_numpy().astype(np.int64),
             exif_orientation=meta.get("exif_orientation", "ignore"),
+            unpaired_text=np.array(texts["text"], dtype=object),
+            unpaired_text_split=np.array(texts["split"], dtype=object),
         )
         if index.fingerprint != meta["fingerprint"]:
             raise InputError(f"{directory}: index content does not match its recorded fingerprint (edited by hand?)")
         return index
+
+
+def _hash_strings(h, columns) -> None:
+    """Each column's length, then each string length-prefixed (so no separator can be forged)."""
+    for column in columns:
+        h.update(f"{len(column)}\n".encode())
+        for value in column.tolist():
+            b = value.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
 
 
 def read_fingerprint(directory: Path | str) -> str:

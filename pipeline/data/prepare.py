@@ -225,8 +225,7 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
     """Build `paths.index_dir` and `paths.images` from the dataset; returns a summary (also printed)."""
     start = time.perf_counter()
     index = read_dataset(cfg.dataset)
-    info(f"prepare: dataset {index.name}: {index.n_images:,} images, {index.n_captions:,} captions, splits "
-         + ", ".join(f"{s} {int((index.image_split == s).sum()):,}" for s in index.splits))
+    info(_describe(index))
     if not force:
         summary = _unchanged(cfg, paths, index)
         if summary is not None:
@@ -353,6 +352,14 @@ def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[l
             if cluster is not None:
                 cluster.close()
     return out, time.perf_counter() - start
+
+
+def _describe(index: DatasetIndex) -> str:
+    n_unpaired = index.n_images - len(np.unique(index.caption_image))
+    unpaired = f" ({n_unpaired:,} without captions)" if n_unpaired else ""
+    texts = f", {index.n_unpaired_texts:,} texts without images" if index.n_unpaired_texts else ""
+    return (f"prepare: dataset {index.name}: {index.n_images:,} images{unpaired}, {index.n_captions:,} captions"
+            f"{texts}, splits " + ", ".join(f"{s} {int((index.image_split == s).sum()):,}" for s in index.splits))
 
 
 def _error_line(index: DatasetIndex, bad: list[tuple[int, str]]) -> str:

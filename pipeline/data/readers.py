@@ -24,9 +24,28 @@ across versions of the split file (unlike Flickr's `imgid`, which is a position 
 rule for every format, and it is what the feature store records as `image_id`. Absolute paths in row
 formats are kept absolute.
 
-Order: images in order of first appearance in the annotations, captions in file order. Every problem
-(missing file, malformed JSON/CSV, an empty caption, a caption that names another image, an image
-listed twice, a row without an image or a split) is one `InputError` naming the file and the item.
+Unpaired items (distillation learns from them through the teacher's features, see pipeline.data.index):
+- `karpathy`: an image with `"sentences": []` is an unpaired image (a missing `sentences` key is still an
+  error: it is more likely a broken file than a choice).
+- `jsonl` / `csv`: a row whose caption field is EMPTY (`""`, or JSON `null`) is an unpaired image; a row
+  whose image field is empty is an unpaired text of its row's split. The keys themselves stay required in
+  JSONL (a misspelt key must not silently turn a dataset into unpaired images). A row with neither is an
+  error.
+- `prepare.dataset.unlabelled_images: DIR` adds every image file under DIR (recursively; extensions in
+  IMAGE_EXTENSIONS, case-insensitive; hidden files and directories skipped) as unpaired images of split
+  `unlabelled_split` (default `train`), in sorted order of their path relative to DIR (deterministic
+  whatever the file system lists). Their ids follow the rule below (relative to image_root when DIR is
+  inside it, else absolute). An image the annotations already list in the same split is kept once (with
+  its captions); one listed in ANOTHER split is an error (a test image must never become training data).
+Rule for empty captions: "no caption" is accepted only where the format has a way to say it on purpose
+(an empty `sentences` list; an empty caption field of a row format). A caption that is present but blank
+(whitespace only) is still refused as a mistake, and so is an empty `raw` sentence in a Karpathy file or
+an empty `description` in a DSMD file: those formats have no notation for an image without a caption.
+
+Order: images in order of first appearance in the annotations (then the unlabelled folder), captions and
+unpaired texts in file order. Every problem (missing file, malformed JSON/CSV, a blank caption, a caption
+that names another image, an image listed twice, a row without an image or a split) is one `InputError`
+naming the file and the item.
 """
 from __future__ import annotations
 
@@ -41,6 +60,7 @@ from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True)
@@ -58,10 +78,16 @@ class DatasetConfig:
     # ignore: pixels as stored, as the reference loaders (and published Flickr30K/COCO numbers); apply: turn
     # images upright by their EXIF orientation tag (phone photos). Recorded in the index, used by every stage.
     exif_orientation: Literal["ignore", "apply"] = "ignore"
+    unlabelled_images: Path | None = None  # a folder of images without captions, added as unpaired images
+    unlabelled_split: str = "train"  # the split those images go to
 
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ValueError("name must not be empty")
+        if not self.unlabelled_split.strip():
+            raise ValueError("unlabelled_split must not be empty")
+        if self.unlabelled_images is not None and self.splits is not None and self.unlabelled_split not in self.splits:
+            raise ValueError(f"unlabelled_split {self.unlabelled_split!r} is not among splits {list(self.splits)}")
         if isinstance(self.annotations, dict):
             if self.format == "karpathy":
                 raise ValueError("annotations: a Karpathy split file is one file, not a mapping split -> file")
@@ -99,9 +125,12 @@ def read_dataset(cfg: DatasetConfig) -> DatasetIndex:
         _read_karpathy(cfg.annotation_files[0][0], builder)
     else:
         reader = {"dsmd": _dsmd_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[cfg.format]
+        unpaired_ok = cfg.format != "dsmd"  # DSMD rows have no notation for a caption without an image
         for path, file_split in cfg.annotation_files:
             for where, image, captions, split in reader(path):
-                builder.add_row(where, image, captions, split, file_split)
+                builder.add_row(where, image, captions, split, file_split, unpaired_ok=unpaired_ok)
+    if cfg.unlabelled_images is not None:
+        _add_unlabelled_folder(Path(cfg.unlabelled_images), root, cfg.unlabelled_split, builder)
     return builder.build(root)
 
 
@@ -115,6 +144,7 @@ class _Builder:
         self.row_of: dict[str, int] = {}
         self.where_of: dict[str, str] = {}
         self.captions: list[tuple[str, int]] = []
+        self.unpaired_texts: list[tuple[str, str]] = []  # (text, split)
 
     def add_image(self, where: str, path: str, split: str) -> int:
         image_id = _normalize_path(path, where)
@@ -129,15 +159,26 @@ class _Builder:
         self.images.append((image_id, image_id, split))
         return row
 
-    def add_caption(self, where: str, text: Any, row: int) -> None:
+    def add_caption(self, where: str, text: Any, row: int | None, split: str | None = None) -> None:
+        """A caption of image `row`, or (row None) an unpaired text of `split`."""
         if not isinstance(text, str):
             raise InputError(f"{where}: caption must be a string, got {type(text).__name__} {text!r}")
         if not text.strip():
-            raise InputError(f"{where}: empty caption for image {self.images[row][0]!r}")
-        self.captions.append((text, row))
+            of = f"image {self.images[row][0]!r}" if row is not None else "a row without an image"
+            raise InputError(f"{where}: empty caption for {of}")
+        if row is None:
+            self.unpaired_texts.append((text, split))
+        else:
+            self.captions.append((text, row))
 
-    def add_row(self, where: str, image: Any, captions: list[Any], split: Any, file_split: str | None) -> None:
-        if not isinstance(image, str) or not image.strip():
+    def add_row(self, where: str, image: Any, captions: list[Any], split: Any, file_split: str | None,
+                *, unpaired_ok: bool = False) -> None:
+        """`image` None (row formats: an empty image field) makes the captions unpaired texts when
+        `unpaired_ok`; an empty `captions` list makes the image an unpaired image."""
+        if image is None and unpaired_ok:
+            if not captions:
+                raise InputError(f"{where}: row has neither an image nor a caption")
+        elif not isinstance(image, str) or not image.strip():
             raise InputError(f"{where}: no image path (got {image!r})")
         if split is not None and not isinstance(split, str):
             raise InputError(f"{where}: split must be a string, got {split!r}")
@@ -155,9 +196,9 @@ class _Builder:
         split = self._map_split(split)
         if split is None:
             return
-        row = self.add_image(where, image, split)
+        row = None if image is None else self.add_image(where, image, split)
         for text in captions:
-            self.add_caption(where, text, row)
+            self.add_caption(where, text, row, split)
 
     def _map_split(self, split: str) -> str | None:
         """Apply the restval rule and the splits filter; None = leave this item out."""
@@ -178,12 +219,12 @@ class _Builder:
             if missing:
                 raise InputError(f"prepare.dataset.splits: {files} has no images in split {missing[0]!r} "
                                  f"(it has {', '.join(sorted(present))})")
-        has_caption = {row for _, row in self.captions}
-        for row, (image_id, _, _) in enumerate(self.images):
-            if row not in has_caption:
-                raise InputError(f"{self.where_of[image_id]}: image {image_id!r} has no captions")
+        orphan = sorted({s for _, s in self.unpaired_texts} - present)
+        if orphan:  # the image cache and the feature store are laid out per split of images
+            raise InputError(f"{files}: unpaired texts in split {orphan[0]!r}, which has no images")
         return DatasetIndex.from_lists(self.cfg.name, root, self.images, self.captions,
-                                       exif_orientation=self.cfg.exif_orientation)
+                                       exif_orientation=self.cfg.exif_orientation,
+                                       unpaired_texts=self.unpaired_texts)
 
 
 def _normalize_path(path: str, where: str) -> str:
@@ -224,8 +265,8 @@ def _read_karpathy(path: Path, builder: _Builder) -> None:
         if split not in KARPATHY_SPLITS:
             raise InputError(f"{where}: split {split!r} is not one of {', '.join(KARPATHY_SPLITS)}")
         sentences = entry.get("sentences")
-        if not isinstance(sentences, list) or not sentences:
-            raise InputError(f"{where}: no 'sentences'")
+        if not isinstance(sentences, list):  # [] is an unpaired image; a missing list is a broken entry
+            raise InputError(f"{where}: no 'sentences' list (use [] for an image without captions)")
         split = builder._map_split(split)
         if split is None:
             continue
@@ -279,8 +320,12 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 if not isinstance(item, dict):
                     raise InputError(f"{where}: expected an object, got {type(item).__name__}")
                 if "caption" not in item:
-                    raise InputError(f"{where}: no 'caption'")
-                yield where, item.get("image"), [item["caption"]], item.get("split")
+                    raise InputError(f"{where}: no 'caption' (use \"caption\": \"\" for an image without one)")
+                if "image" not in item:
+                    raise InputError(f"{where}: no image path (use \"image\": \"\" for a text without an image)")
+                caption, image = item["caption"], item["image"]
+                yield where, (None if image in (None, "") else image), \
+                    ([] if caption in (None, "") else [caption]), item.get("split")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
@@ -307,9 +352,30 @@ def _csv_rows(path: Path) -> Iterator[Row]:
                 if len(values) != len(header):
                     raise InputError(f"{where}: {len(values)} fields, the header has {len(header)}")
                 split = values[col["split"]] if "split" in col else None
-                yield where, values[col["image"]], [values[col["caption"]]], split
+                image, caption = values[col["image"]], values[col["caption"]]
+                yield where, image or None, [caption] if caption else [], split
     except csv.Error as err:
         line = f" line {reader.line_num}" if reader is not None else ""
         raise InputError(f"{path}{line}: malformed CSV ({err})") from None
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+# -- a folder of unlabelled images -------------------------------------------------------------------
+def _add_unlabelled_folder(folder: Path, root: Path, split: str, builder: _Builder) -> None:
+    where = f"prepare.dataset.unlabelled_images: {folder}"
+    if not folder.is_dir():
+        raise InputError(f"{where} {'is not a directory' if folder.exists() else 'not found'}")
+    rel = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not rel:
+        raise InputError(f"{where}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    base = folder.resolve()
+    inside = base.is_relative_to(root.resolve())
+    for name in rel:
+        path = (base / name).relative_to(root.resolve()).as_posix() if inside else (base / name).as_posix()
+        builder.add_image(f"{where} ({name})", path, split)

@@ -9,6 +9,10 @@ Everything is looked up BY INDEX from memory-mapped arrays, never by batch posit
   from the memory map by the loader threads, in pinned memory.
 Loader threads only copy bytes (no randomness), so the batch of (epoch, step) is the same whatever the
 number of threads and whenever it is built: resume is exact.
+
+Unpaired rows (`Unpaired`, off unless distill.unpaired_*_per_step > 0) ride along each batch: images without
+captions (their uint8 pixels for the student, their image_emb rows for the teacher) and texts without an image
+(their tokens, and rows of the store's unpaired_text_emb), drawn by `UnpairedSampler`s.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import threading
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill.sampler import EpochSampler
+from pipeline.distill.losses import UnpairedRows
+from pipeline.distill.sampler import EpochSampler, UnpairedSampler
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -60,11 +65,13 @@ class TeacherBank:
         *,
         placement: str = "auto",
         max_bytes: float = 4 * 2**30,
+        unpaired_text_emb: np.ndarray | None = None,
     ) -> None:
         self.device = device
         self.dim = int(text_emb.shape[1])
         self.n_images, self.n_texts = int(image_emb.shape[0]), int(text_emb.shape[0])
-        self.nbytes = int(image_emb.nbytes + text_emb.nbytes)
+        unpaired = unpaired_text_emb if unpaired_text_emb is not None else np.empty((0, self.dim), text_emb.dtype)
+        self.nbytes = int(image_emb.nbytes + text_emb.nbytes + unpaired.nbytes)
         self.text_image_np = np.asarray(text_image, dtype=np.int64)
         if device.type == "cpu":  # the memory map is CPU memory already: a tensor over it, no copy
             self.on_device = placement != "memmap"
@@ -73,8 +80,9 @@ class TeacherBank:
         if self.on_device:
             self.text = as_tensor(text_emb).to(device)
             self.image = as_tensor(image_emb).to(device)
+            self.unpaired_text = as_tensor(unpaired).to(device)  # [U, D] texts without an image
         else:
-            self.text, self.image = text_emb, image_emb
+            self.text, self.image, self.unpaired_text = text_emb, image_emb, unpaired
         self.text_image = torch.from_numpy(self.text_image_np).to(device)
 
 
@@ -90,6 +98,12 @@ class HostBatch:
     queue_rows: np.ndarray | None  # [K] caption rows of the negatives (None: none or the whole bank)
     t_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (t_v, t_t) [G, D] when the bank is not on the device
     queue: tuple[torch.Tensor, torch.Tensor] | None = None  # (queue_v, queue_t) [K, D] idem
+    # unpaired rows (None: not drawn): images [G_v] store image rows, texts [G_t] unpaired_text_emb rows
+    u_image_rows: np.ndarray | None = None
+    u_images: torch.Tensor | None = None  # uint8 [B_v, H, W, 3] this rank's unpaired images
+    u_text_rows: np.ndarray | None = None
+    u_text_local: np.ndarray | None = None  # [B_t] this rank's unpaired texts (rows of the unpaired tokens)
+    u_t_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "v"/"t": teacher rows when not on device
 
 
 @dataclass
@@ -107,6 +121,21 @@ class DeviceBatch:
     queue_t: torch.Tensor | None = None
     queue_v_ids: torch.Tensor | None = None
     queue_t_ids: torch.Tensor | None = None
+    u_images: torch.Tensor | None = None  # uint8 [B_v, H, W, 3] this rank's unpaired images
+    u_input_ids: torch.Tensor | None = None  # int64 [B_t, L] this rank's unpaired texts
+    u_attention_mask: torch.Tensor | None = None
+    unpaired: UnpairedRows | None = None  # teacher rows and ids of the global unpaired batch (student rows: later)
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """What to draw beside the pairs: unpaired images (a sampler over `image_rows`, the store image rows that no
+    caption names) and / or unpaired texts (a sampler over the rows of unpaired_text_emb, with their tokens)."""
+
+    images: UnpairedSampler | None = None
+    image_rows: np.ndarray | None = None  # int64 [N_u] store image row of each pool entry
+    texts: UnpairedSampler | None = None
+    tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # int32 [U, L] the unpaired texts tokenized
 
 
 class BatchLoader:
@@ -127,8 +156,12 @@ class BatchLoader:
         num_workers: int = 2,
         prefetch: int = 4,
         cache_rows: np.ndarray | None = None,
+        unpaired: Unpaired | None = None,
     ) -> None:
         self.images, self.bank, self.sampler = images, bank, sampler
+        self.unpaired = unpaired or Unpaired()
+        # image cache row of each store image row (identity unless extract skipped images)
+        self.image_cache_row = None if cache_rows is None else np.asarray(cache_rows, np.int64)
         # image cache row of each caption (the store may lack images that extract skipped)
         self.caption_cache_row = (
             bank.text_image_np if cache_rows is None else np.asarray(cache_rows, np.int64)[bank.text_image_np]
@@ -144,6 +177,8 @@ class BatchLoader:
             # whole bank: constant for the run, built once
             self.all_image_ids = torch.arange(bank.n_images, device=device)
             self.all_text_ids = bank.text_image
+        if self.unpaired.tokens is not None:
+            self.u_input_ids, self.u_attention_mask = (t.to(device) for t in self.unpaired.tokens)
 
     # -- CPU side (loader threads) --------------------------------------------------------------------
     def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -173,7 +208,8 @@ class BatchLoader:
         """The step is done with `hb` (and the device batch made from it): its CPU buffers may be reused."""
         if self.pin:
             return
-        tensors = [hb.images, *(hb.t_rows or ()), *(hb.queue or ())]
+        tensors = [hb.images, *(hb.t_rows or ()), *(hb.queue or ()), *hb.u_t_rows.values()]
+        tensors += [hb.u_images] if hb.u_images is not None else []
         with self._lock:
             for t in tensors:
                 self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
@@ -188,7 +224,24 @@ class BatchLoader:
             hb.t_rows = (self._take(bank.image, bank.text_image_np[global_rows]), self._take(bank.text, global_rows))
             if queue_rows is not None:
                 hb.queue = (self._take(bank.image, bank.text_image_np[queue_rows]), self._take(bank.text, queue_rows))
+        self._host_unpaired(hb)
         return hb
+
+    def _host_unpaired(self, hb: HostBatch) -> None:
+        """The unpaired rows of (epoch, step): this rank's pixels / token rows, the global teacher rows' indices
+        (and the teacher rows themselves when the bank is memory-mapped)."""
+        u, bank = self.unpaired, self.bank
+        if u.images is not None:
+            hb.u_image_rows = u.image_rows[u.images.global_rows(hb.epoch, hb.step)]
+            mine = u.image_rows[u.images.rows(hb.epoch, hb.step)]
+            hb.u_images = self._take(self.images, mine if self.image_cache_row is None else self.image_cache_row[mine])
+            if not bank.on_device:
+                hb.u_t_rows["v"] = self._take(bank.image, hb.u_image_rows)
+        if u.texts is not None:
+            hb.u_text_rows = u.texts.global_rows(hb.epoch, hb.step)
+            hb.u_text_local = u.texts.rows(hb.epoch, hb.step)
+            if not bank.on_device:
+                hb.u_t_rows["t"] = self._take(bank.unpaired_text, hb.u_text_rows)
 
     def iterate(self, epoch: int, start: int, stop: int) -> Iterator[HostBatch]:
         """Host batches of steps start..stop-1 of `epoch`, in order, prepared ahead by the threads."""
@@ -230,6 +283,8 @@ class BatchLoader:
             t_t=t_t,
             image_ids=image_ids,
         )
+        if hb.u_image_rows is not None or hb.u_text_rows is not None:
+            self._device_unpaired(hb, batch)
         if not self.use_queue:
             return batch
         if self.queue_size == 0:
@@ -244,6 +299,22 @@ class BatchLoader:
         else:
             batch.queue_v, batch.queue_t = (x.to(dev, non_blocking=True) for x in hb.queue)
         return batch
+
+    def _device_unpaired(self, hb: HostBatch, batch: DeviceBatch) -> None:
+        bank, dev = self.bank, self.bank.device
+        batch.unpaired = UnpairedRows()
+        if hb.u_image_rows is not None:
+            ids = torch.from_numpy(hb.u_image_rows).to(dev, non_blocking=True)
+            batch.u_images = hb.u_images.to(dev, non_blocking=True)
+            batch.unpaired.t_v = bank.image[ids] if "v" not in hb.u_t_rows else hb.u_t_rows["v"].to(dev)
+            batch.unpaired.v_ids = ids  # the image's own row: masked where a whole-bank queue holds it
+        if hb.u_text_rows is not None:
+            rows = torch.from_numpy(hb.u_text_rows).to(dev, non_blocking=True)
+            local = torch.from_numpy(hb.u_text_local).to(dev, non_blocking=True)
+            batch.u_input_ids = self.u_input_ids[local].long()
+            batch.u_attention_mask = self.u_attention_mask[local].long()
+            batch.unpaired.t_t = bank.unpaired_text[rows] if "t" not in hb.u_t_rows else hb.u_t_rows["t"].to(dev)
+            batch.unpaired.t_ids = -1 - rows  # no image has a negative id, and no two texts share one
 
 
 # -- augmentation (on the device) -------------------------------------------------------------------------

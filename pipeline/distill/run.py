@@ -4,6 +4,12 @@ r"""Distillation training: the student learns the teacher's feature space from t
                                        \-> teacher rows t_v, t_t + K negative rows (feature store)
     raw loss terms (pipeline.distill.losses) --> weights (pipeline.distill.balancer) --> sum_i w_i L_i --> AdamW
 
+Unpaired data (`unpaired_images_per_step`, `unpaired_texts_per_step`, default 0 = off): each step also draws
+that many images without captions and / or texts without an image per process (`UnpairedSampler`: cyclic
+over the pool, a pure function of (seed, epoch, step)); the student encodes them in the same forward as the
+pairs, and the intra-modal loss terms use them (pipeline.distill.losses). An epoch is one pass over the pairs;
+the unpaired pools are drawn cyclically across epochs. The baseline (`--baseline`, no teacher) never draws them.
+
 Resume is exact. Every random number of a step (dropout, augmentation) comes from a generator seeded with
 (seed, epoch, step, rank), the order of pairs and the negatives are functions of (seed, epoch, step)
 (`pipeline.distill.sampler`), and a checkpoint holds the model, optimizer, scheduler and balancer states and the
@@ -28,7 +34,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,9 +46,9 @@ from pipeline.config import to_dict, write_resolved
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.distill.balancer import BalancerConfig, LossBalancer
-from pipeline.distill.data import BatchLoader, TeacherBank, as_tensor, random_resized_crop, tokenize_all
+from pipeline.distill.data import BatchLoader, TeacherBank, Unpaired, as_tensor, random_resized_crop, tokenize_all
 from pipeline.distill.losses import DistillLoss, LossConfig
-from pipeline.distill.sampler import EpochSampler
+from pipeline.distill.sampler import EpochSampler, UnpairedSampler
 from pipeline.errors import InputError
 from pipeline.progress import info, progress
 from pipeline.store.features import FeatureStore, StoreSplit
@@ -88,6 +94,8 @@ class DistillConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     epochs: int = 20
     batch_size: int = 64  # pairs per micro-batch per process; the optimizer sees batch_size x grad_accum x world
+    unpaired_images_per_step: int = 0  # images without captions beside each micro-batch, per process (0: off)
+    unpaired_texts_per_step: int = 0  # texts without an image beside each micro-batch, per process (0: off)
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -123,7 +131,14 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every_steps", "eval_every_epochs", "num_workers"):
+        for name in (
+            "warmup_steps",
+            "checkpoint_every_steps",
+            "eval_every_epochs",
+            "num_workers",
+            "unpaired_images_per_step",
+            "unpaired_texts_per_step",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -179,6 +194,7 @@ class PairSplit:
     cache_rows: np.ndarray | None  # int64 [N] cache row of each store image row (None: identity)
     store: StoreSplit | None  # teacher rows (None: a split the store lacks, e.g. val for recall only)
     text_image: np.ndarray  # int64 [M] image row of each caption (store order)
+    unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # [U] texts, no image
 
 
 def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, where: str) -> PairSplit:
@@ -191,6 +207,16 @@ def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, w
             f"{where}: the image cache has {len(images)} images in split {view.name!r}, the dataset "
             f"index {view.n_images}; rerun `kdpipe prepare`"
         )
+    if store is not None and store.n_unpaired_texts != len(view.unpaired_text):
+        raise InputError(
+            f"{where}: the feature store has {store.n_unpaired_texts} texts without an image in split "
+            f"{view.name!r}, the dataset index {len(view.unpaired_text)}; rerun `kdpipe extract`"
+        )
+    split = _align_pairs(view, images, store, where)
+    return replace(split, unpaired_text=view.unpaired_text)
+
+
+def _align_pairs(view: SplitView, images: np.ndarray, store: StoreSplit | None, where: str) -> PairSplit:
     if store is None:
         return PairSplit(view.name, view.caption_text, images, None, None, view.text_image.astype(np.int64))
     if store.n_images == view.n_images and store.n_captions == view.n_captions:
@@ -297,19 +323,43 @@ def loss_terms(
     Dropout and augmentation draw from `seed` only."""
     torch.manual_seed(seed)  # dropout of this micro-step (every device)
     x = model.to_float(b.images)
+    ids, mask = b.input_ids, b.attention_mask
+    n_pairs = x.shape[0]
+    if b.u_images is not None:  # unpaired rows go through the same forward, after the pairs
+        x = torch.cat([x, model.to_float(b.u_images)])
+    if b.u_input_ids is not None:
+        ids, mask = torch.cat([ids, b.u_input_ids]), torch.cat([mask, b.u_attention_mask])
     if augment.enabled:
         gen.manual_seed(seed)
         x = random_resized_crop(x, model.image_size, gen, scale=augment.scale, ratio=augment.ratio, flip=augment.flip)
     pixels = model.normalize_pixels(x)
     with autocast():
-        s_v, s_t = forward(pixels, b.input_ids, b.attention_mask)
+        s_v, s_t = forward(pixels, ids, mask)
+    # [B + B_v, D] and [B + B_t, D] -> the pairs' rows and the unpaired rows (empty when none are drawn)
+    s_v, u_v, s_t, u_t = s_v[:n_pairs], s_v[n_pairs:], s_t[:n_pairs], s_t[n_pairs:]
     if world > 1:  # the in-batch terms see the global batch; gradients flow back to each rank
         s_v, s_t = GatherRows.apply(s_v), GatherRows.apply(s_t)
-    return loss_fn(s_v, s_t, b.t_v, b.t_t, b.image_ids, b.queue_v, b.queue_t, b.queue_v_ids, b.queue_t_ids)
+        u_v = GatherRows.apply(u_v) if b.u_images is not None else u_v
+        u_t = GatherRows.apply(u_t) if b.u_input_ids is not None else u_t
+    unpaired = None
+    if b.unpaired is not None:
+        unpaired = replace(
+            b.unpaired,
+            s_v=u_v if b.u_images is not None else None,
+            s_t=u_t if b.u_input_ids is not None else None,
+        )
+    return loss_fn(
+        s_v, s_t, b.t_v, b.t_t, b.image_ids, b.queue_v, b.queue_t, b.queue_v_ids, b.queue_t_ids, unpaired=unpaired
+    )
+
+
+# Keys added after checkpoints existed, with the value that reproduces the older runs: a checkpoint without
+# them compares as if it had them.
+ADDED_KEYS = {"unpaired_images_per_step": 0, "unpaired_texts_per_step": 0}
 
 
 def comparable(cfg_dict: dict) -> dict:
-    return {k: v for k, v in cfg_dict.items() if k not in RUNTIME_KEYS}
+    return {k: v for k, v in {**ADDED_KEYS, **cfg_dict}.items() if k not in RUNTIME_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +392,10 @@ def validate(model, split: PairSplit, tokens, batch_size: int, autocast) -> dict
     from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks  # the evaluate stage's protocol
 
     img, txt = embed_split(model, split, tokens, batch_size, autocast)
-    metrics = recall_metrics(retrieval_ranks(img, txt, split.text_image))
+    # images without captions (if the split has any) are not queries of the protocol: the recalls use the
+    # captioned images (rows renumbered), the teacher agreement every image
+    paired, text_image = np.unique(split.text_image, return_inverse=True)
+    metrics = recall_metrics(retrieval_ranks(img[torch.from_numpy(paired)], txt, text_image))
     if split.store is not None:  # how close the student is to the teacher on held-out data
         metrics["teacher_cos_v"] = float(
             (img * torch.from_numpy(np.asarray(split.store.image_emb, np.float32))).sum(1).mean()
@@ -539,6 +592,449 @@ def open_split(index: DatasetIndex, cache: ImageCache, store: FeatureStore | Non
     )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Setup: inputs, model, loss, balancer, data, optimizer, resume, logs -> one `Run`
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a run sets up once and the loop reads (and `state`, the position it advances)."""
+
+    cfg: DistillConfig
+    out_dir: Path
+    baseline: bool
+    world: int
+    rank: int
+    device: torch.device
+    meta: dict  # what a checkpoint must share with the inputs to be resumed
+    train: PairSplit
+    val: PairSplit | None
+    model: DualEncoderStudent
+    loss_fn: DistillLoss
+    balancer: LossBalancer
+    use_bf16: bool
+    sampler: EpochSampler
+    loader: BatchLoader
+    val_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    opt_steps_per_epoch: int
+    total_steps: int
+    cfg_dict: dict = field(default_factory=dict)
+    state: TrainState = field(default_factory=TrainState)
+    forward: Any = None  # the training forward: the model, DDP or compiled
+    train_log: CsvLog | None = None
+    val_log: CsvLog | None = None
+    gen: torch.Generator = field(default_factory=torch.Generator)  # augmentation, reseeded every micro-step
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.pt"
+
+    @property
+    def pairs_per_opt_step(self) -> int:
+        return self.sampler.global_batch * self.cfg.grad_accum
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+
+def open_inputs(
+    cfg: DistillConfig, index: DatasetIndex, store: FeatureStore, cache: ImageCache
+) -> tuple[PairSplit, PairSplit | None]:
+    """The training split (with its teacher rows) and the validation split (teacher rows when the store has them)."""
+    if cfg.teacher_dim is not None and store.dim != cfg.teacher_dim:
+        raise InputError(f"{store.path}: feature dimension {store.dim}, expected distill.teacher_dim={cfg.teacher_dim}")
+    train = open_split(index, cache, store, cfg.train_split, "train_split")
+    val = None
+    if cfg.val_split and cfg.eval_every_epochs:
+        val_store = store if cfg.val_split in store.splits else None
+        val = open_split(index, cache, val_store, cfg.val_split, "val_split")
+    return train, val
+
+
+def build_data(
+    cfg: DistillConfig, train: PairSplit, model: DualEncoderStudent, loss_fn: DistillLoss, world: int, rank: int
+) -> tuple[EpochSampler, BatchLoader, int]:
+    """The pair sampler, the teacher bank and the batch loader of the training split; optimizer steps per epoch."""
+    sampler = EpochSampler(len(train.captions), cfg.batch_size, cfg.seed, world_size=world, rank=rank)
+    opt_steps_per_epoch = sampler.steps_per_epoch // cfg.grad_accum
+    if opt_steps_per_epoch == 0:
+        raise InputError(
+            f"split {cfg.train_split!r} has {len(train.captions)} pairs: fewer than one optimizer step "
+            f"of {sampler.global_batch * cfg.grad_accum} (batch_size x grad_accum x processes)"
+        )
+    queue_size = loss_fn.cfg.queue_size
+    if loss_fn.needs_queue and queue_size > len(train.captions) - sampler.global_batch:
+        raise InputError(
+            f"distill.loss.queue_size={queue_size}: the split {cfg.train_split!r} has only "
+            f"{len(train.captions)} pairs, so at most {len(train.captions) - sampler.global_batch} "
+            "negatives fit beside a batch; lower it, or use 0 for the whole bank"
+        )
+    st = train.store
+    device = next(model.parameters()).device
+    unpaired = build_unpaired(cfg, train, model, loss_fn, sampler)
+    bank = TeacherBank(
+        st.image_emb,
+        st.text_emb,
+        train.text_image,
+        device,
+        placement=cfg.bank_placement,
+        max_bytes=cfg.bank_max_gib * 2**30,
+        unpaired_text_emb=st.unpaired_text_emb if unpaired is not None and unpaired.texts is not None else None,
+    )
+    if loss_fn.needs_queue and queue_size == 0 and not bank.on_device:
+        raise InputError(
+            f"distill.loss.queue_size=0 (the whole bank) needs the teacher bank on the device "
+            f"({bank.nbytes / 2**30:.2f} GiB; raise distill.bank_max_gib or set a queue_size)"
+        )
+    tokens = tokenize_all(model.tokenize, train.captions)
+    loader = BatchLoader(
+        train.images,
+        bank,
+        tokens,
+        sampler,
+        queue_size=queue_size,
+        use_queue=loss_fn.needs_queue,
+        num_workers=cfg.num_workers,
+        cache_rows=train.cache_rows,
+        unpaired=unpaired,
+    )
+    return sampler, loader, opt_steps_per_epoch
+
+
+def build_unpaired(
+    cfg: DistillConfig, train: PairSplit, model: DualEncoderStudent, loss_fn: DistillLoss, pairs: EpochSampler
+) -> Unpaired | None:
+    """The samplers of the unpaired images and texts to draw beside the pairs (None: none are drawn, because
+    the counts are 0 or no loss term uses a teacher, as in the baseline)."""
+    if not loss_fn.needs_teacher or not (cfg.unpaired_images_per_step or cfg.unpaired_texts_per_step):
+        return None
+    st, world, rank = train.store, pairs.world_size, pairs.rank
+
+    def sampler(what: str, n: int, per_step: int, stream: int) -> UnpairedSampler:
+        if per_step * world > n:
+            raise InputError(
+                f"distill.unpaired_{what}_per_step={per_step}: the split {cfg.train_split!r} has {n} {what} "
+                f"without {'captions' if what == 'images' else 'an image'}, fewer than one step draws "
+                f"({per_step} x {world} processes); lower it, or 0 to draw none"
+            )
+        return UnpairedSampler(n, per_step, cfg.seed, pairs.steps_per_epoch, stream=stream, world_size=world, rank=rank)
+
+    images = image_rows = texts = tokens = None
+    if cfg.unpaired_images_per_step:
+        image_rows = st.unpaired_image
+        images = sampler("images", len(image_rows), cfg.unpaired_images_per_step, stream=1)
+    if cfg.unpaired_texts_per_step:
+        texts = sampler("texts", st.n_unpaired_texts, cfg.unpaired_texts_per_step, stream=2)
+        tokens = tokenize_all(model.tokenize, train.unpaired_text)
+    return Unpaired(images=images, image_rows=image_rows, texts=texts, tokens=tokens)
+
+
+def setup_run(
+    cfg: DistillConfig,
+    *,
+    index: DatasetIndex,
+    store: FeatureStore,
+    cache: ImageCache,
+    out_dir: Path,
+    baseline: bool,
+    resume: bool,
+) -> Run:
+    """Inputs -> model, loss, balancer (the init is a function of the seed) -> data -> optimizer -> resume
+    or start over -> logs -> the training forward."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = resolve_device(cfg.device, "distill.device")
+    train, val = open_inputs(cfg, index, store, cache)
+    meta = {
+        "dim": store.dim,
+        "fingerprint": (store.dataset or {}).get("fingerprint"),
+        "train_split": cfg.train_split,
+        "baseline": baseline,
+        "teacher": store.teacher,
+        "world_size": world,
+    }
+    torch.manual_seed(cfg.seed)
+    model = build_student(cfg.student, store.dim).to(device)
+    loss_fn = DistillLoss(cfg.baseline_loss if baseline else cfg.loss).to(device)
+    balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
+    use_bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank)
+    val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+    )
+    total_steps = cfg.epochs * opt_steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+    run = Run(
+        cfg, out_dir, baseline, world, rank, device, meta, train, val, model, loss_fn, balancer, use_bf16,
+        sampler, loader, val_tokens, optimizer, scheduler, opt_steps_per_epoch, total_steps, cfg_dict=to_dict(cfg),
+    )  # fmt: skip
+    restore_or_start_over(run, resume)
+    open_logs(run)
+    run.forward = training_forward(run)
+    return run
+
+
+def restore_or_start_over(run: Run, resume: bool) -> None:
+    """Load the last checkpoint (model, optimizer, scheduler, balancer, position, RNG) or clear the outputs."""
+    if resume and run.ckpt_path.is_file():
+        blob = load_checkpoint(run.ckpt_path, run.cfg_dict, run.meta)
+        run.model.load_state_dict(blob["model"])
+        run.optimizer.load_state_dict(blob["optimizer"])
+        run.scheduler.load_state_dict(blob["scheduler"])
+        run.balancer.load_state_dict(blob["balancer"])
+        run.state = TrainState(**blob["state"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        if blob["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        if run.main:
+            info(f"distill: resuming from {run.ckpt_path} at epoch {run.state.epoch + 1}, step {run.state.global_step}")
+    elif run.main:
+        clear_outputs(run.out_dir)
+    if run.main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(run.cfg, run.out_dir / "distill_config.yaml", "distill")
+
+
+VAL_COLUMNS = ["epoch", "step", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+VAL_COLUMNS += ["i2t_medr", "t2i_medr", "teacher_cos_v", "teacher_cos_t"]
+
+
+def open_logs(run: Run) -> None:
+    """train_log.csv and val_log.csv (main process), cut back to the checkpoint's position on resume."""
+    if not run.main:
+        return
+    state = run.state
+    resumed = state.global_step > 0 or state.epoch > 0
+    term_cols = list(run.loss_fn.term_names)
+    run.train_log = CsvLog(
+        run.out_dir / "train_log.csv",
+        ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols]],
+        keep_until=state.global_step if resumed else None,
+        key="step",
+    )
+    run.val_log = CsvLog(
+        run.out_dir / "val_log.csv", VAL_COLUMNS, keep_until=state.epoch if resumed else None, key="epoch"
+    )
+
+
+def training_forward(run: Run):
+    """DDP and / or torch.compile around the student (the model itself on one process, uncompiled)."""
+    forward = run.model
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        forward = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.cfg.compile:
+        forward = torch.compile(forward)
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Step: micro-steps (forward, balancer, backward) -> optimizer step (log, periodic checkpoint)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Meter:
+    """Running sums of the logged values since the last train_log row, and the session's throughput."""
+
+    acc: dict[str, float] = field(default_factory=dict)
+    n: int = 0
+    pairs: int = 0
+    t_log: float = field(default_factory=time.perf_counter)
+    t_start: float = field(default_factory=time.perf_counter)
+    t_epoch: float = field(default_factory=time.perf_counter)
+    pairs_done: int = 0  # pairs trained on in this session (pairs/s of the result)
+
+    def add(self, values: dict[str, float], weights: dict[str, float], pairs: int) -> None:
+        for k, v in values.items():
+            self.acc[k] = self.acc.get(k, 0.0) + v
+        self.acc["loss"] = self.acc.get("loss", 0.0) + sum(weights[k] * values[k] for k in values)
+        self.n += 1
+        self.pairs += pairs
+
+    def flush(self, row: dict[str, Any]) -> dict[str, Any]:
+        """`row` plus pairs/s and the means since the last flush; starts new sums."""
+        now = time.perf_counter()
+        row = {**row, "pairs_per_s": self.pairs / max(now - self.t_log, 1e-9)}
+        row.update({k: v / self.n for k, v in self.acc.items()})
+        self.acc, self.n, self.pairs, self.t_log = {}, 0, 0, now
+        return row
+
+    def pairs_per_s(self) -> float:
+        elapsed = time.perf_counter() - self.t_start
+        return self.pairs_done / elapsed if elapsed > 0 else 0.0
+
+
+def micro_step(run: Run, hb, epoch: int, weights: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Forward and backward of one micro-batch; returns its raw term values and the step's weights (set by the
+    balancer from the first micro-batch of each optimizer step)."""
+    cfg = run.cfg
+    micro = hb.step % cfg.grad_accum  # position inside the optimizer step
+    seed = step_seed(cfg.seed, epoch, hb.step, run.rank)
+    b = run.loader.to_device(hb)
+    skip_sync = run.world > 1 and micro != cfg.grad_accum - 1  # DDP: reduce gradients on the last micro-step only
+    with run.forward.no_sync() if skip_sync and hasattr(run.forward, "no_sync") else nullcontext():
+        raw = loss_terms(
+            run.model,
+            run.forward,
+            run.loss_fn,
+            b,
+            augment=cfg.augment,
+            seed=seed,
+            gen=run.gen,
+            autocast=run.autocast,
+            world=run.world,
+        )
+        # one device sync per micro-step: the balancer needs the values before the backward
+        values = dict(zip(raw, torch.stack([v.detach() for v in raw.values()]).tolist()))
+        if micro == 0:
+            weights = run.balancer.weights(values)
+        total = sum(weights[k] * raw[k] for k in run.loss_fn.term_names) / cfg.grad_accum
+        total.backward()
+    del b, raw, total
+    run.loader.release(hb)
+    return values, weights
+
+
+def optimizer_step(run: Run, epoch: int, meter: Meter, weights: dict[str, float], bar) -> None:
+    """Clip, step, advance the position; then the log row and the periodic (mid-epoch) checkpoint."""
+    cfg, state = run.cfg, run.state
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    state.step_in_epoch += 1
+    meter.pairs_done += run.pairs_per_opt_step
+    if run.main:
+        bar.postfix = f"epoch {epoch + 1}/{cfg.epochs} loss {meter.acc['loss'] / meter.n:.4g}"
+        bar.advance(run.pairs_per_opt_step)
+    end_of_epoch = state.step_in_epoch == run.opt_steps_per_epoch
+    if run.main and (state.global_step % cfg.log_every_steps == 0 or end_of_epoch):
+        row = meter.flush({"step": state.global_step, "epoch": epoch + 1, "lr": lr})
+        row.update({f"w_{k}": float(w) for k, w in weights.items()})
+        run.train_log.write(row)
+    if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
+        checkpoint(run)
+
+
+def train_epoch(run: Run, epoch: int, meter: Meter, bar, stop_after_steps: int | None) -> bool:
+    """The remaining optimizer steps of `epoch`; True when stopped by `stop_after_steps`."""
+    cfg = run.cfg
+    first = run.state.step_in_epoch * cfg.grad_accum
+    last = run.opt_steps_per_epoch * cfg.grad_accum
+    weights: dict[str, float] = {}
+    for hb in run.loader.iterate(epoch, first, last):
+        values, weights = micro_step(run, hb, epoch, weights)
+        meter.add(values, weights, run.sampler.global_batch)
+        if hb.step % cfg.grad_accum != cfg.grad_accum - 1:
+            continue
+        optimizer_step(run, epoch, meter, weights, bar)
+        if stop_after_steps is not None and run.state.global_step >= stop_after_steps:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End of epoch: validate, keep the best, checkpoint
+# ---------------------------------------------------------------------------------------------------------
+def checkpoint(run: Run) -> None:
+    if run.main:
+        save_checkpoint(
+            run.ckpt_path,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            balancer=run.balancer,
+            state=run.state,
+            cfg_dict=run.cfg_dict,
+            meta=run.meta,
+        )
+    if run.world > 1:
+        dist.barrier()
+
+
+def export(run: Run, reason: str) -> None:
+    save_student(run.model, run.out_dir)
+    info(f"distill: exported the student ({reason})")
+
+
+def validate_epoch(run: Run) -> None:
+    """Val recalls of the current weights (main process), logged; export when they are the best so far."""
+    cfg, state = run.cfg, run.state
+    if run.main:
+        metrics = validate(run.model, run.val, run.val_tokens, cfg.eval_batch_size, run.autocast)
+        state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
+        run.val_log.write(state.history[-1])
+        info(
+            f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
+            f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})"
+        )
+        if cfg.select_best_on == "val" and metrics["rsum"] > state.best_rsum:
+            state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
+            export(run, f"best val RSUM {metrics['rsum']:.2f} at epoch {state.epoch}")
+    if run.world > 1:
+        dist.barrier()
+
+
+def end_epoch(run: Run, epoch: int, meter: Meter) -> None:
+    state = run.state
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    is_last = state.epoch == run.cfg.epochs
+    if run.val is not None and (state.epoch % run.cfg.eval_every_epochs == 0 or is_last):
+        validate_epoch(run)
+    checkpoint(run)
+    if run.main and time.perf_counter() - meter.t_epoch > 60:  # a plot costs ~1 s: after long epochs, and at the end
+        plot_training(run.out_dir)
+    meter.t_log = meter.t_epoch = time.perf_counter()  # pairs/s measures training, not validation and checkpoints
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export and the run
+# ---------------------------------------------------------------------------------------------------------
+def result(run: Run, meter: Meter, completed: bool) -> DistillResult:
+    s = run.state
+    return DistillResult(
+        run.out_dir, s.global_step, s.epoch, s.best_epoch, s.best_rsum, s.history, meter.pairs_per_s(), completed
+    )
+
+
+def finish(run: Run, meter: Meter) -> DistillResult:
+    """Export the selected weights (if not yet), the final plot and train_summary.json."""
+    cfg, state = run.cfg, run.state
+    if run.main:
+        if cfg.select_best_on == "last":
+            state.best_epoch = state.epoch
+            export(run, "last epoch")
+        elif not (run.out_dir / "student_config.json").is_file():  # resumed after the last export was lost
+            export(run, "last epoch: no exported best found")
+        plot_training(run.out_dir)
+        summary = {
+            "epochs": state.epoch,
+            "steps": state.global_step,
+            "best_epoch": state.best_epoch,
+            "best_val_rsum": state.best_rsum if state.best_epoch > 0 and cfg.select_best_on == "val" else None,
+            "baseline": run.baseline,
+            "loss_terms": list(run.loss_fn.term_names),
+            "world_size": run.world,
+            "pairs_per_s_this_session": meter.pairs_per_s() if time.perf_counter() > meter.t_start else None,
+            "history": state.history,
+        }
+        (run.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result(run, meter, True)
+
+
 def run_distill(
     cfg: DistillConfig,
     *,
@@ -556,318 +1052,15 @@ def run_distill(
     `out_dir/checkpoints/last.pt` when it exists (its config must match, runtime keys aside); otherwise start
     over. `stop_after_steps` (tests): return after that many optimizer steps without writing anything more,
     as if the process had been killed there."""
-    out_dir = Path(out_dir)
-    loss_cfg = cfg.baseline_loss if baseline else cfg.loss
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    main = rank == 0
-    device = resolve_device(cfg.device, "distill.device")
-    if cfg.teacher_dim is not None and store.dim != cfg.teacher_dim:
-        raise InputError(f"{store.path}: feature dimension {store.dim}, expected distill.teacher_dim={cfg.teacher_dim}")
-    fingerprint = (store.dataset or {}).get("fingerprint")
-    meta = {
-        "dim": store.dim,
-        "fingerprint": fingerprint,
-        "train_split": cfg.train_split,
-        "baseline": baseline,
-        "teacher": store.teacher,
-        "world_size": world,
-    }
-
-    train = open_split(index, cache, store, cfg.train_split, "train_split")
-    val = None
-    if cfg.val_split and cfg.eval_every_epochs:
-        val_store = store if cfg.val_split in store.splits else None
-        val = open_split(index, cache, val_store, cfg.val_split, "val_split")
-
-    # -- model, loss, balancer (the init is a function of the seed) --------------------------------------
-    torch.manual_seed(cfg.seed)
-    model = build_student(cfg.student, store.dim).to(device)
-    loss_fn = DistillLoss(loss_cfg).to(device)
-    balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
-    use_bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-
-    # -- data ---------------------------------------------------------------------------------------------
-    sampler = EpochSampler(len(train.captions), cfg.batch_size, cfg.seed, world_size=world, rank=rank)
-    opt_steps_per_epoch = sampler.steps_per_epoch // cfg.grad_accum
-    if opt_steps_per_epoch == 0:
-        raise InputError(
-            f"split {cfg.train_split!r} has {len(train.captions)} pairs: fewer than one optimizer step "
-            f"of {sampler.global_batch * cfg.grad_accum} (batch_size x grad_accum x processes)"
-        )
-    queue_size = loss_cfg.queue_size
-    if loss_fn.needs_queue and queue_size > len(train.captions) - sampler.global_batch:
-        raise InputError(
-            f"distill.loss.queue_size={queue_size}: the split {cfg.train_split!r} has only "
-            f"{len(train.captions)} pairs, so at most {len(train.captions) - sampler.global_batch} "
-            "negatives fit beside a batch; lower it, or use 0 for the whole bank"
-        )
-    st = train.store
-    bank = TeacherBank(
-        st.image_emb,
-        st.text_emb,
-        train.text_image,
-        device,
-        placement=cfg.bank_placement,
-        max_bytes=cfg.bank_max_gib * 2**30,
-    )
-    if loss_fn.needs_queue and queue_size == 0 and not bank.on_device:
-        raise InputError(
-            f"distill.loss.queue_size=0 (the whole bank) needs the teacher bank on the device "
-            f"({bank.nbytes / 2**30:.2f} GiB; raise distill.bank_max_gib or set a queue_size)"
-        )
-    tokens = tokenize_all(model.tokenize, train.captions)
-    loader = BatchLoader(
-        train.images,
-        bank,
-        tokens,
-        sampler,
-        queue_size=queue_size,
-        use_queue=loss_fn.needs_queue,
-        num_workers=cfg.num_workers,
-        cache_rows=train.cache_rows,
-    )
-    val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
-
-    # -- optimizer and schedule -------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-    )
-    total_steps = cfg.epochs * opt_steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
-
-    # -- resume or start over ---------------------------------------------------------------------------------
-    cfg_dict = to_dict(cfg)
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    state = TrainState()
-    if resume and ckpt_path.is_file():
-        blob = load_checkpoint(ckpt_path, cfg_dict, meta)
-        model.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        balancer.load_state_dict(blob["balancer"])
-        state = TrainState(**blob["state"])
-        torch.set_rng_state(blob["rng"]["torch"])
-        if blob["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-        if main:
-            info(f"distill: resuming from {ckpt_path} at epoch {state.epoch + 1}, step {state.global_step}")
-    elif main:
-        clear_outputs(out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, out_dir / "distill_config.yaml", "distill")
-    resumed = state.global_step > 0 or state.epoch > 0
-    train_log = val_log = None
-    if main:
-        term_cols = list(loss_fn.term_names)
-        train_log = CsvLog(
-            out_dir / "train_log.csv",
-            ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols]],
-            keep_until=state.global_step if resumed else None,
-            key="step",
-        )
-        val_cols = [
-            "epoch",
-            "step",
-            "i2t_r1",
-            "i2t_r5",
-            "i2t_r10",
-            "t2i_r1",
-            "t2i_r5",
-            "t2i_r10",
-            "rsum",
-            "i2t_medr",
-            "t2i_medr",
-            "teacher_cos_v",
-            "teacher_cos_t",
-        ]
-        val_log = CsvLog(out_dir / "val_log.csv", val_cols, keep_until=state.epoch if resumed else None, key="epoch")
-
-    # -- the training forward: DDP and / or torch.compile around the student ---------------------------------
-    forward = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        forward = torch.compile(forward)
-
-    def export(reason: str) -> None:
-        save_student(model, out_dir)
-        info(f"distill: exported the student ({reason})")
-
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(
-                ckpt_path,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                balancer=balancer,
-                state=state,
-                cfg_dict=cfg_dict,
-                meta=meta,
-            )
-        if world > 1:
-            dist.barrier()
-
-    # -- the loop ---------------------------------------------------------------------------------------------
-    pairs_per_opt_step = sampler.global_batch * cfg.grad_accum
-    remaining = (total_steps - state.global_step) * pairs_per_opt_step
-    gen = torch.Generator()
-    acc: dict[str, float] = {}
-    acc_n, acc_pairs, t_log = 0, 0, time.perf_counter()
-    t_start, pairs_done = time.perf_counter(), 0
-    t_epoch = t_start
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    bar_cm = (
-        progress("distill" + (" (baseline)" if baseline else ""), remaining, unit="pairs") if main else nullcontext()
-    )
-    with bar_cm as bar:
-        for epoch in range(state.epoch, cfg.epochs):
-            first = state.step_in_epoch * cfg.grad_accum
-            last = opt_steps_per_epoch * cfg.grad_accum
-            weights: dict[str, float] = {}
-            for hb in loader.iterate(epoch, first, last):
-                micro = hb.step % cfg.grad_accum  # position inside the optimizer step
-                seed = step_seed(cfg.seed, epoch, hb.step, rank)
-                b = loader.to_device(hb)
-                skip_sync = (
-                    world > 1 and micro != cfg.grad_accum - 1
-                )  # DDP: reduce gradients on the last micro-step only
-                with forward.no_sync() if skip_sync and hasattr(forward, "no_sync") else nullcontext():
-                    raw = loss_terms(
-                        model,
-                        forward,
-                        loss_fn,
-                        b,
-                        augment=cfg.augment,
-                        seed=seed,
-                        gen=gen,
-                        autocast=autocast,
-                        world=world,
-                    )
-                    # one device sync per micro-step: the balancer needs the values before the backward
-                    values = dict(zip(raw, torch.stack([v.detach() for v in raw.values()]).tolist()))
-                    if micro == 0:  # one set of weights per optimizer step, from its first micro-batch
-                        weights = balancer.weights(values)
-                    total = sum(weights[k] * raw[k] for k in loss_fn.term_names) / cfg.grad_accum
-                    total.backward()
-                del b, raw, total
-                loader.release(hb)
-                for k, v in values.items():
-                    acc[k] = acc.get(k, 0.0) + v
-                acc["loss"] = acc.get("loss", 0.0) + sum(weights[k] * values[k] for k in values)
-                acc_n += 1
-                acc_pairs += sampler.global_batch
-                if micro != cfg.grad_accum - 1:
-                    continue
-                # -- optimizer step --
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.global_step += 1
-                state.step_in_epoch += 1
-                pairs_done += pairs_per_opt_step
-                if main:
-                    bar.postfix = f"epoch {epoch + 1}/{cfg.epochs} loss {acc['loss'] / acc_n:.4g}"
-                    bar.advance(pairs_per_opt_step)
-                if main and (
-                    state.global_step % cfg.log_every_steps == 0 or state.step_in_epoch == opt_steps_per_epoch
-                ):
-                    now = time.perf_counter()
-                    row = {
-                        "step": state.global_step,
-                        "epoch": epoch + 1,
-                        "lr": lr,
-                        "pairs_per_s": acc_pairs / max(now - t_log, 1e-9),
-                    }
-                    row.update({k: v / acc_n for k, v in acc.items()})
-                    row.update({f"w_{k}": float(w) for k, w in weights.items()})
-                    train_log.write(row)
-                    acc, acc_n, acc_pairs, t_log = {}, 0, 0, now
-                end_of_epoch = state.step_in_epoch == opt_steps_per_epoch
-                if (
-                    cfg.checkpoint_every_steps
-                    and state.global_step % cfg.checkpoint_every_steps == 0
-                    and not end_of_epoch
-                ):
-                    checkpoint()
-                if stop_after_steps is not None and state.global_step >= stop_after_steps:
-                    return DistillResult(
-                        out_dir,
-                        state.global_step,
-                        state.epoch,
-                        state.best_epoch,
-                        state.best_rsum,
-                        state.history,
-                        pairs_done / (time.perf_counter() - t_start),
-                        False,
-                    )
-
-            # -- end of epoch: validate, keep the best, checkpoint --
-            state.epoch, state.step_in_epoch = epoch + 1, 0
-            is_last = state.epoch == cfg.epochs
-            if val is not None and (state.epoch % cfg.eval_every_epochs == 0 or is_last):
-                if main:
-                    metrics = validate(model, val, val_tokens, cfg.eval_batch_size, autocast)
-                    state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
-                    val_log.write(state.history[-1])
-                    info(
-                        f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
-                        f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})"
-                    )
-                    if cfg.select_best_on == "val" and metrics["rsum"] > state.best_rsum:
-                        state.best_rsum, state.best_epoch = metrics["rsum"], state.epoch
-                        export(f"best val RSUM {metrics['rsum']:.2f} at epoch {state.epoch}")
-                if world > 1:
-                    dist.barrier()
-            checkpoint()
-            if main and time.perf_counter() - t_epoch > 60:  # a plot costs ~1 s: after long epochs, and at the end
-                plot_training(out_dir)
-            t_log = t_epoch = time.perf_counter()  # pairs/s measures training, not validation and checkpoints
-
-    if main:
-        if cfg.select_best_on == "last":
-            state.best_epoch = state.epoch
-            export("last epoch")
-        elif not (out_dir / "student_config.json").is_file():  # resumed after the last export was lost
-            export("last epoch: no exported best found")
-        plot_training(out_dir)
-        elapsed = time.perf_counter() - t_start
-        summary = {
-            "epochs": state.epoch,
-            "steps": state.global_step,
-            "best_epoch": state.best_epoch,
-            "best_val_rsum": state.best_rsum if state.best_epoch > 0 and cfg.select_best_on == "val" else None,
-            "baseline": baseline,
-            "loss_terms": list(loss_fn.term_names),
-            "world_size": world,
-            "pairs_per_s_this_session": pairs_done / elapsed if elapsed > 0 else None,
-            "history": state.history,
-        }
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    elapsed = time.perf_counter() - t_start
-    return DistillResult(
-        out_dir,
-        state.global_step,
-        state.epoch,
-        state.best_epoch,
-        state.best_rsum,
-        state.history,
-        pairs_done / elapsed if elapsed > 0 else 0.0,
-        True,
-    )
+    run = setup_run(cfg, index=index, store=store, cache=cache, out_dir=Path(out_dir), baseline=baseline, resume=resume)
+    meter = Meter()
+    remaining = (run.total_steps - run.state.global_step) * run.pairs_per_opt_step
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    title = "distill" + (" (baseline)" if baseline else "")
+    with progress(title, remaining, unit="pairs") if run.main else nullcontext() as bar:
+        for epoch in range(run.state.epoch, cfg.epochs):
+            if train_epoch(run, epoch, meter, bar, stop_after_steps):
+                return result(run, meter, False)
+            end_epoch(run, epoch, meter)
+    return finish(run, meter)

@@ -11,6 +11,15 @@ The contrastive "queue" is momentum-free: the K pairs that precede the global ba
 `perm[s*G - K : s*G]` taken cyclically (at the start of an epoch it wraps to the end of the same epoch's
 order). These are the teacher rows of the previous K/G batches, as DSMD's queue would hold, but read from
 the feature store by index, with no enqueue state. They never overlap the current batch while K <= M - G.
+
+Unpaired rows (`UnpairedSampler`: images without captions, texts without images) are drawn beside the
+pairs, `per_step` per rank per step. An epoch stays one pass over the PAIRS; the unpaired pool is read
+cyclically and independently of epochs: the j-th unpaired row drawn in the run (counting every rank's
+rows, step after step) is `perm_c[j mod n]` of cycle `c = j // n`, where `perm_c` is a fresh permutation
+seeded by (seed, stream, c). So a pool larger than what an epoch draws is still covered (every row once per
+cycle, cycles continue across epochs), a small pool is repeated, and the rows of (epoch, step) are again a
+pure function of the position: resume stays exact. A global batch that straddles two cycles may hold a row
+twice (at most min(G, n) rows apart in the order); harmless for the per-row terms it feeds.
 """
 
 from __future__ import annotations
@@ -58,3 +67,48 @@ class EpochSampler:
             raise ValueError(f"queue of {k} rows does not fit beside a batch of {self.global_batch} in {self.n} pairs")
         start = step * self.global_batch
         return self.permutation(epoch)[(np.arange(start - k, start) % self.n)]
+
+
+class UnpairedSampler:
+    """`per_step` rows per rank per step of a pool of n unpaired rows, cycling through per-cycle permutations.
+
+    `steps_per_epoch` is the pair sampler's (the position of (epoch, step) in the run); `stream` separates
+    pools drawn with the same seed (images 1, texts 2)."""
+
+    def __init__(
+        self, n: int, per_step: int, seed: int, steps_per_epoch: int, *, stream: int, world_size: int = 1, rank: int = 0
+    ) -> None:
+        if n <= 0 or per_step <= 0 or steps_per_epoch <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"bad unpaired sampler: n={n}, per_step={per_step}, steps={steps_per_epoch}, rank={rank}")
+        self.n, self.per_step, self.seed, self.stream = int(n), int(per_step), int(seed), int(stream)
+        self.steps_per_epoch, self.world_size, self.rank = int(steps_per_epoch), int(world_size), int(rank)
+        self.global_batch = self.per_step * self.world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, cycle: int) -> np.ndarray:
+        """int64 [n]: the pool in the order of `cycle`. Neighbouring cycles stay cached (a batch may straddle
+        two); the cache is replaced, never mutated, because loader threads call this concurrently."""
+        perms = self._perms
+        perm = perms.get(cycle)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, self.stream, cycle]).permutation(self.n).astype(np.int64)
+            self._perms = {**{c: p for c, p in perms.items() if abs(c - cycle) <= 1}, cycle: perm}
+        return perm
+
+    def global_rows(self, epoch: int, step: int) -> np.ndarray:
+        """[G] pool rows of (epoch, step), every rank's slice in rank order."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside 0..{self.steps_per_epoch - 1}")
+        first = (epoch * self.steps_per_epoch + step) * self.global_batch
+        j = np.arange(first, first + self.global_batch, dtype=np.int64)
+        cycles = j // self.n
+        out = np.empty(self.global_batch, dtype=np.int64)
+        for c in np.unique(cycles).tolist():
+            sel = cycles == c
+            out[sel] = self.permutation(c)[j[sel] % self.n]
+        return out
+
+    def rows(self, epoch: int, step: int) -> np.ndarray:
+        """[per_step] pool rows of this rank's part."""
+        lo = self.rank * self.per_step
+        return self.global_rows(epoch, step)[lo : lo + self.per_step]

@@ -10,6 +10,15 @@ Layout (fixed by docs/architecture, "Feature store, format version 1"):
       <split>/text_emb     float16|float32 [M, D]  chunks [rows, D]
       <split>/text_image   int32 [M]               row in <split>/image_emb of each caption's image
       <split>/image_id     string [N]              zarr "string" data type (vlen-utf8 codec), same order as image_emb
+      <split>/unpaired_text_emb  float16|float32 [U, D]  OPTIONAL: texts with no image (absent when U = 0)
+
+Unpaired items (distillation on data without captions) stay within version 1, because nothing a version-1
+reader already reads changes meaning:
+- an unpaired image is an ordinary row of image_emb / image_id that no text_image entry names;
+- unpaired texts get an array of their own, `unpaired_text_emb`, laid out like text_emb. A reader that does
+  not know it never opens it, so it can neither misread those rows as captions nor miss a caption; a -1 in
+  text_image would instead break every existing reader's bounds check (and need a version bump).
+A store without unpaired texts is byte for byte the store this code wrote before they existed.
 
 Every array has no filters and no compressors: the `bytes` codec (little endian) only. So a chunk file
 `<split>/image_emb/c/<i>/0` is exactly `rows * D * itemsize` raw row-major bytes (the last chunk padded
@@ -54,6 +63,7 @@ from pipeline.errors import InputError
 FORMAT = "kdpipe-features"
 VERSION = 1
 EMB_ARRAYS = ("image_emb", "text_emb")
+UNPAIRED_TEXT = "unpaired_text_emb"  # the optional embedding array of texts without an image
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 16384
 _SMALL_CHUNK = 1 << 20  # rows per chunk of the 1-D arrays (text_image, image_id): one file for any real dataset
@@ -70,10 +80,22 @@ class StoreSplit:
     text_emb: np.ndarray  # [M, D] read-only memory map
     text_image: np.ndarray  # [M] int32, row in image_emb of each caption's image
     image_id: np.ndarray  # [N] object array of str
+    unpaired_text_emb: np.ndarray | None = None  # [U, D] read-only memory map; None: the split has none
 
     @property
     def n_images(self) -> int:
         return int(self.image_emb.shape[0])
+
+    @property
+    def n_unpaired_texts(self) -> int:
+        return 0 if self.unpaired_text_emb is None else int(self.unpaired_text_emb.shape[0])
+
+    @property
+    def unpaired_image(self) -> np.ndarray:
+        """int64 [N_u] rows of image_emb that no caption names (images without captions), in row order."""
+        paired = np.zeros(self.n_images, dtype=bool)
+        paired[self.text_image] = True
+        return np.flatnonzero(~paired)
 
     @property
     def n_captions(self) -> int:
@@ -195,8 +217,17 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
         raise InputError(f"{path}: {name}/image_id has shape {list(ids.shape)}, expected [{n}]")
     image_id = np.array([str(v) for v in ids[...].tolist()], dtype=object) if n else np.empty(0, dtype=object)
     image_id.setflags(write=False)
+    try:
+        unpaired = _map_emb(path, name, UNPAIRED_TEXT, group[f"{name}/{UNPAIRED_TEXT}"], dim)
+    except KeyError:  # optional: a split without texts that have no image
+        unpaired = None
     return StoreSplit(
-        name=name, image_emb=emb["image_emb"], text_emb=emb["text_emb"], text_image=text_image, image_id=image_id
+        name=name,
+        image_emb=emb["image_emb"],
+        text_emb=emb["text_emb"],
+        text_image=text_image,
+        image_id=image_id,
+        unpaired_text_emb=unpaired,
     )
 
 
@@ -472,7 +503,9 @@ class StoreWriter:
         self.dtype = np.dtype(attrs["dtype"]).newbyteorder("<")
         self._shapes: dict[tuple[str, str], tuple[int, int]] = {}  # (split, array) -> (rows, chunk_rows)
         for split in attrs["splits"]:
-            for key in (*EMB_ARRAYS, "text_image", "image_id"):
+            for key in (*EMB_ARRAYS, "text_image", "image_id", UNPAIRED_TEXT):
+                if key == UNPAIRED_TEXT and not (self.path / split / key / "zarr.json").is_file():
+                    continue  # optional
                 meta = json.loads((self.path / split / key / "zarr.json").read_text())
                 self._shapes[split, key] = (meta["shape"][0], meta["chunk_grid"]["configuration"]["chunk_shape"][0])
 
@@ -481,13 +514,14 @@ class StoreWriter:
         cls,
         path: Path | str,
         *,
-        layout: dict[str, tuple[int, int]],
+        layout: dict[str, tuple[int, int] | tuple[int, int, int]],
         dim: int,
         dtype: str = "float16",
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         attrs: dict[str, Any] | None = None,
     ) -> StoreWriter:
-        """A new store at `path` for layout {split: (n_images, n_captions)}; anything already there is removed."""
+        """A new store at `path` for layout {split: (n_images, n_captions[, n_unpaired_texts])}; anything already
+        there is removed. The unpaired_text_emb array is created only for a split with unpaired texts."""
         import zarr
 
         if dtype not in STORE_DTYPES:
@@ -507,9 +541,13 @@ class StoreWriter:
             "splits": list(layout),
         }
         root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes={**head, **(attrs or {})})
-        for split, (n_images, n_captions) in layout.items():
+        for split, (n_images, n_captions, *more) in layout.items():
             g = root.create_group(split)
-            for key, n in (("image_emb", n_images), ("text_emb", n_captions)):
+            n_unpaired = int(more[0]) if more else 0
+            emb = (("image_emb", n_images), ("text_emb", n_captions)) + (
+                ((UNPAIRED_TEXT, n_unpaired),) if n_unpaired else ()
+            )
+            for key, n in emb:
                 rows = chunk_len(n, chunk_rows, dim * np.dtype(dtype).itemsize)
                 g.create_array(
                     key,
@@ -545,7 +583,8 @@ class StoreWriter:
 
     # -- layout -------------------------------------------------------------------------------------------
     def rows(self, split: str, array: str) -> int:
-        return self._shapes[split, array][0]
+        """Rows of an array (0 for an optional array the split lacks)."""
+        return self._shapes.get((split, array), (0, 1))[0]
 
     def chunk_rows(self, split: str, array: str) -> int:
         return self._shapes[split, array][1]
@@ -632,7 +671,8 @@ def write_store(
     extra_attrs: dict[str, Any] | None = None,
 ) -> None:
     """Write a complete store in one go. splits[name] = {image_emb [N,D], text_emb [M,D], text_image [M],
-    image_id [N]}; rows are L2-normalized (float32 math) and stored as `dtype`; complete=true is set last."""
+    image_id [N], optionally unpaired_text_emb [U,D]}; rows are L2-normalized (float32 math) and stored as
+    `dtype`; complete=true is set last."""
     if not splits:
         raise ValueError("write_store: no splits given")
     dims = set()
@@ -655,7 +695,10 @@ def write_store(
         if len(ti) and (ti.min() < 0 or ti.max() >= img.shape[0]):
             raise ValueError(f"write_store: split {name!r}: text_image points outside the {img.shape[0]} images")
         dims.add(img.shape[1])
-        layout[name] = (img.shape[0], txt.shape[0])
+        n_unpaired = len(s.get(UNPAIRED_TEXT, ()))
+        if n_unpaired and np.asarray(s[UNPAIRED_TEXT]).shape[1:] != (img.shape[1],):
+            raise ValueError(f"write_store: split {name!r}: {UNPAIRED_TEXT} must be [rows, {img.shape[1]}]")
+        layout[name] = (img.shape[0], txt.shape[0], n_unpaired)
     if len(dims) != 1:
         raise ValueError(f"write_store: splits have different dims {sorted(dims)}")
     dim = dims.pop()
@@ -664,7 +707,9 @@ def write_store(
         path, layout=layout, dim=dim, dtype=dtype, chunk_rows=chunk_rows, attrs=_jsonable(attrs)
     )
     for name, s in splits.items():
-        for key in EMB_ARRAYS:
+        for key in (*EMB_ARRAYS, UNPAIRED_TEXT):
+            if writer.rows(name, key) == 0:
+                continue
             data = np.asarray(s[key])
             for i in range(writer.n_chunks(name, key)):
                 a, b = writer.chunk_range(name, key, i)
@@ -678,6 +723,7 @@ def write_store(
 __all__ = [
     "FORMAT",
     "VERSION",
+    "UNPAIRED_TEXT",
     "FeatureStore",
     "StoreSplit",
     "StoreWriter",

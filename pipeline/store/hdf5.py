@@ -31,6 +31,7 @@ from pipeline.store.features import (
     DEFAULT_CHUNK_ROWS,
     EMB_ARRAYS,
     STORE_DTYPES,
+    UNPAIRED_TEXT,
     StoreWriter,
     _jsonable,
     fsync_tree,
@@ -61,8 +62,10 @@ def export_hdf5(store_path: Path | str, h5_path: Path | str) -> Path:
         for name in store.splits:
             sp = store.split(name)
             g = f.create_group(name)
-            for key in EMB_ARRAYS:
+            for key in (*EMB_ARRAYS, UNPAIRED_TEXT):
                 src = getattr(sp, key)
+                if src is None:  # the optional texts without an image
+                    continue
                 ds = g.create_dataset(key, shape=src.shape, dtype=src.dtype)
                 for a in range(0, src.shape[0], _BLOCK_ROWS):
                     ds[a : a + _BLOCK_ROWS] = src[a : a + _BLOCK_ROWS]
@@ -99,7 +102,7 @@ def import_hdf5(
         split_names = attrs.get("splits") or sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
         if not split_names:
             raise InputError(f"{h5_path}: no split groups (expected e.g. /test/image_emb, /test/text_emb, ...)")
-        layout, dims, src = {}, set(), {}
+        layout, dims, src, unpaired = {}, set(), {}, {}
         for name in split_names:
             if name not in f or not isinstance(f[name], h5py.Group):
                 raise InputError(f"{h5_path}: split group /{name} not found")
@@ -131,7 +134,8 @@ def import_hdf5(
             if index is not None:
                 _check_against_index(h5_path, name, index, ids, text_image)
             dims.add(int(img.shape[1]))
-            layout[name] = (int(img.shape[0]), int(txt.shape[0]))
+            unpaired[name] = _unpaired_texts(h5_path, name, g, int(img.shape[1]), index)
+            layout[name] = (int(img.shape[0]), int(txt.shape[0]), len(unpaired[name]))
             src[name] = (img, txt, text_image.astype(np.int32), ids)
         if len(dims) != 1:
             raise InputError(f"{h5_path}: splits have different feature dimensions {sorted(dims)}")
@@ -172,16 +176,32 @@ def import_hdf5(
             attrs=_jsonable({"teacher": teacher, "dataset": dataset, **extra}),
         )
         for name, (img, txt, text_image, ids) in src.items():
-            for key, ds in (("image_emb", img), ("text_emb", txt)):
-                for i in range(writer.n_chunks(name, key)):
+            for key, ds in (("image_emb", img), ("text_emb", txt), (UNPAIRED_TEXT, unpaired[name])):
+                bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
+                for i in range(writer.n_chunks(name, key) if len(ds) else 0):
                     a, b = writer.chunk_range(name, key, i)
-                    writer.write_chunk(name, key, i, ds[a:b], normalize=not copy_bits)
+                    writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
             writer.write_text_image(name, text_image)
             writer.write_image_id(name, ids)
     fsync_tree(writer.path)
     writer.set_attrs(complete=True)
     open_store(out_path)  # validate what was written
     return out_path
+
+
+def _unpaired_texts(h5_path: Path, name: str, g: Any, dim: int, index: DatasetIndex | None) -> Any:
+    """The optional /<split>/unpaired_text_emb dataset [U, dim] (an empty array when absent), checked."""
+    if UNPAIRED_TEXT not in g:
+        return np.empty((0, dim), np.float32)
+    ds = g[UNPAIRED_TEXT]
+    if ds.ndim != 2 or ds.shape[1] != dim:
+        raise InputError(f"{h5_path}: /{name}/{UNPAIRED_TEXT} has shape {ds.shape}, expected [rows, {dim}]")
+    if index is not None and name in index.splits and len(index.split(name).unpaired_text) != ds.shape[0]:
+        raise InputError(
+            f"{h5_path}: /{name}/{UNPAIRED_TEXT} has {ds.shape[0]} rows, the index "
+            f"{len(index.split(name).unpaired_text)} texts without an image"
+        )
+    return ds
 
 
 def _file_attrs(f: Any, h5_path: Path) -> dict[str, Any]:

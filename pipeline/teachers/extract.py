@@ -26,6 +26,9 @@ rename), and only then marked done by a small marker file `.extract/done/<split>
 - **Finalization** (rank 0): compaction (only if something was skipped; crash-safe, it builds the new
   split under `.extract/compact/` and swaps it in by renames), then `complete=true`, then `.extract/` is
   deleted, so a finished store holds nothing but the Zarr group.
+- **Unpaired items** (pipeline.data.index): an image without captions is an ordinary image_emb row; the
+  texts of a split that have no image are embedded like captions into the optional
+  `<split>/unpaired_text_emb` array (units of their own), which is created only when there are some.
 - A *complete* store found at the start is rewritten from scratch (a stage rewrites its output; DVC
   only reruns the stage when an input changed).
 
@@ -64,6 +67,7 @@ from pipeline.errors import InputError
 from pipeline.progress import info, progress
 from pipeline.store.features import (
     FORMAT,
+    UNPAIRED_TEXT,
     StoreWriter,
     _jsonable,
     chunk_len,
@@ -128,7 +132,7 @@ class ExtractResult:
 @dataclass(frozen=True)
 class _Unit:
     split: str
-    array: str  # "image_emb" | "text_emb"
+    array: str  # "image_emb" | "text_emb" | "unpaired_text_emb"
     index: int  # chunk index
     start: int  # first row (in the split)
     stop: int
@@ -431,7 +435,7 @@ def _run(
 
     with torch.inference_mode():
         image_units = [u for u in mine if u.array == "image_emb"]
-        text_units = [u for u in mine if u.array == "text_emb"]
+        text_units = [u for u in mine if u.array != "image_emb"]  # captions, then unpaired texts
         if image_units:
             _extract_images(
                 image_units, views, teacher, cfg, writer, work, workers, device, show, tag, index.exif_orientation
@@ -473,7 +477,8 @@ def _units(views: dict[str, SplitView], chunk_rows: int, row_bytes: int) -> list
     """Every chunk of every embedding array, in the layout StoreWriter.create gives the split's arrays."""
     units = []
     for s, v in views.items():
-        for array, n in (("image_emb", v.n_images), ("text_emb", v.n_captions)):
+        arrays = (("image_emb", v.n_images), ("text_emb", v.n_captions), (UNPAIRED_TEXT, len(v.unpaired_text)))
+        for array, n in arrays:
             cr = chunk_len(n, chunk_rows, row_bytes)
             units.extend(_Unit(s, array, i, a, min(n, a + cr)) for i, a in enumerate(range(0, n, cr)))
     return units
@@ -511,7 +516,7 @@ def _prepare(
     if reason:
         message = f"{reason}; starting over"
     clear_store_dir(out)
-    layout = {s: (v.n_images, v.n_captions) for s, v in views.items()}
+    layout = {s: (v.n_images, v.n_captions, len(v.unpaired_text)) for s, v in views.items()}
     attrs_new = {k: identity[k] for k in ("teacher", "dataset", "extract")}
     attrs_new["skipped_images"] = []
     writer = StoreWriter.create(
@@ -647,7 +652,10 @@ def _extract_texts(
     show: bool,
     tag: str,
 ) -> None:
-    texts = [views[u.split].caption_text[u.start : u.stop].tolist() for u in units]
+    def column(u: _Unit) -> np.ndarray:
+        return views[u.split].unpaired_text if u.array == UNPAIRED_TEXT else views[u.split].caption_text
+
+    texts = [column(u)[u.start : u.stop].tolist() for u in units]
     loader = _loader(
         _CaptionUnits(texts, teacher, cfg.text_batch_size),
         workers,
@@ -735,7 +743,8 @@ def _finish_swaps(out: Path) -> None:
 
 
 def _compact_split(out: Path, split: str, view: SplitView, bad_rows: list[int], chunk_rows: int) -> None:
-    """Rewrite `split` without the bad images and their captions. Crash-safe: the new split is built
+    """Rewrite `split` without the bad images and their captions (unpaired texts are kept as they are).
+    Crash-safe: the new split is built
     under .extract/compact/ and swapped in by two renames; each step is redone or skipped on a rerun."""
     work = out / WORK_DIR
     compact, trash = work / "compact", work / "trash"
@@ -752,12 +761,15 @@ def _compact_split(out: Path, split: str, view: SplitView, bad_rows: list[int], 
         old = StoreWriter(out)
         new = StoreWriter.create(
             compact,
-            layout={split: (int(keep.sum()), int(cap_keep.sum()))},
+            layout={split: (int(keep.sum()), int(cap_keep.sum()), len(view.unpaired_text))},
             dim=old.dim,
             dtype=str(old.dtype),
             chunk_rows=chunk_rows,
         )
-        for array, mask in (("image_emb", keep), ("text_emb", cap_keep)):
+        masks = (("image_emb", keep), ("text_emb", cap_keep), (UNPAIRED_TEXT, np.ones(len(view.unpaired_text), bool)))
+        for array, mask in masks:
+            if not mask.any():
+                continue  # an empty or absent array: nothing to copy
             rows = old.read_rows(split, array)
             kept = np.flatnonzero(mask)
             for i in range(new.n_chunks(split, array)):

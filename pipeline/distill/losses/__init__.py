@@ -9,6 +9,12 @@ One loss per file, each a module that takes embeddings (never models) and return
     relation          relation.py          KL between teacher and student in-batch similarity distributions
     pair_contrastive  pair_contrastive.py  student-student CLIP loss, no teacher (the undistilled baseline)
 
+Unpaired rows (`UnpairedRows`: images without captions, texts without an image, with their teacher rows)
+extend the intra-modal terms only: contrastive (its intra-modal part), l1 and cosine see pairs + unpaired
+rows of each modality, relation sees the similarity matrix of all the step's images against all its texts
+(it needs no pairing: it matches the teacher's distributions); the pair terms (triplet, the cross-modal
+contrastive part, pair_contrastive) see the pairs alone.
+
 `DistillLoss` builds only the terms whose weight is > 0 (a weight of 0: the term is not built, not even
 named) and returns their raw, UNWEIGHTED values as `{"<name>_loss": scalar}`; weighting is the balancer's
 job (`pipeline.distill.balancer`), which receives `DistillLoss.weights` as the fixed weights. The loss math runs in
@@ -24,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.distill.losses._util import as_ids
+from pipeline.distill.losses._util import as_ids, with_rows
 from pipeline.distill.losses.contrastive import ContrastiveDistillLoss
 from pipeline.distill.losses.cosine import CosineDistillLoss
 from pipeline.distill.losses.feature_l1 import FeatureL1Loss
@@ -35,6 +41,7 @@ from pipeline.distill.losses.triplet import HardNegativeTripletLoss
 __all__ = [
     "LossConfig",
     "DistillLoss",
+    "UnpairedRows",
     "TERMS",
     "ContrastiveDistillLoss",
     "FeatureL1Loss",
@@ -84,6 +91,34 @@ class LossConfig:
             raise ValueError(f"queue_size: must be >= 0 (0 = the whole teacher bank), got {self.queue_size!r}")
 
 
+@dataclass
+class UnpairedRows:
+    """The step's unpaired rows. Images: student `s_v` [U_v, D], teacher `t_v` [U_v, D], `v_ids` [U_v] their
+    image rows (so that a whole-bank queue masks the image itself). Texts: `s_t`, `t_t` [U_t, D], `t_ids` [U_t]
+    ids that no image has and no two texts share (e.g. -1 - text row). A side may be None (not drawn)."""
+
+    s_v: Tensor | None = None
+    t_v: Tensor | None = None
+    v_ids: Any = None
+    s_t: Tensor | None = None
+    t_t: Tensor | None = None
+    t_ids: Any = None
+
+    def side(self, m: str, mask: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """(student, teacher, ids or None) of modality m ("v" or "t"), checked; None when absent or empty."""
+        s, t, ids = getattr(self, f"s_{m}"), getattr(self, f"t_{m}"), getattr(self, f"{m}_ids")
+        if s is None or s.shape[0] == 0:
+            return None
+        if s.dim() != 2 or t is None or t.shape != s.shape:
+            got = None if t is None else tuple(t.shape)
+            raise ValueError(f"unpaired t_{m}: expected teacher rows of shape {tuple(s.shape)}, got {got}")
+        if not mask:
+            return s, t, None
+        if ids is None:
+            raise ValueError(f"unpaired {m}_ids: needed to mask same-image negatives (mask_same_image is on)")
+        return s, t, as_ids(ids, s.device, s.shape[0], f"unpaired {m}_ids")
+
+
 class DistillLoss(nn.Module):
     def __init__(self, cfg: LossConfig):
         super().__init__()
@@ -113,11 +148,13 @@ class DistillLoss(nn.Module):
         queue_t: Tensor | None = None,
         queue_v_image_ids: Any = None,
         queue_t_image_ids: Any = None,
+        unpaired: UnpairedRows | None = None,
     ) -> dict[str, Tensor]:
         """s_v, s_t [B, D] student rows; t_v, t_t [B, D] teacher rows of the same pairs (None allowed when
         no term needs the teacher); image_ids [B] (the image row of each pair; may be None when
         `mask_same_image` is off); queue_v [K, D] teacher image rows, queue_t [K', D] teacher text rows,
-        with their image rows (None: the contrastive term uses in-batch negatives).
+        with their image rows (None: the contrastive term uses in-batch negatives). `unpaired`: the step's
+        unpaired image / text rows for the intra-modal terms (module docstring).
         Returns {"<name>_loss": raw unweighted float32 scalar} for the built terms, in `term_names` order."""
         B, D = s_v.shape
         if s_t.shape != (B, D):
@@ -147,14 +184,23 @@ class DistillLoss(nn.Module):
         out: dict[str, Tensor] = {}
         # the loss math in float32 whatever autocast the student ran under
         with torch.autocast(device_type=s_v.device.type, enabled=False):
+            u_v = u_t = None
+            if unpaired is not None and self.needs_teacher:  # pair-only losses ignore unpaired rows
+                u_v = unpaired.side("v", self.cfg.mask_same_image, s_v.device)
+                u_t = unpaired.side("t", self.cfg.mask_same_image, s_v.device)
+                for name, u in (("s_v", u_v), ("s_t", u_t)):
+                    if u is not None and u[0].shape[1] != D:
+                        raise ValueError(f"unpaired {name}: expected [U, {D}] rows, got {tuple(u[0].shape)}")
             for name, term in self.terms.items():
                 if name == "contrastive":
-                    value = term(s_v, s_t, t_v, t_t, ids, queue_v, queue_t, qv_ids, qt_ids)
+                    value = term(s_v, s_t, t_v, t_t, ids, queue_v, queue_t, qv_ids, qt_ids, u_v, u_t)
                 elif name == "triplet":
                     value = term(s_v, s_t, t_v, t_t, ids)
                 elif name == "pair_contrastive":
                     value = term(s_v, s_t, ids)
-                else:  # l1, cosine, relation
-                    value = term(s_v, s_t, t_v, t_t)
+                else:  # l1, cosine, relation: every image row and every text row of the step
+                    iv, tv, _ = with_rows(s_v, t_v, None, u_v)
+                    it, tt, _ = with_rows(s_t, t_t, None, u_t)
+                    value = term(iv, it, tv, tt)
                 out[f"{name}_loss"] = value
         return out

@@ -47,3 +47,18 @@ def off_diagonal_same_image(ids: Tensor | None) -> Tensor | None:
     mask = same_image(ids, ids)
     mask.fill_diagonal_(False)
     return mask
+
+
+def with_rows(student: Tensor, teacher: Tensor | None, ids: Tensor | None, extra: tuple | None) -> tuple:
+    """(student, teacher, ids) with `extra` = (student rows, teacher rows, ids) appended below, in float32
+    (student rows keep their graph, teacher rows are cut from it). ids become None unless both sides have
+    them (nothing is masked then). Without `extra` the inputs come back unchanged."""
+    if extra is None:
+        return student, teacher, ids
+    s, t, i = extra
+    both = ids is not None and i is not None
+    return (
+        torch.cat([student_fp32(student), student_fp32(s)]),
+        torch.cat([teacher_fp32(teacher), teacher_fp32(t)]),
+        torch.cat([ids, i]) if both else None,
+    )

@@ -10,6 +10,11 @@ and a queue `Q` [K, D] of teacher rows:
           [ + L(s_v; t_t, Q_t) + L(s_t; t_v, Q_v) ]                  # cross-modal (`cross_modal`, the
                                                                       #  code's first version)
 
+Unpaired rows (images without captions, texts without images; `unpaired_v` / `unpaired_t`) join the
+anchors of their modality's intra-modal part only: L(s_v ++ u_v; t_v ++ t(u_v), Q_v) is one mean over
+B + U_v anchors (every row weighs the same, paired or not), and in the in-batch form they are also
+negatives of the other rows. The cross-modal parts need a partner in the other modality: pairs only.
+
 `Q_v` holds teacher IMAGE rows, `Q_t` teacher TEXT rows. The queue is whatever rows the trainer reads from
 the feature store (for example the rows of the previous K/B batches of the epoch order, or the whole bank):
 there is no enqueue state, so resume is exact. A queue entry that belongs to the anchor's own image is a
@@ -25,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.distill.losses._util import off_diagonal_same_image, same_image, student_fp32, teacher_fp32
+from pipeline.distill.losses._util import (
+    off_diagonal_same_image,
+    same_image,
+    student_fp32,
+    teacher_fp32,
+    with_rows,
+)
 
 
 def queue_info_nce(
@@ -73,25 +84,29 @@ class ContrastiveDistillLoss(nn.Module):
         queue_t: Tensor | None = None,
         queue_v_image_ids: Tensor | None = None,
         queue_t_image_ids: Tensor | None = None,
+        unpaired_v: tuple[Tensor, Tensor, Tensor | None] | None = None,
+        unpaired_t: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> Tensor:
         """`image_ids` [B] int64 (None: every pair its own image, nothing masked but the positive);
         `queue_v` [K, D] / `queue_t` [K', D] with the image row of each entry (needed when image_ids is
-        given). Give both queues or neither (None: in-batch negatives)."""
+        given). Give both queues or neither (None: in-batch negatives). `unpaired_v` / `unpaired_t`:
+        (student [U, D], teacher [U, D], ids [U]) of unpaired images / texts (intra-modal anchors only)."""
         if (queue_v is None) != (queue_t is None):
             raise ValueError("contrastive loss: give both queue_v and queue_t, or neither (in-batch negatives)")
         s_v, s_t = student_fp32(s_v), student_fp32(s_t)
         t_v, t_t = teacher_fp32(t_v), teacher_fp32(t_t)
         T = self.temperature
-        # (anchor, positive, negatives): the intra-modal pairs first, then the cross-modal ones
-        pairs = [(s_v, t_v, "v"), (s_t, t_t, "t")]
+        # (anchor, positive, anchor ids, negatives): the intra-modal parts first (pairs + unpaired rows of
+        # the modality), then the cross-modal ones (pairs only)
+        parts = [(*with_rows(s_v, t_v, image_ids, unpaired_v), "v"), (*with_rows(s_t, t_t, image_ids, unpaired_t), "t")]
         if self.cross_modal:
-            pairs += [(s_v, t_t, "t"), (s_t, t_v, "v")]
+            parts += [(s_v, t_t, image_ids, "t"), (s_t, t_v, image_ids, "v")]
         if queue_v is None:
-            return sum(in_batch_info_nce(a, p, image_ids, T) for a, p, _ in pairs)
+            return sum(in_batch_info_nce(a, p, ids, T) for a, p, ids, _ in parts)
         if image_ids is not None and (queue_v_image_ids is None or queue_t_image_ids is None):
             raise ValueError(
                 "contrastive loss: masking same-image negatives needs queue_v_image_ids and "
                 "queue_t_image_ids (the image row of every queue entry)"
             )
         queues = {"v": (teacher_fp32(queue_v), queue_v_image_ids), "t": (teacher_fp32(queue_t), queue_t_image_ids)}
-        return sum(queue_info_nce(a, p, queues[m][0], image_ids, queues[m][1], T) for a, p, m in pairs)
+        return sum(queue_info_nce(a, p, queues[m][0], ids, queues[m][1], T) for a, p, ids, m in parts)
