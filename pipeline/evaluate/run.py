@@ -142,7 +142,7 @@ def metrics_document(
 
 def write_json(doc: dict[str, Any], path: Path | str) -> Path:
     """Write JSON atomically (temp file + rename): an interrupted run leaves the previous file intact."""
-    from pipeline.store.features import write_file_durably
+    from pipeline.store.durable import write_file_durably
 
     path = Path(path)
     write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode())

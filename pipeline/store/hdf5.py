@@ -27,13 +27,13 @@ import numpy as np
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
+from pipeline.store.durable import fsync_tree
 from pipeline.store.features import (
     DEFAULT_CHUNK_ROWS,
     EMB_ARRAYS,
     STORE_DTYPES,
     StoreWriter,
-    _jsonable,
-    fsync_tree,
+    jsonable,
     open_store,
     write_store,
 )
@@ -169,7 +169,7 @@ def import_hdf5(
             dim=dim,
             dtype=dtype,
             chunk_rows=chunk_rows,
-            attrs=_jsonable({"teacher": teacher, "dataset": dataset, **extra}),
+            attrs=jsonable({"teacher": teacher, "dataset": dataset, **extra}),
         )
         for name, (img, txt, text_image, ids) in src.items():
             for key, ds in (("image_emb", img), ("text_emb", txt)):

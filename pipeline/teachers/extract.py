@@ -62,18 +62,15 @@ from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.progress import info, progress
+from pipeline.store.durable import fsync_dir, fsync_tree, remove_partial_files, write_file_durably
 from pipeline.store.features import (
     FORMAT,
     StoreWriter,
-    _jsonable,
     chunk_len,
     clear_store_dir,
-    fsync_dir,
-    fsync_tree,
     is_feature_store_dir,
+    jsonable,
     read_attrs,
-    remove_partial_files,
-    write_file_durably,
 )
 from pipeline.teachers import Teacher, TeacherConfig, build_teacher
 
@@ -393,7 +390,7 @@ def _run(
     fresh: bool,
     t0: float,
 ) -> ExtractResult:
-    identity = _jsonable(
+    identity = jsonable(
         {
             "dim": int(teacher.dim),
             "dtype": cfg.store_dtype,
