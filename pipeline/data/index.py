@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.data.exif import EXIF_ORIENTATION
+from pipeline.store.durable import atomic_path, write_text_durably
 
 INDEX_FORMAT = "kdpipe-index"
 INDEX_VERSION = 1
@@ -178,8 +179,9 @@ class DatasetIndex:
             "text": pa.array(self.caption_text.tolist(), pa.string()),
             "image_row": pa.array(self.caption_image, pa.int64()),
         })
-        pq.write_table(images, directory / "images.parquet")
-        pq.write_table(captions, directory / "captions.parquet")
+        for name, table in (("images.parquet", images), ("captions.parquet", captions)):
+            with atomic_path(directory / name) as tmp:
+                pq.write_table(table, tmp)
         meta = {
             "format": INDEX_FORMAT, "version": INDEX_VERSION, "name": self.name,
             "image_root": str(self.image_root), "fingerprint": self.fingerprint,
@@ -189,9 +191,7 @@ class DatasetIndex:
                            "captions": int((self.image_split[self.caption_image] == s).sum())}
                        for s in self.splits},
         }
-        tmp = directory / "index.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(directory / "index.json")
+        write_text_durably(directory / "index.json", json.dumps(meta, indent=2) + "\n")  # last: marks it whole
 
     @classmethod
     def load(cls, directory: Path | str) -> "DatasetIndex":

@@ -54,6 +54,7 @@ from pipeline.store.image_cache import (
 )
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import info, progress
+from pipeline.store.durable import write_text_durably
 
 BAD_IMAGES_FILE = "bad_images.json"
 _FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -390,6 +391,4 @@ def _unchanged(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) ->
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_durably(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

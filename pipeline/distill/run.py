@@ -45,6 +45,7 @@ from pipeline.distill.losses import DistillLoss, LossConfig
 from pipeline.distill.sampler import EpochSampler
 from pipeline.errors import InputError
 from pipeline.progress import info, progress
+from pipeline.store.durable import atomic_path, write_text_durably
 from pipeline.store.features import FeatureStore, StoreSplit
 from pipeline.store.image_cache import ImageCache
 from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student
@@ -419,7 +420,8 @@ def plot_training(out_dir: Path) -> Path | None:
     fig.tight_layout()
     path = out_dir / "plots" / "training.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
 
@@ -458,9 +460,8 @@ def save_checkpoint(
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
 
 
 def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
@@ -859,7 +860,7 @@ def run_distill(
             "pairs_per_s_this_session": pairs_done / elapsed if elapsed > 0 else None,
             "history": state.history,
         }
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_durably(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     elapsed = time.perf_counter() - t_start
     return DistillResult(
         out_dir,
