@@ -53,8 +53,10 @@ from pipeline.store.image_cache import (
     write_rows,
 )
 from pipeline.paths import ArtifactPaths
-from pipeline.progress import info, progress
+from pipeline.progress import progress
 from pipeline.store.durable import write_text_durably
+
+log = logging.getLogger(__name__)
 
 BAD_IMAGES_FILE = "bad_images.json"
 _FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -226,14 +228,14 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
     """Build `paths.index_dir` and `paths.images` from the dataset; returns a summary (also printed)."""
     start = time.perf_counter()
     index = read_dataset(cfg.dataset)
-    info(f"prepare: dataset {index.name}: {index.n_images:,} images, {index.n_captions:,} captions, splits "
-         + ", ".join(f"{s} {int((index.image_split == s).sum()):,}" for s in index.splits))
+    log.info(f"prepare: dataset {index.name}: {index.n_images:,} images, {index.n_captions:,} captions, splits "
+             + ", ".join(f"{s} {int((index.image_split == s).sum()):,}" for s in index.splits))
     if not force:
         summary = _unchanged(cfg, paths, index)
         if summary is not None:
             summary["seconds"] = round(time.perf_counter() - start, 3)
-            info(f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
-                 f"(index {summary['fingerprint'][:12]}, same image recipe)")
+            log.info(f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
+                     f"(index {summary['fingerprint'][:12]}, same image recipe)")
             return summary
 
     remove_stale_temp(paths.images)
@@ -299,12 +301,12 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
         "seconds": round(time.perf_counter() - start, 3),
     }
     skipped = f", {len(bad)} bad image(s) skipped (listed in {paths.index_dir / BAD_IMAGES_FILE})" if bad else ""
-    info(f"prepare: wrote {paths.images} ({n_ok:,} images at {rc.crop}x{rc.crop}) and {paths.index_dir}{skipped}")
+    log.info(f"prepare: wrote {paths.images} ({n_ok:,} images at {rc.crop}x{rc.crop}) and {paths.index_dir}{skipped}")
     if tagged:
         how = ("turned upright (prepare.dataset.exif_orientation: apply)" if index.exif_orientation == "apply" else
                "used as stored, like the reference loaders; set prepare.dataset.exif_orientation: apply for "
                "phone photos")
-        info(f"prepare: {tagged:,} image(s) carry an EXIF orientation tag (rotated or mirrored): {how}")
+        log.info(f"prepare: {tagged:,} image(s) carry an EXIF orientation tag (rotated or mirrored): {how}")
     summary["exif_tagged"] = tagged
     return summary
 

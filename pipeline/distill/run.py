@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -44,11 +45,13 @@ from pipeline.distill.data import BatchLoader, TeacherBank, as_tensor, random_re
 from pipeline.distill.losses import DistillLoss, LossConfig
 from pipeline.distill.sampler import EpochSampler
 from pipeline.errors import InputError
-from pipeline.progress import info, progress
+from pipeline.progress import progress
 from pipeline.store.durable import atomic_path, write_text_durably
 from pipeline.store.features import FeatureStore, StoreSplit
 from pipeline.store.image_cache import ImageCache
 from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "kdpipe-distill-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -660,7 +663,7 @@ def run_distill(
         if blob["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
         if main:
-            info(f"distill: resuming from {ckpt_path} at epoch {state.epoch + 1}, step {state.global_step}")
+            log.info(f"distill: resuming from {ckpt_path} at epoch {state.epoch + 1}, step {state.global_step}")
     elif main:
         clear_outputs(out_dir)
     if main:
@@ -704,7 +707,7 @@ def run_distill(
 
     def export(reason: str) -> None:
         save_student(model, out_dir)
-        info(f"distill: exported the student ({reason})")
+        log.info(f"distill: exported the student ({reason})")
 
     def checkpoint() -> None:
         if main:
@@ -827,7 +830,7 @@ def run_distill(
                     metrics = validate(model, val, val_tokens, cfg.eval_batch_size, autocast)
                     state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
                     val_log.write(state.history[-1])
-                    info(
+                    log.info(
                         f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
                         f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})"
                     )
