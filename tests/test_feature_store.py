@@ -141,6 +141,9 @@ def test_chunked_rows_index_like_the_array_they_stand_for(tmp_path):
         idx.tolist(),
         mask,
         (idx, 3),
+        (5, 3),
+        (np.int64(-1), slice(0, 4)),
+        (mask, -1),
         (slice(10, 2050), slice(0, 4)),
     ):
         np.testing.assert_array_equal(arr[key], full[key], err_msg=str(key))

@@ -127,7 +127,11 @@ class ChunkedRows:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, tuple):  # rows first, then the rest on the gathered rows
-            return self[key[0]][(slice(None), *key[1:])] if key else self[:]
+            if not key:
+                return self[:]
+            rows = self[key[0]]
+            # an int row index drops the row axis; any other keeps it
+            return rows[key[1:]] if isinstance(key[0], (int, np.integer)) else rows[(slice(None), *key[1:])]
         if isinstance(key, (int, np.integer)):
             return self._gather(np.array([key]))[0]
         if key is Ellipsis:
