@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.store.durable import write_text_durably
 
 T = TypeVar("T")
 
@@ -155,8 +156,4 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def write_resolved(cfg: Any, path: Path, section: str) -> None:
     """Write the resolved config of a stage next to its outputs (`{section: {...}}`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False))
-    tmp.replace(path)
+    write_text_durably(path, yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False))

@@ -1,11 +1,16 @@
-"""Progress bars for long loops: description, bar, done/total, items per second and ETA (rich).
+"""Progress bars for long loops (description, bar, done/total, items per second, ETA; rich) and the
+console handler through which the CLI shows the library's log records.
 
 Bars go to stderr and switch themselves off when stderr is not a terminal (CI logs, DVC captured output)
-unless KDPIPE_PROGRESS=1; the one-line summary at the end is always printed.
+unless KDPIPE_PROGRESS=1; the one-line summary at the end is logged (logger `pipeline.progress`, INFO).
+The library only logs (`logging.getLogger(__name__)`); `configure_logging`, called by the CLI, shows the
+records of the `pipeline` and `stages` loggers on stderr, on the same rich console as the bars, so that a
+status line is printed above a live bar instead of tearing it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -26,6 +31,35 @@ from rich.progress import (
 from rich.text import Text
 
 _console = Console(stderr=True, soft_wrap=True)  # never wrap a status line inside a path
+log = logging.getLogger(__name__)
+_HANDLER_NAME = "kdpipe-console"
+
+
+class ConsoleHandler(logging.Handler):
+    """Log records as plain lines on the progress console: the message alone for INFO and DEBUG,
+    '<level>: message' from WARNING up. (rich's RichHandler lays records out in a table that wraps long
+    lines at the terminal width and pads them with spaces, which breaks paths and captured logs.)"""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                message = f"{record.levelname.lower()}: {message}"
+            _console.print(message, highlight=False, markup=False)  # a path with [brackets] stays as it is
+        except Exception:  # noqa: BLE001 -- logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show records of the `pipeline` and `stages` loggers at `level` and above on stderr (idempotent)."""
+    handler = ConsoleHandler()
+    handler.set_name(_HANDLER_NAME)
+    for name in ("pipeline", "stages"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level)
 
 
 class _RateColumn(ProgressColumn):
@@ -84,11 +118,10 @@ def progress(description: str, total: int | None, unit: str = "it") -> Iterator[
         yield bar
     elapsed = time.perf_counter() - start
     rate = bar.done / elapsed if elapsed > 0 else float("inf")
-    _console.print(
-        f"{description}: {bar.done:,} {unit} in {elapsed:.1f} s ({rate:,.1f} {unit}/s)", highlight=False, markup=False
-    )
+    log.info("%s: %s %s in %.1f s (%s %s/s)", description, f"{bar.done:,}", unit, elapsed, f"{rate:,.1f}", unit)
 
 
 def info(message: str) -> None:
-    """One status line on stderr (kept off stdout so that stdout stays machine-readable)."""
-    _console.print(message, highlight=False, markup=False)  # a path with [brackets] stays as it is
+    """A status line, logged at INFO by `pipeline.progress`. Modules log through their own logger
+    (`logging.getLogger(__name__)`); this stays for code written before the switch to logging."""
+    log.info("%s", message)

@@ -26,7 +26,12 @@ T = TypeVar("T")
 TOP_LEVEL_KEYS = ("workdir", "prepare", "extract", "distill", "evaluate")
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (YAML), one section per stage.")
-SET_OPTION = typer.Option(None, "--set", help="Override a parameter: section.key=value (repeatable).")
+SET_OPTION = typer.Option(
+    None,
+    "--set",
+    metavar="SECTION.KEY=VALUE",
+    help="Override a parameter of params.yaml, e.g. distill.epochs=3 (repeatable; nested keys: a.b.c=value).",
+)
 WORKDIR_OPTION = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir).")
 
 

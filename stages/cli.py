@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 import pipeline
+from pipeline.progress import configure_logging
 from stages import demo_data, distill, evaluate, extract, features, prepare
 
 app = typer.Typer(
@@ -13,6 +16,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    epilog=(
+        "Environment: KDPIPE_PROGRESS=1 or 0 turns progress bars on or off (default: on when stderr is a "
+        "terminal). KDPIPE_FSYNC=0 skips fsync after writes (faster; a killed run still resumes exactly, "
+        "but an OS crash or power loss may lose recent writes)."
+    ),
 )
 
 
@@ -27,8 +35,13 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the kdpipe version and exit."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only (no status lines)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug messages too."),
 ) -> None:
     """Distil a large image-text teacher into a small retrieval model from stored teacher features."""
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose exclude each other")
+    configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 app.command("prepare")(prepare.command)

@@ -2,6 +2,7 @@
 for the student's image cache (prepare) and the teacher (extract)."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,8 @@ def _dataset(tmp_path: Path) -> tuple[Path, Path]:
     return root, ann
 
 
-def test_prepare_records_the_choice_and_says_what_it_did(tmp_path, capsys):
+def test_prepare_records_the_choice_and_says_what_it_did(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")  # prepare says it through logging (the CLI shows it)
     root, ann = _dataset(tmp_path)
     runs = {}
     for mode in ("ignore", "apply"):
@@ -115,8 +117,8 @@ def test_prepare_records_the_choice_and_says_what_it_did(tmp_path, capsys):
         )
         paths = ArtifactPaths(tmp_path / mode)
         summary = run_prepare(cfg, paths)
-        captured = capsys.readouterr()
-        out = captured.out + captured.err
+        out = caplog.text
+        caplog.clear()
         index = DatasetIndex.load(paths.index_dir)
         cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
         assert index.exif_orientation == mode and cache.attrs["exif_orientation"] == mode

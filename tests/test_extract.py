@@ -184,7 +184,8 @@ def test_resume_redoes_half_written_chunks_and_removes_stray_files(dataset, refe
         ("nothing", None),
     ],
 )
-def test_a_changed_run_starts_over_instead_of_mixing_rows(dataset, tmp_path, capsys, change, expected):
+def test_a_changed_run_starts_over_instead_of_mixing_rows(dataset, tmp_path, capsys, caplog, change, expected):
+    caplog.set_level("INFO", logger="pipeline")  # the stage's status lines are log records
     index, _ = dataset
     out = tmp_path / "features.zarr"
     committed = _partial(index, out)
@@ -211,7 +212,7 @@ def test_a_changed_run_starts_over_instead_of_mixing_rows(dataset, tmp_path, cap
     elif change == "compute_dtype":
         cfg = ExtractConfig(chunk_rows=8, num_workers=0, compute_dtype="bfloat16")
     result = run_extract(new_index, cfg, out, teacher=teacher)
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err + caplog.text
     if expected is None:
         assert result.units_reused == committed and result.restart_reason is None
         assert "resuming an interrupted extraction" in err
@@ -224,7 +225,8 @@ def test_a_changed_run_starts_over_instead_of_mixing_rows(dataset, tmp_path, cap
     assert store_files(out) == store_files(fresh)  # no row of the earlier run survived
 
 
-def test_a_complete_store_is_rewritten_and_fresh_forces_a_restart(dataset, reference, tmp_path, capsys):
+def test_a_complete_store_is_rewritten_and_fresh_forces_a_restart(dataset, reference, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="pipeline")
     index, _ = dataset
     out = tmp_path / "features.zarr"
     _partial(index, out)
@@ -232,7 +234,7 @@ def test_a_complete_store_is_rewritten_and_fresh_forces_a_restart(dataset, refer
     assert result.units_reused == 0 and "--fresh" in result.restart_reason
     capsys.readouterr()
     result = run_extract(index, CFG, out, teacher=TinyTeacher())
-    assert result.units_reused == 0 and "replacing the complete store" in capsys.readouterr().err
+    assert result.units_reused == 0 and "replacing the complete store" in capsys.readouterr().err + caplog.text
     assert store_files(out) == store_files(reference)
 
 

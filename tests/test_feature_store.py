@@ -10,6 +10,7 @@ import pytest
 import zarr
 
 from pipeline.errors import InputError
+from pipeline.store.chunk_files import ChunkedRows
 from pipeline.store.features import StoreWriter, chunk_len, open_store, read_attrs, write_store
 
 D = 32
@@ -55,7 +56,10 @@ def test_round_trip_fp16_default_normalized_and_equal_to_zarr_reads(tmp_path):
         sp = store.split(name)
         for key in ("image_emb", "text_emb"):
             arr = getattr(sp, key)
-            assert isinstance(arr, np.memmap) and arr.dtype == np.float16 and not arr.flags.writeable
+            # several chunk files (train: chunk_rows 1024) -> ChunkedRows over their maps; one -> one memmap
+            several = group[f"{name}/{key}"].nchunks > 1
+            assert isinstance(arr, ChunkedRows if several else np.memmap) and arr.dtype == np.float16
+            assert several or not arr.flags.writeable
             np.testing.assert_array_equal(arr, group[f"{name}/{key}"][...])
             np.testing.assert_allclose(arr.astype(np.float32), _normalized(src[key]), atol=1e-3)
             norms = np.linalg.norm(arr.astype(np.float32), axis=1)
@@ -82,21 +86,94 @@ def test_chunks_are_raw_uncompressed_files_and_the_store_is_rows_x_dim_x_2_bytes
     assert meta_ids["data_type"] == "string" and meta_ids["codecs"] == [{"name": "vlen-utf8", "configuration": {}}]
 
 
+def test_chunk_files_hold_exactly_the_padded_normalized_rows(tmp_path):
+    """The format oracle: each chunk file is the fp16 cast of the float32-normalized rows, zero-padded to
+    chunk_rows rows, as raw little-endian bytes (what every kdpipe version wrote and np.memmap maps)."""
+    splits = _write(tmp_path / "s.zarr")
+    src = splits["train"]["text_emb"]
+    rows = src / np.sqrt((src * src).sum(axis=1, dtype=np.float32))[:, None]
+    for i in range(7):  # 7000 rows in chunks of 1024: the last one holds 856 rows + 168 zero rows
+        block = np.zeros((1024, D), dtype="<f2")
+        part = rows[i * 1024 : (i + 1) * 1024]
+        block[: len(part)] = part
+        found = np.frombuffer((tmp_path / f"s.zarr/train/text_emb/c/{i}/0").read_bytes(), dtype="<f2")
+        # a float32 division order may differ from the naive one by 1 ulp before the fp16 rounding
+        assert np.abs(found.astype(np.float32) - block.reshape(-1).astype(np.float32)).max() <= 2**-11
+        if i == 6:
+            assert not found.reshape(1024, D)[856:].any()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_reader_maps_the_chunk_files_without_copying(tmp_path):
     _write(tmp_path / "s.zarr")
     store = open_store(tmp_path / "s.zarr")
     arr = store.split("train").image_emb
-    assert not arr.flags.owndata
     maps = Path("/proc/self/maps").read_text()
     for i in range(3):
         assert str(tmp_path / f"s.zarr/train/image_emb/c/{i}/0") in maps
-    # one contiguous [N, D] array over the three files: slices, fancy indexing and reductions just work
-    assert arr.flags.c_contiguous and arr.shape == (3000, D)
-    idx = np.random.default_rng(1).integers(0, 3000, 256)
-    np.testing.assert_array_equal(arr[idx], zarr.open_array(str(tmp_path / "s.zarr/train/image_emb"))[...][idx])
+    assert arr.shape == (3000, D) and len(arr) == 3000 and arr.nbytes == 3000 * D * 2
+    inside = arr[1024:2000]  # rows of one chunk: a view of its map
+    assert isinstance(inside, np.memmap) and not inside.flags.owndata and not inside.flags.writeable
     with pytest.raises(ValueError):
-        arr[0, 0] = 1
+        inside[0, 0] = 1
+
+
+def test_chunked_rows_index_like_the_array_they_stand_for(tmp_path):
+    """Oracle: every indexing form of ChunkedRows equals the same indexing of the zarr-read numpy array."""
+    _write(tmp_path / "s.zarr")
+    arr = open_store(tmp_path / "s.zarr").split("train").text_emb  # 7000 rows, 7 chunks of 1024
+    full = zarr.open_array(str(tmp_path / "s.zarr/train/text_emb"))[...]
+    rng = np.random.default_rng(1)
+    idx = rng.integers(-7000, 7000, 256)
+    mask = rng.random(7000) < 0.1
+    for key in (
+        Ellipsis,
+        5,
+        -1,
+        1023,
+        1024,
+        np.int64(6999),
+        slice(None),
+        slice(1000, 3100),
+        slice(None, None, -3),
+        slice(5000, 10),
+        idx,
+        idx.tolist(),
+        mask,
+        (idx, 3),
+        (5, 3),
+        (np.int64(-1), slice(0, 4)),
+        (mask, -1),
+        (slice(10, 2050), slice(0, 4)),
+    ):
+        np.testing.assert_array_equal(arr[key], full[key], err_msg=str(key))
+    out = np.empty((256, D), np.float16)
+    np.take(arr, idx, axis=0, out=out)
+    np.testing.assert_array_equal(out, full[idx])
+    np.testing.assert_array_equal(np.asarray(arr), full)
+    assert np.asarray(arr, dtype=np.float32).dtype == np.float32 and arr.astype(np.float32).shape == full.shape
+    with pytest.raises(IndexError):
+        arr[np.array([7000])]
+    with pytest.raises(IndexError):
+        arr[np.zeros(10, bool)]
+
+
+def test_store_bytes_match_a_store_of_the_previous_writer(tmp_path):
+    """Rewriting the writer on zarr's API kept the format: same files, same bytes, same attrs as the
+    raw-file writer of kdpipe 0.x (fixture made with it from the same seeded inputs)."""
+    fixture = Path(__file__).parent / "data" / "feature_store_v1"
+    splits = _splits(n_train=40, m_train=90, n_test=5, m_test=11, dim=8, seed=7)
+    kw = {"teacher": {"name": "t", "dims": (8, 8)}, "dataset": {"name": "toy", "fingerprint": "f" * 64}}
+    write_store(tmp_path / "s.zarr", splits, chunk_rows=16, **kw)
+    files = sorted(p.relative_to(fixture) for p in fixture.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "s.zarr") for p in (tmp_path / "s.zarr").rglob("*") if p.is_file())
+    for f in files:
+        if f.name != "zarr.json":
+            assert (tmp_path / "s.zarr" / f).read_bytes() == (fixture / f).read_bytes(), f
+    assert read_attrs(tmp_path / "s.zarr") == read_attrs(fixture)
+    np.testing.assert_array_equal(
+        open_store(fixture).split("train").text_emb[...], open_store(tmp_path / "s.zarr").split("train").text_emb[...]
+    )
 
 
 def test_unaligned_chunks_and_float32_still_read_correctly(tmp_path):

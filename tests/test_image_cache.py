@@ -1,6 +1,7 @@
 """The image cache format: memmap reads equal zarr reads, compaction, refusal of incomplete/foreign stores."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,23 @@ def test_a_failed_write_leaves_nothing_at_the_path(tmp_path):
     with pytest.raises(ValueError):
         write_image_cache(path, {"train": random_images(2).astype(np.float32)}, fingerprint="a")
     assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cache_bytes_match_a_cache_of_the_previous_writer(tmp_path):
+    """The shard file (rows back to back + hand-written index) and the metadata are the same, byte for byte,
+    as those of the raw-path writer of kdpipe 0.x (fixture made with it from the same seeded images)."""
+    fixture = Path(__file__).parent / "data" / "image_cache_v1"
+    images = random_images(37, seed=7)
+    write_image_cache(
+        tmp_path / "i.zarr",
+        {"train": images, "test": images[:5]},
+        fingerprint="abc",
+        meta={"resize": {"mode": "x"}},
+        chunk_images=8,
+    )
+    files = sorted(p.relative_to(fixture) for p in fixture.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "i.zarr") for p in (tmp_path / "i.zarr").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "i.zarr" / f).read_bytes() == (fixture / f).read_bytes(), f
+    np.testing.assert_array_equal(open_image_cache(fixture).split("train"), images)
+    np.testing.assert_array_equal(zarr.open_array(fixture / "train" / "images", mode="r")[...], images)

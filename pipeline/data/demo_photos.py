@@ -13,7 +13,6 @@ the same installed packages give byte-identical files.
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import InputError
+from pipeline.store.durable import write_file_durably
 
 DEMO_DIR = Path("data/demo")
 DEMO_JSON = DEMO_DIR / "dataset_demo.json"
@@ -161,9 +161,7 @@ def build_demo_images(out_dir: Path = DEMO_IMAGE_DIR, images: tuple[DemoImage, .
     for image in images:
         data = encode_jpeg(render(image))
         target = out_dir / image.filename
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_file_durably(target, data)
         written.append(target)
     return written
 

@@ -15,6 +15,7 @@ Unpaired items (issue 12: distillation on data without captions):
 An index with unpaired texts is written as version 2 (a version-1 reader refuses it instead of silently
 dropping them); one without is written exactly as before (version 1, same files, same fingerprint).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.data.exif import EXIF_ORIENTATION
+from pipeline.store.durable import atomic_path, write_text_durably
 
 INDEX_FORMAT = "kdpipe-index"
 INDEX_VERSION = 1  # paired captions (and unpaired images) only
@@ -98,14 +100,19 @@ class DatasetIndex:
             raise ValueError("unpaired text columns differ in length")
         orphan = set(self.unpaired_text_split.tolist()) - set(self.image_split.tolist())
         if orphan:  # the image cache and the feature store are laid out per split of images
-            raise InputError(f"dataset {self.name}: unpaired texts in split {sorted(orphan)[0]!r}, "
-                             "which has no images")
+            raise InputError(f"dataset {self.name}: unpaired texts in split {sorted(orphan)[0]!r}, which has no images")
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_lists(cls, name: str, image_root: Path | str, images: list[tuple[str, str, str]],
-                   captions: list[tuple[str, int]], exif_orientation: str = "ignore",
-                   unpaired_texts: list[tuple[str, str]] = ()) -> "DatasetIndex":
+    def from_lists(
+        cls,
+        name: str,
+        image_root: Path | str,
+        images: list[tuple[str, str, str]],
+        captions: list[tuple[str, int]],
+        exif_orientation: str = "ignore",
+        unpaired_texts: list[tuple[str, str]] = (),
+    ) -> "DatasetIndex":
         """images: (image_id, path, split) rows; captions: (text, image row) rows; unpaired_texts: (text, split)."""
         return cls(
             name=name,
@@ -206,40 +213,54 @@ class DatasetIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "index.json").unlink(missing_ok=True)
-        images = pa.table({
-            "image_id": pa.array(self.image_id.tolist(), pa.string()),
-            "path": pa.array(self.image_path.tolist(), pa.string()),
-            "split": pa.array(self.image_split.tolist(), pa.string()),
-        })
-        captions = pa.table({
-            "text": pa.array(self.caption_text.tolist(), pa.string()),
-            "image_row": pa.array(self.caption_image, pa.int64()),
-        })
-        pq.write_table(images, directory / "images.parquet")
-        pq.write_table(captions, directory / "captions.parquet")
+        images = pa.table(
+            {
+                "image_id": pa.array(self.image_id.tolist(), pa.string()),
+                "path": pa.array(self.image_path.tolist(), pa.string()),
+                "split": pa.array(self.image_split.tolist(), pa.string()),
+            }
+        )
+        captions = pa.table(
+            {
+                "text": pa.array(self.caption_text.tolist(), pa.string()),
+                "image_row": pa.array(self.caption_image, pa.int64()),
+            }
+        )
         (directory / "texts.parquet").unlink(missing_ok=True)
+        tables = [("images.parquet", images), ("captions.parquet", captions)]
         if self.n_unpaired_texts:
-            texts = pa.table({
-                "text": pa.array(self.unpaired_text.tolist(), pa.string()),
-                "split": pa.array(self.unpaired_text_split.tolist(), pa.string()),
-            })
-            pq.write_table(texts, directory / "texts.parquet")
+            texts = pa.table(
+                {
+                    "text": pa.array(self.unpaired_text.tolist(), pa.string()),
+                    "split": pa.array(self.unpaired_text_split.tolist(), pa.string()),
+                }
+            )
+            tables.append(("texts.parquet", texts))
+        for name, table in tables:
+            with atomic_path(directory / name) as tmp:
+                pq.write_table(table, tmp)
         meta = {
-            "format": INDEX_FORMAT, "version": self.version, "name": self.name,
-            "image_root": str(self.image_root), "fingerprint": self.fingerprint,
+            "format": INDEX_FORMAT,
+            "version": self.version,
+            "name": self.name,
+            "image_root": str(self.image_root),
+            "fingerprint": self.fingerprint,
             "exif_orientation": self.exif_orientation,
-            "n_images": self.n_images, "n_captions": self.n_captions,
-            "splits": {s: {"images": int((self.image_split == s).sum()),
-                           "captions": int((self.image_split[self.caption_image] == s).sum())}
-                       for s in self.splits},
+            "n_images": self.n_images,
+            "n_captions": self.n_captions,
+            "splits": {
+                s: {
+                    "images": int((self.image_split == s).sum()),
+                    "captions": int((self.image_split[self.caption_image] == s).sum()),
+                }
+                for s in self.splits
+            },
         }
         if self.n_unpaired_texts or self.n_images > len(np.unique(self.caption_image)):
             for s, counts in meta["splits"].items():  # absent for paired-only data: index.json as before
                 view = self.split(s)
                 counts.update(unpaired_images=len(view.unpaired_image), unpaired_texts=len(view.unpaired_text))
-        tmp = directory / "index.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(directory / "index.json")
+        write_text_durably(directory / "index.json", json.dumps(meta, indent=2) + "\n")  # last: marks it whole
 
     @classmethod
     def load(cls, directory: Path | str) -> "DatasetIndex":
@@ -250,14 +271,17 @@ class DatasetIndex:
         meta = json.loads(meta_path.read_text())
         versions = (INDEX_VERSION, INDEX_VERSION_UNPAIRED_TEXT)
         if meta.get("format") != INDEX_FORMAT or meta.get("version") not in versions:
-            raise InputError(f"{meta_path}: not a {INDEX_FORMAT} v{INDEX_VERSION} or v{INDEX_VERSION_UNPAIRED_TEXT} index")
+            raise InputError(
+                f"{meta_path}: not a {INDEX_FORMAT} v{INDEX_VERSION} or v{INDEX_VERSION_UNPAIRED_TEXT} index"
+            )
         images = pq.read_table(directory / "images.parquet")
         captions = pq.read_table(directory / "captions.parquet")
         texts = {"text": [], "split": []}
         if meta["version"] == INDEX_VERSION_UNPAIRED_TEXT:
             if not (directory / "texts.parquet").is_file():
-                raise InputError(f"{directory}: a v{INDEX_VERSION_UNPAIRED_TEXT} index without texts.parquet; "
-                                 "rerun `kdpipe prepare`")
+                raise InputError(
+                    f"{directory}: a v{INDEX_VERSION_UNPAIRED_TEXT} index without texts.parquet; rerun `kdpipe prepare`"
+                )
             texts = pq.read_table(directory / "texts.parquet").to_pydict()
         index = cls(
             name=meta["name"],

@@ -28,6 +28,7 @@ nothing and says so. Atomic: the cache is built in a temp directory next to `ima
 into place after `complete` is set; the index is written before that rename, and a rerun only trusts a
 cache and an index whose fingerprints agree.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,12 +54,19 @@ from pipeline.store.image_cache import (
     write_rows,
 )
 from pipeline.paths import ArtifactPaths
-from pipeline.progress import info, progress
+from pipeline.progress import progress
+from pipeline.store.durable import write_text_durably
+
+log = logging.getLogger(__name__)
 
 BAD_IMAGES_FILE = "bad_images.json"
-_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-            "box": Image.Resampling.BOX}
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
 
 
 @dataclass(frozen=True)
@@ -86,8 +94,14 @@ class ResizeConfig:
 
     def describe(self) -> dict[str, Any]:
         """JSON-native description recorded in the cache; a different description means different pixels."""
-        return {"mode": self.mode, "resize": self.resize, "crop": self.crop, "filter": self.filter,
-                "draft": self.draft, "channels": "RGB"}
+        return {
+            "mode": self.mode,
+            "resize": self.resize,
+            "crop": self.crop,
+            "filter": self.filter,
+            "draft": self.draft,
+            "channels": "RGB",
+        }
 
     def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
         """(resized size (w, h), crop box (left, top, right, bottom)) for a source image of this size."""
@@ -178,8 +192,9 @@ def describe_failure(path: str, err: BaseException) -> str:
     return f"corrupt image ({type(err).__name__}: {text})"
 
 
-def decode_block(paths: list[str], rc: ResizeConfig, data_file: str, start_row: int,
-                 exif: str = "ignore") -> dict[str, Any]:
+def decode_block(
+    paths: list[str], rc: ResizeConfig, data_file: str, start_row: int, exif: str = "ignore"
+) -> dict[str, Any]:
     """Decode consecutive images and write them at `start_row` of a split's data file (one inner chunk).
 
     Returns {"failures": [(position in `paths`, reason), ...], "exif_tagged": images with an EXIF
@@ -187,8 +202,10 @@ def decode_block(paths: list[str], rc: ResizeConfig, data_file: str, start_row: 
     and is removed by the caller under `skip`. Runs in dask workers and in-process alike."""
     cpu_start = time.thread_time()
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True (by another library?): truncated "
-                           "images would be silently filled with grey; prepare refuses to run that way")
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True (by another library?): truncated "
+            "images would be silently filled with grey; prepare refuses to run that way"
+        )
     h, w = rc.image_size
     block = np.zeros((len(paths), h, w, 3), dtype=np.uint8)
     failures: list[tuple[int, str]] = []
@@ -225,13 +242,15 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
     """Build `paths.index_dir` and `paths.images` from the dataset; returns a summary (also printed)."""
     start = time.perf_counter()
     index = read_dataset(cfg.dataset)
-    info(_describe(index))
+    log.info(_describe(index))
     if not force:
         summary = _unchanged(cfg, paths, index)
         if summary is not None:
             summary["seconds"] = round(time.perf_counter() - start, 3)
-            info(f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
-                 f"(index {summary['fingerprint'][:12]}, same image recipe)")
+            log.info(
+                f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
+                f"(index {summary['fingerprint'][:12]}, same image recipe)"
+            )
             return summary
 
     remove_stale_temp(paths.images)
@@ -244,7 +263,7 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
             data_file = str(builder.allocate(split, view.n_images).resolve())
             abs_paths = [os.path.abspath(p) for p in view.image_path]
             for s in range(0, view.n_images, cfg.chunk_images):
-                tasks.append(_Task(split, s, abs_paths[s:s + cfg.chunk_images], data_file))
+                tasks.append(_Task(split, s, abs_paths[s : s + cfg.chunk_images], data_file))
         results, decode_s = _run_tasks(tasks, cfg, index.n_images)
 
         bad = []  # (global row, reason)
@@ -260,9 +279,16 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
         for text, r in zip(index.caption_text.tolist(), index.caption_image.tolist()):
             if r in captions_of:
                 captions_of[r].append(text)
-        report = [{"file": str(index.image_abspath(r)), "image_id": str(index.image_id[r]),
-                   "split": str(index.image_split[r]), "reason": reason, "captions": captions_of[r]}
-                  for r, reason in bad]
+        report = [
+            {
+                "file": str(index.image_abspath(r)),
+                "image_id": str(index.image_id[r]),
+                "split": str(index.image_split[r]),
+                "reason": reason,
+                "captions": captions_of[r],
+            }
+            for r, reason in bad
+        ]
         source_fingerprint = index.fingerprint
         if bad:
             bad_rows = np.array([r for r, _ in bad])
@@ -277,32 +303,44 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
         (paths.index_dir / "index.json").unlink(missing_ok=True)  # the index is incomplete until save() ends
         _write_json(paths.index_dir / BAD_IMAGES_FILE, report)
         index.save(paths.index_dir)
-        builder.publish({
-            "fingerprint": index.fingerprint, "source_fingerprint": source_fingerprint,
-            "dataset": index.name, "resize": rc.describe(), "exif_orientation": index.exif_orientation,
-            "on_bad_image": cfg.on_bad_image,
-            "n_bad": len(bad), "pillow": Image.__version__,
-        })
+        builder.publish(
+            {
+                "fingerprint": index.fingerprint,
+                "source_fingerprint": source_fingerprint,
+                "dataset": index.name,
+                "resize": rc.describe(),
+                "exif_orientation": index.exif_orientation,
+                "on_bad_image": cfg.on_bad_image,
+                "n_bad": len(bad),
+                "pillow": Image.__version__,
+            }
+        )
     except BaseException:
         builder.abort()
         raise
     n_ok = index.n_images
     summary = {
-        "status": "written", "fingerprint": index.fingerprint, "images": {s: int((index.image_split == s).sum())
-                                                                          for s in index.splits},
-        "captions": index.n_captions, "bad_images": len(bad), "decode_seconds": round(decode_s, 3),
+        "status": "written",
+        "fingerprint": index.fingerprint,
+        "images": {s: int((index.image_split == s).sum()) for s in index.splits},
+        "captions": index.n_captions,
+        "bad_images": len(bad),
+        "decode_seconds": round(decode_s, 3),
         "images_per_second": round((n_ok + len(bad)) / decode_s, 1) if decode_s > 0 else None,
         # decode CPU time summed over the decoding threads: images per second per fully used core
         "images_per_cpu_second": round((n_ok + len(bad)) / cpu_s, 1) if cpu_s > 0 else None,
         "seconds": round(time.perf_counter() - start, 3),
     }
     skipped = f", {len(bad)} bad image(s) skipped (listed in {paths.index_dir / BAD_IMAGES_FILE})" if bad else ""
-    info(f"prepare: wrote {paths.images} ({n_ok:,} images at {rc.crop}x{rc.crop}) and {paths.index_dir}{skipped}")
+    log.info(f"prepare: wrote {paths.images} ({n_ok:,} images at {rc.crop}x{rc.crop}) and {paths.index_dir}{skipped}")
     if tagged:
-        how = ("turned upright (prepare.dataset.exif_orientation: apply)" if index.exif_orientation == "apply" else
-               "used as stored, like the reference loaders; set prepare.dataset.exif_orientation: apply for "
-               "phone photos")
-        info(f"prepare: {tagged:,} image(s) carry an EXIF orientation tag (rotated or mirrored): {how}")
+        how = (
+            "turned upright (prepare.dataset.exif_orientation: apply)"
+            if index.exif_orientation == "apply"
+            else "used as stored, like the reference loaders; set prepare.dataset.exif_orientation: apply for "
+            "phone photos"
+        )
+        log.info(f"prepare: {tagged:,} image(s) carry an EXIF orientation tag (rotated or mirrored): {how}")
     summary["exif_tagged"] = tagged
     return summary
 
@@ -332,21 +370,29 @@ def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[l
             environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
             environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-                cluster = LocalCluster(n_workers=min(workers, len(tasks)), threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR)
+                cluster = LocalCluster(
+                    n_workers=min(workers, len(tasks)),
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
         try:
             with Client(cluster if cluster is not None else cfg.scheduler) as client:
                 start = time.perf_counter()
-                futures = {client.submit(decode_block, t.paths, cfg.image, t.data_file, t.start, exif, pure=False): t
-                           for t in tasks}
+                futures = {
+                    client.submit(decode_block, t.paths, cfg.image, t.data_file, t.start, exif, pure=False): t
+                    for t in tasks
+                }
                 for fut in as_completed(futures):
                     task = futures[fut]
                     out.append((task, fut.result()))
                     bar.advance(len(task.paths))
         except OSError as err:
             if cfg.scheduler is not None and not out:
-                raise InputError(f"prepare.scheduler: cannot use the dask scheduler at {cfg.scheduler} "
-                                 f"({err})") from None
+                raise InputError(
+                    f"prepare.scheduler: cannot use the dask scheduler at {cfg.scheduler} ({err})"
+                ) from None
             raise
         finally:
             if cluster is not None:
@@ -358,8 +404,10 @@ def _describe(index: DatasetIndex) -> str:
     n_unpaired = index.n_images - len(np.unique(index.caption_image))
     unpaired = f" ({n_unpaired:,} without captions)" if n_unpaired else ""
     texts = f", {index.n_unpaired_texts:,} texts without images" if index.n_unpaired_texts else ""
-    return (f"prepare: dataset {index.name}: {index.n_images:,} images{unpaired}, {index.n_captions:,} captions"
-            f"{texts}, splits " + ", ".join(f"{s} {int((index.image_split == s).sum()):,}" for s in index.splits))
+    return (
+        f"prepare: dataset {index.name}: {index.n_images:,} images{unpaired}, {index.n_captions:,} captions"
+        f"{texts}, splits " + ", ".join(f"{s} {int((index.image_split == s).sum()):,}" for s in index.splits)
+    )
 
 
 def _error_line(index: DatasetIndex, bad: list[tuple[int, str]]) -> str:
@@ -380,23 +428,32 @@ def _unchanged(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) ->
     except (InputError, OSError, ValueError):
         return None
     a = cache.attrs
-    same = (a.get("source_fingerprint") == index.fingerprint and a.get("fingerprint") == recorded
-            and a.get("resize") == cfg.image.describe()
-            and a.get("exif_orientation", "ignore") == index.exif_orientation
-            and a.get("chunk_images") == cfg.chunk_images
-            and (a.get("n_bad") == 0 or a.get("on_bad_image") == cfg.on_bad_image))
+    same = (
+        a.get("source_fingerprint") == index.fingerprint
+        and a.get("fingerprint") == recorded
+        and a.get("resize") == cfg.image.describe()
+        and a.get("exif_orientation", "ignore") == index.exif_orientation
+        and a.get("chunk_images") == cfg.chunk_images
+        and (a.get("n_bad") == 0 or a.get("on_bad_image") == cfg.on_bad_image)
+    )
     if not same:
         return None
     saved = DatasetIndex.load(paths.index_dir)
     if saved.image_root != index.image_root:  # the dataset moved: same content, new location for later stages
         replace(saved, image_root=index.image_root).save(paths.index_dir)
-    return {"status": "unchanged", "fingerprint": recorded,
-            "images": {s: int((saved.image_split == s).sum()) for s in saved.splits},
-            "captions": saved.n_captions, "bad_images": len(report), "decode_seconds": 0.0,
-            "images_per_second": None, "images_per_cpu_second": None, "seconds": None, "exif_tagged": None}
+    return {
+        "status": "unchanged",
+        "fingerprint": recorded,
+        "images": {s: int((saved.image_split == s).sum()) for s in saved.splits},
+        "captions": saved.n_captions,
+        "bad_images": len(report),
+        "decode_seconds": 0.0,
+        "images_per_second": None,
+        "images_per_cpu_second": None,
+        "seconds": None,
+        "exif_tagged": None,
+    }
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_durably(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -33,10 +33,11 @@ from pipeline.distill.sampler import EpochSampler, UnpairedSampler
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A zero-copy CPU tensor over a (read-only) numpy array or memmap; nothing ever writes to it."""
+    """A zero-copy CPU tensor over a (read-only) numpy array or memmap; nothing ever writes to it.
+    (A store array of several chunk files, `ChunkedRows`, is copied into one array first.)"""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
-        return torch.from_numpy(array)
+        return torch.from_numpy(np.asarray(array))
 
 
 def tokenize_all(tokenize, texts, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -50,10 +51,13 @@ from pipeline.distill.data import BatchLoader, TeacherBank, Unpaired, as_tensor,
 from pipeline.distill.losses import DistillLoss, LossConfig
 from pipeline.distill.sampler import EpochSampler, UnpairedSampler
 from pipeline.errors import InputError
-from pipeline.progress import info, progress
+from pipeline.progress import progress
+from pipeline.store.durable import atomic_path, write_text_durably
 from pipeline.store.features import FeatureStore, StoreSplit
 from pipeline.store.image_cache import ImageCache
 from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "kdpipe-distill-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -472,7 +476,8 @@ def plot_training(out_dir: Path) -> Path | None:
     fig.tight_layout()
     path = out_dir / "plots" / "training.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
 
@@ -511,9 +516,8 @@ def save_checkpoint(
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
 
 
 def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
@@ -797,7 +801,9 @@ def restore_or_start_over(run: Run, resume: bool) -> None:
         if blob["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
         if run.main:
-            info(f"distill: resuming from {run.ckpt_path} at epoch {run.state.epoch + 1}, step {run.state.global_step}")
+            log.info(
+                f"distill: resuming from {run.ckpt_path} at epoch {run.state.epoch + 1}, step {run.state.global_step}"
+            )
     elif run.main:
         clear_outputs(run.out_dir)
     if run.main:
@@ -967,7 +973,7 @@ def checkpoint(run: Run) -> None:
 
 def export(run: Run, reason: str) -> None:
     save_student(run.model, run.out_dir)
-    info(f"distill: exported the student ({reason})")
+    log.info(f"distill: exported the student ({reason})")
 
 
 def validate_epoch(run: Run) -> None:
@@ -977,7 +983,7 @@ def validate_epoch(run: Run) -> None:
         metrics = validate(run.model, run.val, run.val_tokens, cfg.eval_batch_size, run.autocast)
         state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
         run.val_log.write(state.history[-1])
-        info(
+        log.info(
             f"distill: epoch {state.epoch}/{cfg.epochs} val RSUM {metrics['rsum']:.2f} "
             f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})"
         )
@@ -1031,7 +1037,7 @@ def finish(run: Run, meter: Meter) -> DistillResult:
             "pairs_per_s_this_session": meter.pairs_per_s() if time.perf_counter() > meter.t_start else None,
             "history": state.history,
         }
-        (run.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_durably(run.out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     return result(run, meter, True)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.store.durable import fsync_tree, replace_dir
+
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
 
 
@@ -50,11 +52,8 @@ def write_plots(
         np.savez_compressed(
             tmp / "ranks.npz", image_id=np.asarray(image_id, dtype=str), text_image=np.asarray(text_image), **arrays
         )
-    old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(tmp)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 

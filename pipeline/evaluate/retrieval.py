@@ -25,13 +25,11 @@ positive is in the top-k and every negative is farther from it than 4 * beta, be
 every negative falls on the same side of the positive in both libraries. Every other query (beyond the top-k, or
 a near tie) is counted exactly by the torch path. So the two backends agree exactly, provably, not just usually.
 
-Measured on COCO-5K-sized data (5,000 x 25,010, D = 1024, fp16 store rows; bench/evaluate_bench.py, 2 CPU cores,
-best of several runs): on an Intel Xeon, torch 0.98 s with 4096-wide tiles (2048: 1.03 s, 8192: 1.28 s), of which
-0.89 s is the fp32 matmul itself; faiss 17.8 s (two top-k searches instead of one shared tile pass, and OpenBLAS);
-the naive full matrix + argsort 35-45 s. On an AMD EPYC (Zen 4): torch 1.94 s, of which 1.48 s is the fp32 matmul
-at the cores' peak (173 GFLOP/s); faiss 4.6 s. A bf16 matmul would take 0.65 s there, but 8-bit inputs move scores
-by more than the gaps between neighbours and change 10% of the ranks, so scores stay fp32. Backend "auto" is
-therefore torch, on the GPU when `device` is one (faiss-cpu).
+Backend "auto" is torch (on the GPU when `device` is one; faiss-cpu has none): on every machine measured the
+shared tile pass beats faiss's two top-k searches, and most of its time is the fp32 matmul itself. Scores stay
+fp32: bf16 inputs move scores by more than the gaps between neighbours and change about 10% of the ranks. The
+figures (COCO-5K-sized galleries, tile sizes, backends, per machine) are in docs/performance.md, measured by
+bench/evaluate_bench.py.
 """
 
 from __future__ import annotations
@@ -50,7 +48,7 @@ from pipeline.errors import InputError
 Backend = Literal["torch", "faiss", "auto"]
 TIE_RULE = "pessimistic"
 RECALL_KS = (1, 5, 10)
-DEFAULT_CHUNK_CPU = 4096  # tile edge (the fastest measured, see above); <= 64 MB of scores + 16 MB of masks
+DEFAULT_CHUNK_CPU = 4096  # tile edge (the fastest measured: docs/performance.md); <= 64 MB of scores + 16 MB of masks
 DEFAULT_CHUNK_CUDA = 16384  # 1 GiB of scores per tile
 FAISS_K = 64  # top-k of the faiss backend: queries ranked beyond it are counted exactly
 _RESIDENT_BYTES = 2 << 30  # inputs up to this size (as fp32) are converted once; larger ones tile by tile
@@ -131,7 +129,7 @@ def retrieval_ranks(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if backend == "auto":
-        backend = "torch"  # measured faster everywhere we run (module docstring, bench/evaluate_bench.py)
+        backend = "torch"  # measured faster everywhere we run (docs/performance.md, bench/evaluate_bench.py)
     if backend not in ("torch", "faiss"):
         raise ValueError(f"backend {backend!r}; expected 'torch', 'faiss' or 'auto'")
     with torch.inference_mode(), _ieee_fp32_matmul():

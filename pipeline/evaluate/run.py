@@ -10,6 +10,7 @@ then skip them too). Metrics: `pipeline.evaluate.retrieval` (float32 scores, pes
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ from pipeline.evaluate.retrieval import (
     retrieval_ranks,
 )
 from pipeline.paths import ArtifactPaths
-from pipeline.progress import info, progress
+from pipeline.progress import progress
+
+log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
 
@@ -142,7 +145,7 @@ def metrics_document(
 
 def write_json(doc: dict[str, Any], path: Path | str) -> Path:
     """Write JSON atomically (temp file + rename): an interrupted run leaves the previous file intact."""
-    from pipeline.store.features import write_file_durably
+    from pipeline.store.durable import write_file_durably
 
     path = Path(path)
     write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode())
@@ -379,7 +382,7 @@ def run_evaluate(
     student_dirs = {m: paths.workdir / m for m in cfg.models}
     for m, d in list(student_dirs.items()):
         if m != "student" and not (d / "student_config.json").is_file():
-            info(f"evaluate: no {m} in {d}; not evaluated")
+            log.info(f"evaluate: no {m} in {d}; not evaluated")
             del student_dirs[m]
     images = open_image_cache(paths.images, expect_fingerprint=index.fingerprint).split(cfg.split)
 

@@ -31,26 +31,20 @@ v3 representation is unstable. Reading with nothing but zarr:
     g = zarr.open_group("features.zarr", mode="r"); assert g.attrs["complete"]
     img = g["test/image_emb"][:]; ids = g["test/image_id"][:]
 
-The reader (`open_store`) validates the attrs and returns read-only memory maps over the chunk files: one
-contiguous `[N, D]` array even when there are several chunk files (each file is mapped at consecutive
-addresses of one reserved range with `mmap(MAP_FIXED)`, which needs the chunk size to be a multiple of the
-page size -- the writer makes chunks multiples of 64 KiB whenever chunk_rows allows). Where that is not
-possible (another OS, tiny chunks of an odd D, a foreign store) the rows are read into memory instead.
+The reader (`open_store`) validates the attrs and returns read-only memory maps over the chunk files
+(`chunk_files.map_rows`: an `np.memmap` for a one-chunk array, a `ChunkedRows` gathering from the chunk
+maps when there are several).
 
 Writing: `write_store` (one shot, for tests and tools) and `StoreWriter` (chunk by chunk from any number
-of processes, used by the resumable extract stage). Rows are L2-normalized in float32 before being stored.
+of processes, used by the resumable extract stage), through zarr's own array writes and attribute updates,
+fsync'd after zarr wrote (`durable`). Rows are L2-normalized in float32 before being stored.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import mmap
-import os
 import shutil
-import sys
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +53,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
+from pipeline.store.durable import fsync_dir, fsync_file, fsync_tree
 
 FORMAT = "kdpipe-features"
 VERSION = 1
@@ -67,7 +63,6 @@ UNPAIRED_TEXT = "unpaired_text_emb"  # the optional embedding array of texts wit
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 16384
 _SMALL_CHUNK = 1 << 20  # rows per chunk of the 1-D arrays (text_image, image_id): one file for any real dataset
-_PARTIAL = ".partial"  # suffix of files being written (zarr uses the same); removed by `remove_partial_files`
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,8 +71,8 @@ _PARTIAL = ".partial"  # suffix of files being written (zarr uses the same); rem
 @dataclass(frozen=True)
 class StoreSplit:
     name: str
-    image_emb: np.ndarray  # [N, D] read-only memory map over the chunk files (no copy)
-    text_emb: np.ndarray  # [M, D] read-only memory map
+    image_emb: np.ndarray | ChunkedRows  # [N, D] read-only, memory-mapped from the chunk files (no copy)
+    text_emb: np.ndarray | ChunkedRows  # [M, D] idem
     text_image: np.ndarray  # [M] int32, row in image_emb of each caption's image
     image_id: np.ndarray  # [N] object array of str
     unpaired_text_emb: np.ndarray | None = None  # [U, D] read-only memory map; None: the split has none
@@ -231,7 +226,7 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
     )
 
 
-def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray:
+def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray | ChunkedRows:
     """Check that `arr` is an uncompressed row-chunked [R, dim] float array and memory-map its chunk files."""
     where = f"{path}: {split}/{key}"
     dtype = np.dtype(arr.dtype)
@@ -239,134 +234,7 @@ def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray
         raise InputError(f"{where} has dtype {dtype}, expected float16 or float32")
     if arr.ndim != 2 or arr.shape[1] != dim:
         raise InputError(f"{where} has shape {list(arr.shape)}, expected [rows, {dim}] (the store's dim)")
-    _check_raw_layout(where, arr)
-    rows, chunk_rows = int(arr.shape[0]), int(arr.chunks[0])
-    if arr.chunks[1] != dim:
-        raise InputError(f"{where}: chunks {list(arr.chunks)} split the feature axis; format v1 chunks rows only")
-    dtype = dtype.newbyteorder("<")
-    if rows == 0:
-        out = np.empty((0, dim), dtype=dtype)
-        out.setflags(write=False)
-        return out
-    n_chunks = -(-rows // chunk_rows)
-    chunk_bytes = chunk_rows * dim * dtype.itemsize
-    files = []
-    for i in range(n_chunks):
-        f = path / split / key / arr.metadata.encode_chunk_key((i, 0))
-        try:
-            size = f.stat().st_size
-        except FileNotFoundError:
-            raise InputError(f"{where}: chunk file {f.relative_to(path)} is missing") from None
-        if size != chunk_bytes:
-            raise InputError(
-                f"{where}: chunk file {f.relative_to(path)} has {size} bytes, expected {chunk_bytes} "
-                "(truncated or not an uncompressed chunk)"
-            )
-        files.append(f)
-    return map_rows(files, chunk_rows, rows, dim, dtype)
-
-
-def _check_raw_layout(where: str, arr: Any) -> None:
-    from zarr.codecs import BytesCodec
-
-    md = arr.metadata
-    codecs = getattr(md, "codecs", None)
-    ok = (
-        codecs is not None
-        and len(codecs) == 1
-        and isinstance(codecs[0], BytesCodec)
-        and (codecs[0].endian is None or codecs[0].endian.value == "little")
-    )
-    if not ok:
-        raise InputError(
-            f"{where}: codecs {[type(c).__name__ for c in codecs or ()]}; format v1 stores raw "
-            "uncompressed chunks (bytes codec, little endian, no compressor or sharding)"
-        )
-    enc = md.chunk_key_encoding
-    if getattr(enc, "name", "default") != "default" or getattr(enc, "separator", "/") != "/":
-        raise InputError(f"{where}: chunk key encoding {enc}; format v1 uses the default 'c/<i>/<j>' keys")
-
-
-def map_rows(files: list[Path], chunk_rows: int, rows: int, dim: int, dtype: np.dtype) -> np.ndarray:
-    """One read-only `[rows, dim]` array over raw chunk files of `chunk_rows` rows each, without copying."""
-    dtype = np.dtype(dtype)
-    if len(files) == 1:
-        return np.memmap(files[0], dtype=dtype, mode="r", shape=(rows, dim))
-    chunk_bytes = chunk_rows * dim * dtype.itemsize
-    stitched = _StitchedMap.create(files, chunk_bytes)
-    if stitched is not None:
-        out = np.asarray(_ArrayView(stitched, (rows, dim), dtype)).view(np.memmap)
-        out.mode, out.filename, out.offset = "r", str(files[0].parent), 0
-        return out
-    # Fallback (no POSIX mmap through libc, or chunks that are not whole pages): read the rows into memory.
-    parts = [np.memmap(f, dtype=dtype, mode="r", shape=(chunk_rows, dim)) for f in files]
-    out = np.concatenate(parts)[:rows]
-    out.setflags(write=False)
-    return out
-
-
-class _ArrayView:
-    """Exposes a mapped address range to numpy (`np.asarray` keeps this object, hence the mapping, alive)."""
-
-    def __init__(self, owner: _StitchedMap, shape: tuple[int, int], dtype: np.dtype) -> None:
-        self._owner = owner
-        self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "data": (owner.address, True), "version": 3}
-
-
-class _StitchedMap:
-    """Chunk files mapped back to back into one reserved address range (unmapped when garbage-collected)."""
-
-    _libc: Any = None
-
-    def __init__(self, address: int, size: int) -> None:
-        self.address, self.size = address, size
-        weakref.finalize(self, self._libc.munmap, ctypes.c_void_p(address), ctypes.c_size_t(size))
-
-    @classmethod
-    def _load_libc(cls) -> Any:
-        if cls._libc is None:
-            if os.name != "posix" or not hasattr(mmap, "MAP_ANONYMOUS"):
-                cls._libc = False
-            else:
-                try:
-                    libc = ctypes.CDLL(None, use_errno=True)
-                    libc.mmap.restype = ctypes.c_void_p
-                    libc.mmap.argtypes = [
-                        ctypes.c_void_p,
-                        ctypes.c_size_t,
-                        ctypes.c_int,
-                        ctypes.c_int,
-                        ctypes.c_int,
-                        ctypes.c_int64,
-                    ]
-                    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-                    libc.munmap.restype = ctypes.c_int
-                    cls._libc = libc
-                except (OSError, AttributeError):
-                    cls._libc = False
-        return cls._libc
-
-    @classmethod
-    def create(cls, files: list[Path], chunk_bytes: int) -> _StitchedMap | None:
-        libc = cls._load_libc()
-        if not libc or chunk_bytes % mmap.PAGESIZE or sys.platform not in ("linux", "darwin"):
-            return None
-        map_fixed = 0x10  # same value on Linux and macOS; not exported by the mmap module
-        size = chunk_bytes * len(files)
-        failed = ctypes.c_void_p(-1).value
-        base = libc.mmap(None, size, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserve, PROT_NONE
-        if base in (None, failed):
-            return None
-        owner = cls(base, size)  # from here on the whole range is unmapped when `owner` dies
-        for i, f in enumerate(files):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                got = libc.mmap(base + i * chunk_bytes, chunk_bytes, mmap.PROT_READ, mmap.MAP_SHARED | map_fixed, fd, 0)
-            finally:
-                os.close(fd)
-            if got != base + i * chunk_bytes:
-                return None  # `owner` is dropped: the reservation and any mapped files are released
-        return owner
+    return map_rows(where, arr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,59 +270,6 @@ def clear_store_dir(path: Path, *, keep: Iterable[str] = ()) -> None:
             shutil.rmtree(e)
         else:
             e.unlink()
-
-
-def remove_partial_files(path: Path) -> None:
-    """Remove files left half-written by a killed writer (`*.partial`, ours and zarr's)."""
-    for f in Path(path).rglob(f"*{_PARTIAL}"):
-        if f.is_file():
-            f.unlink(missing_ok=True)
-
-
-def _fsync_enabled() -> bool:
-    """KDPIPE_FSYNC=0 skips fsync (tests, throwaway runs). Resuming after a killed *process* stays exact
-    without it (written pages outlive the process; renames are atomic); fsync adds safety against an OS
-    crash or power loss."""
-    return os.environ.get("KDPIPE_FSYNC", "1") != "0"
-
-
-def fsync_file(path: Path) -> None:
-    if not _fsync_enabled():
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (POSIX only: elsewhere a directory cannot be opened)."""
-    if os.name == "posix":
-        fsync_file(path)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file and directory under `path` (after zarr wrote metadata, which it does not fsync)."""
-    if not _fsync_enabled():
-        return
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fsync_file(Path(root) / name)
-        fsync_dir(Path(root))
-
-
-def write_file_durably(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` atomically and durably: temp file, fsync, rename, fsync of the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{_PARTIAL}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if _fsync_enabled():
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 _ALIGN_BYTES = 65536  # chunk sizes are multiples of this where possible: whole pages for 4/16/64 KiB pages
@@ -495,19 +310,26 @@ class StoreWriter:
     """
 
     def __init__(self, path: Path | str) -> None:
+        import zarr
+
         self.path = Path(path)
         attrs = read_attrs(self.path)
         if attrs is None or attrs.get("format") != FORMAT:
             raise InputError(f"{self.path}: no feature-store metadata to write into")
         self.dim = int(attrs["dim"])
         self.dtype = np.dtype(attrs["dtype"]).newbyteorder("<")
+        group = zarr.open_group(str(self.path), mode="r+")
+        self._arrays: dict[tuple[str, str], Any] = {}  # (split, array) -> zarr array
         self._shapes: dict[tuple[str, str], tuple[int, int]] = {}  # (split, array) -> (rows, chunk_rows)
         for split in attrs["splits"]:
             for key in (*EMB_ARRAYS, "text_image", "image_id", UNPAIRED_TEXT):
-                if key == UNPAIRED_TEXT and not (self.path / split / key / "zarr.json").is_file():
-                    continue  # optional
-                meta = json.loads((self.path / split / key / "zarr.json").read_text())
-                self._shapes[split, key] = (meta["shape"][0], meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+                if key == UNPAIRED_TEXT and f"{split}/{key}" not in group:
+                    continue  # optional: only stores with texts without an image have it
+                # write_empty_chunks is a runtime setting, not stored: without it zarr would skip (or delete)
+                # a chunk equal to the fill value, and the reader needs every chunk file
+                arr = group[f"{split}/{key}"].with_config({"write_empty_chunks": True})
+                self._arrays[split, key] = arr
+                self._shapes[split, key] = (int(arr.shape[0]), int(arr.chunks[0]))
 
     @classmethod
     def create(
@@ -598,11 +420,12 @@ class StoreWriter:
         return i * cr, min(rows, (i + 1) * cr)
 
     def chunk_path(self, split: str, array: str, i: int) -> Path:
-        return self.path / split / array / "c" / str(i) / "0"
+        return chunk_file(self._arrays[split, array], (i, 0))
 
     # -- data ---------------------------------------------------------------------------------------------
     def write_chunk(self, split: str, array: str, i: int, rows: np.ndarray, *, normalize: bool = True) -> None:
-        """Normalize `rows` (float, [chunk length, D]) in float32, cast, pad, and write chunk i durably.
+        """Normalize `rows` (float, [chunk length, D]) in float32, cast, and write chunk i durably (zarr pads
+        the last chunk with the fill value 0 and renames its temp file into place; the fsync is ours).
 
         normalize=False copies rows that are already normalized and in the store dtype bit for bit."""
         start, stop = self.chunk_range(split, array, i)
@@ -615,18 +438,14 @@ class StoreWriter:
                 f"{split}/{array} row {bad}: the teacher produced non-finite features (NaN or inf); "
                 "with compute_dtype float16 this is an overflow: use bfloat16 or float32"
             )
-        cr = self.chunk_rows(split, array)
-        block = np.zeros((cr, self.dim), dtype=self.dtype)
-        block[: stop - start] = l2_normalize_rows(rows) if normalize else rows
-        write_file_durably(self.chunk_path(split, array, i), memoryview(block).cast("B"))
+        self._arrays[split, array][start:stop] = (l2_normalize_rows(rows) if normalize else rows).astype(self.dtype)
+        f = self.chunk_path(split, array, i)
+        fsync_file(f)
+        fsync_dir(f.parent)
 
-    def read_rows(self, split: str, array: str) -> np.ndarray:
+    def read_rows(self, split: str, array: str) -> np.ndarray | ChunkedRows:
         """The rows written so far of an embedding array, memory-mapped (unwritten chunks must not be read)."""
-        rows, cr = self._shapes[split, array]
-        if rows == 0:
-            return np.empty((0, self.dim), dtype=self.dtype)
-        files = [self.chunk_path(split, array, i) for i in range(self.n_chunks(split, array))]
-        return map_rows(files, cr, rows, self.dim, self.dtype)
+        return map_rows(f"{self.path}: {split}/{array}", self._arrays[split, array])
 
     def write_text_image(self, split: str, text_image: np.ndarray) -> None:
         self._write_small(split, "text_image", np.asarray(text_image, dtype=np.int32))
@@ -636,26 +455,27 @@ class StoreWriter:
         self._write_small(split, "image_id", np.array(ids, dtype=np.dtypes.StringDType()))
 
     def _write_small(self, split: str, key: str, values: np.ndarray) -> None:
-        import zarr
-
         if values.shape != (self.rows(split, key),):
             raise ValueError(f"{split}/{key}: got {values.shape}, expected ({self.rows(split, key)},)")
         if len(values):
-            arr = zarr.open_array(str(self.path / split / key), mode="r+")
-            arr[...] = values
+            self._arrays[split, key][...] = values
         fsync_tree(self.path / split / key)
 
     def attrs(self) -> dict[str, Any]:
         return read_attrs(self.path) or {}
 
     def set_attrs(self, **updates: Any) -> None:
-        """Update group attrs atomically (temp file + rename, then fsync); `complete=True` goes last."""
-        doc = json.loads((self.path / "zarr.json").read_text())
-        doc["attributes"] = {**doc["attributes"], **_jsonable(updates)}
-        write_file_durably(self.path / "zarr.json", (json.dumps(doc, indent=2, ensure_ascii=False)).encode())
+        """Update group attrs atomically (zarr writes temp + rename; we fsync); `complete=True` goes last."""
+        import zarr
+
+        # opened afresh: zarr rewrites the whole metadata from its cached copy, which another process
+        # (an extract rank) may have updated since this writer was made
+        zarr.open_group(str(self.path), mode="r+").attrs.update(jsonable(updates))
+        fsync_file(self.path / "zarr.json")
+        fsync_dir(self.path)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON values (tuples -> lists, numpy scalars -> Python, Paths -> str)."""
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
@@ -703,9 +523,7 @@ def write_store(
         raise ValueError(f"write_store: splits have different dims {sorted(dims)}")
     dim = dims.pop()
     attrs = {"teacher": teacher, "dataset": dataset, "skipped_images": [], **(extra_attrs or {})}
-    writer = StoreWriter.create(
-        path, layout=layout, dim=dim, dtype=dtype, chunk_rows=chunk_rows, attrs=_jsonable(attrs)
-    )
+    writer = StoreWriter.create(path, layout=layout, dim=dim, dtype=dtype, chunk_rows=chunk_rows, attrs=jsonable(attrs))
     for name, s in splits.items():
         for key in (*EMB_ARRAYS, UNPAIRED_TEXT):
             if writer.rows(name, key) == 0:
@@ -731,6 +549,6 @@ __all__ = [
     "write_store",
     "read_attrs",
     "l2_normalize_rows",
-    "map_rows",
+    "jsonable",
     "chunk_len",
 ]

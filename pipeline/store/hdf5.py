@@ -19,7 +19,6 @@ source already is a normalized store of the same dtype, whose rows are copied bi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,14 @@ import numpy as np
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
+from pipeline.store.durable import atomic_path, fsync_tree
 from pipeline.store.features import (
     DEFAULT_CHUNK_ROWS,
     EMB_ARRAYS,
     STORE_DTYPES,
     UNPAIRED_TEXT,
     StoreWriter,
-    _jsonable,
-    fsync_tree,
+    jsonable,
     open_store,
     write_store,
 )
@@ -49,9 +48,7 @@ def export_hdf5(store_path: Path | str, h5_path: Path | str) -> Path:
 
     store = open_store(store_path)
     h5_path = Path(h5_path)
-    h5_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = h5_path.with_name(h5_path.name + ".partial")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["kdpipe_attrs"] = json.dumps(store.attrs, ensure_ascii=False)
         f.attrs["hdf5_format"] = HDF5_FORMAT
         for key, value in store.attrs.items():
@@ -73,7 +70,6 @@ def export_hdf5(store_path: Path | str, h5_path: Path | str) -> Path:
             g.create_dataset(
                 "image_id", data=np.array(sp.image_id.tolist(), dtype=object), dtype=h5py.string_dtype("utf-8")
             )
-    os.replace(tmp, h5_path)
     return h5_path
 
 
@@ -173,7 +169,7 @@ def import_hdf5(
             dim=dim,
             dtype=dtype,
             chunk_rows=chunk_rows,
-            attrs=_jsonable({"teacher": teacher, "dataset": dataset, **extra}),
+            attrs=jsonable({"teacher": teacher, "dataset": dataset, **extra}),
         )
         for name, (img, txt, text_image, ids) in src.items():
             for key, ds in (("image_emb", img), ("text_emb", txt), (UNPAIRED_TEXT, unpaired[name])):

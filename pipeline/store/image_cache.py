@@ -10,7 +10,8 @@ images.zarr/
   <split>/images   uint8 [N, H, W, 3], rows in the index order of that split
 ```
 
-Each `<split>/images` array is ONE shard (one file, `c/0/0/0/0`) of uncompressed inner chunks of C images
+Each `<split>/images` array is ONE shard (one file, `c/0/0/0/0` by zarr's default chunk-key encoding) of
+uncompressed inner chunks of C images
 (`sharding_indexed` codec, inner codec `bytes`, index codec `bytes` without checksum, index at the end).
 The inner chunks are written back to back from offset 0, so the file begins with the N images as raw
 row-major bytes and `np.memmap` maps the whole split as one [N, H, W, 3] array without a copy; zarr reads
@@ -19,7 +20,9 @@ per-file hashing cheap. `split()` checks the shard index before mapping, so a st
 laid out back to back (e.g. rewritten by another tool) is refused instead of being misread.
 
 Writers build the store in a hidden temp directory next to `path`, set `complete = true` last and then
-rename it into place: a crash never leaves something at `path` that looks finished.
+rename it into place: a crash never leaves something at `path` that looks finished. Metadata and attributes
+go through zarr; the shard's rows are written in parts by many processes and its index by hand, which zarr
+cannot do (`chunk_files`: one shard is written by zarr only whole).
 """
 
 from __future__ import annotations
@@ -33,18 +36,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.store.chunk_files import SHARD_INDEX_ENTRY, check_shard_index, chunk_file, shard_index
+from pipeline.store.durable import fsync_tree, replace_dir
 
 IMAGES_FORMAT = "kdpipe-images"
 IMAGES_VERSION = 1
 DEFAULT_CHUNK_IMAGES = 256
 SPLIT_ARRAY = "images"  # <split>/images
-_SHARD_KEY = ("c", "0", "0", "0", "0")  # the one shard of a 4-d array chunked along N only
-_INDEX_ENTRY = 16  # (offset, nbytes) as two little-endian uint64 per inner chunk
-
-
-def shard_path(store: Path, split: str) -> Path:
-    """The data file of a split: raw images from offset 0, then the shard index."""
-    return Path(store, split, SPLIT_ARRAY, *_SHARD_KEY)
+_DATA_FILE = "rows.data"  # a split's rows while the builder fills them; becomes the shard file at publish
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -84,30 +83,18 @@ class ImageCache:
         if arr.dtype != np.uint8 or len(shape) != 4 or shape[1:] != (h, w, 3):
             raise InputError(f"{where}: expected uint8 [N, {h}, {w}, 3], found {arr.dtype} {list(shape)}")
         n = shape[0]
-        layout = _shard_layout(arr.metadata)
-        if layout is None or arr.metadata.chunk_grid.chunk_shape[0] < n:
+        inner = _shard_layout(arr.metadata)
+        if inner is None or arr.metadata.chunk_grid.chunk_shape[0] < n:
             raise InputError(f"{where}: not a kdpipe image array (expected one shard of uncompressed inner chunks)")
-        inner = layout
         chunk_bytes = inner * h * w * 3
-        n_chunks = -(-n // inner)
-        path = shard_path(self.path, name)
+        path = chunk_file(arr, (0, 0, 0, 0))
         if not path.is_file():
             raise InputError(f"{where}: shard file {path} is missing")
-        size = path.stat().st_size
         outer_chunks = arr.metadata.chunk_grid.chunk_shape[0] // inner
-        index_bytes = outer_chunks * _INDEX_ENTRY
-        if size != outer_chunks * chunk_bytes + index_bytes:
-            expected_size = outer_chunks * chunk_bytes + index_bytes
-            raise InputError(f"{where}: shard file has {size} bytes, expected {expected_size}")
-        index = np.fromfile(path, dtype="<u8", count=outer_chunks * 2, offset=size - index_bytes).reshape(-1, 2)
-        expected = np.stack(
-            [
-                np.arange(outer_chunks, dtype=np.uint64) * chunk_bytes,
-                np.full(outer_chunks, chunk_bytes, dtype=np.uint64),
-            ],
-            axis=1,
-        )
-        if not np.array_equal(index[:n_chunks], expected[:n_chunks]):
+        expected_size = outer_chunks * (chunk_bytes + SHARD_INDEX_ENTRY)
+        if path.stat().st_size != expected_size:
+            raise InputError(f"{where}: shard file has {path.stat().st_size} bytes, expected {expected_size}")
+        if not check_shard_index(path, outer_chunks, chunk_bytes, used_chunks=-(-n // inner)):
             raise InputError(f"{where}: inner chunks are not stored back to back from offset 0; cannot memory-map")
         return np.memmap(path, dtype=np.uint8, mode="r", shape=(n, h, w, 3))
 
@@ -199,7 +186,7 @@ class CacheBuilder:
         return -(-n // self.chunk_images) * self.chunk_images
 
     def data_file(self, split: str) -> Path:
-        return shard_path(self.tmp, split)
+        return self.tmp / split / SPLIT_ARRAY / _DATA_FILE
 
     def allocate(self, split: str, n: int) -> Path:
         if n < 1:
@@ -264,17 +251,10 @@ class CacheBuilder:
         for split in splits:
             n = self.sizes[split]
             outer = self._padded(n)
-            n_chunks = outer // self.chunk_images
-            chunk_bytes = self.chunk_images * self.image_bytes
             f = self.data_file(split)
             if f.stat().st_size != outer * self.image_bytes:
                 raise RuntimeError(f"{f}: data file has the wrong size")  # a bug in the writer, not user input
-            index = np.stack(
-                [np.arange(n_chunks, dtype="<u8") * chunk_bytes, np.full(n_chunks, chunk_bytes, dtype="<u8")], axis=1
-            )
-            with open(f, "ab") as fh:
-                fh.write(index.astype("<u8").tobytes())
-            group.create_array(
+            arr = group.create_array(
                 f"{split}/{SPLIT_ARRAY}",
                 shape=(n, h, w, 3),
                 dtype="uint8",
@@ -287,8 +267,14 @@ class CacheBuilder:
                 fill_value=0,
                 dimension_names=["image", "y", "x", "rgb"],
             )
+            with open(f, "ab") as fh:
+                fh.write(shard_index(outer // self.chunk_images, self.chunk_images * self.image_bytes))
+            shard = chunk_file(arr, (0, 0, 0, 0))
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, shard)
         group.attrs["complete"] = True  # last write inside the temp dir; the rename below publishes it
-        _replace_dir(self.tmp, self.path)
+        fsync_tree(self.tmp)
+        replace_dir(self.tmp, self.path)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -302,17 +288,6 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(rows)]])
     return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory src to dst, replacing dst; at no moment does dst hold a partial directory."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temp(path: Path | str) -> None:

@@ -42,6 +42,7 @@ thread. Everything runs under `torch.inference_mode()`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -64,22 +65,21 @@ from pipeline.data.exif import orientation, upright
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
-from pipeline.progress import info, progress
+from pipeline.progress import progress
+from pipeline.store.durable import fsync_dir, fsync_tree, remove_partial_files, write_file_durably
 from pipeline.store.features import (
     FORMAT,
     UNPAIRED_TEXT,
     StoreWriter,
-    _jsonable,
     chunk_len,
     clear_store_dir,
-    fsync_dir,
-    fsync_tree,
     is_feature_store_dir,
+    jsonable,
     read_attrs,
-    remove_partial_files,
-    write_file_durably,
 )
 from pipeline.teachers import Teacher, TeacherConfig, build_teacher
+
+log = logging.getLogger(__name__)
 
 WORK_DIR = ".extract"  # progress records inside the store while it is being written; deleted at the end
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -397,7 +397,7 @@ def _run(
     fresh: bool,
     t0: float,
 ) -> ExtractResult:
-    identity = _jsonable(
+    identity = jsonable(
         {
             "dim": int(teacher.dim),
             "dtype": cfg.store_dtype,
@@ -417,7 +417,7 @@ def _run(
     if dist.rank == 0:
         message, restart_reason = _prepare(out, identity, views, cfg, fresh)
         if message:
-            info(f"{out}: {message}")
+            log.info(f"{out}: {message}")
     dist.barrier()  # the store exists (fresh or resumable) before anyone reads it
 
     writer = StoreWriter(out)

@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline.config import from_dict, to_dict
 from pipeline.errors import InputError
+from pipeline.store.durable import atomic_path, fsync_tree, replace_dir, write_text_durably
 from pipeline.towers.image import ImageTower, ImageTowerConfig, build_image_tower
 from pipeline.towers.text import HFTextTower, TextTowerConfig, build_text_tower
 
@@ -124,8 +125,8 @@ def build_student(cfg: StudentConfig, dim: int) -> DualEncoderStudent:
 def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
     """Write the exported student into `directory` (other files there, e.g. checkpoints/, are kept).
 
-    Each piece is written under a temporary name and renamed, and student_config.json goes last, so an
-    interrupted save never leaves a config next to mismatched weights."""
+    Each piece is written under a temporary name, fsync'd and renamed, and student_config.json goes last, so
+    an interrupted save never leaves a config next to mismatched weights."""
     from safetensors.torch import save_file
     from transformers.utils import logging as hf_logging
 
@@ -138,11 +139,11 @@ def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
         tmp = directory / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tower.save(tmp)
-        shutil.rmtree(directory / name, ignore_errors=True)
-        tmp.rename(directory / name)
+        fsync_tree(tmp)
+        replace_dir(tmp, directory / name)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / ".model.safetensors.tmp"), metadata={"format": "pt"})
-    (directory / ".model.safetensors.tmp").replace(directory / "model.safetensors")
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     meta = {
         "format": STUDENT_FORMAT,
         "version": STUDENT_VERSION,
@@ -158,8 +159,7 @@ def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
         "text": {"max_tokens": model.text_tower.max_tokens, "pooling": model.config.text.pooling},
         "usage": "image: normalize(image_proj(pool(image_tower(x)))); text: normalize(text_proj(pool(text_tower(t))))",
     }
-    (directory / ".student_config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    (directory / ".student_config.json.tmp").replace(directory / "student_config.json")
+    write_text_durably(directory / "student_config.json", json.dumps(meta, indent=2) + "\n")
 
 
 def load_student(directory: Path | str, device: str | torch.device = "cpu") -> DualEncoderStudent:

@@ -1,0 +1,106 @@
+"""Atomic, durable writes: the one helper every writer of kdpipe goes through.
+
+A file is written to a temp name beside its target, flushed and fsync'd, renamed over the target (atomic on
+POSIX and Windows), and the directory is fsync'd so that the rename itself survives a crash. Readers therefore
+see the old file or the new one, never a half-written one, and a killed writer leaves at most a `*.partial`
+file, which `remove_partial_files` deletes (zarr's LocalStore names its own temp files the same way).
+
+    write_file_durably(path, data)             # bytes
+    with atomic_path(path) as tmp:             # anything that writes to a path: torch.save, h5py, PIL, ...
+        torch.save(blob, tmp)
+
+zarr writes its chunk and metadata files atomically (temp + rename) but never fsyncs them: `fsync_file`,
+`fsync_dir` and `fsync_tree` add that after zarr wrote.
+
+KDPIPE_FSYNC=0 skips every fsync (tests, throwaway runs). Resuming after a killed *process* stays exact without
+it (written pages outlive the process; renames are atomic); fsync adds safety against an OS crash or power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+PARTIAL = ".partial"  # suffix of files being written (ours and zarr's)
+
+
+def fsync_enabled() -> bool:
+    return os.environ.get("KDPIPE_FSYNC", "1") != "0"
+
+
+def fsync_file(path: Path | str) -> None:
+    if not fsync_enabled():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make a rename or a new file in `path` durable (POSIX only: elsewhere a directory cannot be opened)."""
+    if os.name == "posix":
+        fsync_file(path)
+
+
+def fsync_tree(path: Path | str) -> None:
+    """fsync every file and directory under `path` (after zarr wrote there, which it does not fsync)."""
+    if not fsync_enabled():
+        return
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fsync_file(Path(root) / name)
+        fsync_dir(Path(root))
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yields a temp path beside `path`; when the block ends without an error the temp file is fsync'd and
+    renamed over `path` (then the directory is fsync'd). On an error the temp file is removed, `path` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # pid + random part: concurrent writers of one target (extract ranks) never share a temp file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_file_durably(path: Path | str, data: bytes | memoryview) -> None:
+    """Write `data` to `path` atomically and durably."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_text_durably(path: Path | str, text: str) -> None:
+    write_file_durably(path, text.encode("utf-8"))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory `src` (complete and fsync'd by the caller) to `dst`, replacing `dst`; at no moment does
+    `dst` hold a partial directory (the old one is moved aside first, then deleted)."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial_files(path: Path | str) -> None:
+    """Remove files left half-written under `path` by a killed writer (`*.partial`, ours and zarr's)."""
+    for f in Path(path).rglob(f"*{PARTIAL}"):
+        if f.is_file():
+            f.unlink(missing_ok=True)

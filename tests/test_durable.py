@@ -1,0 +1,58 @@
+"""The one durable-write helper: atomic replacement, no debris on failure, fsync exactly when enabled."""
+
+import os
+
+import pytest
+
+from pipeline.store import durable
+from pipeline.store.durable import atomic_path, remove_partial_files, replace_dir, write_file_durably
+
+
+def test_write_replaces_atomically_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    write_file_durably(target, b"old")
+    write_file_durably(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_debris(tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"good")
+    with pytest.raises(RuntimeError, match="killed"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.bin"]
+
+
+def test_fsync_follows_kdpipe_fsync(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: calls.append(fd))
+    monkeypatch.setenv("KDPIPE_FSYNC", "1")
+    write_file_durably(tmp_path / "a", b"x")
+    assert len(calls) == (2 if os.name == "posix" else 1)  # the file, then its directory (the rename)
+    calls.clear()
+    monkeypatch.setenv("KDPIPE_FSYNC", "0")
+    write_file_durably(tmp_path / "b", b"x")
+    assert calls == []
+
+
+def test_replace_dir_swaps_whole_directories(tmp_path):
+    old, new = tmp_path / "plots", tmp_path / ".plots.tmp"
+    old.mkdir()
+    (old / "stale.png").write_bytes(b"1")
+    new.mkdir()
+    (new / "fresh.png").write_bytes(b"2")
+    replace_dir(new, old)
+    assert [p.name for p in old.iterdir()] == ["fresh.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["plots"]
+
+
+def test_remove_partial_files_removes_ours_and_zarrs(tmp_path):
+    (tmp_path / "c" / "0").mkdir(parents=True)
+    (tmp_path / "c" / "0" / "0.3f2a.partial").write_bytes(b"")  # zarr's LocalStore temp name
+    (tmp_path / ".zarr.json.12-ab.partial").write_bytes(b"")  # ours
+    (tmp_path / "zarr.json").write_bytes(b"{}")
+    remove_partial_files(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["zarr.json"]
