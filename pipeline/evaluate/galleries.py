@@ -77,28 +77,33 @@ def group_metrics(ranks: RetrievalRanks, text_image: np.ndarray, groups: dict[st
     return out
 
 
-def chance_metrics(text_image: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, float]:
-    """Expected R@K (percent) and RSUM of a uniformly random ranking of each query's gallery.
+def chance_curves(text_image: np.ndarray, groups: dict[str, np.ndarray], ks: Any) -> dict[str, np.ndarray]:
+    """Expected recall@K (percent) of a uniformly random ranking of each query's gallery, for each K in ks:
+    {"i2t": [len(ks)], "t2i": [len(ks)]}.
 
     t2i: a caption's image is among the first K of its group's N_g images with probability min(K, N_g) / N_g.
     i2t: an image with c captions among its group's M_g finds none of them in the first K with probability
     C(M_g - c, K) / C(M_g, K) (K of M_g drawn without replacement)."""
     ti = np.asarray(text_image, dtype=np.int64)
     per_image = np.bincount(ti, minlength=int(ti.max()) + 1 if len(ti) else 0)
-    i2t = {k: 0.0 for k in RECALL_KS}
-    t2i = {k: 0.0 for k in RECALL_KS}
+    i2t, t2i = np.zeros(len(ks)), np.zeros(len(ks))
     for rows in groups.values():
         n_g = len(rows)
         c = per_image[rows]
         m_g = int(c.sum())
-        for k in RECALL_KS:
+        for j, k in enumerate(ks):
             kk = min(k, m_g)  # a gallery smaller than K: every caption is within K
-            i2t[k] += sum(1.0 - comb(m_g - int(ci), kk) / comb(m_g, kk) for ci in c)
-            t2i[k] += m_g * min(k, n_g) / n_g
-    out = {f"i2t_r{k}": 100.0 * i2t[k] / len(per_image) for k in RECALL_KS}
-    out.update({f"t2i_r{k}": 100.0 * t2i[k] / len(ti) for k in RECALL_KS})
+            i2t[j] += sum(1.0 - comb(m_g - int(ci), kk) / comb(m_g, kk) for ci in c)
+            t2i[j] += m_g * min(k, n_g) / n_g
+    return {"i2t": 100.0 * i2t / len(per_image), "t2i": 100.0 * t2i / len(ti)}
+
+
+def chance_metrics(text_image: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, float]:
+    """R@1/5/10 per direction and RSUM of a random ranking (chance_curves at K = 1, 5, 10)."""
+    curves = chance_curves(text_image, groups, RECALL_KS)
+    out = {f"{d}_r{k}": float(curves[d][j]) for d in ("i2t", "t2i") for j, k in enumerate(RECALL_KS)}
     out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))
     return out
 
 
-__all__ = ["GalleryMode", "image_groups", "grouped_ranks", "group_metrics", "chance_metrics"]
+__all__ = ["GalleryMode", "image_groups", "grouped_ranks", "group_metrics", "chance_curves", "chance_metrics"]
