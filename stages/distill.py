@@ -26,7 +26,6 @@ from stages._common import (
     is_main_process,
     load_raw,
     run_stage,
-    save_resolved,
 )
 
 
@@ -47,7 +46,7 @@ def command(
     seed: int = typer.Option(None, "--seed", help="The seed of the --variant run (one of distill.runs.seeds)."),
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
-    from pipeline.config import from_dict
+    from pipeline.config import from_dict, write_resolved
     from pipeline.data.index import DatasetIndex
     from pipeline.distill.run import DistillConfig, run_distill
     from pipeline.distill.runs import run_name, split_runs, variant_section
@@ -80,7 +79,8 @@ def command(
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         if is_main_process():
-            save_resolved(cfg, paths, f"distill-{run}" if run else "distill")
+            # one file per run (distill-VARIANT-sSEED.yaml), each under the section name `distill`
+            write_resolved(cfg, paths.resolved_config(f"distill-{run}" if run else "distill"), "distill")
         result = run_distill(
             cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume
         )

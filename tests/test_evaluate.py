@@ -160,7 +160,7 @@ def workdir(tmp_path, tokenizer_dir) -> ArtifactPaths:
     for split, n in (("train", 6), ("test", 11)):
         for i in range(n):
             row = len(images)
-            images.append((f"{split}{i}.jpg", f"{split}{i}.jpg", split))
+            images.append((f"{'ab'[i % 2]}/{split}{i}.jpg", f"{split}{i}.jpg", split))  # two styles, a/ and b/
             for _ in range(int(rng.choice([1, 3, 7]))):
                 captions.append((" ".join(rng.choice(WORDS, size=int(rng.integers(2, 8)))), row))
     index = DatasetIndex.from_lists("toy", tmp_path / "data", images, captions)
@@ -265,6 +265,48 @@ def test_run_evaluate_teacher_and_students(workdir):
     assert table == out.table and "| teacher |" in table and "| student |" in table and "| chance |" in table
     assert f"| {iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f}) |" in table and "speed-up" in table
     assert "RSUM" in out.summary()
+
+
+def test_several_seeds_and_per_style_galleries(workdir):
+    """Models given as runs (one with two seeds), galleries by directory: seed means, per-seed figures, the
+    interval on seed-averaged redraws, per-group and pooled metrics against a per-group naive ranking."""
+    from pipeline.evaluate.bootstrap import paired_bootstrap, resample_counts
+    from pipeline.evaluate.galleries import chance_metrics
+
+    paths = workdir
+    cfg = EvaluateConfig(device="cpu", batch_size=4, latency=False, gallery="by_directory", bootstrap_resamples=300)
+    out = run_evaluate(paths, cfg, runs={"two": ["student", "baseline"], "one": ["baseline"]}, reference="one")
+    doc = out.document
+    s = open_store(paths.features).split("test")
+    ti = np.asarray(s.text_image)
+    groups = {g: np.flatnonzero([i.startswith(g + "/") for i in s.image_id]) for g in ("a", "b")}
+    # teacher: each group ranked alone (naive: retrieval_ranks on the group's rows), pooled = all queries
+    i2t, t2i = np.zeros(11, dtype=np.int64), np.zeros(len(ti), dtype=np.int64)
+    for g, rows in groups.items():
+        caps = np.flatnonzero(np.isin(ti, rows))
+        local = np.searchsorted(rows, ti[caps])
+        r = retrieval_ranks(np.asarray(s.image_emb)[rows], np.asarray(s.text_emb)[caps], local)
+        i2t[rows], t2i[caps] = r.i2t, r.t2i
+        group = with_average(recall_metrics(r))
+        assert doc["teacher"]["groups"][g] == {k: group[k] for k in doc["teacher"]["groups"][g]}
+    pooled = with_average(recall_metrics(RetrievalRanks(i2t, t2i)))
+    assert {k: doc["teacher"][k] for k in pooled} == pooled
+    assert doc["chance"]["rsum"] == chance_metrics(ti, groups)["rsum"]
+    # seeds: the mean, the spread, each seed as evaluated alone
+    two = doc["two"]
+    assert list(two["seeds"]) == ["student", "baseline"]
+    assert two["rsum"] == pytest.approx(np.mean([two["seeds"][r]["rsum"] for r in ("student", "baseline")]))
+    assert two["rsum_sd"] == pytest.approx(np.std([two["seeds"][r]["rsum"] for r in ("student", "baseline")], ddof=1))
+    assert two["seeds"]["baseline"]["rsum"] == doc["one"]["rsum"]
+    # the interval: seed-averaged ranks of `two` vs `one` on the redraws every model shares
+    ranks = np.load(paths.workdir / "ranks.npz")
+    runs = {n: RetrievalRanks(ranks[f"{n}_i2t"], ranks[f"{n}_t2i"]) for n in ("student", "baseline")}
+    counts = resample_counts(11, 300, 0)
+    want = paired_bootstrap([runs["student"], runs["baseline"]], [runs["baseline"]], ti, counts=counts)
+    assert two["vs_one"]["rsum"] == want["rsum"].as_dict()
+    assert "vs_one" not in doc["one"] and out.run_info["groups"] == {"a": 6, "b": 5}
+    table = (paths.workdir / "metrics.md").read_text()
+    assert "| RSUM per gallery | a | b |" in table and "| two |" in table and "| 2 (" in table
 
 
 def test_teacher_latency_is_null_with_a_reason(workdir):
