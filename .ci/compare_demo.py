@@ -119,8 +119,8 @@ def check_claims(old_m: dict, new_m: dict, failures: list[str]) -> None:
                         f"metrics: {model} {key} {new_m[model][key]} is not above the baseline's "
                         f"{baseline[key]} by {CROSS_MACHINE['min_agreement_gap']}"
                     )
-        old_iv = old_m.get(model, {}).get("vs_baseline", {}).get("rsum")
-        new_iv = new_m[model].get("vs_baseline", {}).get("rsum")
+        old_iv = old_m.get(model, {}).get("rsum_vs_baseline")
+        new_iv = new_m[model].get("rsum_vs_baseline")
         if old_iv and old_iv["low"] > 0 and not (new_iv and new_iv["low"] > 0):
             shown = f"{new_iv['low']:.1f} .. {new_iv['high']:.1f}" if new_iv else "none"
             failures.append(f"metrics: {model} RSUM - baseline 95% interval is no longer above 0 ({shown})")
@@ -141,7 +141,7 @@ def compare_readme(readme: str, metrics: dict, failures: list[str]) -> None:
         cells = [c.strip() for c in lines[0][len(prefix) :].strip().strip("|").split("|")]
         shown = cells[: len(RECALLS) + 2]
         expected = [f"{metrics[model][k]:.1f}" for k in (*RECALLS, "rsum", "average_score")]
-        iv = metrics[model].get("vs_baseline", {}).get("rsum")
+        iv = metrics[model].get("rsum_vs_baseline")
         if iv:
             shown.append(cells[len(RECALLS) + 2] if len(cells) > len(RECALLS) + 2 else "")
             expected.append(f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})")

@@ -216,19 +216,21 @@ def test_run_evaluate_teacher_and_students(workdir):
     ]
     s = open_store(paths.features).split("test")
     assert (doc["dataset"], doc["split"], doc["n_images"], doc["n_captions"]) == ("toy", "test", 11, s.n_captions)
-    assert list(doc["teacher"]) == [*MODEL_KEYS, "vs_baseline"]
-    assert list(doc["student"]) == [*MODEL_KEYS, "teacher_cos_image", "teacher_cos_text", "vs_baseline"]
+    assert list(doc["teacher"]) == [*MODEL_KEYS, "rsum_vs_baseline"]
+    assert list(doc["student"]) == [*MODEL_KEYS, "teacher_cos_image", "teacher_cos_text", "rsum_vs_baseline"]
     assert list(doc["baseline"]) == [*MODEL_KEYS, "teacher_cos_image", "teacher_cos_text"]  # the reference
     for m in ("student", "baseline"):  # students also report their agreement with the teacher
         assert all(-1.0 <= doc[m][k] <= 1.0 for k in ("teacher_cos_image", "teacher_cos_text"))
-    teacher = {k: v for k, v in doc["teacher"].items() if k != "vs_baseline"}
+    teacher = {k: v for k, v in doc["teacher"].items() if k != "rsum_vs_baseline"}
     assert teacher == with_average(recall_metrics(retrieval_ranks(s.image_emb, s.text_emb, s.text_image)))
     for m in ("student", "baseline"):
-        recalls = {k: v for k, v in doc[m].items() if not k.startswith(("teacher_cos", "vs_"))}
+        recalls = {k: v for k, v in doc[m].items() if not k.startswith(("teacher_cos", "rsum_vs_"))}
         assert recalls == pytest.approx(expected_student_metrics(paths, m), abs=1e-9)
     assert doc["student"] != doc["baseline"]  # two different models
     # each model's difference to the baseline: the point estimate is the plain difference
-    iv = doc["student"]["vs_baseline"]["rsum"]
+    iv = doc["student"]["rsum_vs_baseline"]
+    assert out.detail["student"]["vs_baseline"]["rsum"] == iv and set(out.detail) == {"teacher", "student"}
+    assert json.loads((paths.workdir / "metrics_detail.json").read_text()) == out.detail
     assert iv["diff"] == pytest.approx(doc["student"]["rsum"] - doc["baseline"]["rsum"], abs=1e-9)
     assert iv["low"] <= iv["diff"] <= iv["high"]
     assert doc["chance"]["t2i_r1"] == pytest.approx(100 / 11) and doc["chance"]["t2i_r10"] == pytest.approx(1000 / 11)
@@ -276,7 +278,7 @@ def test_several_seeds_and_per_style_galleries(workdir):
     paths = workdir
     cfg = EvaluateConfig(device="cpu", batch_size=4, latency=False, gallery="by_directory", bootstrap_resamples=300)
     out = run_evaluate(paths, cfg, runs={"two": ["student", "baseline"], "one": ["baseline"]}, reference="one")
-    doc = out.document
+    doc, detail = out.document, out.detail
     s = open_store(paths.features).split("test")
     ti = np.asarray(s.text_image)
     groups = {g: np.flatnonzero([i.startswith(g + "/") for i in s.image_id]) for g in ("a", "b")}
@@ -288,23 +290,24 @@ def test_several_seeds_and_per_style_galleries(workdir):
         r = retrieval_ranks(np.asarray(s.image_emb)[rows], np.asarray(s.text_emb)[caps], local)
         i2t[rows], t2i[caps] = r.i2t, r.t2i
         group = with_average(recall_metrics(r))
-        assert doc["teacher"]["groups"][g] == {k: group[k] for k in doc["teacher"]["groups"][g]}
+        assert detail["teacher"]["groups"][g] == {k: group[k] for k in detail["teacher"]["groups"][g]}
     pooled = with_average(recall_metrics(RetrievalRanks(i2t, t2i)))
     assert {k: doc["teacher"][k] for k in pooled} == pooled
     assert doc["chance"]["rsum"] == chance_metrics(ti, groups)["rsum"]
     # seeds: the mean, the spread, each seed as evaluated alone
-    two = doc["two"]
-    assert list(two["seeds"]) == ["student", "baseline"]
-    assert two["rsum"] == pytest.approx(np.mean([two["seeds"][r]["rsum"] for r in ("student", "baseline")]))
-    assert two["rsum_sd"] == pytest.approx(np.std([two["seeds"][r]["rsum"] for r in ("student", "baseline")], ddof=1))
-    assert two["seeds"]["baseline"]["rsum"] == doc["one"]["rsum"]
+    two, seeds = doc["two"], detail["two"]["seeds"]
+    assert list(seeds) == ["student", "baseline"] and "seeds" not in two and "groups" not in two
+    assert two["rsum"] == pytest.approx(np.mean([seeds[r]["rsum"] for r in ("student", "baseline")]))
+    assert two["rsum_sd"] == pytest.approx(np.std([seeds[r]["rsum"] for r in ("student", "baseline")], ddof=1))
+    assert seeds["baseline"]["rsum"] == doc["one"]["rsum"]
     # the interval: seed-averaged ranks of `two` vs `one` on the redraws every model shares
     ranks = np.load(paths.workdir / "ranks.npz")
     runs = {n: RetrievalRanks(ranks[f"{n}_i2t"], ranks[f"{n}_t2i"]) for n in ("student", "baseline")}
     counts = resample_counts(11, 300, 0)
     want = paired_bootstrap([runs["student"], runs["baseline"]], [runs["baseline"]], ti, counts=counts)
-    assert two["vs_one"]["rsum"] == want["rsum"].as_dict()
-    assert "vs_one" not in doc["one"] and out.run_info["groups"] == {"a": 6, "b": 5}
+    assert two["rsum_vs_one"] == want["rsum"].as_dict() == detail["two"]["vs_one"]["rsum"]
+    assert detail["two"]["vs_one"]["t2i_r1"] == want["t2i_r1"].as_dict()
+    assert "rsum_vs_one" not in doc["one"] and out.run_info["groups"] == {"a": 6, "b": 5}
     table = (paths.workdir / "metrics.md").read_text()
     assert "| RSUM per gallery | a | b |" in table and "| two |" in table and "| 2 (" in table
 
@@ -321,7 +324,7 @@ def test_teacher_latency_is_null_with_a_reason(workdir):
     assert "baseline" not in doc and doc["latency"]["teacher"] is None and "speedup" not in doc["latency"]
     assert "not available: extract.teacher.beit3.checkpoint" in out.run_info["latency_method"]["teacher_reason"]
     assert doc["params"]["teacher"] is None and doc["latency"]["student"]["image_s"] > 0
-    assert "vs_baseline" not in doc["student"] and out.run_info["bootstrap"]["reference"] is None
+    assert "rsum_vs_baseline" not in doc["student"] and out.run_info["bootstrap"]["reference"] is None
     other = run_evaluate(paths, cfg, teacher_factory=lambda d, t: ModuleTeacher(seed=5))
     assert other.document["latency"]["teacher"] is None
     assert "not the one that computed" in other.run_info["latency_method"]["teacher_reason"]

@@ -164,10 +164,11 @@ def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
     assert [k for k, v in metrics.items() if isinstance(v, dict) and "rsum" in v] == [
         *("teacher", "student_pairs", "baseline", "chance")
     ]
-    pairs = metrics["student_pairs"]
-    assert list(pairs["seeds"]) == ["student_pairs-s0", "student_pairs-s1"]
-    assert pairs["rsum"] == pytest.approx(np.mean([s["rsum"] for s in pairs["seeds"].values()]))
-    assert pairs["vs_baseline"]["rsum"]["diff"] == pytest.approx(pairs["rsum"] - metrics["baseline"]["rsum"])
+    pairs, seeds = metrics["student_pairs"], json.loads((work / "metrics_detail.json").read_text())
+    seeds = seeds["student_pairs"]["seeds"]
+    assert list(seeds) == ["student_pairs-s0", "student_pairs-s1"]
+    assert pairs["rsum"] == pytest.approx(np.mean([s["rsum"] for s in seeds.values()]))
+    assert pairs["rsum_vs_baseline"]["diff"] == pytest.approx(pairs["rsum"] - metrics["baseline"]["rsum"])
     assert "environment" not in metrics and "environment" in json.loads((work / "run_info.json").read_text())
     ranks = np.load(work / "ranks.npz")
     assert {"teacher_i2t", "student_pairs-s0_i2t", "student_pairs-s1_t2i", "baseline-s1_i2t"} <= set(ranks.files)

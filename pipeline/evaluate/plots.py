@@ -1,6 +1,7 @@
 """The evaluate stage's report: recall@K curves (PNG and DVC plots data), the Markdown table, per-query ranks.
 
 <workdir>/
+  metrics_detail.json  (written by run.py beside metrics.json: per seed, per group, every recall's interval)
   metrics.md           the table: every model's R@1/5/10 both ways, RSUM, average, RSUM minus the reference's with
                        its paired-bootstrap 95% interval, seeds; per-group RSUM; latency and parameters
   ranks.npz            per-query ranks of every run: <run>_i2t [N] (image order, with image_id), <run>_t2i [M]
@@ -102,10 +103,11 @@ def model_names(doc: dict[str, Any]) -> list[str]:
     return [k for k, v in doc.items() if isinstance(v, dict) and "rsum" in v]
 
 
-def markdown_table(doc: dict[str, Any], run_info: dict[str, Any] | None = None) -> str:
-    """Every model of `doc`: recalls, RSUM, average, the RSUM difference to the reference with its 95% interval,
-    seeds (RSUM sd); per-group RSUM when the galleries are grouped; then latency and parameters when measured."""
-    run_info = run_info or {}
+def markdown_table(doc: dict[str, Any], run_info: dict[str, Any] | None = None, detail: dict | None = None) -> str:
+    """Every model of metrics.json `doc`: recalls, RSUM, average, the RSUM difference to the reference with its 95%
+    interval, seeds (RSUM sd); per-group RSUM (from metrics_detail.json `detail`) when the galleries are grouped;
+    then latency and parameters when measured."""
+    run_info, detail = run_info or {}, detail or {}
     models = model_names(doc)
     ref = (run_info.get("bootstrap") or {}).get("reference")
     lines = [
@@ -120,22 +122,23 @@ def markdown_table(doc: dict[str, Any], run_info: dict[str, Any] | None = None) 
     ]
     for m in models:
         r = doc[m]
-        iv = r.get(f"vs_{ref}", {}).get("rsum")
+        iv = r.get(f"rsum_vs_{ref}")
         diff = f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})" if iv else "-"
-        seeds = f"{len(r['seeds'])} ({r['rsum_sd']:.1f})" if "seeds" in r else ("-" if m == "chance" else "1")
+        n_runs = len((run_info.get("runs") or {}).get(m, [m]))
+        seeds = f"{n_runs} ({r['rsum_sd']:.1f})" if "rsum_sd" in r else ("-" if m == "chance" else str(n_runs))
         cells = [f"{r[k]:.1f}" for k in TABLE_KEYS]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {diff} | {seeds} |")
-    lines += _group_table(doc, models) + _cost_table(doc, models, run_info)
+    lines += _group_table(detail, models) + _cost_table(doc, models, run_info)
     return "\n".join(lines) + "\n"
 
 
-def _group_table(doc: dict[str, Any], models: list[str]) -> list[str]:
-    groups = list(doc[models[0]].get("groups", {})) if models else []
+def _group_table(detail: dict[str, Any], models: list[str]) -> list[str]:
+    groups = list(detail.get(models[0], {}).get("groups", {})) if models else []
     if not groups:
         return []
     lines = ["", "| RSUM per gallery | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
     for m in models:
-        lines.append(f"| {m} | " + " | ".join(f"{doc[m]['groups'][g]['rsum']:.1f}" for g in groups) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{detail[m]['groups'][g]['rsum']:.1f}" for g in groups) + " |")
     return lines
 
 

@@ -30,7 +30,7 @@ from pipeline.environment import numerics_environment
 from pipeline.errors import InputError, KdpipeError
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
 from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics
-from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, with_average
+from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, split_detail, with_average
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import info, progress
 
@@ -144,7 +144,7 @@ def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -
         split=split,
         n_images=s.n_images,
         n_captions=s.n_captions,
-        models={"teacher": model_block([result], s.text_image, groups)},
+        models=split_detail({"teacher": model_block([result], s.text_image, groups)}, {}, "")[0],
         teacher_name=store.teacher.get("name"),
         tie_rule=TIE_RULE,
         gallery=cfg.gallery,
@@ -366,6 +366,7 @@ def same_teacher(identity: dict[str, Any], stored: dict[str, Any]) -> bool:
 @dataclass
 class EvaluateOutput:
     document: dict[str, Any]  # metrics.json
+    detail: dict[str, Any]  # metrics_detail.json
     run_info: dict[str, Any]  # run_info.json
     results: dict[str, list[ModelResult]]  # every run of every model (teacher: one)
     metrics_path: Path
@@ -431,8 +432,8 @@ def run_evaluate(
 
     params = {"teacher": None, **{m: count_parameters(model) for m, model in students.items()}}
     latency = _measure_latency(cfg, device, students, images, gallery, store.teacher, teacher_factory, params)
-    doc, run_info = _documents(store, index, s, cfg, results, groups, reference, params, latency, device)
-    return _write_outputs(paths, cfg, doc, run_info, results, s, groups, metrics_path, start)
+    docs = _documents(store, index, s, cfg, results, groups, reference, params, latency, device)
+    return _write_outputs(paths, cfg, *docs, results, s, groups, metrics_path, start)
 
 
 def _evaluate_student(
@@ -458,10 +459,12 @@ def _evaluate_student(
     return out, first
 
 
-def _documents(store, index, s, cfg, results, groups, reference, params, latency, device) -> tuple[dict, dict]:
-    """metrics.json (metrics only) and run_info.json (where, how, how long)."""
+def _documents(store, index, s, cfg, results, groups, reference, params, latency, device) -> tuple[dict, ...]:
+    """metrics.json (the headline metrics only), metrics_detail.json (per seed, per group, every interval) and
+    run_info.json (where, how, how long)."""
     ti = np.asarray(s.text_image)
     blocks = {m: model_block(rs, ti, groups) for m, rs in results.items()}
+    blocks["chance"] = chance_block(ti, groups)
     intervals = compare_to_reference(
         {m: [r.ranks for r in rs] for m, rs in results.items()},
         reference,
@@ -469,16 +472,16 @@ def _documents(store, index, s, cfg, results, groups, reference, params, latency
         cfg.bootstrap_resamples,
         cfg.bootstrap_seed,
     )
-    for m, iv in intervals.items():
-        blocks[m][f"vs_{reference}"] = iv
+    head, detail = split_detail(blocks, intervals, reference)
+    chance = head.pop("chance")
     method = {k: latency.pop(k) for k in LATENCY_METHOD_KEYS if k in latency} if latency else None
     doc = metrics_document(
         dataset=_dataset_name(store, index.name),
         split=cfg.split,
         n_images=s.n_images,
         n_captions=s.n_captions,
-        models=blocks,
-        chance=chance_block(ti, groups),
+        models=head,
+        chance=chance,
         params=params,
         latency=latency,
     )
@@ -498,16 +501,18 @@ def _documents(store, index, s, cfg, results, groups, reference, params, latency
         "timing_s": {r.name: r.seconds for rs in results.values() for r in rs},
         "environment": numerics_environment(device),
     }
-    return doc, run_info
+    return doc, detail, run_info
 
 
-def _write_outputs(paths, cfg, doc, run_info, results, s, groups, metrics_path, start) -> EvaluateOutput:
-    """metrics.json, run_info.json and metrics.md side by side, ranks.npz, and the curves in plots/."""
+def _write_outputs(paths, cfg, doc, detail, run_info, results, s, groups, metrics_path, start) -> EvaluateOutput:
+    """metrics.json, metrics_detail.json, run_info.json and metrics.md side by side, ranks.npz, and the curves in
+    plots/."""
     from pipeline.evaluate.plots import markdown_table, write_curves, write_ranks
     from pipeline.store.features import write_file_durably
 
-    table = markdown_table(doc, run_info)
+    table = markdown_table(doc, run_info, detail)
     metrics_path = write_json(doc, metrics_path or paths.metrics)
+    write_json(detail, metrics_path.with_name("metrics_detail.json"))
     write_json(run_info, metrics_path.with_name(paths.run_info.name))
     write_file_durably(metrics_path.with_name("metrics.md"), table.encode())
     if cfg.write_ranks:
@@ -516,7 +521,7 @@ def _write_outputs(paths, cfg, doc, run_info, results, s, groups, metrics_path, 
     curves["chance"] = chance_curves(np.asarray(s.text_image), groups, range(1, cfg.curve_max_k + 1))
     title = f"{doc['dataset']} {doc['split']}: {doc['n_images']:,} images, {doc['n_captions']:,} captions"
     write_curves(paths.plots, curves, title)
-    return EvaluateOutput(doc, run_info, results, metrics_path, paths.plots, table, time.perf_counter() - start)
+    return EvaluateOutput(doc, detail, run_info, results, metrics_path, paths.plots, table, time.perf_counter() - start)
 
 
 def _measure_latency(

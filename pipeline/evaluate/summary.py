@@ -1,9 +1,12 @@
-"""From per-run results to what metrics.json reports per model: seeds averaged, their spread, per-group figures,
+"""From per-run results to what evaluate reports per model: seeds averaged, their spread, per-group figures,
 chance, and each model's paired-bootstrap difference to the reference model (the baseline).
 
 A model is a list of runs (one per training seed; the teacher is one run). Its block holds the seed means of every
 metric, `average_score` (the mean of the six recalls, what BEiT-3's code prints) next to `rsum`, and, with several
-seeds, `rsum_sd` (sample standard deviation over seeds) and `seeds: {run: {recalls, rsum}}`.
+seeds, `rsum_sd` (sample standard deviation over seeds), `seeds: {run: {recalls, rsum}}` and, with grouped
+galleries, `groups: {group: {recalls, rsum}}`. `split_detail` keeps the headline in metrics.json (one row of
+`dvc metrics show` that a person can read: recalls, RSUM, spread, RSUM difference to the reference with its
+interval) and moves the breakdowns (per seed, per group, the interval of every recall) to metrics_detail.json.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pipeline.evaluate.galleries import chance_metrics, group_metrics
 from pipeline.evaluate.retrieval import RetrievalRanks
 
 SUMMARY_KEYS = (*RECALL_KEYS, "rsum", "average_score")  # what per-seed and per-group entries keep
+DETAIL_KEYS = ("seeds", "groups")  # breakdowns: metrics_detail.json
 
 
 def with_average(metrics: dict[str, float]) -> dict[str, float]:
@@ -78,4 +82,19 @@ def compare_to_reference(
     }
 
 
-__all__ = ["SUMMARY_KEYS", "with_average", "model_block", "chance_block", "compare_to_reference"]
+def split_detail(
+    blocks: dict[str, dict[str, Any]], intervals: dict[str, dict[str, Any]], reference: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(headline, detail): the blocks without their breakdowns plus `rsum_vs_<reference>` {diff, low, high}, and
+    the breakdowns plus `vs_<reference>` (the interval of every recall) of the models that have any."""
+    head, detail = {}, {}
+    for m, block in blocks.items():
+        head[m] = {k: v for k, v in block.items() if k not in DETAIL_KEYS}
+        detail[m] = {k: block[k] for k in DETAIL_KEYS if k in block}
+        if m in intervals:
+            head[m][f"rsum_vs_{reference}"] = intervals[m]["rsum"]
+            detail[m][f"vs_{reference}"] = intervals[m]
+    return head, {m: d for m, d in detail.items() if d}
+
+
+__all__ = ["SUMMARY_KEYS", "split_detail", "with_average", "model_block", "chance_block", "compare_to_reference"]
