@@ -308,8 +308,18 @@ def test_several_seeds_and_per_style_galleries(workdir):
     assert two["rsum_vs_one"] == want["rsum"].as_dict() == detail["two"]["vs_one"]["rsum"]
     assert detail["two"]["vs_one"]["t2i_r1"] == want["t2i_r1"].as_dict()
     assert "rsum_vs_one" not in doc["one"] and out.run_info["groups"] == {"a": 6, "b": 5}
+    header = (paths.plots / "recall_t2i.csv").read_text().splitlines()[0]
+    assert header == "k,teacher,two,one,chance"  # evaluation order
     table = (paths.workdir / "metrics.md").read_text()
     assert "| RSUM per gallery | a | b |" in table and "| two |" in table and "| 2 (" in table
+
+
+def test_plot_models_order_the_curves_and_must_name_every_model(workdir):
+    cfg = EvaluateConfig(device="cpu", batch_size=4, latency=False, plot_models=("chance", "baseline", "student"))
+    with pytest.raises(ConfigError, match=r"plot_models \['chance', 'baseline', 'student'\] must list exactly"):
+        run_evaluate(workdir, cfg)
+    run_evaluate(workdir, replace(cfg, plot_models=("chance", "baseline", "student", "teacher")))
+    assert (workdir.plots / "recall_i2t.csv").read_text().startswith("k,chance,baseline,student,teacher\n")
 
 
 def test_teacher_latency_is_null_with_a_reason(workdir):

@@ -30,3 +30,5 @@ def test_params_file_parses(path):
     runs = split_runs(raw["distill"])[0]
     for variant in runs.variants if runs else ():  # every run's merged section is a valid distill config
         from_dict(DistillConfig, variant_section(raw["distill"], variant, runs.seeds[0])[0], "distill")
+    if runs:  # dvc.yaml's recall plots draw evaluate.plot_models: the teacher, every variant, chance
+        assert raw["evaluate"]["plot_models"] == ["teacher", *runs.variants, "chance"]

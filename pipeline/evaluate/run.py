@@ -27,7 +27,7 @@ import torch
 from pipeline.config import require_at_least
 from pipeline.devices import resolve_device
 from pipeline.environment import numerics_environment
-from pipeline.errors import InputError, KdpipeError
+from pipeline.errors import ConfigError, InputError, KdpipeError
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
 from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics
 from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, split_detail, with_average
@@ -57,8 +57,8 @@ class EvaluateConfig:
     batch_size: int = 128  # student encoding batch (images and captions)
     backend: Literal["auto", "torch", "faiss"] = "auto"  # exact search; auto = torch (measured faster)
     chunk_size: int | None = None  # score tile edge; None: 4096 on CPU, 16384 on CUDA
-    # Student directories under the workdir, evaluated next to the teacher: `student` is required, the others
-    # (e.g. distill's undistilled `baseline`) are evaluated when their directory exists.
+    # Without distill.runs in the params file: student directories under the workdir, evaluated next to the
+    # teacher: `student` is required, the others (e.g. the undistilled `baseline`) when their directory exists.
     models: tuple[str, ...] = ("student", "baseline")
     latency: bool = True  # time encoding per image and per caption, teacher and students, on `device`
     latency_batch_size: int = 32
@@ -70,6 +70,9 @@ class EvaluateConfig:
     gallery: Literal["split", "by_directory"] = "split"
     bootstrap_resamples: int = 2000  # paired bootstrap of each model's difference to distill.runs.compare_to
     bootstrap_seed: int = 0
+    # The columns of plots/recall_*.csv, in order: exactly the evaluated models (teacher, each trained model,
+    # chance). dvc.yaml's recall plots read this list (DVC must name its y columns); None: evaluation order.
+    plot_models: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         require_at_least(
@@ -424,6 +427,9 @@ def run_evaluate(
     groups = image_groups(s.image_id, cfg.gallery)
     images = open_image_cache(paths.images, expect_fingerprint=index.fingerprint).split(cfg.split)
     runs = runs if runs is not None else default_runs(paths, cfg)
+    evaluated = ["teacher", *runs, "chance"]
+    if cfg.plot_models is not None and sorted(cfg.plot_models) != sorted(evaluated):
+        raise ConfigError(f"evaluate.plot_models {list(cfg.plot_models)} must list exactly the models {evaluated}")
 
     results = {"teacher": [evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, device, groups)]}
     students = {}  # model -> its first run's model, for latency and parameter counts (seeds share the architecture)
@@ -519,6 +525,7 @@ def _write_outputs(paths, cfg, doc, detail, run_info, results, s, groups, metric
         write_ranks(metrics_path.with_name("ranks.npz"), results, s.image_id, s.text_image)
     curves = {m: {d: np.mean([r.curves[d] for r in rs], axis=0) for d in ("i2t", "t2i")} for m, rs in results.items()}
     curves["chance"] = chance_curves(np.asarray(s.text_image), groups, range(1, cfg.curve_max_k + 1))
+    curves = {m: curves[m] for m in cfg.plot_models or curves}
     title = f"{doc['dataset']} {doc['split']}: {doc['n_images']:,} images, {doc['n_captions']:,} captions"
     write_curves(paths.plots, curves, title)
     return EvaluateOutput(doc, detail, run_info, results, metrics_path, paths.plots, table, time.perf_counter() - start)
