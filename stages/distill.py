@@ -12,7 +12,6 @@ Under torchrun every process runs this same command.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import typer
@@ -97,8 +96,8 @@ def command(
 def copy_training_curves(out_dir: Path, targets: dict[str, Path]) -> None:
     """train_log.csv / val_log.csv of a run to their own small uncached DVC output (a fresh clone has them for
     `dvc plots show` without pulling the model), each replaced whole."""
+    from pipeline.store.features import write_file_durably
+
     for log, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(out_dir / f"{log}_log.csv", tmp)
-        tmp.replace(target)
+        write_file_durably(target, (out_dir / f"{log}_log.csv").read_bytes())

@@ -20,9 +20,10 @@ from stages._common import (
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    artifact_paths,
     echo,
     load_params,
-    load_stage,
+    load_raw,
     run_stage,
     save_resolved,
 )
@@ -60,21 +61,21 @@ def command(
                 f"captions, RSUM {t['rsum']:.2f} (i2t R@1 {t['i2t_r1']:.2f}, t2i R@1 {t['t2i_r1']:.2f}); wrote {out}"
             )
         return
-    cfg, paths = load_stage(params, "evaluate", EvaluateConfig, set_, workdir)
+    raw = load_raw(params, set_)  # evaluate's section, and distill.runs / extract.teacher below
+    cfg, paths = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate"), artifact_paths(raw, params, workdir)
     if split:
         cfg = replace(cfg, split=split)
 
     def teacher_factory(device, dtype):  # extract.teacher, for the latency comparison only
         from pipeline.teachers import TeacherConfig, build_teacher
 
-        raw = apply_overrides(load_params(params), list(set_ or []))
         teacher_cfg = from_dict(TeacherConfig, (raw.get("extract") or {}).get("teacher"), "extract.teacher")
         return build_teacher(teacher_cfg, device=device, dtype=dtype)
 
     # The trained models are the runs of distill.runs (variant x seed) when the params file defines them.
     from pipeline.distill.runs import split_runs
 
-    runs_cfg = split_runs(apply_overrides(load_params(params), list(set_ or [])).get("distill"))[0]
+    runs_cfg = split_runs(raw.get("distill"))[0]
     runs = None
     if runs_cfg:
         runs = {
