@@ -30,9 +30,19 @@ class ArtifactPaths:
     def student(self) -> Path:  # distill's outputs: checkpoints, exported towers, training log
         return self.workdir / "student"
 
+    def model(self, run: str) -> Path:  # one run of `distill.runs` (variant-sSEED): what `student` is for one run
+        return self.workdir / "models" / run
+
+    def training_curves(self, run: str) -> dict[str, Path]:  # its train/val logs, copied out for `dvc plots`
+        return {log: self.workdir / "curves" / log / f"{run}.csv" for log in ("train", "val")}
+
     @property
-    def metrics(self) -> Path:
+    def metrics(self) -> Path:  # metrics only (`dvc metrics show`); how they were measured: run_info
         return self.workdir / "metrics.json"
+
+    @property
+    def run_info(self) -> Path:  # environment, timings, latency method notes of the evaluate run
+        return self.workdir / "run_info.json"
 
     @property
     def plots(self) -> Path:

@@ -58,15 +58,25 @@ def load_stage(
     """The typed config of `section` and the artifact paths, after `--set` overrides.
 
     Every section of the file is checked for unknown top-level keys, so a typo anywhere fails early."""
+    raw = load_raw(params_path, overrides)
+    return from_dict(cls, raw.get(section), section), artifact_paths(raw, params_path, workdir)
+
+
+def load_raw(params_path: Path, overrides: list[str] | None) -> dict[str, Any]:
+    """The params file after `--set` overrides, its top-level keys checked (for stages that reshape a section
+    before typing it, as distill does with `distill.runs`)."""
     raw = apply_overrides(load_params(params_path), list(overrides or []))
     unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
     if unknown:
         raise ConfigError(f"{params_path}: unknown section {unknown[0]!r}; allowed: {', '.join(TOP_LEVEL_KEYS)}")
-    cfg = from_dict(cls, raw.get(section), section)
+    return raw
+
+
+def artifact_paths(raw: dict[str, Any], params_path: Path, workdir: Path | None = None) -> ArtifactPaths:
     wd = workdir or raw.get("workdir")
     if not wd:
         raise ConfigError(f"{params_path}: workdir is not set (e.g. workdir: artifacts/demo)")
-    return cfg, ArtifactPaths(Path(wd))
+    return ArtifactPaths(Path(wd))
 
 
 def save_resolved(cfg: Any, paths: ArtifactPaths, section: str) -> None:

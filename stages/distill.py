@@ -3,7 +3,10 @@
 Reads the dataset index, prepare's image cache and extract's feature store from the work directory,
 refuses any of them that belongs to another index (fingerprint) or is incomplete, and writes the student
 into `<workdir>/student/` (with `--baseline`: the undistilled baseline, trained with `distill.baseline_loss`
-on the pairs alone, into `<workdir>/baseline/`). Under torchrun every process runs this same command.
+on the pairs alone, into `<workdir>/baseline/`). With `--variant NAME --seed S`: one run of `distill.runs`
+(pipeline/distill/runs.py), the variant's settings merged into the section, into `<workdir>/models/NAME-sS/`,
+its training logs also copied to `<workdir>/curves/{train,val}/NAME-sS.csv` (small, uncached: `dvc plots`).
+Under torchrun every process runs this same command.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from stages._common import (
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    artifact_paths,
     echo,
     is_main_process,
-    load_stage,
+    load_raw,
     run_stage,
-    save_resolved,
 )
 
 
@@ -36,18 +39,35 @@ def command(
     resume: bool = typer.Option(
         True, "--resume/--no-resume", help="Continue from the last checkpoint if its config matches."
     ),
+    variant: str = typer.Option(
+        None, "--variant", help="Train this variant of distill.runs (with --seed) into <workdir>/models/VARIANT-sSEED/."
+    ),
+    seed: int = typer.Option(None, "--seed", help="The seed of the --variant run (one of distill.runs.seeds)."),
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
+    from pipeline.config import from_dict, write_resolved
     from pipeline.data.index import DatasetIndex
     from pipeline.distill.run import DistillConfig, run_distill
+    from pipeline.distill.runs import run_name, split_runs, variant_section
+    from pipeline.errors import ConfigError
     from pipeline.store.features import open_store
     from pipeline.store.image_cache import open_image_cache
 
-    cfg, paths = load_stage(params, "distill", DistillConfig, set_, workdir)
+    raw = load_raw(params, set_)
+    paths = artifact_paths(raw, params, workdir)
+    run = None
+    if variant is None and seed is None:  # the single student (or --baseline) of a params file without runs
+        section = split_runs(raw.get("distill"))[1]
+    elif variant is None or seed is None or baseline:
+        raise ConfigError("--variant and --seed go together, and a variant says itself whether it is a baseline")
+    else:
+        section, baseline = variant_section(raw.get("distill"), variant, seed)
+        run = run_name(variant, seed)
+    cfg = from_dict(DistillConfig, section, "distill")
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint, expect_dim=cfg.teacher_dim)
     cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
-    out_dir = paths.workdir / "baseline" if baseline else paths.student
+    out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch
@@ -58,13 +78,26 @@ def command(
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         if is_main_process():
-            save_resolved(cfg, paths, "distill")
+            # one file per run (distill-VARIANT-sSEED.yaml), each under the section name `distill`
+            write_resolved(cfg, paths.resolved_config(f"distill-{run}" if run else "distill"), "distill")
         result = run_distill(
             cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume
         )
     finally:
         if distributed:
             dist.destroy_process_group()
+    if is_main_process() and run:
+        copy_training_curves(out_dir, paths.training_curves(run))
     if is_main_process():
         best = f", best val RSUM {result.best_rsum:.2f} at epoch {result.best_epoch}" if result.best_epoch > 0 else ""
         echo(f"distill: {result.epochs_done} epochs, {result.global_step} steps{best}; student in {out_dir}")
+
+
+def copy_training_curves(out_dir: Path, targets: dict[str, Path]) -> None:
+    """train_log.csv / val_log.csv of a run to their own small uncached DVC output (a fresh clone has them for
+    `dvc plots show` without pulling the model), each replaced whole."""
+    from pipeline.store.durable import write_file_durably
+
+    for log, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_file_durably(target, (out_dir / f"{log}_log.csv").read_bytes())

@@ -1,4 +1,6 @@
-"""`kdpipe evaluate`: exact retrieval metrics of the teacher and the student(s) -> metrics.json and plots/.
+"""`kdpipe evaluate`: exact retrieval metrics of the teacher and the student(s) -> metrics.json, run_info.json,
+metrics.md, ranks.npz and plots/. The students are the runs of `distill.runs` (every variant x seed, in
+<workdir>/models/) when params.yaml defines them, else evaluate.models (<workdir>/student, <workdir>/baseline).
 
 kdpipe evaluate                                  # teacher (feature store) + students on evaluate.split
 kdpipe evaluate --features STORE [--split test] [--out FILE]   # stored embeddings alone, as `teacher`
@@ -18,9 +20,10 @@ from stages._common import (
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    artifact_paths,
     echo,
     load_params,
-    load_stage,
+    load_raw,
     run_stage,
     save_resolved,
 )
@@ -58,18 +61,34 @@ def command(
                 f"captions, RSUM {t['rsum']:.2f} (i2t R@1 {t['i2t_r1']:.2f}, t2i R@1 {t['t2i_r1']:.2f}); wrote {out}"
             )
         return
-    cfg, paths = load_stage(params, "evaluate", EvaluateConfig, set_, workdir)
+    raw = load_raw(params, set_)  # evaluate's section, and distill.runs / extract.teacher below
+    cfg, paths = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate"), artifact_paths(raw, params, workdir)
     if split:
         cfg = replace(cfg, split=split)
 
     def teacher_factory(device, dtype):  # extract.teacher, for the latency comparison only
         from pipeline.teachers import TeacherConfig, build_teacher
 
-        raw = apply_overrides(load_params(params), list(set_ or []))
         teacher_cfg = from_dict(TeacherConfig, (raw.get("extract") or {}).get("teacher"), "extract.teacher")
         return build_teacher(teacher_cfg, device=device, dtype=dtype)
 
-    result = run_evaluate(paths, cfg, teacher_factory=teacher_factory, metrics_path=out)
+    # The trained models are the runs of distill.runs (variant x seed) when the params file defines them.
+    from pipeline.distill.runs import split_runs
+
+    runs_cfg = split_runs(raw.get("distill"))[0]
+    runs = None
+    if runs_cfg:
+        runs = {
+            v: [str(paths.model(r).relative_to(paths.workdir)) for r in rs] for v, rs in runs_cfg.run_names().items()
+        }
+    result = run_evaluate(
+        paths,
+        cfg,
+        runs=runs,
+        reference=runs_cfg.compare_to if runs_cfg else "baseline",
+        teacher_factory=teacher_factory,
+        metrics_path=out,
+    )
     save_resolved(cfg, paths, "evaluate")
     echo(result.table)
     echo(result.summary())

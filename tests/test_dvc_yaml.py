@@ -57,12 +57,11 @@ def stage_code_deps(stage: dict) -> set[Path]:
 
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-COMMAND_MODULE = {
+COMMAND_MODULE = {  # a `matrix` / `foreach` stage is one definition here
     "demo_data": "stages.demo_data",
     "prepare": "stages.prepare",
     "extract": "stages.extract",
     "distill": "stages.distill",
-    "distill_baseline": "stages.distill",
     "evaluate": "stages.evaluate",
 }
 
@@ -78,3 +77,44 @@ def test_stage_deps_are_its_import_closure(stage):
 def test_extract_does_not_depend_on_training_code():
     deps = {str(d) for d in stage_code_deps(DVC["stages"]["extract"])}
     assert not any(d.startswith(("pipeline/distill/", "pipeline/towers/student.py")) for d in deps)
+
+
+def test_distill_is_one_definition_over_the_runs_of_params_yaml():
+    stage = DVC["stages"]["distill"]
+    assert stage["matrix"] == {"variant": "${distill.runs.variants}", "seed": "${distill.runs.seeds}"}
+    assert "--variant ${item.variant} --seed ${item.seed}" in stage["cmd"]
+    assert "distill_baseline" not in DVC["stages"]  # the baseline is a variant now
+
+
+def test_evaluate_depends_on_every_run_and_plots_every_model():
+    assert "${workdir}/models" in DVC["stages"]["evaluate"]["deps"]
+    curves = [p for p in DVC["plots"] if isinstance(p, dict) and "recall@K" in next(iter(p))]
+    assert len(curves) == 2
+    for plot in curves:
+        (props,) = plot.values()
+        (columns,) = props["y"].values()  # DVC needs the y columns named: params.yaml lists them (test_params_files)
+        assert props["x"] == "k" and columns == "${evaluate.plot_models}"
+
+
+def test_plots_point_only_at_uncached_outputs():
+    """A fresh clone has only what git holds: every plot file must lie in a `cache: false` output."""
+    uncached = []
+    for stage in DVC["stages"].values():
+        for section in ("outs", "metrics", "plots"):
+            for out in stage.get(section, []):
+                if isinstance(out, dict):
+                    ((path, props),) = out.items()
+                    if props.get("cache") is False:
+                        uncached.append(path)
+    for plot in DVC["plots"]:
+        files = [plot] if isinstance(plot, str) else [k for k in plot if "/" in k]
+        files += [f for p in ([] if isinstance(plot, str) else plot.values()) for f in (p.get("y") or {}) if "/" in f]
+        for f in files:
+            assert any(inside(f, u) for u in uncached), f
+
+
+def inside(plot_file: str, out: str) -> bool:
+    """plot_file is the output, lies inside it, or is the directory that holds a matrix stage's outputs."""
+    if plot_file == out or plot_file.startswith(out.rstrip("/") + "/"):
+        return True
+    return "${item" in out and out.split("${item")[0].rstrip("/") == plot_file.rstrip("/")

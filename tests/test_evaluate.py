@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from pipeline.data.index import DatasetIndex
 from pipeline.environment import numerics_environment
 from pipeline.errors import ConfigError, InputError
-from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks
+from pipeline.evaluate.retrieval import RetrievalRanks, recall_metrics, retrieval_ranks
 from pipeline.evaluate.run import (
     METRIC_KEYS,
     EvaluateConfig,
@@ -27,6 +27,7 @@ from pipeline.evaluate.run import (
     encode_gallery,
     run_evaluate,
 )
+from pipeline.evaluate.summary import with_average
 from pipeline.paths import ArtifactPaths
 from pipeline.store.features import StoreWriter, open_store, write_store
 from pipeline.store.image_cache import write_image_cache
@@ -80,12 +81,13 @@ def test_features_cli_writes_the_schema_exactly(store, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert list(doc)[:5] == ["dataset", "split", "n_images", "n_captions", "teacher"]
-    assert set(doc) <= {"dataset", "split", "n_images", "n_captions", "teacher", "teacher_name", "tie_rule"}
+    assert set(doc) <= {"dataset", "split", "n_images", "n_captions", "teacher", "teacher_name", "tie_rule", "gallery"}
     assert list(doc["teacher"]) == MODEL_KEYS
     s = open_store(path).split("test")
     assert (doc["dataset"], doc["split"], doc["n_images"], doc["n_captions"]) == ("toy", "test", 13, s.n_captions)
-    want = recall_metrics(retrieval_ranks(s.image_emb, s.text_emb, s.text_image))
+    want = with_average(recall_metrics(retrieval_ranks(s.image_emb, s.text_emb, s.text_image)))
     assert doc["teacher"] == pytest.approx(want, abs=0)
+    assert doc["teacher"]["average_score"] == doc["teacher"]["rsum"] / 6  # BEiT-3's figure
     assert all(0 <= doc["teacher"][f"{d}_r{k}"] <= 100 for d in ("i2t", "t2i") for k in (1, 5, 10))
     assert doc["teacher"]["rsum"] == pytest.approx(sum(doc["teacher"][k] for k in METRIC_KEYS[:6]))
     assert "RSUM" in r.output and str(out) in r.output
@@ -158,7 +160,7 @@ def workdir(tmp_path, tokenizer_dir) -> ArtifactPaths:
     for split, n in (("train", 6), ("test", 11)):
         for i in range(n):
             row = len(images)
-            images.append((f"{split}{i}.jpg", f"{split}{i}.jpg", split))
+            images.append((f"{'ab'[i % 2]}/{split}{i}.jpg", f"{split}{i}.jpg", split))  # two styles, a/ and b/
             for _ in range(int(rng.choice([1, 3, 7]))):
                 captions.append((" ".join(rng.choice(WORDS, size=int(rng.integers(2, 8)))), row))
     index = DatasetIndex.from_lists("toy", tmp_path / "data", images, captions)
@@ -200,7 +202,7 @@ def expected_student_metrics(paths: ArtifactPaths, name: str, rows: np.ndarray |
     with torch.inference_mode():
         img = model.encode_images(torch.from_numpy(imgs))
         txt = model.encode_texts(list(v.caption_text[keep]))
-    return recall_metrics(retrieval_ranks(img, txt, s.text_image))
+    return with_average(recall_metrics(retrieval_ranks(img, txt, s.text_image)))
 
 
 def test_run_evaluate_teacher_and_students(workdir):
@@ -208,24 +210,36 @@ def test_run_evaluate_teacher_and_students(workdir):
     cfg = EvaluateConfig(device="cpu", batch_size=4, latency_batch_size=4, latency_batches=2, chunk_size=5)
     out = run_evaluate(paths, cfg, teacher_factory=lambda device, dtype: ModuleTeacher())
     doc = json.loads(paths.metrics.read_text())
-    assert list(doc)[:7] == ["dataset", "split", "n_images", "n_captions", "teacher", "student", "baseline"]
+    assert list(doc) == [
+        *("dataset", "split", "n_images", "n_captions", "teacher", "student", "baseline"),
+        *("chance", "params", "latency"),
+    ]
     s = open_store(paths.features).split("test")
     assert (doc["dataset"], doc["split"], doc["n_images"], doc["n_captions"]) == ("toy", "test", 11, s.n_captions)
-    assert list(doc["teacher"]) == MODEL_KEYS
+    assert list(doc["teacher"]) == [*MODEL_KEYS, "rsum_vs_baseline"]
+    assert list(doc["student"]) == [*MODEL_KEYS, "teacher_cos_image", "teacher_cos_text", "rsum_vs_baseline"]
+    assert list(doc["baseline"]) == [*MODEL_KEYS, "teacher_cos_image", "teacher_cos_text"]  # the reference
     for m in ("student", "baseline"):  # students also report their agreement with the teacher
-        assert list(doc[m]) == MODEL_KEYS + ["teacher_cos_image", "teacher_cos_text"]
         assert all(-1.0 <= doc[m][k] <= 1.0 for k in ("teacher_cos_image", "teacher_cos_text"))
-    assert doc["teacher"] == recall_metrics(retrieval_ranks(s.image_emb, s.text_emb, s.text_image))
+    teacher = {k: v for k, v in doc["teacher"].items() if k != "rsum_vs_baseline"}
+    assert teacher == with_average(recall_metrics(retrieval_ranks(s.image_emb, s.text_emb, s.text_image)))
     for m in ("student", "baseline"):
-        recalls = {k: v for k, v in doc[m].items() if not k.startswith("teacher_cos")}
+        recalls = {k: v for k, v in doc[m].items() if not k.startswith(("teacher_cos", "rsum_vs_"))}
         assert recalls == pytest.approx(expected_student_metrics(paths, m), abs=1e-9)
     assert doc["student"] != doc["baseline"]  # two different models
-    # latency and parameters, same device for all
+    # each model's difference to the baseline: the point estimate is the plain difference
+    iv = doc["student"]["rsum_vs_baseline"]
+    assert out.detail["student"]["vs_baseline"]["rsum"] == iv and set(out.detail) == {"teacher", "student"}
+    assert json.loads((paths.workdir / "metrics_detail.json").read_text()) == out.detail
+    assert iv["diff"] == pytest.approx(doc["student"]["rsum"] - doc["baseline"]["rsum"], abs=1e-9)
+    assert iv["low"] <= iv["diff"] <= iv["high"]
+    assert doc["chance"]["t2i_r1"] == pytest.approx(100 / 11) and doc["chance"]["t2i_r10"] == pytest.approx(1000 / 11)
+    # latency and parameters, same device for all; how they were measured is in run_info.json
     lat = doc["latency"]
-    assert lat["device"] == "cpu" and lat["teacher"] is not None and "teacher_reason" not in lat
+    assert lat["teacher"] is not None and set(lat) == {"teacher", "student", "baseline", "speedup"}
     for m in ("teacher", "student", "baseline"):
         assert lat[m]["image_s"] > 0 and lat[m]["caption_s"] > 0
-    assert lat["speedup"]["image_s"] == pytest.approx(lat["teacher"]["image_s"] / lat["student"]["image_s"])
+    assert lat["speedup"]["student"]["image_s"] == pytest.approx(lat["teacher"]["image_s"] / lat["student"]["image_s"])
     from pipeline.towers.student import load_student
 
     assert doc["params"] == {
@@ -233,22 +247,79 @@ def test_run_evaluate_teacher_and_students(workdir):
         "student": count_parameters(load_student(paths.workdir / "student")),
         "baseline": count_parameters(load_student(paths.workdir / "baseline")),
     }
-    assert doc["teacher_name"] == "tiny" and doc["tie_rule"] == "pessimistic"
-    assert doc["environment"] == numerics_environment("cpu")  # where these numbers were computed
-    # plots
-    names = sorted(p.name for p in paths.plots.iterdir())
-    assert names == ["metrics.md", "ranks.npz", "recall_at_k.png", "recall_i2t.csv", "recall_t2i.csv"]
+    info = json.loads(paths.run_info.read_text())
+    assert info["teacher_name"] == "tiny" and info["tie_rule"] == "pessimistic" and info["gallery"] == "split"
+    assert info["environment"] == numerics_environment("cpu")  # where these numbers were computed
+    assert info["latency_method"]["device"] == "cpu" and "teacher_reason" not in info["latency_method"]
+    assert info["runs"] == {"teacher": ["teacher"], "student": ["student"], "baseline": ["baseline"]}
+    assert set(info["timing_s"]) == {"teacher", "student", "baseline"}
+    # plots, table, ranks
+    assert sorted(p.name for p in paths.plots.iterdir()) == ["recall_at_k.png", "recall_i2t.csv", "recall_t2i.csv"]
     rows = (paths.plots / "recall_t2i.csv").read_text().splitlines()
-    assert rows[0] == "k,teacher,student,baseline" and len(rows) == 51 and rows[10].startswith("10,")
+    assert rows[0] == "k,teacher,student,baseline,chance" and len(rows) == 51 and rows[10].startswith("10,")
     assert float(rows[10].split(",")[1]) == pytest.approx(doc["teacher"]["t2i_r10"], abs=1e-4)
-    ranks = np.load(paths.plots / "ranks.npz")
+    assert float(rows[10].split(",")[4]) == pytest.approx(doc["chance"]["t2i_r10"], abs=1e-4)
+    ranks = np.load(paths.workdir / "ranks.npz")
     assert ranks["student_i2t"].shape == (11,) and ranks["teacher_t2i"].shape == (s.n_captions,)
-    assert list(ranks["image_id"]) == list(s.image_id)
-    table = (paths.plots / "metrics.md").read_text()
-    assert table == out.table and "| teacher |" in table and "| student |" in table
-    ratio = 100 * doc["student"]["rsum"] / doc["teacher"]["rsum"]
-    assert f"{ratio:.1f}%" in table and "speed-up" in table
+    assert list(ranks["image_id"]) == list(s.image_id) and np.array_equal(ranks["text_image"], s.text_image)
+    assert recall_metrics(RetrievalRanks(ranks["student_i2t"], ranks["student_t2i"]))["rsum"] == doc["student"]["rsum"]
+    table = (paths.workdir / "metrics.md").read_text()
+    assert table == out.table and "| teacher |" in table and "| student |" in table and "| chance |" in table
+    assert f"| {iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f}) |" in table and "speed-up" in table
     assert "RSUM" in out.summary()
+
+
+def test_several_seeds_and_per_style_galleries(workdir):
+    """Models given as runs (one with two seeds), galleries by directory: seed means, per-seed figures, the
+    interval on seed-averaged redraws, per-group and pooled metrics against a per-group naive ranking."""
+    from pipeline.evaluate.bootstrap import paired_bootstrap, resample_counts
+    from pipeline.evaluate.galleries import chance_metrics
+
+    paths = workdir
+    cfg = EvaluateConfig(device="cpu", batch_size=4, latency=False, gallery="by_directory", bootstrap_resamples=300)
+    out = run_evaluate(paths, cfg, runs={"two": ["student", "baseline"], "one": ["baseline"]}, reference="one")
+    doc, detail = out.document, out.detail
+    s = open_store(paths.features).split("test")
+    ti = np.asarray(s.text_image)
+    groups = {g: np.flatnonzero([i.startswith(g + "/") for i in s.image_id]) for g in ("a", "b")}
+    # teacher: each group ranked alone (naive: retrieval_ranks on the group's rows), pooled = all queries
+    i2t, t2i = np.zeros(11, dtype=np.int64), np.zeros(len(ti), dtype=np.int64)
+    for g, rows in groups.items():
+        caps = np.flatnonzero(np.isin(ti, rows))
+        local = np.searchsorted(rows, ti[caps])
+        r = retrieval_ranks(np.asarray(s.image_emb)[rows], np.asarray(s.text_emb)[caps], local)
+        i2t[rows], t2i[caps] = r.i2t, r.t2i
+        group = with_average(recall_metrics(r))
+        assert detail["teacher"]["groups"][g] == {k: group[k] for k in detail["teacher"]["groups"][g]}
+    pooled = with_average(recall_metrics(RetrievalRanks(i2t, t2i)))
+    assert {k: doc["teacher"][k] for k in pooled} == pooled
+    assert doc["chance"]["rsum"] == chance_metrics(ti, groups)["rsum"]
+    # seeds: the mean, the spread, each seed as evaluated alone
+    two, seeds = doc["two"], detail["two"]["seeds"]
+    assert list(seeds) == ["student", "baseline"] and "seeds" not in two and "groups" not in two
+    assert two["rsum"] == pytest.approx(np.mean([seeds[r]["rsum"] for r in ("student", "baseline")]))
+    assert two["rsum_sd"] == pytest.approx(np.std([seeds[r]["rsum"] for r in ("student", "baseline")], ddof=1))
+    assert seeds["baseline"]["rsum"] == doc["one"]["rsum"]
+    # the interval: seed-averaged ranks of `two` vs `one` on the redraws every model shares
+    ranks = np.load(paths.workdir / "ranks.npz")
+    runs = {n: RetrievalRanks(ranks[f"{n}_i2t"], ranks[f"{n}_t2i"]) for n in ("student", "baseline")}
+    counts = resample_counts(11, 300, 0)
+    want = paired_bootstrap([runs["student"], runs["baseline"]], [runs["baseline"]], ti, counts=counts)
+    assert two["rsum_vs_one"] == want["rsum"].as_dict() == detail["two"]["vs_one"]["rsum"]
+    assert detail["two"]["vs_one"]["t2i_r1"] == want["t2i_r1"].as_dict()
+    assert "rsum_vs_one" not in doc["one"] and out.run_info["groups"] == {"a": 6, "b": 5}
+    header = (paths.plots / "recall_t2i.csv").read_text().splitlines()[0]
+    assert header == "k,teacher,two,one,chance"  # evaluation order
+    table = (paths.workdir / "metrics.md").read_text()
+    assert "| RSUM per gallery | a | b |" in table and "| two |" in table and "| 2 (" in table
+
+
+def test_plot_models_order_the_curves_and_must_name_every_model(workdir):
+    cfg = EvaluateConfig(device="cpu", batch_size=4, latency=False, plot_models=("chance", "baseline", "student"))
+    with pytest.raises(ConfigError, match=r"plot_models \['chance', 'baseline', 'student'\] must list exactly"):
+        run_evaluate(workdir, cfg)
+    run_evaluate(workdir, replace(cfg, plot_models=("chance", "baseline", "student", "teacher")))
+    assert (workdir.plots / "recall_i2t.csv").read_text().startswith("k,chance,baseline,student,teacher\n")
 
 
 def test_teacher_latency_is_null_with_a_reason(workdir):
@@ -258,12 +329,15 @@ def test_teacher_latency_is_null_with_a_reason(workdir):
     def unavailable(device, dtype):
         raise InputError("extract.teacher.beit3.checkpoint: not set")
 
-    doc = run_evaluate(paths, cfg, teacher_factory=unavailable).document
-    assert "baseline" not in doc and doc["latency"]["teacher"] is None
-    assert "not available: extract.teacher.beit3.checkpoint" in doc["latency"]["teacher_reason"]
+    out = run_evaluate(paths, cfg, teacher_factory=unavailable)
+    doc = out.document
+    assert "baseline" not in doc and doc["latency"]["teacher"] is None and "speedup" not in doc["latency"]
+    assert "not available: extract.teacher.beit3.checkpoint" in out.run_info["latency_method"]["teacher_reason"]
     assert doc["params"]["teacher"] is None and doc["latency"]["student"]["image_s"] > 0
-    other = run_evaluate(paths, cfg, teacher_factory=lambda d, t: ModuleTeacher(seed=5)).document
-    assert other["latency"]["teacher"] is None and "not the one that computed" in other["latency"]["teacher_reason"]
+    assert "rsum_vs_baseline" not in doc["student"] and out.run_info["bootstrap"]["reference"] is None
+    other = run_evaluate(paths, cfg, teacher_factory=lambda d, t: ModuleTeacher(seed=5))
+    assert other.document["latency"]["teacher"] is None
+    assert "not the one that computed" in other.run_info["latency_method"]["teacher_reason"]
     none = run_evaluate(paths, replace(cfg, latency=False), teacher_factory=None).document
     assert none["latency"] is None
 
@@ -342,7 +416,8 @@ def test_stage_cli_full_run(workdir, tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads(paths.metrics.read_text())
     assert set(doc) >= {"teacher", "student", "baseline", "latency", "params"}
-    assert doc["latency"]["teacher"] is None and "teacher_reason" in doc["latency"]  # no BEiT-3 checkpoint here
+    assert doc["latency"]["teacher"] is None  # no BEiT-3 checkpoint here
+    assert "teacher_reason" in json.loads(paths.run_info.read_text())["latency_method"]
     assert "| student |" in r.stdout and "evaluate: test split" in r.stdout
     assert (paths.workdir / "config" / "evaluate.yaml").is_file()
     r = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--set", "evaluate.models=[baseline]"])

@@ -8,6 +8,7 @@ import yaml
 from pipeline.config import from_dict
 from pipeline.data.prepare import PrepareConfig
 from pipeline.distill.run import DistillConfig
+from pipeline.distill.runs import split_runs, variant_section
 from pipeline.evaluate.run import EvaluateConfig
 from pipeline.teachers.extract import ExtractConfig
 from stages._common import TOP_LEVEL_KEYS
@@ -24,4 +25,10 @@ def test_params_file_parses(path):
     assert set(SECTIONS) | {"workdir"} == set(TOP_LEVEL_KEYS)
     for section, cls in SECTIONS.items():
         assert section in raw, f"{path.name} has no {section} section"
-        from_dict(cls, raw[section], section)
+        data = split_runs(raw[section])[1] if section == "distill" else raw[section]
+        from_dict(cls, data, section)
+    runs = split_runs(raw["distill"])[0]
+    for variant in runs.variants if runs else ():  # every run's merged section is a valid distill config
+        from_dict(DistillConfig, variant_section(raw["distill"], variant, runs.seeds[0])[0], "distill")
+    if runs:  # dvc.yaml's recall plots draw evaluate.plot_models: the teacher, every variant, chance
+        assert raw["evaluate"]["plot_models"] == ["teacher", *runs.variants, "chance"]

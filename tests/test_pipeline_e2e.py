@@ -136,3 +136,39 @@ def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
         assert all(k in block for k in METRIC_KEYS)
         assert block["rsum"] == pytest.approx(sum(block[k] for k in METRIC_KEYS[:6]))
     assert (work / "plots" / "recall_at_k.png").is_file()
+
+    # The same pipeline as dvc.yaml's matrix runs it: distill.runs' variants x seeds into models/, then evaluate
+    # every run, seed-averaged, each compared with the baseline on the same bootstrap redraws.
+    raw = yaml.safe_load(Path(p).read_text())
+    raw["distill"]["runs"] = {
+        "seeds": [0, 1],
+        "variants": {"student_pairs": {"overrides": {"lr": 0.001}}, "baseline": {"baseline": True}},
+    }
+    raw["evaluate"]["bootstrap_resamples"] = 100
+    Path(p).write_text(yaml.safe_dump(raw, sort_keys=False))  # variants in this order
+    for variant in ("student_pairs", "baseline"):
+        for seed in (0, 1):
+            run("distill", "--params", p, "--variant", variant, "--seed", str(seed))
+            run_dir = work / "models" / f"{variant}-s{seed}"
+            assert (run_dir / "model.safetensors").is_file()
+            for log in ("train", "val"):  # the training curves, copied out for `dvc plots`
+                copied = work / "curves" / log / f"{variant}-s{seed}.csv"
+                assert copied.read_bytes() == (run_dir / f"{log}_log.csv").read_bytes()
+    resolved = yaml.safe_load((work / "config" / "distill-student_pairs-s1.yaml").read_text())["distill"]
+    assert (resolved["seed"], resolved["lr"]) == (1, 0.001)
+    result = CliRunner().invoke(app, ["distill", "--params", p, "--variant", "student_pairs", "--seed", "7"])
+    assert result.exit_code == 2 and "distill.runs.seeds: 7 is not one of [0, 1]" in result.output
+
+    run("evaluate", "--params", p)
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert [k for k, v in metrics.items() if isinstance(v, dict) and "rsum" in v] == [
+        *("teacher", "student_pairs", "baseline", "chance")
+    ]
+    pairs, seeds = metrics["student_pairs"], json.loads((work / "metrics_detail.json").read_text())
+    seeds = seeds["student_pairs"]["seeds"]
+    assert list(seeds) == ["student_pairs-s0", "student_pairs-s1"]
+    assert pairs["rsum"] == pytest.approx(np.mean([s["rsum"] for s in seeds.values()]))
+    assert pairs["rsum_vs_baseline"]["diff"] == pytest.approx(pairs["rsum"] - metrics["baseline"]["rsum"])
+    assert "environment" not in metrics and "environment" in json.loads((work / "run_info.json").read_text())
+    ranks = np.load(work / "ranks.npz")
+    assert {"teacher_i2t", "student_pairs-s0_i2t", "student_pairs-s1_t2i", "baseline-s1_i2t"} <= set(ranks.files)

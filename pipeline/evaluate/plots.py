@@ -1,18 +1,22 @@
-"""The evaluate stage's plots: recall@K curves (PNG and DVC plots data), the Markdown table, per-query ranks.
+"""The evaluate stage's report: recall@K curves (PNG and DVC plots data), the Markdown table, per-query ranks.
 
-plots/
-  recall_at_k.png      recall@K, K = 1..curve_max_k, image-to-text and text-to-image side by side, one line per model
-  recall_i2t.csv       DVC plots data: k, then one column per model (recall in percent)
-  recall_t2i.csv       the same for text-to-image
-  metrics.md           the table: R@1/5/10 both ways, RSUM, RSUM relative to the teacher; latency and parameters
-  ranks.npz            per-query ranks: <model>_i2t [N] (image order, with image_id), <model>_t2i [M] (caption
-                       order, with text_image), so a user can see which queries fail
+<workdir>/
+  metrics_detail.json  (written by run.py beside metrics.json: per seed, per group, every recall's interval)
+  metrics.md           the table: every model's R@1/5/10 both ways, RSUM, average, RSUM minus the reference's with
+                       its paired-bootstrap 95% interval, seeds; per-group RSUM; latency and parameters
+  ranks.npz            per-query ranks of every run: <run>_i2t [N] (image order, with image_id), <run>_t2i [M]
+                       (caption order, with text_image), so anyone can recompute any figure (or see which queries fail)
+  plots/
+    recall_at_k.png    recall@K, K = 1..curve_max_k, image-to-text and text-to-image side by side, one line per model
+    recall_i2t.csv     DVC plots data: k, then one column per model (seed-averaged recall in percent), then chance
+    recall_t2i.csv     the same for text-to-image
 
-The directory is rewritten as a whole (built beside it, then swapped in).
+plots/ is rewritten as a whole (built beside it, then swapped in).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -23,42 +27,37 @@ import numpy as np
 from pipeline.store.durable import fsync_tree, replace_dir
 
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
+TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "average_score")
 
 
-def write_plots(
-    out_dir: Path | str,
-    results: dict[str, Any],
-    doc: dict[str, Any],
-    table: str,
-    *,
-    image_id: np.ndarray | None = None,
-    text_image: np.ndarray | None = None,
-) -> Path:
-    """results: {model: ModelResult} (curves, ranks). image_id None: no ranks.npz."""
+def write_curves(out_dir: Path | str, curves: dict[str, dict[str, np.ndarray]], title: str = "") -> Path:
+    """curves: {model: {"i2t": [K], "t2i": [K]}} (chance included): the CSVs and the PNG, swapped in whole."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    curves = {name: r.curves for name, r in results.items()}
     write_curves_csv(tmp, curves)
-    plot_recall_curves(
-        curves,
-        tmp / "recall_at_k.png",
-        title=f"{doc['dataset']} {doc['split']}: {doc['n_images']:,} images, {doc['n_captions']:,} captions",
-    )
-    (tmp / "metrics.md").write_text(table)
-    if image_id is not None:
-        arrays = {f"{name}_{d}": getattr(r.ranks, d) for name, r in results.items() for d in DIRECTIONS}
-        np.savez_compressed(
-            tmp / "ranks.npz", image_id=np.asarray(image_id, dtype=str), text_image=np.asarray(text_image), **arrays
-        )
+    plot_recall_curves(curves, tmp / "recall_at_k.png", title=title)
     fsync_tree(tmp)
     replace_dir(tmp, out_dir)
     return out_dir
 
 
+def write_ranks(path: Path, results: dict[str, list[Any]], image_id: Any, text_image: Any) -> Path:
+    """ranks.npz: <run>_i2t and <run>_t2i of every run of every model (results: {model: [ModelResult]})."""
+    from pipeline.store.durable import write_file_durably
+
+    arrays = {f"{r.name}_{d}": getattr(r.ranks, d) for rs in results.values() for r in rs for d in DIRECTIONS}
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf, image_id=np.asarray(image_id, dtype=str), text_image=np.asarray(text_image, dtype=np.int32), **arrays
+    )
+    write_file_durably(Path(path), buf.getvalue())
+    return Path(path)
+
+
 def write_curves_csv(out_dir: Path, curves: dict[str, dict[str, np.ndarray]]) -> None:
-    """recall_<direction>.csv: columns k, <model>... (DVC: `x: k`, one line per model column)."""
+    """recall_<direction>.csv: columns k, <model>... (DVC: `x: k`, `y: [the model columns]`)."""
     models = list(curves)
     for d in DIRECTIONS:
         ks = len(next(iter(curves.values()))[d])
@@ -78,14 +77,8 @@ def plot_recall_curves(curves: dict[str, dict[str, np.ndarray]], path: Path, tit
     for ax, (d, label) in zip(axes, DIRECTIONS.items()):
         for i, (name, c) in enumerate(curves.items()):
             ks = np.arange(1, len(c[d]) + 1)
-            ax.plot(
-                ks,
-                c[d],
-                label=name,
-                lw=1.8 if name == "teacher" else 1.4,
-                drawstyle="steps-post",
-                ls="-" if i < 4 else "--",
-            )
+            style = ":" if name == "chance" else "-" if i < 4 else "--"
+            ax.plot(ks, c[d], label=name, lw=1.8 if name == "teacher" else 1.4, drawstyle="steps-post", ls=style)
         for k in (1, 5, 10):
             ax.axvline(k, color="gray", lw=0.5, ls=":")
         ax.set_xscale("log")
@@ -104,40 +97,67 @@ def plot_recall_curves(curves: dict[str, dict[str, np.ndarray]], path: Path, tit
     plt.close(fig)
 
 
-def markdown_table(doc: dict[str, Any]) -> str:
-    """The metrics of every model in `doc` (teacher first), RSUM relative to the teacher's, then latency and
-    parameter counts when measured."""
-    models = [k for k, v in doc.items() if isinstance(v, dict) and "rsum" in v]
-    teacher_rsum = doc["teacher"]["rsum"] if "teacher" in doc else None
-    head = "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | RSUM / teacher |"
+def model_names(doc: dict[str, Any]) -> list[str]:
+    """The models of a metrics document, in its order (teacher, the trained ones, chance)."""
+    return [k for k, v in doc.items() if isinstance(v, dict) and "rsum" in v]
+
+
+def markdown_table(doc: dict[str, Any], run_info: dict[str, Any] | None = None, detail: dict | None = None) -> str:
+    """Every model of metrics.json `doc`: recalls, RSUM, average, the RSUM difference to the reference with its 95%
+    interval, seeds (RSUM sd); per-group RSUM (from metrics_detail.json `detail`) when the galleries are grouped;
+    then latency and parameters when measured."""
+    run_info, detail = run_info or {}, detail or {}
+    models = model_names(doc)
+    ref = (run_info.get("bootstrap") or {}).get("reference")
     lines = [
         f"{doc['dataset']}, {doc['split']} split: {doc['n_images']:,} images, {doc['n_captions']:,} captions "
-        f"(exact search, float32 scores, {doc.get('tie_rule', 'pessimistic')} ties)",
+        f"(exact search, float32 scores, {run_info.get('tie_rule', 'pessimistic')} ties"
+        + (", per-group galleries" if run_info.get("gallery") == "by_directory" else "")
+        + ")",
         "",
-        head,
-        "|---|" + "---:|" * 8,
+        "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | average "
+        f"| RSUM - {ref or 'reference'} (95% CI) | seeds (RSUM sd) |",
+        "|---|" + "---:|" * 10,
     ]
     for m in models:
         r = doc[m]
-        ratio = f"{100 * r['rsum'] / teacher_rsum:.1f}%" if teacher_rsum else "-"
-        cells = [f"{r[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {ratio} |")
-    lat, params = doc.get("latency"), doc.get("params") or {}
-    if lat or any(v is not None for v in params.values()):
-        lines += ["", "| model | parameters | s / image | s / caption |", "|---|---:|---:|---:|"]
-        for m in models:
-            p = params.get(m)
-            t = (lat or {}).get(m)
-            lines.append(f"| {m} | {_count(p)} | {_sec(t, 'image_s')} | {_sec(t, 'caption_s')} |")
-        if lat:
-            note = f"latency on {lat['device']}, {lat['dtype']}, batch {lat['batch_size']}"
-            if lat.get("teacher") is None and lat.get("teacher_reason"):
-                note += f"; teacher not timed: {lat['teacher_reason']}"
-            if lat.get("speedup"):
-                s = lat["speedup"]
-                note += f"; student speed-up {s['image_s']:.3g}x per image, {s['caption_s']:.3g}x per caption"
-            lines += ["", note]
+        iv = r.get(f"rsum_vs_{ref}")
+        diff = f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})" if iv else "-"
+        n_runs = len((run_info.get("runs") or {}).get(m, [m]))
+        seeds = f"{n_runs} ({r['rsum_sd']:.1f})" if "rsum_sd" in r else ("-" if m == "chance" else str(n_runs))
+        cells = [f"{r[k]:.1f}" for k in TABLE_KEYS]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {diff} | {seeds} |")
+    lines += _group_table(detail, models) + _cost_table(doc, models, run_info)
     return "\n".join(lines) + "\n"
+
+
+def _group_table(detail: dict[str, Any], models: list[str]) -> list[str]:
+    groups = list(detail.get(models[0], {}).get("groups", {})) if models else []
+    if not groups:
+        return []
+    lines = ["", "| RSUM per gallery | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(f"{detail[m]['groups'][g]['rsum']:.1f}" for g in groups) + " |")
+    return lines
+
+
+def _cost_table(doc: dict[str, Any], models: list[str], run_info: dict[str, Any]) -> list[str]:
+    lat, params = doc.get("latency"), doc.get("params") or {}
+    if not lat and not any(v is not None for v in params.values()):
+        return []
+    lines = ["", "| model | parameters | s / image | s / caption |", "|---|---:|---:|---:|"]
+    for m in (m for m in models if m != "chance"):
+        t = (lat or {}).get(m)
+        lines.append(f"| {m} | {_count(params.get(m))} | {_sec(t, 'image_s')} | {_sec(t, 'caption_s')} |")
+    method = run_info.get("latency_method") or {}
+    if lat and method:
+        note = f"latency on {method['device']}, {method['dtype']}, batch {method['batch_size']}"
+        if lat.get("teacher") is None and method.get("teacher_reason"):
+            note += f"; teacher not timed: {method['teacher_reason']}"
+        for m, s in (lat.get("speedup") or {}).items():
+            note += f"; {m} speed-up {s['image_s']:.3g}x per image, {s['caption_s']:.3g}x per caption"
+        lines += ["", note]
+    return lines
 
 
 def _count(p: int | None) -> str:

@@ -1,6 +1,11 @@
 """The evaluate stage: exact retrieval metrics of the teacher (from the feature store) and of the students
 (encoded from prepare's image cache and the index's captions) on one split, encode latency and parameter
-counts, written as `metrics.json` (schema: docs/architecture.md, "Metrics file") plus plots.
+counts, written as `metrics.json` (schema: docs/architecture.md, "Metrics file"; metrics only, so that
+`dvc metrics show` is a table) and `run_info.json` beside it (where and how they were measured), plus
+`metrics.md` (the table), `ranks.npz` (every run's per-query ranks) and plots/.
+
+A model is one or more runs (training seeds, `distill.runs`): its block holds the seed means, the spread and
+each seed's figures, and its paired-bootstrap difference to the reference model (pipeline.evaluate.summary).
 
 Teacher and students are ranked over the very same gallery: the store's split, aligned with the dataset
 index through `image_id` (a store written with `extract.on_bad_image: skip` lacks some images; the students
@@ -23,20 +28,17 @@ import torch
 from pipeline.config import require_at_least
 from pipeline.devices import resolve_device
 from pipeline.environment import numerics_environment
-from pipeline.errors import InputError, KdpipeError
-from pipeline.evaluate.retrieval import (
-    TIE_RULE,
-    RetrievalRanks,
-    recall_curves,
-    recall_metrics,
-    retrieval_ranks,
-)
+from pipeline.errors import ConfigError, InputError, KdpipeError
+from pipeline.evaluate.bootstrap import RECALL_KEYS
+from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
+from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics
+from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, split_detail, with_average
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
+METRIC_KEYS = (*RECALL_KEYS, "rsum", "average_score", "i2t_medr", "t2i_medr")  # every model block has them
 
 
 @dataclass(frozen=True)
@@ -48,18 +50,27 @@ class EvaluateConfig:
     batch_size: int = 128  # student encoding batch (images and captions)
     backend: Literal["auto", "torch", "faiss"] = "auto"  # exact search; auto = torch (measured faster)
     chunk_size: int | None = None  # score tile edge; None: 4096 on CPU, 16384 on CUDA
-    # Student directories under the workdir, evaluated next to the teacher: `student` is required, the others
-    # (e.g. distill's undistilled `baseline`) are evaluated when their directory exists.
+    # Without distill.runs in the params file: student directories under the workdir, evaluated next to the
+    # teacher: `student` is required, the others (e.g. the undistilled `baseline`) when their directory exists.
     models: tuple[str, ...] = ("student", "baseline")
     latency: bool = True  # time encoding per image and per caption, teacher and students, on `device`
     latency_batch_size: int = 32
     latency_batches: int = 3  # timed batches of latency_batch_size (after one warm-up batch)
     latency_dtype: Literal["float32", "bfloat16"] = "float32"  # both models in the same precision
     curve_max_k: int = 50  # recall@K curves for K = 1..curve_max_k
-    write_ranks: bool = True  # per-query ranks in plots/ranks.npz (which queries fail)
+    write_ranks: bool = True  # per-query ranks of every run in ranks.npz (which queries fail; recompute anything)
+    # split: one gallery; by_directory: each image_id's first path component is a gallery of its own (galleries.py)
+    gallery: Literal["split", "by_directory"] = "split"
+    bootstrap_resamples: int = 2000  # paired bootstrap of each model's difference to distill.runs.compare_to
+    bootstrap_seed: int = 0
+    # The columns of plots/recall_*.csv, in order: exactly the evaluated models (teacher, each trained model,
+    # chance). dvc.yaml's recall plots read this list (DVC must name its y columns); None: evaluation order.
+    plot_models: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "batch_size", "latency_batch_size", "latency_batches", "curve_max_k")
+        require_at_least(
+            self, 1, "batch_size", "latency_batch_size", "latency_batches", "curve_max_k", "bootstrap_resamples"
+        )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive (or null for automatic), got {self.chunk_size}")
         if not self.models or self.models[0] != "student":
@@ -71,6 +82,9 @@ class EvaluateConfig:
                 )
         if self.curve_max_k < 10:
             raise ValueError(f"curve_max_k must be at least 10 (R@10 is reported), got {self.curve_max_k}")
+
+
+LATENCY_METHOD_KEYS = ("device", "dtype", "batch_size", "timed_batches", "measures", "teacher_reason")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,16 +106,23 @@ def evaluate_embeddings(
     text_image: np.ndarray,
     cfg: EvaluateConfig,
     device: torch.device | None = None,
+    groups: dict[str, np.ndarray] | None = None,
 ) -> ModelResult:
-    """Exact ranks, metrics and recall curves of one model's embeddings (numpy, memory maps or tensors)."""
+    """Exact ranks, metrics and recall curves of one model's embeddings (numpy, memory maps or tensors), each
+    query ranked within its group's gallery (groups: galleries.image_groups; None: the whole split)."""
     t = time.perf_counter()
-    ranks = retrieval_ranks(
-        image_emb, text_emb, text_image, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device
+    groups = groups or {"": np.arange(int(image_emb.shape[0]))}
+    ranks = grouped_ranks(
+        image_emb, text_emb, text_image, groups, chunk_size=cfg.chunk_size, backend=cfg.backend, device=device
     )
     _sync(device)
     seconds = time.perf_counter() - t
     return ModelResult(
-        name, ranks, recall_metrics(ranks), recall_curves(ranks, cfg.curve_max_k), {"score_s": round(seconds, 3)}
+        name,
+        ranks,
+        with_average(recall_metrics(ranks)),
+        recall_curves(ranks, cfg.curve_max_k),
+        {"score_s": round(seconds, 3)},
     )
 
 
@@ -111,17 +132,18 @@ def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -
 
     store = open_store(store_path)
     s = store.split(split)
-    result = evaluate_embeddings(
-        "teacher", s.image_emb, s.text_emb, s.text_image, cfg, resolve_device(cfg.device, "evaluate.device")
-    )
+    device = resolve_device(cfg.device, "evaluate.device")
+    groups = image_groups(s.image_id, cfg.gallery)
+    result = evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, device, groups)
     return metrics_document(
         dataset=_dataset_name(store),
         split=split,
         n_images=s.n_images,
         n_captions=s.n_captions,
-        models={"teacher": result.metrics},
+        models=split_detail({"teacher": model_block([result], s.text_image, groups)}, {}, "")[0],
         teacher_name=store.teacher.get("name"),
         tie_rule=TIE_RULE,
+        gallery=cfg.gallery,
     )
 
 
@@ -129,7 +151,7 @@ def metrics_document(
     *, dataset: str, split: str, n_images: int, n_captions: int, models: dict[str, dict[str, float]], **extra: Any
 ) -> dict[str, Any]:
     """metrics.json: the architecture's keys first (dataset, split, sizes, then one block per model: teacher,
-    student, ...), then extras (teacher_name, latency, params, ...)."""
+    student, ...), then extras (chance, params, latency, ...)."""
     missing = [(m, k) for m, block in models.items() for k in METRIC_KEYS if k not in block]
     if missing:
         raise ValueError(f"metrics of {missing[0][0]} lack {missing[0][1]}")
@@ -339,15 +361,17 @@ def same_teacher(identity: dict[str, Any], stored: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class EvaluateOutput:
-    document: dict[str, Any]
-    results: dict[str, ModelResult]
+    document: dict[str, Any]  # metrics.json
+    detail: dict[str, Any]  # metrics_detail.json
+    run_info: dict[str, Any]  # run_info.json
+    results: dict[str, list[ModelResult]]  # every run of every model (teacher: one)
     metrics_path: Path
     plots_dir: Path
-    table: str  # the Markdown table (also in plots/metrics.md)
+    table: str  # the Markdown table (also in metrics.md)
     seconds: float
 
     def summary(self) -> str:
-        names = ", ".join(f"{k} RSUM {r.metrics['rsum']:.1f}" for k, r in self.results.items())
+        names = ", ".join(f"{k} RSUM {self.document[k]['rsum']:.1f}" for k in self.results)
         return (
             f"evaluate: {self.document['split']} split, {self.document['n_images']:,} images / "
             f"{self.document['n_captions']:,} captions: {names}; wrote {self.metrics_path} and "
@@ -355,78 +379,149 @@ class EvaluateOutput:
         )
 
 
+def default_runs(paths: ArtifactPaths, cfg: EvaluateConfig) -> dict[str, list[str]]:
+    """Without `distill.runs`: evaluate.models, one run each in <workdir>/<model> (`student` required, the
+    others when their directory exists)."""
+    runs = {}
+    for m in cfg.models:
+        if m != "student" and not (paths.workdir / m / "student_config.json").is_file():
+            log.info(f"evaluate: no {m} in {paths.workdir / m}; not evaluated")
+            continue
+        runs[m] = [m]
+    return runs
+
+
 def run_evaluate(
     paths: ArtifactPaths,
     cfg: EvaluateConfig,
     *,
+    runs: dict[str, list[str]] | None = None,
+    reference: str = "baseline",
     teacher_factory: Callable[[torch.device, torch.dtype], Any] | None = None,
     metrics_path: Path | None = None,
 ) -> EvaluateOutput:
-    """Evaluate the teacher (feature store) and the students on `cfg.split`; write metrics.json and plots/.
+    """Evaluate the teacher (feature store) and the students on `cfg.split`; write metrics.json, run_info.json,
+    metrics.md, ranks.npz and plots/.
 
+    runs: {model: [its run directories, relative to the workdir, one per seed]} (default: `default_runs`).
+    reference: the model every other one is compared with (paired bootstrap), when it is evaluated.
     teacher_factory(device, dtype) builds the teacher model for the latency comparison (None, or a failure to
     build it: the teacher's latency is recorded as null with the reason)."""
     from pipeline.data.index import DatasetIndex
-    from pipeline.evaluate.plots import markdown_table, write_plots
     from pipeline.store.features import open_store
     from pipeline.store.image_cache import open_image_cache
-    from pipeline.towers.student import load_student
 
     start = time.perf_counter()
     device = resolve_device(cfg.device, "evaluate.device")
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint)
     s = store.split(cfg.split)
-    view = index.split(cfg.split)
-    gallery = align_gallery(view, s, str(paths.features))
-    student_dirs = {m: paths.workdir / m for m in cfg.models}
-    for m, d in list(student_dirs.items()):
-        if m != "student" and not (d / "student_config.json").is_file():
-            log.info(f"evaluate: no {m} in {d}; not evaluated")
-            del student_dirs[m]
+    gallery = align_gallery(index.split(cfg.split), s, str(paths.features))
+    groups = image_groups(s.image_id, cfg.gallery)
     images = open_image_cache(paths.images, expect_fingerprint=index.fingerprint).split(cfg.split)
+    runs = runs if runs is not None else default_runs(paths, cfg)
+    evaluated = ["teacher", *runs, "chance"]
+    if cfg.plot_models is not None and sorted(cfg.plot_models) != sorted(evaluated):
+        raise ConfigError(f"evaluate.plot_models {list(cfg.plot_models)} must list exactly the models {evaluated}")
 
-    results: dict[str, ModelResult] = {}
-    results["teacher"] = evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, device)
-    students = {}
-    for m, d in student_dirs.items():
-        model = load_student(d, device)
-        students[m] = model
-        t = time.perf_counter()
-        img, txt = encode_gallery(model, images, gallery, cfg.batch_size, m)
-        _sync(device)
-        encode_s = time.perf_counter() - t
-        results[m] = evaluate_embeddings(m, img, txt, gallery.text_image, cfg, device)
-        results[m].seconds["encode_s"] = round(encode_s, 3)
-        results[m].metrics.update(teacher_agreement(img, txt, s.image_emb, s.text_emb))
-        del img, txt
+    results = {"teacher": [evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, device, groups)]}
+    students = {}  # model -> its first run's model, for latency and parameter counts (seeds share the architecture)
+    for model, dirs in runs.items():
+        results[model], students[model] = _evaluate_student(paths, dirs, images, gallery, s, cfg, device, groups)
 
     params = {"teacher": None, **{m: count_parameters(model) for m, model in students.items()}}
     latency = _measure_latency(cfg, device, students, images, gallery, store.teacher, teacher_factory, params)
+    docs = _documents(store, index, s, cfg, results, groups, reference, params, latency, device)
+    return _write_outputs(paths, cfg, *docs, results, s, groups, metrics_path, start)
+
+
+def _evaluate_student(
+    paths: ArtifactPaths, dirs: list[str], images: Any, gallery: Gallery, s: Any, cfg: EvaluateConfig, device, groups
+) -> tuple[list[ModelResult], Any]:
+    """Every run (seed) of one model: encode the gallery, rank, agreement with the teacher."""
+    from pipeline.towers.student import load_student
+
+    out, first = [], None
+    for d in dirs:
+        model = load_student(paths.workdir / d, device)
+        name = Path(d).name
+        t = time.perf_counter()
+        img, txt = encode_gallery(model, images, gallery, cfg.batch_size, name)
+        _sync(device)
+        encode_s = time.perf_counter() - t
+        result = evaluate_embeddings(name, img, txt, gallery.text_image, cfg, device, groups)
+        result.seconds["encode_s"] = round(encode_s, 3)
+        result.metrics.update(teacher_agreement(img, txt, s.image_emb, s.text_emb))
+        out.append(result)
+        first = first or model
+        del img, txt
+    return out, first
+
+
+def _documents(store, index, s, cfg, results, groups, reference, params, latency, device) -> tuple[dict, ...]:
+    """metrics.json (the headline metrics only), metrics_detail.json (per seed, per group, every interval) and
+    run_info.json (where, how, how long)."""
+    ti = np.asarray(s.text_image)
+    blocks = {m: model_block(rs, ti, groups) for m, rs in results.items()}
+    blocks["chance"] = chance_block(ti, groups)
+    intervals = compare_to_reference(
+        {m: [r.ranks for r in rs] for m, rs in results.items()},
+        reference,
+        ti,
+        cfg.bootstrap_resamples,
+        cfg.bootstrap_seed,
+    )
+    head, detail = split_detail(blocks, intervals, reference)
+    chance = head.pop("chance")
+    method = {k: latency.pop(k) for k in LATENCY_METHOD_KEYS if k in latency} if latency else None
     doc = metrics_document(
         dataset=_dataset_name(store, index.name),
         split=cfg.split,
         n_images=s.n_images,
         n_captions=s.n_captions,
-        models={k: r.metrics for k, r in results.items()},
-        teacher_name=store.teacher.get("name"),
-        tie_rule=TIE_RULE,
+        models=head,
+        chance=chance,
         params=params,
         latency=latency,
-        timing_s={k: r.seconds for k, r in results.items()},
-        environment=numerics_environment(device),
     )
-    table = markdown_table(doc)
+    run_info = {
+        "teacher_name": store.teacher.get("name"),
+        "tie_rule": TIE_RULE,
+        "gallery": cfg.gallery,
+        "groups": {g: len(rows) for g, rows in groups.items()},
+        "runs": {m: [r.name for r in rs] for m, rs in results.items()},
+        "bootstrap": {
+            "reference": reference if intervals else None,
+            "resamples": cfg.bootstrap_resamples,
+            "seed": cfg.bootstrap_seed,
+            "method": "images redrawn with their captions; seeds averaged per redraw; 95% percentile interval",
+        },
+        "latency_method": method,
+        "timing_s": {r.name: r.seconds for rs in results.values() for r in rs},
+        "environment": numerics_environment(device),
+    }
+    return doc, detail, run_info
+
+
+def _write_outputs(paths, cfg, doc, detail, run_info, results, s, groups, metrics_path, start) -> EvaluateOutput:
+    """metrics.json, metrics_detail.json, run_info.json and metrics.md side by side, ranks.npz, and the curves in
+    plots/."""
+    from pipeline.evaluate.plots import markdown_table, write_curves, write_ranks
+    from pipeline.store.durable import write_file_durably
+
+    table = markdown_table(doc, run_info, detail)
     metrics_path = write_json(doc, metrics_path or paths.metrics)
-    write_plots(
-        paths.plots,
-        results,
-        doc,
-        table,
-        image_id=s.image_id if cfg.write_ranks else None,
-        text_image=gallery.text_image,
-    )
-    return EvaluateOutput(doc, results, metrics_path, paths.plots, table, time.perf_counter() - start)
+    write_json(detail, metrics_path.with_name("metrics_detail.json"))
+    write_json(run_info, metrics_path.with_name(paths.run_info.name))
+    write_file_durably(metrics_path.with_name("metrics.md"), table.encode())
+    if cfg.write_ranks:
+        write_ranks(metrics_path.with_name("ranks.npz"), results, s.image_id, s.text_image)
+    curves = {m: {d: np.mean([r.curves[d] for r in rs], axis=0) for d in ("i2t", "t2i")} for m, rs in results.items()}
+    curves["chance"] = chance_curves(np.asarray(s.text_image), groups, range(1, cfg.curve_max_k + 1))
+    curves = {m: curves[m] for m in cfg.plot_models or curves}
+    title = f"{doc['dataset']} {doc['split']}: {doc['n_images']:,} images, {doc['n_captions']:,} captions"
+    write_curves(paths.plots, curves, title)
+    return EvaluateOutput(doc, detail, run_info, results, metrics_path, paths.plots, table, time.perf_counter() - start)
 
 
 def _measure_latency(
@@ -439,6 +534,8 @@ def _measure_latency(
     teacher_factory: Any,
     params: dict[str, int | None],
 ) -> dict[str, Any] | None:
+    """Seconds per image and per caption of the teacher and each model (its first run), on `device`; the
+    method's description (LATENCY_METHOD_KEYS) goes to run_info.json, the figures to metrics.json."""
     if not cfg.latency:
         return None
     split_images = images if gallery.image_rows is None else images[gallery.image_rows[: cfg.latency_batch_size]]
@@ -477,8 +574,10 @@ def _measure_latency(
         out["teacher_reason"] = reason
     for m, model in students.items():
         out[m] = student_latency(model, split_images, gallery.captions, cfg)
-    if out["teacher"] is not None and "student" in out:
-        out["speedup"] = {k: out["teacher"][k] / out["student"][k] for k in ("image_s", "caption_s")}
+    if out["teacher"] is not None and students:
+        out["speedup"] = {  # teacher time / student time, per model
+            m: {k: out["teacher"][k] / out[m][k] for k in ("image_s", "caption_s")} for m in students
+        }
     return out
 
 
@@ -502,5 +601,6 @@ __all__ = [
     "teacher_latency",
     "teacher_agreement",
     "run_evaluate",
+    "default_runs",
     "write_json",
 ]

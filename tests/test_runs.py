@@ -1,0 +1,70 @@
+"""distill.runs: variants x seeds resolved into plain distill sections, typos caught with their full key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import from_dict
+from pipeline.distill.run import DistillConfig
+from pipeline.distill.runs import run_name, split_runs, variant_section
+from pipeline.errors import ConfigError
+
+SECTION = {
+    "lr": 0.001,
+    "loss": {"queue_size": 0, "cross_modal": True},
+    "seed": 0,
+    "runs": {
+        "seeds": [0, 1, 2],
+        "variants": {
+            "student_a": {"overrides": {"loss": {"queue_size": 16}, "epochs": 3}},
+            "student_b": {},
+            "baseline": {"baseline": True},
+        },
+    },
+}
+
+
+def test_a_variant_merges_its_overrides_into_the_shared_section():
+    section, baseline = variant_section(SECTION, "student_a", 2)
+    assert not baseline and "runs" not in section
+    assert section == {"lr": 0.001, "loss": {"queue_size": 16, "cross_modal": True}, "seed": 2, "epochs": 3}
+    cfg = from_dict(DistillConfig, section, "distill")
+    assert (cfg.seed, cfg.epochs, cfg.loss.queue_size, cfg.loss.cross_modal) == (2, 3, 16, True)
+    assert SECTION["loss"]["queue_size"] == 0  # the shared section is not modified
+    assert variant_section(SECTION, "baseline", 0)[1] is True
+    assert variant_section(SECTION, "student_b", 1)[0] == {**split_runs(SECTION)[1], "seed": 1}
+
+
+def test_run_names_follow_the_matrix():
+    runs, rest = split_runs(SECTION)
+    assert "runs" not in rest and split_runs({"lr": 1.0})[0] is None
+    assert runs.run_names()["student_a"] == ["student_a-s0", "student_a-s1", "student_a-s2"]
+    assert run_name("baseline", 1) == "baseline-s1"
+
+
+@pytest.mark.parametrize(
+    "runs, message",
+    [
+        ({"seeds": [0, 0]}, "seeds must be distinct"),
+        ({"variants": {"teacher": {}}, "compare_to": "teacher"}, "'teacher' is not a usable name"),
+        ({"variants": {"a-b": {}}}, "'a-b' is not a usable name"),
+        ({"variants": {"a": {}}}, "compare_to 'baseline' is not one of the variants"),
+        ({"variants": {"baseline": {"baselne": True}}}, "distill.runs.variants.baseline.baselne: unknown key"),
+        ({"variant": {}}, "distill.runs.variant: unknown key"),
+    ],
+)
+def test_bad_runs_are_one_clear_config_error(runs, message):
+    with pytest.raises(ConfigError, match=message):
+        split_runs({"runs": runs})
+
+
+def test_unknown_variants_seeds_and_override_keys_are_refused():
+    with pytest.raises(
+        ConfigError, match="no variant 'student_c'; defined: \\['student_a', 'student_b', 'baseline'\\]"
+    ):
+        variant_section(SECTION, "student_c", 0)
+    with pytest.raises(ConfigError, match="distill.runs.seeds: 5 is not one of \\[0, 1, 2\\]"):
+        variant_section(SECTION, "student_a", 5)
+    typo = {**SECTION, "runs": {"seeds": [0], "variants": {"baseline": {"overrides": {"loss": {"queue_sise": 1}}}}}}
+    with pytest.raises(ConfigError, match="distill.loss.queue_sise: unknown key"):
+        from_dict(DistillConfig, variant_section(typo, "baseline", 0)[0], "distill")
