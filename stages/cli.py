@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import pipeline
-from stages import demo_data, distill, evaluate, extract, features, prepare
+from stages import demo_data, distill, evaluate, extract, features, fit_teacher, prepare
 
 app = typer.Typer(
     name="kdpipe",
@@ -31,6 +31,7 @@ def _root(
     """Distil a large image-text teacher into a small retrieval model from stored teacher features."""
 
 
+app.command("fit-teacher")(fit_teacher.command)
 app.command("prepare")(prepare.command)
 app.command("extract")(extract.command)
 app.command("distill")(distill.command)
