@@ -118,3 +118,21 @@ def test_build_writes_files_deterministically(tmp_path, sample):
         with Image.open(path) as png:
             assert png.size == (IMAGE_SIZE, IMAGE_SIZE) and png.mode == "RGB"
     assert not list((tmp_path / "a").rglob("*.tmp"))
+
+
+def test_stage_command_builds_the_emoji_dataset(tmp_path, monkeypatch, sample):
+    import typer
+    from typer.testing import CliRunner
+
+    from pipeline.data import demo_emoji
+    from stages import demo_data
+
+    monkeypatch.setattr(demo_emoji, "list_emoji", lambda: list(sample))  # a few emoji: fast
+    app = typer.Typer()
+    app.command()(demo_data.command)
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "emoji")])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {2 * len(sample)} images of {len(sample)} emoji" in result.output
+    assert (tmp_path / "emoji" / "dataset_emoji.json").is_file() and (
+        tmp_path / "emoji" / "teacher_pairs.json"
+    ).is_file()

@@ -291,21 +291,42 @@ def loss_terms(
     gen: torch.Generator,
     autocast,
     world: int = 1,
+    text_cache: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The forward half of a micro-step: uint8 images -> (augmented) normalized pixels on the device ->
     student (through `forward`: the model, DDP or compiled) -> global batch -> raw, unweighted loss terms.
-    Dropout and augmentation draw from `seed` only."""
+    Dropout and augmentation draw from `seed` only. `text_cache` [M, F]: the frozen text tower's features of
+    every caption row (the tower is then skipped)."""
     torch.manual_seed(seed)  # dropout of this micro-step (every device)
     x = model.to_float(b.images)
     if augment.enabled:
         gen.manual_seed(seed)
         x = random_resized_crop(x, model.image_size, gen, scale=augment.scale, ratio=augment.ratio, flip=augment.flip)
     pixels = model.normalize_pixels(x)
+    text_features = None
+    if text_cache is not None:
+        text_features = text_cache[torch.from_numpy(b.rows).to(text_cache.device)]
     with autocast():
-        s_v, s_t = forward(pixels, b.input_ids, b.attention_mask)
+        s_v, s_t = forward(pixels, b.input_ids, b.attention_mask, text_features)
     if world > 1:  # the in-batch terms see the global batch; gradients flow back to each rank
         s_v, s_t = GatherRows.apply(s_v), GatherRows.apply(s_t)
     return loss_fn(s_v, s_t, b.t_v, b.t_t, b.image_ids, b.queue_v, b.queue_t, b.queue_v_ids, b.queue_t_ids)
+
+
+@torch.no_grad()
+def frozen_text_features(
+    model: DualEncoderStudent, tokens: tuple[torch.Tensor, torch.Tensor], batch_size: int, autocast
+) -> torch.Tensor:
+    """The frozen text tower's pooled features of every caption [M, F], fp32 on the model's device."""
+    out = []
+    with autocast():
+        for i in range(0, len(tokens[0]), batch_size):
+            tok = {
+                "input_ids": tokens[0][i : i + batch_size].long(),
+                "attention_mask": tokens[1][i : i + batch_size].long(),
+            }
+            out.append(model.text_features(tok).float())
+    return torch.cat(out)
 
 
 def comparable(cfg_dict: dict) -> dict:
@@ -317,9 +338,15 @@ def comparable(cfg_dict: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def embed_split(
-    model: DualEncoderStudent, split: PairSplit, tokens: tuple[torch.Tensor, torch.Tensor], batch_size: int, autocast
+    model: DualEncoderStudent,
+    split: PairSplit,
+    tokens: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    autocast,
+    text_cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student embeddings of every image (store/cache order) and caption of a split, fp32 on the CPU."""
+    """Student embeddings of every image (store/cache order) and caption of a split, fp32 on the CPU
+    (`text_cache`: the frozen text tower's features of the split's captions)."""
     was_training = model.training
     model.eval()
     rows = split.cache_rows if split.cache_rows is not None else np.arange(len(split.images))
@@ -329,6 +356,9 @@ def embed_split(
             batch = as_tensor(np.take(split.images, rows[i : i + batch_size], axis=0))
             img.append(model.encode_images(batch).float().cpu())
         for i in range(0, len(tokens[0]), batch_size):
+            if text_cache is not None:
+                txt.append(model.project_text(text_cache[i : i + batch_size]).float().cpu())
+                continue
             tok = {
                 "input_ids": tokens[0][i : i + batch_size].long(),
                 "attention_mask": tokens[1][i : i + batch_size].long(),
@@ -338,10 +368,10 @@ def embed_split(
     return torch.cat(img), torch.cat(txt)
 
 
-def validate(model, split: PairSplit, tokens, batch_size: int, autocast) -> dict[str, float]:
+def validate(model, split: PairSplit, tokens, batch_size: int, autocast, text_cache=None) -> dict[str, float]:
     from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks  # the evaluate stage's protocol
 
-    img, txt = embed_split(model, split, tokens, batch_size, autocast)
+    img, txt = embed_split(model, split, tokens, batch_size, autocast, text_cache)
     metrics = recall_metrics(retrieval_ranks(img, txt, split.text_image))
     if split.store is not None:  # how close the student is to the teacher on held-out data
         metrics["teacher_cos_v"] = float(
@@ -636,6 +666,12 @@ def run_distill(
         cache_rows=train.cache_rows,
     )
     val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
+    # A frozen text tower gives every caption the same features at every step: computed once here, so a step
+    # costs the projection only (MiniLM over every batch would dominate a small student's step on a CPU).
+    text_cache = val_text_cache = None
+    if cfg.student.text.freeze:
+        text_cache = frozen_text_features(model, tokens, cfg.eval_batch_size, autocast)
+        val_text_cache = frozen_text_features(model, val_tokens, cfg.eval_batch_size, autocast) if val else None
 
     # -- optimizer and schedule -------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(
@@ -756,6 +792,7 @@ def run_distill(
                         gen=gen,
                         autocast=autocast,
                         world=world,
+                        text_cache=text_cache,
                     )
                     # one device sync per micro-step: the balancer needs the values before the backward
                     values = dict(zip(raw, torch.stack([v.detach() for v in raw.values()]).tolist()))
@@ -823,7 +860,7 @@ def run_distill(
             is_last = state.epoch == cfg.epochs
             if val is not None and (state.epoch % cfg.eval_every_epochs == 0 or is_last):
                 if main:
-                    metrics = validate(model, val, val_tokens, cfg.eval_batch_size, autocast)
+                    metrics = validate(model, val, val_tokens, cfg.eval_batch_size, autocast, val_text_cache)
                     state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
                     val_log.write(state.history[-1])
                     info(
