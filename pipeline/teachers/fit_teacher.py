@@ -163,12 +163,16 @@ def frozen_features(towers: FrozenTowers, image_paths: list[Path], captions: lis
                     raise InputError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from None
             image_out[start : start + len(pixels)] = towers.image_features(torch.stack(pixels)).cpu()
             bar.advance(len(pixels))
-    text_out = torch.empty(len(captions), 384)
-    with progress("fit-teacher: caption features", len(captions), unit="captions") as bar:
-        for start in range(0, len(captions), 256):
-            chunk = captions[start : start + 256]
-            text_out[start : start + len(chunk)] = towers.text_features(towers.tokenize(chunk)).cpu()
+    # each caption once: the demo's two styles of one emoji share their captions
+    unique = sorted(set(captions))
+    unique_out = torch.empty(len(unique), 384)
+    with progress("fit-teacher: caption features", len(unique), unit="captions") as bar:
+        for start in range(0, len(unique), 256):
+            chunk = unique[start : start + 256]
+            unique_out[start : start + len(chunk)] = towers.text_features(towers.tokenize(chunk)).cpu()
             bar.advance(len(chunk))
+    row = {c: i for i, c in enumerate(unique)}
+    text_out = unique_out[[row[c] for c in captions]]
     return image_out, text_out
 
 
