@@ -395,7 +395,9 @@ def test_a_frozen_text_tower_keeps_its_weights_and_is_run_once_per_run(work, mon
     calls = []
     original = DualEncoderStudent.text_features
     monkeypatch.setattr(
-        DualEncoderStudent, "text_features", lambda self, tok: calls.append(len(tok["input_ids"])) or original(self, tok)
+        DualEncoderStudent,
+        "text_features",
+        lambda self, tok: calls.append(len(tok["input_ids"])) or original(self, tok),
     )
     result = run(work, "frozen_text", cfg)
     assert result.completed
