@@ -88,6 +88,16 @@ def test_heads_file_round_trip(tmp_path):
         LiTHeads.load(tmp_path / "missing.safetensors")
 
 
+def test_missing_inputs_name_the_fit_teacher_keys(tmp_path):
+    from pipeline.teachers.fit_teacher import run_fit_teacher
+
+    with pytest.raises(InputError, match="^fit_teacher.pairs: .* not found"):
+        run_fit_teacher(FitTeacherConfig(pairs=tmp_path / "none.json", image_root=tmp_path), tmp_path / "out")
+    (tmp_path / "pairs.json").write_text("{}")
+    with pytest.raises(InputError, match="^fit_teacher.image_root"):
+        run_fit_teacher(FitTeacherConfig(pairs=tmp_path / "pairs.json", image_root=tmp_path / "no"), tmp_path / "out")
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="image_size"):
         FitTeacherConfig(image_size=16)

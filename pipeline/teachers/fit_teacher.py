@@ -180,6 +180,11 @@ def read_training_pairs(cfg: FitTeacherConfig):
     """(image paths [N], image ids [N], captions [M], text_image [M]) of the pairs file's train split."""
     from pipeline.data.readers import DatasetConfig, read_dataset
 
+    # checked here so that the message names this stage's keys, not prepare's
+    if not Path(cfg.pairs).is_file():
+        raise InputError(f"fit_teacher.pairs: {cfg.pairs} not found; build it with `kdpipe demo-data`")
+    if not Path(cfg.image_root).is_dir():
+        raise InputError(f"fit_teacher.image_root: {cfg.image_root} is not a directory")
     index = read_dataset(
         DatasetConfig(annotations=cfg.pairs, name="teacher-pairs", image_root=cfg.image_root, splits=("train",))
     )
