@@ -15,6 +15,10 @@ class ArtifactPaths:
     workdir: Path
 
     @property
+    def teacher(self) -> Path:  # fit-teacher's trained teacher parts (the LiT demo teacher's heads)
+        return self.workdir / "teacher"
+
+    @property
     def index_dir(self) -> Path:  # dataset index (parquet) + fingerprint + bad-image report
         return self.workdir / "index"
 

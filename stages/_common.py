@@ -23,7 +23,7 @@ from pipeline.paths import ArtifactPaths
 T = TypeVar("T")
 
 # Top-level keys of params.yaml: the work directory and one section per stage. Anything else is a typo.
-TOP_LEVEL_KEYS = ("workdir", "prepare", "extract", "distill", "evaluate")
+TOP_LEVEL_KEYS = ("workdir", "fit_teacher", "prepare", "extract", "distill", "evaluate")
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (YAML), one section per stage.")
 SET_OPTION = typer.Option(

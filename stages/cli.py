@@ -8,7 +8,7 @@ import typer
 
 import pipeline
 from pipeline.progress import configure_logging
-from stages import demo_data, distill, evaluate, extract, features, prepare
+from stages import demo_data, distill, evaluate, extract, features, fit_teacher, prepare
 
 app = typer.Typer(
     name="kdpipe",
@@ -44,6 +44,7 @@ def _root(
     configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
+app.command("fit-teacher")(fit_teacher.command)
 app.command("prepare")(prepare.command)
 app.command("extract")(extract.command)
 app.command("distill")(distill.command)

@@ -128,7 +128,7 @@ def test_stage_command_writes_the_images(tmp_path):
 
     app = typer.Typer()
     app.command()(demo_data.command)
-    result = CliRunner().invoke(app, ["--out", str(tmp_path / "imgs")])
+    result = CliRunner().invoke(app, ["--photos", "--out", str(tmp_path / "imgs")])
     assert result.exit_code == 0, result.output
     assert f"wrote {len(DEMO_IMAGES)} demo images" in result.output
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == sorted(d.filename for d in DEMO_IMAGES)

@@ -59,6 +59,7 @@ def stage_code_deps(stage: dict) -> set[Path]:
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 COMMAND_MODULE = {  # a `matrix` / `foreach` stage is one definition here
     "demo_data": "stages.demo_data",
+    "fit_teacher": "stages.fit_teacher",
     "prepare": "stages.prepare",
     "extract": "stages.extract",
     "distill": "stages.distill",

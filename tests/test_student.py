@@ -283,3 +283,24 @@ def test_pretrained_tower_with_missing_weights_is_refused(tmp_path):
         load_pretrained_strict(
             BertModel, tmp_path, "distill.student.text.path", add_pooling_layer=False, ignorable_prefixes=("pooler.",)
         )
+
+
+def test_frozen_text_tower_trains_only_the_projection(tokenizer_dir):
+    cfg = tiny_cfg(tokenizer_dir)
+    cfg = replace(cfg, text=replace(cfg.text, freeze=True))
+    torch.manual_seed(0)
+    model = build_student(cfg, DIM).train()
+    assert not model.text_tower.model.training  # no dropout in a frozen tower, even in train mode
+    assert not any(p.requires_grad for p in model.text_tower.parameters())
+    assert all(p.requires_grad for p in model.text_proj.parameters())
+    tok = model.tokenize(TEXTS)
+    _, t = model(model.normalize_pixels(model.to_float(images(3))), tok["input_ids"], tok["attention_mask"])
+    # features computed beforehand (distill's per-run cache) give exactly the same embeddings
+    with torch.no_grad():
+        cached = model.text_features(tok)
+    _, t_cached = model(
+        model.normalize_pixels(model.to_float(images(3))), tok["input_ids"], tok["attention_mask"], cached
+    )
+    assert torch.equal(t, t_cached)
+    t.sum().backward()
+    assert model.text_proj.weight.grad is not None

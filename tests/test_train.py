@@ -532,3 +532,29 @@ def test_checkpoints_from_before_the_unpaired_keys_still_compare_equal():
     before = {k: v for k, v in now.items() if not k.startswith("unpaired_")}  # written before the keys existed
     assert comparable(before) == comparable(now)
     assert comparable(before) != comparable({**now, "unpaired_images_per_step": 4})
+
+
+def test_a_frozen_text_tower_keeps_its_weights_and_is_run_once_per_run(work, monkeypatch):
+    """With `student.text.freeze`, only the text projection trains, and the tower sees every caption once (the
+    per-run cache), not once per step."""
+    from pipeline.towers.student import DualEncoderStudent
+
+    root = work[0]
+    params = tiny_params(root, epochs=2)
+    params["student"]["text"]["freeze"] = True
+    cfg = from_dict(DistillConfig, params, "distill")
+    torch.manual_seed(cfg.seed)
+    initial = build_student(cfg.student, DIM).text_tower.state_dict()
+    calls = []
+    original = DualEncoderStudent.text_features
+    monkeypatch.setattr(
+        DualEncoderStudent,
+        "text_features",
+        lambda self, tok: calls.append(len(tok["input_ids"])) or original(self, tok),
+    )
+    result = run(work, "frozen_text", cfg)
+    assert result.completed
+    assert sum(calls) == 48 + 12  # every train and val caption once, whatever the number of steps and epochs
+    trained = load_student(root / "frozen_text")
+    for k, v in initial.items():
+        assert torch.equal(v, trained.text_tower.state_dict()[k]), k

@@ -321,10 +321,12 @@ def loss_terms(
     gen: torch.Generator,
     autocast,
     world: int = 1,
+    text_cache: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The forward half of a micro-step: uint8 images -> (augmented) normalized pixels on the device ->
     student (through `forward`: the model, DDP or compiled) -> global batch -> raw, unweighted loss terms.
-    Dropout and augmentation draw from `seed` only."""
+    Dropout and augmentation draw from `seed` only. `text_cache` [M, F]: the frozen text tower's features of
+    every caption row (the tower is then skipped)."""
     torch.manual_seed(seed)  # dropout of this micro-step (every device)
     x = model.to_float(b.images)
     ids, mask = b.input_ids, b.attention_mask
@@ -337,8 +339,11 @@ def loss_terms(
         gen.manual_seed(seed)
         x = random_resized_crop(x, model.image_size, gen, scale=augment.scale, ratio=augment.ratio, flip=augment.flip)
     pixels = model.normalize_pixels(x)
+    text_features = None
+    if text_cache is not None:
+        text_features = text_cache[torch.from_numpy(b.rows).to(text_cache.device)]
     with autocast():
-        s_v, s_t = forward(pixels, ids, mask)
+        s_v, s_t = forward(pixels, ids, mask, text_features)
     # [B + B_v, D] and [B + B_t, D] -> the pairs' rows and the unpaired rows (empty when none are drawn)
     s_v, u_v, s_t, u_t = s_v[:n_pairs], s_v[n_pairs:], s_t[:n_pairs], s_t[n_pairs:]
     if world > 1:  # the in-batch terms see the global batch; gradients flow back to each rank
@@ -362,6 +367,22 @@ def loss_terms(
 ADDED_KEYS = {"unpaired_images_per_step": 0, "unpaired_texts_per_step": 0}
 
 
+@torch.no_grad()
+def frozen_text_features(
+    model: DualEncoderStudent, tokens: tuple[torch.Tensor, torch.Tensor], batch_size: int, autocast
+) -> torch.Tensor:
+    """The frozen text tower's pooled features of every caption [M, F], fp32 on the model's device."""
+    out = []
+    with autocast():
+        for i in range(0, len(tokens[0]), batch_size):
+            tok = {
+                "input_ids": tokens[0][i : i + batch_size].long(),
+                "attention_mask": tokens[1][i : i + batch_size].long(),
+            }
+            out.append(model.text_features(tok).float())
+    return torch.cat(out)
+
+
 def comparable(cfg_dict: dict) -> dict:
     return {k: v for k, v in {**ADDED_KEYS, **cfg_dict}.items() if k not in RUNTIME_KEYS}
 
@@ -371,9 +392,15 @@ def comparable(cfg_dict: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def embed_split(
-    model: DualEncoderStudent, split: PairSplit, tokens: tuple[torch.Tensor, torch.Tensor], batch_size: int, autocast
+    model: DualEncoderStudent,
+    split: PairSplit,
+    tokens: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    autocast,
+    text_cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student embeddings of every image (store/cache order) and caption of a split, fp32 on the CPU."""
+    """Student embeddings of every image (store/cache order) and caption of a split, fp32 on the CPU
+    (`text_cache`: the frozen text tower's features of the split's captions)."""
     was_training = model.training
     model.eval()
     rows = split.cache_rows if split.cache_rows is not None else np.arange(len(split.images))
@@ -383,6 +410,9 @@ def embed_split(
             batch = as_tensor(np.take(split.images, rows[i : i + batch_size], axis=0))
             img.append(model.encode_images(batch).float().cpu())
         for i in range(0, len(tokens[0]), batch_size):
+            if text_cache is not None:
+                txt.append(model.project_text(text_cache[i : i + batch_size]).float().cpu())
+                continue
             tok = {
                 "input_ids": tokens[0][i : i + batch_size].long(),
                 "attention_mask": tokens[1][i : i + batch_size].long(),
@@ -392,10 +422,10 @@ def embed_split(
     return torch.cat(img), torch.cat(txt)
 
 
-def validate(model, split: PairSplit, tokens, batch_size: int, autocast) -> dict[str, float]:
+def validate(model, split: PairSplit, tokens, batch_size: int, autocast, text_cache=None) -> dict[str, float]:
     from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks  # the evaluate stage's protocol
 
-    img, txt = embed_split(model, split, tokens, batch_size, autocast)
+    img, txt = embed_split(model, split, tokens, batch_size, autocast, text_cache)
     # images without captions (if the split has any) are not queries of the protocol: the recalls use the
     # captioned images (rows renumbered), the teacher agreement every image
     paired, text_image = np.unique(split.text_image, return_inverse=True)
@@ -619,6 +649,8 @@ class Run:
     sampler: EpochSampler
     loader: BatchLoader
     val_tokens: tuple[torch.Tensor, torch.Tensor] | None
+    text_cache: torch.Tensor | None  # [M, F] a frozen text tower's features of the train captions, else None
+    val_text_cache: torch.Tensor | None  # the same for the val captions
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     opt_steps_per_epoch: int
@@ -773,6 +805,24 @@ def setup_run(
         torch.set_float32_matmul_precision("high")
     sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank)
     val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
+    # A frozen text tower gives every caption the same features at every step: computed once here, so a step
+    # costs the projection only (MiniLM over every batch would dominate a small student's step on a CPU).
+    text_cache = val_text_cache = None
+    if cfg.student.text.freeze:
+        if cfg.unpaired_texts_per_step:
+            raise InputError(
+                "distill.unpaired_texts_per_step needs a trainable text tower: the frozen tower's features are "
+                "cached for the caption pairs only (set distill.student.text.freeze: false or draw no unpaired texts)"
+            )
+
+        def autocast():  # as Run.autocast, before the Run exists
+            return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+        text_cache = frozen_text_features(
+            model, (loader.input_ids, loader.attention_mask), cfg.eval_batch_size, autocast
+        )
+        if val is not None:
+            val_text_cache = frozen_text_features(model, val_tokens, cfg.eval_batch_size, autocast)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
@@ -780,7 +830,8 @@ def setup_run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
     run = Run(
         cfg, out_dir, baseline, world, rank, device, meta, train, val, model, loss_fn, balancer, use_bf16,
-        sampler, loader, val_tokens, optimizer, scheduler, opt_steps_per_epoch, total_steps, cfg_dict=to_dict(cfg),
+        sampler, loader, val_tokens, text_cache, val_text_cache, optimizer, scheduler, opt_steps_per_epoch,
+        total_steps, cfg_dict=to_dict(cfg),
     )  # fmt: skip
     restore_or_start_over(run, resume)
     open_logs(run)
@@ -899,6 +950,7 @@ def micro_step(run: Run, hb, epoch: int, weights: dict[str, float]) -> tuple[dic
             gen=run.gen,
             autocast=run.autocast,
             world=run.world,
+            text_cache=run.text_cache,
         )
         # one device sync per micro-step: the balancer needs the values before the backward
         values = dict(zip(raw, torch.stack([v.detach() for v in raw.values()]).tolist()))
@@ -980,7 +1032,7 @@ def validate_epoch(run: Run) -> None:
     """Val recalls of the current weights (main process), logged; export when they are the best so far."""
     cfg, state = run.cfg, run.state
     if run.main:
-        metrics = validate(run.model, run.val, run.val_tokens, cfg.eval_batch_size, run.autocast)
+        metrics = validate(run.model, run.val, run.val_tokens, cfg.eval_batch_size, run.autocast, run.val_text_cache)
         state.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
         run.val_log.write(state.history[-1])
         log.info(

@@ -36,10 +36,19 @@ class LabelBridgeTeacherConfig:
 
 
 @dataclass(frozen=True)
+class LiTTeacherConfig:
+    """The emoji demo's teacher: frozen EfficientNet-Lite + MiniLM with linear heads from `kdpipe fit-teacher`
+    (the heads file also names the backbone and resolution they were fitted for)."""
+
+    heads: Path = Path("artifacts/emoji/teacher/heads.safetensors")
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
-    kind: Literal["beit3", "label_bridge"] = "beit3"
+    kind: Literal["beit3", "label_bridge", "lit"] = "beit3"
     beit3: BEiT3TeacherConfig = field(default_factory=BEiT3TeacherConfig)
     label_bridge: LabelBridgeTeacherConfig = field(default_factory=LabelBridgeTeacherConfig)
+    lit: LiTTeacherConfig = field(default_factory=LiTTeacherConfig)
 
 
 def build_teacher(
@@ -54,7 +63,19 @@ def build_teacher(
         from pipeline.teachers.label_bridge import LabelBridgeTeacher
 
         return LabelBridgeTeacher.from_config(cfg.label_bridge, device=device, dtype=dtype)
+    if cfg.kind == "lit":
+        from pipeline.teachers.lit import LiTTeacher
+
+        return LiTTeacher.from_config(cfg.lit, device=device, dtype=dtype)
     raise ValueError(f"unknown teacher kind {cfg.kind!r}")
 
 
-__all__ = ["Teacher", "TokenBatch", "TeacherConfig", "BEiT3TeacherConfig", "LabelBridgeTeacherConfig", "build_teacher"]
+__all__ = [
+    "Teacher",
+    "TokenBatch",
+    "TeacherConfig",
+    "BEiT3TeacherConfig",
+    "LabelBridgeTeacherConfig",
+    "LiTTeacherConfig",
+    "build_teacher",
+]

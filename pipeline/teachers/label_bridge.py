@@ -19,7 +19,6 @@ numbers on real photos are far above chance and it needs no download.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +40,10 @@ from pipeline.pretrained_assets import (
 )
 from pipeline.teachers import LabelBridgeTeacherConfig
 from pipeline.teachers.base import Teacher, TokenBatch
+from pipeline.teachers.minilm import MAX_TEXT_LEN, load_minilm, sentence_embedding
+from pipeline.teachers.minilm import tokenize as minilm_tokenize
 
 NAME = "label-bridge(minilm-l6+effnet-lite0)"
-MAX_TEXT_LEN = 128  # MiniLM was trained on up to 128 word pieces; captions are far shorter
 
 
 def _sha256(path: Path) -> str:
@@ -71,23 +71,6 @@ def read_class_names(path: Path) -> list[str]:
     if len(names) != 1000:
         raise InputError(f"{path}: expected 1000 ImageNet classes, found {len(names)}")
     return names
-
-
-def _load_minilm(device: torch.device):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    path = minilm_dir()
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar in a stage's output
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-    return tokenizer, model.to(device).eval()
 
 
 class LabelBridgeTeacher(Teacher):
@@ -133,7 +116,7 @@ class LabelBridgeTeacher(Teacher):
     ) -> LabelBridgeTeacher:
         device = torch.device(device)
         class_names = read_class_names(cfg.class_names)
-        tokenizer, text_model = _load_minilm(device)
+        tokenizer, text_model = load_minilm(device)
         image_model = efficientnet_lite0(pretrained=True)
         return cls(
             tokenizer,
@@ -193,10 +176,7 @@ class LabelBridgeTeacher(Teacher):
         return (x - self._mean) / self._std
 
     def tokenize(self, texts: list[str]) -> TokenBatch:
-        enc = self.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=MAX_TEXT_LEN, return_tensors="pt"
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return minilm_tokenize(self.tokenizer, texts)
 
     # -- device side ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -206,14 +186,8 @@ class LabelBridgeTeacher(Teacher):
 
     def _sentence_embedding(self, tokens: TokenBatch) -> torch.Tensor:
         """MiniLM sentence embeddings as the model defines them: masked mean pooling, then L2 norm."""
-        ids = tokens["input_ids"].to(self.device)
-        mask = tokens["attention_mask"].to(self.device)
         with self._autocast():
-            hidden = self.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        hidden = hidden.float()
-        m = mask.unsqueeze(-1).float()
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return F.normalize(pooled, dim=-1)
+            return sentence_embedding(self.text_model, tokens, self.device)
 
     def encode_sentences(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Raw (uncentred) MiniLM sentence embeddings on the device, [N, 384] fp32, in input order

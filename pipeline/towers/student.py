@@ -95,23 +95,37 @@ class DualEncoderStudent(nn.Module):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.text_tower.tokenize(texts)
 
-    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A `tokenize` result (any device) -> [B, dim] fp32 L2-normalized."""
+    def text_features(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A `tokenize` result (any device) -> the text tower's pooled features [B, F] (before the projection)."""
         ids = tokens["input_ids"].to(self.device, non_blocking=True)
         mask = tokens["attention_mask"].to(self.device, non_blocking=True)
-        return F.normalize(self.text_proj(self.text_tower(ids, mask)).float(), dim=-1)
+        return self.text_tower(ids, mask)
+
+    def project_text(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled text-tower features [B, F] -> [B, dim] fp32 L2-normalized."""
+        return F.normalize(self.text_proj(features).float(), dim=-1)
+
+    def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A `tokenize` result (any device) -> [B, dim] fp32 L2-normalized."""
+        return self.project_text(self.text_features(tokens))
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode_tokens(self.tokenize(texts))
 
     # -- both (the training step; one module call so that DDP and torch.compile see it) -----------------
     def forward(
-        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized pixels [B, 3, S, S] and tokens [B, L] -> (s_v, s_t) [B, dim] fp32 L2-normalized."""
-        return self.encode_pixels(pixels), self.encode_tokens(
-            {"input_ids": input_ids, "attention_mask": attention_mask}
-        )
+        """Normalized pixels [B, 3, S, S] and tokens [B, L] -> (s_v, s_t) [B, dim] fp32 L2-normalized.
+        `text_features` [B, F]: the (frozen) text tower's features of these captions, computed beforehand;
+        the tower is then skipped."""
+        if text_features is None:
+            text_features = self.text_features({"input_ids": input_ids, "attention_mask": attention_mask})
+        return self.encode_pixels(pixels), self.project_text(text_features)
 
 
 def build_student(cfg: StudentConfig, dim: int) -> DualEncoderStudent:

@@ -28,6 +28,10 @@ class TextTowerConfig:
     tokenizer: Path | None = None  # local tokenizer dir; None: `path` (required when path is None)
     pooling: Literal["pooler", "cls", "mean"] = "pooler"
     max_tokens: int = 30
+    # Keep the tower's weights as loaded (no gradient, always in eval mode: no dropout); only the student's
+    # text projection trains. A frozen pretrained text tower is what lets a small student match captions it
+    # never saw; distill then computes the tower's features of every caption once per run, not every step.
+    freeze: bool = False
     # random-init sizes (ignored when `path` is given); defaults: BERT-base. The vocabulary size is the tokenizer's.
     hidden_size: int = 768
     num_layers: int = 12
@@ -106,6 +110,17 @@ class HFTextTower(nn.Module):
                 f"only {self.model.config.vocab_size}"
             )
         self.out_dim = self.model.config.hidden_size
+        self.frozen = cfg.freeze
+        if self.frozen:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> HFTextTower:
+        """A frozen tower stays in eval mode (its features must not depend on dropout or on the step)."""
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Captions -> input_ids / attention_mask int64 [B, max_tokens] on the CPU (fixed length: one shape

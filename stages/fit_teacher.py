@@ -1,0 +1,30 @@
+"""`kdpipe fit-teacher`: train the LiT demo teacher's linear heads (frozen EfficientNet-Lite + MiniLM).
+
+Writes `<workdir>/teacher/heads.safetensors` (the file `extract.teacher.lit.heads` names; its sha256 goes
+into the feature store's teacher attrs) and `fit_summary.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.devices import resolve_device
+from pipeline.teachers.fit_teacher import FitTeacherConfig, run_fit_teacher
+from stages._common import PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, load_stage, run_stage, save_resolved
+
+
+@run_stage
+def command(
+    params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
+    workdir: Path = WORKDIR_OPTION,
+    out: Path = typer.Option(None, "--out", help="Output directory (default: <workdir>/teacher)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto (the backbone pass; heads train on it too)."),
+) -> None:
+    """Fit the demo teacher's two linear heads on its training pairs (train split only), deterministically."""
+    cfg, paths = load_stage(params, "fit_teacher", FitTeacherConfig, set_, workdir)
+    result = run_fit_teacher(cfg, out or paths.teacher, resolve_device(device, "--device"))
+    save_resolved(cfg, paths, "fit_teacher")
+    echo(result.summary())
