@@ -53,7 +53,18 @@ def search_command(
 ) -> None:
     """Top-K gallery ids with scores for a text (or image) query, and the query latency."""
     paths = artifact_paths(params, workdir)
-    hits, ms = run_search(student or paths.student, index or paths.workdir / "search", text=text, image=image, k=k)
+    student = student or paths.student
+    if index is None and not (paths.workdir / "search" / "ids.json").is_file():
+        # first use on a workdir: the default index (exact, test split), as `kdpipe index` would build it
+        for line in run_index(
+            student,
+            split_gallery(paths, "test"),
+            paths.workdir / "search",
+            IndexConfig(),
+            f"{paths.workdir} split test",
+        ):
+            echo(line)
+    hits, ms = run_search(student, index or paths.workdir / "search", text=text, image=image, k=k)
     for rank, (image_id, score) in enumerate(hits, 1):
         echo(f"{rank:3d}  {score:.4f}  {image_id}")
     echo(f"search: {len(hits)} results; encode {ms['encode_ms']:.1f} ms + search {ms['search_ms']:.2f} ms")

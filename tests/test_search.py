@@ -60,6 +60,9 @@ def test_load_refuses_missing_or_mismatched(tmp_path):
 def test_cli_index_and_search_split_and_folder(tokenizer_dir, tmp_path):
     paths = tiny_workdir(tmp_path, tokenizer_dir)
     run = CliRunner().invoke
+    result = run(app, ["search", "a red dog", "--workdir", str(paths.workdir), "-k", "3"])
+    assert result.exit_code == 0, result.output  # first use: builds the default index (test split, exact)
+    assert "index: flat over 9 images" in result.output and (paths.workdir / "search" / "ids.json").is_file()
     result = run(app, ["index", "--workdir", str(paths.workdir), "--split", "test"])
     assert result.exit_code == 0, result.output
     result = run(app, ["search", "a red dog", "--workdir", str(paths.workdir), "-k", "3"])
@@ -104,7 +107,9 @@ def test_cli_index_and_search_split_and_folder(tokenizer_dir, tmp_path):
 
 
 def test_cli_search_errors_are_one_line(tokenizer_dir, tmp_path):
-    result = CliRunner().invoke(app, ["search", "dog", "--workdir", str(tmp_path)])
+    result = CliRunner().invoke(app, ["search", "dog", "--workdir", str(tmp_path), "--index", str(tmp_path)])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "kdpipe index" in result.output
+    result = CliRunner().invoke(app, ["search", "dog", "--workdir", str(tmp_path)])  # nothing to build one from
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "kdpipe prepare" in result.output
     result = CliRunner().invoke(app, ["index", "--workdir", str(tmp_path), "--kind", "lsh"])
     assert result.exit_code == 2 and "--kind 'lsh'" in result.output
