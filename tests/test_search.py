@@ -34,6 +34,10 @@ def test_flat_index_is_brute_force_and_round_trips(tmp_path):
     np.testing.assert_array_equal(rows, oracle)
     np.testing.assert_allclose(scores, np.take_along_axis(q @ emb.T, oracle, 1), atol=1e-5)
     assert loaded.ids[rows[0, 0]] == f"img{oracle[0, 0]}" and recall_at_k(index, emb, q) == 1.0
+    # one query at a time (the torch path) and a batch of 20+ (faiss itself) agree with the oracle
+    one = [loaded.search(q[i : i + 1], 10) for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate([r for _, r in one]), oracle[:3])
+    assert loaded.search(q[:1], 10)[1].dtype == np.int64 and loaded.search(q[:1], 999)[1].shape == (1, 500)
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
