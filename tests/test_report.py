@@ -62,11 +62,16 @@ def test_page_escapes_untrusted_text_and_marks_the_correct_image():
 def test_cli_report_on_a_workdir(tokenizer_dir, tmp_path):
     paths = tiny_workdir(tmp_path, tokenizer_dir, captions={0: EVIL})
     paths.metrics.write_text(json.dumps({"dataset": "toy", "split": "test", "teacher": {"rsum": 300.0}}))
+    paths.plots.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (4, 3), "red").save(paths.plots / "recall_at_k.png")
     result = CliRunner().invoke(app, ["report", "--workdir", str(paths.workdir), "--captions", "30"])
     assert result.exit_code == 0, result.output
     page = (paths.workdir / "report.html").read_text()
     assert "student" in page and "baseline" in page and html.escape(EVIL) in page and "<script>" not in page
     assert page.count('<figure class="ok">') >= 1
+    assert 'alt="recall_at_k.png"' in page and "<td>300.00</td>" in page  # the plot inlined, the table filled
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -24,10 +24,10 @@ from pipeline.errors import InputError
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}
-.q{margin:18px 0 6px;font-weight:600}.row{display:flex;gap:28px;flex-wrap:wrap}.model{min-width:200px}
+.q{margin:18px 0 6px;font-weight:600}.row{display:flex;gap:18px;flex-wrap:wrap}.model{min-width:200px}
 .model h4{margin:4px 0}.hits{display:flex;gap:4px}figure{margin:0;text-align:center;font-size:11px}
-figure img{border:3px solid transparent;display:block;width:72px;height:72px;object-fit:cover;image-rendering:pixelated}figure.ok img{border-color:#1a9c3a}
-figure figcaption{max-width:72px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+figure img{border:3px solid transparent;display:block;width:60px;height:60px;object-fit:cover;image-rendering:pixelated}figure.ok img{border-color:#1a9c3a}
+figure figcaption{max-width:66px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 li.ok{color:#1a9c3a;font-weight:600}img.plot{max-width:640px}"""
 
 
