@@ -362,6 +362,7 @@ def render_markdown(results: list[dict], plots: dict[str, str] | None = None) ->
     return "\n".join(lines)
 
 
+KEEP_MARKER = "<!-- kept by bench/_report.py render: hand-run benchmarks below -->"
 _DOC_HEAD = """# Performance
 
 What kdpipe measures about itself, next to the targets and the reference ceilings of
@@ -444,7 +445,10 @@ def render_docs(results_dir: Path = RESULTS_DIR, doc: Path = DOC) -> Path:
             plots[res["_slug"]] = os.path.relpath(png, doc.parent)
     body = render_markdown(results, plots) if results else "No results yet: run `bench/run`.\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(_DOC_HEAD + "\n" + body)
+    # sections measured by hand-run benchmarks (e.g. bench/deploy_bench.py) sit below the marker and survive
+    old = doc.read_text() if doc.is_file() else ""
+    kept = old[old.index(KEEP_MARKER) :] if KEEP_MARKER in old else ""
+    doc.write_text(_DOC_HEAD + "\n" + body + ("\n" + kept if kept else ""))
     return doc
 
 

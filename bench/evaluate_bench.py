@@ -5,9 +5,9 @@
 
 Data: 5,000 images and 25,010 captions (5 to 7 per image, grouped by image as in a Karpathy index), D = 1024,
 unit rows, captions = their image + noise (RSUM ~430, ranks spread like a distilled student's), stored as
-float16 like the feature store. Timed: `retrieval_ranks` (torch backend, several tile sizes; the faiss
-backend) + `recall_metrics`, i.e. every per-query rank, R@K, median and mean rank; the naive implementation =
-the whole score matrix and one full argsort per direction. Rank arrays are compared query by query.
+float16 like the feature store. Timed: `retrieval_ranks` (torch backend, several tile sizes) + `recall_metrics`,
+i.e. every per-query rank, R@K, median and mean rank; the naive implementation = the whole score matrix and one
+full argsort per direction. Rank arrays are compared query by query.
 Also: the peak memory of ranking a gallery whose fp32 score matrix would take 8 GB (20,000 x 100,000, Linux).
 
 Target (shared/reference/performance.md): <= 1.5 s on 2 CPU cores. A benchmark prints figures; it never fails.
@@ -93,9 +93,7 @@ def at_exact_ties(ours: RetrievalRanks, naive: RetrievalRanks, img: np.ndarray, 
     return tied
 
 
-def bench_evaluate(
-    rep: Report, cuda: bool, repeat: int = 3, chunks: tuple[int, ...] = (2048, 4096, 8192), faiss: bool = True
-) -> None:
+def bench_evaluate(rep: Report, cuda: bool, repeat: int = 3, chunks: tuple[int, ...] = (2048, 4096, 8192)) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     try:
@@ -145,22 +143,6 @@ def bench_evaluate(
             f"i2t R@1 {m_ours['i2t_r1']:.2f}, t2i R@1 {m_ours['t2i_r1']:.2f}, "
             f"i2t medr {m_ours['i2t_medr']:.0f}, t2i medr {m_ours['t2i_medr']:.0f}; fastest tile {best_chunk}"
         )
-
-        if faiss:
-            t = time.perf_counter()
-            franks = retrieval_ranks(img, txt, ti, backend="faiss")
-            fs = time.perf_counter() - t
-            torch_ranks = retrieval_ranks(img, txt, ti, backend="torch")
-            rep.add(
-                PART,
-                "COCO-5K exact evaluation, faiss IndexFlatIP backend, 2 CPU threads",
-                fs,
-                "s",
-                target=1.5,
-                note=f"top-64 both ways, queries beyond it or near a tie counted exactly by torch; "
-                f"{differing(franks, torch_ranks)} query ranks differ from torch ({differing(franks, ref)} from "
-                f"naive); {fs / best_time:.1f}x the torch backend's time, which is why auto = torch",
-            )
 
         # The floor: the same score tiles as the fastest evaluation, written into one reused buffer, nothing else.
         a, b = torch.from_numpy(img).float(), torch.from_numpy(txt).float()
@@ -268,14 +250,13 @@ def bench_bounded_memory(rep: Report, n: int = 20_000, m: int = 100_000, d: int 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-faiss", action="store_true")
     ap.add_argument("--chunks", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--no-big", action="store_true", help="skip the bounded-memory check (~20 s)")
     ap.add_argument("--save", action="store_true", help="merge into bench/results/<device>.json")
     args = ap.parse_args(argv)
     rep = Report.for_this_machine()
     t = time.perf_counter()
-    bench_evaluate(rep, torch.cuda.is_available(), args.repeat, tuple(args.chunks), not args.no_faiss)
+    bench_evaluate(rep, torch.cuda.is_available(), args.repeat, tuple(args.chunks))
     if not args.no_big:
         bench_bounded_memory(rep)
     rep.timed(PART, time.perf_counter() - t)

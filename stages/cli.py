@@ -8,7 +8,7 @@ import typer
 
 import pipeline
 from pipeline.progress import configure_logging
-from stages import demo_data, distill, evaluate, extract, features, fit_teacher, prepare
+from stages import demo_data, distill, evaluate, export, extract, features, fit_teacher, prepare, report, search
 
 app = typer.Typer(
     name="kdpipe",
@@ -53,6 +53,10 @@ app.command("demo-data")(demo_data.command)
 app.command("export-hdf5")(features.export_hdf5)
 app.command("import-hdf5")(features.import_hdf5)
 app.command("import-dsmd")(features.import_dsmd)
+app.command("export")(export.command)
+app.command("index")(search.index_command)
+app.command("search")(search.search_command)
+app.command("report")(report.command)
 
 
 def main() -> None:

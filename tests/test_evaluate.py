@@ -92,7 +92,7 @@ def test_features_cli_writes_the_schema_exactly(store, tmp_path, monkeypatch):
     assert doc["teacher"]["rsum"] == pytest.approx(sum(doc["teacher"][k] for k in METRIC_KEYS[:6]))
     assert "RSUM" in r.output and str(out) in r.output
 
-    r = run_cli("--features", str(path), "--split", "train", "--set", "evaluate.backend=faiss")  # JSON to stdout
+    r = run_cli("--features", str(path), "--split", "train", "--set", "evaluate.backend=torch")  # JSON to stdout
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["split"] == "train" and doc["n_images"] == 20

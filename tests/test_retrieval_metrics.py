@@ -1,7 +1,7 @@
 """Retrieval metrics against a naive, obviously-correct oracle: the full score matrix, one sort per query.
 
 Most data here is dyadic (multiples of 1/64 in few dimensions), so that every dot product is exact in float32
-whatever the summation order: the oracle, the tiled torch path and faiss then see identical scores, exact ties
+whatever the summation order: the oracle and the tiled torch path then see identical scores, exact ties
 included, and must agree rank for rank. Random float data is used where its positives are provably far from
 every negative (checked), which is when ranks are well defined at float32 precision.
 """
@@ -62,7 +62,7 @@ def test_matches_naive_oracle(per_image, shuffle):
     img, txt = correlated(rng, n, ti, dim=6, noise=1.0)  # few dims: many exact ties
     want_i2t, want_t2i = naive_ranks(img, txt, ti)
     for chunk in (1, 3, 7, 10, 64, 4096):  # none divides 41 or the caption count except by accident
-        for backend in ("torch", "faiss"):
+        for backend in ("torch", "auto"):
             got = retrieval_ranks(img, txt, ti, chunk_size=chunk, backend=backend)
             np.testing.assert_array_equal(got.i2t, want_i2t, err_msg=f"i2t chunk={chunk} {backend}")
             np.testing.assert_array_equal(got.t2i, want_t2i, err_msg=f"t2i chunk={chunk} {backend}")
@@ -93,7 +93,7 @@ def test_matches_naive_on_random_float_data():
         assert gaps.min() > 2 * dim * 2.0**-24  # the premise: ranks do not depend on float32 rounding
         want = naive_ranks(a, b, ti)
         assert 1 < np.median(want[1]) < n  # neither trivial nor hopeless
-        for backend in ("torch", "faiss"):
+        for backend in ("torch", "auto"):
             got = retrieval_ranks(a, b, ti, chunk_size=17, backend=backend)
             np.testing.assert_array_equal(got.i2t, want[0])
             np.testing.assert_array_equal(got.t2i, want[1])
@@ -130,7 +130,7 @@ def test_perfect_embeddings_give_100_everywhere():
     n = 50
     basis = np.linalg.qr(rng.standard_normal((64, n)))[0].T.astype(np.float32)  # orthonormal rows
     ti = caption_layout(rng, n, [1, 5, 7], shuffle=True)
-    for backend in ("torch", "faiss"):
+    for backend in ("torch", "auto"):
         ranks = retrieval_ranks(basis, basis[ti], ti, chunk_size=13, backend=backend)
         assert (ranks.i2t == 1).all() and (ranks.t2i == 1).all()
         m = recall_metrics(ranks)
@@ -158,7 +158,7 @@ HAND_I2T = [2, 2, 1]
 HAND_T2I = [1, 3, 3, 2, 1]
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("chunk", [1, 2, 4096])
 def test_hand_made_three_images(backend, chunk):
     ranks = retrieval_ranks(HAND_IMG, HAND_TXT, HAND_TI, chunk_size=chunk, backend=backend)
@@ -187,46 +187,6 @@ def test_tie_rule_is_pessimistic_and_order_free():
     assert rm.TIE_RULE == "pessimistic"
 
 
-# -- faiss and torch ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [12, 300])  # gallery smaller than faiss's top-k, and larger (with fallbacks)
-def test_faiss_and_torch_agree_exactly(n):
-    rng = np.random.default_rng(n)
-    ti = caption_layout(rng, n, [4, 5, 6, 7], shuffle=True)
-    img, txt = correlated(rng, n, ti, dim=10, noise=2.0)
-    a = retrieval_ranks(img, txt, ti, backend="torch", chunk_size=100)
-    b = retrieval_ranks(img, txt, ti, backend="faiss", chunk_size=100)
-    np.testing.assert_array_equal(a.i2t, b.i2t)
-    np.testing.assert_array_equal(a.t2i, b.t2i)
-    if n == 300:  # ranks on both sides of faiss's top-k
-        for r in (a.i2t, a.t2i):
-            assert (r <= rm.FAISS_K).any() and (r > rm.FAISS_K).any()
-    assert (retrieval_ranks(img, txt, ti, backend="auto").t2i == a.t2i).all()
-
-
-def test_faiss_settles_separated_queries_and_hands_near_ties_to_torch(monkeypatch):
-    """Random float data (BLAS rounding differs between faiss and torch): faiss answers the queries whose
-    negatives are all far from the positive, the exact torch count answers the rest, and the union equals the
-    torch backend rank for rank."""
-    rng = np.random.default_rng(2)
-    n, dim = 400, 256
-    img, txt, ti = noisy_gallery(rng, n, dim, noise=9.0, shuffle=False)
-    handed = []
-    real = rm._tiled_ranks
-
-    def spy(img_rows, txt_rows, text_image, chunk, **kw):
-        handed.append((kw, len(text_image)))
-        return real(img_rows, txt_rows, text_image, chunk, **kw)
-
-    monkeypatch.setattr(rm, "_tiled_ranks", spy)
-    a = retrieval_ranks(img, txt, ti, backend="faiss")
-    monkeypatch.setattr(rm, "_tiled_ranks", real)
-    b = retrieval_ranks(img, txt, ti, backend="torch")
-    np.testing.assert_array_equal(a.i2t, b.i2t)
-    np.testing.assert_array_equal(a.t2i, b.t2i)
-    t2i_handed = [m for kw, m in handed if kw.get("want_i2t") is False]
-    assert t2i_handed and 0 < t2i_handed[0] < len(ti)  # some captions settled by faiss, some counted by torch
-
-
 # -- bounded memory: streamed (non-resident) inputs -------------------------------------------------------
 def test_streamed_memmap_inputs_match_resident(tmp_path, monkeypatch):
     rng = np.random.default_rng(11)
@@ -242,7 +202,7 @@ def test_streamed_memmap_inputs_match_resident(tmp_path, monkeypatch):
         paths.append(tmp_path / f"{name}.npy")
     img_mm, txt_mm = (np.load(p, mmap_mode="r") for p in paths)
     monkeypatch.setattr(rm, "_RESIDENT_BYTES", 0)  # nothing converted whole: slice by slice from the maps
-    for backend in ("torch", "faiss"):
+    for backend in ("torch", "auto"):
         got = retrieval_ranks(img_mm, txt_mm, ti, chunk_size=16, backend=backend)
         np.testing.assert_array_equal(got.i2t, want.i2t)
         np.testing.assert_array_equal(got.t2i, want.t2i)
@@ -304,7 +264,7 @@ def test_bad_inputs():
         retrieval_ranks(img, img[:2], np.array([0, 1]))
     bad = img.copy()
     bad[1, 1] = np.nan
-    for backend in ("torch", "faiss"):
+    for backend in ("torch", "auto"):
         with pytest.raises(InputError, match="non-finite"):
             retrieval_ranks(bad, img, np.array([0, 1, 2]), backend=backend)
     with pytest.raises(ValueError, match="same D"):

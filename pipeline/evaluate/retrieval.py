@@ -18,18 +18,14 @@ tile that computed it: ranks are exact with respect to that one float32 score ma
 the tiles that compare against it, captions are grouped by image and the "diagonal" tiles (a block of images x
 their own captions) go first; they hold every positive and are self-contained; the other tiles follow.
 
-Backend "faiss": `faiss.IndexFlatIP` top-k in both directions. faiss-cpu's BLAS (OpenBLAS) rounds scores
-differently from torch's (MKL) in the last bits, so faiss settles a query only where rounding cannot matter: its
-positive is in the top-k and every negative is farther from it than 4 * beta, beta = gamma_D * max|a| * max|b|
-(gamma_D = D u / (1 - D u), u = 2^-24), the error bound of a float32 dot product in *any* summation order; then
-every negative falls on the same side of the positive in both libraries. Every other query (beyond the top-k, or
-a near tie) is counted exactly by the torch path. So the two backends agree exactly, provably, not just usually.
+The scores run on the GPU when `device` is one; "auto" is torch. Scores stay fp32: bf16 inputs move scores by
+more than the gaps between neighbours and change about 10% of the ranks. The figures (COCO-5K-sized galleries,
+tile sizes, per machine) are in docs/performance.md, measured by bench/evaluate_bench.py.
 
-Backend "auto" is torch (on the GPU when `device` is one; faiss-cpu has none): on every machine measured the
-shared tile pass beats faiss's two top-k searches, and most of its time is the fp32 matmul itself. Scores stay
-fp32: bf16 inputs move scores by more than the gaps between neighbours and change about 10% of the ranks. The
-figures (COCO-5K-sized galleries, tile sizes, backends, per machine) are in docs/performance.md, measured by
-bench/evaluate_bench.py.
+An IndexFlatIP backend (faiss top-64 both ways, near ties and deeper queries re-counted by torch) was removed:
+every rank needs every score, which the shared tile pass computes once, while faiss computed them twice (one
+search per direction) and still handed the hard queries back to torch; it measured 1.9x to 18x slower. faiss
+serves what it is good at, top-k search over a gallery (pipeline/search/).
 """
 
 from __future__ import annotations
@@ -45,12 +41,11 @@ import torch
 
 from pipeline.errors import InputError
 
-Backend = Literal["torch", "faiss", "auto"]
+Backend = Literal["torch", "auto"]
 TIE_RULE = "pessimistic"
 RECALL_KS = (1, 5, 10)
 DEFAULT_CHUNK_CPU = 4096  # tile edge (the fastest measured: docs/performance.md); <= 64 MB of scores + 16 MB of masks
 DEFAULT_CHUNK_CUDA = 16384  # 1 GiB of scores per tile
-FAISS_K = 64  # top-k of the faiss backend: queries ranked beyond it are counted exactly
 _RESIDENT_BYTES = 2 << 30  # inputs up to this size (as fp32) are converted once; larger ones tile by tile
 
 
@@ -115,7 +110,7 @@ def retrieval_ranks(
     image_emb [N, D], text_emb [M, D]: numpy arrays (memory maps welcome, fp16 or fp32) or torch tensors;
     text_image [M]: row in image_emb of each caption's image; every image needs at least one caption.
     chunk_size: edge of a score tile (memory ~ 5 x chunk_size^2 bytes); default 4096 on CPU, 16384 on CUDA.
-    device: where the scores are computed (default: the tensors' device, else CPU); faiss runs on the CPU.
+    device: where the scores are computed (default: the tensors' device, else CPU).
     """
     n, m, d = _check_inputs(image_emb, text_emb, text_image)
     ti = np.asarray(text_image).astype(np.int64, copy=False)
@@ -128,13 +123,9 @@ def retrieval_ranks(
         chunk_size = DEFAULT_CHUNK_CUDA if dev.type == "cuda" else DEFAULT_CHUNK_CPU
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if backend == "auto":
-        backend = "torch"  # measured faster everywhere we run (docs/performance.md, bench/evaluate_bench.py)
-    if backend not in ("torch", "faiss"):
-        raise ValueError(f"backend {backend!r}; expected 'torch', 'faiss' or 'auto'")
+    if backend not in ("torch", "auto"):
+        raise ValueError(f"backend {backend!r}; expected 'torch' or 'auto'")
     with torch.inference_mode(), _ieee_fp32_matmul():
-        if backend == "faiss":
-            return _faiss_ranks(image_emb, text_emb, ti, chunk_size, dev)
         i2t, t2i = _tiled_ranks(_Rows(image_emb, dev, n * d), _Rows(text_emb, dev, m * d), ti, chunk_size)
     return RetrievalRanks(i2t=i2t, t2i=t2i)
 
@@ -352,79 +343,6 @@ class _Scratch:
         if self._b.numel() < s.numel():
             self._b = torch.empty(s.numel(), dtype=torch.bool, device=self.device)
         return torch.ge(s, threshold, out=self._b[: s.numel()].view(s.shape))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# faiss backend
-# ---------------------------------------------------------------------------------------------------------
-def _faiss_ranks(image_emb: Any, text_emb: Any, ti: np.ndarray, chunk: int, dev: torch.device) -> RetrievalRanks:
-    import faiss
-
-    img = _as_f32_numpy(image_emb)
-    txt = _as_f32_numpy(text_emb)
-    n = len(img)
-    # Separation that makes faiss's order of a negative and a positive the torch path's order too: any float32
-    # evaluation of a D-term dot product, in any summation order, is within beta of the exact value.
-    d = img.shape[1]
-    gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
-    beta = gamma * float(np.linalg.norm(img, axis=1).max()) * float(np.linalg.norm(txt, axis=1).max())
-    sep = 4 * beta
-    # i2t: images query the captions; a hit is any caption of the image.
-    i2t, todo_i = _faiss_direction(txt, img, lambda labels, q: ti[labels] == q[:, None], sep, chunk, faiss)
-    # t2i: captions query the images; the one positive is the caption's image.
-    t2i, todo_t = _faiss_direction(img, txt, lambda labels, q: labels == ti[q][:, None], sep, chunk, faiss)
-    # Queries faiss cannot settle (positive not in the top-k, or a negative within `sep` of it): count exactly,
-    # tiled torch path, same tie rule.
-    if len(todo_i):
-        local = np.full(n, -1, dtype=np.int64)  # captions of the other images become distractors (-1)
-        local[todo_i] = np.arange(len(todo_i))
-        sub = local[ti]
-        rows = _Rows(torch.from_numpy(img[todo_i]), dev, len(todo_i) * img.shape[1])
-        exact, _ = _tiled_ranks(rows, _Rows(torch.from_numpy(txt), dev, txt.size), sub, chunk, want_t2i=False)
-        i2t[todo_i] = exact
-    if len(todo_t):
-        rows = _Rows(torch.from_numpy(txt[todo_t]), dev, len(todo_t) * txt.shape[1])
-        _, exact = _tiled_ranks(_Rows(torch.from_numpy(img), dev, img.size), rows, ti[todo_t], chunk, want_i2t=False)
-        t2i[todo_t] = exact
-    return RetrievalRanks(i2t=i2t, t2i=t2i)
-
-
-def _faiss_direction(
-    gallery: np.ndarray, queries: np.ndarray, is_positive, sep: float, chunk: int, faiss: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks from an IndexFlatIP top-k; returns (ranks [Q], queries that need exact counting).
-
-    A query is settled here only if its best positive is listed, no listed negative is within `sep` of it, and the
-    last listed score is below it by more than `sep` (so no unlisted negative is near it either): then every
-    negative is on the same side of the positive under any float32 rounding, and the rank is the torch path's."""
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    k = min(FAISS_K, len(gallery))
-    ranks = np.zeros(len(queries), dtype=np.int64)
-    todo = []
-    step = max(1, chunk * chunk // max(k, 1) // 16)  # bounds the [q, k] result arrays
-    for q0 in range(0, len(queries), step):
-        q = np.arange(q0, min(q0 + step, len(queries)))
-        scores, labels = index.search(queries[q], k)
-        pos_mask = is_positive(labels, q)
-        found = pos_mask.any(1)
-        scores = scores.astype(np.float64)  # exact differences below
-        best = np.where(found, scores[np.arange(len(q)), pos_mask.argmax(1)], np.inf)  # sorted: first hit = best
-        gap = scores - best[:, None]
-        ranks[q] = 1 + np.count_nonzero(~pos_mask & (gap >= 0), axis=1)
-        near = (~pos_mask & (np.abs(gap) <= sep)).any(1)
-        certain = found & ~near & ((k == len(gallery)) | (scores[:, -1] < best - sep))
-        todo.append(q[~certain])
-    return ranks, np.concatenate(todo) if todo else np.empty(0, dtype=np.int64)
-
-
-def _as_f32_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        out = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-    else:
-        out = np.array(x, dtype=np.float32, order="C", copy=True)
-    _check_finite(torch.from_numpy(out))
-    return out
 
 
 __all__ = [

@@ -48,7 +48,7 @@ class EvaluateConfig:
     split: str = "test"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # encoding, scoring and latency; auto: cuda when there is one
     batch_size: int = 128  # student encoding batch (images and captions)
-    backend: Literal["auto", "torch", "faiss"] = "auto"  # exact search; auto = torch (measured faster)
+    backend: Literal["auto", "torch"] = "auto"  # exact search (the tiled torch pass; auto = torch)
     chunk_size: int | None = None  # score tile edge; None: 4096 on CPU, 16384 on CUDA
     # Without distill.runs in the params file: student directories under the workdir, evaluated next to the
     # teacher: `student` is required, the others (e.g. the undistilled `baseline`) when their directory exists.

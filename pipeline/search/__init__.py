@@ -1,0 +1,1 @@
+"""Searching a gallery with the student: faiss indexes over its image embeddings, and text/image queries."""

@@ -1,0 +1,138 @@
+"""A faiss index over L2-normalized gallery embeddings (inner product = cosine), stored next to its id table.
+
+    <dir>/index.faiss      faiss.write_index of the index
+    <dir>/ids.json         {"ids": [...], "source": ..., "student": ..., "kind": ..., "dim": D}
+                           row i of the index is ids[i]
+
+Kinds: `flat` (IndexFlatIP, exact: the default), `hnsw` (IndexHNSWFlat over inner product: a graph, no training,
+~1.5x the memory of flat) and `ivfpq` (IndexIVFPQ: k-means cells and product-quantized codes, for millions of
+images; trained on the gallery itself). An approximate index reports its recall@10 against exact search.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.errors import InputError
+
+Kind = Literal["flat", "hnsw", "ivfpq"]
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: Kind = "flat"
+    hnsw_m: int = 32  # graph degree
+    hnsw_ef_search: int = 128  # candidates kept per query: recall vs speed
+    ivf_lists: int | None = None  # None: ~4 sqrt(N), at most N / 39 (faiss wants 39 training points per cell)
+    pq_bytes: int = 32  # bytes per vector (sub-quantizers of 8 bits); must divide dim
+    nprobe: int = 16  # cells visited per query
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flat", "hnsw", "ivfpq"):
+            raise ValueError(f"kind must be flat, hnsw or ivfpq, got {self.kind!r}")
+
+
+def build_index(emb: np.ndarray, cfg: IndexConfig | None = None) -> Any:
+    import faiss
+
+    cfg = cfg or IndexConfig()
+
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    n, dim = emb.shape
+    if cfg.kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif cfg.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = cfg.hnsw_ef_search
+    else:
+        if dim % cfg.pq_bytes:
+            raise InputError(f"index: pq_bytes {cfg.pq_bytes} must divide the embedding dimension {dim}")
+        lists = cfg.ivf_lists or max(1, min(int(4 * np.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, lists, cfg.pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
+        if n < 256 * 39:  # 8-bit sub-quantizers want ~39 x 256 training points; fewer still train, less well
+            index.cp.min_points_per_centroid = 1
+            index.pq.cp.min_points_per_centroid = 1
+        index.train(emb)
+        index.nprobe = min(cfg.nprobe, lists)
+    index.add(emb)
+    return index
+
+
+def recall_at_k(approx: Any, emb: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of the exact top-k found in the approximate top-k (the usual ANN "recall@k")."""
+    import faiss
+
+    exact = faiss.IndexFlatIP(emb.shape[1])
+    exact.add(np.ascontiguousarray(emb, dtype=np.float32))
+    k = min(k, emb.shape[0])
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    _, truth = exact.search(q, k)
+    _, found = approx.search(q, k)
+    return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth.tolist(), found.tolist())]))
+
+
+def save_index(index: Any, ids: list[str], directory: Path | str, **meta: Any) -> Path:
+    import faiss
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if index.ntotal != len(ids):
+        raise ValueError(f"{index.ntotal} vectors but {len(ids)} ids")
+    (directory / ".ids.json.tmp").write_text(json.dumps({**meta, "ids": list(ids)}) + "\n")
+    faiss.write_index(index, str(directory / ".index.faiss.tmp"))
+    (directory / ".index.faiss.tmp").replace(directory / "index.faiss")
+    (directory / ".ids.json.tmp").replace(directory / "ids.json")  # last: its presence means a finished index
+    return directory
+
+
+@dataclass
+class SearchIndex:
+    index: Any
+    ids: list[str]
+    meta: dict[str, Any]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """[Q, D] normalized queries -> (scores float32 [Q, k'], rows int64 [Q, k']), k' = min(k, N)."""
+        k = min(k, len(self.ids))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.meta.get("kind") == "flat" and len(queries) < 20:
+            # faiss answers fewer than 20 queries with one thread (no BLAS); a torch matrix-vector product over
+            # the same stored vectors uses every core: 2.4x faster per query on 2 cores (docs/performance.md)
+            scores, rows = torch.topk(torch.from_numpy(self.vectors()) @ torch.from_numpy(queries).T, k, dim=0)
+            return scores.T.numpy(), rows.T.numpy().astype(np.int64)
+        return self.index.search(queries, k)
+
+    def vectors(self) -> np.ndarray:
+        """The flat index's [N, D] float32 rows, a view of faiss's own storage (no copy)."""
+        import faiss
+
+        n, d = self.index.ntotal, self.index.d
+        return faiss.rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d)
+
+
+def load_index(directory: Path | str) -> SearchIndex:
+    import faiss
+
+    directory = Path(directory)
+    if not (directory / "ids.json").is_file() or not (directory / "index.faiss").is_file():
+        raise InputError(f"{directory}: no search index here (index.faiss / ids.json); run `kdpipe index` first")
+    try:
+        meta = json.loads((directory / "ids.json").read_text())
+    except ValueError as err:
+        raise InputError(f"{directory / 'ids.json'}: not valid JSON ({err})") from None
+    index = faiss.read_index(str(directory / "index.faiss"))
+    ids = meta.pop("ids", None)
+    if not isinstance(ids, list) or len(ids) != index.ntotal:
+        raise InputError(f"{directory}: ids.json does not match index.faiss ({index.ntotal} vectors)")
+    if meta.get("kind") == "hnsw" and "ef_search" in meta:
+        index.hnsw.efSearch = int(meta["ef_search"])
+    if meta.get("kind") == "ivfpq" and "nprobe" in meta:
+        faiss.extract_index_ivf(index).nprobe = int(meta["nprobe"])
+    return SearchIndex(index, ids, meta)

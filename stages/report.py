@@ -1,0 +1,55 @@
+"""`kdpipe report`: one self-contained HTML page (recall table and plots, what each model retrieves).
+
+kdpipe report [--split test] [--out <workdir>/report.html] [--model student=DIR --model baseline=DIR]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.errors import ConfigError
+from pipeline.evaluate.report import run_report
+from stages._common import PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage
+from stages._deploy import artifact_paths
+
+
+@run_stage
+def command(
+    params: Path = PARAMS_OPTION,
+    workdir: Path = WORKDIR_OPTION,
+    split: str = typer.Option("test", "--split", help="Split to show."),
+    model: list[str] = typer.Option(
+        None,
+        "--model",
+        help="NAME=DIR of a saved model to show (repeatable; default: student and baseline in the workdir).",
+    ),
+    out: Path = typer.Option(None, "--out", help="HTML file to write (default: <workdir>/report.html)."),
+    captions: int = typer.Option(8, "--captions", min=1, help="How many test captions to show."),
+    images: int = typer.Option(4, "--images", min=1, help="How many test images to show."),
+    seed: int = typer.Option(0, "--seed", help="Which captions and images are sampled."),
+) -> None:
+    """Write the HTML report: recalls, plots, and teacher / student / baseline retrievals side by side."""
+    paths = artifact_paths(params, workdir)
+    models = {"student": paths.student, "baseline": paths.workdir / "baseline"}
+    if model:
+        models = {}
+        for item in model:
+            name, sep, directory = item.partition("=")
+            if not sep or not name or not directory:
+                raise ConfigError(f"--model {item!r}: expected NAME=DIR")
+            models[name] = Path(directory)
+    path, shown = run_report(
+        paths.workdir,
+        out or paths.workdir / "report.html",
+        split=split,
+        models=models,
+        features=paths.features,
+        metrics=paths.metrics,
+        plots=paths.plots,
+        n_captions=captions,
+        n_images=images,
+        seed=seed,
+    )
+    echo(f"report: {', '.join(shown)} on {split}; wrote {path} (open it in a browser)")

@@ -1,0 +1,82 @@
+"""A tiny work directory for the deployment tests: index, image cache, teacher store, student and baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.index import DatasetIndex
+from pipeline.paths import ArtifactPaths
+from pipeline.store.features import write_store
+from pipeline.store.image_cache import write_image_cache
+from pipeline.towers.image import ImageTowerConfig
+from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student
+from pipeline.towers.text import TextTowerConfig
+
+WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()  # conftest's tokenizer
+DIM, SIZE = 16, 16
+
+
+def tiny_student(tokenizer_dir: Path, seed: int, **text) -> DualEncoderStudent:
+    """A 1-layer ViT / BERT student with random (non-zero) projection biases, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = StudentConfig(
+        image=ImageTowerConfig(
+            image_size=SIZE, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+        ),
+        text=TextTowerConfig(
+            tokenizer=tokenizer_dir,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            max_tokens=12,
+            **text,
+        ),
+    )
+    model = build_student(cfg, DIM).eval()
+    with torch.no_grad():  # trained students have biases; zeros would hide a dropped one
+        model.image_proj.bias.normal_()
+        model.text_proj.bias.normal_()
+    return model
+
+
+def tiny_workdir(root: Path, tokenizer_dir: Path, captions: dict[int, str] | None = None) -> ArtifactPaths:
+    """train 4 + test 9 images with 1-3 captions each (`captions` replaces test captions by position)."""
+    rng = np.random.default_rng(1)
+    images, caps = [], []
+    for split, n in (("train", 4), ("test", 9)):
+        for i in range(n):
+            images.append((f"{split}{i}.jpg", f"{split}{i}.jpg", split))
+            for _ in range(int(rng.integers(1, 4))):
+                caps.append((" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))), len(images) - 1))
+    test_rows = [j for j, (_, r) in enumerate(caps) if images[r][2] == "test"]
+    for pos, text in (captions or {}).items():
+        caps[test_rows[pos]] = (text, caps[test_rows[pos]][1])
+    index = DatasetIndex.from_lists("toy", root / "data", images, caps)
+    paths = ArtifactPaths(root / "work")
+    index.save(paths.index_dir)
+    pixels = {s: rng.integers(0, 256, (index.split(s).n_images, SIZE, SIZE, 3), dtype=np.uint8) for s in index.splits}
+    write_image_cache(paths.images, pixels, fingerprint=index.fingerprint)
+    splits = {}
+    for s in index.splits:
+        v = index.split(s)
+        img = rng.standard_normal((v.n_images, DIM)).astype(np.float32)
+        splits[s] = {
+            "image_emb": img,
+            "text_emb": img[v.text_image] + 0.5 * rng.standard_normal((v.n_captions, DIM)),
+            "text_image": v.text_image,
+            "image_id": list(v.image_id),
+        }
+    write_store(
+        paths.features,
+        splits,
+        teacher={"name": "tiny-teacher"},
+        dataset={"name": "toy", "fingerprint": index.fingerprint},
+    )
+    save_student(tiny_student(tokenizer_dir, 0), paths.student)
+    save_student(tiny_student(tokenizer_dir, 1), paths.workdir / "baseline")
+    return paths
