@@ -16,6 +16,7 @@ import yaml
 from pipeline.config import from_dict, to_dict
 from pipeline.data.prepare import PrepareConfig
 from pipeline.distill.run import DistillConfig, lr_factor
+from pipeline.distill.runs import split_runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATASETS = ("flickr30k", "coco")
@@ -74,7 +75,7 @@ def load(name: str) -> dict:
 
 
 def distill(name: str) -> DistillConfig:
-    return from_dict(DistillConfig, load(name)["distill"], "distill")
+    return from_dict(DistillConfig, split_runs(load(name)["distill"])[1], "distill")  # `runs`: the DVC fan-out
 
 
 def get(cfg, dotted: str):
