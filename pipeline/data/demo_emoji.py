@@ -187,7 +187,9 @@ class OpenMojiSource:
             raise InputError("Pillow was built without Raqm text shaping: OpenMoji's ZWJ sequences cannot be drawn")
         self.canvas = IMAGE_SIZE * self.SUPERSAMPLE
         # the OpenMoji em box is 72 of its 90-unit advance: font size = canvas x 72/90 fills the canvas like the SVGs
-        self.font = ImageFont.truetype(str(self.font_path), round(self.canvas * 0.8), layout_engine=ImageFont.Layout.RAQM)
+        self.font = ImageFont.truetype(
+            str(self.font_path), round(self.canvas * 0.8), layout_engine=ImageFont.Layout.RAQM
+        )
 
     def draw(self, e: Emoji) -> Image.Image:
         from PIL import ImageDraw
@@ -242,7 +244,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _json_bytes(images: list[dict], note: str) -> bytes:
-    return (json.dumps({"dataset": "emoji", "note": note, "images": images}, indent=1, ensure_ascii=False) + "\n").encode()
+    return (
+        json.dumps({"dataset": "emoji", "note": note, "images": images}, indent=1, ensure_ascii=False) + "\n"
+    ).encode()
 
 
 @dataclass(frozen=True)

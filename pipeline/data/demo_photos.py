@@ -10,6 +10,7 @@ photo's split (`DemoImage.group`), so no test scene leaks into training.
 Every file is re-encoded the same way (RGB, JPEG quality 92, 4:4:4, no optimisation, no metadata), so
 the same installed packages give byte-identical files.
 """
+
 from __future__ import annotations
 
 import io
@@ -72,9 +73,27 @@ DEMO_IMAGES: tuple[DemoImage, ...] = (
 )
 
 # skimage.data loaders whose files ship inside the scikit-image wheel (no download).
-_SKIMAGE_LOCAL = {"astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text", "brick",
-                  "grass", "gravel", "hubble_deep_field", "retina", "immunohistochemistry", "horse", "logo", "cell",
-                  "stereo_motorcycle"}
+_SKIMAGE_LOCAL = {
+    "astronaut",
+    "camera",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "coins",
+    "moon",
+    "page",
+    "text",
+    "brick",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "horse",
+    "logo",
+    "cell",
+    "stereo_motorcycle",
+}
 
 
 def _to_rgb(array: np.ndarray) -> Image.Image:
@@ -95,8 +114,10 @@ def _to_rgb(array: np.ndarray) -> Image.Image:
 
 
 def _missing(package: str, pip_name: str) -> InputError:
-    return InputError(f"the demo images need the package {pip_name} ({package} is not installed); "
-                      "install the demo extras: pip install -e '.[demo]'")
+    return InputError(
+        f"the demo images need the package {pip_name} ({package} is not installed); "
+        "install the demo extras: pip install -e '.[demo]'"
+    )
 
 
 def load_source(source: str) -> Image.Image:
@@ -146,8 +167,9 @@ def render(image: DemoImage) -> Image.Image:
 def encode_jpeg(image: Image.Image) -> bytes:
     """Deterministic JPEG bytes: RGB, fixed quality, 4:4:4, baseline, no metadata."""
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False,
-                              progressive=False)
+    image.convert("RGB").save(
+        buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0, optimize=False, progressive=False
+    )
     return buf.getvalue()
 
 
@@ -166,5 +188,15 @@ def build_demo_images(out_dir: Path = DEMO_IMAGE_DIR, images: tuple[DemoImage, .
     return written
 
 
-__all__ = ["DemoImage", "DEMO_IMAGES", "DEMO_DIR", "DEMO_JSON", "DEMO_IMAGE_DIR", "JPEG_QUALITY",
-           "build_demo_images", "load_source", "render", "encode_jpeg"]
+__all__ = [
+    "DemoImage",
+    "DEMO_IMAGES",
+    "DEMO_DIR",
+    "DEMO_JSON",
+    "DEMO_IMAGE_DIR",
+    "JPEG_QUALITY",
+    "build_demo_images",
+    "load_source",
+    "render",
+    "encode_jpeg",
+]

@@ -6,6 +6,7 @@ the tag, and Flickr30K/COCO numbers are reported that way, so kdpipe ignores it 
 phone photos wants it applied (`prepare.dataset.exif_orientation: apply`), and the choice is recorded in
 the dataset index so that the student's image cache and the teacher's features read the same pixels.
 """
+
 from __future__ import annotations
 
 from PIL import Image

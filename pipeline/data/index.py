@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
 from pipeline.data.exif import EXIF_ORIENTATION
+from pipeline.errors import InputError
 from pipeline.store.durable import atomic_path, write_text_durably
 
 INDEX_FORMAT = "kdpipe-index"
@@ -112,7 +112,7 @@ class DatasetIndex:
         captions: list[tuple[str, int]],
         exif_orientation: str = "ignore",
         unpaired_texts: list[tuple[str, str]] = (),
-    ) -> "DatasetIndex":
+    ) -> DatasetIndex:
         """images: (image_id, path, split) rows; captions: (text, image row) rows; unpaired_texts: (text, split)."""
         return cls(
             name=name,
@@ -127,7 +127,7 @@ class DatasetIndex:
             unpaired_text_split=np.array([s for _, s in unpaired_texts], dtype=object),
         )
 
-    def drop_images(self, rows: np.ndarray | list[int]) -> "DatasetIndex":
+    def drop_images(self, rows: np.ndarray | list[int]) -> DatasetIndex:
         """A new index without these image rows and without their captions (rows renumbered)."""
         keep = np.ones(len(self.image_id), dtype=bool)
         keep[np.asarray(rows, dtype=np.int64)] = False
@@ -263,7 +263,7 @@ class DatasetIndex:
         write_text_durably(directory / "index.json", json.dumps(meta, indent=2) + "\n")  # last: marks it whole
 
     @classmethod
-    def load(cls, directory: Path | str) -> "DatasetIndex":
+    def load(cls, directory: Path | str) -> DatasetIndex:
         directory = Path(directory)
         meta_path = directory / "index.json"
         if not meta_path.is_file():

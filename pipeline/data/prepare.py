@@ -42,10 +42,13 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from pipeline.data.exif import orientation, upright
 from pipeline.data.index import DatasetIndex, read_fingerprint
 from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
-from pipeline.data.exif import orientation, upright
+from pipeline.paths import ArtifactPaths
+from pipeline.progress import progress
+from pipeline.store.durable import write_text_durably
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
     CacheBuilder,
@@ -53,9 +56,6 @@ from pipeline.store.image_cache import (
     remove_stale_temp,
     write_rows,
 )
-from pipeline.paths import ArtifactPaths
-from pipeline.progress import progress
-from pipeline.store.durable import write_text_durably
 
 log = logging.getLogger(__name__)
 

@@ -47,14 +47,16 @@ unpaired texts in file order. Every problem (missing file, malformed JSON/CSV, a
 that names another image, an image listed twice, a row without an image or a split) is one `InputError`
 naming the file and the item.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
@@ -151,8 +153,10 @@ class _Builder:
         row = self.row_of.get(image_id)
         if row is not None:
             if self.images[row][2] != split:
-                raise InputError(f"{where}: image {image_id!r} is in split {split!r} here but in split "
-                                 f"{self.images[row][2]!r} at {self.where_of[image_id]}")
+                raise InputError(
+                    f"{where}: image {image_id!r} is in split {split!r} here but in split "
+                    f"{self.images[row][2]!r} at {self.where_of[image_id]}"
+                )
             return row
         row = self.row_of[image_id] = len(self.images)
         self.where_of[image_id] = where
@@ -171,8 +175,16 @@ class _Builder:
         else:
             self.captions.append((text, row))
 
-    def add_row(self, where: str, image: Any, captions: list[Any], split: Any, file_split: str | None,
-                *, unpaired_ok: bool = False) -> None:
+    def add_row(
+        self,
+        where: str,
+        image: Any,
+        captions: list[Any],
+        split: Any,
+        file_split: str | None,
+        *,
+        unpaired_ok: bool = False,
+    ) -> None:
         """`image` None (row formats: an empty image field) makes the captions unpaired texts when
         `unpaired_ok`; an empty `captions` list makes the image an unpaired image."""
         if image is None and unpaired_ok:
@@ -191,8 +203,10 @@ class _Builder:
         if split is None:
             split = self.cfg.default_split
             if split is None:
-                raise InputError(f"{where}: row has no split; add a split column/key, give annotations as a "
-                                 "mapping split -> file, or set prepare.dataset.default_split")
+                raise InputError(
+                    f"{where}: row has no split; add a split column/key, give annotations as a "
+                    "mapping split -> file, or set prepare.dataset.default_split"
+                )
         split = self._map_split(split)
         if split is None:
             return
@@ -217,14 +231,21 @@ class _Builder:
         if self.cfg.splits is not None:
             missing = [s for s in self.cfg.splits if s not in present]
             if missing:
-                raise InputError(f"prepare.dataset.splits: {files} has no images in split {missing[0]!r} "
-                                 f"(it has {', '.join(sorted(present))})")
+                raise InputError(
+                    f"prepare.dataset.splits: {files} has no images in split {missing[0]!r} "
+                    f"(it has {', '.join(sorted(present))})"
+                )
         orphan = sorted({s for _, s in self.unpaired_texts} - present)
         if orphan:  # the image cache and the feature store are laid out per split of images
             raise InputError(f"{files}: unpaired texts in split {orphan[0]!r}, which has no images")
-        return DatasetIndex.from_lists(self.cfg.name, root, self.images, self.captions,
-                                       exif_orientation=self.cfg.exif_orientation,
-                                       unpaired_texts=self.unpaired_texts)
+        return DatasetIndex.from_lists(
+            self.cfg.name,
+            root,
+            self.images,
+            self.captions,
+            exif_orientation=self.cfg.exif_orientation,
+            unpaired_texts=self.unpaired_texts,
+        )
 
 
 def _normalize_path(path: str, where: str) -> str:
@@ -274,16 +295,20 @@ def _read_karpathy(path: Path, builder: _Builder) -> None:
         n_before = len(builder.images)
         row = builder.add_image(where, image_path, split)
         if len(builder.images) == n_before:
-            raise InputError(f"{where}: image {builder.images[row][0]!r} is listed twice "
-                             f"(also at {builder.where_of[builder.images[row][0]]})")
+            raise InputError(
+                f"{where}: image {builder.images[row][0]!r} is listed twice "
+                f"(also at {builder.where_of[builder.images[row][0]]})"
+            )
         imgid = entry.get("imgid")
         for j, sentence in enumerate(sentences):
             swhere = f"{where} sentences[{j}]"
             if not isinstance(sentence, dict) or "raw" not in sentence:
                 raise InputError(f"{swhere}: expected an object with 'raw'")
             if imgid is not None and sentence.get("imgid", imgid) != imgid:
-                raise InputError(f"{swhere}: caption points at imgid {sentence.get('imgid')!r}, "
-                                 f"but it is listed under image imgid {imgid!r}")
+                raise InputError(
+                    f"{swhere}: caption points at imgid {sentence.get('imgid')!r}, "
+                    f"but it is listed under image imgid {imgid!r}"
+                )
             builder.add_caption(swhere, sentence["raw"], row)
 
 
@@ -294,7 +319,7 @@ Row = tuple[str, Any, list[Any], Any]
 def _dsmd_rows(path: Path) -> Iterator[Row]:
     data = _load_json(path)
     if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list of {{\"filename\", \"description\"}} rows")
+        raise InputError(f'{path}: expected a JSON list of {{"filename", "description"}} rows')
     for i, item in enumerate(data):
         where = f"{path} [{i}]"
         if not isinstance(item, dict):
@@ -320,12 +345,16 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 if not isinstance(item, dict):
                     raise InputError(f"{where}: expected an object, got {type(item).__name__}")
                 if "caption" not in item:
-                    raise InputError(f"{where}: no 'caption' (use \"caption\": \"\" for an image without one)")
+                    raise InputError(f'{where}: no \'caption\' (use "caption": "" for an image without one)')
                 if "image" not in item:
-                    raise InputError(f"{where}: no image path (use \"image\": \"\" for a text without an image)")
+                    raise InputError(f'{where}: no image path (use "image": "" for a text without an image)')
                 caption, image = item["caption"], item["image"]
-                yield where, (None if image in (None, "") else image), \
-                    ([] if caption in (None, "") else [caption]), item.get("split")
+                yield (
+                    where,
+                    (None if image in (None, "") else image),
+                    ([] if caption in (None, "") else [caption]),
+                    item.get("split"),
+                )
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
@@ -342,8 +371,10 @@ def _csv_rows(path: Path) -> Iterator[Row]:
             header = [h.strip() for h in header]
             missing = [c for c in ("image", "caption") if c not in header]
             if missing:
-                raise InputError(f"{path} line 1: no {missing[0]!r} column in the header {header} "
-                                 "(expected image, caption and optionally split)")
+                raise InputError(
+                    f"{path} line 1: no {missing[0]!r} column in the header {header} "
+                    "(expected image, caption and optionally split)"
+                )
             col = {name: header.index(name) for name in ("image", "caption", "split") if name in header}
             for values in reader:
                 where = f"{path} line {reader.line_num}"
@@ -369,7 +400,8 @@ def _add_unlabelled_folder(folder: Path, root: Path, split: str, builder: _Build
     rel = sorted(
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if not rel:
