@@ -119,9 +119,3 @@ def progress(description: str, total: int | None, unit: str = "it") -> Iterator[
     elapsed = time.perf_counter() - start
     rate = bar.done / elapsed if elapsed > 0 else float("inf")
     log.info("%s: %s %s in %.1f s (%s %s/s)", description, f"{bar.done:,}", unit, elapsed, f"{rate:,.1f}", unit)
-
-
-def info(message: str) -> None:
-    """A status line, logged at INFO by `pipeline.progress`. Modules log through their own logger
-    (`logging.getLogger(__name__)`); this stays for code written before the switch to logging."""
-    log.info("%s", message)

@@ -438,7 +438,7 @@ def test_config_rejects_bad_values():
 
 
 def test_teacher_agreement_is_the_mean_cosine():
-    from pipeline.evaluate.run import teacher_agreement
+    from pipeline.evaluate.retrieval import teacher_agreement
 
     rng = np.random.default_rng(0)
     t_img = rng.standard_normal((4, 8)).astype(np.float32)

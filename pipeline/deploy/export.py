@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import torch
 
 from pipeline.deploy.card import model_card
 from pipeline.errors import InputError
-from pipeline.progress import info
 from pipeline.towers.student import load_student
+
+log = logging.getLogger(__name__)
 
 
 def run_export(
@@ -40,7 +42,7 @@ def run_export(
 
         attrs = read_attrs(features)
         if attrs is None:
-            info(f"export: {features} is not a feature store; the model card names no teacher")
+            log.info("export: %s is not a feature store; the model card names no teacher", features)
     card = model_card(
         student_dir,
         store_attrs=attrs,

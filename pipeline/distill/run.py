@@ -423,7 +423,11 @@ def embed_split(
 
 
 def validate(model, split: PairSplit, tokens, batch_size: int, autocast, text_cache=None) -> dict[str, float]:
-    from pipeline.evaluate.retrieval import recall_metrics, retrieval_ranks  # the evaluate stage's protocol
+    from pipeline.evaluate.retrieval import (  # the evaluate stage's protocol and names
+        recall_metrics,
+        retrieval_ranks,
+        teacher_agreement,
+    )
 
     img, txt = embed_split(model, split, tokens, batch_size, autocast, text_cache)
     # images without captions (if the split has any) are not queries of the protocol: the recalls use the
@@ -431,12 +435,7 @@ def validate(model, split: PairSplit, tokens, batch_size: int, autocast, text_ca
     paired, text_image = np.unique(split.text_image, return_inverse=True)
     metrics = recall_metrics(retrieval_ranks(img[torch.from_numpy(paired)], txt, text_image))
     if split.store is not None:  # how close the student is to the teacher on held-out data
-        metrics["teacher_cos_v"] = float(
-            (img * torch.from_numpy(np.asarray(split.store.image_emb, np.float32))).sum(1).mean()
-        )
-        metrics["teacher_cos_t"] = float(
-            (txt * torch.from_numpy(np.asarray(split.store.text_emb, np.float32))).sum(1).mean()
-        )
+        metrics.update(teacher_agreement(img, txt, split.store.image_emb, split.store.text_emb))
     return metrics
 
 
@@ -863,7 +862,7 @@ def restore_or_start_over(run: Run, resume: bool) -> None:
 
 
 VAL_COLUMNS = ["epoch", "step", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-VAL_COLUMNS += ["i2t_medr", "t2i_medr", "teacher_cos_v", "teacher_cos_t"]
+VAL_COLUMNS += ["i2t_medr", "t2i_medr", "teacher_cos_image", "teacher_cos_text"]
 
 
 def open_logs(run: Run) -> None:

@@ -31,7 +31,7 @@ from pipeline.environment import numerics_environment
 from pipeline.errors import ConfigError, InputError, KdpipeError
 from pipeline.evaluate.bootstrap import RECALL_KEYS
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
-from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics
+from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics, teacher_agreement
 from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, split_detail, with_average
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
@@ -248,23 +248,6 @@ def encode_gallery(
     return img, txt
 
 
-def teacher_agreement(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, teacher_image: np.ndarray, teacher_text: np.ndarray
-) -> dict[str, float]:
-    """Mean cosine between a student's and the teacher's embedding of each gallery image and caption.
-
-    Distillation's direct goal; on a tiny gallery, where a recall moves by a whole query, it is the finer
-    measure of how close a student came to the teacher (an undistilled student stays near 0)."""
-    out = {}
-    for key, student, teacher in (
-        ("teacher_cos_image", image_emb, teacher_image),
-        ("teacher_cos_text", text_emb, teacher_text),
-    ):
-        t = torch.as_tensor(np.asarray(teacher, dtype=np.float32), device=student.device)
-        out[key] = round(float((student.float() * t).sum(1).mean()), 4)
-    return out
-
-
 def count_parameters(obj: Any) -> int | None:
     """Parameters of a module, or of every module held by an object (a Teacher); None when it holds none."""
     modules = (
@@ -451,7 +434,8 @@ def _evaluate_student(
         encode_s = time.perf_counter() - t
         result = evaluate_embeddings(name, img, txt, gallery.text_image, cfg, device, groups)
         result.seconds["encode_s"] = round(encode_s, 3)
-        result.metrics.update(teacher_agreement(img, txt, s.image_emb, s.text_emb))
+        agreement = teacher_agreement(img, txt, s.image_emb, s.text_emb)
+        result.metrics.update({k: round(v, 4) for k, v in agreement.items()})
         out.append(result)
         first = first or model
         del img, txt
@@ -599,7 +583,6 @@ __all__ = [
     "count_parameters",
     "student_latency",
     "teacher_latency",
-    "teacher_agreement",
     "run_evaluate",
     "default_runs",
     "write_json",
