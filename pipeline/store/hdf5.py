@@ -19,6 +19,7 @@ source already is a normalized store of the same dtype, whose rows are copied bi
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,91 +99,115 @@ def import_hdf5(
         split_names = attrs.get("splits") or sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
         if not split_names:
             raise InputError(f"{h5_path}: no split groups (expected e.g. /test/image_emb, /test/text_emb, ...)")
-        layout, dims, src, unpaired = {}, set(), {}, {}
+        splits = {}
         for name in split_names:
             if name not in f or not isinstance(f[name], h5py.Group):
                 raise InputError(f"{h5_path}: split group /{name} not found")
-            g = f[name]
-            for key in (*EMB_ARRAYS, "text_image"):
-                if key not in g:
-                    raise InputError(f"{h5_path}: dataset /{name}/{key} not found")
-            img, txt, ti = g["image_emb"], g["text_emb"], g["text_image"]
-            if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
-                raise InputError(
-                    f"{h5_path}: /{name}/image_emb {img.shape} and /{name}/text_emb {txt.shape} "
-                    "must be [rows, D] with the same D"
-                )
-            if ti.shape != (txt.shape[0],):
-                raise InputError(f"{h5_path}: /{name}/text_image has shape {ti.shape}, expected ({txt.shape[0]},)")
-            text_image = np.asarray(ti[...]).astype(np.int64)
-            if len(text_image) and (text_image.min() < 0 or text_image.max() >= img.shape[0]):
-                raise InputError(f"{h5_path}: /{name}/text_image points outside the split's {img.shape[0]} images")
-            if "image_id" in g:
-                ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in g["image_id"][...].tolist()]
-            elif index is not None and name in index.splits:
-                ids = index.split(name).image_id.tolist()
-            else:
-                raise InputError(
-                    f"{h5_path}: /{name}/image_id not found (give the dataset index to take the image ids from it)"
-                )
-            if len(ids) != img.shape[0]:
-                raise InputError(f"{h5_path}: /{name}/image_id has {len(ids)} entries for {img.shape[0]} images")
-            if index is not None:
-                _check_against_index(h5_path, name, index, ids, text_image)
-            dims.add(int(img.shape[1]))
-            unpaired[name] = _unpaired_texts(h5_path, name, g, int(img.shape[1]), index)
-            layout[name] = (int(img.shape[0]), int(txt.shape[0]), len(unpaired[name]))
-            src[name] = (img, txt, text_image.astype(np.int32), ids)
+            splits[name] = _read_split(h5_path, name, f[name], index)
+        dims = {s.image_emb.shape[1] for s in splits.values()}
         if len(dims) != 1:
             raise InputError(f"{h5_path}: splits have different feature dimensions {sorted(dims)}")
-        dim = dims.pop()
-        src_dtypes = {str(np.dtype(s[0].dtype)) for s in src.values()} | {
-            str(np.dtype(s[1].dtype)) for s in src.values()
-        }
-        if dtype is None:
-            dtype = src_dtypes.pop() if len(src_dtypes) == 1 and src_dtypes <= set(STORE_DTYPES) else "float16"
-        if dtype not in STORE_DTYPES:
-            raise InputError(f"store dtype {dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
+        dtype = _store_dtype(splits.values(), dtype)
+        # bits are copied as they are only from a file that says its rows are unit length, in the store's dtype
         copy_bits = attrs.get("normalized") is True and all(
-            np.dtype(s[k].dtype) == np.dtype(dtype) for s in src.values() for k in (0, 1)
+            np.dtype(s.image_emb.dtype) == np.dtype(dtype) and np.dtype(s.text_emb.dtype) == np.dtype(dtype)
+            for s in splits.values()
         )
-
-        recorded = (attrs.get("dataset") or {}).get("fingerprint")
-        if index is not None:
-            if recorded is not None and recorded != index.fingerprint:
-                raise InputError(
-                    f"{h5_path}: computed from dataset index {str(recorded)[:12]}, not from the given "
-                    f"index {index.fingerprint[:12]}"
-                )
-            dataset = {"name": index.name, "fingerprint": index.fingerprint}
-        else:
-            dataset = attrs.get("dataset") or {}
-        teacher = teacher if teacher is not None else attrs.get("teacher")
-        if not teacher:
-            raise InputError(f"{h5_path}: no teacher identity recorded in the file; give one (e.g. a name)")
-        extra = {k: v for k, v in attrs.items() if k in ("extract", "skipped_images")}
-        extra.setdefault("skipped_images", [])
-        extra["imported_from"] = {"file": h5_path.name, "format": "hdf5"}
         writer = StoreWriter.create(
             out_path,
-            layout=layout,
-            dim=dim,
+            layout={n: (s.image_emb.shape[0], s.text_emb.shape[0], len(s.unpaired)) for n, s in splits.items()},
+            dim=int(dims.pop()),
             dtype=dtype,
             chunk_rows=chunk_rows,
-            attrs=jsonable({"teacher": teacher, "dataset": dataset, **extra}),
+            attrs=jsonable(_store_attrs(h5_path, attrs, index, teacher)),
         )
-        for name, (img, txt, text_image, ids) in src.items():
-            for key, ds in (("image_emb", img), ("text_emb", txt), (UNPAIRED_TEXT, unpaired[name])):
+        for name, sp in splits.items():
+            for key, ds in (("image_emb", sp.image_emb), ("text_emb", sp.text_emb), (UNPAIRED_TEXT, sp.unpaired)):
                 bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
                 for i in range(writer.n_chunks(name, key) if len(ds) else 0):
                     a, b = writer.chunk_range(name, key, i)
                     writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
-            writer.write_text_image(name, text_image)
-            writer.write_image_id(name, ids)
+            writer.write_text_image(name, sp.text_image)
+            writer.write_image_id(name, sp.image_id)
     fsync_tree(writer.path)
     writer.set_attrs(complete=True)
     open_store(out_path)  # validate what was written
     return out_path
+
+
+@dataclass(frozen=True)
+class _SourceSplit:
+    """One split group of the HDF5 file, checked: the embeddings stay h5py datasets (read chunk by chunk)."""
+
+    image_emb: Any
+    text_emb: Any
+    text_image: np.ndarray  # int32 [M]
+    image_id: list[str]
+    unpaired: Any  # [U, D], empty when the file has none
+
+
+def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) -> _SourceSplit:
+    """The datasets of /<name>, with every shape, range and id checked against each other (and the index)."""
+    for key in (*EMB_ARRAYS, "text_image"):
+        if key not in g:
+            raise InputError(f"{h5_path}: dataset /{name}/{key} not found")
+    img, txt, ti = g["image_emb"], g["text_emb"], g["text_image"]
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+        raise InputError(
+            f"{h5_path}: /{name}/image_emb {img.shape} and /{name}/text_emb {txt.shape} must be [rows, D] with the same D"
+        )
+    if ti.shape != (txt.shape[0],):
+        raise InputError(f"{h5_path}: /{name}/text_image has shape {ti.shape}, expected ({txt.shape[0]},)")
+    text_image = np.asarray(ti[...]).astype(np.int64)
+    if len(text_image) and (text_image.min() < 0 or text_image.max() >= img.shape[0]):
+        raise InputError(f"{h5_path}: /{name}/text_image points outside the split's {img.shape[0]} images")
+    if "image_id" in g:
+        ids = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in g["image_id"][...].tolist()]
+    elif index is not None and name in index.splits:
+        ids = index.split(name).image_id.tolist()
+    else:
+        raise InputError(
+            f"{h5_path}: /{name}/image_id not found (give the dataset index to take the image ids from it)"
+        )
+    if len(ids) != img.shape[0]:
+        raise InputError(f"{h5_path}: /{name}/image_id has {len(ids)} entries for {img.shape[0]} images")
+    if index is not None:
+        _check_against_index(h5_path, name, index, ids, text_image)
+    unpaired = _unpaired_texts(h5_path, name, g, int(img.shape[1]), index)
+    return _SourceSplit(img, txt, text_image.astype(np.int32), ids, unpaired)
+
+
+def _store_dtype(splits: Any, dtype: str | None) -> str:
+    """The asked dtype, or the file's when all its embeddings share a store dtype, else float16."""
+    if dtype is None:
+        found = {str(np.dtype(s.image_emb.dtype)) for s in splits} | {str(np.dtype(s.text_emb.dtype)) for s in splits}
+        dtype = found.pop() if len(found) == 1 and found <= set(STORE_DTYPES) else "float16"
+    if dtype not in STORE_DTYPES:
+        raise InputError(f"store dtype {dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
+    return dtype
+
+
+def _store_attrs(
+    h5_path: Path, attrs: dict[str, Any], index: DatasetIndex | None, teacher: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The new store's attrs: teacher and dataset identity (checked against the index when given)."""
+    recorded = (attrs.get("dataset") or {}).get("fingerprint")
+    if index is not None:
+        if recorded is not None and recorded != index.fingerprint:
+            raise InputError(
+                f"{h5_path}: computed from dataset index {str(recorded)[:12]}, not from the given "
+                f"index {index.fingerprint[:12]}"
+            )
+        dataset = {"name": index.name, "fingerprint": index.fingerprint}
+    else:
+        dataset = attrs.get("dataset") or {}
+    teacher = teacher if teacher is not None else attrs.get("teacher")
+    if not teacher:
+        raise InputError(f"{h5_path}: no teacher identity recorded in the file; give one (e.g. a name)")
+    extra = {k: v for k, v in attrs.items() if k in ("extract", "skipped_images")}
+    extra.setdefault("skipped_images", [])
+    extra["imported_from"] = {"file": h5_path.name, "format": "hdf5"}
+    return {"teacher": teacher, "dataset": dataset, **extra}
 
 
 def _unpaired_texts(h5_path: Path, name: str, g: Any, dim: int, index: DatasetIndex | None) -> Any:
