@@ -298,6 +298,11 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
             if len(bad) == index.n_images:
                 raise InputError(f"every image failed to decode (first: {report[0]['file']}: {report[0]['reason']})")
             index = index.drop_images(bad_rows)
+            for split in [s for s in views if s not in index.splits]:  # a whole split gone is worth a line
+                log.warning(
+                    f"prepare: split {split!r} is left out: all its {views[split].n_images:,} images failed to "
+                    f"decode (prepare.on_bad_image: skip; listed in {paths.index_dir / BAD_IMAGES_FILE})"
+                )
 
         paths.index_dir.mkdir(parents=True, exist_ok=True)
         (paths.index_dir / "index.json").unlink(missing_ok=True)  # the index is incomplete until save() ends
