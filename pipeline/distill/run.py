@@ -979,11 +979,14 @@ def optimizer_step(run: Run, epoch: int, meter: Meter, weights: dict[str, float]
         bar.postfix = f"epoch {epoch + 1}/{cfg.epochs} loss {meter.acc['loss'] / meter.n:.4g}"
         bar.advance(run.pairs_per_opt_step)
     end_of_epoch = state.step_in_epoch == run.opt_steps_per_epoch
-    if run.main and (state.global_step % cfg.log_every_steps == 0 or end_of_epoch):
+    at_checkpoint = bool(cfg.checkpoint_every_steps) and state.global_step % cfg.checkpoint_every_steps == 0
+    # A row also at each checkpoint: a resume then never starts inside a row's window, so the rows after a
+    # resume average the same steps as an uninterrupted run's (exact resume covers the log).
+    if run.main and (state.global_step % cfg.log_every_steps == 0 or end_of_epoch or at_checkpoint):
         row = meter.flush({"step": state.global_step, "epoch": epoch + 1, "lr": lr})
         row.update({f"w_{k}": float(w) for k, w in weights.items()})
         run.train_log.write(row)
-    if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
+    if at_checkpoint and not end_of_epoch:
         checkpoint(run)
 
 
