@@ -1,7 +1,8 @@
 """What every stage command shares: reading params.yaml, `--set` overrides, and turning errors into one line.
 
 A stage command parses its options, calls `load_stage` for its typed config and artifact paths, calls the
-pipeline, and lets `run_stage` turn a `KdpipeError` into one red line on stderr and exit code 2.
+pipeline, and lets `run_stage` turn a `KdpipeError`, or a machine-level failure (disk full, read-only
+path, out of memory: pipeline/system_errors.py), into one red line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from pipeline.config import apply_overrides, from_dict, write_resolved
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.paths import ArtifactPaths
+from pipeline.system_errors import environment_error
 
 T = TypeVar("T")
 
@@ -41,7 +43,11 @@ def load_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -85,7 +91,8 @@ def save_resolved(cfg: Any, paths: ArtifactPaths, section: str) -> None:
 
 
 def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator for stage commands: a user error becomes one red line and exit code 2, never a traceback."""
+    """Decorator for stage commands: a user error or a machine-level failure becomes one red line and exit code
+    2, never a traceback; anything else (a bug) keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -97,6 +104,12 @@ def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             typer.secho("interrupted", fg=typer.colors.RED, err=True)
             raise typer.Exit(130) from None
+        except (OSError, MemoryError, RuntimeError) as err:  # RuntimeError: torch's CUDA out-of-memory
+            problem = environment_error(err)
+            if problem is None:
+                raise  # a bug: keep the traceback
+            typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 

@@ -454,8 +454,8 @@ class CsvLog:
             if lines and lines[0].split(",") == columns:
                 k = columns.index(key)
                 rows = [ln for ln in lines[1:] if ln and float(ln.split(",")[k]) <= keep_until]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(",".join(columns) + "\n" + "".join(r + "\n" for r in rows))
+        # the cut-back log replaces the old one whole: a failure here leaves the previous log, not half of it
+        write_text_durably(path, ",".join(columns) + "\n" + "".join(r + "\n" for r in rows))
 
     def write(self, values: dict[str, Any]) -> None:
         def fmt(v: Any) -> str:
@@ -546,8 +546,10 @@ def save_checkpoint(
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    # Through a Python file object: torch.save(path) writes from C++ and reports a full disk only as
+    # "unexpected pos"; this way the OSError (ENOSPC) surfaces and atomic_path names the checkpoint.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(blob, f)
 
 
 def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
