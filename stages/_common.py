@@ -1,8 +1,10 @@
-"""What every stage command shares: reading params.yaml, `--set` overrides, and turning errors into one line.
+"""What every stage command shares: reading params.yaml, `--set` overrides, the one-writer lock of its
+outputs, and turning errors into one line.
 
-A stage command parses its options, calls `load_stage` for its typed config and artifact paths, calls the
-pipeline, and lets `run_stage` turn a `KdpipeError`, or a machine-level failure (disk full, read-only
-path, out of memory: pipeline/system_errors.py), into one red line on stderr and exit code 2.
+A stage command parses its options, calls `load_stage` for its typed config and artifact paths, holds
+`writing(outputs)` while it calls the pipeline, and lets `run_stage` turn a `KdpipeError`, or a
+machine-level failure (disk full, read-only path, out of memory: pipeline/system_errors.py), into one
+red line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +22,7 @@ import yaml
 
 from pipeline.config import apply_overrides, from_dict, write_resolved
 from pipeline.errors import ConfigError, KdpipeError
+from pipeline.locks import output_lock
 from pipeline.paths import ArtifactPaths
 from pipeline.system_errors import environment_error
 
@@ -35,6 +39,9 @@ SET_OPTION = typer.Option(
     help="Override a parameter of params.yaml, e.g. distill.epochs=3 (repeatable; nested keys: a.b.c=value).",
 )
 WORKDIR_OPTION = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir).")
+NO_WAIT_OPTION = typer.Option(
+    False, "--no-wait", help="If another run is writing the same output, stop at once (naming it) instead of waiting."
+)
 
 
 def load_params(path: Path) -> dict[str, Any]:
@@ -112,6 +119,19 @@ def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+@contextmanager
+def writing(*outputs: Path, no_wait: bool = False) -> Iterator[None]:
+    """Hold the one-writer lock of each output (pipeline/locks.py) for the body.
+
+    Under torchrun only rank 0 locks, for the whole job: call this before the process group is joined,
+    so the other ranks of a job that waits block in the rendezvous until their rank 0 holds the lock."""
+    with ExitStack() as stack:
+        if is_main_process():
+            for out in sorted({Path(o).resolve() for o in outputs}):  # one order: two runs never deadlock
+                stack.enter_context(output_lock(out, wait=not no_wait))
+        yield
 
 
 def is_main_process() -> bool:

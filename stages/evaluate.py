@@ -17,6 +17,7 @@ import typer
 from pipeline.config import apply_overrides, from_dict
 from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
 from stages._common import (
+    NO_WAIT_OPTION,
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
@@ -26,6 +27,7 @@ from stages._common import (
     load_raw,
     run_stage,
     save_resolved,
+    writing,
 )
 
 
@@ -43,6 +45,7 @@ def command(
     out: Path = typer.Option(
         None, "--out", help="Metrics file to write (default: <workdir>/metrics.json; with --features: print the JSON)."
     ),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Exact R@1/5/10, RSUM and median rank of teacher and student(s); latency, parameters, recall@K plots."""
     if features is not None:
@@ -54,7 +57,8 @@ def command(
         if out is None:
             echo(json.dumps(doc, indent=2))
         else:
-            write_json(doc, out)
+            with writing(out, no_wait=no_wait):
+                write_json(doc, out)
             t = doc["teacher"]
             echo(
                 f"evaluate: {features} {doc['split']}: {doc['n_images']:,} images / {doc['n_captions']:,} "
@@ -81,14 +85,16 @@ def command(
         runs = {
             v: [str(paths.model(r).relative_to(paths.workdir)) for r in rs] for v, rs in runs_cfg.run_names().items()
         }
-    result = run_evaluate(
-        paths,
-        cfg,
-        runs=runs,
-        reference=runs_cfg.compare_to if runs_cfg else "baseline",
-        teacher_factory=teacher_factory,
-        metrics_path=out,
-    )
-    save_resolved(cfg, paths, "evaluate")
+    # metrics.json (or --out) and plots/: every evaluate run writes plots/, ranks.npz and run_info.json too
+    with writing(out or paths.metrics, paths.plots, no_wait=no_wait):
+        result = run_evaluate(
+            paths,
+            cfg,
+            runs=runs,
+            reference=runs_cfg.compare_to if runs_cfg else "baseline",
+            teacher_factory=teacher_factory,
+            metrics_path=out,
+        )
+        save_resolved(cfg, paths, "evaluate")
     echo(result.table)
     echo(result.summary())
