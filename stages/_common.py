@@ -1,8 +1,8 @@
-"""What every stage command shares: reading params.yaml, `--set` overrides, the one-writer lock of its
-outputs, and turning errors into one line.
+"""What every stage command shares: reading params.yaml, `--set` overrides, CPU threads, the one-writer lock
+of its outputs, and turning errors into one line.
 
-A stage command parses its options, calls `load_stage` for its typed config and artifact paths, holds
-`writing(outputs)` while it calls the pipeline, and lets `run_stage` turn a `KdpipeError`, or a
+A stage command parses its options, calls `load_stage` for its typed config and artifact paths (which also
+applies `runtime.threads`: `apply_runtime`), holds `writing(outputs)` while it calls the pipeline, and lets `run_stage` turn a `KdpipeError`, or a
 machine-level failure (disk full, read-only path, out of memory: pipeline/system_errors.py), into one
 red line on stderr and exit code 2.
 """
@@ -24,12 +24,14 @@ from pipeline.config import apply_overrides, from_dict, write_resolved
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.locks import output_lock
 from pipeline.paths import ArtifactPaths
+from pipeline.runtime import RuntimeConfig, apply_threads
 from pipeline.system_errors import environment_error
 
 T = TypeVar("T")
 
-# Top-level keys of params.yaml: the work directory and one section per stage. Anything else is a typo.
-TOP_LEVEL_KEYS = ("workdir", "fit_teacher", "prepare", "extract", "distill", "evaluate")
+# Top-level keys of params.yaml: the work directory, the CPU runtime of every stage and one section per
+# stage. Anything else is a typo.
+TOP_LEVEL_KEYS = ("workdir", "runtime", "fit_teacher", "prepare", "extract", "distill", "evaluate")
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (YAML), one section per stage.")
 SET_OPTION = typer.Option(
@@ -72,7 +74,15 @@ def load_stage(
 
     Every section of the file is checked for unknown top-level keys, so a typo anywhere fails early."""
     raw = load_raw(params_path, overrides)
-    return from_dict(cls, raw.get(section), section), artifact_paths(raw, params_path, workdir)
+    cfg = from_dict(cls, raw.get(section), section)
+    apply_runtime(raw, getattr(cfg, "num_workers", None) or 0)
+    return cfg, artifact_paths(raw, params_path, workdir)
+
+
+def apply_runtime(raw: dict[str, Any], loader_workers: int = 0) -> int:
+    """Set this process's intra-op CPU threads from the params file's `runtime` section (pipeline/runtime.py):
+    every stage calls it once its config is known, since the default leaves room for its loader workers."""
+    return apply_threads(from_dict(RuntimeConfig, raw.get("runtime"), "runtime"), loader_workers)
 
 
 def load_raw(params_path: Path, overrides: list[str] | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from stages._common import (
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    apply_runtime,
     artifact_paths,
     echo,
     is_main_process,
@@ -65,6 +66,7 @@ def command(
         section, baseline = variant_section(raw.get("distill"), variant, seed)
         run = run_name(variant, seed)
     cfg = from_dict(DistillConfig, section, "distill")
+    apply_runtime(raw, cfg.num_workers)
     out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
     # rank 0 locks before joining the process group: the other ranks wait in the rendezvous meanwhile
     with writing(out_dir, no_wait=no_wait):

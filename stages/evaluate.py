@@ -21,6 +21,7 @@ from stages._common import (
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    apply_runtime,
     artifact_paths,
     echo,
     load_params,
@@ -52,7 +53,9 @@ def command(
         # No params file needed: the default one is read when present (device, backend, tile size), an
         # explicitly named one must exist.
         raw = load_params(params) if params.is_file() or params != Path("params.yaml") else {}
-        cfg = from_dict(EvaluateConfig, apply_overrides(raw, list(set_ or [])).get("evaluate"), "evaluate")
+        raw = apply_overrides(raw, list(set_ or []))
+        cfg = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate")
+        apply_runtime(raw)
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
             echo(json.dumps(doc, indent=2))
@@ -67,6 +70,7 @@ def command(
         return
     raw = load_raw(params, set_)  # evaluate's section, and distill.runs / extract.teacher below
     cfg, paths = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate"), artifact_paths(raw, params, workdir)
+    apply_runtime(raw)
     if split:
         cfg = replace(cfg, split=split)
 

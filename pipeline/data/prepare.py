@@ -48,6 +48,7 @@ from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
+from pipeline.runtime import available_cpus
 from pipeline.store.durable import write_text_durably
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
@@ -229,13 +230,6 @@ class _Task:
     start: int  # first row of the block in the split
     paths: list[str]
     data_file: str
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.progress import progress
+from pipeline.runtime import available_cpus
 from pipeline.store.durable import fsync_dir, fsync_tree, naming, remove_partial_files, write_file_durably
 from pipeline.store.features import (
     FORMAT,
@@ -212,7 +213,7 @@ def _init_dist(device: torch.device) -> _Dist:
 def _auto_workers(device: torch.device, local_world: int) -> int:
     if device.type != "cuda":
         return 0  # the CPU forward already uses every core; decoding in-process avoids fighting over them
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    cpus = available_cpus()
     return max(1, min(32, cpus // max(1, local_world) - 1))
 
 
