@@ -14,6 +14,7 @@ import typer
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import ConfigError
+from pipeline.store.durable import naming
 from stages._common import NO_WAIT_OPTION, echo, run_stage, writing
 
 _STORE_DTYPE_HELP = "Store dtype: float16 or float32 (default: the source's, else float16)."
@@ -45,7 +46,7 @@ def import_hdf5(
     from pipeline.store.hdf5 import import_hdf5 as do_import
 
     teacher = {"name": teacher_name} if teacher_name else None
-    with writing(out, no_wait=no_wait):
+    with writing(out, no_wait=no_wait), naming(out):  # zarr's writes name no file when the disk fills
         dataset = DatasetIndex.load(index) if index is not None else None
         echo(f"import-hdf5: wrote {do_import(source, out, index=dataset, teacher=teacher, dtype=dtype)}")
 
@@ -77,6 +78,6 @@ def import_dsmd(
     if set(image_files) != set(text_files):
         raise ConfigError(f"--images names splits {sorted(image_files)} but --texts {sorted(text_files)}")
     files = {s: (image_files[s], text_files[s]) for s in image_files}
-    with writing(out, no_wait=no_wait):
+    with writing(out, no_wait=no_wait), naming(out):
         path = do_import(DatasetIndex.load(index), files, out, teacher={"name": teacher_name}, dtype=dtype)
     echo(f"import-dsmd: wrote {path}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from pipeline.data.prepare import PrepareConfig, run_prepare
+from pipeline.store.durable import naming
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -32,6 +33,7 @@ def command(
     """Decode every image once into the uint8 student-resolution cache, and write the dataset index."""
     cfg, paths = load_stage(params, "prepare", PrepareConfig, set_, workdir)
     with writing(paths.index_dir, paths.images, no_wait=no_wait):
-        summary = run_prepare(cfg, paths, force=force)
+        with naming(paths.images):  # the decode tasks' writes into the cache name no file when the disk fills
+            summary = run_prepare(cfg, paths, force=force)
         save_resolved(cfg, paths, "prepare")
     echo(json.dumps(summary))

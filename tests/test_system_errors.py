@@ -221,3 +221,34 @@ def test_unreadable_params_file_is_one_line(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["prepare", "--params", str(params)])
     assert r.exit_code == 2 and r.output.strip().startswith(f"error: {params}: permission denied;"), r.output
     assert Path(params).exists()
+
+
+def test_prepare_on_a_full_disk_names_the_image_cache(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import pipeline.data.prepare as prepare
+    from stages.cli import app
+
+    (tmp_path / "images").mkdir()
+    images = []
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        images.append({"filename": f"{i}.png", "split": "train", "sentences": [{"raw": f"image {i}"}]})
+    (tmp_path / "ann.json").write_text(json.dumps({"dataset": "t", "images": images}))
+    dataset = {"name": "t", "format": "karpathy", "annotations": str(tmp_path / "ann.json")}
+    params = tmp_path / "params.yaml"
+    prepare_section = {"dataset": {**dataset, "image_root": str(tmp_path / "images")}, "workers": 1}
+    params.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "prepare": prepare_section}))
+
+    def full(*args, **kwargs):  # the decode task's write into the cache's data file, as on a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prepare, "write_rows", full)
+    r = CliRunner().invoke(app, ["--quiet", "prepare", "--params", str(params)])  # the error line alone
+    cache = tmp_path / "work" / "images.zarr"
+    assert r.exit_code == 2 and r.output.startswith(f"error: {cache}: no space left on the device;"), r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "work").iterdir() if not p.name.endswith(".kdpipe-lock")] == []
