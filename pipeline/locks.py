@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -25,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.errors import KdpipeError
+
+log = logging.getLogger(__name__)
 
 
 class OutputLocked(KdpipeError):
@@ -48,7 +51,7 @@ def output_lock(
 ) -> Iterator[None]:
     """Hold the lock of `output` for the body; wait for another holder (saying who, once) or raise
     `OutputLocked` naming it when `wait` is false."""
-    say = say or _stderr
+    say = say or log.warning  # shown under --quiet too: a run that seems to hang says why
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
@@ -105,7 +108,3 @@ def _write(fd: int, record: dict | None) -> None:
     os.ftruncate(fd, 0)
     if record is not None:
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
