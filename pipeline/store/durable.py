@@ -8,13 +8,16 @@ file, which `remove_partial_files` deletes (zarr's LocalStore names its own temp
     write_file_durably(path, data)             # bytes
     with atomic_path(path) as tmp:             # anything that writes to a path: h5py, safetensors, PIL, ...
         save_file(tensors, str(tmp))
-    with atomic_dir(path) as tmp:              # a whole directory (plots, a tower, an ONNX pair), swapped in
+    with atomic_dir(path) as tmp:              # a whole directory (plots/, a tower, hf/), swapped in
         write_everything_under(tmp)
+    with naming(path):                         # writes made by a library (zarr, dask tasks) into `path`
+        ...
 
 A failed write removes its temp file or directory and leaves the target as it was. An OSError that names no
 file (a failed write() or fsync() reports none; torch.save's C++ writer turns it into RuntimeError("unexpected
 pos") chained on the OSError) is re-raised naming the target, so pipeline/system_errors.py can say in one line
-where the disk was full or read-only. torch.save goes through a Python file object for that reason:
+where the disk was full or read-only (`naming` does only that, for writes that do not go through here).
+torch.save goes through a Python file object for that reason:
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(blob, f)
