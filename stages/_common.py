@@ -1,7 +1,10 @@
-"""What every stage command shares: reading params.yaml, `--set` overrides, and turning errors into one line.
+"""What every stage command shares: reading params.yaml, `--set` overrides, CPU threads, the one-writer lock
+of its outputs, and turning errors into one line.
 
-A stage command parses its options, calls `load_stage` for its typed config and artifact paths, calls the
-pipeline, and lets `run_stage` turn a `KdpipeError` into one red line on stderr and exit code 2.
+A stage command parses its options, calls `load_stage` for its typed config and artifact paths (which also
+applies `runtime.threads`: `apply_runtime`), holds `writing(outputs)` while it calls the pipeline, and lets `run_stage` turn a `KdpipeError`, or a
+machine-level failure (disk full, read-only path, out of memory: pipeline/system_errors.py), into one
+red line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,12 +22,16 @@ import yaml
 
 from pipeline.config import apply_overrides, from_dict, write_resolved
 from pipeline.errors import ConfigError, KdpipeError
+from pipeline.locks import output_lock
 from pipeline.paths import ArtifactPaths
+from pipeline.runtime import RuntimeConfig, apply_threads
+from pipeline.system_errors import environment_error
 
 T = TypeVar("T")
 
-# Top-level keys of params.yaml: the work directory and one section per stage. Anything else is a typo.
-TOP_LEVEL_KEYS = ("workdir", "fit_teacher", "prepare", "extract", "distill", "evaluate")
+# Top-level keys of params.yaml: the work directory, the CPU runtime of every stage and one section per
+# stage. Anything else is a typo.
+TOP_LEVEL_KEYS = ("workdir", "runtime", "fit_teacher", "prepare", "extract", "distill", "evaluate")
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (YAML), one section per stage.")
 SET_OPTION = typer.Option(
@@ -33,6 +41,9 @@ SET_OPTION = typer.Option(
     help="Override a parameter of params.yaml, e.g. distill.epochs=3 (repeatable; nested keys: a.b.c=value).",
 )
 WORKDIR_OPTION = typer.Option(None, "--workdir", help="Artifact directory (default: params.yaml's workdir).")
+NO_WAIT_OPTION = typer.Option(
+    False, "--no-wait", help="If another run is writing the same output, stop at once (naming it) instead of waiting."
+)
 
 
 def load_params(path: Path) -> dict[str, Any]:
@@ -41,7 +52,11 @@ def load_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -59,7 +74,15 @@ def load_stage(
 
     Every section of the file is checked for unknown top-level keys, so a typo anywhere fails early."""
     raw = load_raw(params_path, overrides)
-    return from_dict(cls, raw.get(section), section), artifact_paths(raw, params_path, workdir)
+    cfg = from_dict(cls, raw.get(section), section)
+    apply_runtime(raw, getattr(cfg, "num_workers", None) or 0)
+    return cfg, artifact_paths(raw, params_path, workdir)
+
+
+def apply_runtime(raw: dict[str, Any], loader_workers: int = 0) -> int:
+    """Set this process's intra-op CPU threads from the params file's `runtime` section (pipeline/runtime.py):
+    every stage calls it once its config is known, since the default leaves room for its loader workers."""
+    return apply_threads(from_dict(RuntimeConfig, raw.get("runtime"), "runtime"), loader_workers)
 
 
 def load_raw(params_path: Path, overrides: list[str] | None) -> dict[str, Any]:
@@ -85,7 +108,8 @@ def save_resolved(cfg: Any, paths: ArtifactPaths, section: str) -> None:
 
 
 def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator for stage commands: a user error becomes one red line and exit code 2, never a traceback."""
+    """Decorator for stage commands: a user error or a machine-level failure becomes one red line and exit code
+    2, never a traceback; anything else (a bug) keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -97,8 +121,27 @@ def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             typer.secho("interrupted", fg=typer.colors.RED, err=True)
             raise typer.Exit(130) from None
+        except (OSError, MemoryError, RuntimeError) as err:  # RuntimeError: torch's CUDA out-of-memory
+            problem = environment_error(err)
+            if problem is None:
+                raise  # a bug: keep the traceback
+            typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+@contextmanager
+def writing(*outputs: Path, no_wait: bool = False) -> Iterator[None]:
+    """Hold the one-writer lock of each output (pipeline/locks.py) for the body.
+
+    Under torchrun only rank 0 locks, for the whole job: call this before the process group is joined,
+    so the other ranks of a job that waits block in the rendezvous until their rank 0 holds the lock."""
+    with ExitStack() as stack:
+        if is_main_process():
+            for out in sorted({Path(o).resolve() for o in outputs}):  # one order: two runs never deadlock
+                stack.enter_context(output_lock(out, wait=not no_wait))
+        yield
 
 
 def is_main_process() -> bool:

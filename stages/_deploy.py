@@ -9,15 +9,19 @@ import typer
 
 from pipeline.errors import ConfigError
 from pipeline.paths import ArtifactPaths
-from stages._common import load_params
+from stages._common import apply_runtime, load_params
 
 STUDENT_OPTION = typer.Option(None, "--student", help="Student directory (default: <workdir>/student).")
 
 
 def artifact_paths(params: Path, workdir: Path | None) -> ArtifactPaths:
+    """The work directory; also applies the params file's `runtime` section (its defaults when there is none:
+    these commands embed images and texts on the CPU too)."""
+    raw = load_params(params) if workdir is None or params.is_file() else {}
+    apply_runtime(raw)
     if workdir is not None:
         return ArtifactPaths(Path(workdir))
-    wd = load_params(params).get("workdir")
+    wd = raw.get("workdir")
     if not wd:
         raise ConfigError(f"{params}: workdir is not set (e.g. workdir: artifacts/demo); or pass --workdir")
     return ArtifactPaths(Path(wd))

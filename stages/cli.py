@@ -19,7 +19,10 @@ app = typer.Typer(
     epilog=(
         "Environment: KDPIPE_PROGRESS=1 or 0 turns progress bars on or off (default: on when stderr is a "
         "terminal). KDPIPE_FSYNC=0 skips fsync after writes (faster; a killed run still resumes exactly, "
-        "but an OS crash or power loss may lose recent writes)."
+        "but an OS crash or power loss may lose recent writes). OMP_NUM_THREADS sets the intra-op CPU "
+        "threads when params.yaml's runtime.threads is unset (default: the CPUs this process may use, minus "
+        "its loader workers). OMP_WAIT_POLICY: kdpipe's default is PASSIVE (waiting threads sleep, which "
+        "a shared machine needs)."
     ),
 )
 

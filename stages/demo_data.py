@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from stages._common import echo, run_stage
+from stages._common import NO_WAIT_OPTION, echo, run_stage, writing
 
 OUT_OPTION = typer.Option(
     None, "--out", help="Output directory (default: data/emoji; with --photos: data/demo/images)."
@@ -20,19 +20,21 @@ PHOTOS_OPTION = typer.Option(False, "--photos", help="Write the 27 package photo
 
 
 @run_stage
-def command(out: Path | None = OUT_OPTION, photos: bool = PHOTOS_OPTION) -> None:
+def command(out: Path | None = OUT_OPTION, photos: bool = PHOTOS_OPTION, no_wait: bool = NO_WAIT_OPTION) -> None:
     """Build the demo dataset (emoji in two styles, or --photos) from the installed packages."""
     if photos:
         from pipeline.data.demo_photos import DEMO_IMAGE_DIR, DEMO_JSON, build_demo_images
 
         out = out or DEMO_IMAGE_DIR
-        files = build_demo_images(out)
+        with writing(out, no_wait=no_wait):
+            files = build_demo_images(out)
         echo(f"wrote {len(files)} demo images to {out} (captions: {DEMO_JSON})")
         return
     from pipeline.data.demo_emoji import EMOJI_DIR, build_emoji_dataset
 
     out = out or EMOJI_DIR
-    s = build_emoji_dataset(out)
+    with writing(out, no_wait=no_wait):
+        s = build_emoji_dataset(out)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(s.images_per_split.items()))
     echo(
         f"wrote {s.n_images} images of {s.n_emoji} emoji to {out} ({splits}; {s.unpaired_images} unpaired), "

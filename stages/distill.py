@@ -16,15 +16,19 @@ from pathlib import Path
 
 import typer
 
+from pipeline.paths import ArtifactPaths
 from stages._common import (
+    NO_WAIT_OPTION,
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    apply_runtime,
     artifact_paths,
     echo,
     is_main_process,
     load_raw,
     run_stage,
+    writing,
 )
 
 
@@ -43,15 +47,13 @@ def command(
         None, "--variant", help="Train this variant of distill.runs (with --seed) into <workdir>/models/VARIANT-sSEED/."
     ),
     seed: int = typer.Option(None, "--seed", help="The seed of the --variant run (one of distill.runs.seeds)."),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
-    from pipeline.config import from_dict, write_resolved
-    from pipeline.data.index import DatasetIndex
-    from pipeline.distill.run import DistillConfig, run_distill
+    from pipeline.config import from_dict
+    from pipeline.distill.run import DistillConfig
     from pipeline.distill.runs import run_name, split_runs, variant_section
     from pipeline.errors import ConfigError
-    from pipeline.store.features import open_store
-    from pipeline.store.image_cache import open_image_cache
 
     raw = load_raw(params, set_)
     paths = artifact_paths(raw, params, workdir)
@@ -64,10 +66,28 @@ def command(
         section, baseline = variant_section(raw.get("distill"), variant, seed)
         run = run_name(variant, seed)
     cfg = from_dict(DistillConfig, section, "distill")
+    apply_runtime(raw, cfg.num_workers)
+    out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
+    # rank 0 locks before joining the process group: the other ranks wait in the rendezvous meanwhile
+    with writing(out_dir, no_wait=no_wait):
+        result = train(cfg, paths, out_dir, run=run, baseline=baseline, resume=resume)
+    if is_main_process():
+        best = f", best val RSUM {result.best_rsum:.2f} at epoch {result.best_epoch}" if result.best_epoch > 0 else ""
+        echo(f"distill: {result.epochs_done} epochs, {result.global_step} steps{best}; student in {out_dir}")
+
+
+def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline: bool, resume: bool):
+    """Open the inputs, join the process group under torchrun, train into `out_dir`; a run of `distill.runs`
+    also copies its training curves out."""
+    from pipeline.config import write_resolved
+    from pipeline.data.index import DatasetIndex
+    from pipeline.distill.run import run_distill
+    from pipeline.store.features import open_store
+    from pipeline.store.image_cache import open_image_cache
+
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint, expect_dim=cfg.teacher_dim)
     cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
-    out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch
@@ -88,9 +108,7 @@ def command(
             dist.destroy_process_group()
     if is_main_process() and run:
         copy_training_curves(out_dir, paths.training_curves(run))
-    if is_main_process():
-        best = f", best val RSUM {result.best_rsum:.2f} at epoch {result.best_epoch}" if result.best_epoch > 0 else ""
-        echo(f"distill: {result.epochs_done} epochs, {result.global_step} steps{best}; student in {out_dir}")
+    return result
 
 
 def copy_training_curves(out_dir: Path, targets: dict[str, Path]) -> None:

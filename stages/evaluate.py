@@ -17,15 +17,18 @@ import typer
 from pipeline.config import apply_overrides, from_dict
 from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
 from stages._common import (
+    NO_WAIT_OPTION,
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    apply_runtime,
     artifact_paths,
     echo,
     load_params,
     load_raw,
     run_stage,
     save_resolved,
+    writing,
 )
 
 
@@ -43,18 +46,22 @@ def command(
     out: Path = typer.Option(
         None, "--out", help="Metrics file to write (default: <workdir>/metrics.json; with --features: print the JSON)."
     ),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Exact R@1/5/10, RSUM and median rank of teacher and student(s); latency, parameters, recall@K plots."""
     if features is not None:
         # No params file needed: the default one is read when present (device, backend, tile size), an
         # explicitly named one must exist.
         raw = load_params(params) if params.is_file() or params != Path("params.yaml") else {}
-        cfg = from_dict(EvaluateConfig, apply_overrides(raw, list(set_ or [])).get("evaluate"), "evaluate")
+        raw = apply_overrides(raw, list(set_ or []))
+        cfg = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate")
+        apply_runtime(raw)
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
             echo(json.dumps(doc, indent=2))
         else:
-            write_json(doc, out)
+            with writing(out, no_wait=no_wait):
+                write_json(doc, out)
             t = doc["teacher"]
             echo(
                 f"evaluate: {features} {doc['split']}: {doc['n_images']:,} images / {doc['n_captions']:,} "
@@ -63,6 +70,7 @@ def command(
         return
     raw = load_raw(params, set_)  # evaluate's section, and distill.runs / extract.teacher below
     cfg, paths = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate"), artifact_paths(raw, params, workdir)
+    apply_runtime(raw)
     if split:
         cfg = replace(cfg, split=split)
 
@@ -81,14 +89,16 @@ def command(
         runs = {
             v: [str(paths.model(r).relative_to(paths.workdir)) for r in rs] for v, rs in runs_cfg.run_names().items()
         }
-    result = run_evaluate(
-        paths,
-        cfg,
-        runs=runs,
-        reference=runs_cfg.compare_to if runs_cfg else "baseline",
-        teacher_factory=teacher_factory,
-        metrics_path=out,
-    )
-    save_resolved(cfg, paths, "evaluate")
+    # metrics.json (or --out) and plots/: every evaluate run writes plots/, ranks.npz and run_info.json too
+    with writing(out or paths.metrics, paths.plots, no_wait=no_wait):
+        result = run_evaluate(
+            paths,
+            cfg,
+            runs=runs,
+            reference=runs_cfg.compare_to if runs_cfg else "baseline",
+            teacher_factory=teacher_factory,
+            metrics_path=out,
+        )
+        save_resolved(cfg, paths, "evaluate")
     echo(result.table)
     echo(result.summary())

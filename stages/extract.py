@@ -13,6 +13,7 @@ import typer
 from pipeline.data.index import DatasetIndex
 from pipeline.teachers.extract import ExtractConfig, run_extract
 from stages._common import (
+    NO_WAIT_OPTION,
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
@@ -21,6 +22,7 @@ from stages._common import (
     load_stage,
     run_stage,
     save_resolved,
+    writing,
 )
 
 
@@ -32,11 +34,15 @@ def command(
     index: Path = typer.Option(None, "--index", help="Dataset index directory (default: <workdir>/index)."),
     out: Path = typer.Option(None, "--out", help="Feature store to write (default: <workdir>/features.zarr)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over even if a partial store could be resumed."),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Compute the teacher's L2-normalized features of all images and captions (resumable, torchrun-aware)."""
     cfg, paths = load_stage(params, "extract", ExtractConfig, set_, workdir)
-    dataset = DatasetIndex.load(index or paths.index_dir)
-    result = run_extract(dataset, cfg, out or paths.features, fresh=fresh)
+    out = out or paths.features
+    with writing(out, no_wait=no_wait):  # rank 0 locks before run_extract joins the process group
+        dataset = DatasetIndex.load(index or paths.index_dir)
+        result = run_extract(dataset, cfg, out, fresh=fresh)
+        if is_main_process():
+            save_resolved(cfg, paths, "extract")
     if is_main_process():
-        save_resolved(cfg, paths, "extract")
         echo(result.summary())

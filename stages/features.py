@@ -14,7 +14,8 @@ import typer
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import ConfigError
-from stages._common import echo, run_stage
+from pipeline.store.durable import naming
+from stages._common import NO_WAIT_OPTION, echo, run_stage, writing
 
 _STORE_DTYPE_HELP = "Store dtype: float16 or float32 (default: the source's, else float16)."
 
@@ -23,11 +24,13 @@ _STORE_DTYPE_HELP = "Store dtype: float16 or float32 (default: the source's, els
 def export_hdf5(
     store: Path = typer.Argument(..., help="Feature store (features.zarr) to export."),
     out: Path = typer.Option(..., "--out", help="HDF5 file to write."),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Export a complete feature store to one HDF5 file (same layout; store attrs as JSON)."""
     from pipeline.store.hdf5 import export_hdf5 as export
 
-    echo(f"export-hdf5: wrote {export(store, out)}")
+    with writing(out, no_wait=no_wait):
+        echo(f"export-hdf5: wrote {export(store, out)}")
 
 
 @run_stage
@@ -37,13 +40,15 @@ def import_hdf5(
     index: Path = typer.Option(None, "--index", help="Dataset index directory to check the rows against."),
     teacher_name: str = typer.Option(None, "--teacher-name", help="Teacher name, if the file records none."),
     dtype: str = typer.Option(None, "--dtype", help=_STORE_DTYPE_HELP),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Build a feature store from teacher features in an HDF5 file."""
     from pipeline.store.hdf5 import import_hdf5 as do_import
 
-    dataset = DatasetIndex.load(index) if index is not None else None
     teacher = {"name": teacher_name} if teacher_name else None
-    echo(f"import-hdf5: wrote {do_import(source, out, index=dataset, teacher=teacher, dtype=dtype)}")
+    with writing(out, no_wait=no_wait), naming(out):  # zarr's writes name no file when the disk fills
+        dataset = DatasetIndex.load(index) if index is not None else None
+        echo(f"import-hdf5: wrote {do_import(source, out, index=dataset, teacher=teacher, dtype=dtype)}")
 
 
 def _split_files(values: list[str], option: str) -> dict[str, Path]:
@@ -64,6 +69,7 @@ def import_dsmd(
     texts: list[str] = typer.Option(..., "--texts", help="SPLIT=PATH of the text features [M, D]."),
     teacher_name: str = typer.Option("dsmd-import", "--teacher-name", help="Teacher name to record."),
     dtype: str = typer.Option("float16", "--dtype", help="Store dtype: float16 or float32."),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Build a feature store from DSMD-style per-caption tensors (each image feature repeated per caption)."""
     from pipeline.store.hdf5 import import_dsmd as do_import
@@ -72,5 +78,6 @@ def import_dsmd(
     if set(image_files) != set(text_files):
         raise ConfigError(f"--images names splits {sorted(image_files)} but --texts {sorted(text_files)}")
     files = {s: (image_files[s], text_files[s]) for s in image_files}
-    path = do_import(DatasetIndex.load(index), files, out, teacher={"name": teacher_name}, dtype=dtype)
+    with writing(out, no_wait=no_wait), naming(out):
+        path = do_import(DatasetIndex.load(index), files, out, teacher={"name": teacher_name}, dtype=dtype)
     echo(f"import-dsmd: wrote {path}")

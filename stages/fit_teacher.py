@@ -12,7 +12,17 @@ import typer
 
 from pipeline.devices import resolve_device
 from pipeline.teachers.fit_teacher import FitTeacherConfig, run_fit_teacher
-from stages._common import PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, load_stage, run_stage, save_resolved
+from stages._common import (
+    NO_WAIT_OPTION,
+    PARAMS_OPTION,
+    SET_OPTION,
+    WORKDIR_OPTION,
+    echo,
+    load_stage,
+    run_stage,
+    save_resolved,
+    writing,
+)
 
 
 @run_stage
@@ -22,9 +32,12 @@ def command(
     workdir: Path = WORKDIR_OPTION,
     out: Path = typer.Option(None, "--out", help="Output directory (default: <workdir>/teacher)."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto (the backbone pass; heads train on it too)."),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Fit the demo teacher's two linear heads on its training pairs (train split only), deterministically."""
     cfg, paths = load_stage(params, "fit_teacher", FitTeacherConfig, set_, workdir)
-    result = run_fit_teacher(cfg, out or paths.teacher, resolve_device(device, "--device"))
-    save_resolved(cfg, paths, "fit_teacher")
+    out = out or paths.teacher
+    with writing(out, no_wait=no_wait):
+        result = run_fit_teacher(cfg, out, resolve_device(device, "--device"))
+        save_resolved(cfg, paths, "fit_teacher")
     echo(result.summary())

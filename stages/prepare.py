@@ -8,7 +8,18 @@ from pathlib import Path
 import typer
 
 from pipeline.data.prepare import PrepareConfig, run_prepare
-from stages._common import PARAMS_OPTION, SET_OPTION, WORKDIR_OPTION, echo, load_stage, run_stage, save_resolved
+from pipeline.store.durable import naming
+from stages._common import (
+    NO_WAIT_OPTION,
+    PARAMS_OPTION,
+    SET_OPTION,
+    WORKDIR_OPTION,
+    echo,
+    load_stage,
+    run_stage,
+    save_resolved,
+    writing,
+)
 
 
 @run_stage
@@ -17,9 +28,12 @@ def command(
     set_: list[str] = SET_OPTION,
     workdir: Path = WORKDIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Decode again even if the outputs are up to date."),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Decode every image once into the uint8 student-resolution cache, and write the dataset index."""
     cfg, paths = load_stage(params, "prepare", PrepareConfig, set_, workdir)
-    summary = run_prepare(cfg, paths, force=force)
-    save_resolved(cfg, paths, "prepare")
+    with writing(paths.index_dir, paths.images, no_wait=no_wait):
+        with naming(paths.images):  # the decode tasks' writes into the cache name no file when the disk fills
+            summary = run_prepare(cfg, paths, force=force)
+        save_resolved(cfg, paths, "prepare")
     echo(json.dumps(summary))

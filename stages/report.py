@@ -11,7 +11,7 @@ import typer
 
 from pipeline.errors import ConfigError
 from pipeline.evaluate.report import run_report
-from stages._common import PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage
+from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
 from stages._deploy import artifact_paths
 
 
@@ -29,6 +29,7 @@ def command(
     captions: int = typer.Option(8, "--captions", min=1, help="How many test captions to show."),
     images: int = typer.Option(4, "--images", min=1, help="How many test images to show."),
     seed: int = typer.Option(0, "--seed", help="Which captions and images are sampled."),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Write the HTML report: recalls, plots, and teacher / student / baseline retrievals side by side."""
     paths = artifact_paths(params, workdir)
@@ -40,16 +41,18 @@ def command(
             if not sep or not name or not directory:
                 raise ConfigError(f"--model {item!r}: expected NAME=DIR")
             models[name] = Path(directory)
-    path, shown = run_report(
-        paths.workdir,
-        out or paths.workdir / "report.html",
-        split=split,
-        models=models,
-        features=paths.features,
-        metrics=paths.metrics,
-        plots=paths.plots,
-        n_captions=captions,
-        n_images=images,
-        seed=seed,
-    )
+    out = out or paths.workdir / "report.html"
+    with writing(out, no_wait=no_wait):
+        path, shown = run_report(
+            paths.workdir,
+            out,
+            split=split,
+            models=models,
+            features=paths.features,
+            metrics=paths.metrics,
+            plots=paths.plots,
+            n_captions=captions,
+            n_images=images,
+            seed=seed,
+        )
     echo(f"report: {', '.join(shown)} on {split}; wrote {path} (open it in a browser)")

@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError
 from pipeline.search.gallery import split_gallery
 from pipeline.search.index import IndexConfig
 from pipeline.search.run import run_index, run_search
-from stages._common import PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage
+from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
 from stages._deploy import STUDENT_OPTION, artifact_paths
 
 INDEX_OPTION = typer.Option(None, "--index", help="Index directory (default: <workdir>/search).")
@@ -29,15 +29,19 @@ def index_command(
     folder: Path = typer.Option(None, "--folder", help="Index every image file under this folder instead."),
     kind: str = typer.Option("flat", "--kind", help="flat (exact, IndexFlatIP), hnsw or ivfpq (approximate)."),
     index: Path = INDEX_OPTION,
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Embed a gallery with the student into a faiss index next to its id table."""
     paths = artifact_paths(params, workdir)
     if kind not in ("flat", "hnsw", "ivfpq"):
         raise ConfigError(f"--kind {kind!r}: expected flat, hnsw or ivfpq")
     cfg = IndexConfig(kind=kind)
-    gallery = folder if folder is not None else split_gallery(paths, split)
     source = str(folder) if folder is not None else f"{paths.workdir} split {split}"
-    for line in run_index(student or paths.student, gallery, index or paths.workdir / "search", cfg, source):
+    index = index or paths.workdir / "search"
+    with writing(index, no_wait=no_wait):
+        gallery = folder if folder is not None else split_gallery(paths, split)
+        lines = run_index(student or paths.student, gallery, index, cfg, source)
+    for line in lines:
         echo(line)
 
 
@@ -56,14 +60,17 @@ def search_command(
     student = student or paths.student
     if index is None and not (paths.workdir / "search" / "ids.json").is_file():
         # first use on a workdir: the default index (exact, test split), as `kdpipe index` would build it
-        for line in run_index(
-            student,
-            split_gallery(paths, "test"),
-            paths.workdir / "search",
-            IndexConfig(),
-            f"{paths.workdir} split test",
-        ):
-            echo(line)
+        with writing(paths.workdir / "search"):
+            if not (paths.workdir / "search" / "ids.json").is_file():  # unless a run we waited for built it
+                lines = run_index(
+                    student,
+                    split_gallery(paths, "test"),
+                    paths.workdir / "search",
+                    IndexConfig(),
+                    f"{paths.workdir} split test",
+                )
+                for line in lines:
+                    echo(line)
     hits, ms = run_search(student, index or paths.workdir / "search", text=text, image=image, k=k)
     for rank, (image_id, score) in enumerate(hits, 1):
         echo(f"{rank:3d}  {score:.4f}  {image_id}")

@@ -25,6 +25,7 @@ from pipeline.teachers.beit3_checkpoint import (
     infer_dims,
     interpolate_vision_positions,
     load_beit3_checkpoint,
+    read_checkpoint,
 )
 from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3Dims
 
@@ -106,8 +107,20 @@ def test_refuses_unreadable_files(tmp_path):
         load_beit3_checkpoint(tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00" * 100)
-    with pytest.raises(InputError, match="junk.pth"):
+    with pytest.raises(InputError, match="junk.pth: not a PyTorch checkpoint"):
         load_beit3_checkpoint(junk)
+    # random bytes that start like a pickle: said to be no checkpoint, not "objects other than tensors"
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(b"\x80\x82" + np.random.default_rng(0).bytes(4096))
+    with pytest.raises(InputError, match=r"noise\.pth: not a PyTorch checkpoint .*starts with bytes 80 82 "):
+        load_beit3_checkpoint(noise)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(InputError, match="not a PyTorch checkpoint .*the file is empty"):
+        load_beit3_checkpoint(tmp_path / "empty.pth")
+    # both torch.save formats pass the check (the legacy one is read without memory mapping)
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": official_state_dict(BASE_STYLE)}, legacy, _use_new_zipfile_serialization=False)
+    assert set(read_checkpoint(legacy)) == set(official_state_dict(BASE_STYLE))
 
     class Evil:  # noqa: E306
         def __reduce__(self):

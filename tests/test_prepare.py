@@ -227,6 +227,20 @@ def test_bad_images_skip_mode_leaves_them_out_and_reports_them(photos, tmp_path)
             np.testing.assert_array_equal(cache.split(split)[row], naive_reference(path))
 
 
+def test_skip_mode_that_drops_a_whole_split_says_so_in_one_line(photos, tmp_path, caplog):
+    caplog.set_level("INFO", logger="pipeline")  # prepare speaks through logging (the CLI shows it)
+    rows = [("astronaut.jpg", "train"), ("chelsea.jpg", "train"), ("empty.jpg", "val"), ("notes.jpg", "val")]
+    ann = write_annotations(tmp_path / "ann.json", rows)
+    paths = ArtifactPaths(tmp_path / "work")
+    summary = run_prepare(config(photos, ann, chunk_images=2, on_bad_image="skip"), paths)
+    assert summary["images"] == {"train": 2} and DatasetIndex.load(paths.index_dir).splits == ("train",)
+    lines = [r.getMessage() for r in caplog.records if "'val'" in r.getMessage()]
+    assert lines == [
+        f"prepare: split 'val' is left out: all its 2 images failed to decode (prepare.on_bad_image: skip; "
+        f"listed in {paths.index_dir / 'bad_images.json'})"
+    ]
+
+
 def test_rerun_is_a_noop_and_changes_are_not(photos, tmp_path, monkeypatch):
     ann = write_annotations(tmp_path / "ann.json", list(zip(GOOD[:4], SPLITS[:4])))
     paths = ArtifactPaths(tmp_path / "work")

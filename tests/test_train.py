@@ -316,6 +316,27 @@ def kill_resume_and_compare(work, prefix: str, cfg: DistillConfig) -> dict:
     return a
 
 
+def test_training_log_after_a_resume_equals_the_uninterrupted_log(work):
+    """Checkpoints (every 4 steps) that fall between log rows (every 3): the rows around the resume point
+    average the same steps as an uninterrupted run's, so the logs are equal (timing column aside)."""
+    root = work[0]
+    cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=4, log_every_steps=3, batch_size=4)
+    full = run(work, "log_full", cfg)
+    killed = run(work, "log_killed", cfg, stop_after_steps=10)  # last checkpoint at step 8, last row at 9
+    assert not killed.completed
+    run(work, "log_killed", cfg)
+
+    def log(name):
+        lines = [ln.split(",") for ln in (root / name / "train_log.csv").read_text().splitlines()]
+        col = lines[0].index("pairs_per_s")
+        return [ln[:col] + ln[col + 1 :] for ln in lines]
+
+    # rows at every 3rd step, every checkpoint (4th) and each epoch end (12 steps an epoch)
+    steps = [int(row[0]) for row in log("log_full")[1:]]
+    assert steps == [3, 4, 6, 8, 9, 12, 15, 16, 18, 20, 21, 24] and full.global_step == 24
+    assert log("log_full") == log("log_killed")
+
+
 def test_resume_refuses_another_config_and_no_resume_starts_over(work):
     root = work[0]
     cfg = tiny_cfg(root, epochs=1)

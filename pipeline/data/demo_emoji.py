@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.progress import progress
+from pipeline.store.durable import write_file_durably
 
 EMOJI_DIR = Path("data/emoji")
 IMAGE_SIZE = 72  # Twemoji's PNG size; OpenMoji is drawn at the same size
@@ -237,12 +237,6 @@ def karpathy_entries(emoji: Iterable[Emoji], *, teacher: bool) -> list[dict]:
     return images
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _json_bytes(images: list[dict], note: str) -> bytes:
     return (
         json.dumps({"dataset": "emoji", "note": note, "images": images}, indent=1, ensure_ascii=False) + "\n"
@@ -269,15 +263,15 @@ def build_emoji_dataset(out_dir: Path | str = EMOJI_DIR, emoji: list[Emoji] | No
     with progress("demo-data", len(emoji) * len(STYLES), unit="images") as bar:
         for e in emoji:
             for style in STYLES:
-                _write_atomic(out_dir / "images" / style / e.filename, encode_png(sources[style].draw(e)))
+                write_file_durably(out_dir / "images" / style / e.filename, encode_png(sources[style].draw(e)))
                 bar.advance()
     student = karpathy_entries(emoji, teacher=False)
     teacher = karpathy_entries(emoji, teacher=True)
-    _write_atomic(
+    write_file_durably(
         out_dir / "dataset_emoji.json",
         _json_bytes(student, f"built by `kdpipe demo-data`; captions for {PAIRED_STYLE} training images only"),
     )
-    _write_atomic(
+    write_file_durably(
         out_dir / "teacher_pairs.json",
         _json_bytes(teacher, "built by `kdpipe demo-data`; the teacher heads' training pairs (train split)"),
     )

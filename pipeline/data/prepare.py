@@ -48,6 +48,7 @@ from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
+from pipeline.runtime import available_cpus
 from pipeline.store.durable import write_text_durably
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
@@ -231,13 +232,6 @@ class _Task:
     data_file: str
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False) -> dict[str, Any]:
     """Build `paths.index_dir` and `paths.images` from the dataset; returns a summary (also printed)."""
     start = time.perf_counter()
@@ -298,6 +292,11 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
             if len(bad) == index.n_images:
                 raise InputError(f"every image failed to decode (first: {report[0]['file']}: {report[0]['reason']})")
             index = index.drop_images(bad_rows)
+            for split in [s for s in views if s not in index.splits]:  # a whole split gone is worth a line
+                log.warning(
+                    f"prepare: split {split!r} is left out: all its {views[split].n_images:,} images failed to "
+                    f"decode (prepare.on_bad_image: skip; listed in {paths.index_dir / BAD_IMAGES_FILE})"
+                )
 
         paths.index_dir.mkdir(parents=True, exist_ok=True)
         (paths.index_dir / "index.json").unlink(missing_ok=True)  # the index is incomplete until save() ends

@@ -11,6 +11,7 @@ import torch
 
 from pipeline.deploy.card import model_card
 from pipeline.errors import InputError
+from pipeline.store.durable import write_text_durably
 from pipeline.towers.student import load_student
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ def run_export(
         hf=(student_dir / "hf" / "config.json").is_file(),
         onnx=(student_dir / "onnx" / "image.onnx").is_file(),
     )
-    (student_dir / ".README.md.tmp").write_text(card)
-    (student_dir / ".README.md.tmp").replace(student_dir / "README.md")
+    write_text_durably(student_dir / "README.md", card)
     done.append(f"{student_dir / 'README.md'}: model card")
     return done
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import InputError
+from pipeline.store.durable import atomic_dir
 from pipeline.towers.student import DualEncoderStudent
 
 TEXT_BIAS_KEY = "kdpipe_text_projection_bias"
@@ -90,8 +91,12 @@ def save_dual_encoder(model: DualEncoderStudent, directory: Path | str) -> Path:
 
     hf_logging.disable_progress_bar()
     dual = to_dual_encoder(model)  # first: a refused student leaves nothing behind
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(directory) as tmp:  # swapped in whole: never a config beside another export's weights
+        _write_dual_encoder(dual, model, tmp)
+    return Path(directory)
+
+
+def _write_dual_encoder(dual, model: DualEncoderStudent, directory: Path) -> None:
     dual.save_pretrained(directory)
     model.text_tower.tokenizer.save_pretrained(directory)
     size = model.image_size
@@ -107,4 +112,3 @@ def save_dual_encoder(model: DualEncoderStudent, directory: Path | str) -> Path:
         "image_std": list(model.image_tower.std),
     }
     (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    return directory

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
+from pipeline.store.durable import atomic_path
 from pipeline.towers.student import DualEncoderStudent
 
 OPSET = 17
@@ -72,8 +73,7 @@ def export_onnx(model: DualEncoderStudent, directory: Path | str) -> tuple[Path,
     for module, args, names, path in jobs:
         module.eval()  # the exporter restores the wrapper's mode on every submodule afterwards: keep it eval
         axes = {n: {0: "batch"} | ({1: "tokens"} if n != "images" else {}) for n in names}
-        tmp = path.with_suffix(".onnx.tmp")
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             # the TorchScript exporter: no onnxscript dependency, and its tracer warnings are about
             # Python-side shape checks of transformers that are constant for a fixed architecture
             warnings.simplefilter("ignore")
@@ -87,7 +87,6 @@ def export_onnx(model: DualEncoderStudent, directory: Path | str) -> tuple[Path,
                 opset_version=OPSET,
                 dynamo=False,
             )
-        tmp.replace(path)
     return directory / "image.onnx", directory / "text.onnx"
 
 

@@ -453,8 +453,8 @@ class CsvLog:
             if lines and lines[0].split(",") == columns:
                 k = columns.index(key)
                 rows = [ln for ln in lines[1:] if ln and float(ln.split(",")[k]) <= keep_until]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(",".join(columns) + "\n" + "".join(r + "\n" for r in rows))
+        # the cut-back log replaces the old one whole: a failure here leaves the previous log, not half of it
+        write_text_durably(path, ",".join(columns) + "\n" + "".join(r + "\n" for r in rows))
 
     def write(self, values: dict[str, Any]) -> None:
         def fmt(v: Any) -> str:
@@ -545,8 +545,10 @@ def save_checkpoint(
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    # Through a Python file object: torch.save(path) writes from C++ and reports a full disk only as
+    # "unexpected pos"; this way the OSError (ENOSPC) surfaces and atomic_path names the checkpoint.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(blob, f)
 
 
 def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
@@ -978,11 +980,14 @@ def optimizer_step(run: Run, epoch: int, meter: Meter, weights: dict[str, float]
         bar.postfix = f"epoch {epoch + 1}/{cfg.epochs} loss {meter.acc['loss'] / meter.n:.4g}"
         bar.advance(run.pairs_per_opt_step)
     end_of_epoch = state.step_in_epoch == run.opt_steps_per_epoch
-    if run.main and (state.global_step % cfg.log_every_steps == 0 or end_of_epoch):
+    at_checkpoint = bool(cfg.checkpoint_every_steps) and state.global_step % cfg.checkpoint_every_steps == 0
+    # A row also at each checkpoint: a resume then never starts inside a row's window, so the rows after a
+    # resume average the same steps as an uninterrupted run's (exact resume covers the log).
+    if run.main and (state.global_step % cfg.log_every_steps == 0 or end_of_epoch or at_checkpoint):
         row = meter.flush({"step": state.global_step, "epoch": epoch + 1, "lr": lr})
         row.update({f"w_{k}": float(w) for k, w in weights.items()})
         run.train_log.write(row)
-    if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0 and not end_of_epoch:
+    if at_checkpoint and not end_of_epoch:
         checkpoint(run)
 
 

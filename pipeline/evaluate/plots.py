@@ -17,14 +17,12 @@ plots/ is rewritten as a whole (built beside it, then swapped in).
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.store.durable import fsync_tree, replace_dir
+from pipeline.store.durable import atomic_dir
 
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
 TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "average_score")
@@ -33,13 +31,9 @@ TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsu
 def write_curves(out_dir: Path | str, curves: dict[str, dict[str, np.ndarray]], title: str = "") -> Path:
     """curves: {model: {"i2t": [K], "t2i": [K]}} (chance included): the CSVs and the PNG, swapped in whole."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_curves_csv(tmp, curves)
-    plot_recall_curves(curves, tmp / "recall_at_k.png", title=title)
-    fsync_tree(tmp)
-    replace_dir(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_curves_csv(tmp, curves)
+        plot_recall_curves(curves, tmp / "recall_at_k.png", title=title)
     return out_dir
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.store.durable import write_text_durably
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}
@@ -235,7 +236,5 @@ def run_report(
         n_images=n_images,
         seed=seed,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(f".{out.name}.tmp").write_text(page, encoding="utf-8")
-    out.with_name(f".{out.name}.tmp").replace(out)
+    write_text_durably(out, page)
     return out, [r.name for r in rankings]

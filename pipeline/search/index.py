@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputError
+from pipeline.store.durable import atomic_path, write_text_durably
 
 Kind = Literal["flat", "hnsw", "ivfpq"]
 
@@ -85,10 +86,10 @@ def save_index(index: Any, ids: list[str], directory: Path | str, **meta: Any) -
     directory.mkdir(parents=True, exist_ok=True)
     if index.ntotal != len(ids):
         raise ValueError(f"{index.ntotal} vectors but {len(ids)} ids")
-    (directory / ".ids.json.tmp").write_text(json.dumps({**meta, "ids": list(ids)}) + "\n")
-    faiss.write_index(index, str(directory / ".index.faiss.tmp"))
-    (directory / ".index.faiss.tmp").replace(directory / "index.faiss")
-    (directory / ".ids.json.tmp").replace(directory / "ids.json")  # last: its presence means a finished index
+    (directory / "ids.json").unlink(missing_ok=True)  # its presence means a finished index: gone until then
+    with atomic_path(directory / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    write_text_durably(directory / "ids.json", json.dumps({**meta, "ids": list(ids)}) + "\n")
     return directory
 
 

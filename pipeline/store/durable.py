@@ -6,8 +6,21 @@ see the old file or the new one, never a half-written one, and a killed writer l
 file, which `remove_partial_files` deletes (zarr's LocalStore names its own temp files the same way).
 
     write_file_durably(path, data)             # bytes
-    with atomic_path(path) as tmp:             # anything that writes to a path: torch.save, h5py, PIL, ...
-        torch.save(blob, tmp)
+    with atomic_path(path) as tmp:             # anything that writes to a path: h5py, safetensors, PIL, ...
+        save_file(tensors, str(tmp))
+    with atomic_dir(path) as tmp:              # a whole directory (plots/, a tower, hf/), swapped in
+        write_everything_under(tmp)
+    with naming(path):                         # writes made by a library (zarr, dask tasks) into `path`
+        ...
+
+A failed write removes its temp file or directory and leaves the target as it was. An OSError that names no
+file (a failed write() or fsync() reports none; torch.save's C++ writer turns it into RuntimeError("unexpected
+pos") chained on the OSError) is re-raised naming the target, so pipeline/system_errors.py can say in one line
+where the disk was full or read-only (`naming` does only that, for writes that do not go through here).
+torch.save goes through a Python file object for that reason:
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(blob, f)
 
 zarr writes its chunk and metadata files atomically (temp + rename) but never fsyncs them: `fsync_file`,
 `fsync_dir` and `fsync_tree` add that after zarr wrote.
@@ -70,10 +83,51 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # e.g. a read-only directory: the temp file was never created
+            tmp.unlink(missing_ok=True)
+        _raise_naming(err, path, tmp)
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yields an empty temp directory beside `path`; when the block ends without an error its tree is fsync'd
+    and it replaces `path` whole (`replace_dir`). On an error the temp directory is removed, `path` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
+    try:
+        tmp.mkdir()
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, path)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_naming(err, path, tmp)
+
+
+@contextlib.contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """For writes made by a library (zarr's chunk files): an OSError raised inside that names no file is
+    re-raised naming `path`, so a full disk is reported with the file that did not fit."""
+    try:
+        yield
+    except BaseException as err:
+        _raise_naming(err, Path(path), None)
+
+
+def _raise_naming(err: BaseException, path: Path, tmp: Path | None) -> None:
+    """Re-raise `err`; an OSError that names no file or only the temp name, or one under a RuntimeError (what
+    torch's C++ writers make of it), is raised naming `path`. Any other exception (a bug) passes unchanged."""
+    cause, seen = err, 0
+    while isinstance(cause, RuntimeError) and seen < 8:
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    if isinstance(cause, OSError) and cause.errno is not None:
+        temp_named = tmp is not None and str(cause.filename).startswith(str(tmp))
+        if cause is not err or cause.filename is None or temp_named:
+            raise OSError(cause.errno, cause.strerror, str(path)) from err  # OSError(errno) picks the subclass
+    raise err
 
 
 def write_file_durably(path: Path | str, data: bytes | memoryview) -> None:

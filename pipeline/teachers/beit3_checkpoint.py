@@ -60,6 +60,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: BEiT-3 checkpoint file not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not _looks_like_torch_save(head):  # else the unpickler reads random bytes as opcodes, and says so
+        raise InputError(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a legacy torch.save file; "
+            f"it starts with bytes {head.hex(' ') or 'nothing: the file is empty'})"
+        )
     safe = getattr(torch.serialization, "safe_globals", None)
 
     def load(mmap: bool):
@@ -87,6 +94,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
             f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
         ) from None
     return unwrap_state_dict(obj, path)
+
+
+def _looks_like_torch_save(head: bytes) -> bool:
+    """torch.save writes a zip archive (since 1.6) or, legacy, a pickle (protocol 2) of its magic number."""
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80\x02\x8a")
 
 
 def unwrap_state_dict(obj, path: str | Path = "checkpoint") -> dict[str, Tensor]:

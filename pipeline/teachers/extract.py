@@ -66,7 +66,8 @@ from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.progress import progress
-from pipeline.store.durable import fsync_dir, fsync_tree, remove_partial_files, write_file_durably
+from pipeline.runtime import available_cpus
+from pipeline.store.durable import fsync_dir, fsync_tree, naming, remove_partial_files, write_file_durably
 from pipeline.store.features import (
     FORMAT,
     UNPAIRED_TEXT,
@@ -212,7 +213,7 @@ def _init_dist(device: torch.device) -> _Dist:
 def _auto_workers(device: torch.device, local_world: int) -> int:
     if device.type != "cuda":
         return 0  # the CPU forward already uses every core; decoding in-process avoids fighting over them
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    cpus = available_cpus()
     return max(1, min(32, cpus // max(1, local_world) - 1))
 
 
@@ -307,7 +308,8 @@ class _Committer:
                 continue
             unit, rows, record = item
             try:
-                self.writer.write_chunk(unit.split, unit.array, unit.index, rows)
+                with naming(self.writer.chunk_path(unit.split, unit.array, unit.index)):
+                    self.writer.write_chunk(unit.split, unit.array, unit.index, rows)
                 write_file_durably(self.work / "done" / unit.marker, json.dumps(record).encode())
             except BaseException as err:  # noqa: BLE001 -- re-raised in the main thread
                 self._error = err
@@ -380,7 +382,8 @@ def run_extract(
 
     dist = _init_dist(device)
     try:
-        return _run(index, cfg, out, teacher, views, dist, device, compute_dtype, fresh, t0)
+        with naming(out):  # zarr's writes of the small arrays and metadata: a full disk names the store
+            return _run(index, cfg, out, teacher, views, dist, device, compute_dtype, fresh, t0)
     finally:
         dist.close()
 

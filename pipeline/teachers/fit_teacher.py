@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pipeline.config import require_at_least
 from pipeline.errors import InputError
 from pipeline.progress import progress
+from pipeline.store.durable import write_text_durably
 from pipeline.teachers.lit import IMAGE_FEATURE_DIM, FrozenTowers, LiTHeads
 
 HEADS_FILE = "heads.safetensors"
@@ -221,9 +222,7 @@ def run_fit_teacher(cfg: FitTeacherConfig, out_dir: Path | str, device: torch.de
     sha = heads.save(out_dir / HEADS_FILE, extra=record)
     seconds = time.perf_counter() - t0
     summary = {**record, "heads": HEADS_FILE, "sha256": sha, "loss_per_epoch": losses}  # no timings: reproducible
-    tmp = out_dir / ".fit_summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out_dir / "fit_summary.json")
+    write_text_durably(out_dir / "fit_summary.json", json.dumps(summary, indent=2) + "\n")
     return FitResult(out_dir / HEADS_FILE, sha, len(paths), len(captions), losses[-1], seconds)
 
 

@@ -36,6 +36,7 @@ from pipeline.pretrained_assets import (
     efficientnet_lite,
     minilm_dir,
 )
+from pipeline.store.durable import atomic_path
 from pipeline.teachers.base import Teacher, TokenBatch
 from pipeline.teachers.minilm import MAX_TEXT_LEN, load_minilm, sentence_embedding
 from pipeline.teachers.minilm import tokenize as minilm_tokenize
@@ -161,9 +162,8 @@ class LiTHeads:
             "text_head.weight": self.text_weight,
             "text_head.bias": self.text_bias,
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
         return sha256_file(path)
 
     @classmethod

@@ -15,7 +15,6 @@ On disk (`save_student` / `load_student`), usable without kdpipe:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from pipeline.config import from_dict, to_dict
 from pipeline.errors import InputError
-from pipeline.store.durable import atomic_path, fsync_tree, replace_dir, write_text_durably
+from pipeline.store.durable import atomic_dir, atomic_path, write_text_durably
 from pipeline.towers.image import ImageTower, ImageTowerConfig, build_image_tower
 from pipeline.towers.text import HFTextTower, TextTowerConfig, build_text_tower
 
@@ -150,11 +149,8 @@ def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "student_config.json").unlink(missing_ok=True)
     for name, tower in (("image_tower", model.image_tower), ("text_tower", model.text_tower)):
-        tmp = directory / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tower.save(tmp)
-        fsync_tree(tmp)
-        replace_dir(tmp, directory / name)
+        with atomic_dir(directory / name) as tmp:
+            tower.save(tmp)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})

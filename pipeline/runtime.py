@@ -1,0 +1,58 @@
+"""CPU threads: how many intra-op threads a stage runs, given the loader workers beside them.
+
+PyTorch starts one OpenMP thread per core by default, whatever else runs. Its threads meet at a barrier
+after every parallel op, so when one of them shares a core with another busy process every op waits for
+that thread's next time slice: on a 2-core box with one other CPU-bound process, distill dropped from
+17 to 1-1.6 pairs/s (issue 13). The remedy is not to oversubscribe: intra-op threads + loader workers
+<= the CPUs this process may run on (its affinity mask, which taskset, cgroups' cpusets and Slurm set),
+and OpenMP threads that sleep instead of spinning while they wait (OMP_WAIT_POLICY=PASSIVE, set by
+`stages/__init__.py` before torch loads, unless the user set it).
+
+params.yaml's top-level `runtime:` section is the one source of truth: `threads` set there wins; left
+unset, OMP_NUM_THREADS is honoured when the user set it, else the automatic count above.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """params.yaml section `runtime` (every stage)."""
+
+    # intra-op threads; None: OMP_NUM_THREADS when set, else the CPUs this process may use minus its loader workers
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1 (or null for automatic), got {self.threads}")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; all CPUs where the platform has no such mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def plan_threads(cfg: RuntimeConfig, loader_workers: int = 0, cpus: int | None = None) -> int:
+    """Intra-op threads: the configured number, else the available CPUs left by `loader_workers` (>= 1)."""
+    if cfg.threads is not None:
+        return cfg.threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:  # the user's explicit choice for this shell or job
+        return int(env)
+    cpus = available_cpus() if cpus is None else cpus
+    return max(1, cpus - max(0, loader_workers))
+
+
+def apply_threads(cfg: RuntimeConfig, loader_workers: int = 0) -> int:
+    """Set torch's intra-op threads for this process (loader worker processes use one each, as torch sets)."""
+    import torch
+
+    n = plan_threads(cfg, loader_workers)
+    torch.set_num_threads(n)
+    return n
