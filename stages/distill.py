@@ -26,6 +26,7 @@ from stages._common import (
     load_raw,
     run_stage,
 )
+from stages._store import verify_if_asked
 
 
 @run_stage
@@ -65,6 +66,7 @@ def command(
         run = run_name(variant, seed)
     cfg = from_dict(DistillConfig, section, "distill")
     index = DatasetIndex.load(paths.index_dir)
+    verify_if_asked(raw, paths.features)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint, expect_dim=cfg.teacher_dim)
     cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
     out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student

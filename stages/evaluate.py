@@ -27,6 +27,7 @@ from stages._common import (
     run_stage,
     save_resolved,
 )
+from stages._store import verify_if_asked
 
 
 @run_stage
@@ -49,7 +50,9 @@ def command(
         # No params file needed: the default one is read when present (device, backend, tile size), an
         # explicitly named one must exist.
         raw = load_params(params) if params.is_file() or params != Path("params.yaml") else {}
-        cfg = from_dict(EvaluateConfig, apply_overrides(raw, list(set_ or [])).get("evaluate"), "evaluate")
+        raw = apply_overrides(raw, list(set_ or []))
+        cfg = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate")
+        verify_if_asked(raw, features)
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
             echo(json.dumps(doc, indent=2))
@@ -65,6 +68,7 @@ def command(
     cfg, paths = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate"), artifact_paths(raw, params, workdir)
     if split:
         cfg = replace(cfg, split=split)
+    verify_if_asked(raw, paths.features)
 
     def teacher_factory(device, dtype):  # extract.teacher, for the latency comparison only
         from pipeline.teachers import TeacherConfig, build_teacher

@@ -10,6 +10,7 @@ from pipeline.data.prepare import PrepareConfig
 from pipeline.distill.run import DistillConfig
 from pipeline.distill.runs import split_runs, variant_section
 from pipeline.evaluate.run import EvaluateConfig
+from pipeline.store.verify import StoreConfig
 from pipeline.teachers.extract import ExtractConfig
 from pipeline.teachers.fit_teacher import FitTeacherConfig
 from stages._common import TOP_LEVEL_KEYS
@@ -21,8 +22,9 @@ SECTIONS = {
     "extract": ExtractConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
+    "store": StoreConfig,  # how distill and evaluate read the feature store (default: no full verification)
 }
-OPTIONAL = {"fit_teacher"}
+OPTIONAL = {"fit_teacher", "store"}
 FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 
