@@ -31,9 +31,13 @@ v3 representation is unstable. Reading with nothing but zarr:
     g = zarr.open_group("features.zarr", mode="r"); assert g.attrs["complete"]
     img = g["test/image_emb"][:]; ids = g["test/image_id"][:]
 
+Each array's own attrs hold `chunk_checksums` = {algorithm: "sha256", chunks: {chunk key: hex digest}}, one per
+chunk file, computed from the file as written (pipeline/store/checksums.py; full check: pipeline/store/verify.py).
+
 The reader (`open_store`) validates the attrs and returns read-only memory maps over the chunk files
 (`chunk_files.map_rows`: an `np.memmap` for a one-chunk array, a `ChunkedRows` gathering from the chunk
-maps when there are several).
+maps when there are several). On open it checks what is cheap: every chunk file present with its exact size,
+and one recorded checksum per chunk (a store written before checksums existed has none and still opens).
 
 Writing: `write_store` (one shot, for tests and tools) and `StoreWriter` (chunk by chunk from any number
 of processes, used by the resumable extract stage), through zarr's own array writes and attribute updates,
