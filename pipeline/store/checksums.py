@@ -33,7 +33,8 @@ ATTR = "chunk_checksums"
 ALGORITHM = "sha256"
 
 
-def digest_bytes(data: bytes | memoryview) -> str:
+def digest_bytes(data: Any) -> str:
+    """SHA-256 of anything with the buffer protocol (bytes, a C-contiguous numpy array or memory map)."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -101,10 +102,10 @@ def nonfinite_row(rows: np.ndarray) -> int | None:
     if rows.size == 0:
         return None
     bits, mask = (np.uint16, 0x7C00) if rows.dtype.itemsize == 2 else (np.uint32, 0x7F800000)
-    flags = (rows.view(bits) & mask) == mask
-    if not flags.any():
+    exponent = rows.view(bits) & mask
+    if int(exponent.max()) != mask:  # the common case, in one pass with no boolean temporary
         return None
-    return int(np.flatnonzero(flags.reshape(len(rows), -1).any(axis=1))[0])
+    return int(np.flatnonzero((exponent == mask).reshape(len(rows), -1).any(axis=1))[0])
 
 
 __all__ = ["ATTR", "ALGORITHM", "file_digest", "chunk_keys", "recorded", "check_listed", "record", "nonfinite_row"]
