@@ -12,10 +12,11 @@ copied over from another store of the same shape, and would still match. An arra
 the array (a compacted split swapped in by a rename keeps its own). The group attrs and the chunk bytes are
 unchanged, so the format stays version 1 and plain zarr reads it as before.
 
-Why SHA-256: measured on the 2-core dev box (bench in the checksums commit), SHA-256 hashes 1.4 GB/s
-(SHA-NI), blake2b 0.8, md5 0.6, zlib.crc32 4.5: a 24 MiB chunk costs 17 ms, nothing next to the seconds the
-teacher spends computing it; it is what `sha256sum` and `hashlib` check with no extra tool, and the store
-already names its teacher checkpoint by SHA-256. Accidental swaps only need a strong hash, not a fast one.
+Why SHA-256: on the 2-core dev box (bench/store_checksums_bench.py; load 0.5) SHA-256 hashes 1.4 GB/s
+(SHA-NI), blake2b 0.8, md5 0.6, sha1 1.7, zlib.crc32 4.5. A 16,384 x 768 fp16 chunk (25 MB) costs ~18 ms, in
+extract's commit thread, next to the ~20 s an H100 spends computing it with the giant teacher (~0.1%). crc32
+would be 4x faster but 32 bits, and SHA-256 is what `sha256sum` and `hashlib` check with no extra tool (the
+store already names its teacher checkpoint by SHA-256); `kdpipe verify` is SHA-256 bound, ~1 GB/s a core.
 """
 
 from __future__ import annotations
