@@ -105,6 +105,20 @@ def test_a_truncated_or_missing_chunk_is_refused_on_open_naming_it(tmp_path, dam
     assert ("100 bytes, expected 800" if damage == "truncated" else "missing") in bad.problem
 
 
+@pytest.mark.parametrize("key", ["text_image", "image_id"])
+def test_a_damaged_small_array_is_refused_on_open_in_one_line(tmp_path, key):
+    path = _write(tmp_path / "a.zarr", seed=0)
+    chunk = path / f"train/{key}/c/0"
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    expected = "chunk file c/0 has 50 bytes, expected 1200" if key == "text_image" else "a chunk file cannot be decoded"
+    with pytest.raises(InputError, match=rf"{path}: train/{key}: {expected}"):
+        open_store(path)
+    chunk.unlink()
+    with pytest.raises(InputError, match=rf"{path}: train/{key}: chunk file c/0 is missing"):
+        open_store(path)
+    assert [(b.array, b.key) for b in verify_store(path).bad] == [(f"train/{key}", "c/0")]
+
+
 def test_a_nan_chunk_is_named_by_verify_and_by_the_finite_check(tmp_path):
     path = _write(tmp_path / "a.zarr", seed=0)
     chunk = path / "train/text_emb/c/3/0"  # rows 180..239 (balanced chunks of 60 rows)

@@ -205,7 +205,7 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
     ti = arrays["text_image"]
     if ti.ndim != 1 or ti.shape[0] != m or np.dtype(ti.dtype) != np.int32:
         raise InputError(f"{path}: {name}/text_image is {ti.dtype} {list(ti.shape)}, expected int32 [{m}]")
-    text_image = np.asarray(ti[...])
+    text_image = np.asarray(_read_small(path, name, "text_image", ti))
     if m and (int(text_image.min()) < 0 or int(text_image.max()) >= n):
         bad = int(np.flatnonzero((text_image < 0) | (text_image >= n))[0])
         raise InputError(
@@ -216,7 +216,11 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
     ids = arrays["image_id"]
     if ids.ndim != 1 or ids.shape[0] != n:
         raise InputError(f"{path}: {name}/image_id has shape {list(ids.shape)}, expected [{n}]")
-    image_id = np.array([str(v) for v in ids[...].tolist()], dtype=object) if n else np.empty(0, dtype=object)
+    image_id = (
+        np.array([str(v) for v in _read_small(path, name, "image_id", ids).tolist()], dtype=object)
+        if n
+        else np.empty(0, dtype=object)
+    )
     image_id.setflags(write=False)
     try:
         unpaired_arr = group[f"{name}/{UNPAIRED_TEXT}"]
@@ -233,6 +237,24 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
         image_id=image_id,
         unpaired_text_emb=unpaired,
     )
+
+
+def _read_small(path: Path, split: str, key: str, arr: Any) -> np.ndarray:
+    """All of a 1-D array (text_image, image_id), its chunk files checked first: present, and for the raw int32
+    array of the size its shape gives; a file zarr cannot decode is named instead of ending in a traceback."""
+    where = f"{path}: {split}/{key}"
+    raw = np.dtype(arr.dtype).kind == "i"
+    for i, chunk_key in enumerate(checksums.chunk_keys(arr)):
+        f = chunk_file(arr, (i,))
+        expected = int(arr.chunks[0]) * np.dtype(arr.dtype).itemsize
+        if not f.is_file():
+            raise InputError(f"{where}: chunk file {chunk_key} is missing")
+        if raw and f.stat().st_size != expected:
+            raise InputError(f"{where}: chunk file {chunk_key} has {f.stat().st_size} bytes, expected {expected}")
+    try:
+        return arr[...]
+    except Exception as err:  # noqa: BLE001 -- whatever zarr's decoder raises, the file is damaged
+        raise InputError(f"{where}: a chunk file cannot be decoded ({type(err).__name__}: {err})") from None
 
 
 def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray | ChunkedRows:
