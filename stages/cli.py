@@ -8,7 +8,7 @@ import typer
 
 import pipeline
 from pipeline.progress import configure_logging
-from stages import demo_data, distill, evaluate, export, extract, features, fit_teacher, prepare, report, search
+from stages import demo_data, distill, evaluate, export, extract, features, fit_teacher, prepare, report, search, verify
 
 app = typer.Typer(
     name="kdpipe",
@@ -60,6 +60,7 @@ app.command("export")(export.command)
 app.command("index")(search.index_command)
 app.command("search")(search.search_command)
 app.command("report")(report.command)
+app.command("verify")(verify.command)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from stages._common import (
     run_stage,
     writing,
 )
+from stages._store import verify_if_asked
 
 
 @run_stage
@@ -67,6 +68,7 @@ def command(
         run = run_name(variant, seed)
     cfg = from_dict(DistillConfig, section, "distill")
     apply_runtime(raw, cfg.num_workers)
+    verify_if_asked(raw, paths.features)
     out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
     # rank 0 locks before joining the process group: the other ranks wait in the rendezvous meanwhile
     with writing(out_dir, no_wait=no_wait):

@@ -30,6 +30,7 @@ from stages._common import (
     save_resolved,
     writing,
 )
+from stages._store import verify_if_asked
 
 
 @run_stage
@@ -56,6 +57,7 @@ def command(
         raw = apply_overrides(raw, list(set_ or []))
         cfg = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate")
         apply_runtime(raw)
+        verify_if_asked(raw, features)
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
             echo(json.dumps(doc, indent=2))
@@ -73,6 +75,7 @@ def command(
     apply_runtime(raw)
     if split:
         cfg = replace(cfg, split=split)
+    verify_if_asked(raw, paths.features)
 
     def teacher_factory(device, dtype):  # extract.teacher, for the latency comparison only
         from pipeline.teachers import TeacherConfig, build_teacher

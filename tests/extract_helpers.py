@@ -111,3 +111,13 @@ def store_files(path: Path) -> dict[str, bytes]:
     """Every file of a store by relative path -> content (to compare stores bit for bit)."""
     path = Path(path)
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def verified_files(path: Path) -> dict[str, bytes]:
+    """`store_files` of a store whose every chunk file matches the SHA-256 recorded in its array's attrs (so two
+    stores compared this way also agree on their checksum metadata, which lives in the arrays' zarr.json)."""
+    from pipeline.store.verify import verify_store
+
+    report = verify_store(path)
+    assert report.ok and not report.unchecked, ([b.line() for b in report.bad], report.unchecked)
+    return store_files(path)

@@ -452,3 +452,48 @@ def test_teacher_agreement_is_the_mean_cosine():
     assert flipped["teacher_cos_image"] == pytest.approx(-1.0, abs=1e-4)
     naive = float(np.mean([t_txt[5 - i] @ t_txt[i] for i in range(6)]))
     assert flipped["teacher_cos_text"] == pytest.approx(naive, abs=1e-4)
+
+
+# -- the feature store's checksums and values (pipeline/store/verify.py) ------------------------------------
+def test_a_nan_chunk_is_refused_naming_store_array_chunk_and_row(store, tmp_path, monkeypatch):
+    path, _ = store
+    monkeypatch.chdir(tmp_path)
+    chunk = path / "test/text_emb/c/0/0"
+    rows = np.fromfile(chunk, dtype="<f2").reshape(-1, D)
+    rows[4] = np.nan
+    rows.tofile(chunk)
+    line = one_error_line(run_cli("--features", str(path)))
+    assert line == (
+        f"error: {path}: test/text_emb chunk c/0/0 row 4: holds NaN or inf; the file was damaged or replaced "
+        "after extract (which refuses such rows): rerun `kdpipe extract`"
+    )
+
+
+def _swap_in_a_chunk_of_another_store(path: Path, tmp_path: Path) -> None:
+    """A chunk file of a second store of the same shape copied over: same size, other rows."""
+    other = tmp_path / "other.zarr"
+    splits = store_splits(np.random.default_rng(5), {"train": 6, "test": 11})
+    write_store(other, splits, teacher={"name": "tiny"}, dataset={"name": "toy", "fingerprint": "f" * 64})
+    assert (other / "test/image_emb/c/0/0").stat().st_size == (path / "test/image_emb/c/0/0").stat().st_size
+    (path / "test/image_emb/c/0/0").write_bytes((other / "test/image_emb/c/0/0").read_bytes())
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def test_distill_and_evaluate_with_store_verify_refuse_a_swapped_chunk(workdir, tmp_path):
+    paths = workdir
+    _swap_in_a_chunk_of_another_store(paths.features, tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"workdir": str(paths.workdir), "evaluate": {"device": "cpu"}}))
+    named = f"{paths.features}: test/image_emb chunk c/0/0: sha256 "
+    for stage in (["evaluate"], ["distill"], ["evaluate", "--features", str(paths.features)]):
+        r = CliRunner().invoke(app, [*stage, "--params", str(params), "--set", "store.verify=true"])
+        assert _error_line(r).startswith(f"error: {named}"), (stage, r.output)
+    # the default (store.verify: false) opens it: same size, so only reading the bytes can tell
+    assert open_store(paths.features).split("test").n_images == 11
+    r = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--set", "store.verifyy=true"])
+    assert "store.verifyy: unknown key; allowed keys are: verify" in _error_line(r)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from extract_helpers import TinyTeacher, make_dataset, store_files
+from extract_helpers import TinyTeacher, make_dataset, store_files, verified_files
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -146,7 +146,7 @@ def test_sigkill_then_resume_is_bitwise_identical(dataset, reference, tmp_path):
     result = run_extract(index, CFG, out, teacher=TinyTeacher())
     assert result.units_reused == committed and result.units_computed == result.units_total - committed
     assert 3 <= committed < result.units_total
-    assert store_files(out) == store_files(reference)
+    assert verified_files(out) == store_files(reference)
 
 
 def _partial(index, out, fail_after=6, cfg=CFG):
@@ -170,7 +170,20 @@ def test_resume_redoes_half_written_chunks_and_removes_stray_files(dataset, refe
     (out / "train/image_emb/c/2/0").write_bytes(b"\x7f" * (8 * 32 * 2))
     result = run_extract(index, CFG, out, teacher=TinyTeacher())
     assert result.units_reused == committed
-    assert store_files(out) == store_files(reference)
+    assert verified_files(out) == store_files(reference)
+
+
+def test_a_run_resumed_from_markers_without_checksums_records_them_all(dataset, reference, tmp_path):
+    """A partial store of a kdpipe that did not yet put checksums in its markers: rank 0 hashes those chunks."""
+    index, _ = dataset
+    out = tmp_path / "features.zarr"
+    committed = _partial(index, out)
+    for marker in (out / ".extract" / "done").rglob("*.json"):
+        record = json.loads(marker.read_text())
+        assert len(record.pop("sha256")) == 64
+        marker.write_text(json.dumps(record))
+    assert run_extract(index, CFG, out, teacher=TinyTeacher()).units_reused == committed
+    assert verified_files(out) == store_files(reference)
 
 
 @pytest.mark.parametrize(
@@ -235,7 +248,7 @@ def test_a_complete_store_is_rewritten_and_fresh_forces_a_restart(dataset, refer
     capsys.readouterr()
     result = run_extract(index, CFG, out, teacher=TinyTeacher())
     assert result.units_reused == 0 and "replacing the complete store" in capsys.readouterr().err + caplog.text
-    assert store_files(out) == store_files(reference)
+    assert verified_files(out) == store_files(reference)
 
 
 def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, reference, tmp_path):
@@ -277,7 +290,7 @@ def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, referen
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["computed"] > 0 for r in results)  # both ranks did work...
     assert sum(r["computed"] for r in results) == results[0]["total"]  # ...and each unit was done once
-    assert store_files(out) == store_files(reference)
+    assert verified_files(out) == store_files(reference)
 
 
 def _corrupt(root, index):
@@ -319,7 +332,7 @@ def test_bad_image_error_names_the_file_then_skip_resumes_and_drops_it(tmp_path)
     # a fresh skip run gives the same bytes as the error-then-skip resumed one
     fresh = tmp_path / "fresh.zarr"
     run_extract(index, skip, fresh, teacher=TinyTeacher())
-    assert store_files(fresh) == store_files(out)
+    assert verified_files(fresh) == verified_files(out)
 
 
 def test_missing_image_file_is_named(tmp_path):
@@ -468,7 +481,7 @@ def test_finalization_killed_during_the_compaction_swap_completes_on_rerun(tmp_p
     assert not (out / "train").exists() and read_attrs(out)["complete"] is False
     result = run_extract(index, skip, out, teacher=TinyTeacher())
     assert result.units_computed == 0 and result.units_reused == result.units_total
-    assert store_files(out) == store_files(fresh)
+    assert verified_files(out) == verified_files(fresh)  # the swapped-in split carries its own checksums
 
 
 def _with_unpaired(index: DatasetIndex) -> DatasetIndex:
@@ -497,7 +510,7 @@ def test_unpaired_images_and_texts_are_extracted_and_resume_exactly(tmp_path):
     with pytest.raises(RuntimeError, match="injected failure"):
         run_extract(index, CFG, out, teacher=TinyTeacher(fail_after=12))
     assert run_extract(index, CFG, out, teacher=TinyTeacher()).units_reused > 0
-    assert store_files(out) == store_files(ref)
+    assert verified_files(out) == store_files(ref)
     # a skipped bad image compacts its split; the unpaired texts stay
     bad = _corrupt(tmp_path / "data", index)
     skip = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0, on_bad_image="skip")

@@ -275,7 +275,9 @@ def test_writer_refuses_to_overwrite_a_foreign_directory_and_bad_inputs(tmp_path
         _write(tmp_path / "s.zarr", bad)
     nan = _splits()
     nan["train"]["text_emb"][5, 0] = np.nan
-    with pytest.raises(InputError, match="text_emb row 5: the teacher produced non-finite"):
+    with pytest.raises(
+        InputError, match=r"s2\.zarr: train/text_emb chunk c/0/0 row 5: the teacher produced non-finite"
+    ):
         _write(tmp_path / "s2.zarr", nan)
     assert read_attrs(tmp_path / "s2.zarr")["complete"] is False  # a failed write never looks complete
 

@@ -13,6 +13,7 @@ from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
 from pipeline.store.features import open_store, write_store
 from pipeline.store.hdf5 import export_hdf5, import_dsmd, import_hdf5
+from pipeline.store.verify import verify_store
 
 D = 16
 
@@ -91,6 +92,10 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, dtype):
     back = open_store(tmp_path / "back.zarr", expect_fingerprint=index.fingerprint)
     _same_rows(store, back)
     assert back.teacher == store.teacher and back.attrs["imported_from"] == {"file": "s.h5", "format": "hdf5"}
+    # checksums are recomputed on import (the import chunks rows its own way): they match the new files
+    for path in (tmp_path / "back.zarr", tmp_path / "s.zarr"):
+        report = verify_store(path)
+        assert report.ok and not report.unchecked and report.chunks >= 8
     # converting to the other dtype renormalizes in float32
     other = "float32" if dtype == "float16" else "float16"
     import_hdf5(tmp_path / "s.h5", tmp_path / "other.zarr", dtype=other)

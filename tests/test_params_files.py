@@ -11,6 +11,7 @@ from pipeline.distill.run import DistillConfig
 from pipeline.distill.runs import split_runs, variant_section
 from pipeline.evaluate.run import EvaluateConfig
 from pipeline.runtime import RuntimeConfig
+from pipeline.store.verify import StoreConfig
 from pipeline.teachers.extract import ExtractConfig
 from pipeline.teachers.fit_teacher import FitTeacherConfig
 from stages._common import TOP_LEVEL_KEYS
@@ -23,8 +24,9 @@ SECTIONS = {
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
     "runtime": RuntimeConfig,  # every stage's CPU threads; its defaults fit any machine
+    "store": StoreConfig,  # how distill and evaluate read the feature store (default: no full verification)
 }
-OPTIONAL = {"fit_teacher", "runtime"}
+OPTIONAL = {"fit_teacher", "runtime", "store"}
 FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 

@@ -55,6 +55,7 @@ from pipeline.progress import progress
 from pipeline.store.durable import atomic_path, write_text_durably
 from pipeline.store.features import FeatureStore, StoreSplit
 from pipeline.store.image_cache import ImageCache
+from pipeline.store.verify import check_finite
 from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student
 
 log = logging.getLogger(__name__)
@@ -619,6 +620,8 @@ def open_split(index: DatasetIndex, cache: ImageCache, store: FeatureStore | Non
     if name not in index.splits:
         raise InputError(f"distill.{what}: the dataset has no split {name!r}; it has {', '.join(index.splits)}")
     view = index.split(name)
+    if store is not None:
+        check_finite(store, name)  # one pass over the teacher rows: a NaN chunk would poison every loss term
     return align_split(
         view,
         cache.split(name),

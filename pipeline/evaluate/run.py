@@ -129,9 +129,11 @@ def evaluate_embeddings(
 def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -> dict[str, Any]:
     """`kdpipe evaluate --features STORE`: the stored embeddings alone, under the name `teacher`."""
     from pipeline.store.features import open_store
+    from pipeline.store.verify import check_finite
 
     store = open_store(store_path)
     s = store.split(split)
+    check_finite(store, split)  # names the chunk; the scorer's own check could not
     device = resolve_device(cfg.device, "evaluate.device")
     groups = image_groups(s.image_id, cfg.gallery)
     result = evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, device, groups)
@@ -393,12 +395,14 @@ def run_evaluate(
     from pipeline.data.index import DatasetIndex
     from pipeline.store.features import open_store
     from pipeline.store.image_cache import open_image_cache
+    from pipeline.store.verify import check_finite
 
     start = time.perf_counter()
     device = resolve_device(cfg.device, "evaluate.device")
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint)
     s = store.split(cfg.split)
+    check_finite(store, cfg.split)  # names the chunk; the scorer's own check could not
     gallery = align_gallery(index.split(cfg.split), s, str(paths.features))
     groups = image_groups(s.image_id, cfg.gallery)
     images = open_image_cache(paths.images, expect_fingerprint=index.fingerprint).split(cfg.split)

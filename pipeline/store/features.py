@@ -31,9 +31,13 @@ v3 representation is unstable. Reading with nothing but zarr:
     g = zarr.open_group("features.zarr", mode="r"); assert g.attrs["complete"]
     img = g["test/image_emb"][:]; ids = g["test/image_id"][:]
 
+Each array's own attrs hold `chunk_checksums` = {algorithm: "sha256", chunks: {chunk key: hex digest}}, one per
+chunk file, computed from the file as written (pipeline/store/checksums.py; full check: pipeline/store/verify.py).
+
 The reader (`open_store`) validates the attrs and returns read-only memory maps over the chunk files
 (`chunk_files.map_rows`: an `np.memmap` for a one-chunk array, a `ChunkedRows` gathering from the chunk
-maps when there are several).
+maps when there are several). On open it checks what is cheap: every chunk file present with its exact size,
+and one recorded checksum per chunk (a store written before checksums existed has none and still opens).
 
 Writing: `write_store` (one shot, for tests and tools) and `StoreWriter` (chunk by chunk from any number
 of processes, used by the resumable extract stage), through zarr's own array writes and attribute updates,
@@ -53,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
 from pipeline.store.durable import fsync_dir, fsync_file, fsync_tree
 
@@ -193,13 +198,14 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
             arrays[key] = group[f"{name}/{key}"]
         except KeyError:
             raise InputError(f"{path}: split {name!r} has no array {key!r}") from None
+        checksums.check_listed(f"{path}: {name}/{key}", arrays[key])
     emb = {key: _map_emb(path, name, key, arrays[key], dim) for key in EMB_ARRAYS}
     n, m = emb["image_emb"].shape[0], emb["text_emb"].shape[0]
 
     ti = arrays["text_image"]
     if ti.ndim != 1 or ti.shape[0] != m or np.dtype(ti.dtype) != np.int32:
         raise InputError(f"{path}: {name}/text_image is {ti.dtype} {list(ti.shape)}, expected int32 [{m}]")
-    text_image = np.asarray(ti[...])
+    text_image = np.asarray(_read_small(path, name, "text_image", ti))
     if m and (int(text_image.min()) < 0 or int(text_image.max()) >= n):
         bad = int(np.flatnonzero((text_image < 0) | (text_image >= n))[0])
         raise InputError(
@@ -210,12 +216,19 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
     ids = arrays["image_id"]
     if ids.ndim != 1 or ids.shape[0] != n:
         raise InputError(f"{path}: {name}/image_id has shape {list(ids.shape)}, expected [{n}]")
-    image_id = np.array([str(v) for v in ids[...].tolist()], dtype=object) if n else np.empty(0, dtype=object)
+    image_id = (
+        np.array([str(v) for v in _read_small(path, name, "image_id", ids).tolist()], dtype=object)
+        if n
+        else np.empty(0, dtype=object)
+    )
     image_id.setflags(write=False)
     try:
-        unpaired = _map_emb(path, name, UNPAIRED_TEXT, group[f"{name}/{UNPAIRED_TEXT}"], dim)
+        unpaired_arr = group[f"{name}/{UNPAIRED_TEXT}"]
     except KeyError:  # optional: a split without texts that have no image
         unpaired = None
+    else:
+        checksums.check_listed(f"{path}: {name}/{UNPAIRED_TEXT}", unpaired_arr)
+        unpaired = _map_emb(path, name, UNPAIRED_TEXT, unpaired_arr, dim)
     return StoreSplit(
         name=name,
         image_emb=emb["image_emb"],
@@ -224,6 +237,24 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
         image_id=image_id,
         unpaired_text_emb=unpaired,
     )
+
+
+def _read_small(path: Path, split: str, key: str, arr: Any) -> np.ndarray:
+    """All of a 1-D array (text_image, image_id), its chunk files checked first: present, and for the raw int32
+    array of the size its shape gives; a file zarr cannot decode is named instead of ending in a traceback."""
+    where = f"{path}: {split}/{key}"
+    raw = np.dtype(arr.dtype).kind == "i"
+    for i, chunk_key in enumerate(checksums.chunk_keys(arr)):
+        f = chunk_file(arr, (i,))
+        expected = int(arr.chunks[0]) * np.dtype(arr.dtype).itemsize
+        if not f.is_file():
+            raise InputError(f"{where}: chunk file {chunk_key} is missing")
+        if raw and f.stat().st_size != expected:
+            raise InputError(f"{where}: chunk file {chunk_key} has {f.stat().st_size} bytes, expected {expected}")
+    try:
+        return arr[...]
+    except Exception as err:  # noqa: BLE001 -- whatever zarr's decoder raises, the file is damaged
+        raise InputError(f"{where}: a chunk file cannot be decoded ({type(err).__name__}: {err})") from None
 
 
 def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray | ChunkedRows:
@@ -307,6 +338,12 @@ class StoreWriter:
     2. `write_chunk(split, array, i, rows)` (any process, each chunk exactly once at a time): rows are
        normalized, cast, padded and written as the raw chunk file, durably (temp file, fsync, rename);
     3. `set_attrs(complete=True, ...)` (one process) once every chunk is written.
+
+    Checksums (pipeline/store/checksums.py): `write_chunk` returns the SHA-256 of the chunk file it wrote and
+    keeps it until `record_checksums()` (called by `set_attrs(complete=True)`) stores it in the array's attrs;
+    a process that does not finalize (an extract rank) hands its digests to the one that does
+    (`record_checksums({(split, array): {chunk index: digest}})`). The small arrays record theirs at once.
+    A store is never marked complete while a chunk lacks its checksum.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -321,6 +358,7 @@ class StoreWriter:
         group = zarr.open_group(str(self.path), mode="r+")
         self._arrays: dict[tuple[str, str], Any] = {}  # (split, array) -> zarr array
         self._shapes: dict[tuple[str, str], tuple[int, int]] = {}  # (split, array) -> (rows, chunk_rows)
+        self._digests: dict[tuple[str, str], dict[int, str]] = {}  # written by this writer, not yet recorded
         for split in attrs["splits"]:
             for key in (*EMB_ARRAYS, "text_image", "image_id", UNPAIRED_TEXT):
                 if key == UNPAIRED_TEXT and f"{split}/{key}" not in group:
@@ -423,9 +461,14 @@ class StoreWriter:
         return chunk_file(self._arrays[split, array], (i, 0))
 
     # -- data ---------------------------------------------------------------------------------------------
-    def write_chunk(self, split: str, array: str, i: int, rows: np.ndarray, *, normalize: bool = True) -> None:
+    def chunk_key(self, split: str, array: str, i: int) -> str:
+        return self._arrays[split, array].metadata.encode_chunk_key((i, 0))
+
+    def write_chunk(self, split: str, array: str, i: int, rows: np.ndarray, *, normalize: bool = True) -> str:
         """Normalize `rows` (float, [chunk length, D]) in float32, cast, and write chunk i durably (zarr pads
         the last chunk with the fill value 0 and renames its temp file into place; the fsync is ours).
+        Returns the SHA-256 of the chunk file as written (read back from the page cache), also kept for
+        `record_checksums`.
 
         normalize=False copies rows that are already normalized and in the store dtype bit for bit."""
         start, stop = self.chunk_range(split, array, i)
@@ -435,13 +478,43 @@ class StoreWriter:
         if rows.dtype.kind == "f" and not np.isfinite(rows).all():
             bad = start + int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
             raise InputError(
-                f"{split}/{array} row {bad}: the teacher produced non-finite features (NaN or inf); "
-                "with compute_dtype float16 this is an overflow: use bfloat16 or float32"
+                f"{self.path}: {split}/{array} chunk {self.chunk_key(split, array, i)} row {bad}: the teacher "
+                "produced non-finite features (NaN or inf); with compute_dtype float16 this is an overflow: "
+                "use bfloat16 or float32"
             )
         self._arrays[split, array][start:stop] = (l2_normalize_rows(rows) if normalize else rows).astype(self.dtype)
         f = self.chunk_path(split, array, i)
+        digest = checksums.file_digest(f)
         fsync_file(f)
         fsync_dir(f.parent)
+        self._digests.setdefault((split, array), {})[i] = digest
+        return digest
+
+    def record_checksums(self, digests: dict[tuple[str, str], dict[int, str]] | None = None) -> None:
+        """Store chunk checksums in the arrays' attrs: `digests` {(split, array): {chunk index: sha256}} from
+        other processes, plus those of the chunks this writer wrote. One process at a time (rank 0)."""
+        merged: dict[tuple[str, str], dict[int, str]] = {}
+        for source in (digests or {}, self._digests):
+            for name, found in source.items():
+                merged.setdefault(name, {}).update(found)
+        for (split, array), found in merged.items():
+            keys = {self.chunk_key(split, array, i): d for i, d in found.items()}
+            checksums.record(self.path / split / array, keys)
+        self._digests = {}
+
+    def missing_checksums(self) -> list[tuple[str, str, int]]:
+        """(split, array, chunk index) of every embedding chunk whose checksum is not recorded yet."""
+        import zarr
+
+        out = []
+        for split, array in self._arrays:
+            if array not in (*EMB_ARRAYS, UNPAIRED_TEXT):
+                continue
+            arr = zarr.open_array(str(self.path / split / array), mode="r")
+            sums = checksums.recorded(f"{self.path}: {split}/{array}", arr) or {}
+            keys = checksums.chunk_keys(arr)
+            out.extend((split, array, i) for i, k in enumerate(keys) if k not in sums)
+        return out
 
     def read_rows(self, split: str, array: str) -> np.ndarray | ChunkedRows:
         """The rows written so far of an embedding array, memory-mapped (unwritten chunks must not be read)."""
@@ -460,19 +533,34 @@ class StoreWriter:
         if len(values):
             self._arrays[split, key][...] = values
         fsync_tree(self.path / split / key)
+        # one writer writes the small arrays (create, compaction, tools): their checksums go in at once
+        arr = self._arrays[split, key]
+        checksums.record(
+            self.path / split / key, {k: checksums.file_digest(chunk_file(arr, (i,))) for i, k in _keyed(arr)}
+        )
 
     def attrs(self) -> dict[str, Any]:
         return read_attrs(self.path) or {}
 
     def set_attrs(self, **updates: Any) -> None:
-        """Update group attrs atomically (zarr writes temp + rename; we fsync); `complete=True` goes last."""
+        """Update group attrs atomically (zarr writes temp + rename; we fsync); `complete=True` goes last, after
+        this writer's checksums are recorded, and only when every chunk has one."""
         import zarr
 
+        if updates.get("complete") is True:
+            self.record_checksums()
+            missing = self.missing_checksums()
+            if missing:  # a writer bug, not a user error: a complete store always has every checksum
+                raise RuntimeError(f"{self.path}: chunk {missing[0]} has no recorded checksum; not marking complete")
         # opened afresh: zarr rewrites the whole metadata from its cached copy, which another process
         # (an extract rank) may have updated since this writer was made
         zarr.open_group(str(self.path), mode="r+").attrs.update(jsonable(updates))
         fsync_file(self.path / "zarr.json")
         fsync_dir(self.path)
+
+
+def _keyed(arr: Any) -> list[tuple[int, str]]:
+    return list(enumerate(checksums.chunk_keys(arr)))
 
 
 def jsonable(value: Any) -> Any:

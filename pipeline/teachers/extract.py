@@ -67,6 +67,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.progress import progress
 from pipeline.runtime import available_cpus
+from pipeline.store.checksums import file_digest
 from pipeline.store.durable import fsync_dir, fsync_tree, naming, remove_partial_files, write_file_durably
 from pipeline.store.features import (
     FORMAT,
@@ -308,8 +309,10 @@ class _Committer:
                 continue
             unit, rows, record = item
             try:
+                # the chunk's checksum rides in its marker: rank 0 records them all at finalization
                 with naming(self.writer.chunk_path(unit.split, unit.array, unit.index)):
-                    self.writer.write_chunk(unit.split, unit.array, unit.index, rows)
+                    digest = self.writer.write_chunk(unit.split, unit.array, unit.index, rows)
+                record = {**record, "sha256": digest}
                 write_file_durably(self.work / "done" / unit.marker, json.dumps(record).encode())
             except BaseException as err:  # noqa: BLE001 -- re-raised in the main thread
                 self._error = err
@@ -697,12 +700,14 @@ def _finalize(
 ) -> None:
     work = out / WORK_DIR
     bad: dict[str, dict[int, str]] = {s: {} for s in views}
+    digests: dict[tuple[str, str], dict[int, str]] = {}
     for u in units:
         marker = work / "done" / u.marker
         try:
             record = json.loads(marker.read_text())
         except (OSError, ValueError):
             raise RuntimeError(f"{out}: chunk {u.marker} was not committed by its rank") from None
+        digests.setdefault((u.split, u.array), {})[u.index] = record.get("sha256")
         for entry in record.get("bad", []):
             bad[u.split][int(entry["row"])] = str(entry["reason"])
             if cfg.on_bad_image == "error":  # recorded by an earlier run with on_bad_image=skip
@@ -711,6 +716,16 @@ def _finalize(
                     f"{views[u.split].image_path[row]}: cannot read image ({entry['reason']}); "
                     "set extract.on_bad_image=skip to leave such images out"
                 )
+    writer = StoreWriter(out)
+    # a compacted split gets the checksums of its new chunks from the compaction; a marker written before
+    # checksums existed (a run resumed across the upgrade) has none: its chunk is hashed now
+    writer.record_checksums(
+        {
+            (s, a): {i: d or file_digest(writer.chunk_path(s, a, i)) for i, d in found.items()}
+            for (s, a), found in digests.items()
+            if not bad[s]
+        }
+    )
     skipped = []
     for s, rows in bad.items():
         if not rows:
@@ -778,6 +793,7 @@ def _compact_split(out: Path, split: str, view: SplitView, bad_rows: list[int], 
             for i in range(new.n_chunks(split, array)):
                 a, b = new.chunk_range(split, array, i)
                 new.write_chunk(split, array, i, rows[kept[a:b]], normalize=False)
+        new.record_checksums()
         new.write_text_image(split, new_row[view.text_image[cap_keep]])
         new.write_image_id(split, view.image_id[keep].tolist())
         fsync_tree(compact / split)
