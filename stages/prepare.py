@@ -17,9 +17,12 @@ def command(
     set_: list[str] = SET_OPTION,
     workdir: Path = WORKDIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Decode again even if the outputs are up to date."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Hash every image file, not only those whose size or mtime changed."
+    ),
 ) -> None:
     """Decode every image once into the uint8 student-resolution cache, and write the dataset index."""
     cfg, paths = load_stage(params, "prepare", PrepareConfig, set_, workdir)
-    summary = run_prepare(cfg, paths, force=force)
+    summary = run_prepare(cfg, paths, force=force, verify=verify)
     save_resolved(cfg, paths, "prepare")
     echo(json.dumps(summary))
