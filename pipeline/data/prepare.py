@@ -23,10 +23,12 @@ LOAD_TRUNCATED_IMAGES off. `on_bad_image: error` fails with one line naming the 
 many others failed; `skip` leaves them out of both the cache and the index and lists them, with their
 captions, in `<index>/bad_images.json`.
 
-Idempotent: a rerun whose dataset index fingerprint and image recipe match the finished outputs does
-nothing and says so. Atomic: the cache is built in a temp directory next to `images.zarr` and renamed
-into place after `complete` is set; the index is written before that rename, and a rerun only trusts a
-cache and an index whose fingerprints agree.
+Idempotent: a rerun whose dataset index fingerprint, image files and image recipe match the finished
+outputs does nothing and says so; one where only some image files changed (their sha256, recorded in the
+index: pipeline/data/file_hashes.py, pipeline/data/index.py) decodes only those and says how many. Atomic:
+the cache is built (or, for an update, copied) in a temp directory next to `images.zarr` and renamed into
+place after `complete` is set; the index is written before that rename, and a rerun only trusts a cache and
+an index whose fingerprints and content digests agree.
 """
 
 from __future__ import annotations

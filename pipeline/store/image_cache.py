@@ -6,7 +6,8 @@ Layout (a Zarr v3 group, readable by any zarr v3 implementation):
 images.zarr/
   attrs: format = "kdpipe-images", version = 1, complete = true|false, fingerprint = <dataset index
          fingerprint>, image_size = [H, W], resize = {...how the images were made...}, splits = [...],
-         chunk_images = C, plus whatever the writer adds (source_fingerprint, on_bad_image, n_bad, ...)
+         chunk_images = C, plus whatever the writer adds (source_fingerprint, on_bad_image, n_bad, content =
+         the index's digest of the image files' sha256s, ...)
   <split>/images   uint8 [N, H, W, 3], rows in the index order of that split
 ```
 

@@ -30,7 +30,11 @@ rename), and only then marked done by a small marker file `.extract/done/<split>
   texts of a split that have no image are embedded like captions into the optional
   `<split>/unpaired_text_emb` array (units of their own), which is created only when there are some.
 - A *complete* store found at the start is rewritten from scratch (a stage rewrites its output; DVC
-  only reruns the stage when an input changed).
+  only reruns the stage when an input changed), except when the only difference is image files replaced
+  since (issue 13): each image unit records the index's digest of the files it embedded (`_Unit.content`,
+  in its marker, then the store attrs `image_chunks`), and a store whose identity matches and which skipped
+  no image is reopened with every unit marked done under its recorded digest, so that exactly the units
+  whose digest differs are computed again. A resumed partial store redoes such units the same way.
 
 Speed: images are decoded and preprocessed by `num_workers` DataLoader processes (pinned memory, deep
 prefetch, non-blocking copies); the device result of batch k is fetched only after batch k+1 has been
