@@ -21,6 +21,7 @@ from pipeline.data.prepare import PrepareConfig, ResizeConfig, run_prepare
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
+from pipeline.store.features import open_store
 from pipeline.store.image_cache import open_image_cache
 from pipeline.teachers.extract import ExtractConfig, run_extract
 
@@ -260,12 +261,15 @@ def test_extract_recomputes_only_the_chunks_of_changed_images(tmp_path):
     Image.fromarray(np.full((14, 20, 3), 200, np.uint8)).save(path, format=Image.open(path).format)
     changed = hashed(index)
     assert changed.fingerprint == index.fingerprint
+    with pytest.raises(InputError, match=r"made from image files that changed since .*rerun `kdpipe extract`"):
+        changed.check_made_from(open_store(out).attrs["image_content"], str(out), "extract")
     again = run_extract(changed, CFG, out, teacher=TinyTeacher())
     assert again.units_computed == 1 and again.units_reused == again.units_total - 1
 
     fresh = tmp_path / "fresh.zarr"
     run_extract(changed, CFG, fresh, teacher=TinyTeacher())
     assert store_files(out) == store_files(fresh)  # bit for bit, attrs included
+    assert open_store(out).attrs["image_content"] == changed.content_digest() != index.content_digest()
     after = chunk_stats(out)
     rewritten = sorted(k for k in before if before[k] != after.get(k))
     assert rewritten == ["train/image_emb/c/1/0"]
@@ -299,6 +303,23 @@ def test_a_resumed_extraction_redoes_chunks_whose_images_changed_meanwhile(tmp_p
     fresh = tmp_path / "fresh.zarr"
     run_extract(changed, CFG, fresh, teacher=TinyTeacher())
     assert store_files(out) == store_files(fresh)
+
+
+def test_distill_refuses_features_of_replaced_images(tmp_path):
+    """By hand, `kdpipe prepare` after a replaced image without `kdpipe extract`: the fingerprint still matches,
+    the recorded image content does not."""
+    from test_train import make_workdir, tiny_cfg
+
+    from pipeline.distill.run import run_distill
+    from pipeline.store.features import StoreWriter
+
+    index = make_workdir(tmp_path)
+    index = index.with_hashes([f"{r:064x}" for r in range(index.n_images)])
+    StoreWriter(tmp_path / "features.zarr").set_attrs(image_content="ab" * 32)  # made from other files
+    store = open_store(tmp_path / "features.zarr", expect_fingerprint=index.fingerprint)
+    cache = open_image_cache(tmp_path / "images.zarr", expect_fingerprint=index.fingerprint)
+    with pytest.raises(InputError, match=r"features\.zarr: made from image files that changed since"):
+        run_distill(tiny_cfg(tmp_path), index=index, store=store, cache=cache, out_dir=tmp_path / "s")
 
 
 # -- DVC -------------------------------------------------------------------------------------------------

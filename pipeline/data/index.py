@@ -237,6 +237,17 @@ class DatasetIndex:
             h.update(bytes.fromhex(v))
         return h.hexdigest()
 
+    def check_made_from(self, recorded: str | None, where: str, stage: str) -> None:
+        """Refuse an output that records other image content than this index's: an image file was replaced
+        and `stage` was not rerun since (the fingerprint cannot tell: it leaves the bytes out). Outputs or
+        indexes without hashes (an older kdpipe) are not checked."""
+        now = self.content_digest()
+        if recorded is not None and now is not None and recorded != now:
+            raise InputError(
+                f"{where}: made from image files that changed since (content {recorded[:12]}, the index now "
+                f"{now[:12]}); rerun `kdpipe {stage}`"
+            )
+
     # -- storage ------------------------------------------------------------------------------------
     def save(self, directory: Path | str) -> None:
         """Write images.parquet, captions.parquet and index.json (written last: it marks the index complete)."""

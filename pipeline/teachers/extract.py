@@ -794,8 +794,12 @@ def _finalize(
                 }
             )
     remove_partial_files(out)
-    chunks = _image_chunks(units)  # which image files each chunk embedded: a rerun redoes the changed ones
-    StoreWriter(out).set_attrs(skipped_images=skipped, **({"image_chunks": chunks} if chunks else {}), complete=True)
+    # which image files the store embedded (readers compare it with the index), per chunk (a rerun redoes the
+    # chunks whose files changed); both absent when the index has no hashes
+    content = {"image_content": index.content_digest(), "image_chunks": _image_chunks(units)}
+    if content["image_content"] is None:
+        content = {}
+    StoreWriter(out).set_attrs(skipped_images=skipped, **content, complete=True)
     shutil.rmtree(work)
     fsync_dir(out)
 
