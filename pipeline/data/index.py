@@ -20,7 +20,8 @@ images.parquet, `content` in index.json = one digest over them), written by `kdp
 deliberately NOT part of `fingerprint`: the fingerprint names what the rows ARE (ids, paths, splits,
 captions), which the image cache and the feature store are laid out by and which every reader checks; the
 hashes say which bytes each row was made from, which the caches record next to it (the image cache: the
-`content` digest; the feature store: one digest per image chunk, `image_chunks`). So a replaced image
+`content` digest; the feature store: `image_content` and one digest per image chunk, `image_chunks`; distill
+and evaluate compare the first two with the index, extract the last). So a replaced image
 invalidates the rows made from it, not the whole store; an index without hashes (an older kdpipe) still
 loads with `image_sha256 = None`, and every existing fingerprint is unchanged.
 """
@@ -224,11 +225,14 @@ class DatasetIndex:
             _hash_strings(h, (self.unpaired_text, self.unpaired_text_split))
         return h.hexdigest()
 
-    def content_digest(self, rows: np.ndarray | None = None) -> str | None:
-        """sha256 over the content hashes of image `rows` (all by default), in that order; None when any is
-        unknown. The image cache records it for all rows, the feature store for the rows of each image chunk."""
+    def content_digest(self, rows: np.ndarray | None = None, splits: list[str] | None = None) -> str | None:
+        """sha256 over the content hashes of image `rows`, or of the images of `splits` (split after split), or
+        of all images, in that order; None when any is unknown. The image cache records it for all images, the
+        feature store for the images of its splits and for the rows of each image chunk."""
         if self.image_sha256 is None:
             return None
+        if splits is not None:
+            rows = np.concatenate([self.split(s).image_rows for s in splits]) if splits else np.array([], np.int64)
         hashes = self.image_sha256 if rows is None else self.image_sha256[np.asarray(rows, dtype=np.int64)]
         if any(v is None for v in hashes.tolist()):
             return None
@@ -237,11 +241,11 @@ class DatasetIndex:
             h.update(bytes.fromhex(v))
         return h.hexdigest()
 
-    def check_made_from(self, recorded: str | None, where: str, stage: str) -> None:
-        """Refuse an output that records other image content than this index's: an image file was replaced
-        and `stage` was not rerun since (the fingerprint cannot tell: it leaves the bytes out). Outputs or
-        indexes without hashes (an older kdpipe) are not checked."""
-        now = self.content_digest()
+    def check_made_from(self, recorded: str | None, where: str, stage: str, splits: list[str] | None = None) -> None:
+        """Refuse an output that records other image content (of `splits`, default all) than this index's: an
+        image file was replaced and `stage` was not rerun since (the fingerprint cannot tell: it leaves the
+        bytes out). Outputs or indexes without hashes (an older kdpipe) are not checked."""
+        now = self.content_digest(splits=splits)
         if recorded is not None and now is not None and recorded != now:
             raise InputError(
                 f"{where}: made from image files that changed since (content {recorded[:12]}, the index now "

@@ -537,7 +537,7 @@ def _prepare(
             n_done = sum(1 for _ in (work / "done").rglob("*.json")) if (work / "done").is_dir() else 0
             return f"resuming an interrupted extraction ({n_done} chunks already done)", None
     elif ours and attrs.get("complete") is True:
-        stale = None if fresh else _stale_chunks(attrs, identity, units)
+        stale = 0 if fresh else _stale_chunks(attrs, identity, units)
         if stale:
             _reopen(out, units, attrs["image_chunks"])
             return f"{stale} image chunk(s) embed image files changed since: computing only those again", None
@@ -796,7 +796,7 @@ def _finalize(
     remove_partial_files(out)
     # which image files the store embedded (readers compare it with the index), per chunk (a rerun redoes the
     # chunks whose files changed); both absent when the index has no hashes
-    content = {"image_content": index.content_digest(), "image_chunks": _image_chunks(units)}
+    content = {"image_content": index.content_digest(splits=list(views)), "image_chunks": _image_chunks(units)}
     if content["image_content"] is None:
         content = {}
     StoreWriter(out).set_attrs(skipped_images=skipped, **content, complete=True)
