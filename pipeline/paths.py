@@ -23,6 +23,10 @@ class ArtifactPaths:
         return self.workdir / "index"
 
     @property
+    def file_stats(self) -> Path:  # prepare's size+mtime -> sha256 cache of the image files (not an output)
+        return self.workdir / ".kdpipe" / "file_stats.json"
+
+    @property
     def images(self) -> Path:  # prepare's uint8 student-resolution image cache
         return self.workdir / "images.zarr"
 

@@ -28,12 +28,15 @@ def command(
     set_: list[str] = SET_OPTION,
     workdir: Path = WORKDIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Decode again even if the outputs are up to date."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Hash every image file, not only those whose size or mtime changed."
+    ),
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Decode every image once into the uint8 student-resolution cache, and write the dataset index."""
     cfg, paths = load_stage(params, "prepare", PrepareConfig, set_, workdir)
     with writing(paths.index_dir, paths.images, no_wait=no_wait):
         with naming(paths.images):  # the decode tasks' writes into the cache name no file when the disk fills
-            summary = run_prepare(cfg, paths, force=force)
+            summary = run_prepare(cfg, paths, force=force, verify=verify)
         save_resolved(cfg, paths, "prepare")
     echo(json.dumps(summary))

@@ -14,13 +14,23 @@ Unpaired items (issue 12: distillation on data without captions):
   every reader of `caption_image` keeps its meaning (a valid image row), and the caption order is untouched.
 An index with unpaired texts is written as version 2 (a version-1 reader refuses it instead of silently
 dropping them); one without is written exactly as before (version 1, same files, same fingerprint).
+
+Image content (issue 13, freshness): `image_sha256` holds each image file's sha256 (a `sha256` column of
+images.parquet, `content` in index.json = one digest over them), written by `kdpipe prepare`. The hashes are
+deliberately NOT part of `fingerprint`: the fingerprint names what the rows ARE (ids, paths, splits,
+captions), which the image cache and the feature store are laid out by and which every reader checks; the
+hashes say which bytes each row was made from, which the caches record next to it (the image cache: the
+`content` digest; the feature store: `image_content` and one digest per image chunk, `image_chunks`; distill
+and evaluate compare the first two with the index, extract the last). So a replaced image
+invalidates the rows made from it, not the whole store; an index without hashes (an older kdpipe) still
+loads with `image_sha256 = None`, and every existing fingerprint is unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -81,6 +91,7 @@ class DatasetIndex:
     exif_orientation: str = "ignore"
     unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
     unpaired_text_split: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
+    image_sha256: np.ndarray | None = None  # object (hex str, or None: file unreadable) [N_images]; None: unknown
 
     def __post_init__(self) -> None:
         if self.exif_orientation not in EXIF_ORIENTATION:
@@ -88,6 +99,8 @@ class DatasetIndex:
         n = len(self.image_id)
         if not (len(self.image_path) == len(self.image_split) == n):
             raise ValueError("image columns differ in length")
+        if self.image_sha256 is not None and len(self.image_sha256) != n:
+            raise ValueError("image_sha256 differs in length from the image columns")
         if len(self.caption_text) != len(self.caption_image):
             raise ValueError("caption columns differ in length")
         if len(set(self.image_id.tolist())) != n:
@@ -144,7 +157,12 @@ class DatasetIndex:
             exif_orientation=self.exif_orientation,
             unpaired_text=self.unpaired_text,
             unpaired_text_split=self.unpaired_text_split,
+            image_sha256=None if self.image_sha256 is None else self.image_sha256[keep],
         )
+
+    def with_hashes(self, image_sha256: list[str | None]) -> DatasetIndex:
+        """The same index with these content hashes (one per image row; None for a file that could not be read)."""
+        return replace(self, image_sha256=np.array(image_sha256, dtype=object))
 
     # -- derived views ------------------------------------------------------------------------------
     @property
@@ -207,6 +225,33 @@ class DatasetIndex:
             _hash_strings(h, (self.unpaired_text, self.unpaired_text_split))
         return h.hexdigest()
 
+    def content_digest(self, rows: np.ndarray | None = None, splits: list[str] | None = None) -> str | None:
+        """sha256 over the content hashes of image `rows`, or of the images of `splits` (split after split), or
+        of all images, in that order; None when any is unknown. The image cache records it for all images, the
+        feature store for the images of its splits and for the rows of each image chunk."""
+        if self.image_sha256 is None:
+            return None
+        if splits is not None:
+            rows = np.concatenate([self.split(s).image_rows for s in splits]) if splits else np.array([], np.int64)
+        hashes = self.image_sha256 if rows is None else self.image_sha256[np.asarray(rows, dtype=np.int64)]
+        if any(v is None for v in hashes.tolist()):
+            return None
+        h = hashlib.sha256(f"kdpipe-image-content/1\n{len(hashes)}\n".encode())
+        for v in hashes.tolist():
+            h.update(bytes.fromhex(v))
+        return h.hexdigest()
+
+    def check_made_from(self, recorded: str | None, where: str, stage: str, splits: list[str] | None = None) -> None:
+        """Refuse an output that records other image content (of `splits`, default all) than this index's: an
+        image file was replaced and `stage` was not rerun since (the fingerprint cannot tell: it leaves the
+        bytes out). Outputs or indexes without hashes (an older kdpipe) are not checked."""
+        now = self.content_digest(splits=splits)
+        if recorded is not None and now is not None and recorded != now:
+            raise InputError(
+                f"{where}: made from image files that changed since (content {recorded[:12]}, the index now "
+                f"{now[:12]}); rerun `kdpipe {stage}`"
+            )
+
     # -- storage ------------------------------------------------------------------------------------
     def save(self, directory: Path | str) -> None:
         """Write images.parquet, captions.parquet and index.json (written last: it marks the index complete)."""
@@ -218,6 +263,8 @@ class DatasetIndex:
                 "image_id": pa.array(self.image_id.tolist(), pa.string()),
                 "path": pa.array(self.image_path.tolist(), pa.string()),
                 "split": pa.array(self.image_split.tolist(), pa.string()),
+                # only when known: an index without hashes is written exactly as before
+                **({} if self.image_sha256 is None else {"sha256": pa.array(self.image_sha256.tolist(), pa.string())}),
             }
         )
         captions = pa.table(
@@ -248,6 +295,7 @@ class DatasetIndex:
             "exif_orientation": self.exif_orientation,
             "n_images": self.n_images,
             "n_captions": self.n_captions,
+            **({} if self.image_sha256 is None else {"content": self.content_digest()}),
             "splits": {
                 s: {
                     "images": int((self.image_split == s).sum()),
@@ -294,9 +342,14 @@ class DatasetIndex:
             exif_orientation=meta.get("exif_orientation", "ignore"),
             unpaired_text=np.array(texts["text"], dtype=object),
             unpaired_text_split=np.array(texts["split"], dtype=object),
+            image_sha256=np.array(images["sha256"].to_pylist(), dtype=object)
+            if "sha256" in images.column_names
+            else None,
         )
         if index.fingerprint != meta["fingerprint"]:
             raise InputError(f"{directory}: index content does not match its recorded fingerprint (edited by hand?)")
+        if index.image_sha256 is not None and index.content_digest() != meta.get("content"):
+            raise InputError(f"{directory}: image hashes do not match the recorded content digest (edited by hand?)")
         return index
 
 

@@ -23,10 +23,12 @@ LOAD_TRUNCATED_IMAGES off. `on_bad_image: error` fails with one line naming the 
 many others failed; `skip` leaves them out of both the cache and the index and lists them, with their
 captions, in `<index>/bad_images.json`.
 
-Idempotent: a rerun whose dataset index fingerprint and image recipe match the finished outputs does
-nothing and says so. Atomic: the cache is built in a temp directory next to `images.zarr` and renamed
-into place after `complete` is set; the index is written before that rename, and a rerun only trusts a
-cache and an index whose fingerprints agree.
+Idempotent: a rerun whose dataset index fingerprint, image files and image recipe match the finished
+outputs does nothing and says so; one where only some image files changed (their sha256, recorded in the
+index: pipeline/data/file_hashes.py, pipeline/data/index.py) decodes only those and says how many. Atomic:
+the cache is built (or, for an update, copied) in a temp directory next to `images.zarr` and renamed into
+place after `complete` is set; the index is written before that rename, and a rerun only trusts a cache and
+an index whose fingerprints and content digests agree.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.data.exif import orientation, upright
-from pipeline.data.index import DatasetIndex, read_fingerprint
+from pipeline.data.file_hashes import content_hashes
+from pipeline.data.index import DatasetIndex, SplitView, read_fingerprint
 from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
@@ -53,6 +56,9 @@ from pipeline.store.durable import write_text_durably
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
     CacheBuilder,
+    CacheUpdate,
+    ImageCache,
+    consecutive_runs,
     open_image_cache,
     remove_stale_temp,
     write_rows,
@@ -232,63 +238,166 @@ class _Task:
     data_file: str
 
 
-def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False) -> dict[str, Any]:
-    """Build `paths.index_dir` and `paths.images` from the dataset; returns a summary (also printed)."""
+def run_prepare(
+    cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False, verify: bool = False
+) -> dict[str, Any]:
+    """Build `paths.index_dir` and `paths.images` from the dataset; returns a summary (also printed).
+
+    Only what changed is redone: outputs made with this recipe from the same index rows and the same image
+    bytes are kept (status "unchanged"); when some image files changed, only they are decoded again into a
+    copy of the cache ("updated"); anything else is built whole ("written"), and so is everything with
+    `force`. `verify`: hash every image file instead of trusting unchanged sizes and mtimes."""
     start = time.perf_counter()
+    index = _read_with_hashes(cfg, paths, verify)
+    summary = None if force else _reuse(cfg, paths, index)
+    if summary is None:
+        summary = _build(cfg, paths, index)
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def _read_with_hashes(cfg: PrepareConfig, paths: ArtifactPaths, verify: bool) -> DatasetIndex:
+    """The dataset's index with each image file's content hash (pipeline/data/file_hashes.py)."""
     index = read_dataset(cfg.dataset)
     log.info(_describe(index))
-    if not force:
-        summary = _unchanged(cfg, paths, index)
-        if summary is not None:
-            summary["seconds"] = round(time.perf_counter() - start, 3)
-            log.info(
-                f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
-                f"(index {summary['fingerprint'][:12]}, same image recipe)"
-            )
-            return summary
+    files = [os.path.abspath(index.image_abspath(r)) for r in range(index.n_images)]
+    hashes, n_read = content_hashes(files, paths.file_stats, verify=verify, threads=min(4, available_cpus()))
+    if n_read:
+        why = "--verify" if verify else "new files, or their size or mtime changed"
+        log.info(f"prepare: hashed {n_read:,} of {len(files):,} image file(s) ({why})")
+    return index.with_hashes(hashes)
 
-    remove_stale_temp(paths.images)
-    rc = cfg.image
-    builder = CacheBuilder(paths.images, rc.image_size, cfg.chunk_images)
+
+# -- reusing the outputs of an earlier run -------------------------------------------------------------
+def _reuse(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dict[str, Any] | None:
+    """Keep the existing outputs, or update the rows of changed images in them; None: build everything."""
+    found = _previous(cfg, paths, index)
+    if found is None:
+        return None
+    cache, saved, report = found
+    if saved.image_sha256 is None:
+        log.info(
+            "prepare: the existing index records no image content hashes (written by an older kdpipe): "
+            "decoding every image once to record them"
+        )
+        return None
+    changed = _changed_rows(index, saved, report)
+    if not changed:
+        return _keep(paths, index, saved, report)
+    if cache.attrs.get("n_bad"):  # rows were dropped: the cache's rows are not the index's, rebuild it
+        log.info(f"prepare: {len(changed):,} image file(s) changed; the cache leaves bad images out: rebuilding it")
+        return None
+    return _update(cfg, paths, index, changed)
+
+
+def _previous(
+    cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex
+) -> tuple[ImageCache, DatasetIndex, list[dict]] | None:
+    """(cache, saved index, bad-image report) if the outputs were made with this config from these index
+    rows (the image bytes aside) and agree with each other, else None."""
     try:
-        tasks, views = [], {}
-        for split in index.splits:
-            view = views[split] = index.split(split)
-            data_file = str(builder.allocate(split, view.n_images).resolve())
-            abs_paths = [os.path.abspath(p) for p in view.image_path]
-            for s in range(0, view.n_images, cfg.chunk_images):
-                tasks.append(_Task(split, s, abs_paths[s : s + cfg.chunk_images], data_file))
-        results, decode_s = _run_tasks(tasks, cfg, index.n_images)
+        cache = open_image_cache(paths.images)
+        recorded = read_fingerprint(paths.index_dir)
+        report = json.loads((paths.index_dir / BAD_IMAGES_FILE).read_text())
+    except (InputError, OSError, ValueError):
+        return None
+    a = cache.attrs
+    same = (
+        a.get("source_fingerprint") == index.fingerprint
+        and a.get("fingerprint") == recorded
+        and a.get("resize") == cfg.image.describe()
+        and a.get("exif_orientation", "ignore") == index.exif_orientation
+        and a.get("chunk_images") == cfg.chunk_images
+        and (a.get("n_bad") == 0 or a.get("on_bad_image") == cfg.on_bad_image)
+    )
+    if not same:
+        return None
+    saved = DatasetIndex.load(paths.index_dir)
+    if a.get("content") != saved.content_digest():  # an update killed between the index and the cache
+        return None
+    return cache, saved, report
 
-        bad = []  # (global row, reason)
-        for task, result in results:
-            rows = views[task.split].image_rows
-            bad.extend((int(rows[task.start + i]), reason) for i, reason in result["failures"])
-        cpu_s = sum(result["cpu_seconds"] for _, result in results)
-        tagged = sum(result["exif_tagged"] for _, result in results)
-        bad.sort()
+
+def _changed_rows(index: DatasetIndex, saved: DatasetIndex, report: list[dict]) -> list[int]:
+    """Rows of `index` whose file content differs from what the outputs were made from (bad images included:
+    one that was fixed, or broke differently, counts as changed)."""
+    before = dict(zip(saved.image_id.tolist(), saved.image_sha256.tolist()))
+    before.update((entry["image_id"], entry.get("sha256")) for entry in report)
+    now = zip(index.image_id.tolist(), index.image_sha256.tolist())
+    return [r for r, (image_id, digest) in enumerate(now) if before.get(image_id, "?") != digest]
+
+
+def _keep(paths: ArtifactPaths, index: DatasetIndex, saved: DatasetIndex, report: list[dict]) -> dict[str, Any]:
+    if saved.image_root != index.image_root:  # the dataset moved: same content, new location for later stages
+        replace(saved, image_root=index.image_root).save(paths.index_dir)
+    log.info(
+        f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
+        f"(index {saved.fingerprint[:12]}, same image files, same image recipe)"
+    )
+    return {
+        "status": "unchanged",
+        "fingerprint": saved.fingerprint,
+        "images": {s: int((saved.image_split == s).sum()) for s in saved.splits},
+        "captions": saved.n_captions,
+        "bad_images": len(report),
+        "changed_images": 0,
+        "decode_seconds": 0.0,
+        "images_per_second": None,
+        "images_per_cpu_second": None,
+        "exif_tagged": None,
+    }
+
+
+def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, changed: list[int]) -> dict[str, Any] | None:
+    """Decode the changed images into a copy of the cache and swap it in (image_cache.CacheUpdate); None if
+    one of them no longer decodes under `skip` (rows must then be dropped: the caller rebuilds)."""
+    log.info(f"prepare: {len(changed):,} of {index.n_images:,} image file(s) changed: decoding only those")
+    remove_stale_temp(paths.images)
+    update = CacheUpdate(paths.images)
+    try:
+        views = {s: index.split(s) for s in index.splits}
+        tasks = []
+        for split, view in views.items():
+            local = np.flatnonzero(np.isin(view.image_rows, changed))
+            if len(local):
+                tasks += _block_tasks(view, consecutive_runs(local), cfg.chunk_images, str(update.data_file(split)))
+        results, decode_s = _run_tasks(tasks, cfg, len(changed))
+        bad = _failures(results, views)
         if bad and cfg.on_bad_image == "error":
             raise InputError(_error_line(index, bad))
-        captions_of: dict[int, list[str]] = {r: [] for r, _ in bad}
-        for text, r in zip(index.caption_text.tolist(), index.caption_image.tolist()):
-            if r in captions_of:
-                captions_of[r].append(text)
-        report = [
-            {
-                "file": str(index.image_abspath(r)),
-                "image_id": str(index.image_id[r]),
-                "split": str(index.image_split[r]),
-                "reason": reason,
-                "captions": captions_of[r],
-            }
-            for r, reason in bad
-        ]
+        if bad:
+            update.abort()
+            log.info(f"prepare: {len(bad):,} changed image(s) no longer decode: rebuilding the cache to leave them out")
+            return None
+        index.save(paths.index_dir)  # first: a crash before the swap below leaves index and cache disagreeing
+        update.publish({"content": index.content_digest()})
+    except BaseException:
+        update.abort()
+        raise
+    log.info(f"prepare: updated {len(changed):,} image(s) in {paths.images}; the rest were kept")
+    return {**_summary("updated", index, 0, results, decode_s), "changed_images": len(changed)}
+
+
+# -- building everything -------------------------------------------------------------------------------
+def _build(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dict[str, Any]:
+    remove_stale_temp(paths.images)
+    builder = CacheBuilder(paths.images, cfg.image.image_size, cfg.chunk_images)
+    try:
+        views = {s: index.split(s) for s in index.splits}
+        tasks = []
+        for split, view in views.items():
+            data_file = str(builder.allocate(split, view.n_images).resolve())
+            tasks += _block_tasks(view, [(0, view.n_images)], cfg.chunk_images, data_file)
+        results, decode_s = _run_tasks(tasks, cfg, index.n_images)
+        bad = _failures(results, views)
+        if bad and cfg.on_bad_image == "error":
+            raise InputError(_error_line(index, bad))
+        report = _bad_report(index, bad)
         source_fingerprint = index.fingerprint
         if bad:
             bad_rows = np.array([r for r, _ in bad])
             for split, view in views.items():
-                local = np.flatnonzero(np.isin(view.image_rows, bad_rows))
-                builder.compact(split, local)
+                builder.compact(split, np.flatnonzero(np.isin(view.image_rows, bad_rows)))
             if len(bad) == index.n_images:
                 raise InputError(f"every image failed to decode (first: {report[0]['file']}: {report[0]['reason']})")
             index = index.drop_images(bad_rows)
@@ -297,41 +406,82 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
                     f"prepare: split {split!r} is left out: all its {views[split].n_images:,} images failed to "
                     f"decode (prepare.on_bad_image: skip; listed in {paths.index_dir / BAD_IMAGES_FILE})"
                 )
-
         paths.index_dir.mkdir(parents=True, exist_ok=True)
         (paths.index_dir / "index.json").unlink(missing_ok=True)  # the index is incomplete until save() ends
         _write_json(paths.index_dir / BAD_IMAGES_FILE, report)
         index.save(paths.index_dir)
-        builder.publish(
-            {
-                "fingerprint": index.fingerprint,
-                "source_fingerprint": source_fingerprint,
-                "dataset": index.name,
-                "resize": rc.describe(),
-                "exif_orientation": index.exif_orientation,
-                "on_bad_image": cfg.on_bad_image,
-                "n_bad": len(bad),
-                "pillow": Image.__version__,
-            }
-        )
+        builder.publish(_cache_attrs(cfg, index, source_fingerprint, len(bad)))
     except BaseException:
         builder.abort()
         raise
-    n_ok = index.n_images
-    summary = {
-        "status": "written",
-        "fingerprint": index.fingerprint,
-        "images": {s: int((index.image_split == s).sum()) for s in index.splits},
-        "captions": index.n_captions,
-        "bad_images": len(bad),
-        "decode_seconds": round(decode_s, 3),
-        "images_per_second": round((n_ok + len(bad)) / decode_s, 1) if decode_s > 0 else None,
-        # decode CPU time summed over the decoding threads: images per second per fully used core
-        "images_per_cpu_second": round((n_ok + len(bad)) / cpu_s, 1) if cpu_s > 0 else None,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
     skipped = f", {len(bad)} bad image(s) skipped (listed in {paths.index_dir / BAD_IMAGES_FILE})" if bad else ""
-    log.info(f"prepare: wrote {paths.images} ({n_ok:,} images at {rc.crop}x{rc.crop}) and {paths.index_dir}{skipped}")
+    log.info(
+        f"prepare: wrote {paths.images} ({index.n_images:,} images at {cfg.image.crop}x{cfg.image.crop}) "
+        f"and {paths.index_dir}{skipped}"
+    )
+    return _summary("written", index, len(bad), results, decode_s)
+
+
+def _block_tasks(view: SplitView, runs: list[tuple[int, int]], chunk: int, data_file: str) -> list[_Task]:
+    """Decode tasks for rows [start, stop) of each run of a split, at most `chunk` images each."""
+    abs_paths = [os.path.abspath(p) for p in view.image_path]
+    return [
+        _Task(view.name, s, abs_paths[s : min(stop, s + chunk)], data_file)
+        for start, stop in runs
+        for s in range(start, stop, chunk)
+    ]
+
+
+def _failures(results: list[tuple[_Task, dict]], views: dict[str, SplitView]) -> list[tuple[int, str]]:
+    """(global row, reason) of every image that failed to decode, in row order."""
+    bad = []
+    for task, result in results:
+        rows = views[task.split].image_rows
+        bad.extend((int(rows[task.start + i]), reason) for i, reason in result["failures"])
+    return sorted(bad)
+
+
+def _bad_report(index: DatasetIndex, bad: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """bad_images.json: each bad image with its captions, and its content hash (so that a fixed file is seen)."""
+    captions_of: dict[int, list[str]] = {r: [] for r, _ in bad}
+    for text, r in zip(index.caption_text.tolist(), index.caption_image.tolist()):
+        if r in captions_of:
+            captions_of[r].append(text)
+    return [
+        {
+            "file": str(index.image_abspath(r)),
+            "image_id": str(index.image_id[r]),
+            "split": str(index.image_split[r]),
+            "reason": reason,
+            "captions": captions_of[r],
+            "sha256": index.image_sha256[r] if index.image_sha256 is not None else None,
+        }
+        for r, reason in bad
+    ]
+
+
+def _cache_attrs(cfg: PrepareConfig, index: DatasetIndex, source_fingerprint: str, n_bad: int) -> dict[str, Any]:
+    return {
+        "fingerprint": index.fingerprint,
+        "source_fingerprint": source_fingerprint,
+        # the index's digest of the image files' hashes: which bytes the rows were decoded from
+        "content": index.content_digest(),
+        "dataset": index.name,
+        "resize": cfg.image.describe(),
+        "exif_orientation": index.exif_orientation,
+        "on_bad_image": cfg.on_bad_image,
+        "n_bad": n_bad,
+        "pillow": Image.__version__,
+    }
+
+
+def _summary(
+    status: str, index: DatasetIndex, n_bad: int, results: list[tuple[_Task, dict]], decode_s: float
+) -> dict[str, Any]:
+    """The summary of a run that decoded images (all of them, or the changed ones), with the EXIF line."""
+    n = sum(len(task.paths) for task, _ in results)
+    cpu_s = sum(result["cpu_seconds"] for _, result in results)
+    tagged = sum(result["exif_tagged"] for _, result in results)
     if tagged:
         how = (
             "turned upright (prepare.dataset.exif_orientation: apply)"
@@ -340,8 +490,18 @@ def run_prepare(cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False
             "phone photos"
         )
         log.info(f"prepare: {tagged:,} image(s) carry an EXIF orientation tag (rotated or mirrored): {how}")
-    summary["exif_tagged"] = tagged
-    return summary
+    return {
+        "status": status,
+        "fingerprint": index.fingerprint,
+        "images": {s: int((index.image_split == s).sum()) for s in index.splits},
+        "captions": index.n_captions,
+        "bad_images": n_bad,
+        "decode_seconds": round(decode_s, 3),
+        "images_per_second": round(n / decode_s, 1) if decode_s > 0 else None,
+        # decode CPU time summed over the decoding threads: images per second per fully used core
+        "images_per_cpu_second": round(n / cpu_s, 1) if cpu_s > 0 else None,
+        "exif_tagged": tagged,
+    }
 
 
 def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[list[tuple[_Task, dict]], float]:
@@ -416,42 +576,6 @@ def _error_line(index: DatasetIndex, bad: list[tuple[int, str]]) -> str:
         others = ", ".join(str(index.image_path[r]) for r, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
         line += f"; {len(bad) - 1} other image(s) failed too ({others})"
     return line + "; set prepare.on_bad_image: skip to leave bad images out (they are then listed in bad_images.json)"
-
-
-def _unchanged(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dict[str, Any] | None:
-    """The summary of the existing outputs if they are exactly what this config would produce, else None."""
-    try:
-        cache = open_image_cache(paths.images)
-        recorded = read_fingerprint(paths.index_dir)
-        report = json.loads((paths.index_dir / BAD_IMAGES_FILE).read_text())
-    except (InputError, OSError, ValueError):
-        return None
-    a = cache.attrs
-    same = (
-        a.get("source_fingerprint") == index.fingerprint
-        and a.get("fingerprint") == recorded
-        and a.get("resize") == cfg.image.describe()
-        and a.get("exif_orientation", "ignore") == index.exif_orientation
-        and a.get("chunk_images") == cfg.chunk_images
-        and (a.get("n_bad") == 0 or a.get("on_bad_image") == cfg.on_bad_image)
-    )
-    if not same:
-        return None
-    saved = DatasetIndex.load(paths.index_dir)
-    if saved.image_root != index.image_root:  # the dataset moved: same content, new location for later stages
-        replace(saved, image_root=index.image_root).save(paths.index_dir)
-    return {
-        "status": "unchanged",
-        "fingerprint": recorded,
-        "images": {s: int((saved.image_split == s).sum()) for s in saved.splits},
-        "captions": saved.n_captions,
-        "bad_images": len(report),
-        "decode_seconds": 0.0,
-        "images_per_second": None,
-        "images_per_cpu_second": None,
-        "seconds": None,
-        "exif_tagged": None,
-    }
 
 
 def _write_json(path: Path, data: Any) -> None:

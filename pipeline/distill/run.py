@@ -790,6 +790,9 @@ def setup_run(
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = resolve_device(cfg.device, "distill.device")
     train, val = open_inputs(cfg, index, store, cache)
+    # an image file replaced since extract (or prepare) ran? The fingerprints checked on opening cannot tell
+    index.check_made_from(store.attrs.get("image_content"), str(store.path), "extract", list(store.splits))
+    index.check_made_from(cache.attrs.get("content"), str(cache.path), "prepare")
     meta = {
         "dim": store.dim,
         "fingerprint": (store.dataset or {}).get("fingerprint"),

@@ -408,6 +408,7 @@ def run_evaluate(
     images = open_image_cache(paths.images, expect_fingerprint=index.fingerprint).split(cfg.split)
     runs = runs if runs is not None else default_runs(paths, cfg)
     evaluated = ["teacher", *runs, "chance"]
+    index.check_made_from(store.attrs.get("image_content"), str(paths.features), "extract", list(store.splits))
     if cfg.plot_models is not None and sorted(cfg.plot_models) != sorted(evaluated):
         raise ConfigError(f"evaluate.plot_models {list(cfg.plot_models)} must list exactly the models {evaluated}")
 

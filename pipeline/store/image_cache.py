@@ -6,7 +6,8 @@ Layout (a Zarr v3 group, readable by any zarr v3 implementation):
 images.zarr/
   attrs: format = "kdpipe-images", version = 1, complete = true|false, fingerprint = <dataset index
          fingerprint>, image_size = [H, W], resize = {...how the images were made...}, splits = [...],
-         chunk_images = C, plus whatever the writer adds (source_fingerprint, on_bad_image, n_bad, ...)
+         chunk_images = C, plus whatever the writer adds (source_fingerprint, on_bad_image, n_bad, content =
+         the index's digest of the image files' sha256s, ...)
   <split>/images   uint8 [N, H, W, 3], rows in the index order of that split
 ```
 
@@ -214,7 +215,7 @@ class CacheBuilder:
         mm = np.memmap(f, dtype=np.uint8, mode="r+", shape=(n, h, w, 3))
         # move runs of consecutive kept rows down, in blocks so that memory stays bounded
         dst = int(drop[0])
-        for start, stop in _runs(kept[kept > drop[0]]):
+        for start, stop in consecutive_runs(kept[kept > drop[0]]):
             for s in range(start, stop, self.chunk_images):
                 e = min(stop, s + self.chunk_images)
                 mm[dst : dst + (e - s)] = mm[s:e]
@@ -280,7 +281,36 @@ class CacheBuilder:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+class CacheUpdate:
+    """Rewrites some rows of a published cache: the cache is copied to a temp directory next to it, the rows
+    are written into the copy's shard files (`write_rows` at their row offsets: a shard begins with its rows
+    as raw bytes), and the copy replaces the cache whole at `publish`. Copying costs one sequential read and
+    write of the cache, far less than decoding it again, and keeps the guarantees of a full rebuild: a reader
+    holding the old files (a running distill's memmap, a hard link in DVC's cache) never sees pixels change,
+    and a crash leaves the old cache whole (the temp copy is removed by the next run)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        shutil.copytree(self.path, self.tmp)  # copy_file_range/sendfile under the hood; reflinks where supported
+
+    def data_file(self, split: str) -> Path:
+        import zarr
+
+        return chunk_file(zarr.open_array(self.tmp / split / SPLIT_ARRAY, mode="r"), (0, 0, 0, 0))
+
+    def publish(self, attrs: dict[str, Any]) -> None:
+        import zarr
+
+        zarr.open_group(self.tmp, mode="r+").attrs.update(attrs)
+        fsync_tree(self.tmp)
+        replace_dir(self.tmp, self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) runs of consecutive integers in a sorted array."""
     if len(rows) == 0:
         return []

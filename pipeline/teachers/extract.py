@@ -30,7 +30,11 @@ rename), and only then marked done by a small marker file `.extract/done/<split>
   texts of a split that have no image are embedded like captions into the optional
   `<split>/unpaired_text_emb` array (units of their own), which is created only when there are some.
 - A *complete* store found at the start is rewritten from scratch (a stage rewrites its output; DVC
-  only reruns the stage when an input changed).
+  only reruns the stage when an input changed), except when the only difference is image files replaced
+  since (issue 13): each image unit records the index's digest of the files it embedded (`_Unit.content`,
+  in its marker, then the store attrs `image_chunks`), and a store whose identity matches and which skipped
+  no image is reopened with every unit marked done under its recorded digest, so that exactly the units
+  whose digest differs are computed again. A resumed partial store redoes such units the same way.
 
 Speed: images are decoded and preprocessed by `num_workers` DataLoader processes (pinned memory, deep
 prefetch, non-blocking copies); the device result of batch k is fetched only after batch k+1 has been
@@ -138,6 +142,9 @@ class _Unit:
     index: int  # chunk index
     start: int  # first row (in the split)
     stop: int
+    # image_emb units: the index's digest of the unit's image files (DatasetIndex.content_digest), recorded in
+    # its marker and, at the end, in the store attrs `image_chunks`; None where the index has no hashes
+    content: str | None = None
 
     @property
     def rows(self) -> int:
@@ -419,19 +426,19 @@ def _run(
         }
     )
     work = out / WORK_DIR
+    # from the index, not the store (a compacted split has fewer rows)
+    units = _units(index, views, cfg.chunk_rows, teacher.dim * np.dtype(cfg.store_dtype).itemsize)
     restart_reason = None
     if dist.rank == 0:
-        message, restart_reason = _prepare(out, identity, views, cfg, fresh)
+        message, restart_reason = _prepare(out, identity, views, units, cfg, fresh)
         if message:
             log.info(f"{out}: {message}")
     dist.barrier()  # the store exists (fresh or resumable) before anyone reads it
 
     writer = StoreWriter(out)
-    # from the index, not the store (a compacted split has fewer rows)
-    units = _units(views, cfg.chunk_rows, teacher.dim * np.dtype(cfg.store_dtype).itemsize)
     if read_attrs(out).get("complete") is True:  # finalization of an earlier run had only cleanup left
         return _result(out, writer, units, len(units), 0, t0, restart_reason)
-    done = {u for u in units if (work / "done" / u.marker).is_file()}
+    done = {u for u in units if _is_done(work / "done" / u.marker, u)}
     dist.barrier()  # every rank has read the markers before any rank writes new ones
     pending = [u for u in units if u not in done]
     mine = pending[dist.rank :: dist.world]
@@ -479,19 +486,40 @@ def _result(
     )
 
 
-def _units(views: dict[str, SplitView], chunk_rows: int, row_bytes: int) -> list[_Unit]:
+def _units(index: DatasetIndex, views: dict[str, SplitView], chunk_rows: int, row_bytes: int) -> list[_Unit]:
     """Every chunk of every embedding array, in the layout StoreWriter.create gives the split's arrays."""
     units = []
     for s, v in views.items():
         arrays = (("image_emb", v.n_images), ("text_emb", v.n_captions), (UNPAIRED_TEXT, len(v.unpaired_text)))
         for array, n in arrays:
             cr = chunk_len(n, chunk_rows, row_bytes)
-            units.extend(_Unit(s, array, i, a, min(n, a + cr)) for i, a in enumerate(range(0, n, cr)))
+            for i, a in enumerate(range(0, n, cr)):
+                b = min(n, a + cr)
+                content = index.content_digest(v.image_rows[a:b]) if array == "image_emb" else None
+                units.append(_Unit(s, array, i, a, b, content))
     return units
 
 
+def _is_done(marker: Path, unit: _Unit) -> bool:
+    """A unit is done when its marker exists and (image units) was made from the image files the index names
+    now: a chunk embedding a file replaced since is computed again. A marker without a record of its images
+    (an older kdpipe) or an index without hashes cannot tell, and counts as done, as it did before."""
+    if unit.content is None:
+        return marker.is_file()
+    try:
+        recorded = json.loads(marker.read_text()).get("images", unit.content)
+    except (OSError, ValueError):
+        return False
+    return recorded is None or recorded == unit.content
+
+
 def _prepare(
-    out: Path, identity: dict[str, Any], views: dict[str, SplitView], cfg: ExtractConfig, fresh: bool
+    out: Path,
+    identity: dict[str, Any],
+    views: dict[str, SplitView],
+    units: list[_Unit],
+    cfg: ExtractConfig,
+    fresh: bool,
 ) -> tuple[str | None, str | None]:
     """Rank 0: decide between resuming and starting over, and create the store when starting over.
 
@@ -515,6 +543,10 @@ def _prepare(
             n_done = sum(1 for _ in (work / "done").rglob("*.json")) if (work / "done").is_dir() else 0
             return f"resuming an interrupted extraction ({n_done} chunks already done)", None
     elif ours and attrs.get("complete") is True:
+        stale = 0 if fresh else _stale_chunks(attrs, identity, units)
+        if stale:
+            _reopen(out, units, attrs["image_chunks"])
+            return f"{stale} image chunk(s) embed image files changed since: computing only those again", None
         # a finished store: a stage rewrites its output (DVC reruns it only when an input changed)
         message = "replacing the complete store of an earlier run"
     elif ours or (work.is_dir() and out.is_dir()):
@@ -534,6 +566,44 @@ def _prepare(
     fsync_tree(out)
     write_file_durably(work / "created", b"")
     return message, reason
+
+
+def _stale_chunks(attrs: dict[str, Any], identity: dict[str, Any], units: list[_Unit]) -> int:
+    """How many image chunks of a complete store embed files that changed since, when ONLY that differs
+    (same identity, the index's chunk layout, no skipped images), else 0: the store is then rewritten whole.
+    Caveat: a teacher whose code changed without its identity() changing is not seen here; `--fresh` (or a
+    store with nothing stale, which is rewritten whole) covers it."""
+    recorded = attrs.get("image_chunks")
+    if not recorded or attrs.get("skipped_images") or _identity_diff(attrs, identity):
+        return 0
+    wanted = _image_chunks(units)
+    if wanted is None or {s: len(c) for s, c in wanted.items()} != {s: len(c) for s, c in recorded.items()}:
+        return 0
+    return sum(a != b for s in wanted for a, b in zip(wanted[s], recorded[s]))
+
+
+def _image_chunks(units: list[_Unit]) -> dict[str, list[str]] | None:
+    """The content digest of each image chunk, per split (the store attr `image_chunks`); None if unknown."""
+    chunks: dict[str, list[str]] = {}
+    for u in units:
+        if u.array == "image_emb":
+            if u.content is None:
+                return None
+            chunks.setdefault(u.split, []).append(u.content)
+    return chunks
+
+
+def _reopen(out: Path, units: list[_Unit], recorded: dict[str, list[str]]) -> None:
+    """Turn a complete store back into a partial one whose every unit is done, each image unit with the
+    digest it was made from: the ordinary resumption then computes exactly the stale ones. complete=false
+    goes first, so that a crash in between leaves a store that is never taken as finished."""
+    StoreWriter(out).set_attrs(complete=False)
+    work = out / WORK_DIR
+    shutil.rmtree(work, ignore_errors=True)
+    for u in units:
+        record = {"bad": [], "images": recorded[u.split][u.index]} if u.array == "image_emb" else {}
+        write_file_durably(work / "done" / u.marker, json.dumps(record).encode())
+    write_file_durably(work / "created", b"")
 
 
 def _identity_diff(attrs: dict[str, Any], identity: dict[str, Any]) -> str | None:
@@ -634,7 +704,7 @@ def _extract_images(
                     filled[k] += len(rows)
                     bar.advance(len(rows))
                     if filled[k] == unit.rows:
-                        committer.put(unit, buffers.pop(k), {"bad": bad.pop(k, [])})
+                        committer.put(unit, buffers.pop(k), {"bad": bad.pop(k, []), "images": unit.content})
 
                 lag.push(out, place)
             lag.flush()
@@ -742,7 +812,12 @@ def _finalize(
                 }
             )
     remove_partial_files(out)
-    StoreWriter(out).set_attrs(skipped_images=skipped, complete=True)
+    # which image files the store embedded (readers compare it with the index), per chunk (a rerun redoes the
+    # chunks whose files changed); both absent when the index has no hashes
+    content = {"image_content": index.content_digest(splits=list(views)), "image_chunks": _image_chunks(units)}
+    if content["image_content"] is None:
+        content = {}
+    StoreWriter(out).set_attrs(skipped_images=skipped, **content, complete=True)
     shutil.rmtree(work)
     fsync_dir(out)
 
