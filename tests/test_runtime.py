@@ -93,7 +93,14 @@ def test_every_command_that_reads_params_applies_runtime_threads(tmp_path, resto
 
     from stages.cli import app
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    def elsewhere(node):  # the repo's data/ and artifacts/ paths moved under tmp_path, where nothing exists
+        if isinstance(node, dict):
+            return {k: elsewhere(v) for k, v in node.items()}
+        if isinstance(node, str) and node.startswith(("data/", "artifacts/")):
+            return str(tmp_path / node)
+        return node
+
+    raw = elsewhere(yaml.safe_load((REPO / "params.yaml").read_text()))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({**raw, "workdir": str(tmp_path / "work"), "runtime": {"threads": 1}}))
     torch.set_num_threads(2)
