@@ -11,11 +11,13 @@ that into other student weights. So:
   every model exactly equal. Anything else is nondeterminism, a bug.
 - The README's demo table must show the committed metrics (numbers are never typed by hand).
 - Another machine class: the teacher's recalls may differ by one query of their direction (a near tie
-  flipped by last-bit differences in the features); the student's and the baseline's recalls by the
+  flipped by last-bit differences in the features); the students' and the baseline's recalls by the
   cross-machine spread measured for this demo (CROSS_MACHINE below), their agreement with the teacher
-  likewise; chance (a function of the gallery alone) exactly; and what the demo claims must still hold: each
-  distilled student (`student*`) agrees with the teacher more than the pairs-only baseline does, and an RSUM
-  difference to the baseline whose committed 95% interval lies above 0 still does.
+  likewise; chance (a function of the gallery alone) exactly. A student trained from features that differ in
+  the last bits is another draw of the same experiment, so what the demo claims is checked as a claim: each
+  distilled student (`student*`) agrees with the teacher more than the pairs-only baseline does; the headline
+  (the student with the largest committed RSUM gain) keeps its 95% interval above 0; every other committed
+  interval above 0 keeps a positive difference.
 
 The models are the blocks of metrics.json that hold `rsum` (teacher, every trained model, chance).
 """
@@ -33,13 +35,14 @@ FLOAT_STAGES = ("extract",)
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 AGREEMENT = ("teacher_cos_image", "teacher_cos_text")
 
-# Another machine class: how far the trained models may move. Measured by rerunning the demo in five
-# numerics classes of the same code (an Intel Xeon; an AMD EPYC with its default kernels, with ATen's AVX2
-# kernels, with MKL's and oneDNN's AVX2 paths, with one thread): teacher features moved by <= 6e-5 and its
-# recalls not at all, while student and baseline recalls moved by up to 2 of the 6 image queries and 5 of the
-# 30 caption queries, RSUM by up to 57 and the agreement with the teacher by up to 0.071; the distilled
-# student's agreement stayed >= 0.073 above the baseline's. The tolerances leave room above those spreads.
-CROSS_MACHINE = {"recall_queries": {"i2t": 3, "t2i": 7}, "rsum": 90.0, "agreement": 0.1, "min_agreement_gap": 0.04}
+# Another machine class: how far the trained models may move, in recall points (means of 3 seeds over 1,250
+# test images and 2,500 captions). Measured by rerunning the emoji demo on an Intel Xeon with ATen's, MKL's
+# and oneDNN's AVX2 kernels against the committed AVX-512 run (2026-11-24): the teacher's recalls did not
+# move; the students' recalls moved by up to 1.17 points (student_pairs i2t R@5), their RSUM by up to 4.5
+# (student_pairs 42.7 -> 38.2; student_unpaired 51.4 -> 50.3), the agreement with the teacher by up to 0.025,
+# the baseline's recalls by at most 0.03; the distilled students' image agreement stayed >= 0.09 above the
+# baseline's. The tolerances leave about 2.5x room above those spreads.
+CROSS_MACHINE = {"recall_points": 3.0, "rsum": 12.0, "agreement": 0.06, "min_agreement_gap": 0.04}
 
 
 def outs(lock: dict, stage: str) -> dict[str, str]:
@@ -95,21 +98,26 @@ def compare_metrics(old_m: dict, new_m: dict, same_class: bool, failures: list[s
                 tol = 0.0
             elif key == "rsum":  # the teacher's: one query of each direction at each K
                 tol = 3 * (per_query["i2t"] + per_query["t2i"]) if model == "teacher" else CROSS_MACHINE["rsum"]
+            elif model == "teacher":  # a near tie flipped: one query of the direction
+                tol = per_query[key[:3]]
             else:
-                queries = 1 if model == "teacher" else CROSS_MACHINE["recall_queries"][key[:3]]
-                tol = queries * per_query[key[:3]]
+                tol = CROSS_MACHINE["recall_points"]
             check_value(f"{model}.{key}", old_m[model][key], new_m[model][key], tol, 2, failures)
         for key in AGREEMENT if AGREEMENT[0] in old_m[model] else ():
             tol = 0.0 if same_class else CROSS_MACHINE["agreement"]
             check_value(f"{model}.{key}", old_m[model][key], new_m[model][key], tol, 4, failures)
-    check_claims(old_m, new_m, failures)
+    check_claims(old_m, new_m, same_class, failures)
     return models
 
 
-def check_claims(old_m: dict, new_m: dict, failures: list[str]) -> None:
+def check_claims(old_m: dict, new_m: dict, same_class: bool, failures: list[str]) -> None:
     """What the demo claims, on any machine: distilled students agree with the teacher more than the baseline;
-    an interval above 0 in the committed run stays above 0."""
+    a committed interval above 0 stays above 0 (on another machine class: the headline's; the others keep a
+    positive difference)."""
     baseline = new_m.get("baseline")
+    gains = {m: v["rsum_vs_baseline"] for m, v in old_m.items() if isinstance(v, dict) and v.get("rsum_vs_baseline")}
+    students = [m for m in gains if m.startswith("student")]
+    headline = max(students, key=lambda m: gains[m]["diff"]) if students else None
     for model in model_names(new_m):
         if model.startswith("student") and baseline and AGREEMENT[0] in baseline:
             for key in AGREEMENT:
@@ -119,11 +127,17 @@ def check_claims(old_m: dict, new_m: dict, failures: list[str]) -> None:
                         f"metrics: {model} {key} {new_m[model][key]} is not above the baseline's "
                         f"{baseline[key]} by {CROSS_MACHINE['min_agreement_gap']}"
                     )
-        old_iv = old_m.get(model, {}).get("rsum_vs_baseline")
+        old_iv = gains.get(model)
         new_iv = new_m[model].get("rsum_vs_baseline")
-        if old_iv and old_iv["low"] > 0 and not (new_iv and new_iv["low"] > 0):
-            shown = f"{new_iv['low']:.1f} .. {new_iv['high']:.1f}" if new_iv else "none"
-            failures.append(f"metrics: {model} RSUM - baseline 95% interval is no longer above 0 ({shown})")
+        if not (old_iv and old_iv["low"] > 0):
+            continue
+        if same_class or model in (headline, "teacher"):
+            if not (new_iv and new_iv["low"] > 0):
+                shown = f"{new_iv['low']:.1f} .. {new_iv['high']:.1f}" if new_iv else "none"
+                failures.append(f"metrics: {model} RSUM - baseline 95% interval is no longer above 0 ({shown})")
+        elif not (new_iv and new_iv["diff"] > 0):
+            shown = f"{new_iv['diff']:+.1f}" if new_iv else "none"
+            failures.append(f"metrics: {model} RSUM - baseline is no longer positive ({shown})")
 
 
 README_LABELS = {"teacher": "teacher"}  # the README's first cell of each model's row (default: the model name)

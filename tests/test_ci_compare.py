@@ -144,10 +144,10 @@ def test_same_machine_class_tolerates_nothing(tmp_path, capsys, monkeypatch, new
 
 
 def test_another_machine_class_is_checked_within_the_measured_spread(tmp_path, capsys, monkeypatch):
-    q = compare_demo.CROSS_MACHINE["recall_queries"]
+    points = compare_demo.CROSS_MACHINE["recall_points"]
     changes = {
-        "student_unpaired__i2t_r1": 50.0 - q["i2t"] * 100 / 6,
-        "student_unpaired__t2i_r1": 40.0 + q["t2i"] * 100 / 30,
+        "student_unpaired__i2t_r1": 50.0 - points,
+        "student_unpaired__t2i_r1": 40.0 + points,
         "baseline__teacher_cos_image": 0.04,
         "teacher__t2i_r1": 40.0 - 100 / 30,
     }
@@ -164,7 +164,7 @@ def test_another_machine_class_is_checked_within_the_measured_spread(tmp_path, c
         (LOCK, {"teacher__t2i_r1": 40.0 - 2 * 100 / 30}),  # teacher: one query at most
         (
             LOCK,
-            {"student_unpaired__t2i_r1": 40.0 - (compare_demo.CROSS_MACHINE["recall_queries"]["t2i"] + 1) * 100 / 30},
+            {"student_unpaired__t2i_r1": 40.0 - compare_demo.CROSS_MACHINE["recall_points"] - 0.1},
         ),
         (
             LOCK,
@@ -181,7 +181,7 @@ def test_another_machine_class_still_fails_real_changes(tmp_path, capsys, monkey
 
 def test_committed_run_without_environment_is_treated_as_another_machine_class(tmp_path, capsys, monkeypatch):
     old = copy.deepcopy(METRICS)
-    changes = {"student_unpaired__i2t_r1": 50.0 + 100 / 6}  # fails on the same class, passes on another
+    changes = {"student_unpaired__i2t_r1": 50.0 + 1.0}  # fails on the same class, passes on another
     rc, out = _run(tmp_path, LOCK, _metrics(ENV_A, **changes), capsys, monkeypatch, old_metrics=old)
     assert rc == 0 and "another machine class" in out
 
@@ -231,3 +231,27 @@ def test_readme_table_must_show_the_committed_metrics():
     failures.clear()
     compare_demo.compare_readme(_readme("480.0").replace("| student_unpaired |", "| student |"), METRICS, failures)
     assert failures and "expected one demo table row" in failures[0]
+
+
+def _two_students(pairs_interval: tuple[float, float, float]) -> dict:
+    """Committed-layout metrics with a second, weaker distilled student beside the headline one."""
+    m = copy.deepcopy(METRICS)
+    m["student_pairs"] = _model(50.0, 0.15, interval=pairs_interval)
+    return m
+
+
+@pytest.mark.parametrize(
+    "reproduced_interval, env, passes",
+    [
+        ((1.5, -1.5, 4.5), ENV_B, True),  # another machine class: a weaker claim keeps a positive difference
+        ((-0.5, -3.5, 2.5), ENV_B, False),  # ... but not a negative one
+        ((1.5, -1.5, 4.5), ENV_A, False),  # the same class: every committed interval must stay above 0
+    ],
+)
+def test_a_weaker_claim_keeps_its_sign_on_another_machine_class(
+    tmp_path, capsys, monkeypatch, reproduced_interval, env, passes
+):
+    committed = {**_two_students((3.0, 0.5, 5.5)), "environment": ENV_A}
+    new = {**_two_students(reproduced_interval), "environment": env}
+    rc, out = _run(tmp_path, LOCK, new, capsys, monkeypatch, old_metrics=committed)
+    assert (rc == 0) == passes, out
