@@ -277,3 +277,36 @@ def test_reading_where_no_lock_file_can_be_made(tmp_path, caplog):
         assert not (ro / ".features.zarr.kdpipe-lock").exists()
     finally:
         ro.chmod(0o755)
+
+
+def test_a_reader_command_waits_for_a_writing_process_saying_who(tmp_path):
+    """Across processes, through the CLI: `kdpipe verify` next to a process holding the store's lock says whom
+    it waits for, and checks the store once that process has let go."""
+    import subprocess
+    import sys
+
+    from test_locks import HOLD, _env, _wait_for
+
+    index = make_dataset(tmp_path / "data", n_train=6, n_test=3)
+    out, held, go = tmp_path / "features.zarr", tmp_path / "held", tmp_path / "go"
+    run_extract(index, CFG, out, teacher=TinyTeacher())
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), str(held), "wait", str(go)], env=_env())
+    try:
+        _wait_for(held.exists, "the holder")
+        reader = subprocess.Popen(
+            [sys.executable, "-m", "stages", "verify", str(out)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = reader.stderr.readline()  # blocks until the reader says something
+        assert f"{out}: waiting for pid {holder.pid} on " in line and "before reading it" in line
+        assert reader.poll() is None
+        go.touch()
+        stdout, stderr = reader.communicate(timeout=60)
+        assert reader.returncode == 0, stderr
+        assert "all checksums match" in stdout
+    finally:
+        holder.kill()
+        holder.wait()
