@@ -6,8 +6,8 @@ complete one, (b) stale chunks of a complete store redone, (c) a split compacted
 
 from __future__ import annotations
 
+import errno
 import json
-import logging
 import os
 import threading
 from pathlib import Path
@@ -263,20 +263,34 @@ def test_a_writer_waits_for_a_reader_that_is_opening(tmp_path, monkeypatch):
         assert open_store(out).splits == ("train", "test")  # the writer's own thread reads without waiting
 
 
-def test_reading_where_no_lock_file_can_be_made(tmp_path, caplog):
-    """A store on a read-only location: no kdpipe writer can write it through this path; it opens unlocked."""
+def test_reading_where_no_lock_file_can_be_made(tmp_path, monkeypatch):
+    """A location where this user may not create files (EACCES, EROFS): no kdpipe writer can write there
+    through this path unless it made the lock file, which is then opened read-only and honoured."""
     index = make_dataset(tmp_path / "data", n_train=6, n_test=3)
-    ro = tmp_path / "ro"
-    run_extract(index, CFG, ro / "features.zarr", teacher=TinyTeacher())
-    ro.chmod(0o555)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: permissions are not enforced")
-        with caplog.at_level(logging.WARNING):
-            assert open_store(ro / "features.zarr").splits == ("train", "test")
-        assert not (ro / ".features.zarr.kdpipe-lock").exists()
-    finally:
-        ro.chmod(0o755)
+    out = tmp_path / "features.zarr"
+    run_extract(index, CFG, out, teacher=TinyTeacher())
+
+    class Os:  # as on a read-only mount (also as root, whom chmod does not stop)
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def open(path, flags, *args):
+            if flags & os.O_CREAT and not os.path.exists(path):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return os.open(path, flags, *args)
+
+    monkeypatch.setattr(locks, "os", Os())
+    assert open_store(out).splits == ("train", "test")  # no lock file, none can be made: opened unlocked
+    assert not locks.lock_path(out).exists()
+    monkeypatch.undo()
+    with output_lock(out):  # a writer that could make it (another user, before the mount turned read-only)
+        monkeypatch.setattr(locks, "os", Os())
+        reader = Thread(lambda: open_store(out, wait=False))  # another thread: this one reads what it holds
+        reader.start()
+        with pytest.raises(OutputLocked, match=rf"being rewritten by pid {os.getpid()} "):
+            reader.finish()
+    assert open_store(out).splits == ("train", "test")
 
 
 def test_a_reader_command_waits_for_a_writing_process_saying_who(tmp_path):
