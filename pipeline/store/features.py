@@ -304,9 +304,10 @@ def clear_store_dir(path: Path, *, keep: Iterable[str] = ()) -> None:
     if not path.is_dir():
         raise InputError(f"{path}: exists and is not a directory; expected a feature store location")
     entries = [e for e in path.iterdir() if e.name not in set(keep)]
-    if entries and not is_feature_store_dir(path) and not (path / ".extract").is_dir():
+    attrs = read_attrs(path) or {}
+    if entries and attrs.get("format") != FORMAT and not (path / ".extract").is_dir():
         raise InputError(f"{path}: exists, is not empty and is not a feature store; remove it or choose another path")
-    if (read_attrs(path) or {}).get("complete") is True:
+    if attrs.get("complete") is True:
         # first, so that a reader without the lock (plain zarr) is refused, never shown a half-deleted store
         _mark_incomplete(path)
     for e in entries:
