@@ -6,19 +6,30 @@ in the file, so a second run can say whom it waits for, or refuse at once (`wait
 die with their process, so a killed holder never leaves a stale lock: the next run takes it over, and
 says so because the file still holds the dead holder's record (a clean release empties it).
 
-Advisory: only kdpipe's writers take it; readers do not. torchrun: only the job's rank 0 takes the lock,
-before it joins the process group, so the other ranks of a job that waits block in the rendezvous
-until their rank 0 holds the lock (stages/_common.py `writing`).
+Readers (`read_lock`: open_store, open_image_cache, verify_store) take the same file *shared* while they
+open and map an output, and let go once mapped: a reader that comes while a run rewrites the output waits
+for it, saying whom it waits for (or refuses at once, `wait=False`), and then opens the new output, never one
+half rewritten. Waiting, not the old store, because a store being rewritten has no old complete version left
+to give (extract clears it, or marks it incomplete, before writing) and the run was started because the old
+one is out of date. Once open, a reader keeps what it mapped: writers replace files by rename (zarr, durable),
+never in place, so its maps hold the old files' contents until it closes them.
+
+Advisory: only kdpipe's processes take it. torchrun: only the job's rank 0 takes the lock, before it joins
+the process group, so the other ranks of a job that waits block in the rendezvous until their rank 0 holds
+the lock (stages/_common.py `writing`). A thread that holds an output's lock reads it without the shared
+lock (flock would make it wait for itself).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +39,11 @@ from pathlib import Path
 from pipeline.errors import KdpipeError
 
 log = logging.getLogger(__name__)
+
+# a reader holds the shared lock for the milliseconds of an open: a writer finding the lock taken by nobody
+# who recorded itself waits this long without a word before it says so (or, without waiting, refuses)
+READER_GRACE_S = 5.0
+_held = threading.local()  # .outputs: the resolved outputs this thread holds the writer lock of
 
 
 class OutputLocked(KdpipeError):
@@ -41,7 +57,7 @@ def lock_path(output: Path) -> Path:
 
 def describe_holder(record: dict | None) -> str:
     if not record:
-        return "another process (it has not recorded itself yet)"
+        return "another process (a reader opening it, or a writer that has not recorded itself yet)"
     return f"pid {record.get('pid')} on {record.get('host')} since {record.get('since')} ({record.get('command', '?')})"
 
 
@@ -55,10 +71,15 @@ def output_lock(
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    key = Path(output).resolve()
     try:
-        told = False
-        while not _try_lock(fd):
-            holder = describe_holder(_read(fd))
+        told, first_busy = False, time.monotonic()
+        while not _try_lock(fd, fcntl.LOCK_EX):
+            record = _read(fd)
+            if record is None and time.monotonic() - first_busy < READER_GRACE_S:
+                time.sleep(min(poll_s, 0.05))  # most likely readers opening the output: they are done in ms
+                continue
+            holder = describe_holder(record)
             if not wait:
                 raise OutputLocked(
                     f"{output}: being written by {holder}; let it finish (or stop it), or run without --no-wait to wait"
@@ -71,17 +92,71 @@ def output_lock(
         if previous:  # a clean release empties the file: this holder died holding the lock
             say(f"{output}: taking over the lock of {describe_holder(previous)}, which ended without releasing it")
         _write(fd, _me())
+        _holding().add(key)
         try:
             yield
         finally:
+            _holding().discard(key)
             _write(fd, None)  # released cleanly (flock itself is released by close)
     finally:
         os.close(fd)
 
 
-def _try_lock(fd: int) -> bool:
+@contextmanager
+def read_lock(
+    output: Path, *, wait: bool = True, poll_s: float = 0.2, say: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold the lock of `output` shared for the body (open and map it there): wait while a writer holds it
+    (saying who, once), or raise `OutputLocked` naming the writer when `wait` is false. Without a lock file
+    that this process may create (a read-only location, or no directory: the open then says what is
+    missing), no kdpipe writer can be writing there through this path, and the body runs unlocked."""
+    say = say or log.warning
+    output = Path(output).resolve()
+    if output in _holding():
+        yield
+        return
+    fd = _open_for_reading(lock_path(output))
+    if fd is None:
+        yield
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        told = False
+        while not _try_lock(fd, fcntl.LOCK_SH):
+            holder = describe_holder(_read(fd))
+            if not wait:
+                raise OutputLocked(f"{output}: being rewritten by {holder}; run again once it has finished")
+            if not told:
+                say(f"{output}: waiting for {holder} to finish writing it before reading it")
+                told = True
+            time.sleep(poll_s)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_for_reading(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o664)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    try:  # not ours to create: open it if a writer made it
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
+def _holding() -> set[Path]:
+    if not hasattr(_held, "outputs"):
+        _held.outputs = set()
+    return _held.outputs
+
+
+def _try_lock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True

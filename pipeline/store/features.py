@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.locks import read_lock
 from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
 from pipeline.store.durable import fsync_dir, fsync_file, fsync_tree
@@ -145,10 +146,19 @@ def read_attrs(path: Path | str) -> dict[str, Any] | None:
 
 
 def open_store(
-    path: Path | str, *, expect_fingerprint: str | None = None, expect_dim: int | None = None
+    path: Path | str, *, expect_fingerprint: str | None = None, expect_dim: int | None = None, wait: bool = True
 ) -> FeatureStore:
-    """Open and validate a complete format-v1 store; every problem is an InputError of one line."""
+    """Open and validate a complete format-v1 store; every problem is an InputError of one line.
+
+    Under the store's lock, shared (pipeline/locks.py `read_lock`): while a run rewrites the store this waits
+    for it, or with wait=False raises `OutputLocked` naming it. Every chunk file is mapped here, so what the
+    returned store reads never changes afterwards (writers replace files by rename, never in place)."""
     path = Path(path)
+    with read_lock(path, wait=wait):
+        return _open_store(path, expect_fingerprint, expect_dim)
+
+
+def _open_store(path: Path, expect_fingerprint: str | None, expect_dim: int | None) -> FeatureStore:
     if not path.is_dir():
         raise InputError(f"{path}: no feature store here (directory not found); run `kdpipe extract` first")
     attrs = read_attrs(path)
@@ -294,13 +304,25 @@ def clear_store_dir(path: Path, *, keep: Iterable[str] = ()) -> None:
     if not path.is_dir():
         raise InputError(f"{path}: exists and is not a directory; expected a feature store location")
     entries = [e for e in path.iterdir() if e.name not in set(keep)]
-    if entries and not is_feature_store_dir(path) and not (path / ".extract").is_dir():
+    attrs = read_attrs(path) or {}
+    if entries and attrs.get("format") != FORMAT and not (path / ".extract").is_dir():
         raise InputError(f"{path}: exists, is not empty and is not a feature store; remove it or choose another path")
+    if attrs.get("complete") is True:
+        # first, so that a reader without the lock (plain zarr) is refused, never shown a half-deleted store
+        _mark_incomplete(path)
     for e in entries:
         if e.is_dir() and not e.is_symlink():
             shutil.rmtree(e)
         else:
             e.unlink()
+
+
+def _mark_incomplete(path: Path) -> None:
+    import zarr
+
+    zarr.open_group(str(path), mode="r+").attrs["complete"] = False  # zarr rewrites zarr.json by temp + rename
+    fsync_file(path / "zarr.json")
+    fsync_dir(path)
 
 
 _ALIGN_BYTES = 65536  # chunk sizes are multiples of this where possible: whole pages for 4/16/64 KiB pages

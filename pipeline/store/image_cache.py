@@ -17,7 +17,7 @@ uncompressed inner chunks of C images
 The inner chunks are written back to back from offset 0, so the file begins with the N images as raw
 row-major bytes and `np.memmap` maps the whole split as one [N, H, W, 3] array without a copy; zarr reads
 a slice through the shard index by byte ranges (no full read). One file per split also keeps DVC's
-per-file hashing cheap. `split()` checks the shard index before mapping, so a store whose chunks are not
+per-file hashing cheap. Opening checks each shard index before mapping, so a store whose chunks are not
 laid out back to back (e.g. rewritten by another tool) is refused instead of being misread.
 
 Writers build the store in a hidden temp directory next to `path`, set `complete = true` last and then
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.locks import read_lock
 from pipeline.store.chunk_files import SHARD_INDEX_ENTRY, check_shard_index, chunk_file, shard_index
 from pipeline.store.durable import fsync_tree, replace_dir
 
@@ -49,7 +50,8 @@ _DATA_FILE = "rows.data"  # a split's rows while the builder fills them; becomes
 
 # -- reading -----------------------------------------------------------------------------------------
 class ImageCache:
-    """An opened, complete image cache. `split(name)` maps that split's images read-only."""
+    """An opened, complete image cache. `split(name)` gives that split's images, mapped read-only (by
+    `open_image_cache`, under the cache's lock)."""
 
     def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
         self.path = path
@@ -117,11 +119,23 @@ def _shard_layout(metadata: Any) -> int | None:
     return int(inner[0])
 
 
-def open_image_cache(path: Path | str, *, expect_fingerprint: str | None = None) -> ImageCache:
-    """Open a complete image cache; one-line InputError if it is missing, foreign, incomplete or stale."""
+def open_image_cache(path: Path | str, *, expect_fingerprint: str | None = None, wait: bool = True) -> ImageCache:
+    """Open a complete image cache; one-line InputError if it is missing, foreign, incomplete or stale.
+
+    Under the cache's lock, shared (pipeline/locks.py `read_lock`): while prepare rewrites it this waits for
+    prepare, or with wait=False raises `OutputLocked` naming it. Every split is mapped here, so the pixels
+    of the returned cache never change afterwards (prepare swaps a whole new directory in by renames)."""
+    path = Path(path)
+    with read_lock(path, wait=wait):
+        cache = _open_image_cache(path, expect_fingerprint)
+        for name in cache.splits:
+            cache.split(name)
+    return cache
+
+
+def _open_image_cache(path: Path, expect_fingerprint: str | None) -> ImageCache:
     import zarr
 
-    path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no image cache here; run `kdpipe prepare` first")
     try:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.locks import output_lock, read_lock
 from pipeline.progress import progress
 from pipeline.store import checksums
 from pipeline.store.features import EMB_ARRAYS, FORMAT, UNPAIRED_TEXT, FeatureStore, read_attrs
@@ -81,9 +82,16 @@ def verify_store(path: Path | str, *, write: bool = False) -> VerifyReport:
     """Check every chunk file of a complete store. write=True records checksums for the arrays that have
     none (an older store), from the files as they are now, and only for arrays found otherwise sound;
     recorded checksums are never replaced (that would bless a swapped chunk)."""
+    path = Path(path)
+    # the whole check under the store's lock: shared to read (a rerun of extract waits for it, and it for
+    # one), exclusive when it records checksums
+    with output_lock(path) if write else read_lock(path):
+        return _verify_store(path, write)
+
+
+def _verify_store(path: Path, write: bool) -> VerifyReport:
     import zarr
 
-    path = Path(path)
     attrs = read_attrs(path)
     if attrs is None or attrs.get("format") != FORMAT:
         raise InputError(f"{path}: not a kdpipe feature store (no Zarr group with format={FORMAT!r})")
