@@ -386,7 +386,7 @@ def test_align_gallery_refuses_a_store_from_other_rows(workdir):
     with pytest.raises(InputError, match="not a subset of the index split in index order"):
         align_gallery(v, shuffled, "store")
     fewer = replace(s, text_emb=s.text_emb[:-1], text_image=s.text_image[:-1])
-    with pytest.raises(InputError, match="do not line up"):
+    with pytest.raises(InputError, match="does not line up"):
         align_gallery(v, fewer, "store")
 
 

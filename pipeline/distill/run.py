@@ -52,6 +52,7 @@ from pipeline.distill.losses import DistillLoss, LossConfig
 from pipeline.distill.sampler import EpochSampler, UnpairedSampler
 from pipeline.errors import InputError
 from pipeline.progress import progress
+from pipeline.store.alignment import align_store_split
 from pipeline.store.durable import atomic_path, write_text_durably
 from pipeline.store.features import FeatureStore, StoreSplit
 from pipeline.store.image_cache import ImageCache
@@ -224,35 +225,8 @@ def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, w
 def _align_pairs(view: SplitView, images: np.ndarray, store: StoreSplit | None, where: str) -> PairSplit:
     if store is None:
         return PairSplit(view.name, view.caption_text, images, None, None, view.text_image.astype(np.int64))
-    if store.n_images == view.n_images and store.n_captions == view.n_captions:
-        if not np.array_equal(store.text_image, view.text_image):
-            raise InputError(
-                f"{where}: the feature store's {view.name}/text_image differs from the dataset index; "
-                "rerun `kdpipe extract`"
-            )
-        return PairSplit(view.name, view.caption_text, images, None, store, view.text_image.astype(np.int64))
-    row_of = {str(i): r for r, i in enumerate(view.image_id.tolist())}
-    try:
-        cache_rows = np.array([row_of[str(i)] for i in store.image_id.tolist()], dtype=np.int64)
-    except KeyError as err:
-        raise InputError(
-            f"{where}: the feature store's split {view.name!r} has image {err.args[0]!r} that the "
-            "dataset index lacks; rerun `kdpipe extract`"
-        ) from None
-    kept = np.zeros(view.n_images, dtype=bool)
-    kept[cache_rows] = True
-    cap_keep = kept[view.text_image]
-    if int(cap_keep.sum()) != store.n_captions or not np.array_equal(
-        cache_rows[store.text_image], view.text_image[cap_keep]
-    ):
-        raise InputError(
-            f"{where}: the feature store's split {view.name!r} ({store.n_images} images, "
-            f"{store.n_captions} captions) does not line up with the dataset index ({view.n_images}, "
-            f"{view.n_captions}); rerun `kdpipe extract`"
-        )
-    return PairSplit(
-        view.name, view.caption_text[cap_keep], images, cache_rows, store, store.text_image.astype(np.int64)
-    )
+    rows = align_store_split(view, store, where)
+    return PairSplit(view.name, view.caption_text[rows.caption_rows], images, rows.image_rows, store, rows.text_image)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -28,13 +28,14 @@ import torch
 from pipeline.config import require_at_least
 from pipeline.devices import resolve_device
 from pipeline.environment import numerics_environment
-from pipeline.errors import ConfigError, InputError, KdpipeError
+from pipeline.errors import ConfigError, KdpipeError
 from pipeline.evaluate.bootstrap import RECALL_KEYS
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
 from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics, teacher_agreement
 from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, split_detail, with_average
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
+from pipeline.store.alignment import align_store_split
 
 log = logging.getLogger(__name__)
 
@@ -189,33 +190,13 @@ class Gallery:
 
 
 def align_gallery(view: Any, store_split: Any, where: str) -> Gallery:
-    """Match the index split `view` (a SplitView) with the store split through image ids; one clear error
-    when they disagree (a store from another index, or rows out of order)."""
-    n, m = store_split.n_images, store_split.n_captions
-    if n == view.n_images and np.array_equal(store_split.image_id, view.image_id):
-        rows = None
-        captions = view.caption_text
-        text_image = view.text_image
-    else:  # the store skipped bad images (extract.on_bad_image: skip): keep the same ones here
-        position = {image_id: i for i, image_id in enumerate(view.image_id.tolist())}
-        rows = np.array([position.get(i, -1) for i in store_split.image_id.tolist()], dtype=np.int64)
-        if (rows < 0).any() or (np.diff(rows) <= 0).any():
-            bad = store_split.image_id[int(np.flatnonzero(rows < 0)[0])] if (rows < 0).any() else None
-            raise InputError(
-                f"{where}: the feature store's images are not a subset of the index split in index "
-                f"order" + (f" (image {bad!r} is not in the index)" if bad is not None else "")
-            )
-        local = np.full(view.n_images, -1, dtype=np.int64)
-        local[rows] = np.arange(len(rows))
-        keep = np.flatnonzero(local[view.text_image] >= 0)
-        captions = view.caption_text[keep]
-        text_image = local[view.text_image[keep]]
-    if len(captions) != m or not np.array_equal(text_image, store_split.text_image):
-        raise InputError(
-            f"{where}: the feature store's captions ({m}) do not line up with the index's "
-            f"({len(captions)}) for the same images; rerun `kdpipe extract`"
-        )
-    return Gallery(image_rows=rows, captions=list(captions), text_image=np.asarray(store_split.text_image))
+    """The index split `view` (a SplitView) as the store split holds it (pipeline/store/alignment.py)."""
+    rows = align_store_split(view, store_split, where)
+    return Gallery(
+        image_rows=rows.image_rows,
+        captions=list(view.caption_text[rows.caption_rows]),
+        text_image=np.asarray(store_split.text_image),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
