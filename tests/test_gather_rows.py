@@ -52,6 +52,9 @@ def _rank(rank: int, port: int, results) -> None:
                 torch.equal(out["ours"][1], out["torch"][1]),
             )
         )
+        # both ranks past their last collective before either tears gloo down: a rank that closes its pairs
+        # while the other still reads from them makes gloo abort the reader (SIGABRT, seen under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
