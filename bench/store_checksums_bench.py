@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("KDPIPE_FSYNC", "0")  # the checksum's cost, not the disk's
 
-from pipeline.store import checksums, features  # noqa: E402
+from pipeline.store import features  # noqa: E402
 from pipeline.store.verify import verify_store  # noqa: E402
 
 
@@ -81,12 +81,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         with_sum = _write(Path(tmp) / "a.zarr", rows, args.chunks, args.rows)
-        real = checksums.file_digest
-        features.checksums.file_digest = lambda path: "0" * 64  # the same commit without hashing
+        real = features.sha256_file
+        features.sha256_file = lambda path: "0" * 64  # the same commit without hashing
         try:
             without = _write(Path(tmp) / "b.zarr", rows, args.chunks, args.rows)
         finally:
-            features.checksums.file_digest = real
+            features.sha256_file = real
         print(
             f"write_chunk: {with_sum * 1e3:.1f} ms with the checksum, {without * 1e3:.1f} ms without "
             f"(+{(with_sum - without) * 1e3:.1f} ms per chunk = {(with_sum - without) * 1000 / mb:.2f} s per GB)"

@@ -18,10 +18,10 @@ from beit3_fixtures import BASE_STYLE, LARGE_STYLE, TinySpec, official_key_shape
 from beit3_reference import reference_image_features
 
 from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
 from pipeline.teachers import BEiT3TeacherConfig, TeacherConfig, build_teacher
 from pipeline.teachers.beit3 import BEiT3Teacher
 from pipeline.teachers.beit3_checkpoint import (
-    file_sha256,
     infer_dims,
     interpolate_vision_positions,
     load_beit3_checkpoint,
@@ -219,7 +219,7 @@ def test_position_interpolation_matches_hand_bicubic(base_style_ckpt, tiny_spm):
 # -- the teacher's identity and clear errors -------------------------------------------------------------
 def test_sha256_streamed(base_style_ckpt):
     path, _ = base_style_ckpt
-    assert file_sha256(path, chunk_bytes=1000) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sha256_file(path, chunk_bytes=1000) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_teacher_identity_and_config(base_style_ckpt, tiny_spm):
@@ -229,8 +229,8 @@ def test_teacher_identity_and_config(base_style_ckpt, tiny_spm):
     )
     teacher = build_teacher(cfg)
     ident = teacher.identity()
-    assert ident["checkpoint"] == {"file": path.name, "sha256": file_sha256(path), "image_size": 32}
-    assert ident["tokenizer"]["sha256"] == file_sha256(tiny_spm)
+    assert ident["checkpoint"] == {"file": path.name, "sha256": sha256_file(path), "image_size": 32}
+    assert ident["tokenizer"]["sha256"] == sha256_file(tiny_spm)
     assert ident["preset"] is None and ident["dims"]["depth"] == 2 and ident["dims"]["num_heads"] == 4
     assert (ident["image_size"], ident["max_text_len"], ident["dtype"]) == (32, 32, "float32")
     assert teacher.dim == 32 and teacher.name == "beit3-d32x2-32"

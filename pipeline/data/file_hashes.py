@@ -17,7 +17,6 @@ size and its mtime put back (os.utime, some sync tools) is only caught that way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -25,17 +24,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipeline.hashing import sha256_file
 from pipeline.store.durable import write_text_durably
 
 STATS_VERSION = 1
 # a file modified this recently may be modified again within the filesystem's mtime granularity without its
 # mtime changing ("racy git"): its hash is used but not remembered, so the next run hashes it again
 _RACY_NS = 2_000_000_000
-
-
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def content_hashes(

@@ -39,11 +39,6 @@ def digest_bytes(data: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_digest(path: Path | str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, ALGORITHM).hexdigest()
-
-
 def chunk_keys(arr: Any) -> list[str]:
     """The key of every chunk of a zarr array that is chunked along its first axis only, in row order."""
     n_chunks = -(-int(arr.shape[0]) // int(arr.chunks[0])) if arr.shape[0] else 0
@@ -109,4 +104,4 @@ def nonfinite_row(rows: np.ndarray) -> int | None:
     return int(np.flatnonzero((exponent == mask).reshape(len(rows), -1).any(axis=1))[0])
 
 
-__all__ = ["ATTR", "ALGORITHM", "file_digest", "chunk_keys", "recorded", "check_listed", "record", "nonfinite_row"]
+__all__ = ["ATTR", "ALGORITHM", "chunk_keys", "recorded", "check_listed", "record", "nonfinite_row"]

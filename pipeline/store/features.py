@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
 from pipeline.locks import read_lock
 from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
@@ -506,7 +507,7 @@ class StoreWriter:
             )
         self._arrays[split, array][start:stop] = (l2_normalize_rows(rows) if normalize else rows).astype(self.dtype)
         f = self.chunk_path(split, array, i)
-        digest = checksums.file_digest(f)
+        digest = sha256_file(f)
         fsync_file(f)
         fsync_dir(f.parent)
         self._digests.setdefault((split, array), {})[i] = digest
@@ -557,9 +558,7 @@ class StoreWriter:
         fsync_tree(self.path / split / key)
         # one writer writes the small arrays (create, compaction, tools): their checksums go in at once
         arr = self._arrays[split, key]
-        checksums.record(
-            self.path / split / key, {k: checksums.file_digest(chunk_file(arr, (i,))) for i, k in _keyed(arr)}
-        )
+        checksums.record(self.path / split / key, {k: sha256_file(chunk_file(arr, (i,))) for i, k in _keyed(arr)})
 
     def attrs(self) -> dict[str, Any]:
         return read_attrs(self.path) or {}

@@ -25,9 +25,10 @@ from PIL import Image
 
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
 from pipeline.teachers import BEiT3TeacherConfig
 from pipeline.teachers.base import Teacher, TokenBatch
-from pipeline.teachers.beit3_checkpoint import file_sha256, load_beit3_checkpoint
+from pipeline.teachers.beit3_checkpoint import load_beit3_checkpoint
 from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3Dims, BEiT3ForRetrieval, preset_of
 from pipeline.teachers.beit3_tokenizer import BEiT3Tokenizer
 
@@ -208,12 +209,12 @@ class BEiT3Teacher(Teacher):
                 "dtype": _DTYPES[self.dtype],
                 "tokenizer": None
                 if self.tokenizer is None
-                else {"file": self.tokenizer.path.name, "sha256": file_sha256(self.tokenizer.path)},
+                else {"file": self.tokenizer.path.name, "sha256": sha256_file(self.tokenizer.path)},
             }
             if self.checkpoint is not None:
                 ident["checkpoint"] = {
                     "file": self.checkpoint.name,
-                    "sha256": file_sha256(self.checkpoint),
+                    "sha256": sha256_file(self.checkpoint),
                     "image_size": self.checkpoint_image_size,
                 }
             else:  # in-memory weights: identified by their content

@@ -13,7 +13,6 @@ parameters *be* those tensors, so loading a checkpoint costs about one copy of i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import pickle
 import re
@@ -43,15 +42,6 @@ class LoadedCheckpoint:
 # ---------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------
-def file_sha256(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
-    """sha256 hex digest of a file, streamed in chunks (constant memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The raw state dict of a checkpoint file, memory-mapped, tensors only (no code from the file runs).
 

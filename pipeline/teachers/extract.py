@@ -69,9 +69,9 @@ from pipeline.data.exif import orientation, upright
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
 from pipeline.progress import progress
 from pipeline.runtime import available_cpus
-from pipeline.store.checksums import file_digest
 from pipeline.store.durable import fsync_dir, fsync_tree, naming, remove_partial_files, write_file_durably
 from pipeline.store.features import (
     FORMAT,
@@ -791,7 +791,7 @@ def _finalize(
     # checksums existed (a run resumed across the upgrade) has none: its chunk is hashed now
     writer.record_checksums(
         {
-            (s, a): {i: d or file_digest(writer.chunk_path(s, a, i)) for i, d in found.items()}
+            (s, a): {i: d or sha256_file(writer.chunk_path(s, a, i)) for i, d in found.items()}
             for (s, a), found in digests.items()
             if not bad[s]
         }

@@ -16,7 +16,6 @@ heads were fitted for. Its sha256 goes into `identity()`, so a feature store nam
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
 from pipeline.pretrained_assets import (
     EFFICIENTNET_LITE0_MEAN,
     EFFICIENTNET_LITE0_STD,
@@ -44,14 +44,6 @@ from pipeline.teachers.minilm import tokenize as minilm_tokenize
 HEADS_FORMAT = "kdpipe-lit-heads"
 HEADS_VERSION = 1
 IMAGE_FEATURE_DIM = 1280  # EfficientNet-Lite pooled features (every variant)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- the frozen part ----------------------------------------------------------------------------------------
@@ -284,4 +276,4 @@ class LiTTeacher(Teacher):
         return self.heads.project_texts(features.float())
 
 
-__all__ = ["FrozenTowers", "LiTHeads", "LiTTeacher", "sha256_file", "HEADS_FORMAT"]
+__all__ = ["FrozenTowers", "LiTHeads", "LiTTeacher", "HEADS_FORMAT"]
