@@ -19,12 +19,11 @@ WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()
 DIM, SIZE = 16, 16
 
 
-def tiny_student(tokenizer_dir: Path, seed: int, **text) -> DualEncoderStudent:
-    """A 1-layer ViT / BERT student with random (non-zero) projection biases, in eval mode."""
-    torch.manual_seed(seed)
-    cfg = StudentConfig(
+def tiny_student_config(tokenizer_dir: Path, image_size: int = SIZE, **text) -> StudentConfig:
+    """A 1-layer ViT / BERT student's config, over the conftest tokenizer."""
+    return StudentConfig(
         image=ImageTowerConfig(
-            image_size=SIZE, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+            image_size=image_size, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
         ),
         text=TextTowerConfig(
             tokenizer=tokenizer_dir,
@@ -37,6 +36,12 @@ def tiny_student(tokenizer_dir: Path, seed: int, **text) -> DualEncoderStudent:
             **text,
         ),
     )
+
+
+def tiny_student(tokenizer_dir: Path, seed: int, **text) -> DualEncoderStudent:
+    """A 1-layer ViT / BERT student with random (non-zero) projection biases, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = tiny_student_config(tokenizer_dir, **text)
     model = build_student(cfg, DIM).eval()
     with torch.no_grad():  # trained students have biases; zeros would hide a dropped one
         model.image_proj.bias.normal_()

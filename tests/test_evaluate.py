@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from deploy_helpers import tiny_student_config
 from extract_helpers import TinyTeacher
 from typer.testing import CliRunner
 
@@ -120,26 +121,10 @@ def test_features_cli_bad_stores_exit_2_with_one_line(store, tmp_path, monkeypat
 
 # -- the full stage ----------------------------------------------------------------------------------------
 def save_tiny_student(directory: Path, tokenizer_dir: Path, seed: int) -> None:
-    from pipeline.towers.image import ImageTowerConfig
-    from pipeline.towers.student import StudentConfig, build_student, save_student
-    from pipeline.towers.text import TextTowerConfig
+    from pipeline.towers.student import build_student, save_student
 
     torch.manual_seed(seed)
-    cfg = StudentConfig(
-        image=ImageTowerConfig(
-            image_size=16, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
-        ),
-        text=TextTowerConfig(
-            tokenizer=tokenizer_dir,
-            hidden_size=32,
-            num_layers=1,
-            num_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-            max_tokens=12,
-        ),
-    )
-    save_student(build_student(cfg, D), directory)
+    save_student(build_student(tiny_student_config(tokenizer_dir, image_size=16), D), directory)
 
 
 class ModuleTeacher(TinyTeacher):
