@@ -98,6 +98,7 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    finished = False
     try:
         if is_main_process():
             # one file per run (distill-VARIANT-sSEED.yaml), each under the section name `distill`
@@ -105,8 +106,13 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
         result = run_distill(
             cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume
         )
+        finished = True
     finally:
         if distributed:
+            if finished:
+                # every rank past its last collective before any closes its connections: gloo aborts a rank
+                # still reading from a peer that closed. Not after a failure: the other ranks may never come.
+                dist.barrier(**({"device_ids": [torch.cuda.current_device()]} if torch.cuda.is_available() else {}))
             dist.destroy_process_group()
     if is_main_process() and run:
         copy_training_curves(out_dir, paths.training_curves(run))
