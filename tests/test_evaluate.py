@@ -31,7 +31,7 @@ from pipeline.evaluate.run import (
 from pipeline.evaluate.summary import with_average
 from pipeline.paths import ArtifactPaths
 from pipeline.store.features import StoreWriter, open_store, write_store
-from pipeline.store.image_cache import write_image_cache
+from pipeline.store.image_cache import open_image_cache, write_image_cache
 from stages.cli import app
 
 MODEL_KEYS = [*METRIC_KEYS, "i2t_meanr", "t2i_meanr"]
@@ -482,3 +482,27 @@ def test_distill_and_evaluate_with_store_verify_refuse_a_swapped_chunk(workdir, 
     assert open_store(paths.features).split("test").n_images == 11
     r = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--set", "store.verifyy=true"])
     assert "store.verifyy: unknown key; allowed keys are: verify" in _error_line(r)
+
+
+@pytest.mark.parametrize("stale", ["features", "images"])
+def test_distill_and_evaluate_refuse_outputs_of_replaced_image_files(workdir, tmp_path, stale):
+    """An image file replaced and `kdpipe prepare` rerun by hand, not extract (features) or not prepare either
+    (images: the cache's pixels are the old file's): the fingerprints match, the recorded content does not."""
+    paths = workdir
+    index = DatasetIndex.load(paths.index_dir)
+    index = index.with_hashes([f"{r:064x}" for r in range(index.n_images)])
+    index.save(paths.index_dir)  # the hashes are not part of the fingerprint: every output still opens
+    recorded = {"features": index.content_digest(splits=["train", "test"]), "images": index.content_digest()}
+    recorded[stale] = "ab" * 32  # made from other files
+    StoreWriter(paths.features).set_attrs(image_content=recorded["features"])
+    cache = open_image_cache(paths.images)
+    pixels = {s: np.asarray(cache.split(s)) for s in cache.splits}
+    write_image_cache(paths.images, pixels, fingerprint=index.fingerprint, meta={"content": recorded["images"]})
+    params = tmp_path / "params.yaml"
+    run_params = {"workdir": str(paths.workdir), "evaluate": {"device": "cpu"}, "distill": {"val_split": "test"}}
+    params.write_text(yaml.safe_dump(run_params))
+    where, stage = (paths.features, "extract") if stale == "features" else (paths.images, "prepare")
+    for command in ("distill", "evaluate"):
+        line = _error_line(CliRunner().invoke(app, [command, "--params", str(params)]))
+        assert line.startswith(f"error: {where}: made from image files that changed since (content abababababab"), line
+        assert line.endswith(f"rerun `kdpipe {stage}`"), line

@@ -386,10 +386,13 @@ def run_evaluate(
     check_finite(store, cfg.split)  # names the chunk; the scorer's own check could not
     gallery = align_gallery(index.split(cfg.split), s, str(paths.features))
     groups = image_groups(s.image_id, cfg.gallery)
-    images = open_image_cache(paths.images, expect_fingerprint=index.fingerprint).split(cfg.split)
+    cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
+    images = cache.split(cfg.split)
     runs = runs if runs is not None else default_runs(paths, cfg)
     evaluated = ["teacher", *runs, "chance"]
+    # an image file replaced since extract or prepare ran? The fingerprints checked on opening cannot tell
     index.check_made_from(store.attrs.get("image_content"), str(paths.features), "extract", list(store.splits))
+    index.check_made_from(cache.attrs.get("content"), str(paths.images), "prepare")
     if cfg.plot_models is not None and sorted(cfg.plot_models) != sorted(evaluated):
         raise ConfigError(f"evaluate.plot_models {list(cfg.plot_models)} must list exactly the models {evaluated}")
 
