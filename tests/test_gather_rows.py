@@ -7,6 +7,7 @@ agree bit for bit, so switching later is a one-line change."""
 
 import os
 import socket
+import sys
 import warnings
 
 import pytest
@@ -53,10 +54,18 @@ def _rank(rank: int, port: int, results) -> None:
             )
         )
         # both ranks past their last collective before either tears gloo down: a rank that closes its pairs
-        # while the other still reads from them makes gloo abort the reader (SIGABRT, seen under load)
+        # while the other still reads from them makes gloo abort the reader
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's and libtorch's teardown. Twice in full CI runs (never in 80 runs of this
+    # test alone nor in 4 local full suites, idle or loaded) rank 0 died with only "terminate called without an
+    # active exception" on stderr: a C++ thread object destroyed unjoined, which is what happens when gloo's
+    # threads outlive the interpreter's finalization (pytorch/pytorch#179291). That teardown is torch's, not
+    # what this test checks; an exception above still exits non-zero through mp.spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.slow
