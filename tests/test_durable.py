@@ -1,11 +1,13 @@
 """The one durable-write helper: atomic replacement, no debris on failure, fsync exactly when enabled."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from pipeline.store import durable
-from pipeline.store.durable import atomic_path, remove_partial_files, replace_dir, write_file_durably
+from pipeline.store.durable import atomic_dir, atomic_path, remove_partial_files, replace_dir, write_file_durably
 
 
 def test_write_replaces_atomically_and_leaves_no_temp_file(tmp_path):
@@ -56,3 +58,24 @@ def test_remove_partial_files_removes_ours_and_zarrs(tmp_path):
     (tmp_path / "zarr.json").write_bytes(b"{}")
     remove_partial_files(tmp_path)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["zarr.json"]
+
+
+def test_atomic_dir_removes_what_a_killed_writer_left_and_keeps_a_live_ones(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".plots.{dead.pid}-0123abcd.partial"  # SIGKILLed inside atomic_dir
+        old = tmp_path / ".plots.old-0123456789ab"  # SIGKILLed inside replace_dir, between swap and delete
+        busy = tmp_path / f".plots.{live.pid}-89abcdef.partial"  # a writer still at work
+        other = tmp_path / f".plots.v2.{dead.pid}-0123abcd.partial"  # another target's (plots.v2): not ours
+        for d in (stale, old, busy, other):
+            d.mkdir()
+            (d / "a.png").write_bytes(b"1")
+        with atomic_dir(tmp_path / "plots") as tmp:
+            (tmp / "b.png").write_bytes(b"2")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, other.name, "plots"])
+        assert [p.name for p in (tmp_path / "plots").iterdir()] == ["b.png"]
+    finally:
+        live.kill()
+        live.wait()

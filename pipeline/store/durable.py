@@ -3,7 +3,8 @@
 A file is written to a temp name beside its target, flushed and fsync'd, renamed over the target (atomic on
 POSIX and Windows), and the directory is fsync'd so that the rename itself survives a crash. Readers therefore
 see the old file or the new one, never a half-written one, and a killed writer leaves at most a `*.partial`
-file, which `remove_partial_files` deletes (zarr's LocalStore names its own temp files the same way).
+file, which `remove_partial_files` deletes (zarr's LocalStore names its own temp files the same way), or a
+`*.partial` directory, which the next `atomic_dir` of the same target deletes.
 
     write_file_durably(path, data)             # bytes
     with atomic_path(path) as tmp:             # anything that writes to a path: h5py, safetensors, PIL, ...
@@ -32,6 +33,7 @@ it (written pages outlive the process; renames are atomic); fsync adds safety ag
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import uuid
@@ -96,6 +98,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     and it replaces `path` whole (`replace_dir`). On an error the temp directory is removed, `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_dirs(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
     try:
         tmp.mkdir()
@@ -151,6 +154,34 @@ def replace_dir(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_dirs(path: Path) -> None:
+    """Remove what a killed `atomic_dir` / `replace_dir` of `path` left beside it: its temp directories
+    (`.NAME.PID-XXXXXXXX.partial`) whose process is gone, and old copies (`.NAME.old-*`) not yet deleted.
+    A live writer's temp directory stays (the caller's lock makes that another process's rare case)."""
+    for d in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        rest = d.name[len(path.name) + 2 :]
+        if not d.is_dir():
+            continue
+        if rest.startswith("old-"):
+            shutil.rmtree(d, ignore_errors=True)
+        elif rest.endswith(PARTIAL) and "-" in rest:
+            pid = rest.split("-", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
 
 
 def remove_partial_files(path: Path | str) -> None:
