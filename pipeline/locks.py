@@ -18,6 +18,10 @@ Advisory: only kdpipe's processes take it. torchrun: only the job's rank 0 takes
 the process group, so the other ranks of a job that waits block in the rendezvous until their rank 0 holds
 the lock (stages/_common.py `writing`). A thread that holds an output's lock reads it without the shared
 lock (flock would make it wait for itself).
+
+`--no-wait` holds for the whole command: inside `never_waiting()` (entered by `writing(no_wait=True)`) a
+lock taken without an explicit `wait` refuses instead of waiting, readers of the command's inputs included,
+so `kdpipe distill --no-wait` next to a running extract stops at once rather than waiting for the store.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ log = logging.getLogger(__name__)
 # a reader holds the shared lock for the milliseconds of an open: a writer finding the lock taken by nobody
 # who recorded itself waits this long without a word before it says so (or, without waiting, refuses)
 READER_GRACE_S = 5.0
-_held = threading.local()  # .outputs: the resolved outputs this thread holds the writer lock of
+_held = threading.local()  # .outputs: the resolved outputs this thread holds the writer lock of; .never_wait
 
 
 class OutputLocked(KdpipeError):
@@ -63,10 +67,11 @@ def describe_holder(record: dict | None) -> str:
 
 @contextmanager
 def output_lock(
-    output: Path, *, wait: bool = True, poll_s: float = 0.5, say: Callable[[str], None] | None = None
+    output: Path, *, wait: bool | None = None, poll_s: float = 0.5, say: Callable[[str], None] | None = None
 ) -> Iterator[None]:
     """Hold the lock of `output` for the body; wait for another holder (saying who, once) or raise
-    `OutputLocked` naming it when `wait` is false."""
+    `OutputLocked` naming it when `wait` is false (None: wait, unless inside `never_waiting()`)."""
+    wait = _resolve_wait(wait)
     say = say or log.warning  # shown under --quiet too: a run that seems to hang says why
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,12 +109,14 @@ def output_lock(
 
 @contextmanager
 def read_lock(
-    output: Path, *, wait: bool = True, poll_s: float = 0.2, say: Callable[[str], None] | None = None
+    output: Path, *, wait: bool | None = None, poll_s: float = 0.2, say: Callable[[str], None] | None = None
 ) -> Iterator[None]:
     """Hold the lock of `output` shared for the body (open and map it there): wait while a writer holds it
-    (saying who, once), or raise `OutputLocked` naming the writer when `wait` is false. Without a lock file
-    that this process may create (a read-only location, or no directory: the open then says what is
-    missing), no kdpipe writer can be writing there through this path, and the body runs unlocked."""
+    (saying who, once), or raise `OutputLocked` naming the writer when `wait` is false (None: wait, unless
+    inside `never_waiting()`). Without a lock file that this process may create (a read-only location, or no
+    directory: the open then says what is missing), no kdpipe writer can be writing there through this
+    path, and the body runs unlocked."""
+    wait = _resolve_wait(wait)
     say = say or log.warning
     output = Path(output).resolve()
     if output in _holding():
@@ -146,6 +153,21 @@ def _open_for_reading(path: Path) -> int | None:
         return os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
+
+
+@contextmanager
+def never_waiting() -> Iterator[None]:
+    """In the body (this thread), locks taken without an explicit `wait` refuse instead of waiting."""
+    before = getattr(_held, "never_wait", False)
+    _held.never_wait = True
+    try:
+        yield
+    finally:
+        _held.never_wait = before
+
+
+def _resolve_wait(wait: bool | None) -> bool:
+    return (not getattr(_held, "never_wait", False)) if wait is None else wait
 
 
 def _holding() -> set[Path]:

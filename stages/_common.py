@@ -22,7 +22,7 @@ import yaml
 
 from pipeline.config import apply_overrides, from_dict, write_resolved
 from pipeline.errors import ConfigError, KdpipeError
-from pipeline.locks import output_lock
+from pipeline.locks import never_waiting, output_lock
 from pipeline.paths import ArtifactPaths
 from pipeline.runtime import RuntimeConfig, apply_threads
 from pipeline.system_errors import environment_error
@@ -138,9 +138,11 @@ def writing(*outputs: Path, no_wait: bool = False) -> Iterator[None]:
     Under torchrun only rank 0 locks, for the whole job: call this before the process group is joined,
     so the other ranks of a job that waits block in the rendezvous until their rank 0 holds the lock."""
     with ExitStack() as stack:
+        if no_wait:  # the command's inputs too: it refuses rather than wait for a run rewriting one
+            stack.enter_context(never_waiting())
         if is_main_process():
             for out in sorted({Path(o).resolve() for o in outputs}):  # one order: two runs never deadlock
-                stack.enter_context(output_lock(out, wait=not no_wait))
+                stack.enter_context(output_lock(out))
         yield
 
 

@@ -5,6 +5,7 @@ numbers as the metrics module, plus latency, parameters and plots."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -506,3 +507,34 @@ def test_distill_and_evaluate_refuse_outputs_of_replaced_image_files(workdir, tm
         line = _error_line(CliRunner().invoke(app, [command, "--params", str(params)]))
         assert line.startswith(f"error: {where}: made from image files that changed since (content abababababab"), line
         assert line.endswith(f"rerun `kdpipe {stage}`"), line
+
+
+@pytest.mark.parametrize("command", ["distill", "evaluate"])
+@pytest.mark.parametrize("rewritten", ["features.zarr", "images.zarr"])
+def test_no_wait_also_refuses_to_wait_for_an_input_being_rewritten(workdir, tmp_path, command, rewritten):
+    """`--no-wait` is the command's: next to a run rewriting one of its inputs it stops at once, naming that
+    run, instead of waiting for it at the input's (shared) lock."""
+    import threading
+
+    from pipeline.locks import output_lock
+
+    paths = workdir
+    params = tmp_path / "params.yaml"
+    run_params = {"workdir": str(paths.workdir), "evaluate": {"device": "cpu"}, "distill": {"val_split": "test"}}
+    params.write_text(yaml.safe_dump(run_params))
+    held, done = threading.Event(), threading.Event()
+
+    def rewrite() -> None:  # another run (its own thread: a thread that holds a lock reads through it)
+        with output_lock(paths.workdir / rewritten):
+            held.set()
+            done.wait(60)
+
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    try:
+        assert held.wait(60)
+        line = _error_line(CliRunner().invoke(app, [command, "--params", str(params), "--no-wait"]))
+    finally:
+        done.set()
+        writer.join(60)
+    assert line.startswith(f"error: {paths.workdir / rewritten}: being rewritten by pid {os.getpid()} on "), line

@@ -147,12 +147,12 @@ def read_attrs(path: Path | str) -> dict[str, Any] | None:
 
 
 def open_store(
-    path: Path | str, *, expect_fingerprint: str | None = None, expect_dim: int | None = None, wait: bool = True
+    path: Path | str, *, expect_fingerprint: str | None = None, expect_dim: int | None = None, wait: bool | None = None
 ) -> FeatureStore:
     """Open and validate a complete format-v1 store; every problem is an InputError of one line.
 
     Under the store's lock, shared (pipeline/locks.py `read_lock`): while a run rewrites the store this waits
-    for it, or with wait=False raises `OutputLocked` naming it. Every chunk file is mapped here, so what the
+    for it, or with wait=False (or under --no-wait) raises `OutputLocked` naming it. Every chunk file is mapped here, so what the
     returned store reads never changes afterwards (writers replace files by rename, never in place)."""
     path = Path(path)
     with read_lock(path, wait=wait):

@@ -119,11 +119,13 @@ def _shard_layout(metadata: Any) -> int | None:
     return int(inner[0])
 
 
-def open_image_cache(path: Path | str, *, expect_fingerprint: str | None = None, wait: bool = True) -> ImageCache:
+def open_image_cache(
+    path: Path | str, *, expect_fingerprint: str | None = None, wait: bool | None = None
+) -> ImageCache:
     """Open a complete image cache; one-line InputError if it is missing, foreign, incomplete or stale.
 
     Under the cache's lock, shared (pipeline/locks.py `read_lock`): while prepare rewrites it this waits for
-    prepare, or with wait=False raises `OutputLocked` naming it. Every split is mapped here, so the pixels
+    prepare, or with wait=False (or under --no-wait) raises `OutputLocked` naming it. Every split is mapped here, so the pixels
     of the returned cache never change afterwards (prepare swaps a whole new directory in by renames)."""
     path = Path(path)
     with read_lock(path, wait=wait):
