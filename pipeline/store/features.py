@@ -152,8 +152,9 @@ def open_store(
     """Open and validate a complete format-v1 store; every problem is an InputError of one line.
 
     Under the store's lock, shared (pipeline/locks.py `read_lock`): while a run rewrites the store this waits
-    for it, or with wait=False (or under --no-wait) raises `OutputLocked` naming it. Every chunk file is mapped here, so what the
-    returned store reads never changes afterwards (writers replace files by rename, never in place)."""
+    for it, or with wait=False (or under --no-wait) raises `OutputLocked` naming it. Every chunk file is
+    mapped here, so what the returned store reads never changes afterwards (writers replace files by rename,
+    never in place)."""
     path = Path(path)
     with read_lock(path, wait=wait):
         return _open_store(path, expect_fingerprint, expect_dim)

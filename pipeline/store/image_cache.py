@@ -125,8 +125,9 @@ def open_image_cache(
     """Open a complete image cache; one-line InputError if it is missing, foreign, incomplete or stale.
 
     Under the cache's lock, shared (pipeline/locks.py `read_lock`): while prepare rewrites it this waits for
-    prepare, or with wait=False (or under --no-wait) raises `OutputLocked` naming it. Every split is mapped here, so the pixels
-    of the returned cache never change afterwards (prepare swaps a whole new directory in by renames)."""
+    prepare, or with wait=False (or under --no-wait) raises `OutputLocked` naming it. Every split is mapped
+    here, so the pixels of the returned cache never change afterwards (prepare swaps a whole new directory in
+    by renames)."""
     path = Path(path)
     with read_lock(path, wait=wait):
         cache = _open_image_cache(path, expect_fingerprint)
