@@ -2,6 +2,8 @@
 tolerance, bad images (error and skip), idempotent reruns, atomic writes, the dask path."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -288,7 +290,8 @@ def test_a_crash_never_leaves_a_complete_store(photos, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_prepare(config(photos, ann, chunk_images=2), paths)
     assert not paths.images.exists() and not (paths.index_dir / "index.json").exists()
-    assert [p for p in paths.workdir.iterdir() if p.name.startswith(".images.zarr")] == []
+    left = [p.name for p in paths.workdir.iterdir() if p.name.startswith(".images.zarr")]
+    assert left == [], left
     monkeypatch.undo()
 
     # a finished store, then a crash while publishing a new one: the old store stays whole, and since its
@@ -305,7 +308,9 @@ def test_a_crash_never_leaves_a_complete_store(photos, tmp_path, monkeypatch):
     assert run_prepare(config(photos, ann), paths)["status"] == "written"
 
     # a temp dir left by a killed process is cleaned up by the next run
-    stale = paths.workdir / ".images.zarr.tmp-deadbeef"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = paths.workdir / f".images.zarr.{dead.pid}-deadbeef.partial"
     stale.mkdir()
     run_prepare(config(photos, ann), paths, force=True)
     assert not stale.exists()

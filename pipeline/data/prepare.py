@@ -52,7 +52,7 @@ from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
 from pipeline.runtime import available_cpus
-from pipeline.store.durable import write_text_durably
+from pipeline.store.durable import remove_stale_dirs, write_text_durably
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
     CacheBuilder,
@@ -60,7 +60,6 @@ from pipeline.store.image_cache import (
     ImageCache,
     consecutive_runs,
     open_image_cache,
-    remove_stale_temp,
     write_rows,
 )
 
@@ -352,7 +351,7 @@ def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, chang
     """Decode the changed images into a copy of the cache and swap it in (image_cache.CacheUpdate); None if
     one of them no longer decodes under `skip` (rows must then be dropped: the caller rebuilds)."""
     log.info(f"prepare: {len(changed):,} of {index.n_images:,} image file(s) changed: decoding only those")
-    remove_stale_temp(paths.images)
+    remove_stale_dirs(paths.images)
     update = CacheUpdate(paths.images)
     try:
         views = {s: index.split(s) for s in index.splits}
@@ -380,7 +379,7 @@ def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, chang
 
 # -- building everything -------------------------------------------------------------------------------
 def _build(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dict[str, Any]:
-    remove_stale_temp(paths.images)
+    remove_stale_dirs(paths.images)
     builder = CacheBuilder(paths.images, cfg.image.image_size, cfg.chunk_images)
     try:
         views = {s: index.split(s) for s in index.splits}

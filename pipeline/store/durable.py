@@ -79,8 +79,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     renamed over `path` (then the directory is fsync'd). On an error the temp file is removed, `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # pid + random part: concurrent writers of one target (extract ranks) never share a temp file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
+    tmp = temp_beside(path)
     try:
         yield tmp
         fsync_file(tmp)
@@ -92,6 +91,13 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def temp_beside(path: Path) -> Path:
+    """The temp name of a file or directory being written to replace `path`: `.NAME.PID-XXXXXXXX.partial`
+    beside it. The pid tells `remove_stale_dirs` whether its writer is still alive; the random part keeps
+    concurrent writers of one target (extract ranks) apart."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yields an empty temp directory beside `path`; when the block ends without an error its tree is fsync'd
@@ -99,7 +105,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_dirs(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL}")
+    tmp = temp_beside(path)
     try:
         tmp.mkdir()
         yield tmp
@@ -156,10 +162,11 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_stale_dirs(path: Path) -> None:
-    """Remove what a killed `atomic_dir` / `replace_dir` of `path` left beside it: its temp directories
-    (`.NAME.PID-XXXXXXXX.partial`) whose process is gone, and old copies (`.NAME.old-*`) not yet deleted.
-    A live writer's temp directory stays (the caller's lock makes that another process's rare case)."""
+def remove_stale_dirs(path: Path | str) -> None:
+    """Remove what a killed writer of directory `path` left beside it: its temp directories (`temp_beside`)
+    whose process is gone, and old copies (`.NAME.old-*`) that `replace_dir` did not get to delete. A live
+    writer's temp directory stays (the caller's lock makes that another process's rare case)."""
+    path = Path(path)
     for d in path.parent.glob(f".{glob.escape(path.name)}.*"):
         rest = d.name[len(path.name) + 2 :]
         if not d.is_dir():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.locks import read_lock
 from pipeline.store.chunk_files import SHARD_INDEX_ENTRY, check_shard_index, chunk_file, shard_index
-from pipeline.store.durable import fsync_tree, replace_dir
+from pipeline.store.durable import fsync_tree, replace_dir, temp_beside
 
 IMAGES_FORMAT = "kdpipe-images"
 IMAGES_VERSION = 1
@@ -191,7 +190,7 @@ class CacheBuilder:
         self.path = Path(path)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.chunk_images = int(chunk_images)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp = temp_beside(self.path)
         self.sizes: dict[str, int] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
@@ -308,7 +307,7 @@ class CacheUpdate:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp = temp_beside(self.path)
         shutil.copytree(self.path, self.tmp)  # copy_file_range/sendfile under the hood; reflinks where supported
 
     def data_file(self, split: str) -> Path:
@@ -335,16 +334,6 @@ def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(rows)]])
     return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
-
-
-def remove_stale_temp(path: Path | str) -> None:
-    """Remove temp/old directories that a crashed writer left next to `path`."""
-    path = Path(path)
-    if path.parent.is_dir():
-        for p in path.parent.glob(f".{path.name}.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        for p in path.parent.glob(f".{path.name}.old-*"):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def write_image_cache(
