@@ -95,9 +95,14 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
         import torch
         import torch.distributed as dist
 
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        from pipeline.devices import resolve_device
+
+        # the backend of the device the run trains on, as extract does: NCCL carries CUDA tensors only, so a
+        # `distill.device: cpu` run on a GPU machine needs gloo; and a rank without a GPU of its own gets one line
+        device = resolve_device(cfg.device, "distill.device")  # auto / cuda: cuda:LOCAL_RANK
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     finished = False
     try:
         if is_main_process():
@@ -112,7 +117,7 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
             if finished:
                 # every rank past its last collective before any closes its connections: gloo aborts a rank
                 # still reading from a peer that closed. Not after a failure: the other ranks may never come.
-                dist.barrier(**({"device_ids": [torch.cuda.current_device()]} if torch.cuda.is_available() else {}))
+                dist.barrier(**({"device_ids": [device.index]} if device.type == "cuda" else {}))
             dist.destroy_process_group()
     if is_main_process() and run:
         copy_training_curves(out_dir, paths.training_curves(run))

@@ -111,6 +111,7 @@ def params(root: Path, world: int) -> dict:
         warmup_steps=2,
         checkpoint_every_steps=2,
         loss={"queue_size": 0, "cross_modal": True, "pair_contrastive": 1.0},
+        device="cpu",  # on a GPU machine too: gloo ranks (stages/distill.py picks the backend from the device)
     )
     p["student"]["text"]["freeze"] = True
     return p
