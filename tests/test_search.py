@@ -34,10 +34,20 @@ def test_flat_index_is_brute_force_and_round_trips(tmp_path):
     np.testing.assert_array_equal(rows, oracle)
     np.testing.assert_allclose(scores, np.take_along_axis(q @ emb.T, oracle, 1), atol=1e-5)
     assert loaded.ids[rows[0, 0]] == f"img{oracle[0, 0]}" and recall_at_k(index, emb, q) == 1.0
-    # one query at a time (the torch path) and a batch of 20+ (faiss itself) agree with the oracle
+    # one query at a time (the 8-bit scan + exact rerank) and a batch of 20+ (faiss itself) agree with the oracle
     one = [loaded.search(q[i : i + 1], 10) for i in range(3)]
     np.testing.assert_array_equal(np.concatenate([r for _, r in one]), oracle[:3])
     assert loaded.search(q[:1], 10)[1].dtype == np.int64 and loaded.search(q[:1], 999)[1].shape == (1, 500)
+    # the 8-bit codes of the fast exact scan are stored beside a flat index; without them (an index written
+    # before they were) the same answers; codes of another shape are refused in one line
+    assert loaded.codes is not None and loaded.codes.codes.shape == (500, 32)
+    (tmp_path / "codes.npy").unlink()
+    older = load_index(tmp_path)
+    assert older.codes is None
+    np.testing.assert_array_equal(np.concatenate([older.search(q[i : i + 1], 10)[1] for i in range(3)]), oracle[:3])
+    np.save(tmp_path / "codes.npy", np.zeros((499, 32), np.uint8))
+    with pytest.raises(InputError, match=r"codes\.npy: uint8 \(499, 32\) does not match index\.faiss \(500 x 32\)"):
+        load_index(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
@@ -50,6 +60,7 @@ def test_approximate_indexes_recall_against_exact(kind, tmp_path):
     assert (r > 0.9) if kind == "hnsw" else (0.2 < r < 1.0)  # PQ codes are lossy; HNSW is near exact here
     save_index(index, [str(i) for i in range(2000)], tmp_path, kind=kind, nprobe=16, ef_search=128)
     np.testing.assert_array_equal(load_index(tmp_path).search(q, 10)[1], index.search(q, 10)[1])
+    assert not (tmp_path / "codes.npy").exists()  # the 8-bit codes serve the exact flat index only
 
 
 def test_load_refuses_missing_or_mismatched(tmp_path):
