@@ -10,6 +10,7 @@ from deploy_helpers import tiny_workdir
 from PIL import Image
 from typer.testing import CliRunner
 
+import pipeline.search.index as search_index
 from pipeline.errors import InputError
 from pipeline.search.index import IndexConfig, build_index, load_index, recall_at_k, save_index
 from pipeline.towers.student import load_student
@@ -23,7 +24,10 @@ def unit(rng, n, d=32):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_flat_index_is_brute_force_and_round_trips(tmp_path):
+@pytest.mark.parametrize("scan", ["8-bit", "float32"])
+def test_flat_index_is_brute_force_and_round_trips(tmp_path, monkeypatch, scan):
+    # this small gallery is scanned in float32; the 8-bit scan + rerank serves galleries past a size
+    monkeypatch.setattr(search_index, "PREFILTER_MIN_VALUES", 0 if scan == "8-bit" else 10**9)
     rng = np.random.default_rng(0)
     emb, q = unit(rng, 500), unit(rng, 20)
     index = build_index(emb)
@@ -34,7 +38,7 @@ def test_flat_index_is_brute_force_and_round_trips(tmp_path):
     np.testing.assert_array_equal(rows, oracle)
     np.testing.assert_allclose(scores, np.take_along_axis(q @ emb.T, oracle, 1), atol=1e-5)
     assert loaded.ids[rows[0, 0]] == f"img{oracle[0, 0]}" and recall_at_k(index, emb, q) == 1.0
-    # one query at a time (the 8-bit scan + exact rerank) and a batch of 20+ (faiss itself) agree with the oracle
+    # one query at a time (the 8-bit scan + exact rerank, or float32) and a batch of 20+ (faiss) agree with the oracle
     one = [loaded.search(q[i : i + 1], 10) for i in range(3)]
     np.testing.assert_array_equal(np.concatenate([r for _, r in one]), oracle[:3])
     assert loaded.search(q[:1], 10)[1].dtype == np.int64 and loaded.search(q[:1], 999)[1].shape == (1, 500)
@@ -128,3 +132,29 @@ def test_cli_search_errors_are_one_line(tokenizer_dir, tmp_path):
     assert result.exit_code == 2 and result.output.startswith("error: ") and "kdpipe prepare" in result.output
     result = CliRunner().invoke(app, ["index", "--workdir", str(tmp_path), "--kind", "lsh"])
     assert result.exit_code == 2 and "--kind 'lsh'" in result.output
+
+
+def test_the_default_student_is_distill_runs_first_distilled_variant(tokenizer_dir, tmp_path):
+    """search, index, export and report use, unless told, the model `dvc repro` trained: with `distill.runs`
+    (the demo), the first seed of the first distilled variant and of compare_to, in models/."""
+    import shutil
+
+    import yaml
+
+    from stages._deploy import default_models
+
+    paths = tiny_workdir(tmp_path, tokenizer_dir)
+    params = tmp_path / "params.yaml"
+    runs = {"seeds": [3, 4], "variants": {"base": {"baseline": True}, "s_a": {}, "s_b": {}}, "compare_to": "base"}
+    params.write_text(yaml.safe_dump({"workdir": str(paths.workdir), "distill": {"runs": runs}}))
+    plain = {"student": paths.student, "baseline": paths.workdir / "baseline"}
+    assert default_models(params, paths) == plain  # the runs are not there, distill's own output is
+    shutil.move(paths.student, paths.model("s_a-s3"))
+    shutil.move(paths.workdir / "baseline", paths.model("base-s3"))
+    assert default_models(params, paths) == {"s_a": paths.model("s_a-s3"), "base": paths.model("base-s3")}
+    result = CliRunner().invoke(app, ["search", "a red dog", "--params", str(params), "-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert '"student": "' + str(paths.model("s_a-s3")) in (paths.workdir / "search" / "ids.json").read_text()
+    params.write_text(yaml.safe_dump({"workdir": str(paths.workdir)}))  # no runs: distill's own output, missing
+    result = CliRunner().invoke(app, ["export", "--params", str(params)])
+    assert result.exit_code == 2 and f"{paths.student}: no student here" in result.output
