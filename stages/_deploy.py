@@ -7,11 +7,17 @@ from pathlib import Path
 
 import typer
 
+from pipeline.distill.runs import run_name, split_runs
 from pipeline.errors import ConfigError
 from pipeline.paths import ArtifactPaths
 from stages._common import apply_runtime, load_params
 
-STUDENT_OPTION = typer.Option(None, "--student", help="Student directory (default: <workdir>/student).")
+STUDENT_OPTION = typer.Option(
+    None,
+    "--student",
+    help="Student directory (default: <workdir>/student; with distill.runs, the first seed of its first distilled "
+    "variant, e.g. models/student_unpaired-s0).",
+)
 
 
 def artifact_paths(params: Path, workdir: Path | None) -> ArtifactPaths:
@@ -25,3 +31,30 @@ def artifact_paths(params: Path, workdir: Path | None) -> ArtifactPaths:
     if not wd:
         raise ConfigError(f"{params}: workdir is not set (e.g. workdir: artifacts/demo); or pass --workdir")
     return ArtifactPaths(Path(wd))
+
+
+def default_models(params: Path, paths: ArtifactPaths) -> dict[str, Path]:
+    """The student and the baseline these commands use unless told, by name: with `distill.runs` (the demo),
+    the first seed of the first variant that is distilled (not a baseline, not `compare_to`) and of
+    `compare_to`, as dvc.yaml trains them; else, or where that run is not there but distill's own output is
+    (a `--workdir` trained without runs), <workdir>/student and <workdir>/baseline."""
+    plain = {"student": paths.student, "baseline": paths.workdir / "baseline"}
+    raw = load_params(params) if params.is_file() else {}
+    runs, _ = split_runs(raw.get("distill"))
+    if runs is None or not runs.variants:
+        return plain
+    seed = runs.seeds[0]
+    distilled = [v for v, c in runs.variants.items() if not c.baseline and v != runs.compare_to]
+    named = {v: paths.model(run_name(v, seed)) for v in distilled[:1]}
+    named[runs.compare_to] = paths.model(run_name(runs.compare_to, seed))
+    if not _is_student(next(iter(named.values()))) and _is_student(paths.student):
+        return plain
+    return named
+
+
+def default_student(params: Path, paths: ArtifactPaths) -> Path:
+    return next(iter(default_models(params, paths).values()))
+
+
+def _is_student(directory: Path) -> bool:
+    return (directory / "student_config.json").is_file()

@@ -12,7 +12,7 @@ import typer
 from pipeline.errors import ConfigError
 from pipeline.evaluate.report import run_report
 from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
-from stages._deploy import artifact_paths
+from stages._deploy import artifact_paths, default_models
 
 
 @run_stage
@@ -23,7 +23,7 @@ def command(
     model: list[str] = typer.Option(
         None,
         "--model",
-        help="NAME=DIR of a saved model to show (repeatable; default: student and baseline in the workdir).",
+        help="NAME=DIR of a saved model to show (repeatable; default: the student and the baseline, as --student).",
     ),
     out: Path = typer.Option(None, "--out", help="HTML file to write (default: <workdir>/report.html)."),
     captions: int = typer.Option(8, "--captions", min=1, help="How many test captions to show."),
@@ -33,7 +33,7 @@ def command(
 ) -> None:
     """Write the HTML report: recalls, plots, and teacher / student / baseline retrievals side by side."""
     paths = artifact_paths(params, workdir)
-    models = {"student": paths.student, "baseline": paths.workdir / "baseline"}
+    models = default_models(params, paths)
     if model:
         models = {}
         for item in model:

@@ -15,7 +15,7 @@ from pipeline.search.gallery import split_gallery
 from pipeline.search.index import IndexConfig
 from pipeline.search.run import run_index, run_search
 from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
-from stages._deploy import STUDENT_OPTION, artifact_paths
+from stages._deploy import STUDENT_OPTION, artifact_paths, default_student
 
 INDEX_OPTION = typer.Option(None, "--index", help="Index directory (default: <workdir>/search).")
 
@@ -40,7 +40,7 @@ def index_command(
     index = index or paths.workdir / "search"
     with writing(index, no_wait=no_wait):
         gallery = folder if folder is not None else split_gallery(paths, split)
-        lines = run_index(student or paths.student, gallery, index, cfg, source)
+        lines = run_index(student or default_student(params, paths), gallery, index, cfg, source)
     for line in lines:
         echo(line)
 
@@ -57,7 +57,7 @@ def search_command(
 ) -> None:
     """Top-K gallery ids with scores for a text (or image) query, and the query latency."""
     paths = artifact_paths(params, workdir)
-    student = student or paths.student
+    student = student or default_student(params, paths)
     if index is None and not (paths.workdir / "search" / "ids.json").is_file():
         # first use on a workdir: the default index (exact, test split), as `kdpipe index` would build it
         with writing(paths.workdir / "search"):
