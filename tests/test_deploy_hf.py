@@ -72,13 +72,27 @@ def test_export_cli_writes_model_card(tokenizer_dir, tmp_path):
             }
         )
     )
+    before = sorted(p.relative_to(paths.student) for p in paths.student.rglob("*"))
     result = CliRunner().invoke(app, ["export", "--workdir", str(paths.workdir), "--hf"])
     assert result.exit_code == 0, result.output
-    card = (paths.student / "README.md").read_text()
+    # a copy beside the student, which (a DVC output under `dvc repro`) is left as it was
+    assert sorted(p.relative_to(paths.student) for p in paths.student.rglob("*")) == before
+    out = paths.workdir / "export" / "student"
+    for f in paths.student.rglob("*"):
+        if f.is_file():
+            assert (out / f.relative_to(paths.student)).read_bytes() == f.read_bytes()
+    from pipeline.towers.student import load_student
+
+    load_student(out)
+    card = (out / "README.md").read_text()
     assert "tiny-teacher" in card and paths.features.exists()
     from pipeline.data.index import read_fingerprint
 
     assert read_fingerprint(paths.index_dir) in card  # the dataset it was distilled on
     assert "| teacher |" in card and "321.50" in card
     assert "VisionTextDualEncoderModel.from_pretrained" in card
-    assert (paths.student / "hf" / "config.json").is_file()
+    assert (out / "hf" / "config.json").is_file()
+    # --out the student directory: in place
+    result = CliRunner().invoke(app, ["export", "--workdir", str(paths.workdir), "--out", str(paths.student)])
+    assert result.exit_code == 0, result.output
+    assert (paths.student / "README.md").is_file() and not (paths.student / "hf").exists()

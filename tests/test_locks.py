@@ -125,7 +125,7 @@ WRITERS = {  # command line after `kdpipe` -> the output it locks, relative to t
     "distill": (["distill"], "student"),
     "distill-run": (["distill", "--variant", "student_pairs", "--seed", "1"], "models/student_pairs-s1"),
     "evaluate": (["evaluate"], "metrics.json"),
-    "export": (["export"], "student"),
+    "export": (["export", "--student", "{work}/student"], "export/student"),
     "index": (["index"], "search"),
     "report": (["report"], "report.html"),
     "demo-data": (["demo-data", "--out", "{work}/emoji"], "emoji"),
