@@ -86,6 +86,7 @@ def test_small_and_degenerate_galleries():
     pre = build_prefilter(encode(rows), 4)  # more threads than rows: one shard per row
     scores, found = exact_top_k(pre, rows, rows[1], 5)
     assert found.tolist() == [1, 0]
+    assert exact_top_k(pre, rows, rows[1], 0)[1].shape == (0,)
     zeros = np.zeros((4, 8), np.float32)
     scores, found = exact_top_k(build_prefilter(encode(zeros), 2), zeros, rows[0], 2)
     assert found.tolist() == [0, 1] and scores.tolist() == [0.0, 0.0]

@@ -12,9 +12,11 @@ candidates provably holds the exact top-k; only those rows are scored in float32
     cut       t_k = the k-th largest a_i; k rows score >= t_k - m exactly, so the exact k-th is >= t_k - m,
               and every row of the exact top-k has a_i >= t_k - 2m: those are the candidates.
 
-If the scan's list (`fetch` rows) ends above the cut, the candidates may go on beyond it: that query scans again
-for 8x as many, up to every row. The result is the exact float32 top-k either way (equal exact scores in row order). The
-codes are scanned by faiss (IndexScalarQuantizer, direct signed 8-bit) in one shard per thread.
+m also covers the float32 rounding of the rerank (2 D u ||q|| max ||x||), so rows that float32 puts in the
+top-k are candidates too. If the scan's list (`fetch` rows) ends above the cut, the candidates may go on beyond
+it: that query scans again for 8x as many, up to every row. The result is the float32 top-k either way (equal
+scores in row order). faiss scans the codes (IndexScalarQuantizer, direct signed 8-bit) in one shard per thread;
+a search sets faiss's OpenMP threads for its duration, so one prefilter serves one query at a time.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def build_prefilter(codes: Codes, threads: int) -> EightBitPrefilter:
 def exact_top_k(pre: EightBitPrefilter, rows: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact float32 top-k of `rows @ query` (scores [k], rows [k] int64) by the 8-bit scan and a rerank."""
     k = min(k, pre.n)
+    if k <= 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
     q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
     fetch = min(pre.n, max(4 * k, 1024))
     while (candidates := scan_candidates(pre, q, k, fetch)) is None:  # the list stopped inside the candidates
@@ -115,7 +119,9 @@ def approximate(pre: EightBitPrefilter, q: np.ndarray, fetch: int) -> tuple[np.n
     d = np.rint(q / np.float32(t)).astype(np.float32)  # integers: faiss's own 8-bit cast of them is exact
     approx, ids = _search_shards(pre, d, fetch)
     f = float(np.linalg.norm(q.astype(np.float64) - t * d.astype(np.float64)))
-    margin = float(np.linalg.norm(q)) * pre.error_bound + f * (pre.norm_max + pre.error_bound)
+    norm = float(np.linalg.norm(q))
+    margin = norm * pre.error_bound + f * (pre.norm_max + pre.error_bound)
+    margin += 2 * dim * _FLOAT32_UNIT * norm * pre.norm_max  # the float32 rerank's own rounding
     if 127 * 127 * dim >= 2**24:  # partial sums past 2^24 are rounded in float32: D u sum |d_j c_ij| at most
         margin += pre.scale * t * dim * _FLOAT32_UNIT * 127 * 127 * dim
     return approx[0].astype(np.float64) * (pre.scale * t), ids[0], margin
