@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from test_train import DIM, make_workdir, tiny_params
+from torchrun_helpers import run_ranks
 
 from pipeline.config import from_dict
 from pipeline.distill.run import DistillConfig, run_distill
@@ -121,20 +121,6 @@ def env() -> dict:
     return dict(os.environ, KDPIPE_PROGRESS="0", KDPIPE_FSYNC="0", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
 
-def run_ranks(command: list[str], cwd: Path, timeout: float = TIMEOUT_S) -> tuple[int, str]:
-    """Run torchrun; (exit code, stdout + stderr). Ranks that hang (one waiting in a collective that the other
-    never joins) are stopped through torchrun's agent: SIGTERM, which it passes on to the ranks; a SIGKILL
-    would leave them orphaned (each rank runs in its own session), waiting for gloo's 30-minute timeout."""
-    proc = subprocess.Popen(command, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out = proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        out = proc.communicate(timeout=60)[0]
-        pytest.fail(f"torchrun still running after {timeout} s (ranks out of step?); stopped:\n{out[-6000:]}")
-    return proc.returncode, out
-
-
 def assert_close_states(one: dict, ranks: dict, trainable: list[str], what: str) -> None:
     """Two training checkpoints: the same position, val history and balancer state (numbers within 1e-5
     relative), the weights and Adam's moments within 1e-5 of their largest magnitude (float summation order).
@@ -218,7 +204,7 @@ def test_two_torchrun_ranks_train_what_one_process_trains(tmp_path, monkeypatch)
     script.write_text(RANK_SCRIPT.replace("KILL_AFTER", str(KILL_AFTER)))
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD)]
     command = [*launch, str(script), str(root), str(tmp_path), "distill", "--params", str(root / "params.yaml")]
-    code, out = run_ranks(command, cwd=tmp_path)
+    code, out = run_ranks(command, env=env(), cwd=tmp_path, timeout=TIMEOUT_S)
     assert code == 0, out[-6000:]  # exit 0: every rank got through the teardown (gloo aborts a rank otherwise)
     assert "resuming from" in out and "2 epochs, 6 steps" in out
 

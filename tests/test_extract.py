@@ -16,6 +16,7 @@ import torch
 import yaml
 from extract_helpers import TinyTeacher, make_dataset, store_files, verified_files
 from PIL import Image
+from torchrun_helpers import run_ranks
 from typer.testing import CliRunner
 
 from pipeline.config import from_dict
@@ -267,25 +268,9 @@ def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, referen
             json.dump({"rank": int(os.environ["RANK"]), "computed": r.units_computed, "total": r.units_total}, f)
     """,
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(script),
-            str(root / "index"),
-            str(out),
-            str(tmp_path),
-        ],
-        env=_env(fsync=False),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    code, output = run_ranks([*command, str(root / "index"), str(out), str(tmp_path)], env=_env(fsync=False))
+    assert code == 0, output
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["computed"] > 0 for r in results)  # both ranks did work...
