@@ -1,5 +1,6 @@
 """What the deployment commands (export, index, search, report) share: the work directory and the student
-directory, from options or from params.yaml's `workdir`. They take paths and switches only (no params section)."""
+directory, from options or from params.yaml (`workdir`, and `distill.runs` for the default student). They take
+paths and switches only (no params section of their own)."""
 
 from __future__ import annotations
 
