@@ -31,24 +31,25 @@ _FLOAT32_UNIT = 2.0**-24  # unit roundoff of float32
 _BLOCK = 16_384  # rows encoded at a time
 
 
-@dataclass
-class EightBitPrefilter:
-    shards: Any  # faiss.IndexShards over the codes, one shard per thread
-    parts: list[Any]  # the shards themselves: IndexShards does not own them, so they are kept alive here
-    scale: float  # s
-    error_bound: float  # B: the largest ||x_i - s c_i||
-    norm_max: float  # the largest ||x_i||
-    n: int
-
-
 @dataclass(frozen=True)
 class Codes:
     """What the scan needs of a gallery, made once (`kdpipe index` stores it beside the index)."""
 
     codes: np.ndarray  # uint8 [N, D]: c_i + 128 (faiss's direct signed 8-bit layout)
     scale: float  # s
-    error_bound: float  # B
-    norm_max: float
+    error_bound: float  # B: the largest ||x_i - s c_i||
+    norm_max: float  # the largest ||x_i||
+
+
+@dataclass
+class EightBitPrefilter:
+    shards: Any  # faiss.IndexShards over the codes, one shard per thread
+    parts: list[Any]  # the shards themselves: IndexShards does not own them, so they are kept alive here
+    codes: Codes
+
+    @property
+    def n(self) -> int:
+        return len(self.codes.codes)
 
 
 def encode(rows: np.ndarray) -> Codes:
@@ -81,7 +82,7 @@ def build_prefilter(codes: Codes, threads: int) -> EightBitPrefilter:
         sub.add_sa_codes(np.ascontiguousarray(part))
         shards.add_shard(sub)
         subs.append(sub)
-    return EightBitPrefilter(shards, subs, codes.scale, codes.error_bound, codes.norm_max, n)
+    return EightBitPrefilter(shards, subs, codes)
 
 
 def exact_top_k(pre: EightBitPrefilter, rows: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,11 +121,12 @@ def approximate(pre: EightBitPrefilter, q: np.ndarray, fetch: int) -> tuple[np.n
     approx, ids = _search_shards(pre, d, fetch)
     f = float(np.linalg.norm(q.astype(np.float64) - t * d.astype(np.float64)))
     norm = float(np.linalg.norm(q))
-    margin = norm * pre.error_bound + f * (pre.norm_max + pre.error_bound)
-    margin += 2 * dim * _FLOAT32_UNIT * norm * pre.norm_max  # the float32 rerank's own rounding
+    c = pre.codes
+    margin = norm * c.error_bound + f * (c.norm_max + c.error_bound)
+    margin += 2 * dim * _FLOAT32_UNIT * norm * c.norm_max  # the float32 rerank's own rounding
     if 127 * 127 * dim >= 2**24:  # partial sums past 2^24 are rounded in float32: D u sum |d_j c_ij| at most
-        margin += pre.scale * t * dim * _FLOAT32_UNIT * 127 * 127 * dim
-    return approx[0].astype(np.float64) * (pre.scale * t), ids[0], margin
+        margin += c.scale * t * dim * _FLOAT32_UNIT * 127 * 127 * dim
+    return approx[0].astype(np.float64) * (c.scale * t), ids[0], margin
 
 
 def _search_shards(pre: EightBitPrefilter, d: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
