@@ -47,16 +47,17 @@ def run_export(
 
 
 def _link_student(student_dir: Path, out: Path) -> None:
-    for src in sorted(student_dir.rglob("*")):
-        rel = src.relative_to(student_dir)
-        if rel.parts[0] in _NOT_EXPORTED or not src.is_file():
-            continue
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:  # another filesystem, or one without hard links
-            shutil.copy2(src, dst)
+    def left_out(directory: str, names: list[str]) -> set[str]:
+        return _NOT_EXPORTED & set(names) if Path(directory) == student_dir else set()
+
+    shutil.copytree(student_dir, out, ignore=left_out, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def _write_exports(
