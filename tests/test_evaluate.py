@@ -485,6 +485,14 @@ def test_distill_and_evaluate_with_store_verify_refuse_a_swapped_chunk(workdir, 
     assert "store.verifyy: unknown key; allowed keys are: verify" in _error_line(r)
 
 
+def _distill_and_evaluate_params(paths: ArtifactPaths, tmp_path: Path) -> Path:
+    """A params file under which both distill and evaluate run on the `workdir` fixture (it has no val split)."""
+    params = tmp_path / "params.yaml"
+    run_params = {"workdir": str(paths.workdir), "evaluate": {"device": "cpu"}, "distill": {"val_split": "test"}}
+    params.write_text(yaml.safe_dump(run_params))
+    return params
+
+
 @pytest.mark.parametrize("stale", ["features", "images"])
 def test_distill_and_evaluate_refuse_outputs_of_replaced_image_files(workdir, tmp_path, stale):
     """An image file replaced and `kdpipe prepare` rerun by hand, not extract (features) or not prepare either
@@ -499,9 +507,7 @@ def test_distill_and_evaluate_refuse_outputs_of_replaced_image_files(workdir, tm
     cache = open_image_cache(paths.images)
     pixels = {s: np.asarray(cache.split(s)) for s in cache.splits}
     write_image_cache(paths.images, pixels, fingerprint=index.fingerprint, meta={"content": recorded["images"]})
-    params = tmp_path / "params.yaml"
-    run_params = {"workdir": str(paths.workdir), "evaluate": {"device": "cpu"}, "distill": {"val_split": "test"}}
-    params.write_text(yaml.safe_dump(run_params))
+    params = _distill_and_evaluate_params(paths, tmp_path)
     where, stage = (paths.features, "extract") if stale == "features" else (paths.images, "prepare")
     for command in ("distill", "evaluate"):
         line = _error_line(CliRunner().invoke(app, [command, "--params", str(params)]))
@@ -519,9 +525,7 @@ def test_no_wait_also_refuses_to_wait_for_an_input_being_rewritten(workdir, tmp_
     from pipeline.locks import output_lock
 
     paths = workdir
-    params = tmp_path / "params.yaml"
-    run_params = {"workdir": str(paths.workdir), "evaluate": {"device": "cpu"}, "distill": {"val_split": "test"}}
-    params.write_text(yaml.safe_dump(run_params))
+    params = _distill_and_evaluate_params(paths, tmp_path)
     held, done = threading.Event(), threading.Event()
 
     def rewrite() -> None:  # another run (its own thread: a thread that holds a lock reads through it)
