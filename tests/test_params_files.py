@@ -7,7 +7,7 @@ import yaml
 
 from pipeline.config import from_dict
 from pipeline.data.prepare import PrepareConfig
-from pipeline.distill.run import DistillConfig
+from pipeline.distill.config import DistillConfig
 from pipeline.distill.runs import split_runs, variant_section
 from pipeline.evaluate.run import EvaluateConfig
 from pipeline.runtime import RuntimeConfig

@@ -104,8 +104,8 @@ def _full_open(code: int, room: int):
 
 def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
     """Before, torch.save(path) reported a full disk as RuntimeError 'unexpected pos' and left last.pt.tmp."""
-    from pipeline.distill import run as distill_run
-    from pipeline.distill.run import TrainState, save_checkpoint
+    from pipeline.distill import checkpoints
+    from pipeline.distill.checkpoints import TrainState, save_checkpoint
 
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.AdamW(model.parameters())
@@ -121,7 +121,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch)
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint(path, **kw)
     before = path.read_bytes()
-    monkeypatch.setattr(distill_run, "open", _full_open(errno.ENOSPC, room=4096), raising=False)
+    monkeypatch.setattr(checkpoints, "open", _full_open(errno.ENOSPC, room=4096), raising=False)
     model.weight.data += 1
     with pytest.raises(OSError) as info:
         save_checkpoint(path, **kw)
