@@ -13,9 +13,9 @@ from pipeline.data.exif import orientation, upright
 from pipeline.data.index import DatasetIndex
 from pipeline.data.prepare import PrepareConfig, ResizeConfig, decode_image, run_prepare
 from pipeline.data.readers import DatasetConfig
+from pipeline.extract.images import load_rgb
 from pipeline.paths import ArtifactPaths
 from pipeline.store.image_cache import open_image_cache
-from pipeline.teachers.extract import load_rgb
 
 skimage_data = pytest.importorskip("skimage.data", reason="the real test photo ships with scikit-image")
 

@@ -20,11 +20,12 @@ from pipeline.data.index import DatasetIndex
 from pipeline.data.prepare import PrepareConfig, ResizeConfig, run_prepare
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import InputError
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.run import run_extract
 from pipeline.locks import lock_path
 from pipeline.paths import ArtifactPaths
 from pipeline.store.features import open_store
 from pipeline.store.image_cache import open_image_cache
-from pipeline.teachers.extract import ExtractConfig, run_extract
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 7

@@ -131,7 +131,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_extract_command_on_a_full_or_read_only_disk_is_one_line_exit_2_no_temp_files(tmp_path, monkeypatch, code):
-    import pipeline.teachers.extract as extract
+    import pipeline.extract.run as extract
     from stages.cli import app
 
     monkeypatch.setenv("KDPIPE_FSYNC", "0")
@@ -161,7 +161,7 @@ def test_extract_command_on_a_full_or_read_only_disk_is_one_line_exit_2_no_temp_
 
 
 def test_a_full_disk_while_the_store_is_set_up_names_the_store(tmp_path, monkeypatch):
-    import pipeline.teachers.extract as extract
+    import pipeline.extract.run as extract
     from stages.cli import app
 
     monkeypatch.setenv("KDPIPE_FSYNC", "0")
