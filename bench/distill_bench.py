@@ -43,7 +43,8 @@ GPU_REFERENCE_PAIRS_PER_S = 2456  # the reference compiled step at batch 256 on 
 # -- inputs: a memory-mapped feature store and image cache, as the trainer reads them ----------------------
 def make_store(root: Path, n_images: int, dim: int, seed: int = 0):
     """A complete format-v1 store of random unit rows (fp16), written with the project's writer."""
-    from pipeline.store.features import open_store, write_store
+    from pipeline.store.features import open_store
+    from pipeline.store.features_writer import write_store
 
     rng = np.random.default_rng(seed)
     n_captions = n_images * CAPTIONS_PER_IMAGE

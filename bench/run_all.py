@@ -66,7 +66,8 @@ def random_features(n: int, d: int, rng: np.random.Generator, dtype=np.float32) 
 def part_feature_store(rep: Report, ctx: Ctx) -> None:
     from make_flickr_like import split_sizes
 
-    from pipeline.store.features import open_store, write_store
+    from pipeline.store.features import open_store
+    from pipeline.store.features_writer import write_store
 
     # the splits of the dataset at this scale, at least Flickr30K's (the bank distill reads: restval folded
     # into train, 5 captions per image, D = 1024), so that the store is not a few MiB at 0.1x

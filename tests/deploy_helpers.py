@@ -9,7 +9,7 @@ import torch
 
 from pipeline.data.index import DatasetIndex
 from pipeline.paths import ArtifactPaths
-from pipeline.store.features import write_store
+from pipeline.store.features_writer import write_store
 from pipeline.store.image_cache import write_image_cache
 from pipeline.towers.image import ImageTowerConfig
 from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student

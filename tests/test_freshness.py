@@ -318,7 +318,7 @@ def test_distill_refuses_features_of_replaced_images(tmp_path):
     from test_train import make_workdir, tiny_cfg
 
     from pipeline.distill.run import run_distill
-    from pipeline.store.features import StoreWriter
+    from pipeline.store.features_writer import StoreWriter
 
     index = make_workdir(tmp_path)
     index = index.with_hashes([f"{r:064x}" for r in range(index.n_images)])

@@ -22,7 +22,8 @@ from pipeline.distill.losses import DistillLoss
 from pipeline.distill.run import run_distill
 from pipeline.distill.sampler import EpochSampler
 from pipeline.errors import ConfigError, InputError
-from pipeline.store.features import open_store, write_store
+from pipeline.store.features import open_store
+from pipeline.store.features_writer import write_store
 from pipeline.store.image_cache import open_image_cache, write_image_cache
 from pipeline.towers.student import build_student, load_student
 

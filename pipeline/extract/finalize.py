@@ -17,7 +17,8 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.units import WORK_DIR, Unit, image_chunks
 from pipeline.hashing import sha256_file
 from pipeline.store.durable import fsync_dir, fsync_tree, remove_partial_files, write_file_durably
-from pipeline.store.features import UNPAIRED_TEXT, StoreWriter
+from pipeline.store.features import UNPAIRED_TEXT
+from pipeline.store.features_writer import StoreWriter
 
 
 def finalize(

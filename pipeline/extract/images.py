@@ -17,7 +17,7 @@ from pipeline.errors import InputError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.passes import Committer, Lag, data_loader, progress_bar
 from pipeline.extract.units import Unit
-from pipeline.store.features import StoreWriter
+from pipeline.store.features_writer import StoreWriter
 from pipeline.teachers import Teacher
 
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)

@@ -19,7 +19,7 @@ import torch
 from pipeline.extract.units import Unit
 from pipeline.progress import progress
 from pipeline.store.durable import naming, write_file_durably
-from pipeline.store.features import StoreWriter
+from pipeline.store.features_writer import StoreWriter
 
 
 def data_loader(dataset: torch.utils.data.Dataset, workers: int, pin: bool, prefetch: int, **kw: Any):

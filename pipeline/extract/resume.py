@@ -14,7 +14,8 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.extract.finalize import finish_swaps
 from pipeline.extract.units import WORK_DIR, Unit, image_chunks
 from pipeline.store.durable import fsync_tree, remove_partial_files, write_file_durably
-from pipeline.store.features import FORMAT, StoreWriter, clear_store_dir, read_attrs
+from pipeline.store.features import FORMAT, read_attrs
+from pipeline.store.features_writer import StoreWriter, clear_store_dir
 
 
 def is_done(marker: Path, unit: Unit) -> bool:

@@ -23,7 +23,8 @@ from pipeline.extract.resume import is_done, prepare_store
 from pipeline.extract.texts import extract_texts
 from pipeline.extract.units import WORK_DIR, Unit, plan_units
 from pipeline.store.durable import naming
-from pipeline.store.features import StoreWriter, is_feature_store_dir, jsonable, read_attrs
+from pipeline.store.features import is_feature_store_dir, read_attrs
+from pipeline.store.features_writer import StoreWriter, jsonable
 from pipeline.teachers import Teacher, build_teacher
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from pipeline.data.index import SplitView
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.passes import Committer, Lag, data_loader, progress_bar
 from pipeline.extract.units import Unit
-from pipeline.store.features import UNPAIRED_TEXT, StoreWriter
+from pipeline.store.features import UNPAIRED_TEXT
+from pipeline.store.features_writer import StoreWriter
 from pipeline.teachers import Teacher
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.data.index import DatasetIndex, SplitView
-from pipeline.store.features import UNPAIRED_TEXT, chunk_len
+from pipeline.store.features import UNPAIRED_TEXT
+from pipeline.store.features_writer import chunk_len
 
 WORK_DIR = ".extract"  # progress records inside the store while it is being written; deleted at the end
 
