@@ -58,6 +58,18 @@ def save_checkpoint(
         torch.save(blob, f)
 
 
+def comparable(cfg_dict: dict) -> dict:
+    return {k: v for k, v in {**ADDED_KEYS, **cfg_dict}.items() if k not in RUNTIME_KEYS}
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{where}.{k}")
+    return f"{where}: {a!r} then, {b!r} now"
+
+
 def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
@@ -97,18 +109,6 @@ def restore_checkpoint(path: Path, cfg_dict: dict, meta: dict, *, model, optimiz
     if blob["rng"].get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
     return state
-
-
-def _first_difference(a: Any, b: Any, where: str) -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{where}.{k}")
-    return f"{where}: {a!r} then, {b!r} now"
-
-
-def comparable(cfg_dict: dict) -> dict:
-    return {k: v for k, v in {**ADDED_KEYS, **cfg_dict}.items() if k not in RUNTIME_KEYS}
 
 
 def clear_outputs(out_dir: Path) -> None:

@@ -17,6 +17,8 @@ _DIST_TIMEOUT = timedelta(hours=2)  # ranks wait at barriers while rank 0 prepar
 
 @dataclass
 class Ranks:
+    """This process's place among the torchrun ranks (rank 0 of 1 without torchrun)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0

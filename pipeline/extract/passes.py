@@ -23,6 +23,7 @@ from pipeline.store.features_writer import StoreWriter
 
 
 def data_loader(dataset: torch.utils.data.Dataset, workers: int, pin: bool, prefetch: int, **kw: Any):
+    """A DataLoader over `dataset` with `workers` forked worker processes (0: in this process)."""
     extra: dict[str, Any] = {}
     if workers > 0:
         extra["prefetch_factor"] = prefetch
@@ -32,6 +33,9 @@ def data_loader(dataset: torch.utils.data.Dataset, workers: int, pin: bool, pref
 
 
 class Committer:
+    """A background thread that commits finished units: the chunk file (durably), then its marker with the
+    chunk's checksum. An error in the thread is raised in the caller at the next `put` or at `close`."""
+
     def __init__(self, writer: StoreWriter, work: Path) -> None:
         self.writer, self.work = writer, work
         self._queue: queue.Queue = queue.Queue(maxsize=2)  # bounds the finished units held in memory
