@@ -89,7 +89,7 @@ def check_open_clip(model: DualEncoderStudent) -> None:
     for side, proj in (("image", model.image_proj), ("text", model.text_proj)):
         if has_bias(proj):
             reasons.append(
-                f"an {side} projection bias (open_clip's projections have none; train with "
+                f"a bias in the {side} projection (open_clip's projections have none; train with "
                 "distill.student.proj_bias: false)"
             )
     if reasons:
