@@ -98,7 +98,6 @@ def to_dual_encoder(model: DualEncoderStudent, scale: LogitScale):
         dual.visual_projection.weight.zero_()
         dual.visual_projection.weight[:, :dim] = torch.eye(dim)  # picks those rows
         dual.text_projection.weight.copy_(model.text_proj.weight.detach().float())
-        dual.logit_scale.fill_(scale.log_scale)
     return dual
 
 
