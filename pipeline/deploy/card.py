@@ -213,8 +213,9 @@ def _hf_lines(shown: Path, info: CardInfo) -> list[str]:
         "image = F.normalize(model.get_image_features(**proc(images, return_tensors='pt')).pooler_output, dim=-1)",
         "```",
         "",
-        "The image processor makes the pixels above from image files (PIL backend: transformers' torchvision "
-        "backend resizes with another kernel)" + (": " + "; ".join(caveats) + "." if caveats else "."),
+        "`preprocessor_config.json` makes the pixels above from image files with transformers' PIL backend (its "
+        "torchvision backend resizes with another kernel)."
+        + (" Where they can still differ from kdpipe's: " + "; ".join(caveats) + "." if caveats else ""),
     ]
 
 
@@ -236,7 +237,8 @@ def _open_clip_lines(shown: Path, info: CardInfo) -> list[str]:
         f"`text_cfg.hf_model_name` in `open_clip_config.json` names this directory ({where}), where transformers "
         "finds the text model's config.json: after moving the directory, change it to the new path. open_clip's "
         "tokenizer cleans text first (ftfy, HTML unescape, whitespace): texts that cleaning changes (curly quotes, "
-        "`&amp;`) tokenize differently from kdpipe. Pixels: " + "; ".join(open_clip_pixel_caveats(info.pixels)) + ".",
+        "`&amp;`) tokenize differently from kdpipe. Its `preprocess` makes the pixels above from image files; "
+        "where they can differ from kdpipe's: " + "; ".join(open_clip_pixel_caveats(info.pixels)) + ".",
     ]
 
 

@@ -27,6 +27,7 @@ from pipeline.deploy.scale import training_logit_scale
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir, write_text_durably
 from pipeline.store.features import read_attrs
+from pipeline.towers import quiet_transformers
 from pipeline.towers.student import load_student
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,9 @@ def hf_max_error(model, directory: Path, n: int = 3) -> float:
     import torch.nn.functional as F
     from transformers import AutoTokenizer, VisionTextDualEncoderModel
 
-    dual = VisionTextDualEncoderModel.from_pretrained(directory, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    with quiet_transformers():
+        dual = VisionTextDualEncoderModel.from_pretrained(directory, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     s = model.image_size
     images = np.random.default_rng(0).integers(0, 256, (n, s, s, 3), dtype=np.uint8)
     pixels = model.normalize_pixels(model.to_float(images))

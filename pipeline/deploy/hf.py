@@ -30,6 +30,7 @@ from pipeline.deploy.pixels import StudentPixels, hf_image_processor
 from pipeline.deploy.scale import LogitScale
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir
+from pipeline.towers import quiet_transformers
 from pipeline.towers.student import DualEncoderStudent
 
 
@@ -105,11 +106,9 @@ def save_dual_encoder(
     model: DualEncoderStudent, directory: Path | str, pixels: StudentPixels, scale: LogitScale
 ) -> Path:
     """Write the transformers copy (config, weights, tokenizer, image processor) into `directory`."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     dual = to_dual_encoder(model, scale)  # first: a refused student leaves nothing behind
-    with atomic_dir(directory) as tmp:  # swapped in whole: never a config beside another export's weights
+    # swapped in whole: never a config beside another export's weights
+    with atomic_dir(directory) as tmp, quiet_transformers():
         dual.save_pretrained(tmp)
         save_tokenizer(model, tmp)
         (tmp / "preprocessor_config.json").write_text(json.dumps(hf_image_processor(pixels), indent=2) + "\n")

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir
+from pipeline.towers import quiet_transformers
 from pipeline.towers.student import DualEncoderStudent
 
 
@@ -62,7 +63,8 @@ def save_sentence_transformer(model: DualEncoderStudent, directory: Path, text_t
     pooling = model.config.text.pooling
     head = [_dense(_bert_pooler(model), nn.Tanh())] if pooling == "pooler" else []  # refuses first
     width = model.text_tower.out_dim
-    transformer = Transformer(str(text_tower_dir), max_seq_length=model.text_tower.max_tokens)
+    with quiet_transformers():  # its AutoModel reports the pooler the tower deliberately left out (not used)
+        transformer = Transformer(str(text_tower_dir), max_seq_length=model.text_tower.max_tokens)
     modules = [
         transformer,
         Pooling(width, pooling_mode="cls" if pooling == "pooler" else pooling),
@@ -71,7 +73,7 @@ def save_sentence_transformer(model: DualEncoderStudent, directory: Path, text_t
         Normalize(),
     ]
     st = SentenceTransformer(modules=modules, device="cpu")
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory) as tmp, quiet_transformers():
         st.save(str(tmp))
     return Path(directory)
 
@@ -81,6 +83,7 @@ def max_error(model: DualEncoderStudent, directory: Path, texts: list[str]) -> f
     """Largest |sentence-transformers - kdpipe| over the embeddings of `texts`, the saved directory reloaded."""
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(str(directory), device="cpu", local_files_only=True)
+    with quiet_transformers():
+        st = SentenceTransformer(str(directory), device="cpu", local_files_only=True)
     theirs = st.encode(texts, convert_to_tensor=True).float().cpu()
     return float((theirs - model.encode_texts(texts).cpu()).abs().max())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import InputError
@@ -51,6 +52,21 @@ def _from_hub_cache(repo_id: str) -> Path | None:
         return None
 
 
+@contextmanager
+def quiet_transformers():
+    """transformers without its load reports and progress bars (kdpipe says what matters in one line)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
 def load_pretrained_strict(model_cls, path: Path, key: str, *, ignorable_prefixes: tuple[str, ...] = (), **kwargs):
     """`model_cls.from_pretrained(path)` that refuses missing, unexpected or mismatched weights by name.
 
@@ -58,16 +74,8 @@ def load_pretrained_strict(model_cls, path: Path, key: str, *, ignorable_prefixe
     student that silently starts half of its tower from random weights is worse than an error. Keys under
     `ignorable_prefixes` (e.g. the "pooler." of a checkpoint whose pooler the tower does not build) are the
     one deliberate exception."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         model, info = model_cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     problems = {
         "missing": sorted(info.get("missing_keys", ())),
         "unexpected": sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(ignorable_prefixes)),
