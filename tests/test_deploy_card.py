@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from deploy_helpers import SIZE, squash, tiny_student
+
 from pipeline.deploy.card import CardInfo, model_card
 from pipeline.deploy.pixels import student_pixels
 from pipeline.towers.student import save_student
