@@ -20,7 +20,7 @@ SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hi
 TEXTS = ["A dog runs", "the cat sits on a man in red", "photo"]
 
 
-def clip_dir(tmp_path, kind: str = "clip"):
+def clip_dir(tmp_path, kind: str = "clip", projection_dim: int = 8):
     """A whole tiny CLIP or SigLIP (both halves), saved; token ids up to 20 (the conftest vocabulary)."""
     import transformers
 
@@ -29,7 +29,7 @@ def clip_dir(tmp_path, kind: str = "clip"):
     torch.manual_seed(0)
     if kind == "clip":
         model = transformers.CLIPModel(
-            transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+            transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
         )
     else:
         model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
@@ -125,6 +125,30 @@ def test_a_whole_small_clip_gives_both_towers(tokenizer_dir, tmp_path):
         hidden = clip.vision_model(pixel_values=pixels).last_hidden_state
         torch.testing.assert_close(mean, hidden[:, 1:].mean(1), rtol=0, atol=0)  # patches only, not CLS
     round_trip(model, tmp_path)
+
+
+def test_a_whole_clip_into_its_own_dimension_starts_as_that_clip(tokenizer_dir, tmp_path):
+    """projection_dim = the student's dim: the projections are CLIP's, so the untrained student is the CLIP."""
+    import torch.nn.functional as F
+    from transformers import CLIPModel
+
+    path = clip_dir(tmp_path, projection_dim=DIM)
+    model = student(tokenizer_dir, text={"path": path, "pooling": "pooler"}, image={"path": path, "pooling": "pooler"})
+    clip = CLIPModel.from_pretrained(path).eval()
+    tok = model.tokenize(TEXTS)
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    with torch.no_grad():
+        pixels = model.normalize_pixels(model.to_float(images))
+        theirs = F.normalize(clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        torch.testing.assert_close(model.encode_images(images), theirs, rtol=0, atol=1e-6)
+        theirs = F.normalize(clip.get_text_features(**tok).pooler_output, dim=-1)
+        torch.testing.assert_close(model.encode_texts(TEXTS), theirs, rtol=0, atol=1e-6)
+    # another dimension, or the towers pooled otherwise: fresh projections
+    from pipeline.towers.hf_models import dual_projections
+
+    assert dual_projections(model.config, DIM) is not None and dual_projections(model.config, 2 * DIM) is None
+    mean = replace(model.config, image=replace(model.config.image, pooling="mean"))
+    assert dual_projections(mean, DIM) is None
 
 
 @pytest.mark.parametrize("kind,pooling,prefix", [("siglip", "mean", 0), ("siglip", "pooler", 0), ("dinov2", "mean", 1),

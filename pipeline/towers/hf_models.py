@@ -92,3 +92,27 @@ def image_model(config, key: str, pooling: str) -> TowerModel:
         kwargs["add_pooling_layer"] = pooling == "pooler"
         ignorable += () if pooling == "pooler" else ("pooler.",)
     return TowerModel(cls, own, kwargs, ignorable, prefix)
+
+
+def dual_projections(cfg, dim: int):
+    """(visual_projection, text_projection) weights [dim, width] of a whole CLIP that is both towers, each pooled
+    with CLIP's own pooler, when its projection_dim is the student's `dim`: the student then starts as that CLIP
+    (TinyCLIP's starting point). None otherwise (the projections keep their random init)."""
+    from safetensors import safe_open
+
+    from pipeline.towers import require_dir
+
+    paths = (cfg.image.path, cfg.text.path)
+    if None in paths or (cfg.image.pooling, cfg.text.pooling) != ("pooler", "pooler") or cfg.image.backend != "hf_vit":
+        return None
+    where = [require_dir(p, "distill.student", "a local Hugging Face model dir").resolve() for p in paths]
+    weights = where[0] / "model.safetensors"
+    if where[0] != where[1] or not weights.is_file():
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(where[0], local_files_only=True)
+    if config.model_type != "clip" or config.projection_dim != dim:
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        return f.get_tensor("visual_projection.weight"), f.get_tensor("text_projection.weight")

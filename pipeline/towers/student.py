@@ -61,6 +61,14 @@ class DualEncoderStudent(nn.Module):
             nn.init.xavier_normal_(proj.weight, gain=cfg.proj_init_gain)
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
+        if weights:  # a whole CLIP as both towers (TinyCLIP-like): its own projections, where they fit
+            from pipeline.towers.hf_models import dual_projections
+
+            start = dual_projections(cfg, self.dim)
+            if start is not None:
+                with torch.no_grad():
+                    self.image_proj.weight.copy_(start[0])
+                    self.text_proj.weight.copy_(start[1])
         # [1, 3, 1, 1] constants that follow .to(device) but are not parameters nor saved state.
         self.register_buffer("pixel_mean", torch.tensor(self.image_tower.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.image_tower.std).view(1, 3, 1, 1), persistent=False)
