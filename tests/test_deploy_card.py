@@ -65,3 +65,20 @@ def test_the_card_shows_this_seed_and_reads_like_prose(tokenizer_dir, tmp_path):
     assert "squash: the whole image resized to 16 x 16 (aspect ratio not kept)" in card
     # a caption no faster, and why
     assert "0.74x per caption" in card and "same MiniLM-L6 that the teacher's text side runs" in card
+
+
+def test_where_exported_pixels_can_differ_is_said():
+    """Each difference between the libraries' preprocessing and kdpipe's, named where it applies only."""
+    from pipeline.data.prepare import ResizeConfig
+    from pipeline.deploy.pixels import hf_pixel_caveats, open_clip_pixel_caveats
+
+    def px(exif="ignore", **resize):
+        attrs = {"resize": ResizeConfig(crop=SIZE, **resize).describe(), "exif_orientation": exif}
+        return student_pixels(attrs, "cache", SIZE, (0.5,) * 3, (0.5,) * 3, "t")
+
+    exact = px(mode="squash", draft=False)
+    assert hf_pixel_caveats(exact) == [] and len(open_clip_pixel_caveats(exact)) == 1  # open_clip: alpha only
+    assert any("3 mod 4" in c for c in hf_pixel_caveats(px(resize=24, draft=False)))
+    assert any("DCT-scaled" in c for c in hf_pixel_caveats(px(mode="squash")))
+    assert any("EXIF" in c for c in open_clip_pixel_caveats(px("apply", mode="squash", draft=False)))
+    assert "turned upright by its EXIF orientation tag" in px("apply", mode="squash").describe()

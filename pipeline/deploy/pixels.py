@@ -19,7 +19,8 @@ What each library can say, checked against their code (transformers 5: `image_pr
   crop equals its resize); its centre crop rounds as kdpipe's. It converts to RGB *after* resizing, so images
   with alpha or a palette resize differently (PIL premultiplies alpha); RGB files (JPEG, RGB PNG) are exact.
 - neither decodes JPEGs DCT-scaled: where kdpipe does (`draft`, files >= 2x the target size) their pixels are a
-  full decode resized, a small difference that prepare's `draft: false` removes.
+  full decode resized, a small difference that prepare's `draft: false` removes; neither turns photos upright by
+  their EXIF orientation tag (prepare's `exif_orientation: apply`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class StudentPixels:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str  # where the resize came from (the image cache), for error lines and the model card
+    exif: str = "ignore"  # prepare turned images upright by their EXIF orientation tag ("apply") or not
 
     def describe(self) -> str:
         """One line for the model card."""
@@ -52,7 +54,11 @@ class StudentPixels:
             how = f"squash: the whole image resized to {r.crop} x {r.crop} (aspect ratio not kept)"
         else:
             how = f"shorter side resized to {r.resize}, then the centre {r.crop} x {r.crop} crop"
-        return f"RGB, {how}, {r.filter} filter; / 255, then (x - mean) / std with mean {self.mean}, std {self.std}"
+        upright = "turned upright by its EXIF orientation tag, " if self.exif == "apply" else ""
+        return (
+            f"RGB, {upright}{how}, {r.filter} filter; / 255, then (x - mean) / std with mean {self.mean}, "
+            f"std {self.std}"
+        )
 
 
 def student_pixels(cache_attrs: dict[str, Any] | None, source: str, size: int, mean, std, what: str) -> StudentPixels:
@@ -72,7 +78,17 @@ def student_pixels(cache_attrs: dict[str, Any] | None, source: str, size: int, m
             "device; no image processor does that double resize: prepare at the student's size "
             f"(prepare.image.crop: {size})"
         )
-    return StudentPixels(resize, size, tuple(float(m) for m in mean), tuple(float(s) for s in std), source)
+    exif = (cache_attrs or {}).get("exif_orientation") or "ignore"
+    return StudentPixels(resize, size, tuple(float(m) for m in mean), tuple(float(s) for s in std), source, exif)
+
+
+def _common_caveats(px: StudentPixels) -> list[str]:
+    out = []
+    if px.resize.draft:
+        out.append("kdpipe decodes JPEGs of twice the target size or more DCT-scaled (prepare.image.draft)")
+    if px.exif == "apply":
+        out.append("kdpipe turns photos upright by their EXIF orientation tag first, which neither library does")
+    return out
 
 
 def hf_image_processor(px: StudentPixels) -> dict[str, Any]:
@@ -106,9 +122,7 @@ def hf_pixel_caveats(px: StudentPixels) -> list[str]:
             "its centre crop starts at (side - crop) // 2, kdpipe's at round((side - crop) / 2): one pixel apart "
             "where the resized side minus the crop is 3 mod 4"
         )
-    if px.resize.draft:
-        out.append("kdpipe decodes JPEGs of twice the target size or more DCT-scaled (prepare.image.draft)")
-    return out
+    return out + _common_caveats(px)
 
 
 def open_clip_preprocess(px: StudentPixels) -> dict[str, Any]:
@@ -137,6 +151,4 @@ def open_clip_preprocess(px: StudentPixels) -> dict[str, Any]:
 
 def open_clip_pixel_caveats(px: StudentPixels) -> list[str]:
     out = ["open_clip converts to RGB after resizing: images with alpha or a palette differ (RGB files are exact)"]
-    if px.resize.draft:
-        out.append("kdpipe decodes JPEGs of twice the target size or more DCT-scaled (prepare.image.draft)")
-    return out
+    return out + _common_caveats(px)
