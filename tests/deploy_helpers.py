@@ -11,8 +11,8 @@ import torch
 from pipeline.config import write_resolved
 from pipeline.data.index import DatasetIndex
 from pipeline.data.prepare import ResizeConfig
-from pipeline.distill.losses import LossConfig
 from pipeline.distill.config import DistillConfig
+from pipeline.distill.losses import LossConfig
 from pipeline.paths import ArtifactPaths
 from pipeline.store.features_writer import write_store
 from pipeline.store.image_cache import write_image_cache
