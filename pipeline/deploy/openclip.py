@@ -96,14 +96,14 @@ def check_open_clip(model: DualEncoderStudent) -> None:
         raise InputError("export --open-clip: open_clip cannot compute this student exactly: " + "; ".join(reasons))
 
 
-def vision_tower(model: DualEncoderStudent) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(open_clip `vision_cfg`, `visual.*` state) of the student's ViT and image projection."""
+def vision_tower(model: DualEncoderStudent) -> tuple[dict, dict[str, torch.Tensor], bool]:
+    """(open_clip `vision_cfg`, `visual.*` state, its model-level `quick_gelu`) of the student's ViT and image
+    projection."""
     vit = model.image_tower.model
     c = vit.config
     quick, act_kwargs = ACTIVATIONS[c.hidden_act]
-    if c.hidden_size % c.num_attention_heads or int(c.hidden_size * (c.intermediate_size / c.hidden_size)) != (
-        c.intermediate_size
-    ):
+    mlp_ratio = c.intermediate_size / c.hidden_size  # open_clip's MLP width is int(width * mlp_ratio)
+    if c.hidden_size % c.num_attention_heads or int(c.hidden_size * mlp_ratio) != c.intermediate_size:
         raise InputError(
             f"export --open-clip: ViT sizes {c.hidden_size} / {c.num_attention_heads} heads / "
             f"{c.intermediate_size} do not fit open_clip's head_width and mlp_ratio"
@@ -146,7 +146,7 @@ def vision_tower(model: DualEncoderStudent) -> tuple[dict, dict[str, torch.Tenso
         "width": c.hidden_size,
         "layers": c.num_hidden_layers,
         "head_width": c.hidden_size // c.num_attention_heads,
-        "mlp_ratio": c.intermediate_size / c.hidden_size,
+        "mlp_ratio": mlp_ratio,
         "no_ln_pre": True,
         "pool_type": "tok" if model.config.image.pooling == "cls" else "avg",
         "final_ln_after_pool": False,
@@ -154,7 +154,7 @@ def vision_tower(model: DualEncoderStudent) -> tuple[dict, dict[str, torch.Tenso
     }
     if act_kwargs:
         cfg["act_kwargs"] = act_kwargs
-    return cfg | ({"_quick_gelu": True} if quick else {}), {k: v.detach().float().contiguous() for k, v in out.items()}
+    return cfg, {k: v.detach().float().contiguous() for k, v in out.items()}, quick
 
 
 def _canonical(key: str) -> str:
@@ -189,8 +189,7 @@ def save_open_clip(
     model = getattr(model, "_orig_mod", model)
     check_open_clip(model)
     preprocess = open_clip_preprocess(pixels)  # may refuse too: before anything is written
-    vision_cfg, state = vision_tower(model)
-    quick = vision_cfg.pop("_quick_gelu", False)
+    vision_cfg, state, quick = vision_tower(model)
     text_cfg, text_state = text_tower(model, str(Path(final or directory).resolve()))
     state |= text_state
     state["logit_scale"] = torch.tensor(scale.log_scale, dtype=torch.float32)
