@@ -46,6 +46,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.data.exif import orientation, upright
 from pipeline.data.file_hashes import content_hashes
+from pipeline.data.image_source import ImageFiles, ImageRef, open_image
 from pipeline.data.index import DatasetIndex, SplitView, read_fingerprint
 from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
@@ -146,10 +147,11 @@ class PrepareConfig:
 
 
 # -- decoding one image, one block ------------------------------------------------------------------
-def decode_image(path: str | Path, rc: ResizeConfig, exif: str = "ignore") -> np.ndarray:
-    """One image file -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/ValueError for a bad file.
-    exif: "apply" turns the image upright by its EXIF orientation tag first (see pipeline/data/exif.py)."""
-    with Image.open(path) as img:
+def decode_image(image: str | Path | ImageRef, rc: ResizeConfig, exif: str = "ignore") -> np.ndarray:
+    """One image (a file, or an index row's ImageRef) -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/
+    ValueError for a bad image. exif: "apply" turns the image upright by its EXIF orientation tag first (see
+    pipeline/data/exif.py)."""
+    with open_image(image if isinstance(image, ImageRef) else ImageRef(str(image))) as img:
         return _resize_crop(img, rc, orientation(img) if exif == "apply" else 1)
 
 
@@ -175,7 +177,7 @@ def _resize_crop(img: Image.Image, rc: ResizeConfig, tag: int) -> np.ndarray:
     return np.asarray(out)
 
 
-def describe_failure(path: str, err: BaseException) -> str:
+def describe_failure(ref: ImageRef, err: BaseException) -> str:
     """A short reason for a bad image, for the error line and the report."""
     if isinstance(err, FileNotFoundError):
         return "file not found"
@@ -185,8 +187,8 @@ def describe_failure(path: str, err: BaseException) -> str:
         return "permission denied"
     if isinstance(err, UnidentifiedImageError):
         try:
-            if os.path.getsize(path) == 0:
-                return "empty file"
+            if (ref.size if ref.container == "tar" else os.path.getsize(ref.path)) == 0:
+                return "empty member" if ref.container else "empty file"
         except OSError:
             pass
         return "not an image file PIL can read"
@@ -199,11 +201,12 @@ def describe_failure(path: str, err: BaseException) -> str:
 
 
 def decode_block(
-    paths: list[str], rc: ResizeConfig, data_file: str, start_row: int, exif: str = "ignore"
+    images: list[ImageRef], rc: ResizeConfig, data_file: str, start_row: int, exif: str = "ignore"
 ) -> dict[str, Any]:
-    """Decode consecutive images and write them at `start_row` of a split's data file (one inner chunk).
+    """Decode consecutive images (files, shard members, parquet cells: pipeline/data/image_source.py) and
+    write them at `start_row` of a split's data file (one inner chunk).
 
-    Returns {"failures": [(position in `paths`, reason), ...], "exif_tagged": images with an EXIF
+    Returns {"failures": [(position in `images`, reason), ...], "exif_tagged": images with an EXIF
     orientation other than 1, "cpu_seconds": CPU time of this call's thread}; a failed image's row stays zero
     and is removed by the caller under `skip`. Runs in dask workers and in-process alike."""
     cpu_start = time.thread_time()
@@ -213,17 +216,18 @@ def decode_block(
             "images would be silently filled with grey; prepare refuses to run that way"
         )
     h, w = rc.image_size
-    block = np.zeros((len(paths), h, w, 3), dtype=np.uint8)
+    block = np.zeros((len(images), h, w, 3), dtype=np.uint8)
     failures: list[tuple[int, str]] = []
     tagged = 0  # images whose EXIF orientation asks for a rotation or mirror
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                tag = orientation(img)
-                block[i] = _resize_crop(img, rc, tag if exif == "apply" else 1)
-            tagged += tag != 1
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-            failures.append((i, describe_failure(path, err)))
+    with ImageFiles() as files:  # a block's members come from one shard (or a few): each is opened once
+        for i, ref in enumerate(images):
+            try:
+                with open_image(ref, files) as img:
+                    tag = orientation(img)
+                    block[i] = _resize_crop(img, rc, tag if exif == "apply" else 1)
+                tagged += tag != 1
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+                failures.append((i, describe_failure(ref, err)))
     write_rows(data_file, start_row, block)
     return {"failures": failures, "exif_tagged": tagged, "cpu_seconds": time.thread_time() - cpu_start}
 
@@ -233,7 +237,7 @@ def decode_block(
 class _Task:
     split: str
     start: int  # first row of the block in the split
-    paths: list[str]
+    images: list[ImageRef]
     data_file: str
 
 
@@ -259,11 +263,11 @@ def _read_with_hashes(cfg: PrepareConfig, paths: ArtifactPaths, verify: bool) ->
     """The dataset's index with each image file's content hash (pipeline/data/file_hashes.py)."""
     index = read_dataset(cfg.dataset)
     log.info(_describe(index))
-    files = [os.path.abspath(index.image_abspath(r)) for r in range(index.n_images)]
-    hashes, n_read = content_hashes(files, paths.file_stats, verify=verify, threads=min(4, available_cpus()))
+    refs = [_absolute(index.image_ref(r)) for r in range(index.n_images)]
+    hashes, n_read = content_hashes(refs, paths.file_stats, verify=verify, threads=min(4, available_cpus()))
     if n_read:
         why = "--verify" if verify else "new files, or their size or mtime changed"
-        log.info(f"prepare: hashed {n_read:,} of {len(files):,} image file(s) ({why})")
+        log.info(f"prepare: hashed {n_read:,} of {len(refs):,} image(s) ({why})")
     return index.with_hashes(hashes)
 
 
@@ -423,12 +427,17 @@ def _build(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dic
 
 def _block_tasks(view: SplitView, runs: list[tuple[int, int]], chunk: int, data_file: str) -> list[_Task]:
     """Decode tasks for rows [start, stop) of each run of a split, at most `chunk` images each."""
-    abs_paths = [os.path.abspath(p) for p in view.image_path]
+    refs = [_absolute(r) for r in view.image_ref]
     return [
-        _Task(view.name, s, abs_paths[s : min(stop, s + chunk)], data_file)
+        _Task(view.name, s, refs[s : min(stop, s + chunk)], data_file)
         for start, stop in runs
         for s in range(start, stop, chunk)
     ]
+
+
+def _absolute(ref: ImageRef) -> ImageRef:
+    """The same image with an absolute path (dask workers may run elsewhere; the hash cache is keyed by it)."""
+    return replace(ref, path=os.path.abspath(ref.path))
 
 
 def _failures(results: list[tuple[_Task, dict]], views: dict[str, SplitView]) -> list[tuple[int, str]]:
@@ -449,6 +458,7 @@ def _bad_report(index: DatasetIndex, bad: list[tuple[int, str]]) -> list[dict[st
     return [
         {
             "file": str(index.image_abspath(r)),
+            **({"member": index.image_ref(r).key} if index.image_ref(r).container else {}),
             "image_id": str(index.image_id[r]),
             "split": str(index.image_split[r]),
             "reason": reason,
@@ -478,7 +488,7 @@ def _summary(
     status: str, index: DatasetIndex, n_bad: int, results: list[tuple[_Task, dict]], decode_s: float
 ) -> dict[str, Any]:
     """The summary of a run that decoded images (all of them, or the changed ones), with the EXIF line."""
-    n = sum(len(task.paths) for task, _ in results)
+    n = sum(len(task.images) for task, _ in results)
     cpu_s = sum(result["cpu_seconds"] for _, result in results)
     tagged = sum(result["exif_tagged"] for _, result in results)
     if tagged:
@@ -514,8 +524,8 @@ def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[l
         if in_process:
             start = time.perf_counter()
             for task in tasks:
-                out.append((task, decode_block(task.paths, cfg.image, task.data_file, task.start, exif)))
-                bar.advance(len(task.paths))
+                out.append((task, decode_block(task.images, cfg.image, task.data_file, task.start, exif)))
+                bar.advance(len(task.images))
             return out, time.perf_counter() - start
         import dask
         from dask.distributed import Client, LocalCluster, as_completed
@@ -539,13 +549,13 @@ def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[l
             with Client(cluster if cluster is not None else cfg.scheduler) as client:
                 start = time.perf_counter()
                 futures = {
-                    client.submit(decode_block, t.paths, cfg.image, t.data_file, t.start, exif, pure=False): t
+                    client.submit(decode_block, t.images, cfg.image, t.data_file, t.start, exif, pure=False): t
                     for t in tasks
                 }
                 for fut in as_completed(futures):
                     task = futures[fut]
                     out.append((task, fut.result()))
-                    bar.advance(len(task.paths))
+                    bar.advance(len(task.images))
         except OSError as err:
             if cfg.scheduler is not None and not out:
                 raise InputError(
@@ -570,11 +580,16 @@ def _describe(index: DatasetIndex) -> str:
 
 def _error_line(index: DatasetIndex, bad: list[tuple[int, str]]) -> str:
     row, reason = bad[0]
-    line = f"{index.image_abspath(row)}: {reason}"
+    line = f"{index.describe_image(row)}: {reason}"
     if len(bad) > 1:
-        others = ", ".join(str(index.image_path[r]) for r, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
+        others = ", ".join(_short_name(index, r) for r, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
         line += f"; {len(bad) - 1} other image(s) failed too ({others})"
     return line + "; set prepare.on_bad_image: skip to leave bad images out (they are then listed in bad_images.json)"
+
+
+def _short_name(index: DatasetIndex, row: int) -> str:
+    """An image as the list of other failures names it: its path as the annotations give it, or its id (a member)."""
+    return str(index.image_id[row] if index.image_member is not None else index.image_path[row])
 
 
 def _write_json(path: Path, data: Any) -> None:
