@@ -144,4 +144,6 @@ def _load(stats_file: Path) -> tuple[dict[str, list], dict[str, list]]:
         return {}, {}
     files = {p: v for p, v in data["files"].items() if isinstance(v, list) and len(v) == 3}
     containers = data.get("containers") if isinstance(data.get("containers"), dict) else {}
-    return files, {p: v for p, v in containers.items() if isinstance(v, list) and len(v) == 3 and isinstance(v[2], dict)}
+    return files, {
+        p: v for p, v in containers.items() if isinstance(v, list) and len(v) == 3 and isinstance(v[2], dict)
+    }

@@ -6,7 +6,7 @@ Face datasets' `{"bytes", "path"}` image struct). The dataset index records whic
 pipeline/data/index.py stores the fields as columns), and every stage that decodes images (prepare, extract,
 search) opens them through `open_image`, so that a row means the same pixels everywhere.
 
-Tar members are addressed by the byte range of their data (`offset`, `size`), read from the tar headers when
+Tar members are addressed by the byte range of their data (`offset`, `length`), read from the tar headers when
 the index is built: opening one is a seek and a read, with no scan of the shard. Parquet cells are addressed
 by row number: their row group is read (one column) and kept by an `ImageFiles` for the next rows, which
 prepare's blocks and extract's batches read in order.
@@ -36,7 +36,7 @@ class ImageRef:
     container: Container = ""  # "": a file of its own; "tar": a member of a tar shard; "parquet": a cell
     member: str = ""  # tar: the member's name; parquet: the image column
     offset: int = -1  # tar: first byte of the member's data; parquet: the row in the file
-    size: int = -1  # tar: the member's length in bytes; parquet: unused (-1)
+    length: int = -1  # tar: the member's length in bytes; parquet: unused (-1)
 
     @property
     def key(self) -> str:
@@ -73,10 +73,10 @@ class ImageFiles:
             self.close()
             self._file = (ref.path, open(ref.path, "rb", buffering=0))
         fh = self._file[1]
-        data = os.pread(fh.fileno(), ref.size, ref.offset)
-        if len(data) != ref.size:
+        data = os.pread(fh.fileno(), ref.length, ref.offset)
+        if len(data) != ref.length:
             raise OSError(
-                f"truncated shard: the member's {ref.size} bytes at offset {ref.offset} end past the end of the file"
+                f"truncated shard: the member's {ref.length} bytes at offset {ref.offset} end past the end of the file"
             )
         return data
 

@@ -290,11 +290,14 @@ class DatasetIndex:
         if self.n_unpaired_texts:  # only then: an index without them keeps its fingerprint
             h.update(b"\nunpaired_text\n")
             _hash_strings(h, (self.unpaired_text, self.unpaired_text_split))
-        if self.image_member is not None:  # only then, likewise: which member of the file each image is
+        if self.image_member is not None:  # only then, likewise: which member of which file each image is
             m = self.image_member
             h.update(b"\nmembers\n")
+            # a parquet cell's row says which image it is; a tar member's offset and length only where a rewritten
+            # shard put its bytes: location, like image_root (the content hashes say whether the bytes changed)
+            rows = np.where(m.container == "parquet", m.offset, -1)
             _hash_strings(h, (m.container, m.member))
-            h.update(np.ascontiguousarray(np.stack([m.offset, m.length]), dtype="<i8").tobytes())
+            h.update(np.ascontiguousarray(rows, dtype="<i8").tobytes())
         return h.hexdigest()
 
     def content_digest(self, rows: np.ndarray | None = None, splits: list[str] | None = None) -> str | None:

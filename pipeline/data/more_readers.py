@@ -137,7 +137,8 @@ def _read_parquet(path: Path, file_split: str | None, root: Path, builder: _Buil
     container = _relative_to_root(path, root)
     for r in parquet_rows(path, options):
         if held:
-            where_in = {"image_id": r.image_id, "member": ("parquet", options.image_column, r.row, -1), "unique": True}
+            image_id = r.image_id if r.image_id is not None else f"{posixpath.splitext(container)[0]}/{r.row}"
+            where_in = {"image_id": image_id, "member": ("parquet", options.image_column, r.row, -1), "unique": True}
             builder.add_row(r.where, container, r.captions, r.split, file_split, unpaired_ok=True, **where_in)
         else:
             builder.add_row(r.where, r.image, r.captions, r.split, file_split, unpaired_ok=True)

@@ -15,7 +15,6 @@ row). Files are read in record batches without the image bytes (bounded memory w
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ class ParquetRow:
     where: str
     image: str | None  # a path (kind "path"), or None: an unpaired text (or an image held as bytes, see `row`)
     row: int  # the row in the file (images held as bytes are addressed by it)
-    image_id: str | None  # images held as bytes: their id; None otherwise
+    image_id: str | None  # images held as bytes: their id from id_column; None otherwise
     captions: list[Any]
     split: Any
 
@@ -91,7 +90,6 @@ def parquet_rows(path: Path, options: ParquetOptions) -> Iterator[ParquetRow]:
         if options.id_column not in schema.names:
             raise InputError(f"{path}: no column {options.id_column!r} (prepare.dataset.parquet.id_column)")
         columns.append(options.id_column)
-    stem = posixpath.splitext(path.name)[0]
     row = 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS, columns=columns):
@@ -111,8 +109,7 @@ def parquet_rows(path: Path, options: ParquetOptions) -> Iterator[ParquetRow]:
                     given = data[options.id_column][i] if options.id_column else None
                     if options.id_column and (given is None or not str(given).strip()):
                         raise InputError(f"{where}: no image id in column {options.id_column!r}")
-                    image_id = str(given) if options.id_column else f"{stem}/{row}"
-                    yield ParquetRow(where, None, row, image_id, captions, split)
+                    yield ParquetRow(where, None, row, str(given) if options.id_column else None, captions, split)
                 row += 1
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"{path}: cannot read the parquet file ({err})") from None

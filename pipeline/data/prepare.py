@@ -187,7 +187,7 @@ def describe_failure(ref: ImageRef, err: BaseException) -> str:
         return "permission denied"
     if isinstance(err, UnidentifiedImageError):
         try:
-            if (ref.size if ref.container == "tar" else os.path.getsize(ref.path)) == 0:
+            if (ref.length if ref.container == "tar" else os.path.getsize(ref.path)) == 0:
                 return "empty member" if ref.container else "empty file"
         except OSError:
             pass
@@ -331,8 +331,9 @@ def _changed_rows(index: DatasetIndex, saved: DatasetIndex, report: list[dict]) 
 
 
 def _keep(paths: ArtifactPaths, index: DatasetIndex, saved: DatasetIndex, report: list[dict]) -> dict[str, Any]:
-    if saved.image_root != index.image_root:  # the dataset moved: same content, new location for later stages
-        replace(saved, image_root=index.image_root).save(paths.index_dir)
+    moved = _relocated(saved, index)
+    if moved is not saved:  # same content, new location for later stages (the dataset moved, a shard was rewritten)
+        moved.save(paths.index_dir)
     log.info(
         f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
         f"(index {saved.fingerprint[:12]}, same image files, same image recipe)"
@@ -349,6 +350,21 @@ def _keep(paths: ArtifactPaths, index: DatasetIndex, saved: DatasetIndex, report
         "images_per_cpu_second": None,
         "exif_tagged": None,
     }
+
+
+def _relocated(saved: DatasetIndex, index: DatasetIndex) -> DatasetIndex:
+    """`saved` (whose rows may lack bad images) with `index`'s image root and tar members' byte ranges, which the
+    fingerprint leaves out; `saved` itself when neither changed."""
+    out = saved
+    if saved.image_root != index.image_root:
+        out = replace(out, image_root=index.image_root)
+    if saved.image_member is not None and index.image_member is not None:
+        row_of = {image_id: r for r, image_id in enumerate(index.image_id.tolist())}
+        now = index.image_member.take(np.array([row_of[i] for i in saved.image_id.tolist()], dtype=np.int64))
+        old = saved.image_member
+        if not (np.array_equal(now.offset, old.offset) and np.array_equal(now.length, old.length)):
+            out = replace(out, image_member=now)
+    return out
 
 
 def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, changed: list[int]) -> dict[str, Any] | None:
