@@ -1,0 +1,87 @@
+"""Tiny CLIP and SigLIP models built from configs, offline, with real tokenizers and image processors:
+what `save_pretrained` writes for a hub model, small enough for a CPU test."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+CORPUS = ["a photo of a cat", "a dog on the grass", "two birds in the sky", "red car", "the quick brown fox"]
+
+
+def tiny_clip(directory: Path, seed: int = 0) -> Path:
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz!.,":
+            vocab[c + suffix] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=24,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=12, logit_scale_init_value=2.3))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+def tiny_siglip(directory: Path, seed: int = 0) -> Path:
+    import sentencepiece as spm
+    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=buf,
+        vocab_size=30,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "source.spm").write_bytes(buf.getvalue())
+    tokenizer = SiglipTokenizer(vocab_file=str(directory / "source.spm"), model_max_length=16)
+    text = dict(
+        vocab_size=30,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_size=16,
+    )
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    with torch.no_grad():  # as trained models have them (the init values are 0 and 0)
+        model.logit_scale.fill_(2.0)
+        model.logit_bias.fill_(-1.5)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "source.spm").unlink()
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
