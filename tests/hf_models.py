@@ -85,3 +85,38 @@ def tiny_siglip(directory: Path, seed: int = 0) -> Path:
     (directory / "source.spm").unlink()
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(directory)
     return directory
+
+
+def tiny_siglip2(directory: Path, seed: int = 0) -> Path:
+    """SigLIP2 NaFlex: patches of the image at its own aspect ratio (at most 16 of 8x8 pixels), a mask."""
+    from transformers import Siglip2Config, Siglip2Model, Siglip2Tokenizer
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for c in "abcdefghijklmnopqrstuvwxyz▁":
+        vocab[c] = len(vocab)
+    tokenizer = Siglip2Tokenizer(vocab=vocab, merges=[], model_max_length=16)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_size=16,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    vision = dict(
+        num_patches=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    torch.manual_seed(seed)
+    model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)
+        model.logit_bias.fill_(-1.5)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16).save_pretrained(directory)
+    return directory

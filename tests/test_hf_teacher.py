@@ -1,5 +1,6 @@
 """extract.teacher.kind hf: tiny CLIP and SigLIP built offline; the stored rows equal what transformers
-computes directly, through `kdpipe prepare` + `kdpipe extract`; each model's padding; logit scale and bias."""
+computes directly, through `kdpipe prepare` + `kdpipe extract` (and SigLIP2's NaFlex patches); each model's
+padding; logit scale and bias."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from hf_models import tiny_clip, tiny_siglip
+from hf_models import tiny_clip, tiny_siglip, tiny_siglip2
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -29,7 +30,11 @@ CAPTIONS = ["a photo of a cat", "a dog", "two birds in the sky over the grass", 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {"clip": tiny_clip(root / "clip"), "siglip": tiny_siglip(root / "siglip")}
+    return {
+        "clip": tiny_clip(root / "clip"),
+        "siglip": tiny_siglip(root / "siglip"),
+        "siglip2": tiny_siglip2(root / "siglip2"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +58,12 @@ def direct(model_dir: Path, images: list[Path], texts: list[str]) -> tuple[np.nd
     model = AutoModel.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
-    padding = "max_length" if model.config.model_type == "siglip" else True
+    max_length = model.config.model_type in ("siglip", "siglip2")
+    padding = "max_length" if max_length else True
     with torch.no_grad():
         pixels = processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")
         tokens = tokenizer(texts, padding=padding, truncation=True, return_tensors="pt")
-        if model.config.model_type == "siglip":
+        if max_length:  # as the model cards call them: no attention mask
             tokens = {"input_ids": tokens["input_ids"]}
         img = model.get_image_features(**pixels).pooler_output
         txt = model.get_text_features(**tokens).pooler_output
@@ -84,7 +90,7 @@ def params_file(tmp_path: Path, dataset: Path, teacher: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "siglip2"])
 def test_kdpipe_extract_stores_what_transformers_computes(kind, models, dataset, tmp_path):
     params = params_file(tmp_path, dataset, {"kind": "hf", "hf": {"path": str(models[kind])}})
     for stage in ("prepare", "extract"):
