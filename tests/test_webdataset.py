@@ -142,14 +142,20 @@ def test_shard_errors_are_one_line_naming_shard_and_sample(tmp_path):
 
 
 def test_webdataset_route_equals_the_jsonl_route_over_the_untarred_samples(tmp_path):
-    """Same ids, splits, captions, unpaired rows, content hashes and image cache pixels; only the columns that
-    say where the bytes are (path, member, offset, length) and so the fingerprint differ."""
+    """prepare + extract over the shards and over the same samples untarred (one JSONL line per image): the same
+    image ids, splits, captions, unpaired rows, content hashes, image cache pixels and feature store rows; only
+    the columns that say where the bytes are (path, member, offset, length), and so the fingerprint, differ."""
+    from extract_helpers import TinyTeacher
+
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.extract.run import run_extract
+    from pipeline.store.features import open_store
+
     shards = write_shards(tmp_path)
     jsonl = untar_with_jsonl(tmp_path, shards)
     image = {"resize": 24, "crop": 16}
-    via_wds = from_dict(
-        PrepareConfig, {"dataset": {**_raw(wds_config(shards)), "name": "d"}, "image": image}, "prepare"
-    )
+    wds_dataset = {**_raw(wds_config(shards)), "name": "d", "image_root": str(tmp_path)}  # ids shards/00000/...
+    via_wds = from_dict(PrepareConfig, {"dataset": wds_dataset, "image": image}, "prepare")
     via_jsonl = from_dict(
         PrepareConfig,
         {"dataset": {"format": "jsonl", "annotations": str(jsonl), "name": "d"}, "image": image},
@@ -159,14 +165,23 @@ def test_webdataset_route_equals_the_jsonl_route_over_the_untarred_samples(tmp_p
     run_prepare(via_wds, a)
     run_prepare(via_jsonl, b)
     ia, ib = DatasetIndex.load(a.index_dir), DatasetIndex.load(b.index_dir)
-    assert ia.image_id.tolist() == [p[len("shards/") :] for p in ib.image_id.tolist()]
-    for column in ("image_split", "caption_text", "caption_image", "image_sha256"):
+    for column in ("image_id", "image_split", "caption_text", "caption_image", "image_sha256"):
         assert getattr(ia, column).tolist() == getattr(ib, column).tolist(), column
-    assert ia.image_member is not None and ib.image_member is None
+    assert ia.image_id.tolist()[0] == "shards/00000/000000.jpg"
+    assert ia.image_member is not None and ib.image_member is None and ia.fingerprint != ib.fingerprint
     ca, cb = open_image_cache(a.images), open_image_cache(b.images)
     for split in ("train", "test"):
         assert np.array_equal(ca.split(split), cb.split(split))
         assert ca.split(split).any()
+    cfg = ExtractConfig(store_dtype="float32", chunk_rows=2, image_batch_size=2, num_workers=1)
+    run_extract(ia, cfg, a.features, teacher=TinyTeacher())
+    run_extract(ib, cfg, b.features, teacher=TinyTeacher())
+    sa, sb = open_store(a.features), open_store(b.features)
+    for split in ("train", "test"):
+        for key in ("image_emb", "text_emb", "text_image", "image_id"):
+            x, y = np.asarray(getattr(sa.split(split), key)), np.asarray(getattr(sb.split(split), key))
+            assert np.array_equal(x, y), (split, key)
+        assert np.asarray(sa.split(split).image_emb).any()
 
 
 def _raw(cfg: DatasetConfig) -> dict:
@@ -213,3 +228,21 @@ def test_a_rewritten_shard_is_rehashed_and_only_its_changed_member_decoded_again
     monkeypatch.setattr(prep, "decode_block", lambda refs, *a: decoded.extend(r.member for r in refs) or real(refs, *a))
     summary = run_prepare(cfg, paths)
     assert summary["status"] == "updated" and decoded == ["000001.jpg"]
+
+
+def test_extract_names_a_corrupt_member_by_shard_and_member(tmp_path):
+    from extract_helpers import TinyTeacher
+
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.extract.run import run_extract
+
+    shards = write_shards(tmp_path)
+    index = read_dataset(wds_config(shards))
+    ref = index.image_ref(6)
+    data = bytearray(shards[1].read_bytes())
+    data[ref.offset + 20 : ref.offset + ref.length] = b"\0" * (ref.length - 20)
+    shards[1].write_bytes(bytes(data))
+    with pytest.raises(
+        InputError, match=r"00001.tar member 000006.jpg: cannot read image \(.*\); set extract.on_bad_image"
+    ):
+        run_extract(index, ExtractConfig(num_workers=0), tmp_path / "f.zarr", teacher=TinyTeacher())
