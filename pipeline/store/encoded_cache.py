@@ -2,17 +2,19 @@
 
 `prepare.cache.format` chooses (pipeline/store/image_cache.py holds the default, `raw`):
 
-| format | pixels                       | bytes / 224 px image (photos) | decode, images/s per core |
-|--------|------------------------------|-------------------------------|---------------------------|
-| raw    | as resized                   | 150,528                       | (a memcpy)                |
-| webp   | identical (lossless)         | ~68,000 (45 %)                | ~850                      |
-| jpeg   | lossy (quality 95: ~45 dB)   | ~20,000 (13.5 %)              | ~2,800                    |
+| format        | pixels                          | bytes / 224 px photo | read, images/s per core |
+|---------------|---------------------------------|----------------------|-------------------------|
+| raw           | as resized                      | 150,528              | ~56,000 (a memcpy)      |
+| webp          | identical (lossless)            | ~70,000 (46 %)       | ~840                    |
+| jpeg, q 95    | lossy (4:4:4 chroma)            | ~28,700 (19 %)       | ~1,800                  |
+| jpeg, q 90    | lossy (4:4:4 chroma)            | ~20,000 (13 %)       | ~2,050                  |
 
-(measured by bench/image_cache_bench.py on the package photos; docs/performance.md has the run). Choose raw
-while the cache fits on local disk: it costs nothing to read. Choose webp when it does not and the pixels must
-stay exactly those of the recipe (same training as raw, bit for bit). Choose jpeg for the largest sets, where
-5 to 7x less disk matters more than pixel-exact inputs; a student's loader then needs
-(images/s of training) / 2,800 cores of decoding.
+(bench/image_cache_bench.py on the package photos, per CPU-second of the reading thread; docs/performance.md
+has the run and its load). Choose raw while the cache fits on local disk: it costs nothing to read. Choose
+webp when it does not and the pixels must stay exactly those of the recipe (training is bit for bit the raw
+cache's): 2.2x less disk, and a loader needs (pairs/s of training) / 840 cores to keep up. Choose jpeg for
+the largest sets (CC12M: 1.8 TB raw, ~0.35 TB at q 95), where 5 to 7x less disk matters more than exact
+pixels (PSNR ~42 dB at q 95, ~38.5 at q 90); (pairs/s) / 1,800 cores of decoding.
 
 Layout, inside the image cache's Zarr group (attrs `encoding` = {"format", "quality"}):
 
