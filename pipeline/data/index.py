@@ -97,15 +97,29 @@ class SplitView:
     image_rows: np.ndarray  # int64 [N] rows of these images in the whole index
     image_id: np.ndarray  # object (str) [N]
     image_path: np.ndarray  # object (str) [N], absolute or relative to the working directory
-    image_ref: list[ImageRef]  # [N] where each image's bytes are (open with image_source.open_image)
     caption_rows: np.ndarray  # int64 [M] rows of these captions in the whole index
     caption_text: np.ndarray  # object (str) [M]
     text_image: np.ndarray  # int32 [M] row in this split's images of each caption's image
     unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
+    members: Members | None = None  # where each image is inside its container (image_path); None: files
 
     @property
     def n_images(self) -> int:
         return len(self.image_rows)
+
+    @cached_property
+    def image_ref(self) -> list[ImageRef]:
+        """[N] where each image's bytes are (open with image_source.open_image); made when first asked for."""
+        paths = self.image_path.tolist()
+        m = self.members
+        if m is None:
+            return [ImageRef(p) for p in paths]
+        return [
+            ImageRef(p, c, k, o, n) if c else ImageRef(p)
+            for p, c, k, o, n in zip(
+                paths, m.container.tolist(), m.member.tolist(), m.offset.tolist(), m.length.tolist()
+            )
+        ]
 
     @cached_property
     def unpaired_image(self) -> np.ndarray:
@@ -269,11 +283,11 @@ class DatasetIndex:
             image_rows=image_rows,
             image_id=self.image_id[image_rows],
             image_path=np.array([str(self.image_abspath(r)) for r in image_rows], dtype=object),
-            image_ref=[self.image_ref(r) for r in image_rows],
             caption_rows=caption_rows,
             caption_text=self.caption_text[caption_rows],
             text_image=local[self.caption_image[caption_rows]].astype(np.int32),
             unpaired_text=self.unpaired_text[self.unpaired_text_split == name],
+            members=None if self.image_member is None else self.image_member.take(image_rows),
         )
 
     @cached_property

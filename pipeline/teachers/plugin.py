@@ -87,6 +87,8 @@ class _Recorded(Teacher):
         return {**own, "kind": "plugin", "plugin": self._plugin}
 
     def __getattr__(self, name: str) -> Any:  # anything else the plug-in offers (preprocess_image_uint8, ...)
+        if name == "inner":  # not set yet (an unpickled copy): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def preprocess_image(self, image):
