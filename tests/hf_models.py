@@ -120,3 +120,35 @@ def tiny_siglip2(directory: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(directory)
     Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16).save_pretrained(directory)
     return directory
+
+
+def tiny_blip_retrieval(directory: Path, seed: int = 0) -> Path:
+    """BLIP's retrieval model (ITC + ITM heads) with a BERT WordPiece tokenizer, as Salesforce/blip-itm-*."""
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]", *"abcdefghijklmnopqrstuvwxyz"]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab_file=str(directory / "vocab.txt"), model_max_length=16)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        encoder_hidden_size=16,
+        pad_token_id=0,
+        bos_token_id=5,
+        sep_token_id=3,
+    )
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=12))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from hf_models import tiny_clip, tiny_siglip, tiny_siglip2
+from hf_models import tiny_blip_retrieval, tiny_clip, tiny_siglip, tiny_siglip2
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -151,3 +151,29 @@ def test_models_it_does_not_run_are_one_line(tmp_path):
     ).save_pretrained(tmp_path / "bert")
     with pytest.raises(InputError, match="is a 'bert' model; the hf teacher runs clip, siglip, siglip2"):
         build_teacher(TeacherConfig(kind="hf", hf=HFTeacherConfig(path=str(tmp_path / "bert"))))
+
+
+def test_blip_itc_rows_give_the_scores_of_blips_own_retrieval_forward(dataset, tmp_path):
+    """BLIP has no get_*_features: the oracle is BlipForImageTextRetrieval(use_itm_head=False), whose output is
+    the cosine matrix of its ITC embeddings; the stored rows must multiply into it."""
+    from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
+
+    model_dir = tiny_blip_retrieval(tmp_path / "blip")
+    params = params_file(tmp_path, dataset, {"kind": "hf", "hf": {"path": str(model_dir)}})
+    for stage in ("prepare", "extract"):
+        r = CliRunner().invoke(app, [stage, "--params", str(params)])
+        assert r.exit_code == 0, r.output
+    index = DatasetIndex.load(tmp_path / "work" / "index")
+    store = open_store(tmp_path / "work" / "features.zarr")
+    assert store.teacher["model_type"] == "blip" and store.teacher["logit_scale"] is None
+    model = BlipForImageTextRetrieval.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for split in ("train", "test"):
+        view, rows = index.split(split), store.split(split)
+        pixels = processor(images=[Image.open(p).convert("RGB") for p in view.image_path], return_tensors="pt")
+        tokens = tokenizer(view.caption_text.tolist(), padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            scores = model(**tokens, **pixels, use_itm_head=False).itm_score.numpy()  # [images, captions]
+        ours = np.asarray(rows.image_emb) @ np.asarray(rows.text_emb).T
+        np.testing.assert_allclose(ours, scores, rtol=0, atol=5e-6)

@@ -1,4 +1,4 @@
-"""Dual-encoder teachers from transformers: `extract.teacher.kind: hf` (CLIP, SigLIP, SigLIP2).
+"""Dual-encoder teachers from transformers: `extract.teacher.kind: hf` (CLIP, SigLIP, SigLIP2, BLIP's ITC).
 
 The model is a local directory or a hub id from the local Hugging Face cache (pipeline/teachers/hf_loading.py:
 never downloaded), loaded by its `model_type` into the class that computes its embeddings:
@@ -8,6 +8,7 @@ never downloaded), loaded by its `model_type` into the class that computes its e
 | clip       | CLIPModel    | its image processor: resize, crop, normalize   | to the batch's longest, attention mask  |
 | siglip     | SiglipModel  | its image processor: resize, normalize         | to max_length (64), no mask: as trained |
 | siglip2    | Siglip2Model | NaFlex patches (pixel_values, mask, shapes)    | to max_length (64), no mask: as trained |
+| blip       | BlipForImageTextRetrieval (its ITC half) | its image processor | to the batch's longest, attention mask |
 
 Each model's own conventions, as its processor and model card use them: CLIP pools the end-of-text token
 under an attention mask, so padding to the batch's longest caption changes nothing; SigLIP pools the LAST
@@ -18,7 +19,10 @@ whether torchvision happens to be installed.
 
 Embeddings: `get_image_features` / `get_text_features`, whose `pooler_output` is the PROJECTED embedding in
 transformers 5 (an output object; a plain tensor in older releases, accepted too), then L2-normalized in
-float32. The identity recorded in the store (`identity()`) holds the sha256 of config.json, of every weights
+float32. BLIP's retrieval checkpoints have no such methods: its image-text contrastive (ITC) embeddings are
+`vision_proj` of the vision model's [CLS] state and `text_proj` of the text encoder's (unimodal) [CLS] state,
+exactly what BlipForImageTextRetrieval(use_itm_head=False) multiplies into its scores (tested against it);
+its ITM head, a cross-encoder, is not a dual encoder's and is not used here. The identity recorded in the store (`identity()`) holds the sha256 of config.json, of every weights
 file and of the tokenizer and processor files, the class, the text length and padding rule, and the model's
 `logit_scale` (exp of the learned log scale, a float) and, for SigLIP, `logit_bias`: what a student's
 contrastive loss or a report may want to reuse.
@@ -43,7 +47,12 @@ from pipeline.teachers.base import Teacher, TokenBatch
 from pipeline.teachers.hf_loading import load_auto, load_model, model_identity, resolve_model_dir
 
 KEY = "extract.teacher.hf.path"
-MODEL_CLASSES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
+MODEL_CLASSES = {
+    "clip": "CLIPModel",
+    "siglip": "SiglipModel",
+    "siglip2": "Siglip2Model",
+    "blip": "BlipForImageTextRetrieval",
+}
 PAD_TO_MAX = {"siglip", "siglip2"}  # trained on max_length-padded captions, pooled at the last position
 
 
@@ -68,6 +77,12 @@ class HFTeacher(Teacher):
             raise InputError(
                 f"{KEY}: {directory} is a {model_type!r} model; the hf teacher runs {', '.join(MODEL_CLASSES)} "
                 "(other models: extract.teacher.kind plugin)"
+            )
+        architectures = getattr(config, "architectures", None) or []
+        if model_type == "blip" and MODEL_CLASSES["blip"] not in architectures:
+            raise InputError(
+                f"{KEY}: {directory} is a BLIP {architectures or 'model'}; the hf teacher runs BLIP's retrieval "
+                "checkpoints (BlipForImageTextRetrieval, e.g. Salesforce/blip-itm-base-coco)"
             )
         self.model_type = model_type
         self.model = load_model(getattr(transformers, MODEL_CLASSES[model_type]), directory, KEY).to(device)
@@ -165,13 +180,21 @@ class HFTeacher(Teacher):
         else:
             inputs = {"pixel_values": pixels}
         with self._autocast():
-            out = projected(self.model.get_image_features(**inputs))
+            if self.model_type == "blip":
+                states = self.model.vision_model(pixel_values=pixels).last_hidden_state  # [B, 1 + patches, H]
+                out = self.model.vision_proj(states[:, 0, :])
+            else:
+                out = projected(self.model.get_image_features(**inputs))
         return F.normalize(out.float(), dim=-1)
 
     def encode_text_batch(self, tokens: TokenBatch) -> torch.Tensor:
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         with self._autocast():
-            out = projected(self.model.get_text_features(**tokens))
+            if self.model_type == "blip":
+                states = self.model.text_encoder(**tokens).last_hidden_state  # [B, L, H], no image: unimodal
+                out = self.model.text_proj(states[:, 0, :])
+            else:
+                out = projected(self.model.get_text_features(**tokens))
         return F.normalize(out.float(), dim=-1)
 
 
