@@ -29,8 +29,8 @@ def _read_coco(path: Path, file_split: str | None, root: Path, builder: _Builder
     rows: dict[Any, int | None] = {}  # COCO image id -> index row (None: its split is left out)
     for i, entry in enumerate(data["images"]):
         where = f"{path} images[{i}]"
-        if not isinstance(entry, dict) or "id" not in entry:
-            raise InputError(f"{where}: expected an object with 'id' and 'file_name'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int | str):
+            raise InputError(f"{where}: expected an object with an 'id' (a number or a string) and 'file_name'")
         name = entry.get("file_name")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"{where}: no 'file_name' (got {name!r})")
@@ -41,8 +41,8 @@ def _read_coco(path: Path, file_split: str | None, root: Path, builder: _Builder
         rows[entry["id"]] = None if mapped is None else builder.add_image(where, prefix + name, mapped, unique=True)
     for j, ann in enumerate(data["annotations"]):
         where = f"{path} annotations[{j}]"
-        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
-            raise InputError(f"{where}: expected an object with 'image_id' and 'caption'")
+        if not isinstance(ann, dict) or not isinstance(ann.get("image_id"), int | str) or "caption" not in ann:
+            raise InputError(f"{where}: expected an object with 'image_id' (a number or a string) and 'caption'")
         if ann["image_id"] not in rows:
             raise InputError(f"{where}: image_id {ann['image_id']!r} is not among the file's images")
         row = rows[ann["image_id"]]
