@@ -53,7 +53,10 @@ def test_nested_sections_build_typed_values():
             {"image": {"mode": "stretch"}},
             r"^prepare\.image\.mode: 'stretch' is not one of the allowed values: 'shorter_side_center_crop', 'squash'$",
         ),
-        ({"dataset": {**BASE["dataset"], "format": "parquet"}}, r"^prepare\.dataset\.format: 'parquet' is not one of"),
+        (
+            {"dataset": {**BASE["dataset"], "format": "tfrecord"}},
+            r"^prepare\.dataset\.format: 'tfrecord' is not one of",
+        ),
         ({"dataset": {**BASE["dataset"], "splits": "test"}}, r"^prepare\.dataset\.splits: expected a list"),
         ({"image": {"crop": 300}}, r"^prepare\.image: crop \(300\) must not exceed resize \(256\)"),
         ({"workers": 0}, r"^prepare: workers must be >= 1 or null"),

@@ -69,7 +69,7 @@ def count_decodes(monkeypatch) -> list[str]:
     real = prep.decode_block
 
     def counting(paths, *args):
-        decoded.extend(Path(p).name for p in paths)
+        decoded.extend(Path(p.path).name for p in paths)
         return real(paths, *args)
 
     monkeypatch.setattr(prep, "decode_block", counting)

@@ -4,8 +4,9 @@ and the student-resolution image cache `images.zarr`.
 Work is split into blocks of `chunk_images` consecutive images of one split (one inner chunk of the cache);
 a task decodes its block into one uint8 buffer and writes it straight into the split's data file at its
 row offset (`image_cache.write_rows`), so nothing but a short list of failures travels back to the
-client. Below `cluster_min_images` images, or with `workers: 1`, the same block function runs in-process:
-a LocalCluster takes ~3 s to start, longer than decoding a small dataset.
+client; tasks run in-process or on dask (pipeline/data/decode_tasks.py). Images are read through
+pipeline/data/image_source.py: files, webdataset shard members and parquet cells alike. `prepare.cache`
+chooses raw pixels (the default) or an encoded cache (pipeline/store/encoded_cache.py: WebP lossless or JPEG).
 
 Decoding follows the method's preprocessing (torchvision `Resize(256)` + `CenterCrop(224)` on a PIL image):
 shorter side to `resize` (longer side `int(resize * long / short)`), filter `filter` (PIL, antialiased),
@@ -44,15 +45,17 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from pipeline.data.decode_tasks import Task, absolute, block_tasks, failures, run_tasks
 from pipeline.data.exif import orientation, upright
 from pipeline.data.file_hashes import content_hashes
-from pipeline.data.index import DatasetIndex, SplitView, read_fingerprint
+from pipeline.data.image_source import ImageFiles, ImageRef, open_image
+from pipeline.data.index import DatasetIndex, read_fingerprint
 from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
-from pipeline.progress import progress
 from pipeline.runtime import available_cpus
 from pipeline.store.durable import remove_stale_dirs, write_text_durably
+from pipeline.store.encoded_cache import CacheFormat, write_block
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
     CacheBuilder,
@@ -128,6 +131,7 @@ class PrepareConfig:
 
     dataset: DatasetConfig
     image: ResizeConfig = field(default_factory=ResizeConfig)
+    cache: CacheFormat = field(default_factory=CacheFormat)  # raw pixels (default) or encoded (encoded_cache.py)
     on_bad_image: Literal["error", "skip"] = "error"
     workers: int | None = None  # decode processes; None = every core this process may use
     # address of a running dask.distributed scheduler (its workers must see the same files and have kdpipe
@@ -146,10 +150,11 @@ class PrepareConfig:
 
 
 # -- decoding one image, one block ------------------------------------------------------------------
-def decode_image(path: str | Path, rc: ResizeConfig, exif: str = "ignore") -> np.ndarray:
-    """One image file -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/ValueError for a bad file.
-    exif: "apply" turns the image upright by its EXIF orientation tag first (see pipeline/data/exif.py)."""
-    with Image.open(path) as img:
+def decode_image(image: str | Path | ImageRef, rc: ResizeConfig, exif: str = "ignore") -> np.ndarray:
+    """One image (a file, or an index row's ImageRef) -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/
+    ValueError for a bad image. exif: "apply" turns the image upright by its EXIF orientation tag first (see
+    pipeline/data/exif.py)."""
+    with open_image(image if isinstance(image, ImageRef) else ImageRef(str(image))) as img:
         return _resize_crop(img, rc, orientation(img) if exif == "apply" else 1)
 
 
@@ -175,7 +180,7 @@ def _resize_crop(img: Image.Image, rc: ResizeConfig, tag: int) -> np.ndarray:
     return np.asarray(out)
 
 
-def describe_failure(path: str, err: BaseException) -> str:
+def describe_failure(ref: ImageRef, err: BaseException) -> str:
     """A short reason for a bad image, for the error line and the report."""
     if isinstance(err, FileNotFoundError):
         return "file not found"
@@ -185,8 +190,8 @@ def describe_failure(path: str, err: BaseException) -> str:
         return "permission denied"
     if isinstance(err, UnidentifiedImageError):
         try:
-            if os.path.getsize(path) == 0:
-                return "empty file"
+            if (ref.length if ref.container == "tar" else os.path.getsize(ref.path)) == 0:
+                return "empty member" if ref.container else "empty file"
         except OSError:
             pass
         return "not an image file PIL can read"
@@ -199,13 +204,20 @@ def describe_failure(path: str, err: BaseException) -> str:
 
 
 def decode_block(
-    paths: list[str], rc: ResizeConfig, data_file: str, start_row: int, exif: str = "ignore"
+    images: list[ImageRef],
+    rc: ResizeConfig,
+    data_file: str,
+    start_row: int,
+    exif: str = "ignore",
+    encoding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Decode consecutive images and write them at `start_row` of a split's data file (one inner chunk).
+    """Decode consecutive images (files, shard members, parquet cells: pipeline/data/image_source.py) and
+    write them at `start_row` of a split's data file (one inner chunk).
 
-    Returns {"failures": [(position in `paths`, reason), ...], "exif_tagged": images with an EXIF
+    Returns {"failures": [(position in `images`, reason), ...], "exif_tagged": images with an EXIF
     orientation other than 1, "cpu_seconds": CPU time of this call's thread}; a failed image's row stays zero
-    and is removed by the caller under `skip`. Runs in dask workers and in-process alike."""
+    and is removed by the caller under `skip`. Runs in dask workers and in-process alike. With `encoding` (an
+    encoded cache) `data_file` is the split's block directory, and the rows are encoded into a block there."""
     cpu_start = time.thread_time()
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
@@ -213,30 +225,26 @@ def decode_block(
             "images would be silently filled with grey; prepare refuses to run that way"
         )
     h, w = rc.image_size
-    block = np.zeros((len(paths), h, w, 3), dtype=np.uint8)
+    block = np.zeros((len(images), h, w, 3), dtype=np.uint8)
     failures: list[tuple[int, str]] = []
     tagged = 0  # images whose EXIF orientation asks for a rotation or mirror
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                tag = orientation(img)
-                block[i] = _resize_crop(img, rc, tag if exif == "apply" else 1)
-            tagged += tag != 1
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-            failures.append((i, describe_failure(path, err)))
-    write_rows(data_file, start_row, block)
+    with ImageFiles() as files:  # a block's members come from one shard (or a few): each is opened once
+        for i, ref in enumerate(images):
+            try:
+                with open_image(ref, files) as img:
+                    tag = orientation(img)
+                    block[i] = _resize_crop(img, rc, tag if exif == "apply" else 1)
+                tagged += tag != 1
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+                failures.append((i, describe_failure(ref, err)))
+    if encoding is None:
+        write_rows(data_file, start_row, block)
+    else:
+        write_block(data_file, start_row, block, encoding)
     return {"failures": failures, "exif_tagged": tagged, "cpu_seconds": time.thread_time() - cpu_start}
 
 
 # -- the stage ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Task:
-    split: str
-    start: int  # first row of the block in the split
-    paths: list[str]
-    data_file: str
-
-
 def run_prepare(
     cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False, verify: bool = False
 ) -> dict[str, Any]:
@@ -259,11 +267,11 @@ def _read_with_hashes(cfg: PrepareConfig, paths: ArtifactPaths, verify: bool) ->
     """The dataset's index with each image file's content hash (pipeline/data/file_hashes.py)."""
     index = read_dataset(cfg.dataset)
     log.info(_describe(index))
-    files = [os.path.abspath(index.image_abspath(r)) for r in range(index.n_images)]
-    hashes, n_read = content_hashes(files, paths.file_stats, verify=verify, threads=min(4, available_cpus()))
+    refs = [absolute(index.image_ref(r)) for r in range(index.n_images)]
+    hashes, n_read = content_hashes(refs, paths.file_stats, verify=verify, threads=min(4, available_cpus()))
     if n_read:
         why = "--verify" if verify else "new files, or their size or mtime changed"
-        log.info(f"prepare: hashed {n_read:,} of {len(files):,} image file(s) ({why})")
+        log.info(f"prepare: hashed {n_read:,} of {len(refs):,} image(s) ({why})")
     return index.with_hashes(hashes)
 
 
@@ -283,6 +291,9 @@ def _reuse(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dic
     changed = _changed_rows(index, saved, report)
     if not changed:
         return _keep(paths, index, saved, report)
+    if cache.encoding is not None:  # encoded rows change length: the split's bytes are laid out again
+        log.info(f"prepare: {len(changed):,} image file(s) changed; an encoded cache is rebuilt whole")
+        return None
     if cache.attrs.get("n_bad"):  # rows were dropped: the cache's rows are not the index's, rebuild it
         log.info(f"prepare: {len(changed):,} image file(s) changed; the cache leaves bad images out: rebuilding it")
         return None
@@ -307,6 +318,7 @@ def _previous(
         and a.get("resize") == cfg.image.describe()
         and a.get("exif_orientation", "ignore") == index.exif_orientation
         and a.get("chunk_images") == cfg.chunk_images
+        and a.get("encoding") == cfg.cache.describe()
         and (a.get("n_bad") == 0 or a.get("on_bad_image") == cfg.on_bad_image)
     )
     if not same:
@@ -327,8 +339,9 @@ def _changed_rows(index: DatasetIndex, saved: DatasetIndex, report: list[dict]) 
 
 
 def _keep(paths: ArtifactPaths, index: DatasetIndex, saved: DatasetIndex, report: list[dict]) -> dict[str, Any]:
-    if saved.image_root != index.image_root:  # the dataset moved: same content, new location for later stages
-        replace(saved, image_root=index.image_root).save(paths.index_dir)
+    moved = _relocated(saved, index)
+    if moved is not saved:  # same content, new location for later stages (the dataset moved, a shard was rewritten)
+        moved.save(paths.index_dir)
     log.info(
         f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
         f"(index {saved.fingerprint[:12]}, same image files, same image recipe)"
@@ -347,6 +360,21 @@ def _keep(paths: ArtifactPaths, index: DatasetIndex, saved: DatasetIndex, report
     }
 
 
+def _relocated(saved: DatasetIndex, index: DatasetIndex) -> DatasetIndex:
+    """`saved` (whose rows may lack bad images) with `index`'s image root and tar members' byte ranges, which the
+    fingerprint leaves out; `saved` itself when neither changed."""
+    out = saved
+    if saved.image_root != index.image_root:
+        out = replace(out, image_root=index.image_root)
+    if saved.image_member is not None and index.image_member is not None:
+        row_of = {image_id: r for r, image_id in enumerate(index.image_id.tolist())}
+        now = index.image_member.take(np.array([row_of[i] for i in saved.image_id.tolist()], dtype=np.int64))
+        old = saved.image_member
+        if not (np.array_equal(now.offset, old.offset) and np.array_equal(now.length, old.length)):
+            out = replace(out, image_member=now)
+    return out
+
+
 def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, changed: list[int]) -> dict[str, Any] | None:
     """Decode the changed images into a copy of the cache and swap it in (image_cache.CacheUpdate); None if
     one of them no longer decodes under `skip` (rows must then be dropped: the caller rebuilds)."""
@@ -359,9 +387,9 @@ def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, chang
         for split, view in views.items():
             local = np.flatnonzero(np.isin(view.image_rows, changed))
             if len(local):
-                tasks += _block_tasks(view, consecutive_runs(local), cfg.chunk_images, str(update.data_file(split)))
-        results, decode_s = _run_tasks(tasks, cfg, len(changed))
-        bad = _failures(results, views)
+                tasks += block_tasks(view, consecutive_runs(local), cfg.chunk_images, str(update.data_file(split)))
+        results, decode_s = run_tasks(tasks, cfg, len(changed), decode_block)
+        bad = failures(results, views)
         if bad and cfg.on_bad_image == "error":
             raise InputError(_error_line(index, bad))
         if bad:
@@ -380,15 +408,15 @@ def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, chang
 # -- building everything -------------------------------------------------------------------------------
 def _build(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dict[str, Any]:
     remove_stale_dirs(paths.images)
-    builder = CacheBuilder(paths.images, cfg.image.image_size, cfg.chunk_images)
+    builder = CacheBuilder(paths.images, cfg.image.image_size, cfg.chunk_images, encoding=cfg.cache.describe())
     try:
         views = {s: index.split(s) for s in index.splits}
         tasks = []
         for split, view in views.items():
             data_file = str(builder.allocate(split, view.n_images).resolve())
-            tasks += _block_tasks(view, [(0, view.n_images)], cfg.chunk_images, data_file)
-        results, decode_s = _run_tasks(tasks, cfg, index.n_images)
-        bad = _failures(results, views)
+            tasks += block_tasks(view, [(0, view.n_images)], cfg.chunk_images, data_file)
+        results, decode_s = run_tasks(tasks, cfg, index.n_images, decode_block)
+        bad = failures(results, views)
         if bad and cfg.on_bad_image == "error":
             raise InputError(_error_line(index, bad))
         report = _bad_report(index, bad)
@@ -421,25 +449,6 @@ def _build(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dic
     return _summary("written", index, len(bad), results, decode_s)
 
 
-def _block_tasks(view: SplitView, runs: list[tuple[int, int]], chunk: int, data_file: str) -> list[_Task]:
-    """Decode tasks for rows [start, stop) of each run of a split, at most `chunk` images each."""
-    abs_paths = [os.path.abspath(p) for p in view.image_path]
-    return [
-        _Task(view.name, s, abs_paths[s : min(stop, s + chunk)], data_file)
-        for start, stop in runs
-        for s in range(start, stop, chunk)
-    ]
-
-
-def _failures(results: list[tuple[_Task, dict]], views: dict[str, SplitView]) -> list[tuple[int, str]]:
-    """(global row, reason) of every image that failed to decode, in row order."""
-    bad = []
-    for task, result in results:
-        rows = views[task.split].image_rows
-        bad.extend((int(rows[task.start + i]), reason) for i, reason in result["failures"])
-    return sorted(bad)
-
-
 def _bad_report(index: DatasetIndex, bad: list[tuple[int, str]]) -> list[dict[str, Any]]:
     """bad_images.json: each bad image with its captions, and its content hash (so that a fixed file is seen)."""
     captions_of: dict[int, list[str]] = {r: [] for r, _ in bad}
@@ -449,6 +458,7 @@ def _bad_report(index: DatasetIndex, bad: list[tuple[int, str]]) -> list[dict[st
     return [
         {
             "file": str(index.image_abspath(r)),
+            **({"member": index.image_ref(r).key} if index.image_ref(r).container else {}),
             "image_id": str(index.image_id[r]),
             "split": str(index.image_split[r]),
             "reason": reason,
@@ -475,10 +485,10 @@ def _cache_attrs(cfg: PrepareConfig, index: DatasetIndex, source_fingerprint: st
 
 
 def _summary(
-    status: str, index: DatasetIndex, n_bad: int, results: list[tuple[_Task, dict]], decode_s: float
+    status: str, index: DatasetIndex, n_bad: int, results: list[tuple[Task, dict]], decode_s: float
 ) -> dict[str, Any]:
     """The summary of a run that decoded images (all of them, or the changed ones), with the EXIF line."""
-    n = sum(len(task.paths) for task, _ in results)
+    n = sum(len(task.images) for task, _ in results)
     cpu_s = sum(result["cpu_seconds"] for _, result in results)
     tagged = sum(result["exif_tagged"] for _, result in results)
     if tagged:
@@ -503,61 +513,6 @@ def _summary(
     }
 
 
-def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[list[tuple[_Task, dict]], float]:
-    """Run every block, in-process or on dask; returns ((task, decode_block's result) per task, seconds
-    from the first task submitted to the last done, i.e. without the cluster's start-up)."""
-    workers = cfg.workers or available_cpus()
-    exif = cfg.dataset.exif_orientation
-    in_process = cfg.scheduler is None and (workers == 1 or n_images < cfg.cluster_min_images)
-    out = []
-    with progress("prepare: decode", total=n_images, unit="img") as bar:
-        if in_process:
-            start = time.perf_counter()
-            for task in tasks:
-                out.append((task, decode_block(task.paths, cfg.image, task.data_file, task.start, exif)))
-                bar.advance(len(task.paths))
-            return out, time.perf_counter() - start
-        import dask
-        from dask.distributed import Client, LocalCluster, as_completed
-
-        cluster = None
-        if cfg.scheduler is None:
-            # distributed starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which switches off glibc's
-            # dynamic mmap threshold: every PIL buffer > 128 KB is then mmap'd and page-faulted afresh,
-            # measured at 20-25% more CPU per image. Keep the other settings (single-threaded BLAS).
-            environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-            environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-                cluster = LocalCluster(
-                    n_workers=min(workers, len(tasks)),
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=logging.ERROR,
-                )
-        try:
-            with Client(cluster if cluster is not None else cfg.scheduler) as client:
-                start = time.perf_counter()
-                futures = {
-                    client.submit(decode_block, t.paths, cfg.image, t.data_file, t.start, exif, pure=False): t
-                    for t in tasks
-                }
-                for fut in as_completed(futures):
-                    task = futures[fut]
-                    out.append((task, fut.result()))
-                    bar.advance(len(task.paths))
-        except OSError as err:
-            if cfg.scheduler is not None and not out:
-                raise InputError(
-                    f"prepare.scheduler: cannot use the dask scheduler at {cfg.scheduler} ({err})"
-                ) from None
-            raise
-        finally:
-            if cluster is not None:
-                cluster.close()
-    return out, time.perf_counter() - start
-
-
 def _describe(index: DatasetIndex) -> str:
     n_unpaired = index.n_images - len(np.unique(index.caption_image))
     unpaired = f" ({n_unpaired:,} without captions)" if n_unpaired else ""
@@ -570,11 +525,16 @@ def _describe(index: DatasetIndex) -> str:
 
 def _error_line(index: DatasetIndex, bad: list[tuple[int, str]]) -> str:
     row, reason = bad[0]
-    line = f"{index.image_abspath(row)}: {reason}"
+    line = f"{index.describe_image(row)}: {reason}"
     if len(bad) > 1:
-        others = ", ".join(str(index.image_path[r]) for r, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
+        others = ", ".join(_short_name(index, r) for r, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
         line += f"; {len(bad) - 1} other image(s) failed too ({others})"
     return line + "; set prepare.on_bad_image: skip to leave bad images out (they are then listed in bad_images.json)"
+
+
+def _short_name(index: DatasetIndex, row: int) -> str:
+    """An image as the list of other failures names it: its path as the annotations give it, or its id (a member)."""
+    return str(index.image_id[row] if index.image_member is not None else index.image_path[row])
 
 
 def _write_json(path: Path, data: Any) -> None:
