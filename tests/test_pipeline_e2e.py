@@ -125,6 +125,9 @@ def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
     run("distill", "--params", p, "--baseline")
     for model in ("student", "baseline"):
         assert (work / model / "model.safetensors").is_file() and (work / model / "student_config.json").is_file()
+        # the student records how its images were made from files, as the cache does: search and export use it
+        pixels = json.loads((work / model / "student_config.json").read_text())["image"]["pixels"]
+        assert pixels == {"resize": cache.attrs["resize"], "exif_orientation": "ignore"}
 
     run("evaluate", "--params", p)
     metrics = json.loads((work / "metrics.json").read_text())

@@ -539,8 +539,8 @@ def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
         or blob.get("version") != CHECKPOINT_VERSION
     ):
         raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file; use --no-resume to start over")
-    for key in ("dim", "fingerprint", "train_split", "world_size"):  # world size: the sampler's global batch
-        if blob["meta"].get(key) != meta[key]:
+    for key in ("dim", "fingerprint", "train_split", "world_size", "pixels"):  # world size: the sampler's batch
+        if (key != "pixels" or "pixels" in blob["meta"]) and blob["meta"].get(key) != meta[key]:
             raise InputError(
                 f"{path}: checkpoint was trained with {key}={blob['meta'].get(key)!r}, the inputs now "
                 f"have {meta[key]!r}; use --no-resume to start over"
@@ -774,6 +774,9 @@ def setup_run(
         "baseline": baseline,
         "teacher": store.teacher,
         "world_size": world,
+        # how the cache's images were made from files (pipeline/data/pixels.py PixelRecipe), as the cache records
+        # it: the student records it too, and search and export make every other image that way
+        "pixels": {"resize": cache.attrs.get("resize"), "exif_orientation": cache.attrs.get("exif_orientation")},
     }
     torch.manual_seed(cfg.seed)
     model = build_student(cfg.student, store.dim).to(device)
@@ -1008,7 +1011,7 @@ def checkpoint(run: Run) -> None:
 
 
 def export(run: Run, reason: str) -> None:
-    save_student(run.model, run.out_dir)
+    save_student(run.model, run.out_dir, pixels=run.meta["pixels"])
     log.info(f"distill: exported the student ({reason})")
 
 
