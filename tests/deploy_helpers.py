@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.data.index import DatasetIndex
+from pipeline.data.pixels import ResizeConfig
 from pipeline.paths import ArtifactPaths
 from pipeline.store.features import write_store
 from pipeline.store.image_cache import write_image_cache
@@ -65,7 +66,8 @@ def tiny_workdir(root: Path, tokenizer_dir: Path, captions: dict[int, str] | Non
     paths = ArtifactPaths(root / "work")
     index.save(paths.index_dir)
     pixels = {s: rng.integers(0, 256, (index.split(s).n_images, SIZE, SIZE, 3), dtype=np.uint8) for s in index.splits}
-    write_image_cache(paths.images, pixels, fingerprint=index.fingerprint)
+    recipe = {"resize": ResizeConfig(mode="squash", crop=SIZE).describe(), "exif_orientation": "ignore"}
+    write_image_cache(paths.images, pixels, fingerprint=index.fingerprint, meta=recipe)
     splits = {}
     for s in index.splits:
         v = index.split(s)
