@@ -35,6 +35,6 @@ def command(
     # not into the student directory by default: it is a DVC output, which DVC would then see modified
     out = out or paths.workdir / "export" / student.name
     with writing(student, out, no_wait=no_wait):  # distill writes the student: an export waits for the training
-        lines = run_export(student, out, hf=hf, onnx=onnx, features=paths.features, metrics=paths.metrics)
+        lines = run_export(student, out, hf=hf, onnx=onnx, features=paths.features, metrics=paths.metrics_detail)
     for line in lines:
         echo(f"export: {line}")

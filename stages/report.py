@@ -49,7 +49,7 @@ def command(
             split=split,
             models=models,
             features=paths.features,
-            metrics=paths.metrics,
+            metrics=paths.metrics_detail,
             plots=paths.plots,
             n_captions=captions,
             n_images=images,

@@ -61,7 +61,7 @@ def test_no_stock_equivalent_is_one_clear_error(tokenizer_dir, tmp_path, text_po
 
 def test_export_cli_writes_model_card(tokenizer_dir, tmp_path):
     paths = tiny_workdir(tmp_path, tokenizer_dir)
-    paths.metrics.write_text(
+    paths.metrics_detail.write_text(
         json.dumps(
             {
                 "dataset": "toy",

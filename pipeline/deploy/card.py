@@ -19,7 +19,7 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     rows = [name for name, v in metrics.items() if isinstance(v, dict) and "rsum" in v]
     if not rows:
-        return ["No metrics.json next to this student yet (run `kdpipe evaluate`)."]
+        return ["No metrics_detail.json next to this student yet (run `kdpipe evaluate`)."]
     lines = [
         f"{metrics.get('dataset', '?')}, split {metrics.get('split', '?')}: {metrics.get('n_images', '?')} images, "
         f"{metrics.get('n_captions', '?')} captions; recalls in percent.",
@@ -64,7 +64,7 @@ def model_card(
     ]
     if recipe:
         lines += ["", "```yaml", recipe.rstrip(), "```"]
-    lines += ["", "## Metrics", "", *(_metrics_table(metrics) if metrics else ["No metrics.json given."])]
+    lines += ["", "## Metrics", "", *(_metrics_table(metrics) if metrics else ["No metrics_detail.json given."])]
     lines += ["", "## How to load", "", *_loading(meta, hf=hf, onnx=onnx)]
     return "\n".join(lines) + "\n"
 

@@ -1,8 +1,7 @@
 """The evaluate stage's report: recall@K curves (PNG and DVC plots data), the Markdown table, per-query ranks.
 
 <workdir>/
-  metrics_detail.json  (written by run.py beside metrics.json: per seed, per group, every recall's interval)
-  metrics.md           the table: every model's R@1/5/10 both ways, RSUM, average, RSUM minus the reference's with
+  metrics.md           the table (from metrics_detail.json, the whole record that run.py writes): every model's R@1/5/10 both ways, RSUM, average, RSUM minus the reference's with
                        its paired-bootstrap 95% interval, seeds; per-group RSUM; latency and parameters
   ranks.npz            per-query ranks of every run: <run>_i2t [N] (image order, with image_id), <run>_t2i [M]
                        (caption order, with text_image), so anyone can recompute any figure (or see which queries fail)
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluate.summary import model_names
 from pipeline.store.durable import atomic_dir
 
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
@@ -91,16 +91,11 @@ def plot_recall_curves(curves: dict[str, dict[str, np.ndarray]], path: Path, tit
     plt.close(fig)
 
 
-def model_names(doc: dict[str, Any]) -> list[str]:
-    """The models of a metrics document, in its order (teacher, the trained ones, chance)."""
-    return [k for k, v in doc.items() if isinstance(v, dict) and "rsum" in v]
-
-
-def markdown_table(doc: dict[str, Any], run_info: dict[str, Any] | None = None, detail: dict | None = None) -> str:
-    """Every model of metrics.json `doc`: recalls, RSUM, average, the RSUM difference to the reference with its 95%
-    interval, seeds (RSUM sd); per-group RSUM (from metrics_detail.json `detail`) when the galleries are grouped;
-    then latency and parameters when measured."""
-    run_info, detail = run_info or {}, detail or {}
+def markdown_table(doc: dict[str, Any], run_info: dict[str, Any] | None = None) -> str:
+    """Every model of the whole record `doc` (metrics_detail.json): recalls, RSUM, average, the RSUM difference to
+    the reference with its 95% interval, seeds (RSUM sd); per-group RSUM when the galleries are grouped; then
+    latency and parameters when measured."""
+    run_info = run_info or {}
     models = model_names(doc)
     ref = (run_info.get("bootstrap") or {}).get("reference")
     lines = [
@@ -121,17 +116,17 @@ def markdown_table(doc: dict[str, Any], run_info: dict[str, Any] | None = None, 
         seeds = f"{n_runs} ({r['rsum_sd']:.1f})" if "rsum_sd" in r else ("-" if m == "chance" else str(n_runs))
         cells = [f"{r[k]:.1f}" for k in TABLE_KEYS]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {diff} | {seeds} |")
-    lines += _group_table(detail, models) + _cost_table(doc, models, run_info)
+    lines += _group_table(doc, models) + _cost_table(doc, models, run_info)
     return "\n".join(lines) + "\n"
 
 
-def _group_table(detail: dict[str, Any], models: list[str]) -> list[str]:
-    groups = list(detail.get(models[0], {}).get("groups", {})) if models else []
+def _group_table(doc: dict[str, Any], models: list[str]) -> list[str]:
+    groups = list(doc[models[0]].get("groups", {})) if models else []
     if not groups:
         return []
     lines = ["", "| RSUM per gallery | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
     for m in models:
-        lines.append(f"| {m} | " + " | ".join(f"{detail[m]['groups'][g]['rsum']:.1f}" for g in groups) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{doc[m]['groups'][g]['rsum']:.1f}" for g in groups) + " |")
     return lines
 
 
