@@ -489,7 +489,8 @@ def _documents(store, index, s, cfg, results, groups, reference, params, latency
 def _write_outputs(paths, cfg, doc, run_info, results, s, groups, metrics_path, start) -> EvaluateOutput:
     """metrics.json (the headline), metrics_detail.json (the whole record), run_info.json and metrics.md side by
     side, ranks.npz, and the curves in plots/."""
-    from pipeline.evaluate.plots import markdown_table, write_curves, write_ranks
+    from pipeline.evaluate.plots import write_curves, write_ranks
+    from pipeline.evaluate.tables import markdown_table
     from pipeline.store.durable import write_file_durably
 
     table = markdown_table(doc, run_info)

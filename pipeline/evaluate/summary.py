@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.evaluate.bootstrap import RECALL_KEYS, paired_bootstrap, resample_counts
 from pipeline.evaluate.galleries import chance_metrics, group_metrics
 from pipeline.evaluate.retrieval import RetrievalRanks
+from pipeline.evaluate.tables import model_names
 
 SUMMARY_KEYS = (*RECALL_KEYS, "rsum", "average_score")  # what per-seed and per-group entries keep
 HEADLINE_KEYS = ("dataset", "split")  # metrics.json: these, then each model's HEADLINE_MODEL_KEYS (not chance's)
@@ -97,11 +98,6 @@ def with_intervals(
     return out
 
 
-def model_names(doc: dict[str, Any]) -> list[str]:
-    """The models of a metrics document, in its order (teacher, the trained ones, chance)."""
-    return [k for k, v in doc.items() if isinstance(v, dict) and "rsum" in v]
-
-
 def headline(doc: dict[str, Any]) -> dict[str, Any]:
     """metrics.json from the whole record `doc` (metrics_detail.json): the dataset, the split and each model's RSUM
     (chance, recalls, spreads, intervals, sizes, latency and parameters stay in the record)."""
@@ -116,7 +112,6 @@ __all__ = [
     "HEADLINE_KEYS",
     "HEADLINE_MODEL_KEYS",
     "with_intervals",
-    "model_names",
     "headline",
     "with_average",
     "model_block",
