@@ -33,13 +33,13 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _build(paths, student: Path, split: str, folder: Path | None, kind: str, out: Path) -> list[str]:
-    """Embed the gallery (a split, every split, or a folder) with the student into `out` (lock held by the caller)."""
-    from pipeline.search.gallery import folder_gallery, split_gallery, student_recipe
+def _build(paths, student: Path, recipe, split: str, folder: Path | None, kind: str, out: Path) -> list[str]:
+    """Embed the gallery (a split, every split, or a folder) with the student, whose pixel recipe is `recipe`,
+    into `out` (lock held by the caller)."""
+    from pipeline.search.gallery import folder_gallery, split_gallery
     from pipeline.search.index import IndexConfig
     from pipeline.search.run import run_index
 
-    recipe = student_recipe(student, paths)
     gallery = folder_gallery(folder, recipe) if folder is not None else split_gallery(paths, split)
     return run_index(student, gallery, out, IndexConfig(kind=kind), recipe)
 
@@ -76,7 +76,7 @@ def index_command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Embed a gallery with the student into a faiss index next to its id table."""
-    from pipeline.search.gallery import gallery_key
+    from pipeline.search.gallery import gallery_key, student_recipe
 
     paths = artifact_paths(params, workdir)
     kind = _check_kind(kind)
@@ -84,7 +84,8 @@ def index_command(
     with writing(out, no_wait=no_wait):
         if index is not None:
             _refuse_other_gallery(out, split, folder, kind)
-        lines = _build(paths, student or default_student(params, paths), split, folder, kind, out)
+        student = student or default_student(params, paths)
+        lines = _build(paths, student, student_recipe(student, paths), split, folder, kind, out)
     for line in lines:
         echo(line)
 
@@ -117,13 +118,13 @@ def search_command(
     else:  # the default index of this gallery and kind: built on first use, again when it is stale
         with writing(out):
             found = load_index(out) if (out / "ids.json").is_file() else None
-            why = "first use" if found is None else stale_reason(found, student, recipe)
+            why = "first use" if found is None else stale_reason(found, student, recipe, paths)
             if why:
                 echo(f"search: building the {kind} index {out} ({why})")
-                for line in _build(paths, student, split, folder, kind, out):
+                for line in _build(paths, student, recipe, split, folder, kind, out):
                     echo(line)
                 found = load_index(out)
-    hits, ms = run_search(student, found, recipe, text=text, image=image, k=k)
+    hits, ms = run_search(student, found, recipe, paths, text=text, image=image, k=k)
     echo(f"search: the {found.meta.get('kind')} index {out} answers: {found.meta.get('source')}, student {student}")
     for rank, hit in enumerate(hits, 1):
         where = f"{hit.split}  " if hit.split else ""

@@ -11,8 +11,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pipeline.search.index as search_index
+from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
 from pipeline.search.index import IndexConfig, build_index, load_index, recall_at_k, save_index
+from pipeline.store.image_cache import open_image_cache, write_image_cache
 from pipeline.towers.student import load_student
 from stages.cli import app
 
@@ -168,6 +170,22 @@ def test_an_index_of_other_weights_is_rebuilt_or_refused(tokenizer_dir, tmp_path
     save_student(tiny_student(tokenizer_dir, 8), paths.student)
     result = run(app, [*query, "--index", str(out)])
     assert result.exit_code == 2 and result.output.startswith(f"error: {out}: this index cannot answer"), result.output
+    # the dataset prepared again (a caption changed: a new index fingerprint, the cache made from it)
+    assert "(it was built by other weights" in run(app, query).output  # the default index follows the student
+    assert "building" not in run(app, query).output
+    index = DatasetIndex.load(paths.index_dir)
+    edited = DatasetIndex.from_lists(
+        index.name,
+        index.image_root,
+        list(zip(index.image_id, index.image_path, index.image_split)),
+        [("a blue cat", 0), *zip(index.caption_text[1:], index.caption_image[1:].tolist())],
+    )
+    edited.save(paths.index_dir)
+    cache = open_image_cache(paths.images)
+    pixels = {s: np.array(cache.split(s)) for s in cache.splits}
+    write_image_cache(paths.images, pixels, fingerprint=edited.fingerprint, meta={"resize": cache.attrs["resize"]})
+    result = run(app, query)
+    assert result.exit_code == 0 and f"the dataset in {paths.index_dir} changed since it was built" in result.output
 
 
 def test_cli_search_errors_are_one_line(tokenizer_dir, tmp_path):

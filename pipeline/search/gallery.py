@@ -46,6 +46,7 @@ class Gallery:
     text_image: np.ndarray  # int [M] row in `images` of each caption
     recipe: PixelRecipe  # how its images became pixels
     splits: list[str] | None = None  # [N] each image's split, when the gallery holds several
+    made_from: dict[str, Any] | None = None  # a dataset's gallery: its index's identity (data/index.py read_identity)
 
     def captions_of(self) -> list[list[str]]:
         """[N] each image's captions, in dataset order ([] for an image without any)."""
@@ -88,7 +89,7 @@ class StackedRows:
 def split_gallery(paths: ArtifactPaths, split: str) -> Gallery:
     """A split (or, with `split="all"`, every split) of the dataset that `kdpipe prepare` cached under
     `paths.workdir`, in the index's split order."""
-    from pipeline.data.index import DatasetIndex, read_fingerprint
+    from pipeline.data.index import DatasetIndex, read_fingerprint, read_identity
     from pipeline.store.image_cache import open_image_cache
 
     if not paths.index_dir.is_dir():
@@ -113,6 +114,7 @@ def split_gallery(paths: ArtifactPaths, split: str) -> Gallery:
         text_image=np.concatenate([np.asarray(v.text_image, np.int64) + o for v, o in zip(views, offsets)]),
         recipe=PixelRecipe.of_cache(cache.attrs, str(paths.images)),
         splits=[v.name for v in views for _ in range(v.n_images)] if len(views) > 1 else None,
+        made_from=read_identity(paths.index_dir),
     )
 
 

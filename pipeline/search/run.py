@@ -1,8 +1,9 @@
 """`kdpipe index` and `kdpipe search`: embed a gallery into a faiss index; answer text or image queries.
 
-An index records what it was built from (ids.json: the gallery, the student directory and its weights' size,
-mtime and sha256, the pixel recipe), so a search can tell an index made by another student, or by this
-student before it was trained again, from a current one (`stale_reason`), and never answers from it.
+An index records what it was built from (ids.json: the gallery and, for a dataset's, its index's fingerprint and
+content digest; the student directory and its weights' size, mtime and sha256; the pixel recipe), so a search can
+tell an index made by another student, by this student before it was trained again, or from an older version of
+the dataset, from a current one (`stale_reason`), and never answers from it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from pipeline.data.pixels import PixelRecipe
 from pipeline.errors import InputError
+from pipeline.paths import ArtifactPaths
 from pipeline.search.gallery import Gallery, embed_images, embed_texts, read_image
 from pipeline.search.index import IndexConfig, SearchIndex, build_index, recall_at_k, save_index
 
@@ -47,9 +49,9 @@ def student_weights(student_dir: Path, known: dict[str, Any] | None = None) -> d
     return {**out, "sha256": sha256_file(path)}
 
 
-def stale_reason(index: SearchIndex, student_dir: Path, recipe: PixelRecipe) -> str | None:
-    """Why `index` cannot answer for this student (None: it can): made by other weights, with other pixels, or
-    before indexes recorded either."""
+def stale_reason(index: SearchIndex, student_dir: Path, recipe: PixelRecipe, paths: ArtifactPaths) -> str | None:
+    """Why `index` cannot answer for this student (None: it can): made by other weights, with other pixels, from
+    another version of the workdir's dataset (a split gallery), or before indexes recorded these."""
     meta = index.meta
     recorded = meta.get("student_weights")
     if not isinstance(recorded, dict) or "pixels" not in meta:
@@ -58,6 +60,11 @@ def stale_reason(index: SearchIndex, student_dir: Path, recipe: PixelRecipe) -> 
         return f"it was built by other weights than {Path(student_dir) / WEIGHTS_FILE} (retrained, or another student)"
     if meta["pixels"] != recipe.describe():
         return "its images were prepared otherwise than this student's"
+    if meta.get("made_from") is not None:
+        from pipeline.data.index import read_identity
+
+        if meta["made_from"] != read_identity(paths.index_dir):
+            return f"the dataset in {paths.index_dir} changed since it was built (kdpipe prepare ran again)"
     return None
 
 
@@ -99,6 +106,7 @@ def run_index(student_dir: Path, gallery: Gallery, out: Path, cfg: IndexConfig, 
         "student": str(student_dir),
         "student_weights": weights,
         "pixels": recipe.describe(),
+        "made_from": gallery.made_from,
         "ef_search": cfg.hnsw_ef_search,
         "nprobe": cfg.nprobe,
     }
@@ -108,7 +116,14 @@ def run_index(student_dir: Path, gallery: Gallery, out: Path, cfg: IndexConfig, 
 
 
 def run_search(
-    student_dir: Path, index: SearchIndex, recipe: PixelRecipe, *, text: str | None, image: Path | None, k: int
+    student_dir: Path,
+    index: SearchIndex,
+    recipe: PixelRecipe,
+    paths: ArtifactPaths,
+    *,
+    text: str | None,
+    image: Path | None,
+    k: int,
 ) -> tuple[list[Hit], dict[str, float]]:
     """Top-k hits for one text or one image query (made into pixels by `recipe`, the student's) and the time of
     encoding and of searching (ms). Refuses an index that cannot answer for this student (`stale_reason`)."""
@@ -116,7 +131,7 @@ def run_search(
 
     if (text is None) == (image is None):
         raise InputError("search: give either a text query or --image PATH")
-    why = stale_reason(index, student_dir, recipe)
+    why = stale_reason(index, student_dir, recipe, paths)
     if why:
         raise InputError(
             f"{index.directory}: this index cannot answer for the student at {student_dir}: {why}; "
