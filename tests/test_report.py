@@ -96,7 +96,7 @@ def test_captions_are_ranked_within_their_gallery_as_evaluate_does(mode):
         assert models == naive
     first = section.split('<div class="q">')[1]
     if mode == "split":
-        assert first.index('class="same" title="b/0.png"') < first.index('class="ok" title="a/0.png"')
+        assert first.index('class="same" title="b/0.png: emoji 0"') < first.index('class="ok" title="a/0.png:')
         assert "(gallery" not in first
     else:
         assert 'class="same"' not in section and "(gallery a)" in first and "b/" not in first

@@ -47,7 +47,7 @@ object-fit:contain;image-rendering:pixelated;background:#fafafa}
 figure.ok img{border-color:#1a9c3a}figure.same img{border:3px dashed #1a9c3a}
 figure figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .irow{display:grid;grid-template-columns:130px repeat(auto-fit,minmax(220px,1fr));gap:6px 22px;margin:14px 0}
-.irow figure img{width:120px;height:120px}
+.irow figure img{width:120px;height:120px}.irow figcaption{white-space:normal;word-break:break-all}
 .irow ol{margin:2px 0;padding-left:20px}li.ok{color:#1a9c3a;font-weight:600}li.same{color:#1a9c3a}"""
 
 
@@ -74,6 +74,13 @@ class ReportGallery:
     @classmethod
     def of(cls, images: Any, ids: list[str], captions: list[str], text_image: Any, mode: GalleryMode) -> ReportGallery:
         return cls(images, list(ids), list(captions), np.asarray(text_image, np.int64), image_groups(ids, mode))
+
+    def labels(self) -> list[str]:
+        """[N] what a thumbnail says: the image's first caption, or its id where it has none."""
+        out = list(self.ids)
+        for text, row in reversed(list(zip(self.captions, self.text_image.tolist()))):
+            out[row] = text
+        return out
 
     def group_of_image(self) -> np.ndarray:
         """[N] index (into `groups`) of each image's gallery."""
@@ -130,6 +137,7 @@ def caption_section(rankings: list[Ranking], gallery: ReportGallery, sample: np.
     names = list(gallery.groups)
     group_of = gallery.group_of_image()
     same_text = _same_text_images(gallery)
+    labels = gallery.labels()
     thumbs: dict[int, str] = {}
     parts = []
     for c in sample.tolist():
@@ -149,8 +157,8 @@ def caption_section(rankings: list[Ranking], gallery: ReportGallery, sample: np.
                     cls, mark = ' class="same"', "= "
                 name = html.escape(gallery.ids[j], quote=True)
                 figs.append(
-                    f'<figure{cls} title="{name}"><img src="{uri}" alt="{name}">'
-                    f"<figcaption>{mark}{html.escape(gallery.ids[j])}</figcaption></figure>"
+                    f'<figure{cls} title="{name}: {html.escape(labels[j], quote=True)}"><img src="{uri}" alt="{name}">'
+                    f"<figcaption>{mark}{html.escape(labels[j])}</figcaption></figure>"
                 )
             parts.append(
                 f'<div class="model"><h4>{html.escape(r.name)}</h4><div class="hits">{"".join(figs)}</div></div>'
@@ -173,7 +181,7 @@ def image_section(rankings: list[Ranking], gallery: ReportGallery, sample: np.nd
         name = html.escape(gallery.ids[i], quote=True)
         parts.append(
             f'<div class="irow"><figure title="{name}"><img src="{thumbnail(gallery.images[i], 120)}" alt="{name}">'
-            f"<figcaption>{html.escape(gallery.ids[i])}{_group_label(gallery, names[g])}</figcaption></figure>"
+            f"<figcaption>{html.escape(gallery.ids[i])}<br>{_group_label(gallery, names[g])}</figcaption></figure>"
         )
         for r in rankings:
             items = []
