@@ -136,7 +136,7 @@ class Figure:
 class Part:
     date: str
     figures: list[Figure] = field(default_factory=list)
-    skipped: str | None = None  # reason the part did not run ("no CUDA", "pipeline.teachers.extract not available")
+    skipped: str | None = None  # reason the part did not run ("no CUDA", "pipeline.extract not available")
     seconds: float | None = None
     extra: dict = field(default_factory=dict)  # curves and raw data (e.g. distill throughput per batch)
 

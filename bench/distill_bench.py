@@ -8,7 +8,7 @@ GPU part: the default student (ViT-B/16 + BERT-base, random init from their conf
 default loss (contrastive vs a K = 8192 queue + L1 + cosine + hardest-negative triplet, dsmd balancer),
 bf16 autocast, AdamW, with a Flickr30K-sized teacher bank (31,783 image rows + 158,915 caption rows,
 D = 1024, fp16) on the GPU. Each step is the trainer's own code: BatchLoader (loader threads gathering
-uint8 images from a memory-mapped cache into pinned memory), `pipeline.distill.run.loss_terms`, the balancer
+uint8 images from a memory-mapped cache into pinned memory), `pipeline.distill.forward.loss_terms`, the balancer
 (one sync), backward, optimizer step. Batch 64 / 128 / 256, eager and torch.compile: pairs/s and peak
 GPU memory (targets: >= 2,400 pairs/s at 256 compiled on one H100; the default batch 64 within 20 GB).
 
@@ -43,7 +43,8 @@ GPU_REFERENCE_PAIRS_PER_S = 2456  # the reference compiled step at batch 256 on 
 # -- inputs: a memory-mapped feature store and image cache, as the trainer reads them ----------------------
 def make_store(root: Path, n_images: int, dim: int, seed: int = 0):
     """A complete format-v1 store of random unit rows (fp16), written with the project's writer."""
-    from pipeline.store.features import open_store, write_store
+    from pipeline.store.features import open_store
+    from pipeline.store.features_writer import write_store
 
     rng = np.random.default_rng(seed)
     n_captions = n_images * CAPTIONS_PER_IMAGE
@@ -161,8 +162,9 @@ def bench_gpu(
     rep: Report, root: Path, store, images, n_cache: int, batches: list[int], steps: int, compile_modes: list[bool]
 ) -> None:
     from pipeline.distill.balancer import BalancerConfig, LossBalancer
+    from pipeline.distill.config import AugmentConfig
+    from pipeline.distill.forward import loss_terms
     from pipeline.distill.losses import DistillLoss, LossConfig
-    from pipeline.distill.run import AugmentConfig, loss_terms
     from pipeline.towers.student import build_student
 
     device = torch.device("cuda")

@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.store.features import open_store, write_store  # noqa: E402
+from pipeline.store.features import open_store  # noqa: E402
+from pipeline.store.features_writer import write_store  # noqa: E402
 
 
 def _make(path: Path, n_images: int, captions_per_image: int, dim: int, dtype: str) -> None:

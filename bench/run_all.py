@@ -66,7 +66,8 @@ def random_features(n: int, d: int, rng: np.random.Generator, dtype=np.float32) 
 def part_feature_store(rep: Report, ctx: Ctx) -> None:
     from make_flickr_like import split_sizes
 
-    from pipeline.store.features import open_store, write_store
+    from pipeline.store.features import open_store
+    from pipeline.store.features_writer import write_store
 
     # the splits of the dataset at this scale, at least Flickr30K's (the bank distill reads: restval folded
     # into train, 5 captions per image, D = 1024), so that the store is not a few MiB at 0.1x
@@ -321,7 +322,9 @@ def extract_end_to_end(
 ) -> None:
     import torch
 
-    import pipeline.teachers.extract as extract
+    import pipeline.extract.passes as extract_passes
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.extract.run import run_extract
     from pipeline.teachers.beit3 import BEiT3Teacher
     from pipeline.teachers.beit3_model import BEiT3ForRetrieval
 
@@ -333,9 +336,9 @@ def extract_end_to_end(
         model, caption_tokenizer(ctx, index), device=device, dtype=torch.bfloat16 if ctx.cuda else torch.float32
     )
     out = ctx.work / f"features_{label}.zarr"
-    cfg = extract.ExtractConfig(device=device, **cfg_kw)
-    with GpuSampler() as gpu, recorded_progress(extract) as phases:
-        result = extract.run_extract(index, cfg, out, teacher=teacher)
+    cfg = ExtractConfig(device=device, **cfg_kw)
+    with GpuSampler() as gpu, recorded_progress(extract_passes) as phases:
+        result = run_extract(index, cfg, out, teacher=teacher)
     rates = {d.split(" ")[0]: n / sec for d, n, sec, _ in phases if sec > 0}
     shutil.rmtree(out, ignore_errors=True)
     del teacher, model

@@ -46,7 +46,7 @@ def make_workdir(root: Path) -> Path:
     from transformers import BertTokenizer
 
     from pipeline.data.index import DatasetIndex
-    from pipeline.store.features import write_store
+    from pipeline.store.features_writer import write_store
     from pipeline.store.image_cache import write_image_cache
 
     rng = np.random.default_rng(0)

@@ -52,7 +52,7 @@ def command(
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
     from pipeline.config import from_dict
-    from pipeline.distill.run import DistillConfig
+    from pipeline.distill.config import DistillConfig
     from pipeline.distill.runs import run_name, split_runs, variant_section
     from pipeline.errors import ConfigError
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import typer
 
 from pipeline.data.index import DatasetIndex
-from pipeline.teachers.extract import ExtractConfig, run_extract
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.run import run_extract
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,

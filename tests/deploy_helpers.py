@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.config import write_resolved
 from pipeline.data.index import DatasetIndex
 from pipeline.data.pixels import ResizeConfig
+from pipeline.distill.config import DistillConfig
+from pipeline.distill.losses import LossConfig
 from pipeline.paths import ArtifactPaths
-from pipeline.store.features import write_store
+from pipeline.store.features_writer import write_store
 from pipeline.store.image_cache import write_image_cache
 from pipeline.towers.image import ImageTowerConfig
 from pipeline.towers.student import DualEncoderStudent, StudentConfig, build_student, save_student
@@ -20,11 +24,20 @@ WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()
 DIM, SIZE = 16, 16
 
 
-def tiny_student_config(tokenizer_dir: Path, image_size: int = SIZE, **text) -> StudentConfig:
+def tiny_student_config(
+    tokenizer_dir: Path, image_size: int = SIZE, *, proj_bias: bool = False, image_pooling: str = "cls", **text
+) -> StudentConfig:
     """A 1-layer ViT / BERT student's config, over the conftest tokenizer."""
     return StudentConfig(
+        proj_bias=proj_bias,
         image=ImageTowerConfig(
-            image_size=image_size, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=64,
+            pooling=image_pooling,
         ),
         text=TextTowerConfig(
             tokenizer=tokenizer_dir,
@@ -39,15 +52,36 @@ def tiny_student_config(tokenizer_dir: Path, image_size: int = SIZE, **text) -> 
     )
 
 
-def tiny_student(tokenizer_dir: Path, seed: int, **text) -> DualEncoderStudent:
-    """A 1-layer ViT / BERT student with random (non-zero) projection biases, in eval mode."""
+def tiny_student(tokenizer_dir: Path, seed: int, biases: tuple[str, ...] = (), **cfg) -> DualEncoderStudent:
+    """A 1-layer ViT / BERT student in eval mode whose every weight is random, none at its init value (a
+    patch-embedding bias or a LayerNorm at 0 / 1 would hide a dropped one); `biases`: the projections ("image",
+    "text") given a random bias (the others bias-free, or a zero bias with proj_bias)."""
     torch.manual_seed(seed)
-    cfg = tiny_student_config(tokenizer_dir, **text)
-    model = build_student(cfg, DIM).eval()
-    with torch.no_grad():  # trained students have biases; zeros would hide a dropped one
-        model.image_proj.bias.normal_()
-        model.text_proj.bias.normal_()
+    model = build_student(tiny_student_config(tokenizer_dir, proj_bias=bool(biases), **cfg), DIM).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("proj.bias"):
+                p.add_(0.05 * torch.randn_like(p))
+        for side in biases:
+            getattr(model, f"{side}_proj").bias.normal_()
     return model
+
+
+def finished_run(student_dir: Path, model: DualEncoderStudent, *, temperature: float = 0.05) -> None:
+    """The files a finished `kdpipe distill` run leaves beside the student (what export reads its temperature from)."""
+    write_resolved(
+        DistillConfig(student=model.config, loss=LossConfig(pair_contrastive=1.0, pair_temperature=temperature)),
+        student_dir / "distill_config.yaml",
+        "distill",
+    )
+    (student_dir / "train_summary.json").write_text(
+        json.dumps({"epochs": 1, "best_epoch": 1, "baseline": False, "loss_terms": ["pair_contrastive_loss"]})
+    )
+
+
+def squash(crop: int = SIZE) -> dict:
+    """An image cache's `resize` attrs: prepare's squash to `crop` px."""
+    return {"resize": ResizeConfig(mode="squash", crop=crop).describe()}
 
 
 def tiny_workdir(
@@ -70,8 +104,7 @@ def tiny_workdir(
     paths = ArtifactPaths(root / "work")
     index.save(paths.index_dir)
     pixels = {s: rng.integers(0, 256, (index.split(s).n_images, SIZE, SIZE, 3), dtype=np.uint8) for s in index.splits}
-    recipe = {"resize": ResizeConfig(mode="squash", crop=SIZE).describe(), "exif_orientation": "ignore"}
-    write_image_cache(paths.images, pixels, fingerprint=index.fingerprint, meta=recipe)
+    write_image_cache(paths.images, pixels, fingerprint=index.fingerprint, meta=squash())
     splits = {}
     for s in index.splits:
         v = index.split(s)
@@ -88,6 +121,8 @@ def tiny_workdir(
         teacher={"name": "tiny-teacher"},
         dataset={"name": "toy", "fingerprint": index.fingerprint},
     )
-    save_student(tiny_student(tokenizer_dir, 0), paths.student)
-    save_student(tiny_student(tokenizer_dir, 1), paths.workdir / "baseline")
+    for seed, directory in enumerate((paths.student, paths.workdir / "baseline")):
+        model = tiny_student(tokenizer_dir, seed)
+        save_student(model, directory)
+        finished_run(directory, model)
     return paths

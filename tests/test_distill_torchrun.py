@@ -32,7 +32,8 @@ from test_train import DIM, make_workdir, tiny_params
 from torchrun_helpers import run_ranks
 
 from pipeline.config import from_dict
-from pipeline.distill.run import DistillConfig, run_distill
+from pipeline.distill.config import DistillConfig
+from pipeline.distill.run import run_distill
 from pipeline.store.features import open_store
 from pipeline.store.image_cache import open_image_cache
 from pipeline.towers.student import build_student

@@ -31,7 +31,8 @@ from pipeline.evaluate.run import (
 )
 from pipeline.evaluate.summary import with_average
 from pipeline.paths import ArtifactPaths
-from pipeline.store.features import StoreWriter, open_store, write_store
+from pipeline.store.features import open_store
+from pipeline.store.features_writer import StoreWriter, write_store
 from pipeline.store.image_cache import open_image_cache, write_image_cache
 from stages.cli import app
 

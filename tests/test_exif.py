@@ -14,9 +14,9 @@ from pipeline.data.index import DatasetIndex
 from pipeline.data.pixels import ResizeConfig, decode_image
 from pipeline.data.prepare import PrepareConfig, run_prepare
 from pipeline.data.readers import DatasetConfig
+from pipeline.extract.images import load_rgb
 from pipeline.paths import ArtifactPaths
 from pipeline.store.image_cache import open_image_cache
-from pipeline.teachers.extract import load_rgb
 
 skimage_data = pytest.importorskip("skimage.data", reason="the real test photo ships with scikit-image")
 

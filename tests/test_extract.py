@@ -23,8 +23,9 @@ from pipeline.config import from_dict
 from pipeline.data.index import DatasetIndex
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, InputError
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.run import run_extract
 from pipeline.store.features import open_store, read_attrs
-from pipeline.teachers.extract import ExtractConfig, run_extract
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -120,7 +121,8 @@ def test_sigkill_then_resume_is_bitwise_identical(dataset, reference, tmp_path):
         """
         from extract_helpers import TinyTeacher
         from pipeline.data.index import DatasetIndex
-        from pipeline.teachers.extract import ExtractConfig, run_extract
+        from pipeline.extract.config import ExtractConfig
+        from pipeline.extract.run import run_extract
         cfg = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0)
         run_extract(DatasetIndex.load(sys.argv[1]), cfg, sys.argv[2], teacher=TinyTeacher(delay=0.15))
     """,
@@ -261,7 +263,8 @@ def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, referen
         import json, os
         from extract_helpers import TinyTeacher
         from pipeline.data.index import DatasetIndex
-        from pipeline.teachers.extract import ExtractConfig, run_extract
+        from pipeline.extract.config import ExtractConfig
+        from pipeline.extract.run import run_extract
         cfg = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0)
         r = run_extract(DatasetIndex.load(sys.argv[1]), cfg, sys.argv[2], teacher=TinyTeacher())
         with open(f"{sys.argv[3]}/rank{os.environ['RANK']}.json", "w") as f:
@@ -443,7 +446,7 @@ def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_
 
 
 def test_finalization_killed_during_the_compaction_swap_completes_on_rerun(tmp_path, monkeypatch):
-    import pipeline.teachers.extract as extract
+    import pipeline.extract.finalize as extract
 
     index = make_dataset(tmp_path / "data")
     _corrupt(tmp_path / "data", index)

@@ -11,7 +11,8 @@ import zarr
 
 from pipeline.errors import InputError
 from pipeline.store.chunk_files import ChunkedRows
-from pipeline.store.features import StoreWriter, chunk_len, open_store, read_attrs, write_store
+from pipeline.store.features import open_store, read_attrs
+from pipeline.store.features_writer import StoreWriter, chunk_len, write_store
 
 D = 32
 

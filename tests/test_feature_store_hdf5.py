@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.store.features import open_store, write_store
+from pipeline.store.features import open_store
+from pipeline.store.features_writer import write_store
 from pipeline.store.hdf5 import export_hdf5, import_dsmd, import_hdf5
 from pipeline.store.verify import verify_store
 

@@ -21,11 +21,12 @@ from pipeline.data.pixels import ResizeConfig, decode_image
 from pipeline.data.prepare import PrepareConfig, run_prepare
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import InputError
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.run import run_extract
 from pipeline.locks import lock_path
 from pipeline.paths import ArtifactPaths
 from pipeline.store.features import open_store
 from pipeline.store.image_cache import open_image_cache
-from pipeline.teachers.extract import ExtractConfig, run_extract
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 7
@@ -318,7 +319,7 @@ def test_distill_refuses_features_of_replaced_images(tmp_path):
     from test_train import make_workdir, tiny_cfg
 
     from pipeline.distill.run import run_distill
-    from pipeline.store.features import StoreWriter
+    from pipeline.store.features_writer import StoreWriter
 
     index = make_workdir(tmp_path)
     index = index.with_hashes([f"{r:064x}" for r in range(index.n_images)])

@@ -30,7 +30,7 @@ def _rank(rank: int, port: int, results) -> None:
     try:
         from torch.distributed.nn.functional import all_gather
 
-        from pipeline.distill.run import GatherRows
+        from pipeline.distill.distributed import GatherRows
 
         g = torch.Generator().manual_seed(0)
         xs, w = torch.randn(WORLD, 3, 4, generator=g), torch.randn(WORLD * 3, 4, generator=g)

@@ -18,9 +18,10 @@ import pytest
 import yaml
 from extract_helpers import TinyTeacher, make_dataset, store_files
 
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.run import run_extract
 from pipeline.locks import OutputLocked, lock_path, output_lock
 from pipeline.store.features import open_store
-from pipeline.teachers.extract import ExtractConfig, run_extract
 from stages._common import writing
 
 TESTS = Path(__file__).parent
@@ -160,7 +161,7 @@ def test_every_writing_command_takes_its_outputs_lock(tmp_path, name):
 EXTRACT = """
 import os, sys, time
 from extract_helpers import TinyTeacher
-import pipeline.teachers.extract as extract
+import pipeline.extract.run as extract
 
 GO = sys.argv[1]
 

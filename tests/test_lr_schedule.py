@@ -10,7 +10,8 @@ import torch
 from test_train import run, tiny_cfg, work  # noqa: F401  (`work`: the tiny dataset fixture)
 
 from pipeline.config import from_dict
-from pipeline.distill.run import DistillConfig, lr_factor
+from pipeline.distill.config import DistillConfig
+from pipeline.distill.schedule import lr_factor
 from pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -7,12 +7,12 @@ import yaml
 
 from pipeline.config import from_dict
 from pipeline.data.prepare import PrepareConfig
-from pipeline.distill.run import DistillConfig
+from pipeline.distill.config import DistillConfig
 from pipeline.distill.runs import split_runs, variant_section
 from pipeline.evaluate.run import EvaluateConfig
+from pipeline.extract.config import ExtractConfig
 from pipeline.runtime import RuntimeConfig
 from pipeline.store.verify import StoreConfig
-from pipeline.teachers.extract import ExtractConfig
 from pipeline.teachers.fit_teacher import FitTeacherConfig
 from stages._common import TOP_LEVEL_KEYS
 

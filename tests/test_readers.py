@@ -17,16 +17,19 @@ import pytest
 from extract_helpers import TinyTeacher, make_dataset
 from PIL import Image
 
+import pipeline.extract.finalize as finalize
 import pipeline.locks as locks
 import pipeline.store.durable as durable
 import pipeline.store.features as features
-import pipeline.teachers.extract as extract
+import pipeline.store.features_writer as features_writer
 from pipeline.data.file_hashes import sha256_file
 from pipeline.data.index import DatasetIndex
+from pipeline.extract.config import ExtractConfig
+from pipeline.extract.run import run_extract
 from pipeline.locks import OutputLocked, output_lock
-from pipeline.store.features import StoreWriter, open_store, read_attrs
+from pipeline.store.features import open_store, read_attrs
+from pipeline.store.features_writer import StoreWriter
 from pipeline.store.image_cache import open_image_cache
-from pipeline.teachers.extract import ExtractConfig, run_extract
 
 CFG = ExtractConfig(chunk_rows=8, image_batch_size=3, text_batch_size=5, num_workers=0)
 ARRAYS = ("image_emb", "text_emb", "text_image", "image_id")
@@ -138,18 +141,18 @@ def _store_cleared_halfway(monkeypatch, pause: Pause) -> None:
             real_shutil.rmtree(path, *args, **kwargs)
             pause()
 
-    real_shutil = features.shutil
-    monkeypatch.setattr(features, "shutil", Shutil())
+    real_shutil = features_writer.shutil
+    monkeypatch.setattr(features_writer, "shutil", Shutil())
 
 
 def _split_moved_away(monkeypatch, pause: Pause) -> None:
-    original = extract.fsync_dir  # first called by _compact_split right after it moved the old split aside
+    original = finalize.fsync_dir  # first called by _compact_split right after it moved the old split aside
 
     def fsync_dir(path):
         original(path)
         pause()
 
-    monkeypatch.setattr(extract, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(finalize, "fsync_dir", fsync_dir)
 
 
 def hashed(index: DatasetIndex) -> DatasetIndex:

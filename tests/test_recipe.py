@@ -15,8 +15,9 @@ import yaml
 
 from pipeline.config import from_dict, to_dict
 from pipeline.data.prepare import PrepareConfig
-from pipeline.distill.run import DistillConfig, lr_factor
+from pipeline.distill.config import DistillConfig
 from pipeline.distill.runs import split_runs
+from pipeline.distill.schedule import lr_factor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATASETS = ("flickr30k", "coco")
@@ -64,6 +65,7 @@ BOTH = {
     "student.image.pooling": "cls",  # module/model.py last_hidden_state[:, 0]
     "student.text.pooling": "pooler",  # module/model.py pooler_output
     "student.proj_init_gain": 1.414,  # module/model.py xavier_normal_(gain=1.414)
+    "student.proj_bias": True,  # module/model.py nn.Linear (bias on); kdpipe's own default is bias-free
     "betas": (0.9, 0.999),  # AdamW defaults (train/train.py passes none)
     "grad_clip": 0.0,
     "select_best_on": "val",  # train/train.py keeps the best val RSUM

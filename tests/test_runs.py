@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import from_dict
-from pipeline.distill.run import DistillConfig
+from pipeline.distill.config import DistillConfig
 from pipeline.distill.runs import run_name, split_runs, variant_section
 from pipeline.errors import ConfigError
 

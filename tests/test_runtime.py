@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.extract.config import ExtractConfig
 from pipeline.runtime import RuntimeConfig, available_cpus, plan_threads
-from pipeline.teachers.extract import ExtractConfig
 from stages._common import load_stage
 
 REPO = Path(__file__).parent.parent

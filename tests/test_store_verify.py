@@ -14,7 +14,8 @@ import zarr
 from typer.testing import CliRunner
 
 from pipeline.errors import InputError
-from pipeline.store.features import open_store, write_store
+from pipeline.store.features import open_store
+from pipeline.store.features_writer import write_store
 from pipeline.store.verify import check_finite, require_verified, verify_store
 from stages.cli import app
 

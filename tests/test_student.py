@@ -101,7 +101,11 @@ def test_projection_init_and_tokenizer(tokenizer_dir):
     w = model.image_proj.weight  # [256, 32]: xavier normal std = gain * sqrt(2 / (fan_in + fan_out))
     expected = 1.414 * (2 / (32 + 256)) ** 0.5
     assert abs(float(w.detach().std()) - expected) / expected < 0.05
-    assert float(model.text_proj.bias.detach().abs().sum()) == 0
+    # bias-free by default (what every export computes); DSMD's layout has biases, starting at 0
+    assert model.image_proj.bias is None and model.text_proj.bias is None
+    assert not {"image_proj.bias", "text_proj.bias"} & set(model.state_dict())
+    dsmd = build_student(replace(tiny_cfg(tokenizer_dir), proj_bias=True), 256)
+    assert float(dsmd.text_proj.bias.detach().abs().sum()) == 0 and dsmd.image_proj.bias.shape == (256,)
     tok = model.tokenize(["A DOG runs " + "dog " * 40])
     assert tok["input_ids"].shape == (1, 12)  # max_tokens, fixed length
     assert tok["attention_mask"].sum() == 12  # truncated
@@ -135,7 +139,10 @@ def test_save_load_round_trip_and_towers_load_with_transformers_alone(tokenizer_
     from transformers import AutoModel, AutoTokenizer, ViTModel
 
     torch.manual_seed(0)
-    model = build_student(tiny_cfg(tokenizer_dir), DIM).eval()
+    model = build_student(replace(tiny_cfg(tokenizer_dir), proj_bias=True), DIM).eval()
+    with torch.no_grad():
+        model.text_proj.bias.normal_()  # a trained student's biases are not 0: a dropped one must show
+        model.image_proj.bias.normal_()
     save_student(model, tmp_path / "s")
     loaded = load_student(tmp_path / "s")
     x = images(3)
@@ -162,6 +169,12 @@ def test_save_load_round_trip_and_towers_load_with_transformers_alone(tokenizer_
         t2 = F.normalize(pooled @ proj["text_proj.weight"].T + proj["text_proj.bias"], dim=-1)
     torch.testing.assert_close(v2, v, rtol=0, atol=1e-6)
     torch.testing.assert_close(t2, t, rtol=0, atol=1e-6)
+
+    # a student saved before `proj_bias` existed (no such key; every projection had a bias) still loads
+    meta["config"].pop("proj_bias")
+    (tmp_path / "s" / "student_config.json").write_text(json.dumps(meta))
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "s").encode_texts(TEXTS), t)
 
 
 def test_missing_local_paths_are_one_clear_error_never_a_download(tokenizer_dir, tmp_path):

@@ -104,8 +104,8 @@ def _full_open(code: int, room: int):
 
 def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
     """Before, torch.save(path) reported a full disk as RuntimeError 'unexpected pos' and left last.pt.tmp."""
-    from pipeline.distill import run as distill_run
-    from pipeline.distill.run import TrainState, save_checkpoint
+    from pipeline.distill import checkpoints
+    from pipeline.distill.checkpoints import TrainState, save_checkpoint
 
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.AdamW(model.parameters())
@@ -121,7 +121,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch)
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint(path, **kw)
     before = path.read_bytes()
-    monkeypatch.setattr(distill_run, "open", _full_open(errno.ENOSPC, room=4096), raising=False)
+    monkeypatch.setattr(checkpoints, "open", _full_open(errno.ENOSPC, room=4096), raising=False)
     model.weight.data += 1
     with pytest.raises(OSError) as info:
         save_checkpoint(path, **kw)
@@ -131,7 +131,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_extract_command_on_a_full_or_read_only_disk_is_one_line_exit_2_no_temp_files(tmp_path, monkeypatch, code):
-    import pipeline.teachers.extract as extract
+    import pipeline.extract.run as extract
     from stages.cli import app
 
     monkeypatch.setenv("KDPIPE_FSYNC", "0")
@@ -161,7 +161,7 @@ def test_extract_command_on_a_full_or_read_only_disk_is_one_line_exit_2_no_temp_
 
 
 def test_a_full_disk_while_the_store_is_set_up_names_the_store(tmp_path, monkeypatch):
-    import pipeline.teachers.extract as extract
+    import pipeline.extract.run as extract
     from stages.cli import app
 
     monkeypatch.setenv("KDPIPE_FSYNC", "0")

@@ -16,12 +16,14 @@ from typer.testing import CliRunner
 
 from pipeline.config import from_dict
 from pipeline.data.index import DatasetIndex
+from pipeline.distill.config import DistillConfig
 from pipeline.distill.data import BatchLoader, TeacherBank, random_resized_crop, tokenize_all
 from pipeline.distill.losses import DistillLoss
-from pipeline.distill.run import DistillConfig, run_distill
+from pipeline.distill.run import run_distill
 from pipeline.distill.sampler import EpochSampler
 from pipeline.errors import ConfigError, InputError
-from pipeline.store.features import open_store, write_store
+from pipeline.store.features import open_store
+from pipeline.store.features_writer import write_store
 from pipeline.store.image_cache import open_image_cache, write_image_cache
 from pipeline.towers.student import build_student, load_student
 
@@ -528,7 +530,8 @@ def test_unpaired_counts_are_checked(work, uwork):
 def test_val_recalls_rank_captioned_images_only(work):
     """Images without captions in a val split are not queries: the recalls equal those of the split without
     them (retrieval needs a caption per image), whatever their position."""
-    from pipeline.distill.run import PairSplit, validate
+    from pipeline.distill.inputs import PairSplit
+    from pipeline.distill.validation import validate
 
     root, index, store, cache = work
     view, images = index.split("val"), cache.split("val")
@@ -547,7 +550,7 @@ def test_val_recalls_rank_captioned_images_only(work):
 
 def test_checkpoints_from_before_the_unpaired_keys_still_compare_equal():
     from pipeline.config import to_dict
-    from pipeline.distill.run import comparable
+    from pipeline.distill.checkpoints import comparable
 
     now = to_dict(DistillConfig())
     before = {k: v for k, v in now.items() if not k.startswith("unpaired_")}  # written before the keys existed

@@ -1,5 +1,7 @@
 """`kdpipe export`: a deployable student directory: the student's files, its model card (README.md), and on
-request the transformers copy (`hf/`) and the ONNX encoders (`onnx/`).
+request the transformers copy (`hf/`), the open_clip model (`open_clip/`), the sentence-transformers text side
+(`sentence_transformers/`) and the ONNX encoders (`onnx/`). Each computes kdpipe's embeddings (checked here
+where the library imports; open_clip is checked by the tests' reference loader), or is refused in one line.
 
 By default (stages/export.py) it is a new directory, <workdir>/export/<student>: the student directory itself is
 an output of `dvc repro`'s distill stage, and files written into it would make DVC see that output modified and
@@ -13,36 +15,46 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.deploy.card import model_card
+from pipeline.deploy.card import CardInfo, model_card
+from pipeline.deploy.pixels import StudentPixels, student_pixels
+from pipeline.deploy.scale import training_logit_scale
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir, write_text_durably
+from pipeline.store.features import read_attrs
+from pipeline.towers import quiet_transformers
 from pipeline.towers.student import load_student
 
 log = logging.getLogger(__name__)
 _NOT_EXPORTED = {"checkpoints"}  # training state: what resuming needs, not what serving needs
 
 
-def run_export(
-    student_dir: Path,
-    out_dir: Path | None = None,
-    *,
-    hf: bool,
-    onnx: bool,
-    features: Path | None = None,
-    metrics: Path | None = None,
-) -> list[str]:
+@dataclass(frozen=True)
+class ExportRequest:
+    """What `kdpipe export` writes beside the student's files, and the work directory's files it reads."""
+
+    hf: bool = False
+    onnx: bool = False
+    open_clip: bool = False
+    sentence: bool = False  # sentence-transformers, the text side
+    features: Path | None = None  # the teacher's feature store: the card's teacher and dataset
+    metrics: Path | None = None  # evaluate's metrics_detail.json (its whole record: seed means, each seed's figures)
+    images: Path | None = None  # prepare's image cache: how the student's pixels were made
+
+
+def run_export(student_dir: Path, out_dir: Path | None, request: ExportRequest) -> list[str]:
     """Write what was asked for into `out_dir` (default: in place, the student directory); one line per thing."""
     if out_dir is None or out_dir.resolve() == student_dir.resolve():
-        return _write_exports(student_dir, student_dir, hf=hf, onnx=onnx, features=features, metrics=metrics)
+        return _write_exports(student_dir, student_dir, request)
     load_student(student_dir)  # not a student: one line, before anything is written
     with atomic_dir(out_dir) as tmp:
         _link_student(student_dir, tmp)
-        lines = _write_exports(tmp, out_dir, hf=hf, onnx=onnx, features=features, metrics=metrics)
+        lines = _write_exports(tmp, out_dir, request)
     return [f"{out_dir}: the student's files from {student_dir} (without checkpoints/)", *lines]
 
 
@@ -60,43 +72,95 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_exports(
-    directory: Path, shown: Path, *, hf: bool, onnx: bool, features: Path | None, metrics: Path | None
-) -> list[str]:
-    """hf/, onnx/ and README.md into `directory` (named `shown` in the lines returned)."""
+def _write_exports(directory: Path, shown: Path, request: ExportRequest) -> list[str]:
+    """hf/, open_clip/, sentence_transformers/, onnx/ and README.md into `directory` (named `shown` in the lines
+    returned). Each format is checked against kdpipe's own embeddings where its library is importable."""
     model = load_student(directory)
-    done = []
-    if hf:
-        from pipeline.deploy.hf import save_dual_encoder, text_bias_is_zero
+    done, info = [], CardInfo()
+    if request.hf or request.open_clip:
+        info.scale = training_logit_scale(directory)
+        info.pixels = _pixels(model, request.images, "export --hf" if request.hf else "export --open-clip")
+    if request.hf:
+        from pipeline.deploy.hf import save_dual_encoder
 
-        save_dual_encoder(model, directory / "hf")
-        note = "" if text_bias_is_zero(model) else " (add config.kdpipe_text_projection_bias to text features)"
-        done.append(f"{shown / 'hf'}: VisionTextDualEncoderModel{note}")
-    if onnx:
+        save_dual_encoder(model, directory / "hf", info.pixels, info.scale)
+        err = hf_max_error(model, directory / "hf")
+        done.append(
+            f"{shown / 'hf'}: VisionTextDualEncoderModel, logit scale 1/{info.scale.temperature:g} "
+            f"(max |transformers - kdpipe| {err:.1e})"
+        )
+        _check(err, EXACT, shown / "hf")
+    if request.open_clip:
+        from pipeline.deploy.openclip import save_open_clip
+
+        save_open_clip(model, directory / "open_clip", info.pixels, info.scale, final=shown / "open_clip")
+        done.append(
+            f"{shown / 'open_clip'}: open_clip_config.json + open_clip_model.safetensors "
+            f"(open_clip.create_model_and_transforms('local-dir:{(shown / 'open_clip').resolve()}'))"
+        )
+    if request.sentence:
+        from pipeline.deploy.sentence import max_error, save_sentence_transformer
+
+        save_sentence_transformer(model, directory / "sentence_transformers", directory / "text_tower")
+        err = max_error(model, directory / "sentence_transformers", CHECK_TEXTS)
+        done.append(
+            f"{shown / 'sentence_transformers'}: the text side (max |sentence-transformers - kdpipe| {err:.1e})"
+        )
+        _check(err, EXACT, shown / "sentence_transformers")
+    if request.onnx:
         from pipeline.deploy.onnx import OnnxEncoders, export_onnx
 
         export_onnx(model, directory / "onnx")
         err = onnx_max_error(model, OnnxEncoders(directory / "onnx"))
         done.append(f"{shown / 'onnx'}: image.onnx, text.onnx (max |onnxruntime - torch| {err:.1e})")
-        if err > 1e-4:
-            raise InputError(f"{shown / 'onnx'}: onnxruntime differs from torch by {err:.1e} (> 1e-4)")
+        _check(err, 1e-4, shown / "onnx")
     attrs = None
-    if features is not None:
-        from pipeline.store.features import read_attrs
-
-        attrs = read_attrs(features)
+    if request.features is not None:
+        attrs = read_attrs(request.features)
         if attrs is None:
-            log.info("export: %s is not a feature store; the model card names no teacher", features)
-    card = model_card(
-        directory,
-        store_attrs=attrs,
-        metrics_path=metrics if metrics is not None and metrics.is_file() else None,
-        hf=(directory / "hf" / "config.json").is_file(),
-        onnx=(directory / "onnx" / "image.onnx").is_file(),
-    )
+            log.info("export: %s is not a feature store; the model card names no teacher", request.features)
+    metrics = request.metrics if request.metrics is not None and request.metrics.is_file() else None
+    card = model_card(directory, store_attrs=attrs, metrics_path=metrics, info=info, shown=shown)
     write_text_durably(directory / "README.md", card)
     done.append(f"{shown / 'README.md'}: model card")
     return done
+
+
+EXACT = 1e-5  # fp32, the same operations in another library: anything above is a mapping error, not rounding
+CHECK_TEXTS = ["a photo of a dog", "two people on a beach at sunset", "x"]
+
+
+def _check(err: float, bound: float, where: Path) -> None:
+    if not err <= bound:  # NaN too
+        raise InputError(f"{where}: the exported model differs from kdpipe's embeddings by {err:.1e} (> {bound:g})")
+
+
+def _pixels(model, images: Path | None, what: str) -> StudentPixels:
+    """The student's pixel recipe from the work directory's image cache (prepare's `resize` attrs)."""
+    attrs = read_attrs(images) if images is not None else None
+    return student_pixels(attrs, str(images), model.image_size, model.image_tower.mean, model.image_tower.std, what)
+
+
+@torch.inference_mode()
+def hf_max_error(model, directory: Path, n: int = 3) -> float:
+    """Largest |transformers - kdpipe| over image and text embeddings, the saved directory reloaded with
+    transformers' stock calls (get_image_features / get_text_features, no kdpipe code)."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, VisionTextDualEncoderModel
+
+    with quiet_transformers():
+        dual = VisionTextDualEncoderModel.from_pretrained(directory, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    s = model.image_size
+    images = np.random.default_rng(0).integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+    pixels = model.normalize_pixels(model.to_float(images))
+    theirs_i = F.normalize(dual.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    t = tok(CHECK_TEXTS[:n], padding=True, truncation=True, return_tensors="pt")
+    theirs_t = F.normalize(
+        dual.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).pooler_output, dim=-1
+    )
+    ours_i, ours_t = model.encode_pixels(pixels), model.encode_texts(CHECK_TEXTS[:n])
+    return float(max((ours_i - theirs_i).abs().max(), (ours_t - theirs_t).abs().max()))
 
 
 @torch.inference_mode()

@@ -28,16 +28,8 @@ import numpy as np
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_path, fsync_tree
-from pipeline.store.features import (
-    DEFAULT_CHUNK_ROWS,
-    EMB_ARRAYS,
-    STORE_DTYPES,
-    UNPAIRED_TEXT,
-    StoreWriter,
-    jsonable,
-    open_store,
-    write_store,
-)
+from pipeline.store.features import EMB_ARRAYS, UNPAIRED_TEXT, open_store
+from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, StoreWriter, jsonable, write_store
 
 HDF5_FORMAT = "kdpipe-features-hdf5"
 _BLOCK_ROWS = 65536  # rows copied at a time (bounded memory for any store size)

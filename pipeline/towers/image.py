@@ -1,8 +1,12 @@
 """Image towers: normalized pixels [B, 3, S, S] -> pooled features [B, F].
 
 Backends
-- `hf_vit`: a transformers `ViTModel` from a local Hugging Face dir, or a random init from explicit sizes
-  (ViT-B/16 by default). Pooling `cls` = the last layer's CLS token (as DSMD), `mean` = mean of the patch tokens.
+- `hf_vit`: a transformers vision transformer from a local Hugging Face dir or a Hub id in the local cache:
+  ViT, DINOv2, the vision half of a CLIP or SigLIP (a whole CLIP / SigLIP dir, or its vision model alone);
+  or a random-init `ViTModel` from explicit sizes (ViT-B/16 by default). Pooling `cls` = the last layer's CLS
+  token (as DSMD; SigLIP has none), `mean` = the mean of the patch tokens (CLS left out), `pooler` = the
+  model's own pooled output (ViT's dense + tanh, CLIP's post-LayerNorm CLS, SigLIP's attention-pooling head,
+  DINOv2's normalized CLS).
 - `efficientnet_lite0`: the ImageNet EfficientNet-Lite0 that ships in a package (via
   `pipeline.pretrained_assets`); pooled 1280-d features of the last conv stage.
 - `timm`: any timm model name, imported lazily (timm needs torchvision, which CPU-only machines here lack);
@@ -11,6 +15,7 @@ Backends
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +48,7 @@ class ImageTowerConfig:
     path: Path | None = None
     pretrained: bool = True  # efficientnet_lite0: load the package-shipped ImageNet weights
     timm_name: str = ""  # timm: the model name, e.g. "vit_base_patch16_224"
-    pooling: Literal["cls", "mean"] = "cls"
+    pooling: Literal["cls", "mean", "pooler"] = "cls"
     image_size: int = 224  # input resolution of the tower; cached images of another size are resized on the device
     # Pixel normalization: `half` (0.5 / 0.5) or `imagenet` (ImageNet mean / std), or `auto`: the tower's own
     # preprocessing config, i.e. what its weights were trained with: hf_vit the model dir's
@@ -95,26 +100,31 @@ class ImageTower(nn.Module):
 class HFViTTower(ImageTower):
     def __init__(self, cfg: ImageTowerConfig, *, key: str, weights: bool = True) -> None:
         super().__init__()
-        from transformers import ViTConfig, ViTModel
+        from transformers import AutoConfig, ViTConfig, ViTModel
+
+        from pipeline.towers.hf_models import image_model
 
         self.pooling = cfg.pooling
         mean, std = VIT_MEAN, VIT_STD
         if cfg.path is not None:
             offline_hub()
             path = require_dir(cfg.path, f"{key}.path", "a local Hugging Face model dir with a ViT (config.json)")
-            vit_cfg = ViTConfig.from_pretrained(path, local_files_only=True)
+            how = image_model(AutoConfig.from_pretrained(path, local_files_only=True), f"{key}.path", cfg.pooling)
             if weights:
                 self.model = load_pretrained_strict(
-                    ViTModel, path, f"{key}.path", add_pooling_layer=False, ignorable_prefixes=("pooler.",)
+                    how.cls, path, f"{key}.path", ignorable_prefixes=how.ignorable, **how.kwargs
                 )
             else:
-                self.model = ViTModel(vit_cfg, add_pooling_layer=False)
+                self.model = how.build()
+            self.prefix_tokens = how.prefix_tokens
             pre = path / "preprocessor_config.json"
             if pre.is_file():
                 meta = json.loads(pre.read_text())
                 mean = tuple(meta.get("image_mean", mean))
                 std = tuple(meta.get("image_std", std))
         else:
+            if cfg.pooling == "pooler":
+                raise InputError(f"{key}.pooling: `pooler` needs pretrained weights (path); use cls or mean")
             vit_cfg = ViTConfig(
                 hidden_size=cfg.hidden_size,
                 num_hidden_layers=cfg.num_layers,
@@ -124,14 +134,20 @@ class HFViTTower(ImageTower):
                 patch_size=cfg.patch_size,
             )
             self.model = ViTModel(vit_cfg, add_pooling_layer=False)
+            self.prefix_tokens = 1
         self.mean, self.std = resolve_pixel_norm(cfg, mean, std)
         self.out_dim = self.model.config.hidden_size
-        self.interpolate = self.model.config.image_size != cfg.image_size
+        # DINOv2 interpolates its positions by itself (no argument); the others on request
+        self.interpolate = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters and (
+            self.model.config.image_size != cfg.image_size
+        )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixels, interpolate_pos_encoding=self.interpolate or None)
-        hidden = out.last_hidden_state  # [B, 1 + patches, H], after the final layer norm
-        return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(1)
+        out = self.model(pixel_values=pixels, **({"interpolate_pos_encoding": True} if self.interpolate else {}))
+        if self.pooling == "pooler":
+            return out.pooler_output  # [B, H]
+        hidden = out.last_hidden_state  # [B, prefix + patches, H] (ViT, DINOv2, SigLIP: after the final norm)
+        return hidden[:, 0] if self.pooling == "cls" else hidden[:, self.prefix_tokens :].mean(1)
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)

@@ -40,6 +40,11 @@ class StudentConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     proj_init_gain: float = 1.414  # Xavier-normal gain of both projections (DSMD); biases start at 0
+    # Projections with a bias (DSMD's nn.Linear; configs/ keep it) or without (the default): a bias-free
+    # projection is what transformers' dual encoder, open_clip and sentence-transformers compute, so a
+    # bias-free student exports exactly to each of them (`kdpipe export`); a bias after BERT's tanh pooler or
+    # after a mean over tokens has no place there.
+    proj_bias: bool = False
 
 
 class DualEncoderStudent(nn.Module):
@@ -50,11 +55,20 @@ class DualEncoderStudent(nn.Module):
         self.config, self.dim = cfg, int(dim)
         self.image_tower: ImageTower = build_image_tower(cfg.image, weights=weights)
         self.text_tower: HFTextTower = build_text_tower(cfg.text, weights=weights)
-        self.image_proj = nn.Linear(self.image_tower.out_dim, self.dim)
-        self.text_proj = nn.Linear(self.text_tower.out_dim, self.dim)
+        self.image_proj = nn.Linear(self.image_tower.out_dim, self.dim, bias=cfg.proj_bias)
+        self.text_proj = nn.Linear(self.text_tower.out_dim, self.dim, bias=cfg.proj_bias)
         for proj in (self.image_proj, self.text_proj):
             nn.init.xavier_normal_(proj.weight, gain=cfg.proj_init_gain)
-            nn.init.zeros_(proj.bias)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if weights:  # a whole CLIP as both towers (TinyCLIP-like): its own projections, where they fit
+            from pipeline.towers.hf_models import dual_projections
+
+            start = dual_projections(cfg, self.dim)
+            if start is not None:
+                with torch.no_grad():
+                    self.image_proj.weight.copy_(start[0])
+                    self.text_proj.weight.copy_(start[1])
         # [1, 3, 1, 1] constants that follow .to(device) but are not parameters nor saved state.
         self.register_buffer("pixel_mean", torch.tensor(self.image_tower.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.image_tower.std).view(1, 3, 1, 1), persistent=False)
@@ -189,7 +203,9 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
         raise InputError(f"{meta_path}: not valid JSON ({err.msg})") from None
     if meta.get("format") != STUDENT_FORMAT or meta.get("version") != STUDENT_VERSION:
         raise InputError(f"{meta_path}: not a {STUDENT_FORMAT} v{STUDENT_VERSION} student")
-    cfg = from_dict(StudentConfig, meta["config"], "student_config.json:config")
+    raw = dict(meta["config"])
+    raw.setdefault("proj_bias", True)  # students saved before `proj_bias` existed all had biased projections
+    cfg = from_dict(StudentConfig, raw, "student_config.json:config")
     # The architecture comes from the saved towers (not from the original paths, which may be gone); the
     # weights come from model.safetensors only, loaded strictly.
     image_cfg = cfg.image

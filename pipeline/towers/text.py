@@ -1,9 +1,11 @@
 """Text tower: token ids [B, L] + attention mask -> pooled features [B, F], and its tokenizer.
 
-Backend `hf_bert`: a transformers BERT-family encoder (`AutoModel`) from a local Hugging Face dir (BERT-base
-uncased for DSMD, all-MiniLM-L6-v2 for the demo), or a random-init `BertModel` from explicit sizes. Pooling
-`pooler` (DSMD: BERT's pooler output), `cls` (the last layer's CLS token) or `mean` (masked mean over tokens,
-as sentence-transformers' MiniLM). The tokenizer always comes from a local dir (lowercasing is the tokenizer's).
+Backend `hf_bert`: any transformers text encoder from a local Hugging Face dir or a Hub id in the local cache
+(what AutoModel builds: BERT-base uncased for DSMD, all-MiniLM-L6-v2 for the demo, RoBERTa, DistilBERT,
+ModernBERT, ...; or the text half of a whole CLIP / SigLIP dir), or a random-init `BertModel` from explicit
+sizes. Pooling `pooler` (the model's pooled output: DSMD's BERT pooler, CLIP's end-of-text token), `cls` (the
+last layer's first token) or `mean` (masked mean over tokens, as sentence-transformers' MiniLM). The tokenizer
+always comes from a local dir or the cache (lowercasing is the tokenizer's).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ class TextTowerConfig:
     """Section `distill.student.text`."""
 
     backend: Literal["hf_bert", "minilm"] = "hf_bert"  # minilm: hf_bert from the package-shipped all-MiniLM-L6-v2
-    path: Path | None = None  # local Hugging Face model dir; None: random init from the sizes below
-    tokenizer: Path | None = None  # local tokenizer dir; None: `path` (required when path is None)
+    # local Hugging Face model dir, or a Hub id found in the local cache; None: random init from the sizes below
+    path: Path | None = None
+    tokenizer: Path | None = None  # local tokenizer dir (or cached Hub id); None: `path` (required when path is None)
     pooling: Literal["pooler", "cls", "mean"] = "pooler"
     max_tokens: int = 30
     # Keep the tower's weights as loaded (no gradient, always in eval mode: no dropout); only the student's
@@ -58,7 +61,9 @@ def load_tokenizer(path: Path | str, key: str):
 class HFTextTower(nn.Module):
     def __init__(self, cfg: TextTowerConfig, *, key: str, weights: bool = True) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+        from transformers import AutoConfig, BertConfig, BertModel
+
+        from pipeline.towers.hf_models import text_model
 
         path = cfg.path
         if cfg.backend == "minilm":
@@ -77,22 +82,15 @@ class HFTextTower(nn.Module):
         add_pooler = cfg.pooling == "pooler"  # no dead pooler parameters when it is not used
         if path is not None:
             offline_hub()
-            p = require_dir(
-                path, f"{key}.path", "a local Hugging Face model dir with a BERT-family encoder (config.json)"
-            )
+            p = require_dir(path, f"{key}.path", "a local Hugging Face model dir with a text encoder (config.json)")
+            how = text_model(AutoConfig.from_pretrained(p, local_files_only=True), f"{key}.path", cfg.pooling)
             if weights:
-                # a checkpoint's pooler is the one set of weights a tower that does not pool with it may leave out
+                # a checkpoint's pooler (or a dual model's other half) is what a tower may deliberately leave out
                 self.model = load_pretrained_strict(
-                    AutoModel,
-                    p,
-                    f"{key}.path",
-                    add_pooling_layer=add_pooler,
-                    ignorable_prefixes=() if add_pooler else ("pooler.",),
+                    how.cls, p, f"{key}.path", ignorable_prefixes=how.ignorable, **how.kwargs
                 )
             else:
-                self.model = AutoModel.from_config(
-                    AutoConfig.from_pretrained(p, local_files_only=True), add_pooling_layer=add_pooler
-                )
+                self.model = how.build()
         else:
             bert_cfg = BertConfig(
                 vocab_size=len(self.tokenizer),
@@ -109,6 +107,9 @@ class HFTextTower(nn.Module):
                 f"{key}: the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary "
                 f"only {self.model.config.vocab_size}"
             )
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions is not None and cfg.max_tokens > positions:
+            raise InputError(f"{key}.max_tokens: {cfg.max_tokens} > the model's {positions} positions")
         self.out_dim = self.model.config.hidden_size
         self.frozen = cfg.freeze
         if self.frozen:
