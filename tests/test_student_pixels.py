@@ -137,8 +137,8 @@ def test_a_student_with_other_pixels_than_the_cache_is_refused(tokenizer_dir, tm
     save_student(tiny_student(tokenizer_dir, 0), paths.student, pixels=other.describe())
     result = CliRunner().invoke(app, ["search", "picture", "--workdir", str(paths.workdir)])
     last = result.output.strip().splitlines()[-1]
-    assert result.exit_code == 2 and last.startswith("error: shapes split test: its images were prepared as squashed")
-    assert "trained on shorter side to 28, centre 24x24 crop" in last
+    assert result.exit_code == 2 and last.startswith("error: shapes split test: its images were prepared as squash:")
+    assert "trained on shorter side resized to 28, then the centre 24 x 24 crop, bilinear filter" in last
 
 
 def test_recorded_recipes_are_checked():

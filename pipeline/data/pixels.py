@@ -132,14 +132,15 @@ class PixelRecipe:
             raise InputError(f"{where}: image.pixels must be a mapping, got {pixels!r}")
         return cls.from_description(pixels.get("resize"), pixels.get("exif_orientation") or "ignore", where)
 
-    def describe_short(self) -> str:
-        """One phrase for a user: how an image file becomes the student's pixels."""
+    def phrase(self) -> str:
+        """One phrase for a person (error lines, the model card): how an image file becomes the student's pixels."""
         rc = self.image
         if rc.mode == "squash":
-            how = f"squashed to {rc.crop}x{rc.crop}"
+            how = f"squash: the whole image resized to {rc.crop} x {rc.crop} (aspect ratio not kept)"
         else:
-            how = f"shorter side to {rc.resize}, centre {rc.crop}x{rc.crop} crop"
-        return how + f" ({rc.filter}{', EXIF orientation applied' if self.exif == 'apply' else ''})"
+            how = f"shorter side resized to {rc.resize}, then the centre {rc.crop} x {rc.crop} crop"
+        upright = "turned upright by its EXIF orientation tag, " if self.exif == "apply" else ""
+        return f"{upright}{how}, {rc.filter} filter"
 
 
 def image_pixels(img: Image.Image, rc: ResizeConfig, tag: int = 1) -> np.ndarray:

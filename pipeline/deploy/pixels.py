@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import from_dict
-from pipeline.data.pixels import ResizeConfig
+from pipeline.data.pixels import PixelRecipe, ResizeConfig
 from pipeline.errors import InputError
 
 # PIL's resampling codes (Image.Resampling), as transformers' `resample` takes them
@@ -49,16 +49,8 @@ class StudentPixels:
 
     def describe(self) -> str:
         """One line for the model card."""
-        r = self.resize
-        if r.mode == "squash":
-            how = f"squash: the whole image resized to {r.crop} x {r.crop} (aspect ratio not kept)"
-        else:
-            how = f"shorter side resized to {r.resize}, then the centre {r.crop} x {r.crop} crop"
-        upright = "turned upright by its EXIF orientation tag, " if self.exif == "apply" else ""
-        return (
-            f"RGB, {upright}{how}, {r.filter} filter; / 255, then (x - mean) / std with mean {self.mean}, "
-            f"std {self.std}"
-        )
+        recipe = PixelRecipe(self.resize, self.exif).phrase()
+        return f"RGB, {recipe}; / 255, then (x - mean) / std with mean {self.mean}, std {self.std}"
 
 
 def student_pixels(cache_attrs: dict[str, Any] | None, source: str, size: int, mean, std, what: str) -> StudentPixels:

@@ -74,8 +74,8 @@ def run_index(student_dir: Path, gallery: Gallery, out: Path, cfg: IndexConfig, 
 
     if gallery.recipe != recipe:
         raise InputError(
-            f"{gallery.name}: its images were prepared as {gallery.recipe.describe_short()}, but the student at "
-            f"{student_dir} was trained on {recipe.describe_short()}: run `kdpipe prepare` with the student's "
+            f"{gallery.name}: its images were prepared as {gallery.recipe.phrase()}, but the student at "
+            f"{student_dir} was trained on {recipe.phrase()}: run `kdpipe prepare` with the student's "
             "prepare.image, or index a --folder"
         )
     if len(gallery.ids) == 0:
