@@ -11,12 +11,17 @@ student was retrained, and says which index answered.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from pipeline.errors import ConfigError, InputError
 from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
 from stages._deploy import STUDENT_OPTION, artifact_paths, default_student
+
+if TYPE_CHECKING:
+    from pipeline.data.pixels import PixelRecipe
+    from pipeline.paths import ArtifactPaths
 
 KINDS = ("flat", "hnsw", "ivfpq")
 INDEX_OPTION = typer.Option(None, "--index", help="Index directory (default: <workdir>/search/<gallery>-<kind>).")
@@ -33,7 +38,9 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-def _build(paths, student: Path, recipe, split: str, folder: Path | None, kind: str, out: Path) -> list[str]:
+def _build(
+    paths: ArtifactPaths, student: Path, recipe: PixelRecipe, split: str, folder: Path | None, kind: str, out: Path
+) -> list[str]:
     """Embed the gallery (a split, every split, or a folder) with the student, whose pixel recipe is `recipe`,
     into `out` (lock held by the caller)."""
     from pipeline.search.gallery import folder_gallery, split_gallery
@@ -57,7 +64,8 @@ def _refuse_other_gallery(out: Path, split: str, folder: Path | None, kind: str)
         meta = json.loads(ids.read_text())
     except ValueError:
         return  # not a finished index: save_index rewrites it
-    if meta.get("kind") != kind or meta.get("gallery") != gallery_key(split, folder):
+    # an index from before indexes recorded their gallery is replaced by one of its kind
+    if meta.get("kind") != kind or meta.get("gallery", gallery_key(split, folder)) != gallery_key(split, folder):
         raise InputError(
             f"{out}: holds the {meta.get('kind')} index of {meta.get('source')}; give another --index to keep it, "
             "or remove it first"
@@ -108,6 +116,10 @@ def search_command(
     from pipeline.search.index import load_index
     from pipeline.search.run import run_search, stale_reason
 
+    if (text is None) == (image is None):  # before anything slow: an index may be built below
+        raise InputError("search: give either a text query or --image PATH")
+    if image is not None and not image.is_file():
+        raise InputError(f"{image}: image file not found")
     paths = artifact_paths(params, workdir)
     kind = _check_kind(kind)
     student = student or default_student(params, paths)

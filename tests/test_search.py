@@ -195,6 +195,12 @@ def test_cli_search_errors_are_one_line(tokenizer_dir, tmp_path):
     result = run(app, ["search", "dog", "--workdir", str(tmp_path)])  # nothing trained here
     assert result.exit_code == 2 and result.output.startswith("error: ") and "kdpipe distill" in result.output
     paths = tiny_workdir(tmp_path / "w", tokenizer_dir)
+    for query in ([], ["dog", "--image", str(tmp_path / "a.png")]):  # neither, or both: refused before any build
+        result = run(app, ["search", *query, "--workdir", str(paths.workdir)])
+        assert result.output == "error: search: give either a text query or --image PATH\n"
+    result = run(app, ["search", "--image", str(tmp_path / "missing.png"), "--workdir", str(paths.workdir)])
+    assert result.output == f"error: {tmp_path / 'missing.png'}: image file not found\n"
+    assert not (paths.workdir / "search").exists()
     result = run(app, ["search", "dog", "--workdir", str(paths.workdir), "--index", str(tmp_path / "none")])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "kdpipe index" in result.output
     shutil.rmtree(paths.index_dir)
