@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data.prepare import ResizeConfig, _resize_crop  # noqa: E402
+from pipeline.data.pixels import ResizeConfig, image_pixels  # noqa: E402
 from pipeline.store.image_cache import open_image_cache, write_image_cache  # noqa: E402
 
 FORMATS = [
@@ -48,7 +48,7 @@ def photos(size: int, n: int) -> np.ndarray:
         *load_sample_images().images,
     ]
     rc = ResizeConfig(resize=round(size * 256 / 224), crop=size)
-    rows = [_resize_crop(Image.fromarray(a), rc, 1) for a in sources]
+    rows = [image_pixels(Image.fromarray(a), rc, 1) for a in sources]
     rng = np.random.default_rng(0)
     out = np.stack([rows[i % len(rows)] for i in range(n)])
     flips = rng.random(n) < 0.5  # not n copies of 9 images: flipped and shifted ones encode differently

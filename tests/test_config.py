@@ -11,7 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.config import apply_overrides, from_dict, to_dict
-from pipeline.data.prepare import PrepareConfig, ResizeConfig
+from pipeline.data.pixels import ResizeConfig
+from pipeline.data.prepare import PrepareConfig
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import ConfigError
 from stages.cli import app

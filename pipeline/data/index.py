@@ -479,7 +479,14 @@ def _hash_strings(h, columns) -> None:
 
 def read_fingerprint(directory: Path | str) -> str:
     """The recorded fingerprint of an index directory, without loading the tables."""
+    return read_identity(directory)["fingerprint"]
+
+
+def read_identity(directory: Path | str) -> dict[str, str | None]:
+    """{fingerprint, content} recorded by an index directory (the rows, and the digest of the image files' hashes:
+    None for an index without them), without loading the tables."""
     meta_path = Path(directory) / "index.json"
     if not meta_path.is_file():
         raise InputError(f"{directory}: no dataset index here (index.json missing); run `kdpipe prepare` first")
-    return json.loads(meta_path.read_text())["fingerprint"]
+    meta = json.loads(meta_path.read_text())
+    return {"fingerprint": meta["fingerprint"], "content": meta.get("content")}

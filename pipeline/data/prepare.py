@@ -8,16 +8,15 @@ client; tasks run in-process or on dask (pipeline/data/decode_tasks.py). Images 
 pipeline/data/image_source.py: files, webdataset shard members and parquet cells alike. `prepare.cache`
 chooses raw pixels (the default) or an encoded cache (pipeline/store/encoded_cache.py: WebP lossless or JPEG).
 
-Decoding follows the method's preprocessing (torchvision `Resize(256)` + `CenterCrop(224)` on a PIL image):
-shorter side to `resize` (longer side `int(resize * long / short)`), filter `filter` (PIL, antialiased),
-then a centered `crop` x `crop` window (offsets rounded as torchvision does). With `draft: true`, a JPEG
-at least twice the resize target in both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (DCT
-scaling, never below the target), then resized from its exact source extent as above. On real photos
-(1000-1900 px JPEGs, scales 1/2 and 1/4) this differs from a full decode by a mean absolute error of
-0.3-1.4 grey levels (of 255), PSNR 40-53 dB, at most ~25 on single pixels at sharp edges; the tolerance
-held by the tests is mean < 2 and PSNR > 35 dB (tests/test_prepare.py). Smaller images (Flickr30K's
-500x375, COCO's 640x480 at the default 256) are decoded in full and equal the naive reference pixel
-for pixel. EXIF orientation is not applied (as in the method and torchvision's loaders).
+Each image is decoded by `pipeline/data/pixels.py`, the one function that makes the student's pixels
+(search queries and folder galleries use it too); its geometry is the method's preprocessing (torchvision
+`Resize(256)` + `CenterCrop(224)`) or `mode: squash`. With `draft: true`, a JPEG at least twice the resize
+target in both sides is decoded at a DCT scale by libjpeg. On real photos (1000-1900 px JPEGs, scales 1/2
+and 1/4) this differs from a full decode by a mean absolute error of 0.3-1.4 grey levels (of 255), PSNR
+40-53 dB, at most ~25 on single pixels at sharp edges; the tolerance held by the tests is mean < 2 and
+PSNR > 35 dB (tests/test_prepare.py). Smaller images (Flickr30K's 500x375, COCO's 640x480 at the default
+256) are decoded in full and equal the naive reference pixel for pixel. EXIF orientation is not applied
+unless `prepare.dataset.exif_orientation: apply` (as in the method and torchvision's loaders).
 
 Bad images (missing, empty, truncated, not an image) are detected by a full `load()` with PIL's
 LOAD_TRUNCATED_IMAGES off. `on_bad_image: error` fails with one line naming the first bad file and how
@@ -46,10 +45,10 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.data.decode_tasks import Task, absolute, block_tasks, failures, run_tasks
-from pipeline.data.exif import orientation, upright
 from pipeline.data.file_hashes import content_hashes
-from pipeline.data.image_source import ImageFiles, ImageRef, open_image
+from pipeline.data.image_source import ImageFiles, ImageRef
 from pipeline.data.index import DatasetIndex, read_fingerprint
+from pipeline.data.pixels import ResizeConfig, read_pixels
 from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
@@ -69,60 +68,6 @@ from pipeline.store.image_cache import (
 log = logging.getLogger(__name__)
 
 BAD_IMAGES_FILE = "bad_images.json"
-_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-}
-
-
-@dataclass(frozen=True)
-class ResizeConfig:
-    """Section `prepare.image`: how source images become the student's uint8 input."""
-
-    # shorter_side_center_crop: shorter side to `resize`, then a centered crop x crop window (the method's
-    # Resize(256) + CenterCrop(224)); squash: the whole image to crop x crop, aspect ratio ignored (`resize` unused)
-    mode: Literal["shorter_side_center_crop", "squash"] = "shorter_side_center_crop"
-    resize: int = 256
-    crop: int = 224
-    # torchvision's Resize default on PIL images is bilinear (antialiased), which is what the method used
-    filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "bilinear"
-    draft: bool = True  # JPEG DCT-scaled decoding when the source is >= 2x the target (see module doc)
-
-    def __post_init__(self) -> None:
-        if self.crop < 1 or self.resize < 1:
-            raise ValueError(f"resize and crop must be >= 1 (got resize={self.resize}, crop={self.crop})")
-        if self.mode == "shorter_side_center_crop" and self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize}) in mode {self.mode}")
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.crop, self.crop)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-native description recorded in the cache; a different description means different pixels."""
-        return {
-            "mode": self.mode,
-            "resize": self.resize,
-            "crop": self.crop,
-            "filter": self.filter,
-            "draft": self.draft,
-            "channels": "RGB",
-        }
-
-    def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-        """(resized size (w, h), crop box (left, top, right, bottom)) for a source image of this size."""
-        if self.mode == "squash":
-            return (self.crop, self.crop), (0, 0, self.crop, self.crop)
-        if width <= height:
-            size = (self.resize, int(self.resize * height / width))
-        else:
-            size = (int(self.resize * width / height), self.resize)
-        left = int(round((size[0] - self.crop) / 2.0))  # Python's round, as torchvision's center_crop
-        top = int(round((size[1] - self.crop) / 2.0))
-        return size, (left, top, left + self.crop, top + self.crop)
 
 
 @dataclass(frozen=True)
@@ -149,37 +94,7 @@ class PrepareConfig:
             raise ValueError(f"cluster_min_images must be >= 0, got {self.cluster_min_images}")
 
 
-# -- decoding one image, one block ------------------------------------------------------------------
-def decode_image(image: str | Path | ImageRef, rc: ResizeConfig, exif: str = "ignore") -> np.ndarray:
-    """One image (a file, or an index row's ImageRef) -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/
-    ValueError for a bad image. exif: "apply" turns the image upright by its EXIF orientation tag first (see
-    pipeline/data/exif.py)."""
-    with open_image(image if isinstance(image, ImageRef) else ImageRef(str(image))) as img:
-        return _resize_crop(img, rc, orientation(img) if exif == "apply" else 1)
-
-
-def _resize_crop(img: Image.Image, rc: ResizeConfig, tag: int) -> np.ndarray:
-    """An opened image -> uint8 [crop, crop, 3], first turned upright by EXIF orientation `tag` (1: as stored)."""
-    if tag != 1:
-        # Transposed after a full decode: a drafted (DCT-scaled) image would have to map its fractional source
-        # box through the rotation too, and phone photos are the only ones that pay for the simpler path.
-        img.load()
-        img = upright(img, tag)
-    size, crop = rc.geometry(*img.size)
-    source = None  # the region of the decoded image that the resize maps onto `size`: all of it
-    if rc.draft and img.format == "JPEG" and tag == 1:
-        # DCT-scaled decoding, only if the file is >= 2x `size` in both sides. The scaled image has
-        # ceil(side / scale) pixels, the last row/column partly padding: `source` is the exact
-        # (fractional) extent of the original image in it, so the geometry stays that of a full decode.
-        drafted = img.draft("RGB", size)
-        if drafted is not None:
-            source = drafted[1]
-    img.load()  # decodes everything: truncation shows up here
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    out = rgb.resize(size, _FILTERS[rc.filter], box=source).crop(crop)
-    return np.asarray(out)
-
-
+# -- decoding one block ------------------------------------------------------------------------------
 def describe_failure(ref: ImageRef, err: BaseException) -> str:
     """A short reason for a bad image, for the error line and the report."""
     if isinstance(err, FileNotFoundError):
@@ -231,9 +146,7 @@ def decode_block(
     with ImageFiles() as files:  # a block's members come from one shard (or a few): each is opened once
         for i, ref in enumerate(images):
             try:
-                with open_image(ref, files) as img:
-                    tag = orientation(img)
-                    block[i] = _resize_crop(img, rc, tag if exif == "apply" else 1)
+                block[i], tag = read_pixels(ref, rc, exif, files)
                 tagged += tag != 1
             except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
                 failures.append((i, describe_failure(ref, err)))
