@@ -88,6 +88,7 @@ __all__ = [
     "TERMS",
     "DSMD_TERMS",
     "KNOWLEDGE_TERMS",
+    "KNOWLEDGE_LOSS_KEYS",
     "resolve_teacher_scales",
     "ContrastiveDistillLoss",
     "FeatureL1Loss",
@@ -106,6 +107,20 @@ __all__ = [
 DSMD_TERMS = ("contrastive", "l1", "cosine", "triplet", "relation", "pair_contrastive")
 KNOWLEDGE_TERMS = ("response", "response_queue", "intra_relation", "dcd", "mcad_kl", "mcad_feature")
 TERMS = DSMD_TERMS + KNOWLEDGE_TERMS  # build and output order
+# the keys that came with the knowledge terms: their defaults switch them off (older checkpoints lack them)
+KNOWLEDGE_LOSS_KEYS = KNOWLEDGE_TERMS + (
+    "teachers",
+    "teacher_temperature",
+    "student_temperature",
+    "learn_student_temperature",
+    "intra_relation_temperature",
+    "dcd_temperature",
+    "dcd_difficulty",
+    "dcd_margin",
+    "mcad_ce_weight",
+    "mcad_ce_temperature",
+    "mcad_feature_step",
+)
 TEACHER_TERMS = frozenset(TERMS) - {"pair_contrastive"}
 LIST_TERMS = frozenset({"dcd", "mcad_kl", "mcad_feature"})  # over the mined candidate lists
 STUDENT_SCALE_TERMS = frozenset({"response", "response_queue", "mcad_kl"})  # use the student temperature
@@ -350,6 +365,11 @@ class DistillLoss(nn.Module):
         if self.student_log_scale is None:
             return 1.0 / self.cfg.student_temperature
         return self.student_log_scale.float().exp().clamp(max=MAX_STUDENT_SCALE)
+
+    @torch.no_grad()
+    def student_temperature(self) -> float:
+        """T_S now (for the logs)."""
+        return 1.0 / float(self.student_scale())
 
     def forward(
         self,
