@@ -96,7 +96,8 @@ def teacher_scales(cfg: LossConfig, store: FeatureStore) -> tuple[float, ...] | 
     if cfg.teachers:  # the store's other teachers (teachers/<name>/): not readable here yet
         raise InputError(f"{store.path}: distill.loss.teachers {list(cfg.teachers)}: this store has no other teachers")
     try:
-        return resolve_teacher_scales(cfg, [(store.teacher or {}).get("logit_scale")], ["the store's teacher"])
+        teacher = store.teacher or {}
+        return resolve_teacher_scales(cfg, [teacher.get("logit_scale")], [str(teacher.get("name", "main"))])
     except ValueError as err:
         raise InputError(f"{store.path}: {err}") from None
 

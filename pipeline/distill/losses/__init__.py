@@ -393,31 +393,8 @@ class DistillLoss(nn.Module):
         scores and the other teachers' rows (module docstring).
         Returns {"<name>_loss": raw unweighted float32 scalar} for the built terms, in `term_names` order."""
         B, D = s_v.shape
-        if s_t.shape != (B, D):
-            raise ValueError(f"s_t: expected shape {(B, D)} like s_v, got {tuple(s_t.shape)}")
-        if self.needs_teacher:
-            for name, t in (("t_v", t_v), ("t_t", t_t)):
-                if t is None or t.shape != (B, D):
-                    got = None if t is None else tuple(t.shape)
-                    raise ValueError(f"{name}: expected teacher rows of shape {(B, D)}, got {got}")
-        for name, q in (("queue_v", queue_v), ("queue_t", queue_t)):
-            if q is not None and (q.dim() != 2 or q.shape[1] != D):
-                raise ValueError(f"{name}: expected [K, {D}] teacher rows, got {tuple(q.shape)}")
-        if "response_queue" in self.terms and (queue_v is None or queue_t is None):
-            raise ValueError("response_queue: needs queue_v and queue_t (the queue's teacher rows)")
-        ids = qv_ids = qt_ids = None
-        if self.cfg.mask_same_image:
-            if image_ids is None:
-                raise ValueError("image_ids: needed to mask same-image negatives (mask_same_image is on)")
-            ids = as_ids(image_ids, s_v.device, B, "image_ids")
-            if self.needs_queue and queue_v is not None and queue_t is not None:
-                if queue_v_image_ids is None or queue_t_image_ids is None:
-                    raise ValueError(
-                        "queue_v_image_ids, queue_t_image_ids: needed to mask same-image queue "
-                        "entries (mask_same_image is on)"
-                    )
-                qv_ids = as_ids(queue_v_image_ids, s_v.device, queue_v.shape[0], "queue_v_image_ids")
-                qt_ids = as_ids(queue_t_image_ids, s_v.device, queue_t.shape[0], "queue_t_image_ids")
+        ids, qv_ids, qt_ids = self._checked_ids(s_v, s_t, t_v, t_t, image_ids, queue_v, queue_t, queue_v_image_ids,
+                                                queue_t_image_ids)  # fmt: skip
         extra = self._extra_teachers(knowledge, B, queue_v, queue_t)
 
         out: dict[str, Tensor] = {}
@@ -454,6 +431,36 @@ class DistillLoss(nn.Module):
                     value = term(iv, it, tv, tt)
                 out[f"{name}_loss"] = value
         return out
+
+    def _checked_ids(self, s_v, s_t, t_v, t_t, image_ids, queue_v, queue_t, queue_v_image_ids, queue_t_image_ids):
+        """The shapes of the pair and queue rows checked; (image ids [B], queue_v ids, queue_t ids) as int64
+        tensors, or None where nothing is masked."""
+        B, D = s_v.shape
+        if s_t.shape != (B, D):
+            raise ValueError(f"s_t: expected shape {(B, D)} like s_v, got {tuple(s_t.shape)}")
+        if self.needs_teacher:
+            for name, t in (("t_v", t_v), ("t_t", t_t)):
+                if t is None or t.shape != (B, D):
+                    got = None if t is None else tuple(t.shape)
+                    raise ValueError(f"{name}: expected teacher rows of shape {(B, D)}, got {got}")
+        for name, q in (("queue_v", queue_v), ("queue_t", queue_t)):
+            if q is not None and (q.dim() != 2 or q.shape[1] != D):
+                raise ValueError(f"{name}: expected [K, {D}] teacher rows, got {tuple(q.shape)}")
+        if "response_queue" in self.terms and (queue_v is None or queue_t is None):
+            raise ValueError("response_queue: needs queue_v and queue_t (the queue's teacher rows)")
+        if not self.cfg.mask_same_image:
+            return None, None, None
+        if image_ids is None:
+            raise ValueError("image_ids: needed to mask same-image negatives (mask_same_image is on)")
+        ids, qv_ids, qt_ids = as_ids(image_ids, s_v.device, B, "image_ids"), None, None
+        if self.needs_queue and queue_v is not None and queue_t is not None:
+            if queue_v_image_ids is None or queue_t_image_ids is None:
+                raise ValueError(
+                    "queue_v_image_ids, queue_t_image_ids: needed to mask same-image queue entries (mask_same_image is on)"
+                )
+            qv_ids = as_ids(queue_v_image_ids, s_v.device, queue_v.shape[0], "queue_v_image_ids")
+            qt_ids = as_ids(queue_t_image_ids, s_v.device, queue_t.shape[0], "queue_t_image_ids")
+        return ids, qv_ids, qt_ids
 
     def _extra_teachers(self, k: Knowledge | None, B: int, queue_v, queue_t) -> tuple[TeacherRows, ...]:
         """The other teachers' rows, checked against what the built terms read (() when none are used)."""

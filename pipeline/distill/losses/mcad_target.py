@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.distill.losses._util import list_logits
 from pipeline.distill.losses.candidates import CandidateLists
 
 
@@ -60,8 +61,9 @@ def fused_log_probs(lists: CandidateLists, scales: Sequence[float], ce_weight: f
 
 def modified_features(lists: CandidateLists, log_fused: Tensor, main_scale: float, step: float) -> Tensor:
     """t~ [B, D]: the main teacher's anchor rows one step towards the fused distribution, L2-normalized."""
-    keep = lists.keep
-    rows = torch.cat([lists.positives[0][:, None], lists.candidates[0]], dim=1)  # [B, 1 + K, D]
-    own = (main_scale * torch.einsum("bd,bkd->bk", lists.anchors[0], rows)).masked_fill(~keep, float("-inf"))
+    keep, anchor, positive, candidates = lists.keep, lists.anchors[0], lists.positives[0], lists.candidates[0]
+    own = (main_scale * list_logits(anchor, positive, candidates)).masked_fill(~keep, float("-inf"))
     shift = (log_fused.exp() - own.softmax(1)).masked_fill(~keep, 0.0)  # [B, 1 + K]
-    return F.normalize(lists.anchors[0] + step * torch.einsum("bk,bkd->bd", shift, rows), dim=-1)
+    # sum_k shift_k r_k over [positive, candidates], without copying them into one [B, 1 + K, D] tensor
+    delta = shift[:, :1] * positive + torch.einsum("bk,bkd->bd", shift[:, 1:], candidates)
+    return F.normalize(anchor + step * delta, dim=-1)
