@@ -149,6 +149,7 @@ def test_kill_and_resume_with_candidate_aware_batches_is_bitwise_exact(work):  #
     uniform = go("c_uniform", replace(cfg, batch_neighbours=0))
     c = torch.load(root / "c_uniform/checkpoints/last.pt")
     assert uniform.completed and not all(torch.equal(v, c["model"][k]) for k, v in a["model"].items())
+    assert c["meta"]["mined_k"] is None  # given but not read: a resume without it is the same run
 
 
 def test_candidate_aware_batches_need_the_mined_store_and_spare_the_baseline(work):  # noqa: F811

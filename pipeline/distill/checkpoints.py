@@ -101,7 +101,7 @@ def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
         if blob["meta"].get(key) != meta.get(key):
             raise InputError(
                 f"{path}: checkpoint was trained with {key}={blob['meta'].get(key)!r}, the inputs now "
-                f"have {meta[key]!r}; use --no-resume to start over"
+                f"have {meta.get(key)!r}; use --no-resume to start over"
             )
     old, new = comparable(blob["config"]), comparable(cfg_dict)
     if old != new:

@@ -153,14 +153,16 @@ def setup_run(
         "baseline": baseline,
         "teacher": store.teacher,
         "world_size": world,
-        # the mined store's K (re-mined with another K, the same config reads other neighbours): checked on resume
-        "mined_k": None if mined is None else mined.k,
     }
     torch.manual_seed(cfg.seed)
     model = build_student(cfg.student, store.dim).to(device)
     loss_cfg = cfg.baseline_loss if baseline else cfg.loss
     loss_fn = DistillLoss(loss_cfg, teacher_scales(loss_cfg, store)).to(device)
     balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
+    # the mined store's K, when the run reads it (re-mined with another K, the same config reads other
+    # neighbours): checked on resume
+    reads_mined = loss_fn.needs_candidates or (cfg.batch_neighbours > 0 and loss_fn.needs_teacher)
+    meta["mined_k"] = mined.k if reads_mined and mined is not None else None
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
