@@ -251,3 +251,15 @@ def test_the_candidate_list_terms_need_their_inputs(work):  # noqa: F811
     result = run_distill(ok, index=index, store=store, cache=cache, out_dir=root / "m_noce",
                          mined=mined_neighbours(store, "train", 3))  # fmt: skip
     assert result.completed
+
+
+def test_which_runs_read_the_mined_store():
+    from pipeline.distill.config import reads_mined
+
+    dsmd = DistillConfig()
+    assert not reads_mined(dsmd, baseline=False)
+    assert reads_mined(replace(dsmd, batch_neighbours=2), baseline=False)
+    assert not reads_mined(replace(dsmd, batch_neighbours=2), baseline=True)  # no teacher: uniform batches
+    for term in ("dcd", "mcad_kl", "mcad_feature"):
+        cfg = replace(dsmd, loss=LossConfig(**{term: 1.0, "teacher_temperature": 0.1}))
+        assert reads_mined(cfg, baseline=False) and not reads_mined(cfg, baseline=True)

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pipeline.config import to_dict
 from pipeline.distill.balancer import BalancerConfig
-from pipeline.distill.losses import KNOWLEDGE_LOSS_KEYS, LossConfig
+from pipeline.distill.losses import KNOWLEDGE_LOSS_KEYS, LIST_TERMS, TEACHER_TERMS, LossConfig
 from pipeline.towers.student import StudentConfig
 
 
@@ -119,6 +119,15 @@ class DistillConfig:
             )
         if not (math.isfinite(self.decay_factor) and 0 < self.decay_factor <= 1):
             raise ValueError(f"decay_factor must be in (0, 1], got {self.decay_factor!r}")
+
+
+def reads_mined(cfg: DistillConfig, baseline: bool) -> bool:
+    """Whether a run reads the teacher's mined neighbours (`kdpipe mine`): for the candidate-list terms (dcd,
+    mcad_*) or for candidate-aware batches; the baseline (no teacher) reads neither."""
+    loss = cfg.baseline_loss if baseline else cfg.loss
+    lists = any(getattr(loss, name) > 0 for name in LIST_TERMS)
+    teacher = any(getattr(loss, name) > 0 for name in TEACHER_TERMS)
+    return lists or (cfg.batch_neighbours > 0 and teacher)
 
 
 # Keys that change how fast a run goes, not what it computes: a checkpoint may be resumed with other values.

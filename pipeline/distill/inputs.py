@@ -11,7 +11,7 @@ from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.data import BatchLoader, TeacherBank, Unpaired, tokenize_all
 from pipeline.distill.knowledge import MinedLists
-from pipeline.distill.losses import DistillLoss, LossConfig, resolve_teacher_scales
+from pipeline.distill.losses import LIST_TERMS, DistillLoss, LossConfig, resolve_teacher_scales
 from pipeline.distill.sampler import CandidateSampler, EpochSampler, UnpairedSampler
 from pipeline.errors import InputError
 from pipeline.store.alignment import align_store_split
@@ -195,7 +195,7 @@ def build_data(
 
 def mined_lists(cfg: DistillConfig, loss_fn: DistillLoss, mined, bank: TeacherBank) -> MinedLists:
     """The training split's mined candidates (and cross-encoder scores) for the candidate-list terms."""
-    terms = ", ".join(sorted(n for n in loss_fn.terms if n in ("dcd", "mcad_kl", "mcad_feature")))
+    terms = ", ".join(sorted(n for n in loss_fn.terms if n in LIST_TERMS))
     if mined is None:
         raise InputError(f"distill.loss: {terms} need the teacher's mined candidates; run `kdpipe mine` first")
     split = mined.split(cfg.train_split)

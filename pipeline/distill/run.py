@@ -55,7 +55,7 @@ from pipeline.data.index import DatasetIndex
 from pipeline.devices import resolve_device
 from pipeline.distill.balancer import LossBalancer
 from pipeline.distill.checkpoints import TrainState, clear_outputs, restore_checkpoint, save_checkpoint
-from pipeline.distill.config import DistillConfig
+from pipeline.distill.config import DistillConfig, reads_mined
 from pipeline.distill.data import BatchLoader, tokenize_all
 from pipeline.distill.distributed import world_and_rank
 from pipeline.distill.forward import loss_terms
@@ -161,8 +161,7 @@ def setup_run(
     balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
     # the mined store's K, when the run reads it (re-mined with another K, the same config reads other
     # neighbours): checked on resume
-    reads_mined = loss_fn.needs_candidates or (cfg.batch_neighbours > 0 and loss_fn.needs_teacher)
-    meta["mined_k"] = mined.k if reads_mined and mined is not None else None
+    meta["mined_k"] = mined.k if reads_mined(cfg, baseline) and mined is not None else None
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )

@@ -89,6 +89,8 @@ __all__ = [
     "DSMD_TERMS",
     "KNOWLEDGE_TERMS",
     "KNOWLEDGE_LOSS_KEYS",
+    "TEACHER_TERMS",
+    "LIST_TERMS",
     "resolve_teacher_scales",
     "ContrastiveDistillLoss",
     "FeatureL1Loss",
