@@ -57,7 +57,7 @@ from pipeline.distill.balancer import LossBalancer
 from pipeline.distill.checkpoints import TrainState, clear_outputs, restore_checkpoint, save_checkpoint
 from pipeline.distill.config import DistillConfig, reads_mined
 from pipeline.distill.data import BatchLoader, tokenize_all
-from pipeline.distill.distributed import world_and_rank
+from pipeline.distill.distributed import average_gradients, world_and_rank
 from pipeline.distill.forward import loss_terms
 from pipeline.distill.inputs import PairSplit, build_data, open_inputs, teacher_scales
 from pipeline.distill.logs import CsvLog, Meter, open_logs, plot_training
@@ -289,7 +289,7 @@ def optimizer_step(run: Run, epoch: int, meter: Meter, weights: dict[str, float]
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     if run.world > 1:
-        average_loss_gradients(run.loss_fn, run.world)
+        average_gradients(run.loss_fn.parameters(), run.world)
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
@@ -312,16 +312,6 @@ def optimizer_step(run: Run, epoch: int, meter: Meter, weights: dict[str, float]
         run.train_log.write(row)
     if at_checkpoint and not end_of_epoch:
         checkpoint(run)
-
-
-def average_loss_gradients(loss_fn: DistillLoss, world: int) -> None:
-    """The loss module's parameters (a learned temperature) are outside DDP. Every process computes the same loss
-    on the same global batch, so their gradients agree up to the order of floating-point reductions; averaged,
-    the copies of the parameter stay identical on every process."""
-    for p in loss_fn.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
 
 
 def train_epoch(run: Run, epoch: int, meter: Meter, bar, stop_after_steps: int | None) -> bool:
