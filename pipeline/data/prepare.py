@@ -46,7 +46,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.data.exif import orientation, upright
 from pipeline.data.file_hashes import content_hashes
-from pipeline.data.index import DatasetIndex, SplitView, read_fingerprint
+from pipeline.data.index import BAD_IMAGES_FILE, INDEX_DIR, DatasetIndex, SplitView, read_fingerprint
 from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
@@ -55,6 +55,7 @@ from pipeline.runtime import available_cpus
 from pipeline.store.durable import remove_stale_dirs, write_text_durably
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
+    IMAGE_CACHE,
     CacheBuilder,
     CacheUpdate,
     ImageCache,
@@ -62,10 +63,10 @@ from pipeline.store.image_cache import (
     open_image_cache,
     write_rows,
 )
+from pipeline.store.ownership import claim
 
 log = logging.getLogger(__name__)
 
-BAD_IMAGES_FILE = "bad_images.json"
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -247,6 +248,10 @@ def run_prepare(
     copy of the cache ("updated"); anything else is built whole ("written"), and so is everything with
     `force`. `verify`: hash every image file instead of trusting unchanged sizes and mtimes."""
     start = time.perf_counter()
+    # before the work: nothing of the user's under these names is replaced (paths.file_stats lies in kdpipe's own
+    # hidden <workdir>/.kdpipe/)
+    claim(paths.index_dir, INDEX_DIR)
+    claim(paths.images, IMAGE_CACHE)
     index = _read_with_hashes(cfg, paths, verify)
     summary = None if force else _reuse(cfg, paths, index)
     if summary is None:

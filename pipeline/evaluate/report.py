@@ -21,7 +21,10 @@ import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.store.durable import write_text_durably
+from pipeline.store.ownership import Output, claim, text_with
 
+GENERATOR = '<meta name="generator" content="kdpipe report">'  # how a later report knows the page is its own
+REPORT_FILE = Output("a kdpipe report", recognise=text_with(GENERATOR))
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}
@@ -161,7 +164,7 @@ def render_report(
     img_sample = np.sort(rng.choice(len(ids), size=min(n_images, len(ids)), replace=False))
     plot_html = "".join(f'<img class="plot" src="{png_uri(p)}" alt="{html.escape(p.name, quote=True)}">' for p in plots)
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>"
@@ -207,6 +210,7 @@ def run_report(
     from pipeline.store.features import open_store
     from pipeline.towers.student import load_student
 
+    claim(out, REPORT_FILE)  # before the work: a file that is not an earlier report is refused
     gallery = split_gallery(ArtifactPaths(workdir), split)
     teacher = open_store(features).split(split)
     if list(teacher.image_id) != gallery.ids or not np.array_equal(teacher.text_image, gallery.text_image):
@@ -236,5 +240,5 @@ def run_report(
         n_images=n_images,
         seed=seed,
     )
-    write_text_durably(out, page)
+    write_text_durably(out, page, REPORT_FILE)
     return out, [r.name for r in rankings]

@@ -32,14 +32,26 @@ from pipeline.errors import ConfigError, KdpipeError
 from pipeline.evaluate.bootstrap import RECALL_KEYS
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
 from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics, teacher_agreement
-from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, split_detail, with_average
+from pipeline.evaluate.summary import (
+    DETAIL_KEYS,
+    chance_block,
+    compare_to_reference,
+    model_block,
+    split_detail,
+    with_average,
+)
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
 from pipeline.store.alignment import align_store_split
+from pipeline.store.ownership import Output, claim, json_with_keys, read_small
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = (*RECALL_KEYS, "rsum", "average_score", "i2t_medr", "t2i_medr")  # every model block has them
+# What evaluate's documents may replace (pipeline/store/ownership.py): its own earlier ones, known by their keys
+METRICS_FILE = Output("a kdpipe metrics file", recognise=json_with_keys("split", "n_images", "n_captions"))
+DETAIL_FILE = Output("evaluate's metrics_detail.json", recognise=lambda p: _is_detail(json.loads(read_small(p))))
+RUN_INFO_FILE = Output("evaluate's run_info.json", recognise=json_with_keys("tie_rule", "environment"))
 
 
 @dataclass(frozen=True)
@@ -168,13 +180,39 @@ def metrics_document(
     }
 
 
-def write_json(doc: dict[str, Any], path: Path | str) -> Path:
-    """Write JSON atomically (temp file + rename): an interrupted run leaves the previous file intact."""
+def write_json(doc: dict[str, Any], path: Path | str, replaces: Output) -> Path:
+    """Write JSON atomically (temp file + rename) over nothing or an earlier `replaces`: an interrupted run leaves
+    the previous file intact."""
     from pipeline.store.durable import write_file_durably
 
     path = Path(path)
-    write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode())
+    write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode(), replaces)
     return path
+
+
+def _is_detail(doc: Any) -> bool:
+    """metrics_detail.json: {model: {breakdown or vs_<reference>: ...}} (empty when no model has a breakdown)."""
+    return isinstance(doc, dict) and all(
+        isinstance(v, dict) and all(k in DETAIL_KEYS or k.startswith("vs_") for k in v) for v in doc.values()
+    )
+
+
+def evaluate_outputs(paths: ArtifactPaths, cfg: EvaluateConfig, metrics_path: Path | None = None) -> dict[Path, Output]:
+    """Every path `run_evaluate` writes (the documents beside metrics.json, or beside `metrics_path`, and
+    plots/), with the kind of output each may replace."""
+    from pipeline.evaluate.plots import PLOTS, RANKS_FILE, TABLE_FILE
+
+    metrics = Path(metrics_path or paths.metrics)
+    outputs = {
+        metrics: METRICS_FILE,
+        metrics.with_name("metrics_detail.json"): DETAIL_FILE,
+        metrics.with_name(paths.run_info.name): RUN_INFO_FILE,
+        metrics.with_name("metrics.md"): TABLE_FILE,
+        paths.plots: PLOTS,
+    }
+    if cfg.write_ranks:
+        outputs[metrics.with_name("ranks.npz")] = RANKS_FILE
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -379,6 +417,8 @@ def run_evaluate(
     from pipeline.store.verify import check_finite
 
     start = time.perf_counter()
+    for path, kind in evaluate_outputs(paths, cfg, metrics_path).items():  # before any work: nothing foreign is lost
+        claim(path, kind)
     device = resolve_device(cfg.device, "evaluate.device")
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint)
@@ -479,14 +519,14 @@ def _documents(store, index, s, cfg, results, groups, reference, params, latency
 def _write_outputs(paths, cfg, doc, detail, run_info, results, s, groups, metrics_path, start) -> EvaluateOutput:
     """metrics.json, metrics_detail.json, run_info.json and metrics.md side by side, ranks.npz, and the curves in
     plots/."""
-    from pipeline.evaluate.plots import markdown_table, write_curves, write_ranks
+    from pipeline.evaluate.plots import TABLE_FILE, markdown_table, write_curves, write_ranks
     from pipeline.store.durable import write_file_durably
 
     table = markdown_table(doc, run_info, detail)
-    metrics_path = write_json(doc, metrics_path or paths.metrics)
-    write_json(detail, metrics_path.with_name("metrics_detail.json"))
-    write_json(run_info, metrics_path.with_name(paths.run_info.name))
-    write_file_durably(metrics_path.with_name("metrics.md"), table.encode())
+    metrics_path = write_json(doc, metrics_path or paths.metrics, METRICS_FILE)
+    write_json(detail, metrics_path.with_name("metrics_detail.json"), DETAIL_FILE)
+    write_json(run_info, metrics_path.with_name(paths.run_info.name), RUN_INFO_FILE)
+    write_file_durably(metrics_path.with_name("metrics.md"), table.encode(), TABLE_FILE)
     if cfg.write_ranks:
         write_ranks(metrics_path.with_name("ranks.npz"), results, s.image_id, s.text_image)
     curves = {m: {d: np.mean([r.curves[d] for r in rs], axis=0) for d in ("i2t", "t2i")} for m, rs in results.items()}
@@ -575,4 +615,6 @@ __all__ = [
     "run_evaluate",
     "default_runs",
     "write_json",
+    "evaluate_outputs",
+    "METRICS_FILE",
 ]

@@ -3,8 +3,11 @@
     <dir>/index.faiss      faiss.write_index of the index
     <dir>/codes.npy        flat only: the rows as 8-bit codes (uint8 [N, D]) for the fast exact scan
                            (pipeline/search/prefilter.py); its scale and error bounds are in ids.json "codes"
-    <dir>/ids.json         {"ids": [...], "source": ..., "student": ..., "kind": ..., "dim": D}, written last
+    <dir>/ids.json         {"ids": [...], "source": ..., "student": ..., "kind": ..., "dim": D}
                            row i of the index is ids[i]
+
+The directory is written beside its place and swapped in whole (durable.atomic_dir), over nothing or over an
+earlier index: a directory holding anything but these files is refused (SEARCH_INDEX).
 
 Kinds: `flat` (IndexFlatIP, exact: the default), `hnsw` (IndexHNSWFlat over inner product: a graph, no training,
 ~1.5x the memory of flat) and `ivfpq` (IndexIVFPQ: k-means cells and product-quantized codes, for millions of
@@ -23,10 +26,12 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.search.prefilter import Codes, EightBitPrefilter, build_prefilter, encode, exact_top_k
-from pipeline.store.durable import atomic_path, write_text_durably
+from pipeline.store.durable import atomic_dir
+from pipeline.store.ownership import Output
 
 Kind = Literal["flat", "hnsw", "ivfpq"]
 CODES_FILE = "codes.npy"
+SEARCH_INDEX = Output("a search index", directory=True, names=frozenset({"index.faiss", CODES_FILE, "ids.json"}))
 # a flat gallery of at least this many values (64 MB of float32) is searched through its 8-bit codes; below, a
 # float32 scan is as fast or faster (measured on 2 cores: 20k x 768 1.55 vs 1.42 ms, 50k x 768 2.7 vs 6.3 ms)
 PREFILTER_MIN_VALUES = 16_000_000
@@ -90,19 +95,15 @@ def save_index(index: Any, ids: list[str], directory: Path | str, **meta: Any) -
     import faiss
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if index.ntotal != len(ids):
         raise ValueError(f"{index.ntotal} vectors but {len(ids)} ids")
-    (directory / "ids.json").unlink(missing_ok=True)  # its presence means a finished index: gone until then
-    with atomic_path(directory / "index.faiss") as tmp:
-        faiss.write_index(index, str(tmp))
-    (directory / CODES_FILE).unlink(missing_ok=True)
-    if meta.get("kind") == "flat":
-        codes = encode(flat_vectors(index))
-        with atomic_path(directory / CODES_FILE) as tmp, open(tmp, "wb") as f:
-            np.save(f, codes.codes)
-        meta["codes"] = {"scale": codes.scale, "error_bound": codes.error_bound, "norm_max": codes.norm_max}
-    write_text_durably(directory / "ids.json", json.dumps({**meta, "ids": list(ids)}) + "\n")
+    with atomic_dir(directory, SEARCH_INDEX) as tmp:
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        if meta.get("kind") == "flat":
+            codes = encode(flat_vectors(index))
+            np.save(tmp / CODES_FILE, codes.codes)
+            meta["codes"] = {"scale": codes.scale, "error_bound": codes.error_bound, "norm_max": codes.norm_max}
+        (tmp / "ids.json").write_text(json.dumps({**meta, "ids": list(ids)}) + "\n")
     return directory
 
 

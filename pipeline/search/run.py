@@ -7,12 +7,22 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 from pipeline.search.gallery import Gallery, embed_images, embed_texts, folder_gallery, read_image
-from pipeline.search.index import IndexConfig, SearchIndex, build_index, load_index, recall_at_k, save_index
+from pipeline.search.index import (
+    SEARCH_INDEX,
+    IndexConfig,
+    SearchIndex,
+    build_index,
+    load_index,
+    recall_at_k,
+    save_index,
+)
+from pipeline.store.ownership import claim
 from pipeline.towers.student import load_student
 
 
 def run_index(student_dir: Path, gallery: Gallery | Path, out: Path, cfg: IndexConfig, source: str) -> list[str]:
     """Embed `gallery` (or every image of a folder) with the student, build and save the index."""
+    claim(out, SEARCH_INDEX)  # before the work: a directory that is not an earlier index is refused
     model = load_student(student_dir)
     if not isinstance(gallery, Gallery):
         gallery = folder_gallery(gallery, model.image_size)

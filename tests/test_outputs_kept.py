@@ -1,0 +1,196 @@
+"""kdpipe never deletes what it did not write, command by command: for every output path a command takes or derives,
+an unrelated file, a folder of the user's files, or a file where a directory goes (a directory where a file goes)
+survives byte for byte, and the command stops with one line naming the path (exit 2); its own earlier output is
+replaced (test_ownership.py has the rule itself)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_helpers import tiny_workdir
+from typer.testing import CliRunner
+
+from pipeline.paths import ArtifactPaths
+from stages.cli import app
+
+
+@pytest.fixture()
+def work(tokenizer_dir, tmp_path, monkeypatch) -> ArtifactPaths:
+    """A tiny work directory (index, image cache, store, student, baseline); cwd without a params.yaml."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDPIPE_FSYNC", "0")
+    return tiny_workdir(tmp_path, tokenizer_dir)
+
+
+def plant(path: Path, what: str) -> dict[str, bytes]:
+    """A user's file or folder at `path`; returns what must still be there afterwards."""
+    if what == "file":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"the user's own data\n")
+    else:
+        (path / "holiday").mkdir(parents=True, exist_ok=True)
+        (path / "notes.txt").write_text("the user's notes\n")
+        (path / "holiday" / "photo.jpg").write_bytes(bytes(range(256)))
+    return snapshot(path)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not p.name.endswith(".kdpipe-lock")  # the lock files beside outputs are kdpipe's
+    }
+
+
+def refused(result, path: Path) -> str:
+    """One line naming `path`, exit 2, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def run(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def params(tmp_path: Path, work: ArtifactPaths, **sections) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"workdir": str(work.workdir), **sections}))
+    return path
+
+
+# (command, its output's kind, where the user's data lies, the command line); `out` is that place
+COMMANDS = {
+    "export --out": ("dir", lambda w, t: t / "out", lambda w, t, out: ["export", "--workdir", w.workdir, "--out", out]),
+    "export's default": (
+        "dir",
+        lambda w, t: w.workdir / "export" / "student",
+        lambda w, t, out: ["export", "--workdir", w.workdir],
+    ),
+    "index --index": (
+        "dir",
+        lambda w, t: t / "out",
+        lambda w, t, out: ["index", "--workdir", w.workdir, "--index", out],
+    ),
+    "search's default index": (
+        "dir",
+        lambda w, t: w.workdir / "search",
+        lambda w, t, out: ["search", "dog", "--workdir", w.workdir],
+    ),
+    "report --out": (
+        "file",
+        lambda w, t: t / "out",
+        lambda w, t, out: ["report", "--workdir", w.workdir, "--out", out],
+    ),
+    "evaluate --features --out": (
+        "file",
+        lambda w, t: t / "out",
+        lambda w, t, out: ["evaluate", "--features", w.features, "--out", out],
+    ),
+    "evaluate --out": (
+        "file",
+        lambda w, t: t / "out",
+        lambda w, t, out: ["evaluate", "--params", params(t, w, evaluate={"latency": False}), "--out", out],
+    ),
+    "evaluate's metrics.md beside --out": (
+        "file",
+        lambda w, t: t / "metrics.md",
+        lambda w, t, out: ["evaluate", "--params", params(t, w), "--out", t / "metrics.json"],
+    ),
+    "evaluate's plots/": ("dir", lambda w, t: w.plots, lambda w, t, out: ["evaluate", "--params", params(t, w)]),
+    "demo-data --out": ("dir", lambda w, t: t / "out", lambda w, t, out: ["demo-data", "--out", out]),
+    "demo-data --photos --out": (
+        "dir",
+        lambda w, t: t / "out",
+        lambda w, t, out: ["demo-data", "--photos", "--out", out],
+    ),
+    "verify --write": ("dir", lambda w, t: t / "out", lambda w, t, out: ["verify", "--write", out]),
+    "fit-teacher --out": (
+        "dir",
+        lambda w, t: t / "out",
+        lambda w, t, out: ["fit-teacher", "--params", params(t, w), "--out", out],
+    ),
+    "prepare's index": (
+        "dir",
+        lambda w, t: t / "w2" / "index",
+        lambda w, t, out: ["prepare", "--params", params(t, w, prepare=PREPARE), "--workdir", t / "w2"],
+    ),
+    "prepare's image cache": (
+        "dir",
+        lambda w, t: t / "w2" / "images.zarr",
+        lambda w, t, out: ["prepare", "--params", params(t, w, prepare=PREPARE), "--workdir", t / "w2"],
+    ),
+}
+PREPARE = {"dataset": {"name": "toy", "annotations": "ann.json", "image_root": "images"}}
+
+
+@pytest.mark.parametrize("planted", ["file", "folder"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_users_file_or_folder_where_the_output_goes_survives(work, tmp_path, command, planted):
+    _, where, args = COMMANDS[command]
+    out = where(work, tmp_path)
+    if out.exists():  # a default path the tiny work directory already fills (export's): the user's instead
+        import shutil
+
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    kept = plant(out, planted)
+    line = refused(run(*args(work, tmp_path, out)), out)
+    assert snapshot(out) == kept
+    assert "kdpipe replaces only what it wrote" in line or "not a kdpipe feature store" in line  # verify's word
+
+
+def test_export_into_the_work_directory_or_a_parent_of_the_student_keeps_everything(work):
+    before = snapshot(work.workdir)
+    refused(run("export", "--workdir", work.workdir, "--out", work.workdir), work.workdir)
+    assert snapshot(work.workdir) == before
+    inside = work.student / "deploy"
+    assert "inside the student directory" in refused(run("export", "--workdir", work.workdir, "--out", inside), inside)
+    assert snapshot(work.workdir) == before
+
+
+def test_export_replaces_its_own_export_but_not_once_a_user_added_a_file(work, tmp_path):
+    out = tmp_path / "deploy"
+    for _ in range(2):
+        r = run("export", "--workdir", work.workdir, "--out", out)
+        assert r.exit_code == 0, r.output
+    assert (out / "README.md").read_text().startswith("# kdpipe student")
+    (out / "my-benchmark.csv").write_text("mine")
+    refused(run("export", "--workdir", work.workdir, "--out", out), out)
+    assert (out / "my-benchmark.csv").read_text() == "mine"
+
+
+def test_an_export_in_place_keeps_a_users_readme_in_the_student_directory(work):
+    readme = work.student / "README.md"
+    readme.write_text("# my notes on this run\n")
+    before = snapshot(work.student)
+    refused(run("export", "--workdir", work.workdir, "--out", work.student, "--hf"), readme)
+    assert snapshot(work.student) == before  # refused before hf/ was written
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["index --index", "report --out", "evaluate --features --out"],
+)
+def test_a_command_replaces_its_own_earlier_output(work, tmp_path, command):
+    _, where, args = COMMANDS[command]
+    out = where(work, tmp_path)
+    for _ in range(2):
+        r = run(*args(work, tmp_path, out))
+        assert r.exit_code == 0, r.output
+    assert out.exists()
+
+
+def test_evaluate_replaces_its_own_documents_and_plots(work, tmp_path):
+    p = params(tmp_path, work, evaluate={"latency": False})
+    for _ in range(2):
+        r = run("evaluate", "--params", p)
+        assert r.exit_code == 0, r.output
+    assert json.loads(work.metrics.read_text())["split"] == "test"
+    assert sorted(f.name for f in work.plots.iterdir()) == ["recall_at_k.png", "recall_i2t.csv", "recall_t2i.csv"]
