@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from deploy_helpers import tiny_workdir
 from typer.testing import CliRunner
 
 from pipeline.paths import ArtifactPaths
+from pipeline.store.features import open_store
+from pipeline.store.hdf5 import export_hdf5
 from stages.cli import app
 
 
@@ -66,6 +69,22 @@ def params(tmp_path: Path, work: ArtifactPaths, **sections) -> Path:
     return path
 
 
+def h5_of(work: ArtifactPaths) -> Path:
+    path = work.workdir.parent / "features.h5"
+    if not path.exists():
+        export_hdf5(work.features, path)
+    return path
+
+
+def dsmd_files(work: ArtifactPaths) -> list[str]:
+    """--images / --texts of import-dsmd: the test split's rows per caption, as .npy."""
+    sp = open_store(work.features).split("test")
+    root = work.workdir.parent
+    np.save(root / "i.npy", np.asarray(sp.image_emb, np.float32)[sp.text_image])
+    np.save(root / "t.npy", np.asarray(sp.text_emb, np.float32))
+    return ["--images", f"test={root / 'i.npy'}", "--texts", f"test={root / 't.npy'}"]
+
+
 # (command, its output's kind, where the user's data lies, the command line); `out` is that place
 COMMANDS = {
     "export --out": ("dir", lambda w, t: t / "out", lambda w, t, out: ["export", "--workdir", w.workdir, "--out", out]),
@@ -105,6 +124,13 @@ COMMANDS = {
         lambda w, t, out: ["evaluate", "--params", params(t, w), "--out", t / "metrics.json"],
     ),
     "evaluate's plots/": ("dir", lambda w, t: w.plots, lambda w, t, out: ["evaluate", "--params", params(t, w)]),
+    "export-hdf5 --out": ("file", lambda w, t: t / "out", lambda w, t, out: ["export-hdf5", w.features, "--out", out]),
+    "import-hdf5 --out": ("dir", lambda w, t: t / "out", lambda w, t, out: ["import-hdf5", h5_of(w), "--out", out]),
+    "import-dsmd --out": (
+        "dir",
+        lambda w, t: t / "out",
+        lambda w, t, out: ["import-dsmd", "--index", w.index_dir, "--out", out, *dsmd_files(w)],
+    ),
     "demo-data --out": ("dir", lambda w, t: t / "out", lambda w, t, out: ["demo-data", "--out", out]),
     "demo-data --photos --out": (
         "dir",
@@ -176,7 +202,7 @@ def test_an_export_in_place_keeps_a_users_readme_in_the_student_directory(work):
 
 @pytest.mark.parametrize(
     "command",
-    ["index --index", "report --out", "evaluate --features --out"],
+    ["index --index", "report --out", "evaluate --features --out", "export-hdf5 --out", "import-hdf5 --out"],
 )
 def test_a_command_replaces_its_own_earlier_output(work, tmp_path, command):
     _, where, args = COMMANDS[command]

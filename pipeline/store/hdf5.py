@@ -13,7 +13,11 @@
   identical and collapsed to one row per image.
 
 Every import writes a complete, validated format-v1 store (rows L2-normalized in float32, unless the
-source already is a normalized store of the same dtype, whose rows are copied bit for bit).
+source already is a normalized store of the same dtype, whose rows are copied bit for bit). The whole input is
+checked first (shapes, ids, every row finite and not zero, unit length where the file says it is normalized,
+its `dtype` and `dim` attributes against its arrays), the store is built beside `out` and swapped in whole at
+the end (durable.atomic_dir): a failed import leaves an earlier store as it was, and anything at `out` that is
+not a feature store is refused. `export_hdf5` likewise replaces only an HDF5 file of its own (`hdf5_format`).
 """
 
 from __future__ import annotations
@@ -27,21 +31,34 @@ import numpy as np
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.store.durable import atomic_path, fsync_tree
-from pipeline.store.features import EMB_ARRAYS, UNPAIRED_TEXT, open_store
+from pipeline.store.durable import atomic_dir, atomic_path
+from pipeline.store.features import EMB_ARRAYS, FEATURE_STORE, UNPAIRED_TEXT, open_store, unit_norm_tolerance
 from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, StoreWriter, jsonable, write_store
+from pipeline.store.ownership import Output, claim
 
 HDF5_FORMAT = "kdpipe-features-hdf5"
 _BLOCK_ROWS = 65536  # rows copied at a time (bounded memory for any store size)
+_CHECK_ROWS = 8192  # rows checked at a time (their norms in float64: 8192 x 768 x 8 bytes = 50 MB)
+
+
+def _is_our_hdf5(path: Path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f.attrs.get("hdf5_format") == HDF5_FORMAT
+
+
+HDF5_EXPORT = Output("an HDF5 export of a feature store", recognise=_is_our_hdf5)  # what export_hdf5 replaces
 
 
 def export_hdf5(store_path: Path | str, h5_path: Path | str) -> Path:
     """Write a complete store as one HDF5 file (written to a temporary name, renamed when complete)."""
     import h5py
 
-    store = open_store(store_path)
     h5_path = Path(h5_path)
-    with atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as f:
+    claim(h5_path, HDF5_EXPORT)  # before reading the store
+    store = open_store(store_path)
+    with atomic_path(h5_path, HDF5_EXPORT) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["kdpipe_attrs"] = json.dumps(store.attrs, ensure_ascii=False)
         f.attrs["hdf5_format"] = HDF5_FORMAT
         for key, value in store.attrs.items():
@@ -80,6 +97,7 @@ def import_hdf5(
     import h5py
 
     h5_path, out_path = Path(h5_path), Path(out_path)
+    claim(out_path, FEATURE_STORE)  # before the work; the store is then built beside it and swapped in
     if not h5_path.is_file():
         raise InputError(f"{h5_path}: HDF5 file not found")
     try:
@@ -88,43 +106,114 @@ def import_hdf5(
         raise InputError(f"{h5_path}: not a readable HDF5 file ({err})") from None
     with f:
         attrs = _file_attrs(f, h5_path)
-        split_names = attrs.get("splits") or sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
-        if not split_names:
-            raise InputError(f"{h5_path}: no split groups (expected e.g. /test/image_emb, /test/text_emb, ...)")
-        splits = {}
-        for name in split_names:
-            if name not in f or not isinstance(f[name], h5py.Group):
-                raise InputError(f"{h5_path}: split group /{name} not found")
-            splits[name] = _read_split(h5_path, name, f[name], index)
-        dims = {s.image_emb.shape[1] for s in splits.values()}
-        if len(dims) != 1:
-            raise InputError(f"{h5_path}: splits have different feature dimensions {sorted(dims)}")
+        splits, normalized = _read_source(h5_path, f, attrs, index)
         dtype = _store_dtype(splits.values(), dtype)
         # bits are copied as they are only from a file that says its rows are unit length, in the store's dtype
-        copy_bits = attrs.get("normalized") is True and all(
+        copy_bits = normalized and all(
             np.dtype(s.image_emb.dtype) == np.dtype(dtype) and np.dtype(s.text_emb.dtype) == np.dtype(dtype)
             for s in splits.values()
         )
-        writer = StoreWriter.create(
-            out_path,
-            layout={n: (s.image_emb.shape[0], s.text_emb.shape[0], len(s.unpaired)) for n, s in splits.items()},
-            dim=int(dims.pop()),
-            dtype=dtype,
-            chunk_rows=chunk_rows,
-            attrs=jsonable(_store_attrs(h5_path, attrs, index, teacher)),
-        )
-        for name, sp in splits.items():
-            for key, ds in (("image_emb", sp.image_emb), ("text_emb", sp.text_emb), (UNPAIRED_TEXT, sp.unpaired)):
-                bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
-                for i in range(writer.n_chunks(name, key) if len(ds) else 0):
-                    a, b = writer.chunk_range(name, key, i)
-                    writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
-            writer.write_text_image(name, sp.text_image)
-            writer.write_image_id(name, sp.image_id)
-    fsync_tree(writer.path)
-    writer.set_attrs(complete=True)
+        store_attrs = jsonable(_store_attrs(h5_path, attrs, index, teacher))
+        with atomic_dir(out_path, FEATURE_STORE) as tmp:
+            writer = StoreWriter.create(
+                tmp,
+                layout={n: (s.image_emb.shape[0], s.text_emb.shape[0], len(s.unpaired)) for n, s in splits.items()},
+                dim=int(next(iter(splits.values())).image_emb.shape[1]),
+                dtype=dtype,
+                chunk_rows=chunk_rows,
+                attrs=store_attrs,
+            )
+            for name, sp in splits.items():
+                for key, ds in sp.embeddings():
+                    bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
+                    for i in range(writer.n_chunks(name, key) if len(ds) else 0):
+                        a, b = writer.chunk_range(name, key, i)
+                        writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
+                writer.write_text_image(name, sp.text_image)
+                writer.write_image_id(name, sp.image_id)
+            writer.set_attrs(complete=True)
     open_store(out_path)  # validate what was written
     return out_path
+
+
+def _read_source(
+    h5_path: Path, f: Any, attrs: dict[str, Any], index: DatasetIndex | None
+) -> tuple[dict[str, _SourceSplit], bool]:
+    """The split groups of the file, every one checked whole (shapes, ids, attributes, every row); and whether the
+    file says its rows are normalized."""
+    import h5py
+
+    split_names = attrs.get("splits") or sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+    if not split_names:
+        raise InputError(f"{h5_path}: no split groups (expected e.g. /test/image_emb, /test/text_emb, ...)")
+    splits = {}
+    for name in split_names:
+        if name not in f or not isinstance(f[name], h5py.Group):
+            raise InputError(f"{h5_path}: split group /{name} not found")
+        splits[name] = _read_split(h5_path, name, f[name], index)
+    dims = {s.image_emb.shape[1] for s in splits.values()}
+    if len(dims) != 1:
+        raise InputError(f"{h5_path}: splits have different feature dimensions {sorted(dims)}")
+    normalized = _check_attrs(h5_path, f, attrs, splits)
+    for name, sp in splits.items():
+        for key, ds in sp.embeddings():
+            _check_rows(h5_path, f"/{name}/{key}", ds, normalized)
+    return splits, normalized
+
+
+def _check_attrs(h5_path: Path, f: Any, attrs: dict[str, Any], splits: dict[str, Any]) -> bool:
+    """The file's `dtype` and `dim` attributes (in kdpipe_attrs or of the root) must agree with its arrays.
+    Returns whether the file says its rows are unit length (`normalized`, either place)."""
+    arrays = [(f"/{n}/{k}", getattr(sp, k)) for n, sp in splits.items() for k in EMB_ARRAYS]
+    for where, found in _said(f, attrs, "dtype"):
+        try:
+            said = np.dtype(str(found))
+        except TypeError:
+            raise InputError(f"{h5_path}: {where} says {str(found)[:40]!r}, which is no dtype") from None
+        wrong = next(((name, ds) for name, ds in arrays if np.dtype(ds.dtype) != said), None)
+        if wrong is not None:
+            raise InputError(
+                f"{h5_path}: {where} says {said} but {wrong[0]} is {np.dtype(wrong[1].dtype)}; "
+                "the attribute and the arrays must agree"
+            )
+    name, ds = arrays[0]
+    for where, found in _said(f, attrs, "dim"):
+        if not isinstance(found, (int, np.integer)) or isinstance(found, bool) or int(found) != ds.shape[1]:
+            raise InputError(
+                f"{h5_path}: {where} says {str(found)[:40]} but {name} has {ds.shape[1]} columns; "
+                "the attribute and the arrays must agree"
+            )
+    return any(v is True or isinstance(v, np.bool_) and bool(v) for _, v in _said(f, attrs, "normalized"))
+
+
+def _said(f: Any, attrs: dict[str, Any], key: str) -> list[tuple[str, Any]]:
+    """(where, value) of each place the file records `key`: inside kdpipe_attrs, and as a root attribute."""
+    found = [(f"attribute kdpipe_attrs.{key}", attrs[key])] if key in attrs else []
+    if key in f.attrs:
+        value = f.attrs[key]
+        found.append((f"attribute {key}", value.decode() if isinstance(value, bytes) else value))
+    return found
+
+
+def _check_rows(h5_path: Path, where: str, ds: Any, normalized: bool) -> None:
+    """Every row of `ds` finite and not zero (a zero row has no direction), and of unit length (within the
+    rounding of its dtype) when the file says its rows are normalized."""
+    tolerance = unit_norm_tolerance(ds.dtype)
+    for a in range(0, ds.shape[0], _CHECK_ROWS):
+        rows = np.asarray(ds[a : a + _CHECK_ROWS], dtype=np.float64)
+        finite = np.isfinite(rows).all(axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        bad = ~finite | (norms == 0) | (normalized & (np.abs(norms - 1) > tolerance))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            what = (
+                "is not finite (NaN or inf)"
+                if not finite[r]
+                else "is all zeros"
+                if norms[r] == 0
+                else f"has L2 norm {norms[r]:.6g}, but the file says its rows are normalized"
+            )
+            raise InputError(f"{h5_path}: {where} row {a + r} {what}; fix that row (or the attribute) in the file")
 
 
 @dataclass(frozen=True)
@@ -136,6 +225,10 @@ class _SourceSplit:
     text_image: np.ndarray  # int32 [M]
     image_id: list[str]
     unpaired: Any  # [U, D], empty when the file has none
+
+    def embeddings(self) -> tuple[tuple[str, Any], ...]:
+        """(store array name, dataset) of every embedding array."""
+        return (("image_emb", self.image_emb), ("text_emb", self.text_emb), (UNPAIRED_TEXT, self.unpaired))
 
 
 def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) -> _SourceSplit:
@@ -265,6 +358,7 @@ def _load_matrix(path: Path, what: str) -> np.ndarray:
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 2:
         raise InputError(f"{path}: {what} must be a 2-D [rows, D] tensor, got shape {list(data.shape)}")
+    _check_rows(path, what, data, normalized=False)
     return data
 
 
@@ -318,6 +412,7 @@ def import_dsmd(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> Path:
     """files[split] = (image features [M, D], each image repeated per caption; text features [M, D])."""
+    claim(out_path, FEATURE_STORE)  # before loading the tensors
     if not files:
         raise InputError("import-dsmd: no split given")
     if dtype not in STORE_DTYPES:
@@ -332,20 +427,17 @@ def import_dsmd(
         text_feats = _load_matrix(Path(txt_path), "text features")
         splits[split] = dsmd_to_split(index, split, image_feats, text_feats, where=str(img_path))
     teacher = teacher or {"name": "dsmd-import"}
-    write_store(
-        out_path,
-        splits,
-        teacher=teacher,
-        dataset={"name": index.name, "fingerprint": index.fingerprint},
-        dtype=dtype,
-        chunk_rows=chunk_rows,
-        extra_attrs={
-            "imported_from": {
-                "format": "dsmd",
-                "files": {s: [Path(a).name, Path(b).name] for s, (a, b) in files.items()},
-            }
-        },
-    )
+    imported_from = {"format": "dsmd", "files": {s: [Path(a).name, Path(b).name] for s, (a, b) in files.items()}}
+    with atomic_dir(out_path, FEATURE_STORE) as tmp:  # built beside `out_path`, swapped in when complete
+        write_store(
+            tmp,
+            splits,
+            teacher=teacher,
+            dataset={"name": index.name, "fingerprint": index.fingerprint},
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            extra_attrs={"imported_from": imported_from},
+        )
     open_store(out_path, expect_fingerprint=index.fingerprint)
     return Path(out_path)
 
