@@ -202,7 +202,15 @@ def test_an_export_in_place_keeps_a_users_readme_in_the_student_directory(work):
 
 @pytest.mark.parametrize(
     "command",
-    ["index --index", "report --out", "evaluate --features --out", "export-hdf5 --out", "import-hdf5 --out"],
+    [
+        "index --index",
+        "report --out",
+        "evaluate --features --out",
+        "export-hdf5 --out",
+        "import-hdf5 --out",
+        "import-dsmd --out",
+        "demo-data --photos --out",
+    ],
 )
 def test_a_command_replaces_its_own_earlier_output(work, tmp_path, command):
     _, where, args = COMMANDS[command]
