@@ -9,9 +9,8 @@ says so because the file still holds the dead holder's record (a clean release e
 Readers (`read_lock`: open_store, open_image_cache, verify_store) take the same file *shared* while they
 open and map an output, and let go once mapped: a reader that comes while a run rewrites the output waits
 for it, saying whom it waits for (or refuses at once, `wait=False`), and then opens the new output, never one
-half rewritten. Waiting, not the old store, because a store being rewritten has no old complete version left
-to give (extract clears it, or marks it incomplete, before writing) and the run was started because the old
-one is out of date. Once open, a reader keeps what it mapped: writers replace files by rename (zarr, durable),
+half rewritten. Waiting, not the old store (which extract keeps whole until the new one is complete), because
+the run was started because the old one is out of date. Once open, a reader keeps what it mapped: writers replace files by rename (zarr, durable),
 never in place, so its maps hold the old files' contents until it closes them.
 
 Advisory: only kdpipe's processes take it. torchrun: only the job's rank 0 takes the lock, before it joins

@@ -153,6 +153,11 @@ COMMANDS = {
         lambda w, t: t / "w2" / "images.zarr",
         lambda w, t, out: ["prepare", "--params", params(t, w, prepare=PREPARE), "--workdir", t / "w2"],
     ),
+    "extract --out": (
+        "dir",
+        lambda w, t: t / "out",
+        lambda w, t, out: ["extract", "--params", params(t, w), "--out", out],
+    ),
 }
 PREPARE = {"dataset": {"name": "toy", "annotations": "ann.json", "image_root": "images"}}
 

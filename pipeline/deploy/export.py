@@ -16,7 +16,6 @@ only an earlier one of its kind)."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from pipeline.deploy.card import MODEL_CARD, CardInfo, model_card
 from pipeline.deploy.pixels import StudentPixels, student_pixels
 from pipeline.deploy.scale import training_logit_scale
 from pipeline.errors import InputError
-from pipeline.store.durable import atomic_dir, write_text_durably
+from pipeline.store.durable import atomic_dir, link_or_copy, write_text_durably
 from pipeline.store.features import read_attrs
 from pipeline.store.ownership import Output, claim
 from pipeline.towers import quiet_transformers
@@ -69,14 +68,7 @@ def _link_student(student_dir: Path, out: Path) -> None:
     def left_out(directory: str, names: list[str]) -> set[str]:
         return _NOT_EXPORTED & set(names) if Path(directory) == student_dir else set()
 
-    shutil.copytree(student_dir, out, ignore=left_out, copy_function=_link_or_copy, dirs_exist_ok=True)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or one without hard links
-        shutil.copy2(src, dst)
+    shutil.copytree(student_dir, out, ignore=left_out, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
 def _write_exports(directory: Path, shown: Path, request: ExportRequest) -> list[str]:

@@ -164,6 +164,16 @@ def write_text_durably(path: Path | str, text: str, replaces: Output | None = No
     write_file_durably(path, text.encode("utf-8"), replaces)
 
 
+def link_or_copy(src: str, dst: str) -> None:
+    """`shutil.copytree`'s copy_function for a copy that costs no bytes where the filesystem allows: a hard link
+    (safe because kdpipe replaces files by rename, never in place, so neither copy sees the other's later
+    writes), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
 def replace_dir(src: Path, dst: Path, output: Output) -> None:
     """Move directory `src` (complete and fsync'd by the caller) to `dst`, replacing `dst`, which must be absent,
     empty or `output`'s own (claimed again here, just before it is moved aside and deleted); at no moment does
