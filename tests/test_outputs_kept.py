@@ -233,3 +233,17 @@ def test_evaluate_replaces_its_own_documents_and_plots(work, tmp_path):
         assert r.exit_code == 0, r.output
     assert json.loads(work.metrics.read_text())["split"] == "test"
     assert sorted(f.name for f in work.plots.iterdir()) == ["recall_at_k.png", "recall_i2t.csv", "recall_t2i.csv"]
+
+
+@pytest.mark.parametrize(("option", "where"), [([], "student"), (["--baseline"], "baseline")])
+@pytest.mark.parametrize("planted", ["file", "folder"])
+def test_distill_keeps_a_users_file_or_folder_where_its_model_goes(tmp_path, monkeypatch, option, where, planted):
+    from test_train import make_workdir, tiny_params
+
+    monkeypatch.chdir(tmp_path)
+    make_workdir(tmp_path)  # index, image cache and store under tmp_path, the work directory
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"workdir": str(tmp_path), "distill": tiny_params(tmp_path)}))
+    kept = plant(tmp_path / where, planted)
+    refused(run("distill", "--params", p, *option), tmp_path / where)
+    assert snapshot(tmp_path / where) == kept
