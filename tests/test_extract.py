@@ -448,7 +448,7 @@ def test_unknown_split_and_foreign_output_directory_are_refused(dataset, tmp_pat
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(
-        InputError, match="it is not a feature store written by kdpipe; kdpipe replaces only what it wrote"
+        InputError, match="exists and is not a feature store written by kdpipe; kdpipe replaces only what it wrote"
     ):
         run_extract(index, CFG, tmp_path / "mine", teacher=TinyTeacher())
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

@@ -53,7 +53,7 @@ def test_each_way_of_recognising_an_earlier_output(tmp_path):
     (index / "ids.json").write_text("[]")
     claim(index, NAMED)  # nothing but names its writer writes
     (index / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="it holds notes.txt, which kdpipe does not write there"):
+    with pytest.raises(InputError, match="exists and holds notes.txt, which kdpipe does not write there"):
         claim(index, NAMED)
 
 
@@ -66,19 +66,19 @@ def test_atomic_dir_lists_its_files_and_replaces_only_while_nothing_was_added(tm
     assert (out / "sub" / "weights.bin").read_text() == "second"
     assert json.loads((out / MARKER).read_text()) == {"written_by": LISTED.what, "files": ["sub/weights.bin"]}
     (out / "sub" / "my-notes.txt").write_text("mine")  # a user's file in it: no longer only kdpipe's
-    with pytest.raises(InputError, match="it holds sub/my-notes.txt, which kdpipe did not write there"):
+    with pytest.raises(InputError, match="exists and holds sub/my-notes.txt, which kdpipe did not write there"):
         with atomic_dir(out, LISTED) as tmp:
             raise AssertionError("never reached: refused before any work")
     assert (out / "sub" / "my-notes.txt").read_text() == "mine"
     # another writer's listed directory is not this one's
-    with pytest.raises(InputError, match="it is not a test index written by kdpipe"):
+    with pytest.raises(InputError, match="exists and is not a test index written by kdpipe"):
         claim(out, Output("a test index", directory=True, marker=True))
 
 
 def test_replace_dir_claims_again_just_before_it_deletes(tmp_path):
     """What appears at the target while the new directory is being built is not deleted either."""
     out = tmp_path / "index"
-    with pytest.raises(InputError, match="it holds photo.jpg"):
+    with pytest.raises(InputError, match="exists and holds photo.jpg"):
         with atomic_dir(out, NAMED) as tmp:
             (tmp / "ids.json").write_text("[]")
             out.mkdir()
@@ -95,7 +95,7 @@ def test_replace_dir_claims_again_just_before_it_deletes(tmp_path):
 def test_atomic_path_replaces_a_file_only_when_told_what_it_may_replace(tmp_path):
     target = tmp_path / "metrics.json"
     target.write_text("my spreadsheet")
-    with pytest.raises(InputError, match="it is not a test document written by kdpipe"):
+    with pytest.raises(InputError, match="exists and is not a test document written by kdpipe"):
         with atomic_path(target, DOC) as tmp:
             tmp.write_text("{}")
     assert target.read_text() == "my spreadsheet"
@@ -108,5 +108,5 @@ def test_a_recogniser_never_reads_a_huge_file_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(ownership, "_MAX_RECOGNISED_BYTES", 16)
     big = tmp_path / "metrics.json"
     big.write_text(json.dumps({"split": "test", "n_images": 3}))  # 31 bytes: over the (patched) limit
-    with pytest.raises(InputError, match="it is not a test document"):
+    with pytest.raises(InputError, match="exists and is not a test document"):
         claim(big, DOC)

@@ -24,7 +24,7 @@ from pipeline.store.durable import write_text_durably
 from pipeline.store.ownership import Output, claim, text_with
 
 GENERATOR = '<meta name="generator" content="kdpipe report">'  # how a later report knows the page is its own
-REPORT_FILE = Output("a kdpipe report", recognise=text_with(GENERATOR))
+REPORT_FILE = Output("a report", recognise=text_with(GENERATOR))
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 METRIC_KEYS = (*RECALL_KEYS, "rsum", "average_score", "i2t_medr", "t2i_medr")  # every model block has them
 # What evaluate's documents may replace (pipeline/store/ownership.py): its own earlier ones, known by their keys
-METRICS_FILE = Output("a kdpipe metrics file", recognise=json_with_keys("split", "n_images", "n_captions"))
+METRICS_FILE = Output("a metrics file", recognise=json_with_keys("split", "n_images", "n_captions"))
 DETAIL_FILE = Output("evaluate's metrics_detail.json", recognise=lambda p: _is_detail(json.loads(read_small(p))))
 RUN_INFO_FILE = Output("evaluate's run_info.json", recognise=json_with_keys("tie_rule", "environment"))
 

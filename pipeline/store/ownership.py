@@ -47,16 +47,16 @@ class Output:
         listed = _listed(path, self.what) if self.marker else None
         if listed is not None:
             stray = _first_stray(path, listed, nested=True)
-            return None if stray is None else f"it holds {stray}, which kdpipe did not write there"
+            return None if stray is None else f"holds {stray}, which kdpipe did not write there"
         if self.names is not None:
             stray = _first_stray(path, self.names, nested=False)
             if stray is None:
                 return None
             if self.recognise is None:
-                return f"it holds {stray}, which kdpipe does not write there"
+                return f"holds {stray}, which kdpipe does not write there"
         if self.recognise is not None and _recognised(self.recognise, path):
             return None
-        return f"it is not {self.what} written by kdpipe"
+        return f"is not {self.what} written by kdpipe"
 
 
 def claim(path: Path | str, output: Output) -> None:
