@@ -207,13 +207,14 @@ def _check_rows(h5_path: Path, where: str, ds: Any, normalized: bool) -> None:
         if bad.any():
             r = int(np.flatnonzero(bad)[0])
             what = (
-                "is not finite (NaN or inf)"
+                "is not finite (NaN or inf); fix or drop that row"
                 if not finite[r]
-                else "is all zeros"
+                else "is all zeros (it has no direction to normalize); fix or drop that row"
                 if norms[r] == 0
-                else f"has L2 norm {norms[r]:.6g}, but the file says its rows are normalized"
+                else f"has L2 norm {norms[r]:.6g}, but the file says its rows are normalized; fix that row, or the "
+                "file's `normalized` attribute"
             )
-            raise InputError(f"{h5_path}: {where} row {a + r} {what}; fix that row (or the attribute) in the file")
+            raise InputError(f"{h5_path}: {where} row {a + r} {what}")
 
 
 @dataclass(frozen=True)
