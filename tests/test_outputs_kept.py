@@ -197,12 +197,23 @@ def test_export_replaces_its_own_export_but_not_once_a_user_added_a_file(work, t
     assert (out / "my-benchmark.csv").read_text() == "mine"
 
 
-def test_an_export_in_place_keeps_a_users_readme_in_the_student_directory(work):
-    readme = work.student / "README.md"
-    readme.write_text("# my notes on this run\n")
+@pytest.mark.parametrize(
+    ("name", "flag"),
+    [
+        ("README.md", "--hf"),
+        ("hf", "--hf"),
+        ("open_clip", "--open-clip"),
+        ("sentence_transformers", "--sentence-transformers"),
+        ("onnx", "--onnx"),
+    ],
+)
+def test_an_export_in_place_keeps_what_the_user_put_in_the_student_directory(work, name, flag):
+    """Each format the export writes into the student directory replaces only an earlier one of its kind; all are
+    claimed first, so a refused one leaves the others unwritten too."""
+    plant(work.student / name, "file" if name.endswith(".md") else "folder")
     before = snapshot(work.student)
-    refused(run("export", "--workdir", work.workdir, "--out", work.student, "--hf"), readme)
-    assert snapshot(work.student) == before  # refused before hf/ was written
+    refused(run("export", "--workdir", work.workdir, "--out", work.student, flag), work.student / name)
+    assert snapshot(work.student) == before
 
 
 @pytest.mark.parametrize(
