@@ -15,7 +15,8 @@ from pathlib import Path
 import typer
 
 from pipeline.config import apply_overrides, from_dict
-from pipeline.evaluate.run import METRICS_FILE, EvaluateConfig, evaluate_features, run_evaluate, write_json
+from pipeline.evaluate.outputs import METRICS_FILE
+from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
 from pipeline.store.ownership import claim
 from stages._common import (
     NO_WAIT_OPTION,

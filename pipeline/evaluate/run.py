@@ -31,27 +31,25 @@ from pipeline.environment import numerics_environment
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.evaluate.bootstrap import RECALL_KEYS
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
-from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics, teacher_agreement
-from pipeline.evaluate.summary import (
-    DETAIL_KEYS,
-    chance_block,
-    compare_to_reference,
-    model_block,
-    split_detail,
-    with_average,
+from pipeline.evaluate.outputs import (
+    DETAIL,
+    DETAIL_FILE,
+    METRICS_FILE,
+    RANKS,
+    RUN_INFO_FILE,
+    TABLE,
+    evaluate_outputs,
 )
+from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics, teacher_agreement
+from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, split_detail, with_average
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
 from pipeline.store.alignment import align_store_split
-from pipeline.store.ownership import Output, claim, json_with_keys, read_small
+from pipeline.store.ownership import Output, claim
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = (*RECALL_KEYS, "rsum", "average_score", "i2t_medr", "t2i_medr")  # every model block has them
-# What evaluate's documents may replace (pipeline/store/ownership.py): its own earlier ones, known by their keys
-METRICS_FILE = Output("a metrics file", recognise=json_with_keys("split", "n_images", "n_captions"))
-DETAIL_FILE = Output("evaluate's metrics_detail.json", recognise=lambda p: _is_detail(json.loads(read_small(p))))
-RUN_INFO_FILE = Output("evaluate's run_info.json", recognise=json_with_keys("tie_rule", "environment"))
 
 
 @dataclass(frozen=True)
@@ -188,31 +186,6 @@ def write_json(doc: dict[str, Any], path: Path | str, replaces: Output) -> Path:
     path = Path(path)
     write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode(), replaces)
     return path
-
-
-def _is_detail(doc: Any) -> bool:
-    """metrics_detail.json: {model: {breakdown or vs_<reference>: ...}} (empty when no model has a breakdown)."""
-    return isinstance(doc, dict) and all(
-        isinstance(v, dict) and all(k in DETAIL_KEYS or k.startswith("vs_") for k in v) for v in doc.values()
-    )
-
-
-def evaluate_outputs(paths: ArtifactPaths, cfg: EvaluateConfig, metrics_path: Path | None = None) -> dict[Path, Output]:
-    """Every path `run_evaluate` writes (the documents beside metrics.json, or beside `metrics_path`, and
-    plots/), with the kind of output each may replace."""
-    from pipeline.evaluate.plots import PLOTS, RANKS_FILE, TABLE_FILE
-
-    metrics = Path(metrics_path or paths.metrics)
-    outputs = {
-        metrics: METRICS_FILE,
-        metrics.with_name("metrics_detail.json"): DETAIL_FILE,
-        metrics.with_name(paths.run_info.name): RUN_INFO_FILE,
-        metrics.with_name("metrics.md"): TABLE_FILE,
-        paths.plots: PLOTS,
-    }
-    if cfg.write_ranks:
-        outputs[metrics.with_name("ranks.npz")] = RANKS_FILE
-    return outputs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,7 +390,7 @@ def run_evaluate(
     from pipeline.store.verify import check_finite
 
     start = time.perf_counter()
-    for path, kind in evaluate_outputs(paths, cfg, metrics_path).items():  # before any work: nothing foreign is lost
+    for path, kind in evaluate_outputs(paths, cfg.write_ranks, metrics_path).items():  # before any work
         claim(path, kind)
     device = resolve_device(cfg.device, "evaluate.device")
     index = DatasetIndex.load(paths.index_dir)
@@ -524,11 +497,11 @@ def _write_outputs(paths, cfg, doc, detail, run_info, results, s, groups, metric
 
     table = markdown_table(doc, run_info, detail)
     metrics_path = write_json(doc, metrics_path or paths.metrics, METRICS_FILE)
-    write_json(detail, metrics_path.with_name("metrics_detail.json"), DETAIL_FILE)
+    write_json(detail, metrics_path.with_name(DETAIL), DETAIL_FILE)
     write_json(run_info, metrics_path.with_name(paths.run_info.name), RUN_INFO_FILE)
-    write_file_durably(metrics_path.with_name("metrics.md"), table.encode(), TABLE_FILE)
+    write_file_durably(metrics_path.with_name(TABLE), table.encode(), TABLE_FILE)
     if cfg.write_ranks:
-        write_ranks(metrics_path.with_name("ranks.npz"), results, s.image_id, s.text_image)
+        write_ranks(metrics_path.with_name(RANKS), results, s.image_id, s.text_image)
     curves = {m: {d: np.mean([r.curves[d] for r in rs], axis=0) for d in ("i2t", "t2i")} for m, rs in results.items()}
     curves["chance"] = chance_curves(np.asarray(s.text_image), groups, range(1, cfg.curve_max_k + 1))
     curves = {m: curves[m] for m in cfg.plot_models or curves}
@@ -615,6 +588,4 @@ __all__ = [
     "run_evaluate",
     "default_runs",
     "write_json",
-    "evaluate_outputs",
-    "METRICS_FILE",
 ]

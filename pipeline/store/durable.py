@@ -9,8 +9,8 @@ file, which `remove_partial_files` deletes (zarr's LocalStore names its own temp
     write_file_durably(path, data)             # bytes
     with atomic_path(path) as tmp:             # anything that writes to a path: h5py, safetensors, PIL, ...
         save_file(tensors, str(tmp))
-    with atomic_dir(path, PLOTS) as tmp:       # a whole directory (plots/, a tower, hf/), swapped in
-        write_everything_under(tmp)
+    with atomic_dir(path, kind) as tmp:        # a whole directory (plots/, a tower, hf/), swapped in over
+        write_everything_under(tmp)            # nothing, or an earlier output of `kind` (ownership.py)
     with naming(path):                         # writes made by a library (zarr, dask tasks) into `path`
         ...
 

@@ -6,7 +6,7 @@ writer's own earlier output; anything else stops the command with one line namin
 (an `InputError`), and stays as it was. Replacement itself is whole and comes last (durable.atomic_path,
 durable.atomic_dir), so even the writer's own output is never lost to a failed run.
 
-An output kind (`Output`) says how its earlier output is recognised, in one of three ways:
+An output kind (`Output`) says how its earlier output is recognised, in one (or two) of three ways:
 - `recognise`: a format the output carries itself (a feature store's `format` attribute, an HDF5 file's
   `hdf5_format`, report.html's generator tag, the keys of metrics.json);
 - `names`: a directory whose writer writes fixed names (plots/, a search index) is its own while it holds
@@ -68,7 +68,7 @@ def claim(path: Path | str, output: Output) -> None:
     if is_dir != output.directory:
         found = "a directory" if is_dir else "a file" if path.exists() else "a broken symbolic link"
         raise InputError(f"{path}: is {found}, where {output.what} goes; {_TODO}")
-    if is_dir and not any(path.iterdir()) or not is_dir and path.stat().st_size == 0:
+    if (is_dir and not any(path.iterdir())) or (not is_dir and path.stat().st_size == 0):
         return
     why = output.foreign(path)
     if why is not None:
@@ -88,7 +88,7 @@ def write_marker(directory: Path, output: Output) -> None:
 def _listed(path: Path, what: str) -> frozenset[str] | None:
     """The files MARKER lists, when `path` has a MARKER written for `what`."""
     try:
-        doc = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        doc = json.loads(read_small(path / MARKER))
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("written_by") != what or not isinstance(doc.get("files"), list):
