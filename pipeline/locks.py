@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.errors import KdpipeError
+from pipeline.errors import InputError, KdpipeError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,15 @@ def output_lock(
     wait = _resolve_wait(wait)
     say = say or log.warning  # shown under --quiet too: a run that seems to hang says why
     path = lock_path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a directory of the output's path goes
+        from pipeline.store.ownership import not_a_directory
+
+        raise InputError(
+            f"{not_a_directory(path.parent)}: is a file, where a directory of {output} goes; move it away or "
+            "choose another path"
+        ) from None
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
     key = Path(output).resolve()
     try:

@@ -1,16 +1,61 @@
-"""The `kdpipe` console script (also `python -m stages`): one subcommand per stage."""
+"""The `kdpipe` console script (also `python -m stages`): one subcommand per stage.
+
+A subcommand's module is imported when that subcommand runs (or `--help` lists them all), not before: each
+imports what it needs, and `kdpipe search` does not pay for the evaluate stage's imports (torch's whole
+dependency set of the evaluate, extract and distill stages), nor `kdpipe --version` for any.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import typer
+from typer.core import TyperGroup
+from typer.main import CommandInfo, get_command_from_info
 
 import pipeline
 from pipeline.progress import configure_logging
-from stages import demo_data, distill, evaluate, export, extract, features, fit_teacher, prepare, report, search, verify
+
+# subcommand -> (module, function), in the order `kdpipe --help` lists them
+COMMANDS = {
+    "fit-teacher": ("stages.fit_teacher", "command"),
+    "prepare": ("stages.prepare", "command"),
+    "extract": ("stages.extract", "command"),
+    "distill": ("stages.distill", "command"),
+    "evaluate": ("stages.evaluate", "command"),
+    "demo-data": ("stages.demo_data", "command"),
+    "export-hdf5": ("stages.features", "export_hdf5"),
+    "import-hdf5": ("stages.features", "import_hdf5"),
+    "import-dsmd": ("stages.features", "import_dsmd"),
+    "import-embeddings": ("stages.features", "import_embeddings"),
+    "export-embeddings": ("stages.features", "export_embeddings"),
+    "export": ("stages.export", "command"),
+    "index": ("stages.search", "index_command"),
+    "search": ("stages.search", "search_command"),
+    "report": ("stages.report", "command"),
+    "verify": ("stages.verify", "command"),
+}
+
+
+class LazyGroup(TyperGroup):
+    """The subcommands of COMMANDS, each built from its module when asked for."""
+
+    def list_commands(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):  # noqa: ANN001, ANN201
+        if name not in COMMANDS:
+            return None
+        module, function = COMMANDS[name]
+        callback = getattr(importlib.import_module(module), function)
+        return get_command_from_info(
+            CommandInfo(name=name, callback=callback), pretty_exceptions_short=True, rich_markup_mode=None
+        )
+
 
 app = typer.Typer(
+    cls=LazyGroup,
     name="kdpipe",
     help="Distil a large image-text teacher into a small retrieval model from stored teacher features.",
     no_args_is_help=True,
@@ -45,22 +90,6 @@ def _root(
     if quiet and verbose:
         raise typer.BadParameter("--quiet and --verbose exclude each other")
     configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
-
-
-app.command("fit-teacher")(fit_teacher.command)
-app.command("prepare")(prepare.command)
-app.command("extract")(extract.command)
-app.command("distill")(distill.command)
-app.command("evaluate")(evaluate.command)
-app.command("demo-data")(demo_data.command)
-app.command("export-hdf5")(features.export_hdf5)
-app.command("import-hdf5")(features.import_hdf5)
-app.command("import-dsmd")(features.import_dsmd)
-app.command("export")(export.command)
-app.command("index")(search.index_command)
-app.command("search")(search.search_command)
-app.command("report")(report.command)
-app.command("verify")(verify.command)
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ from PIL import Image, ImageFile
 
 from pipeline.data import prepare as prep
 from pipeline.data.index import DatasetIndex
-from pipeline.data.prepare import PrepareConfig, ResizeConfig, decode_image, run_prepare
+from pipeline.data.pixels import ResizeConfig, decode_image
+from pipeline.data.prepare import PrepareConfig, run_prepare
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths

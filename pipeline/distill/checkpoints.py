@@ -83,8 +83,8 @@ def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
         or blob.get("version") != CHECKPOINT_VERSION
     ):
         raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file; use --no-resume to start over")
-    for key in ("dim", "fingerprint", "train_split", "world_size"):  # world size: the sampler's global batch
-        if blob["meta"].get(key) != meta[key]:
+    for key in ("dim", "fingerprint", "train_split", "world_size", "pixels"):  # world size: the sampler's batch
+        if (key != "pixels" or "pixels" in blob["meta"]) and blob["meta"].get(key) != meta[key]:
             raise InputError(
                 f"{path}: checkpoint was trained with {key}={blob['meta'].get(key)!r}, the inputs now "
                 f"have {meta[key]!r}; use --no-resume to start over"

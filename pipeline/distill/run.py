@@ -147,6 +147,9 @@ def setup_run(
         "baseline": baseline,
         "teacher": store.teacher,
         "world_size": world,
+        # how the cache's images were made from files (pipeline/data/pixels.py PixelRecipe), as the cache records
+        # it: the student records it too, and search and export make every other image that way
+        "pixels": {"resize": cache.attrs.get("resize"), "exif_orientation": cache.attrs.get("exif_orientation")},
     }
     torch.manual_seed(cfg.seed)
     model = build_student(cfg.student, store.dim).to(device)
@@ -328,7 +331,7 @@ def checkpoint(run: Run) -> None:
 
 
 def export(run: Run, reason: str) -> None:
-    save_student(run.model, run.out_dir)
+    save_student(run.model, run.out_dir, pixels=run.meta["pixels"])
     log.info(f"distill: exported the student ({reason})")
 
 

@@ -4,29 +4,20 @@ contents; run_evaluate claims them all before any work."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-from pipeline.evaluate.plots import PLOTS, RANKS_FILE, TABLE_FILE
-from pipeline.evaluate.summary import DETAIL_KEYS
+from pipeline.evaluate.plots import PLOTS, RANKS_FILE
+from pipeline.evaluate.tables import RECALL_HEADER
 from pipeline.paths import ArtifactPaths
-from pipeline.store.ownership import Output, json_with_keys, read_small
+from pipeline.store.ownership import Output, json_with_keys, text_with
 
-# beside metrics.json (or --out): the breakdowns, the Markdown table, every run's per-query ranks
-DETAIL, TABLE, RANKS = "metrics_detail.json", "metrics.md", "ranks.npz"
+TABLE, RANKS = "metrics.md", "ranks.npz"  # beside metrics.json (or --out): the Markdown table, every run's ranks
 
-
-def _is_detail(doc: Any) -> bool:
-    """metrics_detail.json: {model: {breakdown or vs_<reference>: ...}} (empty when no model has a breakdown)."""
-    return isinstance(doc, dict) and all(
-        isinstance(v, dict) and all(k in DETAIL_KEYS or k.startswith("vs_") for k in v) for v in doc.values()
-    )
-
-
-METRICS_FILE = Output("a metrics file", recognise=json_with_keys("split", "n_images", "n_captions"))
-DETAIL_FILE = Output("evaluate's metrics_detail.json", recognise=lambda p: _is_detail(json.loads(read_small(p))))
+# the headline (metrics.json) or, with --features, the whole record; metrics_detail.json: the whole record
+METRICS_FILE = Output("a metrics file", recognise=json_with_keys("dataset", "split"))
+DETAIL_FILE = Output("evaluate's metrics_detail.json", recognise=json_with_keys("dataset", "split", "n_images"))
 RUN_INFO_FILE = Output("evaluate's run_info.json", recognise=json_with_keys("tie_rule", "environment"))
+TABLE_FILE = Output("evaluate's metrics.md", recognise=text_with("| " + " | ".join(RECALL_HEADER) + " |"))
 
 
 def evaluate_outputs(paths: ArtifactPaths, write_ranks: bool, metrics_path: Path | None = None) -> dict[Path, Output]:
@@ -34,7 +25,7 @@ def evaluate_outputs(paths: ArtifactPaths, write_ranks: bool, metrics_path: Path
     metrics = Path(metrics_path or paths.metrics)
     outputs = {
         metrics: METRICS_FILE,
-        metrics.with_name(DETAIL): DETAIL_FILE,
+        metrics.with_name(paths.metrics_detail.name): DETAIL_FILE,
         metrics.with_name(paths.run_info.name): RUN_INFO_FILE,
         metrics.with_name(TABLE): TABLE_FILE,
         paths.plots: PLOTS,
@@ -44,4 +35,4 @@ def evaluate_outputs(paths: ArtifactPaths, write_ranks: bool, metrics_path: Path
     return outputs
 
 
-__all__ = ["DETAIL", "TABLE", "RANKS", "METRICS_FILE", "DETAIL_FILE", "RUN_INFO_FILE", "evaluate_outputs"]
+__all__ = ["TABLE", "RANKS", "METRICS_FILE", "DETAIL_FILE", "RUN_INFO_FILE", "TABLE_FILE", "evaluate_outputs"]

@@ -21,7 +21,15 @@ from pipeline.hashing import sha256_file
 from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
 from pipeline.store.durable import fsync_dir, fsync_file, fsync_tree
-from pipeline.store.features import EMB_ARRAYS, FEATURE_STORE, FORMAT, UNPAIRED_TEXT, VERSION, read_attrs
+from pipeline.store.features import (
+    DIMENSION_NAMES,
+    EMB_ARRAYS,
+    FEATURE_STORE,
+    FORMAT,
+    UNPAIRED_TEXT,
+    VERSION,
+    read_attrs,
+)
 from pipeline.store.ownership import claim
 
 STORE_DTYPES = ("float16", "float32")
@@ -179,6 +187,7 @@ class StoreWriter:
                     compressors=None,
                     fill_value=0.0,
                     config={"write_empty_chunks": True},
+                    dimension_names=DIMENSION_NAMES[key],
                 )
             g.create_array(
                 "text_image",
@@ -189,6 +198,7 @@ class StoreWriter:
                 compressors=None,
                 fill_value=0,
                 config={"write_empty_chunks": True},
+                dimension_names=DIMENSION_NAMES["text_image"],
             )
             g.create_array(
                 "image_id",
@@ -199,6 +209,7 @@ class StoreWriter:
                 compressors=None,
                 fill_value="",
                 config={"write_empty_chunks": True},
+                dimension_names=DIMENSION_NAMES["image_id"],
             )
         return cls(path)
 

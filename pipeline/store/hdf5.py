@@ -13,17 +13,15 @@
   identical and collapsed to one row per image.
 
 Every import writes a complete, validated format-v1 store (rows L2-normalized in float32, unless the
-source already is a normalized store of the same dtype, whose rows are copied bit for bit). The whole input is
-checked first (shapes, ids, every row finite and not zero, unit length where the file says it is normalized,
-its `dtype` and `dim` attributes against its arrays), the store is built beside `out` and swapped in whole at
-the end (durable.atomic_dir): a failed import leaves an earlier store as it was, and anything at `out` that is
-not a feature store is refused. `export_hdf5` likewise replaces only an HDF5 file of its own (`hdf5_format`).
+source already is a normalized store of the same dtype, whose rows are copied bit for bit), built beside `out`
+and swapped in once complete, after the whole input was checked (pipeline/store/imports.py; here besides: the
+file's `dtype` and `dim` attributes, root or kdpipe_attrs, against its arrays). `export_hdf5` replaces only an
+HDF5 file of its own (`hdf5_format`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +30,13 @@ import numpy as np
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir, atomic_path
-from pipeline.store.features import EMB_ARRAYS, FEATURE_STORE, UNPAIRED_TEXT, open_store, unit_norm_tolerance
-from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, StoreWriter, jsonable, write_store
+from pipeline.store.features import EMB_ARRAYS, FEATURE_STORE, UNPAIRED_TEXT, open_store
+from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, write_store
+from pipeline.store.imports import SourceSplit, check_against_index, check_rows, import_attrs, write_imported
 from pipeline.store.ownership import Output, claim
 
 HDF5_FORMAT = "kdpipe-features-hdf5"
 _BLOCK_ROWS = 65536  # rows copied at a time (bounded memory for any store size)
-_CHECK_ROWS = 8192  # rows checked at a time (their norms in float64: 8192 x 768 x 8 bytes = 50 MB)
 
 
 def _is_our_hdf5(path: Path) -> bool:
@@ -106,62 +104,27 @@ def import_hdf5(
         raise InputError(f"{h5_path}: not a readable HDF5 file ({err})") from None
     with f:
         attrs = _file_attrs(f, h5_path)
-        splits, normalized = _read_source(h5_path, f, attrs, index)
-        dtype = _store_dtype(splits.values(), dtype)
-        # bits are copied as they are only from a file that says its rows are unit length, in the store's dtype
-        copy_bits = normalized and all(
-            np.dtype(s.image_emb.dtype) == np.dtype(dtype) and np.dtype(s.text_emb.dtype) == np.dtype(dtype)
-            for s in splits.values()
+        split_names = attrs.get("splits") or sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+        if not split_names:
+            raise InputError(f"{h5_path}: no split groups (expected e.g. /test/image_emb, /test/text_emb, ...)")
+        splits = {}
+        for name in split_names:
+            if name not in f or not isinstance(f[name], h5py.Group):
+                raise InputError(f"{h5_path}: split group /{name} not found")
+            splits[name] = _read_split(h5_path, name, f[name], index)
+        normalized = _check_attrs(h5_path, f, attrs, splits)
+        return write_imported(
+            out_path,
+            splits,
+            attrs=import_attrs(h5_path, attrs, index, teacher, {"file": h5_path.name, "format": "hdf5"}),
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            normalized=normalized,
+            where=str(h5_path),
         )
-        store_attrs = jsonable(_store_attrs(h5_path, attrs, index, teacher))
-        with atomic_dir(out_path, FEATURE_STORE) as tmp:
-            writer = StoreWriter.create(
-                tmp,
-                layout={n: (s.image_emb.shape[0], s.text_emb.shape[0], len(s.unpaired)) for n, s in splits.items()},
-                dim=int(next(iter(splits.values())).image_emb.shape[1]),
-                dtype=dtype,
-                chunk_rows=chunk_rows,
-                attrs=store_attrs,
-            )
-            for name, sp in splits.items():
-                for key, ds in sp.embeddings():
-                    bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
-                    for i in range(writer.n_chunks(name, key) if len(ds) else 0):
-                        a, b = writer.chunk_range(name, key, i)
-                        writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
-                writer.write_text_image(name, sp.text_image)
-                writer.write_image_id(name, sp.image_id)
-            writer.set_attrs(complete=True)
-    open_store(out_path)  # validate what was written
-    return out_path
 
 
-def _read_source(
-    h5_path: Path, f: Any, attrs: dict[str, Any], index: DatasetIndex | None
-) -> tuple[dict[str, _SourceSplit], bool]:
-    """The split groups of the file, every one checked whole (shapes, ids, attributes, every row); and whether the
-    file says its rows are normalized."""
-    import h5py
-
-    split_names = attrs.get("splits") or sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
-    if not split_names:
-        raise InputError(f"{h5_path}: no split groups (expected e.g. /test/image_emb, /test/text_emb, ...)")
-    splits = {}
-    for name in split_names:
-        if name not in f or not isinstance(f[name], h5py.Group):
-            raise InputError(f"{h5_path}: split group /{name} not found")
-        splits[name] = _read_split(h5_path, name, f[name], index)
-    dims = {s.image_emb.shape[1] for s in splits.values()}
-    if len(dims) != 1:
-        raise InputError(f"{h5_path}: splits have different feature dimensions {sorted(dims)}")
-    normalized = _check_attrs(h5_path, f, attrs, splits)
-    for name, sp in splits.items():
-        for key, ds in sp.embeddings():
-            _check_rows(h5_path, f"/{name}/{key}", ds, normalized)
-    return splits, normalized
-
-
-def _check_attrs(h5_path: Path, f: Any, attrs: dict[str, Any], splits: dict[str, Any]) -> bool:
+def _check_attrs(h5_path: Path, f: Any, attrs: dict[str, Any], splits: dict[str, SourceSplit]) -> bool:
     """The file's `dtype` and `dim` attributes (in kdpipe_attrs or of the root) must agree with its arrays.
     Returns whether the file says its rows are unit length (`normalized`, either place)."""
     arrays = [(f"/{n}/{k}", getattr(sp, k)) for n, sp in splits.items() for k in EMB_ARRAYS]
@@ -195,44 +158,7 @@ def _said(f: Any, attrs: dict[str, Any], key: str) -> list[tuple[str, Any]]:
     return found
 
 
-def _check_rows(h5_path: Path, where: str, ds: Any, normalized: bool) -> None:
-    """Every row of `ds` finite and not zero (a zero row has no direction), and of unit length (within the
-    rounding of its dtype) when the file says its rows are normalized."""
-    tolerance = unit_norm_tolerance(ds.dtype)
-    for a in range(0, ds.shape[0], _CHECK_ROWS):
-        rows = np.asarray(ds[a : a + _CHECK_ROWS], dtype=np.float64)
-        finite = np.isfinite(rows).all(axis=1)
-        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-        bad = ~finite | (norms == 0) | (normalized & (np.abs(norms - 1) > tolerance))
-        if bad.any():
-            r = int(np.flatnonzero(bad)[0])
-            what = (
-                "is not finite (NaN or inf); fix or drop that row"
-                if not finite[r]
-                else "is all zeros (it has no direction to normalize); fix or drop that row"
-                if norms[r] == 0
-                else f"has L2 norm {norms[r]:.6g}, but the file says its rows are normalized; fix that row, or the "
-                "file's `normalized` attribute"
-            )
-            raise InputError(f"{h5_path}: {where} row {a + r} {what}")
-
-
-@dataclass(frozen=True)
-class _SourceSplit:
-    """One split group of the HDF5 file, checked: the embeddings stay h5py datasets (read chunk by chunk)."""
-
-    image_emb: Any
-    text_emb: Any
-    text_image: np.ndarray  # int32 [M]
-    image_id: list[str]
-    unpaired: Any  # [U, D], empty when the file has none
-
-    def embeddings(self) -> tuple[tuple[str, Any], ...]:
-        """(store array name, dataset) of every embedding array."""
-        return (("image_emb", self.image_emb), ("text_emb", self.text_emb), (UNPAIRED_TEXT, self.unpaired))
-
-
-def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) -> _SourceSplit:
+def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) -> SourceSplit:
     """The datasets of /<name>, with every shape, range and id checked against each other (and the index)."""
     for key in (*EMB_ARRAYS, "text_image"):
         if key not in g:
@@ -258,42 +184,9 @@ def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) ->
     if len(ids) != img.shape[0]:
         raise InputError(f"{h5_path}: /{name}/image_id has {len(ids)} entries for {img.shape[0]} images")
     if index is not None:
-        _check_against_index(h5_path, name, index, ids, text_image)
+        check_against_index(h5_path, name, index, ids, text_image)
     unpaired = _unpaired_texts(h5_path, name, g, int(img.shape[1]), index)
-    return _SourceSplit(img, txt, text_image.astype(np.int32), ids, unpaired)
-
-
-def _store_dtype(splits: Any, dtype: str | None) -> str:
-    """The asked dtype, or the file's when all its embeddings share a store dtype, else float16."""
-    if dtype is None:
-        found = {str(np.dtype(s.image_emb.dtype)) for s in splits} | {str(np.dtype(s.text_emb.dtype)) for s in splits}
-        dtype = found.pop() if len(found) == 1 and found <= set(STORE_DTYPES) else "float16"
-    if dtype not in STORE_DTYPES:
-        raise InputError(f"store dtype {dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
-    return dtype
-
-
-def _store_attrs(
-    h5_path: Path, attrs: dict[str, Any], index: DatasetIndex | None, teacher: dict[str, Any] | None
-) -> dict[str, Any]:
-    """The new store's attrs: teacher and dataset identity (checked against the index when given)."""
-    recorded = (attrs.get("dataset") or {}).get("fingerprint")
-    if index is not None:
-        if recorded is not None and recorded != index.fingerprint:
-            raise InputError(
-                f"{h5_path}: computed from dataset index {str(recorded)[:12]}, not from the given "
-                f"index {index.fingerprint[:12]}"
-            )
-        dataset = {"name": index.name, "fingerprint": index.fingerprint}
-    else:
-        dataset = attrs.get("dataset") or {}
-    teacher = teacher if teacher is not None else attrs.get("teacher")
-    if not teacher:
-        raise InputError(f"{h5_path}: no teacher identity recorded in the file; give one (e.g. a name)")
-    extra = {k: v for k, v in attrs.items() if k in ("extract", "skipped_images")}
-    extra.setdefault("skipped_images", [])
-    extra["imported_from"] = {"file": h5_path.name, "format": "hdf5"}
-    return {"teacher": teacher, "dataset": dataset, **extra}
+    return SourceSplit(img, txt, text_image.astype(np.int32), ids, unpaired)
 
 
 def _unpaired_texts(h5_path: Path, name: str, g: Any, dim: int, index: DatasetIndex | None) -> Any:
@@ -324,22 +217,6 @@ def _file_attrs(f: Any, h5_path: Path) -> dict[str, Any]:
     return attrs
 
 
-def _check_against_index(where: Path, split: str, index: DatasetIndex, ids: list[str], text_image: np.ndarray) -> None:
-    if split not in index.splits:
-        raise InputError(f"{where}: split {split!r} is not in dataset {index.name} (it has {', '.join(index.splits)})")
-    view = index.split(split)
-    if ids != view.image_id.tolist():
-        if len(ids) != view.n_images:
-            raise InputError(f"{where}: split {split!r} has {len(ids)} images, the index {view.n_images}")
-        bad = next(i for i, (a, b) in enumerate(zip(ids, view.image_id.tolist())) if a != b)
-        raise InputError(
-            f"{where}: split {split!r} image {bad} is {ids[bad]!r}, the index has "
-            f"{view.image_id[bad]!r} (rows must follow the index order)"
-        )
-    if len(text_image) != view.n_captions or not np.array_equal(text_image, view.text_image):
-        raise InputError(f"{where}: split {split!r}: captions do not map onto images as in the index")
-
-
 def _load_matrix(path: Path, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
@@ -359,7 +236,7 @@ def _load_matrix(path: Path, what: str) -> np.ndarray:
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 2:
         raise InputError(f"{path}: {what} must be a 2-D [rows, D] tensor, got shape {list(data.shape)}")
-    _check_rows(path, what, data, normalized=False)
+    check_rows(str(path), what, data, normalized=False)
     return data
 
 

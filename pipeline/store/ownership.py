@@ -63,6 +63,9 @@ def claim(path: Path | str, output: Output) -> None:
     """Refuse (InputError, one line) unless `path` may be replaced by the writer of `output` (module doc)."""
     path = Path(path)
     if not os.path.lexists(path):
+        blocking = not_a_directory(path.parent)
+        if blocking is not None:
+            raise InputError(f"{blocking}: is a file, where the directory of {output.what} ({path}) goes; {_TODO}")
         return
     is_dir = path.is_dir()
     if is_dir != output.directory:
@@ -76,6 +79,15 @@ def claim(path: Path | str, output: Output) -> None:
 
 
 _TODO = "kdpipe replaces only what it wrote: move it away or choose another path"
+
+
+def not_a_directory(directory: Path) -> Path | None:
+    """The nearest existing one of `directory` and its parents, when it is not a directory (a file where a
+    directory must be made); else None."""
+    for d in (directory, *directory.parents):
+        if os.path.lexists(d):
+            return None if d.is_dir() else d
+    return None
 
 
 def write_marker(directory: Path, output: Output) -> None:
