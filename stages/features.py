@@ -1,10 +1,5 @@
-"""Feature-store tools: `kdpipe export-hdf5`, `kdpipe import-hdf5`, `kdpipe import-dsmd`.
-
-Register in stages/cli.py:
-    app.command("export-hdf5")(features.export_hdf5)
-    app.command("import-hdf5")(features.import_hdf5)
-    app.command("import-dsmd")(features.import_dsmd)
-"""
+"""Feature-store tools: `kdpipe export-hdf5`, `kdpipe import-hdf5`, `kdpipe import-dsmd` (in stages/cli.py's
+COMMANDS)."""
 
 from __future__ import annotations
 
@@ -12,9 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.data.index import DatasetIndex
 from pipeline.errors import ConfigError
-from pipeline.store.durable import naming
 from stages._common import NO_WAIT_OPTION, echo, run_stage, writing
 
 _STORE_DTYPE_HELP = "Store dtype: float16 or float32 (default: the source's, else float16)."
@@ -43,6 +36,8 @@ def import_hdf5(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Build a feature store from teacher features in an HDF5 file."""
+    from pipeline.data.index import DatasetIndex
+    from pipeline.store.durable import naming
     from pipeline.store.hdf5 import import_hdf5 as do_import
 
     teacher = {"name": teacher_name} if teacher_name else None
@@ -72,6 +67,8 @@ def import_dsmd(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Build a feature store from DSMD-style per-caption tensors (each image feature repeated per caption)."""
+    from pipeline.data.index import DatasetIndex
+    from pipeline.store.durable import naming
     from pipeline.store.hdf5 import import_dsmd as do_import
 
     image_files, text_files = _split_files(images, "--images"), _split_files(texts, "--texts")

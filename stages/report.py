@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 
 from pipeline.errors import ConfigError
-from pipeline.evaluate.report import run_report
 from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
 from stages._deploy import artifact_paths, default_models
 
@@ -32,6 +31,8 @@ def command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Write the HTML report: recalls, plots, and teacher / student / baseline retrievals side by side."""
+    from pipeline.evaluate.report import run_report
+
     paths = artifact_paths(params, workdir)
     models = default_models(params, paths)
     if model:

@@ -11,9 +11,6 @@ from pathlib import Path
 import typer
 
 from pipeline.errors import ConfigError
-from pipeline.search.gallery import split_gallery
-from pipeline.search.index import IndexConfig
-from pipeline.search.run import run_index, run_search
 from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
 from stages._deploy import STUDENT_OPTION, artifact_paths, default_student
 
@@ -32,6 +29,10 @@ def index_command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Embed a gallery with the student into a faiss index next to its id table."""
+    from pipeline.search.gallery import split_gallery
+    from pipeline.search.index import IndexConfig
+    from pipeline.search.run import run_index
+
     paths = artifact_paths(params, workdir)
     if kind not in ("flat", "hnsw", "ivfpq"):
         raise ConfigError(f"--kind {kind!r}: expected flat, hnsw or ivfpq")
@@ -56,6 +57,10 @@ def search_command(
     index: Path = INDEX_OPTION,
 ) -> None:
     """Top-K gallery ids with scores for a text (or image) query, and the query latency."""
+    from pipeline.search.gallery import split_gallery
+    from pipeline.search.index import IndexConfig
+    from pipeline.search.run import run_index, run_search
+
     paths = artifact_paths(params, workdir)
     student = student or default_student(params, paths)
     if index is None and not (paths.workdir / "search" / "ids.json").is_file():
