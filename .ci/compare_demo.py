@@ -19,7 +19,9 @@ that into other student weights. So:
   (the student with the largest committed RSUM gain) keeps its 95% interval above 0; every other committed
   interval above 0 keeps a positive difference.
 
-The models are the blocks of metrics.json that hold `rsum` (teacher, every trained model, chance).
+The models are the blocks of the metrics record that hold `rsum` (teacher, every trained model, chance): each
+run's metrics_detail.json, the whole record (metrics.json keeps only its headline, each model's RSUM; a run from
+before that split, whose metrics.json held the record, is read from its metrics.json).
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def compare_readme(readme: str, metrics: dict, failures: list[str]) -> None:
             expected.append(f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})")
         if shown != expected:
             failures.append(
-                f"README: the {model} row shows {' | '.join(shown)}; metrics.json has {' | '.join(expected)}"
+                f"README: the {model} row shows {' | '.join(shown)}; the metrics record has {' | '.join(expected)}"
             )
 
 
@@ -178,8 +180,10 @@ def environment(metrics: dict, run_info_path: str | None) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    for name in ("committed-lock", "reproduced-lock", "committed-metrics", "reproduced-metrics"):
+    for name in ("committed-lock", "reproduced-lock"):
         ap.add_argument(f"--{name}", required=True)
+    for name in ("committed-metrics", "reproduced-metrics"):
+        ap.add_argument(f"--{name}", required=True, help="that run's metrics_detail.json (the whole record)")
     for name in ("committed-run-info", "reproduced-run-info"):
         ap.add_argument(f"--{name}", help="run_info.json of that run (where it was computed)")
     ap.add_argument("--readme", help="check that this README's demo table shows the committed metrics")

@@ -44,9 +44,16 @@ class ArtifactPaths:
     def training_curves(self, run: str) -> dict[str, Path]:  # its train/val logs, copied out for `dvc plots`
         return {log: self.workdir / "curves" / log / f"{run}.csv" for log in ("train", "val")}
 
+    def search_index(self, gallery: str, kind: str) -> Path:  # `kdpipe index`: one directory per gallery and kind
+        return self.workdir / "search" / f"{gallery}-{kind}"
+
     @property
-    def metrics(self) -> Path:  # metrics only (`dvc metrics show`); how they were measured: run_info
+    def metrics(self) -> Path:  # the headline metrics (`dvc metrics show`: each model's RSUM)
         return self.workdir / "metrics.json"
+
+    @property
+    def metrics_detail(self) -> Path:  # the whole record of evaluate's metrics; how they were measured: run_info
+        return self.workdir / "metrics_detail.json"
 
     @property
     def run_info(self) -> Path:  # environment, timings, latency method notes of the evaluate run

@@ -53,6 +53,17 @@ def default_models(params: Path, paths: ArtifactPaths) -> dict[str, Path]:
     return named
 
 
+def every_model(params: Path, paths: ArtifactPaths) -> dict[str, Path]:
+    """Every trained model, by name, as evaluate shows them (the report): with `distill.runs`, the first seed of
+    each variant in the params file's order; else, or where those runs are not there, `default_models`."""
+    raw = load_params(params) if params.is_file() else {}
+    runs, _ = split_runs(raw.get("distill"))
+    if runs is None or not runs.variants:
+        return default_models(params, paths)
+    named = {v: paths.model(run_name(v, runs.seeds[0])) for v in runs.variants}
+    return named if any(_is_student(d) for d in named.values()) else default_models(params, paths)
+
+
 def default_student(params: Path, paths: ArtifactPaths) -> Path:
     return next(iter(default_models(params, paths).values()))
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib
 import importlib.util
 import logging
 from collections.abc import Iterator, Mapping
@@ -46,6 +45,8 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "export-hdf5": ("stages.features", "export_hdf5"),
         "import-hdf5": ("stages.features", "import_hdf5"),
         "import-dsmd": ("stages.features", "import_dsmd"),
+        "import-embeddings": ("stages.features", "import_embeddings"),
+        "export-embeddings": ("stages.features", "export_embeddings"),
     },
     "The demo's own stages (dvc repro runs them first)": {
         "demo-data": ("stages.demo_data", "command"),
@@ -56,7 +57,8 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
 HELP = """Distil a large image-text teacher into a small retrieval model from stored teacher features.
 
 Start here: `dvc repro` runs the whole pipeline of dvc.yaml with params.yaml (the built-in demo: README.md).
-The same commands by hand, in order, each reading its section of params.yaml (--params FILE, --set KEY=VALUE):
+The same commands by hand, in order, each reading its section of params.yaml (--params FILE,
+--set SECTION.KEY=VALUE):
 
 \b
     kdpipe prepare      dataset -> index + student image cache

@@ -52,7 +52,7 @@ def command(
             open_clip=open_clip,
             sentence=sentence,
             features=paths.features,
-            metrics=paths.metrics,
+            metrics=paths.metrics_detail,
             images=paths.images,
         )
         lines = run_export(student, out, request)

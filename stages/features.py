@@ -1,5 +1,6 @@
-"""Feature-store tools: `kdpipe export-hdf5`, `kdpipe import-hdf5`, `kdpipe import-dsmd` (in stages/cli.py's
-COMMANDS)."""
+"""Feature-store tools: `kdpipe export-hdf5`, `kdpipe import-hdf5`, `kdpipe import-dsmd`, and clip-retrieval's
+layout: `kdpipe import-embeddings`, `kdpipe export-embeddings` (in stages/cli.py's COMMANDS).
+"""
 
 from __future__ import annotations
 
@@ -78,3 +79,42 @@ def import_dsmd(
     with writing(out, no_wait=no_wait), naming(out):
         path = do_import(DatasetIndex.load(index), files, out, teacher={"name": teacher_name}, dtype=dtype)
     echo(f"import-dsmd: wrote {path}")
+
+
+@run_stage
+def import_embeddings(
+    source: Path = typer.Argument(..., help="Directory in clip-retrieval's layout: img_emb/, text_emb/, metadata/."),
+    index: Path = typer.Option(..., "--index", help="Dataset index directory to match the rows to."),
+    out: Path = typer.Option(..., "--out", help="Feature store to write."),
+    match: str = typer.Option("auto", "--match", help="Metadata column to match images by: image_path, key, auto."),
+    teacher_name: str = typer.Option(None, "--teacher-name", help="Teacher name, if the embeddings record none."),
+    dtype: str = typer.Option(None, "--dtype", help=_STORE_DTYPE_HELP),
+    no_wait: bool = NO_WAIT_OPTION,
+) -> None:
+    """Build a feature store from embeddings computed elsewhere (clip-retrieval, LAION's), matched to the index."""
+    from pipeline.data.index import DatasetIndex
+    from pipeline.store.clip_retrieval import import_embeddings as do_import
+    from pipeline.store.durable import naming
+
+    if match not in ("auto", "image_path", "key"):
+        raise ConfigError(f"--match {match!r}: expected image_path, key or auto")
+    teacher = {"name": teacher_name} if teacher_name else None
+    with writing(out, no_wait=no_wait), naming(out):
+        dataset = DatasetIndex.load(index)
+        path = do_import(source, out, dataset, match=match, teacher=teacher, dtype=dtype)
+    echo(f"import-embeddings: wrote {path}")
+
+
+@run_stage
+def export_embeddings(
+    store: Path = typer.Argument(..., help="Feature store (features.zarr) to export."),
+    index: Path = typer.Option(..., "--index", help="Dataset index the store was made from (for the captions)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write (img_emb/, text_emb/, metadata/)."),
+    no_wait: bool = NO_WAIT_OPTION,
+) -> None:
+    """Write a feature store in clip-retrieval's layout, which autofaiss and clip-retrieval read."""
+    from pipeline.data.index import DatasetIndex
+    from pipeline.store.clip_retrieval import export_embeddings as export
+
+    with writing(out, no_wait=no_wait):
+        echo(f"export-embeddings: wrote {export(store, DatasetIndex.load(index), out)}")

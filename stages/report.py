@@ -1,4 +1,4 @@
-"""`kdpipe report`: one self-contained HTML page (recall table and plots, what each model retrieves).
+"""`kdpipe report`: one self-contained HTML page (metrics tables and plots, what each model retrieves).
 
 kdpipe report [--split test] [--out <workdir>/report.html] [--model student=DIR --model baseline=DIR]
 """
@@ -10,8 +10,8 @@ from pathlib import Path
 import typer
 
 from pipeline.errors import ConfigError
-from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
-from stages._deploy import artifact_paths, default_models
+from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, load_params, run_stage, writing
+from stages._deploy import artifact_paths, every_model
 
 
 @run_stage
@@ -22,7 +22,8 @@ def command(
     model: list[str] = typer.Option(
         None,
         "--model",
-        help="NAME=DIR of a saved model to show (repeatable; default: the student and the baseline, as --student).",
+        help="NAME=DIR of a saved model to show (repeatable; default: every trained model, the first seed of each "
+        "variant of distill.runs, or the student and the baseline).",
     ),
     out: Path = typer.Option(None, "--out", help="HTML file to write (default: <workdir>/report.html)."),
     captions: int = typer.Option(8, "--captions", min=1, help="How many test captions to show."),
@@ -30,11 +31,15 @@ def command(
     seed: int = typer.Option(0, "--seed", help="Which captions and images are sampled."),
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
-    """Write the HTML report: recalls, plots, and teacher / student / baseline retrievals side by side."""
+    """Write the HTML report: metrics, plots, and the teacher's and every model's retrievals side by side."""
+    from pipeline.config import from_dict
     from pipeline.evaluate.report import run_report
+    from pipeline.evaluate.run import EvaluateConfig
 
     paths = artifact_paths(params, workdir)
-    models = default_models(params, paths)
+    # ranked as evaluate ranks them: its gallery mode (one pool, or one gallery per image directory)
+    evaluate = from_dict(EvaluateConfig, (load_params(params) if params.is_file() else {}).get("evaluate"), "evaluate")
+    models = every_model(params, paths)
     if model:
         models = {}
         for item in model:
@@ -50,8 +55,10 @@ def command(
             split=split,
             models=models,
             features=paths.features,
-            metrics=paths.metrics,
+            metrics=paths.metrics_detail,
+            run_info=paths.run_info,
             plots=paths.plots,
+            gallery_mode=evaluate.gallery,
             n_captions=captions,
             n_images=images,
             seed=seed,

@@ -28,3 +28,18 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     BertTokenizer(vocab=str(root / "vocab.txt"), do_lower_case=True).save_pretrained(root / "tok")
     return root / "tok"
+
+
+@pytest.fixture(autouse=True)
+def restore_kdpipe_loggers():
+    """A CLI call inside a test configures the `pipeline` and `stages` loggers (level, console handler;
+    pipeline/progress.py `configure_logging`): put them back, so that what a later test's caplog sees does
+    not depend on which tests ran before it."""
+    import logging
+
+    saved = {n: (lg.level, list(lg.handlers)) for n in ("pipeline", "stages") for lg in [logging.getLogger(n)]}
+    yield
+    for name, (level, handlers) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.handlers[:] = handlers

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import write_resolved
 from pipeline.data.index import DatasetIndex
-from pipeline.data.prepare import ResizeConfig
+from pipeline.data.pixels import ResizeConfig
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.losses import LossConfig
 from pipeline.paths import ArtifactPaths
@@ -84,13 +84,17 @@ def squash(crop: int = SIZE) -> dict:
     return {"resize": ResizeConfig(mode="squash", crop=crop).describe()}
 
 
-def tiny_workdir(root: Path, tokenizer_dir: Path, captions: dict[int, str] | None = None) -> ArtifactPaths:
-    """train 4 + test 9 images with 1-3 captions each (`captions` replaces test captions by position)."""
+def tiny_workdir(
+    root: Path, tokenizer_dir: Path, captions: dict[int, str] | None = None, styles: tuple[str, ...] = ()
+) -> ArtifactPaths:
+    """train 4 + test 9 images with 1-3 captions each (`captions` replaces test captions by position); with
+    `styles`, image ids are `<style>/<name>`, the styles taking turns (galleries by directory)."""
     rng = np.random.default_rng(1)
     images, caps = [], []
     for split, n in (("train", 4), ("test", 9)):
         for i in range(n):
-            images.append((f"{split}{i}.jpg", f"{split}{i}.jpg", split))
+            name = f"{styles[i % len(styles)]}/{split}{i}.jpg" if styles else f"{split}{i}.jpg"
+            images.append((name, name, split))
             for _ in range(int(rng.integers(1, 4))):
                 caps.append((" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))), len(images) - 1))
     test_rows = [j for j, (_, r) in enumerate(caps) if images[r][2] == "test"]

@@ -61,7 +61,7 @@ def _model(r1: float, cos: float | None = None, interval: tuple[float, float, fl
     return m
 
 
-METRICS = {  # the layout of metrics.json: metrics only (the environment is in run_info.json)
+METRICS = {  # the layout of metrics_detail.json, the whole record (the environment is in run_info.json)
     "dataset": "demo",
     "split": "test",
     "n_images": 6,

@@ -11,7 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.config import apply_overrides, from_dict, to_dict
-from pipeline.data.prepare import PrepareConfig, ResizeConfig
+from pipeline.data.pixels import ResizeConfig
+from pipeline.data.prepare import PrepareConfig
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import ConfigError
 from stages.cli import app
@@ -53,7 +54,10 @@ def test_nested_sections_build_typed_values():
             {"image": {"mode": "stretch"}},
             r"^prepare\.image\.mode: 'stretch' is not one of the allowed values: 'shorter_side_center_crop', 'squash'$",
         ),
-        ({"dataset": {**BASE["dataset"], "format": "parquet"}}, r"^prepare\.dataset\.format: 'parquet' is not one of"),
+        (
+            {"dataset": {**BASE["dataset"], "format": "tfrecord"}},
+            r"^prepare\.dataset\.format: 'tfrecord' is not one of",
+        ),
         ({"dataset": {**BASE["dataset"], "splits": "test"}}, r"^prepare\.dataset\.splits: expected a list"),
         ({"image": {"crop": 300}}, r"^prepare\.image: crop \(300\) must not exceed resize \(256\)"),
         ({"workers": 0}, r"^prepare: workers must be >= 1 or null"),

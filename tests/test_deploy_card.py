@@ -35,23 +35,21 @@ def test_the_card_shows_this_seed_and_reads_like_prose(tokenizer_dir, tmp_path):
     meta = json.loads((run / "student_config.json").read_text())
     meta["config"]["text"]["backend"] = "minilm"  # the demo's: the teacher's text model, frozen
     (run / "student_config.json").write_text(json.dumps(meta))
-    metrics = {
+    seeds = {f"student_unpaired-s{i}": block(r) for i, r in enumerate((51.5, 44.0, 47.9))}
+    record = {  # metrics_detail.json: evaluate's whole record, seeds inside each model's block
         "dataset": "emoji",
         "split": "test",
         "n_images": 1250,
         "n_captions": 2500,
         "teacher": block(125.5),
-        "student_unpaired": block(47.8) | {"rsum_sd": 4.2},
-        "baseline": block(36.5) | {"rsum_sd": 2.2},
+        "student_unpaired": block(47.8) | {"rsum_sd": 4.2, "seeds": seeds},
+        "baseline": block(36.5) | {"rsum_sd": 2.2, "seeds": {"baseline-s0": block(36)}},
         "latency": {"speedup": {"student_unpaired": {"image_s": 41.2, "caption_s": 0.741}}},
     }
-    seeds = {f"student_unpaired-s{i}": block(r) for i, r in enumerate((51.5, 44.0, 47.9))}
-    detail = {"teacher": {}, "student_unpaired": {"seeds": seeds}, "baseline": {"seeds": {"baseline-s0": block(36)}}}
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    (tmp_path / "metrics_detail.json").write_text(json.dumps(detail))
+    (tmp_path / "metrics_detail.json").write_text(json.dumps(record))
     info = CardInfo(pixels=student_pixels(squash(), "cache", SIZE, (0.5,) * 3, (0.5,) * 3, "t"))
     card = model_card(
-        run, store_attrs={"teacher": TEACHER}, metrics_path=tmp_path / "metrics.json", info=info, shown=run
+        run, store_attrs={"teacher": TEACHER}, metrics_path=tmp_path / "metrics_detail.json", info=info, shown=run
     )
     # this seed's own figures first, the seed means labelled as such
     assert "| **this model** (student_unpaired-s0) | 8.58 |" in card and "| 51.50 |" in card
@@ -69,7 +67,7 @@ def test_the_card_shows_this_seed_and_reads_like_prose(tokenizer_dir, tmp_path):
 
 def test_where_exported_pixels_can_differ_is_said():
     """Each difference between the libraries' preprocessing and kdpipe's, named where it applies only."""
-    from pipeline.data.prepare import ResizeConfig
+    from pipeline.data.pixels import ResizeConfig
     from pipeline.deploy.pixels import hf_pixel_caveats, open_clip_pixel_caveats
 
     def px(exif="ignore", **resize):

@@ -15,7 +15,7 @@ from deploy_helpers import SIZE, finished_run, squash, tiny_student, tiny_workdi
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.data.prepare import ResizeConfig, decode_image
+from pipeline.data.pixels import ResizeConfig, decode_image
 from pipeline.deploy.hf import save_dual_encoder
 from pipeline.deploy.pixels import StudentPixels, hf_image_processor, student_pixels
 from pipeline.deploy.scale import LogitScale, training_logit_scale
@@ -97,8 +97,9 @@ def _photo(path, size: tuple[int, int], mode: str, seed: int):
 @pytest.mark.parametrize("mode", ["squash", "shorter_side_center_crop"])
 @pytest.mark.parametrize("filter", ["bilinear", "bicubic"])
 def test_the_image_processor_makes_kdpipes_pixels(tokenizer_dir, tmp_path, mode, filter):
-    """transformers' CLIPImageProcessor (PIL backend) from the exported config against prepare's decode_image: the
-    same uint8 pixels for every image mode and aspect, except the documented one-pixel crop offset."""
+    """transformers' CLIPImageProcessor (PIL backend) from the exported config against kdpipe's decode_image
+    (pipeline/data/pixels.py): the same uint8 pixels for every image mode and aspect, except the documented
+    one-pixel crop offset."""
     from transformers import CLIPImageProcessor
 
     model = tiny_student(tokenizer_dir, seed=0)
@@ -146,7 +147,7 @@ def test_the_logit_scale_is_the_training_temperature(tokenizer_dir, tmp_path):
 
 def test_export_cli_writes_model_card(tokenizer_dir, tmp_path):
     paths = tiny_workdir(tmp_path, tokenizer_dir)
-    paths.metrics.write_text(
+    paths.metrics_detail.write_text(
         json.dumps(
             {
                 "dataset": "toy",

@@ -16,7 +16,7 @@ from deploy_helpers import DIM, SIZE, tiny_student, tiny_student_config
 from open_clip_reference import ReferenceOpenClip
 from PIL import Image
 
-from pipeline.data.prepare import ResizeConfig, decode_image
+from pipeline.data.pixels import ResizeConfig, decode_image
 from pipeline.deploy.openclip import save_open_clip
 from pipeline.deploy.pixels import student_pixels
 from pipeline.deploy.scale import LogitScale

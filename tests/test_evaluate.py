@@ -196,28 +196,40 @@ def test_run_evaluate_teacher_and_students(workdir):
     paths = workdir
     cfg = EvaluateConfig(device="cpu", batch_size=4, latency_batch_size=4, latency_batches=2, chunk_size=5)
     out = run_evaluate(paths, cfg, teacher_factory=lambda device, dtype: ModuleTeacher())
-    doc = json.loads(paths.metrics.read_text())
+    doc = json.loads((paths.workdir / "metrics_detail.json").read_text())  # the whole record
+    assert doc == out.document
+    # metrics.json: one row of `dvc metrics show`, each model's RSUM
+    assert (
+        json.loads(paths.metrics.read_text())
+        == out.headline
+        == {
+            "dataset": "toy",
+            "split": "test",
+            **{m: {"rsum": doc[m]["rsum"]} for m in ("teacher", "student", "baseline")},
+        }
+    )
     assert list(doc) == [
         *("dataset", "split", "n_images", "n_captions", "teacher", "student", "baseline"),
         *("chance", "params", "latency"),
     ]
     s = open_store(paths.features).split("test")
     assert (doc["dataset"], doc["split"], doc["n_images"], doc["n_captions"]) == ("toy", "test", 11, s.n_captions)
-    assert list(doc["teacher"]) == [*MODEL_KEYS, "rsum_vs_baseline"]
-    assert list(doc["student"]) == [*MODEL_KEYS, "teacher_cos_image", "teacher_cos_text", "rsum_vs_baseline"]
+    assert list(doc["teacher"]) == [*MODEL_KEYS, "rsum_vs_baseline", "vs_baseline"]
+    assert list(doc["student"]) == [
+        *(*MODEL_KEYS, "teacher_cos_image", "teacher_cos_text", "rsum_vs_baseline", "vs_baseline")
+    ]
     assert list(doc["baseline"]) == [*MODEL_KEYS, "teacher_cos_image", "teacher_cos_text"]  # the reference
     for m in ("student", "baseline"):  # students also report their agreement with the teacher
         assert all(-1.0 <= doc[m][k] <= 1.0 for k in ("teacher_cos_image", "teacher_cos_text"))
-    teacher = {k: v for k, v in doc["teacher"].items() if k != "rsum_vs_baseline"}
+    teacher = {k: v for k, v in doc["teacher"].items() if not k.endswith("vs_baseline")}
     assert teacher == with_average(recall_metrics(retrieval_ranks(s.image_emb, s.text_emb, s.text_image)))
     for m in ("student", "baseline"):
-        recalls = {k: v for k, v in doc[m].items() if not k.startswith(("teacher_cos", "rsum_vs_"))}
+        recalls = {k: v for k, v in doc[m].items() if not k.startswith(("teacher_cos", "rsum_vs_", "vs_"))}
         assert recalls == pytest.approx(expected_student_metrics(paths, m), abs=1e-9)
     assert doc["student"] != doc["baseline"]  # two different models
     # each model's difference to the baseline: the point estimate is the plain difference
     iv = doc["student"]["rsum_vs_baseline"]
-    assert out.detail["student"]["vs_baseline"]["rsum"] == iv and set(out.detail) == {"teacher", "student"}
-    assert json.loads((paths.workdir / "metrics_detail.json").read_text()) == out.detail
+    assert doc["student"]["vs_baseline"]["rsum"] == iv and set(doc["student"]["vs_baseline"]) == {*MODEL_KEYS[:7]}
     assert iv["diff"] == pytest.approx(doc["student"]["rsum"] - doc["baseline"]["rsum"], abs=1e-9)
     assert iv["low"] <= iv["diff"] <= iv["high"]
     assert doc["chance"]["t2i_r1"] == pytest.approx(100 / 11) and doc["chance"]["t2i_r10"] == pytest.approx(1000 / 11)
@@ -265,7 +277,7 @@ def test_several_seeds_and_per_style_galleries(workdir):
     paths = workdir
     cfg = EvaluateConfig(device="cpu", batch_size=4, latency=False, gallery="by_directory", bootstrap_resamples=300)
     out = run_evaluate(paths, cfg, runs={"two": ["student", "baseline"], "one": ["baseline"]}, reference="one")
-    doc, detail = out.document, out.detail
+    doc = detail = out.document
     s = open_store(paths.features).split("test")
     ti = np.asarray(s.text_image)
     groups = {g: np.flatnonzero([i.startswith(g + "/") for i in s.image_id]) for g in ("a", "b")}
@@ -283,7 +295,7 @@ def test_several_seeds_and_per_style_galleries(workdir):
     assert doc["chance"]["rsum"] == chance_metrics(ti, groups)["rsum"]
     # seeds: the mean, the spread, each seed as evaluated alone
     two, seeds = doc["two"], detail["two"]["seeds"]
-    assert list(seeds) == ["student", "baseline"] and "seeds" not in two and "groups" not in two
+    assert list(seeds) == ["student", "baseline"] and "seeds" not in out.headline["two"]
     assert two["rsum"] == pytest.approx(np.mean([seeds[r]["rsum"] for r in ("student", "baseline")]))
     assert two["rsum_sd"] == pytest.approx(np.std([seeds[r]["rsum"] for r in ("student", "baseline")], ddof=1))
     assert seeds["baseline"]["rsum"] == doc["one"]["rsum"]
@@ -401,7 +413,7 @@ def test_stage_cli_full_run(workdir, tmp_path):
     )
     r = CliRunner().invoke(app, ["evaluate", "--params", str(params)])
     assert r.exit_code == 0, r.output
-    doc = json.loads(paths.metrics.read_text())
+    doc = json.loads((paths.workdir / "metrics_detail.json").read_text())
     assert set(doc) >= {"teacher", "student", "baseline", "latency", "params"}
     assert doc["latency"]["teacher"] is None  # no BEiT-3 checkpoint here
     assert "teacher_reason" in json.loads(paths.run_info.read_text())["latency_method"]

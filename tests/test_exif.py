@@ -11,7 +11,8 @@ from PIL import Image, ImageOps
 
 from pipeline.data.exif import orientation, upright
 from pipeline.data.index import DatasetIndex
-from pipeline.data.prepare import PrepareConfig, ResizeConfig, decode_image, run_prepare
+from pipeline.data.pixels import ResizeConfig, decode_image
+from pipeline.data.prepare import PrepareConfig, run_prepare
 from pipeline.data.readers import DatasetConfig
 from pipeline.extract.images import load_rgb
 from pipeline.paths import ArtifactPaths

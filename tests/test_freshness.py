@@ -17,7 +17,8 @@ import pipeline.data.file_hashes as fh
 import pipeline.data.prepare as prep
 from pipeline.data.file_hashes import content_hashes, sha256_file
 from pipeline.data.index import DatasetIndex
-from pipeline.data.prepare import PrepareConfig, ResizeConfig, run_prepare
+from pipeline.data.pixels import ResizeConfig, decode_image
+from pipeline.data.prepare import PrepareConfig, run_prepare
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import InputError
 from pipeline.extract.config import ExtractConfig
@@ -69,7 +70,7 @@ def count_decodes(monkeypatch) -> list[str]:
     real = prep.decode_block
 
     def counting(paths, *args):
-        decoded.extend(Path(p).name for p in paths)
+        decoded.extend(Path(p.path).name for p in paths)
         return real(paths, *args)
 
     monkeypatch.setattr(prep, "decode_block", counting)
@@ -144,7 +145,7 @@ def test_verify_catches_a_file_whose_size_and_mtime_were_put_back(data, tmp_path
     assert verified["status"] == "updated" and verified["changed_images"] == 1
     assert sorted(hashed) == sorted(os.listdir(data / "images")) and decoded == ["im1.bmp"]
     cache = open_image_cache(paths.images)
-    expected = prep.decode_image(target, config(data).image)
+    expected = decode_image(target, config(data).image)
     np.testing.assert_array_equal(cache.split("train")[1], expected)
 
 

@@ -127,7 +127,7 @@ WRITERS = {  # command line after `kdpipe` -> the output it locks, relative to t
     "distill-run": (["distill", "--variant", "student_pairs", "--seed", "1"], "models/student_pairs-s1"),
     "evaluate": (["evaluate"], "metrics.json"),
     "export": (["export", "--student", "{work}/student"], "export/student"),
-    "index": (["index"], "search"),
+    "index": (["index"], "search/test-flat"),
     "report": (["report"], "report.html"),
     "demo-data": (["demo-data", "--out", "{work}/emoji"], "emoji"),
     "export-hdf5": (["export-hdf5", "{work}/features.zarr", "--out", "{work}/f.h5"], "f.h5"),

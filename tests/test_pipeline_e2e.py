@@ -125,10 +125,18 @@ def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
     run("distill", "--params", p, "--baseline")
     for model in ("student", "baseline"):
         assert (work / model / "model.safetensors").is_file() and (work / model / "student_config.json").is_file()
+        # the student records how its images were made from files, as the cache does: search and export use it
+        pixels = json.loads((work / model / "student_config.json").read_text())["image"]["pixels"]
+        assert pixels == {"resize": cache.attrs["resize"], "exif_orientation": "ignore"}
 
     run("evaluate", "--params", p)
-    metrics = json.loads((work / "metrics.json").read_text())
+    metrics = json.loads((work / "metrics_detail.json").read_text())  # the whole record; metrics.json its headline
     assert list(metrics)[:7] == ["dataset", "split", "n_images", "n_captions", "teacher", "student", "baseline"]
+    assert json.loads((work / "metrics.json").read_text()) == {
+        "dataset": "tiny",
+        "split": "test",
+        **{m: {"rsum": metrics[m]["rsum"]} for m in ("teacher", "student", "baseline")},
+    }
     assert (metrics["dataset"], metrics["split"], metrics["n_images"]) == ("tiny", "test", 2)
     assert metrics["n_captions"] == len(index.split("test").caption_text)
     for model in ("teacher", "student", "baseline"):
@@ -160,15 +168,18 @@ def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
     assert result.exit_code == 2 and "distill.runs.seeds: 7 is not one of [0, 1]" in result.output
 
     run("evaluate", "--params", p)
-    metrics = json.loads((work / "metrics.json").read_text())
+    metrics = json.loads((work / "metrics_detail.json").read_text())
     assert [k for k, v in metrics.items() if isinstance(v, dict) and "rsum" in v] == [
         *("teacher", "student_pairs", "baseline", "chance")
     ]
-    pairs, seeds = metrics["student_pairs"], json.loads((work / "metrics_detail.json").read_text())
-    seeds = seeds["student_pairs"]["seeds"]
+    pairs = metrics["student_pairs"]
+    seeds = pairs["seeds"]
     assert list(seeds) == ["student_pairs-s0", "student_pairs-s1"]
     assert pairs["rsum"] == pytest.approx(np.mean([s["rsum"] for s in seeds.values()]))
     assert pairs["rsum_vs_baseline"]["diff"] == pytest.approx(pairs["rsum"] - metrics["baseline"]["rsum"])
     assert "environment" not in metrics and "environment" in json.loads((work / "run_info.json").read_text())
+    assert list(json.loads((work / "metrics.json").read_text())) == [
+        *("dataset", "split", "teacher", "student_pairs", "baseline")
+    ]
     ranks = np.load(work / "ranks.npz")
     assert {"teacher_i2t", "student_pairs-s0_i2t", "student_pairs-s1_t2i", "baseline-s1_i2t"} <= set(ranks.files)

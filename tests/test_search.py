@@ -11,8 +11,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pipeline.search.index as search_index
+from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
 from pipeline.search.index import IndexConfig, build_index, load_index, recall_at_k, save_index
+from pipeline.store.image_cache import open_image_cache, write_image_cache
 from pipeline.towers.student import load_student
 from stages.cli import app
 
@@ -76,27 +78,49 @@ def test_load_refuses_missing_or_mismatched(tmp_path):
         load_index(tmp_path)
 
 
+def result_lines(output: str) -> list[list[str]]:
+    """The result lines of `kdpipe search` output, split on runs of two spaces: rank, score, [split,] id, captions."""
+    return [line.strip().split("  ") for line in output.splitlines() if line[:3].strip().isdigit()]
+
+
 def test_cli_index_and_search_split_and_folder(tokenizer_dir, tmp_path):
     paths = tiny_workdir(tmp_path, tokenizer_dir)
     run = CliRunner().invoke
     result = run(app, ["search", "a red dog", "--workdir", str(paths.workdir), "-k", "3"])
     assert result.exit_code == 0, result.output  # first use: builds the default index (test split, exact)
-    assert "index: flat over 9 images" in result.output and (paths.workdir / "search" / "ids.json").is_file()
-    result = run(app, ["index", "--workdir", str(paths.workdir), "--split", "test"])
+    flat = paths.search_index("test", "flat")
+    assert f"building the flat index {flat} (first use)" in result.output
+    assert "index: flat index of toy split test, 9 images" in result.output and (flat / "ids.json").is_file()
+    result = run(app, ["index", "--workdir", str(paths.workdir), "--split", "test", "--kind", "hnsw"])
     assert result.exit_code == 0, result.output
+    hnsw = paths.search_index("test", "hnsw")
+    assert f"wrote {hnsw}" in result.output and (flat / "ids.json").is_file()  # the flat index is still there
     result = run(app, ["search", "a red dog", "--workdir", str(paths.workdir), "-k", "3"])
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
-    # oracle: the student's own embeddings, ranked by numpy
+    assert "building" not in result.output and f"the flat index {flat} answers: toy split test" in result.output
+    # oracle: the student's own embeddings, ranked by numpy; each result prints the image's captions
     from pipeline.search.gallery import embed_images, embed_texts, split_gallery
 
     model = load_student(paths.student)
     gallery = split_gallery(paths, "test")
     with torch.no_grad():
         s = embed_texts(model, ["a red dog"]) @ embed_images(model, gallery.images).T
-    expected = [gallery.ids[i] for i in np.argsort(-s[0], kind="stable")[:3]]
-    assert [line.split()[2] for line in lines[:3]] == expected
-    assert lines[3].startswith("search: 3 results; encode ") and lines[3].endswith(" ms")
+    top = np.argsort(-s[0], kind="stable")[:3]
+    captions = gallery.captions_of()
+    assert [r[2:] for r in result_lines(result.output)] == [[gallery.ids[i], " | ".join(captions[i])] for i in top]
+    assert result.output.strip().splitlines()[-1].startswith("search: 3 results; encode ")
+    result = run(app, ["search", "a red dog", "--workdir", str(paths.workdir), "-k", "3", "--kind", "hnsw"])
+    assert result.exit_code == 0, result.output
+    assert f"the hnsw index {hnsw} answers" in result.output
+
+    # every split at once: each result names its split
+    result = run(app, ["search", "a red dog", "--workdir", str(paths.workdir), "-k", "13", "--split", "all"])
+    assert result.exit_code == 0, result.output
+    assert "toy split all" in result.output
+    rows = result_lines(result.output)
+    assert sorted((r[2], r[3]) for r in rows) == sorted(
+        [("train", f"train{i}.jpg") for i in range(4)] + [("test", f"test{i}.jpg") for i in range(9)]
+    )
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -105,33 +129,87 @@ def test_cli_index_and_search_split_and_folder(tokenizer_dir, tmp_path):
     out = tmp_path / "folder_index"
     result = run(app, ["index", "--workdir", str(paths.workdir), "--folder", str(folder), "--index", str(out)])
     assert result.exit_code == 0, result.output
-    result = run(
-        app,
-        [
-            "search",
-            "--image",
-            str(folder / "sub/a.png"),
-            "--workdir",
-            str(paths.workdir),
-            "--index",
-            str(out),
-            "-k",
-            "1",
-        ],
-    )
+    image_query = ["search", "--image", str(folder / "sub/a.png"), "--workdir", str(paths.workdir), "-k", "1"]
+    result = run(app, [*image_query, "--index", str(out)])
     assert result.exit_code == 0, result.output
-    hits = [line.split() for line in result.output.splitlines() if line.startswith("  1  ")]
-    rank, score, image_id = hits[0]
+    rank, score, image_id = result_lines(result.output)[0]
     assert image_id == "sub/a.png" and float(score) == pytest.approx(1.0, abs=1e-5)  # itself, same pixels
+    # an explicit --index of another gallery or kind is not replaced
+    result = run(app, ["index", "--workdir", str(paths.workdir), "--split", "test", "--index", str(out)])
+    assert result.exit_code == 2 and f"{out}: holds the flat index of folder {folder}" in result.output
+    # without --index, the folder's own default index
+    result = run(app, [*image_query, "--folder", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "(first use)" in result.output and result_lines(result.output)[0][2] == "sub/a.png"
+
+
+def test_an_index_of_other_weights_is_rebuilt_or_refused(tokenizer_dir, tmp_path):
+    """After the student is retrained, its default index is rebuilt before answering, and an explicit --index
+    built by other weights is refused in one line: never an answer from another model's embeddings."""
+    import os
+
+    from deploy_helpers import tiny_student
+
+    from pipeline.towers.student import save_student
+
+    paths = tiny_workdir(tmp_path, tokenizer_dir)
+    run = CliRunner().invoke
+    query = ["search", "a red dog", "--workdir", str(paths.workdir), "-k", "2"]
+    assert run(app, query).exit_code == 0
+    weights = paths.student / "model.safetensors"
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes: still current
+    result = run(app, query)
+    assert result.exit_code == 0 and "building" not in result.output, result.output
+    save_student(tiny_student(tokenizer_dir, 7), paths.student)  # retrained
+    result = run(app, query)
+    assert result.exit_code == 0, result.output
+    assert "(it was built by other weights than" in result.output
+    out = tmp_path / "mine"
+    assert run(app, ["index", "--workdir", str(paths.workdir), "--index", str(out)]).exit_code == 0
+    save_student(tiny_student(tokenizer_dir, 8), paths.student)
+    result = run(app, [*query, "--index", str(out)])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {out}: this index cannot answer"), result.output
+    # the dataset prepared again (a caption changed: a new index fingerprint, the cache made from it)
+    assert "(it was built by other weights" in run(app, query).output  # the default index follows the student
+    assert "building" not in run(app, query).output
+    index = DatasetIndex.load(paths.index_dir)
+    edited = DatasetIndex.from_lists(
+        index.name,
+        index.image_root,
+        list(zip(index.image_id, index.image_path, index.image_split)),
+        [("a blue cat", 0), *zip(index.caption_text[1:], index.caption_image[1:].tolist())],
+    )
+    edited.save(paths.index_dir)
+    cache = open_image_cache(paths.images)
+    pixels = {s: np.array(cache.split(s)) for s in cache.splits}
+    write_image_cache(paths.images, pixels, fingerprint=edited.fingerprint, meta={"resize": cache.attrs["resize"]})
+    result = run(app, query)
+    assert result.exit_code == 0 and f"the dataset in {paths.index_dir} changed since it was built" in result.output
 
 
 def test_cli_search_errors_are_one_line(tokenizer_dir, tmp_path):
-    result = CliRunner().invoke(app, ["search", "dog", "--workdir", str(tmp_path), "--index", str(tmp_path)])
+    import shutil
+
+    run = CliRunner().invoke
+    result = run(app, ["search", "dog", "--workdir", str(tmp_path)])  # nothing trained here
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "kdpipe distill" in result.output
+    paths = tiny_workdir(tmp_path / "w", tokenizer_dir)
+    for query in ([], ["dog", "--image", str(tmp_path / "a.png")]):  # neither, or both: refused before any build
+        result = run(app, ["search", *query, "--workdir", str(paths.workdir)])
+        assert result.output == "error: search: give either a text query or --image PATH\n"
+    result = run(app, ["search", "--image", str(tmp_path / "missing.png"), "--workdir", str(paths.workdir)])
+    assert result.output == f"error: {tmp_path / 'missing.png'}: image file not found\n"
+    assert not (paths.workdir / "search").exists()
+    result = run(app, ["search", "dog", "--workdir", str(paths.workdir), "--index", str(tmp_path / "none")])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "kdpipe index" in result.output
-    result = CliRunner().invoke(app, ["search", "dog", "--workdir", str(tmp_path)])  # nothing to build one from
-    assert result.exit_code == 2 and result.output.startswith("error: ") and "kdpipe prepare" in result.output
-    result = CliRunner().invoke(app, ["index", "--workdir", str(tmp_path), "--kind", "lsh"])
+    shutil.rmtree(paths.index_dir)
+    result = run(app, ["search", "dog", "--workdir", str(paths.workdir)])  # nothing to build one from
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith("error: ") and "kdpipe prepare" in last
+    result = run(app, ["index", "--workdir", str(tmp_path), "--kind", "lsh"])
     assert result.exit_code == 2 and "--kind 'lsh'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_the_default_student_is_distill_runs_first_distilled_variant(tokenizer_dir, tmp_path):
@@ -154,7 +232,8 @@ def test_the_default_student_is_distill_runs_first_distilled_variant(tokenizer_d
     assert default_models(params, paths) == {"s_a": paths.model("s_a-s3"), "base": paths.model("base-s3")}
     result = CliRunner().invoke(app, ["search", "a red dog", "--params", str(params), "-k", "2"])
     assert result.exit_code == 0, result.output
-    assert '"student": "' + str(paths.model("s_a-s3")) in (paths.workdir / "search" / "ids.json").read_text()
+    ids = paths.search_index("test", "flat") / "ids.json"
+    assert '"student": "' + str(paths.model("s_a-s3")) in ids.read_text()
     params.write_text(yaml.safe_dump({"workdir": str(paths.workdir)}))  # no runs: distill's own output, missing
     result = CliRunner().invoke(app, ["export", "--params", str(params)])
     assert result.exit_code == 2 and f"{paths.student}: no student here" in result.output

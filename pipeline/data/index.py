@@ -24,6 +24,13 @@ hashes say which bytes each row was made from, which the caches record next to i
 and evaluate compare the first two with the index, extract the last). So a replaced image
 invalidates the rows made from it, not the whole store; an index without hashes (an older kdpipe) still
 loads with `image_sha256 = None`, and every existing fingerprint is unchanged.
+
+Images inside containers (issue 23: webdataset shards, parquet cells): `image_path` is then the shard or
+parquet file, and `image_member` says where in it the image is: a `Members` of four columns (container "tar"
+or "parquet", member name or image column, byte offset or row, byte length), "" / -1 on rows that are files
+of their own. `image_ref(row)` turns a row into the `ImageRef` that pipeline/data/image_source.py opens. An
+index with members is written as version 3 (its extra columns in images.parquet; an older reader refuses it
+instead of decoding a tar file as an image) and its fingerprint covers them; one without is written as before.
 """
 
 from __future__ import annotations
@@ -39,13 +46,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.exif import EXIF_ORIENTATION
+from pipeline.data.image_source import CONTAINERS, ImageRef
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_path, write_text_durably
 
 INDEX_FORMAT = "kdpipe-index"
 INDEX_VERSION = 1  # paired captions (and unpaired images) only
 INDEX_VERSION_UNPAIRED_TEXT = 2  # + texts.parquet
+INDEX_VERSION_MEMBERS = 3  # + images inside containers (member columns in images.parquet), texts.parquet optional
+INDEX_VERSIONS = (INDEX_VERSION, INDEX_VERSION_UNPAIRED_TEXT, INDEX_VERSION_MEMBERS)
+MEMBER_COLUMNS = ("container", "member", "offset", "length")  # images.parquet columns of a version-3 index
 SPLIT_ORDER = ("train", "val", "test")
+
+
+@dataclass(frozen=True, eq=False)
+class Members:
+    """Where each image is inside its container (the `path` column), one entry per image row."""
+
+    container: np.ndarray  # object (str) [N]: "" (a file of its own), "tar" or "parquet"
+    member: np.ndarray  # object (str) [N]: the tar member's name, or the parquet image column; "" for files
+    offset: np.ndarray  # int64 [N]: the tar member's first data byte, or the parquet row; -1 for files
+    length: np.ndarray  # int64 [N]: the tar member's bytes; -1 otherwise
+
+    def __post_init__(self) -> None:
+        n = len(self.container)
+        if not (len(self.member) == len(self.offset) == len(self.length) == n):
+            raise ValueError("member columns differ in length")
+        unknown = set(self.container.tolist()) - set(CONTAINERS)
+        if unknown:
+            raise ValueError(f"unknown container {sorted(unknown)[0]!r}; expected one of {CONTAINERS}")
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[str, str, int, int]]) -> Members:
+        return cls(
+            container=np.array([r[0] for r in rows], dtype=object),
+            member=np.array([r[1] for r in rows], dtype=object),
+            offset=np.array([r[2] for r in rows], dtype=np.int64),
+            length=np.array([r[3] for r in rows], dtype=np.int64),
+        )
+
+    def take(self, rows: np.ndarray) -> Members:
+        return Members(self.container[rows], self.member[rows], self.offset[rows], self.length[rows])
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,10 +101,25 @@ class SplitView:
     caption_text: np.ndarray  # object (str) [M]
     text_image: np.ndarray  # int32 [M] row in this split's images of each caption's image
     unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
+    members: Members | None = None  # where each image is inside its container (image_path); None: files
 
     @property
     def n_images(self) -> int:
         return len(self.image_rows)
+
+    @cached_property
+    def image_ref(self) -> list[ImageRef]:
+        """[N] where each image's bytes are (open with image_source.open_image); made when first asked for."""
+        paths = self.image_path.tolist()
+        m = self.members
+        if m is None:
+            return [ImageRef(p) for p in paths]
+        return [
+            ImageRef(p, c, k, o, n) if c else ImageRef(p)
+            for p, c, k, o, n in zip(
+                paths, m.container.tolist(), m.member.tolist(), m.offset.tolist(), m.length.tolist()
+            )
+        ]
 
     @cached_property
     def unpaired_image(self) -> np.ndarray:
@@ -92,6 +148,7 @@ class DatasetIndex:
     unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
     unpaired_text_split: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # object (str) [U]
     image_sha256: np.ndarray | None = None  # object (hex str, or None: file unreadable) [N_images]; None: unknown
+    image_member: Members | None = None  # where each image is inside its container; None: every image is a file
 
     def __post_init__(self) -> None:
         if self.exif_orientation not in EXIF_ORIENTATION:
@@ -101,6 +158,8 @@ class DatasetIndex:
             raise ValueError("image columns differ in length")
         if self.image_sha256 is not None and len(self.image_sha256) != n:
             raise ValueError("image_sha256 differs in length from the image columns")
+        if self.image_member is not None and len(self.image_member.container) != n:
+            raise ValueError("image_member differs in length from the image columns")
         if len(self.caption_text) != len(self.caption_image):
             raise ValueError("caption columns differ in length")
         if len(set(self.image_id.tolist())) != n:
@@ -125,8 +184,12 @@ class DatasetIndex:
         captions: list[tuple[str, int]],
         exif_orientation: str = "ignore",
         unpaired_texts: list[tuple[str, str]] = (),
+        members: list[tuple[str, str, int, int]] | None = None,
     ) -> DatasetIndex:
-        """images: (image_id, path, split) rows; captions: (text, image row) rows; unpaired_texts: (text, split)."""
+        """images: (image_id, path, split) rows; captions: (text, image row) rows; unpaired_texts: (text, split);
+        members: (container, member, offset, length) per image row, or None when every image is a file."""
+        if members is not None and all(not c for c, _, _, _ in members):
+            members = None  # every image a file of its own: the index is written as before
         return cls(
             name=name,
             image_root=Path(image_root),
@@ -138,6 +201,7 @@ class DatasetIndex:
             exif_orientation=exif_orientation,
             unpaired_text=np.array([t for t, _ in unpaired_texts], dtype=object),
             unpaired_text_split=np.array([s for _, s in unpaired_texts], dtype=object),
+            image_member=None if members is None else Members.from_rows(members),
         )
 
     def drop_images(self, rows: np.ndarray | list[int]) -> DatasetIndex:
@@ -158,6 +222,7 @@ class DatasetIndex:
             unpaired_text=self.unpaired_text,
             unpaired_text_split=self.unpaired_text_split,
             image_sha256=None if self.image_sha256 is None else self.image_sha256[keep],
+            image_member=None if self.image_member is None else self.image_member.take(keep),
         )
 
     def with_hashes(self, image_sha256: list[str | None]) -> DatasetIndex:
@@ -179,6 +244,8 @@ class DatasetIndex:
 
     @property
     def version(self) -> int:
+        if self.image_member is not None:
+            return INDEX_VERSION_MEMBERS
         return INDEX_VERSION_UNPAIRED_TEXT if self.n_unpaired_texts else INDEX_VERSION
 
     @cached_property
@@ -188,8 +255,21 @@ class DatasetIndex:
         return tuple(s for s in SPLIT_ORDER if s in present) + tuple(sorted(present - set(SPLIT_ORDER)))
 
     def image_abspath(self, row: int) -> Path:
+        """The file that holds image `row`: the image file, or its tar shard or parquet file."""
         p = Path(self.image_path[row])
         return p if p.is_absolute() else self.image_root / p
+
+    def image_ref(self, row: int) -> ImageRef:
+        """Where the bytes of image `row` are (pipeline/data/image_source.py opens it)."""
+        path = str(self.image_abspath(row))
+        m = self.image_member
+        if m is None or not m.container[row]:
+            return ImageRef(path)
+        return ImageRef(path, m.container[row], m.member[row], int(m.offset[row]), int(m.length[row]))
+
+    def describe_image(self, row: int) -> str:
+        """Image `row` as error lines name it: its file, or its shard and member, or its parquet file and row."""
+        return self.image_ref(row).describe()
 
     def split(self, name: str) -> SplitView:
         if name not in self.splits:
@@ -207,6 +287,7 @@ class DatasetIndex:
             caption_text=self.caption_text[caption_rows],
             text_image=local[self.caption_image[caption_rows]].astype(np.int32),
             unpaired_text=self.unpaired_text[self.unpaired_text_split == name],
+            members=None if self.image_member is None else self.image_member.take(image_rows),
         )
 
     @cached_property
@@ -223,6 +304,14 @@ class DatasetIndex:
         if self.n_unpaired_texts:  # only then: an index without them keeps its fingerprint
             h.update(b"\nunpaired_text\n")
             _hash_strings(h, (self.unpaired_text, self.unpaired_text_split))
+        if self.image_member is not None:  # only then, likewise: which member of which file each image is
+            m = self.image_member
+            h.update(b"\nmembers\n")
+            # a parquet cell's row says which image it is; a tar member's offset and length only where a rewritten
+            # shard put its bytes: location, like image_root (the content hashes say whether the bytes changed)
+            rows = np.where(m.container == "parquet", m.offset, -1)
+            _hash_strings(h, (m.container, m.member))
+            h.update(np.ascontiguousarray(rows, dtype="<i8").tobytes())
         return h.hexdigest()
 
     def content_digest(self, rows: np.ndarray | None = None, splits: list[str] | None = None) -> str | None:
@@ -265,6 +354,7 @@ class DatasetIndex:
                 "split": pa.array(self.image_split.tolist(), pa.string()),
                 # only when known: an index without hashes is written exactly as before
                 **({} if self.image_sha256 is None else {"sha256": pa.array(self.image_sha256.tolist(), pa.string())}),
+                **({} if self.image_member is None else _member_columns(self.image_member)),
             }
         )
         captions = pa.table(
@@ -296,6 +386,8 @@ class DatasetIndex:
             "n_images": self.n_images,
             "n_captions": self.n_captions,
             **({} if self.image_sha256 is None else {"content": self.content_digest()}),
+            # version 3 only: whether texts.parquet belongs to the index (versions 1 and 2 say it by the number)
+            **({} if self.image_member is None else {"unpaired_texts": self.n_unpaired_texts}),
             "splits": {
                 s: {
                     "images": int((self.image_split == s).sum()),
@@ -317,20 +409,32 @@ class DatasetIndex:
         if not meta_path.is_file():
             raise InputError(f"{directory}: no dataset index here (index.json missing); run `kdpipe prepare` first")
         meta = json.loads(meta_path.read_text())
-        versions = (INDEX_VERSION, INDEX_VERSION_UNPAIRED_TEXT)
-        if meta.get("format") != INDEX_FORMAT or meta.get("version") not in versions:
-            raise InputError(
-                f"{meta_path}: not a {INDEX_FORMAT} v{INDEX_VERSION} or v{INDEX_VERSION_UNPAIRED_TEXT} index"
-            )
+        if meta.get("format") != INDEX_FORMAT or meta.get("version") not in INDEX_VERSIONS:
+            versions = ", ".join(f"v{v}" for v in INDEX_VERSIONS)
+            raise InputError(f"{meta_path}: not a {INDEX_FORMAT} index of a version this kdpipe reads ({versions})")
         images = pq.read_table(directory / "images.parquet")
         captions = pq.read_table(directory / "captions.parquet")
         texts = {"text": [], "split": []}
-        if meta["version"] == INDEX_VERSION_UNPAIRED_TEXT:
+        has_texts = meta["version"] == INDEX_VERSION_UNPAIRED_TEXT or bool(meta.get("unpaired_texts"))
+        if has_texts:
             if not (directory / "texts.parquet").is_file():
                 raise InputError(
-                    f"{directory}: a v{INDEX_VERSION_UNPAIRED_TEXT} index without texts.parquet; rerun `kdpipe prepare`"
+                    f"{directory}: a v{meta['version']} index without texts.parquet; rerun `kdpipe prepare`"
                 )
             texts = pq.read_table(directory / "texts.parquet").to_pydict()
+        members = None
+        if meta["version"] == INDEX_VERSION_MEMBERS:
+            missing = [c for c in MEMBER_COLUMNS if c not in images.column_names]
+            if missing:
+                raise InputError(
+                    f"{directory}: images.parquet lacks the column {missing[0]!r} of a v3 index; rerun `kdpipe prepare`"
+                )
+            members = Members(
+                container=np.array(images["container"].to_pylist(), dtype=object),
+                member=np.array(images["member"].to_pylist(), dtype=object),
+                offset=images["offset"].to_numpy().astype(np.int64),
+                length=images["length"].to_numpy().astype(np.int64),
+            )
         index = cls(
             name=meta["name"],
             image_root=Path(meta["image_root"]),
@@ -345,12 +449,22 @@ class DatasetIndex:
             image_sha256=np.array(images["sha256"].to_pylist(), dtype=object)
             if "sha256" in images.column_names
             else None,
+            image_member=members,
         )
         if index.fingerprint != meta["fingerprint"]:
             raise InputError(f"{directory}: index content does not match its recorded fingerprint (edited by hand?)")
         if index.image_sha256 is not None and index.content_digest() != meta.get("content"):
             raise InputError(f"{directory}: image hashes do not match the recorded content digest (edited by hand?)")
         return index
+
+
+def _member_columns(m: Members) -> dict[str, pa.Array]:
+    return {
+        "container": pa.array(m.container.tolist(), pa.string()),
+        "member": pa.array(m.member.tolist(), pa.string()),
+        "offset": pa.array(m.offset, pa.int64()),
+        "length": pa.array(m.length, pa.int64()),
+    }
 
 
 def _hash_strings(h, columns) -> None:
@@ -365,7 +479,14 @@ def _hash_strings(h, columns) -> None:
 
 def read_fingerprint(directory: Path | str) -> str:
     """The recorded fingerprint of an index directory, without loading the tables."""
+    return read_identity(directory)["fingerprint"]
+
+
+def read_identity(directory: Path | str) -> dict[str, str | None]:
+    """{fingerprint, content} recorded by an index directory (the rows, and the digest of the image files' hashes:
+    None for an index without them), without loading the tables."""
     meta_path = Path(directory) / "index.json"
     if not meta_path.is_file():
         raise InputError(f"{directory}: no dataset index here (index.json missing); run `kdpipe prepare` first")
-    return json.loads(meta_path.read_text())["fingerprint"]
+    meta = json.loads(meta_path.read_text())
+    return {"fingerprint": meta["fingerprint"], "content": meta.get("content")}

@@ -4,19 +4,19 @@ and the student-resolution image cache `images.zarr`.
 Work is split into blocks of `chunk_images` consecutive images of one split (one inner chunk of the cache);
 a task decodes its block into one uint8 buffer and writes it straight into the split's data file at its
 row offset (`image_cache.write_rows`), so nothing but a short list of failures travels back to the
-client. Below `cluster_min_images` images, or with `workers: 1`, the same block function runs in-process:
-a LocalCluster takes ~3 s to start, longer than decoding a small dataset.
+client; tasks run in-process or on dask (pipeline/data/decode_tasks.py). Images are read through
+pipeline/data/image_source.py: files, webdataset shard members and parquet cells alike. `prepare.cache`
+chooses raw pixels (the default) or an encoded cache (pipeline/store/encoded_cache.py: WebP lossless or JPEG).
 
-Decoding follows the method's preprocessing (torchvision `Resize(256)` + `CenterCrop(224)` on a PIL image):
-shorter side to `resize` (longer side `int(resize * long / short)`), filter `filter` (PIL, antialiased),
-then a centered `crop` x `crop` window (offsets rounded as torchvision does). With `draft: true`, a JPEG
-at least twice the resize target in both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (DCT
-scaling, never below the target), then resized from its exact source extent as above. On real photos
-(1000-1900 px JPEGs, scales 1/2 and 1/4) this differs from a full decode by a mean absolute error of
-0.3-1.4 grey levels (of 255), PSNR 40-53 dB, at most ~25 on single pixels at sharp edges; the tolerance
-held by the tests is mean < 2 and PSNR > 35 dB (tests/test_prepare.py). Smaller images (Flickr30K's
-500x375, COCO's 640x480 at the default 256) are decoded in full and equal the naive reference pixel
-for pixel. EXIF orientation is not applied (as in the method and torchvision's loaders).
+Each image is decoded by `pipeline/data/pixels.py`, the one function that makes the student's pixels
+(search queries and folder galleries use it too); its geometry is the method's preprocessing (torchvision
+`Resize(256)` + `CenterCrop(224)`) or `mode: squash`. With `draft: true`, a JPEG at least twice the resize
+target in both sides is decoded at a DCT scale by libjpeg. On real photos (1000-1900 px JPEGs, scales 1/2
+and 1/4) this differs from a full decode by a mean absolute error of 0.3-1.4 grey levels (of 255), PSNR
+40-53 dB, at most ~25 on single pixels at sharp edges; the tolerance held by the tests is mean < 2 and
+PSNR > 35 dB (tests/test_prepare.py). Smaller images (Flickr30K's 500x375, COCO's 640x480 at the default
+256) are decoded in full and equal the naive reference pixel for pixel. EXIF orientation is not applied
+unless `prepare.dataset.exif_orientation: apply` (as in the method and torchvision's loaders).
 
 Bad images (missing, empty, truncated, not an image) are detected by a full `load()` with PIL's
 LOAD_TRUNCATED_IMAGES off. `on_bad_image: error` fails with one line naming the first bad file and how
@@ -44,15 +44,17 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pipeline.data.exif import orientation, upright
+from pipeline.data.decode_tasks import Task, absolute, block_tasks, failures, run_tasks
 from pipeline.data.file_hashes import content_hashes
-from pipeline.data.index import DatasetIndex, SplitView, read_fingerprint
+from pipeline.data.image_source import ImageFiles, ImageRef
+from pipeline.data.index import DatasetIndex, read_fingerprint
+from pipeline.data.pixels import ResizeConfig, read_pixels
 from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
-from pipeline.progress import progress
 from pipeline.runtime import available_cpus
 from pipeline.store.durable import remove_stale_dirs, write_text_durably
+from pipeline.store.encoded_cache import CacheFormat, write_block
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
     CacheBuilder,
@@ -66,60 +68,6 @@ from pipeline.store.image_cache import (
 log = logging.getLogger(__name__)
 
 BAD_IMAGES_FILE = "bad_images.json"
-_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-}
-
-
-@dataclass(frozen=True)
-class ResizeConfig:
-    """Section `prepare.image`: how source images become the student's uint8 input."""
-
-    # shorter_side_center_crop: shorter side to `resize`, then a centered crop x crop window (the method's
-    # Resize(256) + CenterCrop(224)); squash: the whole image to crop x crop, aspect ratio ignored (`resize` unused)
-    mode: Literal["shorter_side_center_crop", "squash"] = "shorter_side_center_crop"
-    resize: int = 256
-    crop: int = 224
-    # torchvision's Resize default on PIL images is bilinear (antialiased), which is what the method used
-    filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "bilinear"
-    draft: bool = True  # JPEG DCT-scaled decoding when the source is >= 2x the target (see module doc)
-
-    def __post_init__(self) -> None:
-        if self.crop < 1 or self.resize < 1:
-            raise ValueError(f"resize and crop must be >= 1 (got resize={self.resize}, crop={self.crop})")
-        if self.mode == "shorter_side_center_crop" and self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize}) in mode {self.mode}")
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.crop, self.crop)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-native description recorded in the cache; a different description means different pixels."""
-        return {
-            "mode": self.mode,
-            "resize": self.resize,
-            "crop": self.crop,
-            "filter": self.filter,
-            "draft": self.draft,
-            "channels": "RGB",
-        }
-
-    def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-        """(resized size (w, h), crop box (left, top, right, bottom)) for a source image of this size."""
-        if self.mode == "squash":
-            return (self.crop, self.crop), (0, 0, self.crop, self.crop)
-        if width <= height:
-            size = (self.resize, int(self.resize * height / width))
-        else:
-            size = (int(self.resize * width / height), self.resize)
-        left = int(round((size[0] - self.crop) / 2.0))  # Python's round, as torchvision's center_crop
-        top = int(round((size[1] - self.crop) / 2.0))
-        return size, (left, top, left + self.crop, top + self.crop)
 
 
 @dataclass(frozen=True)
@@ -128,6 +76,7 @@ class PrepareConfig:
 
     dataset: DatasetConfig
     image: ResizeConfig = field(default_factory=ResizeConfig)
+    cache: CacheFormat = field(default_factory=CacheFormat)  # raw pixels (default) or encoded (encoded_cache.py)
     on_bad_image: Literal["error", "skip"] = "error"
     workers: int | None = None  # decode processes; None = every core this process may use
     # address of a running dask.distributed scheduler (its workers must see the same files and have kdpipe
@@ -145,37 +94,8 @@ class PrepareConfig:
             raise ValueError(f"cluster_min_images must be >= 0, got {self.cluster_min_images}")
 
 
-# -- decoding one image, one block ------------------------------------------------------------------
-def decode_image(path: str | Path, rc: ResizeConfig, exif: str = "ignore") -> np.ndarray:
-    """One image file -> uint8 [crop, crop, 3]. Raises OSError/SyntaxError/ValueError for a bad file.
-    exif: "apply" turns the image upright by its EXIF orientation tag first (see pipeline/data/exif.py)."""
-    with Image.open(path) as img:
-        return _resize_crop(img, rc, orientation(img) if exif == "apply" else 1)
-
-
-def _resize_crop(img: Image.Image, rc: ResizeConfig, tag: int) -> np.ndarray:
-    """An opened image -> uint8 [crop, crop, 3], first turned upright by EXIF orientation `tag` (1: as stored)."""
-    if tag != 1:
-        # Transposed after a full decode: a drafted (DCT-scaled) image would have to map its fractional source
-        # box through the rotation too, and phone photos are the only ones that pay for the simpler path.
-        img.load()
-        img = upright(img, tag)
-    size, crop = rc.geometry(*img.size)
-    source = None  # the region of the decoded image that the resize maps onto `size`: all of it
-    if rc.draft and img.format == "JPEG" and tag == 1:
-        # DCT-scaled decoding, only if the file is >= 2x `size` in both sides. The scaled image has
-        # ceil(side / scale) pixels, the last row/column partly padding: `source` is the exact
-        # (fractional) extent of the original image in it, so the geometry stays that of a full decode.
-        drafted = img.draft("RGB", size)
-        if drafted is not None:
-            source = drafted[1]
-    img.load()  # decodes everything: truncation shows up here
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    out = rgb.resize(size, _FILTERS[rc.filter], box=source).crop(crop)
-    return np.asarray(out)
-
-
-def describe_failure(path: str, err: BaseException) -> str:
+# -- decoding one block ------------------------------------------------------------------------------
+def describe_failure(ref: ImageRef, err: BaseException) -> str:
     """A short reason for a bad image, for the error line and the report."""
     if isinstance(err, FileNotFoundError):
         return "file not found"
@@ -185,8 +105,8 @@ def describe_failure(path: str, err: BaseException) -> str:
         return "permission denied"
     if isinstance(err, UnidentifiedImageError):
         try:
-            if os.path.getsize(path) == 0:
-                return "empty file"
+            if (ref.length if ref.container == "tar" else os.path.getsize(ref.path)) == 0:
+                return "empty member" if ref.container else "empty file"
         except OSError:
             pass
         return "not an image file PIL can read"
@@ -199,13 +119,20 @@ def describe_failure(path: str, err: BaseException) -> str:
 
 
 def decode_block(
-    paths: list[str], rc: ResizeConfig, data_file: str, start_row: int, exif: str = "ignore"
+    images: list[ImageRef],
+    rc: ResizeConfig,
+    data_file: str,
+    start_row: int,
+    exif: str = "ignore",
+    encoding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Decode consecutive images and write them at `start_row` of a split's data file (one inner chunk).
+    """Decode consecutive images (files, shard members, parquet cells: pipeline/data/image_source.py) and
+    write them at `start_row` of a split's data file (one inner chunk).
 
-    Returns {"failures": [(position in `paths`, reason), ...], "exif_tagged": images with an EXIF
+    Returns {"failures": [(position in `images`, reason), ...], "exif_tagged": images with an EXIF
     orientation other than 1, "cpu_seconds": CPU time of this call's thread}; a failed image's row stays zero
-    and is removed by the caller under `skip`. Runs in dask workers and in-process alike."""
+    and is removed by the caller under `skip`. Runs in dask workers and in-process alike. With `encoding` (an
+    encoded cache) `data_file` is the split's block directory, and the rows are encoded into a block there."""
     cpu_start = time.thread_time()
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
@@ -213,30 +140,24 @@ def decode_block(
             "images would be silently filled with grey; prepare refuses to run that way"
         )
     h, w = rc.image_size
-    block = np.zeros((len(paths), h, w, 3), dtype=np.uint8)
+    block = np.zeros((len(images), h, w, 3), dtype=np.uint8)
     failures: list[tuple[int, str]] = []
     tagged = 0  # images whose EXIF orientation asks for a rotation or mirror
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                tag = orientation(img)
-                block[i] = _resize_crop(img, rc, tag if exif == "apply" else 1)
-            tagged += tag != 1
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-            failures.append((i, describe_failure(path, err)))
-    write_rows(data_file, start_row, block)
+    with ImageFiles() as files:  # a block's members come from one shard (or a few): each is opened once
+        for i, ref in enumerate(images):
+            try:
+                block[i], tag = read_pixels(ref, rc, exif, files)
+                tagged += tag != 1
+            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+                failures.append((i, describe_failure(ref, err)))
+    if encoding is None:
+        write_rows(data_file, start_row, block)
+    else:
+        write_block(data_file, start_row, block, encoding)
     return {"failures": failures, "exif_tagged": tagged, "cpu_seconds": time.thread_time() - cpu_start}
 
 
 # -- the stage ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Task:
-    split: str
-    start: int  # first row of the block in the split
-    paths: list[str]
-    data_file: str
-
-
 def run_prepare(
     cfg: PrepareConfig, paths: ArtifactPaths, *, force: bool = False, verify: bool = False
 ) -> dict[str, Any]:
@@ -259,11 +180,11 @@ def _read_with_hashes(cfg: PrepareConfig, paths: ArtifactPaths, verify: bool) ->
     """The dataset's index with each image file's content hash (pipeline/data/file_hashes.py)."""
     index = read_dataset(cfg.dataset)
     log.info(_describe(index))
-    files = [os.path.abspath(index.image_abspath(r)) for r in range(index.n_images)]
-    hashes, n_read = content_hashes(files, paths.file_stats, verify=verify, threads=min(4, available_cpus()))
+    refs = [absolute(index.image_ref(r)) for r in range(index.n_images)]
+    hashes, n_read = content_hashes(refs, paths.file_stats, verify=verify, threads=min(4, available_cpus()))
     if n_read:
         why = "--verify" if verify else "new files, or their size or mtime changed"
-        log.info(f"prepare: hashed {n_read:,} of {len(files):,} image file(s) ({why})")
+        log.info(f"prepare: hashed {n_read:,} of {len(refs):,} image(s) ({why})")
     return index.with_hashes(hashes)
 
 
@@ -283,6 +204,9 @@ def _reuse(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dic
     changed = _changed_rows(index, saved, report)
     if not changed:
         return _keep(paths, index, saved, report)
+    if cache.encoding is not None:  # encoded rows change length: the split's bytes are laid out again
+        log.info(f"prepare: {len(changed):,} image file(s) changed; an encoded cache is rebuilt whole")
+        return None
     if cache.attrs.get("n_bad"):  # rows were dropped: the cache's rows are not the index's, rebuild it
         log.info(f"prepare: {len(changed):,} image file(s) changed; the cache leaves bad images out: rebuilding it")
         return None
@@ -307,6 +231,7 @@ def _previous(
         and a.get("resize") == cfg.image.describe()
         and a.get("exif_orientation", "ignore") == index.exif_orientation
         and a.get("chunk_images") == cfg.chunk_images
+        and a.get("encoding") == cfg.cache.describe()
         and (a.get("n_bad") == 0 or a.get("on_bad_image") == cfg.on_bad_image)
     )
     if not same:
@@ -327,8 +252,9 @@ def _changed_rows(index: DatasetIndex, saved: DatasetIndex, report: list[dict]) 
 
 
 def _keep(paths: ArtifactPaths, index: DatasetIndex, saved: DatasetIndex, report: list[dict]) -> dict[str, Any]:
-    if saved.image_root != index.image_root:  # the dataset moved: same content, new location for later stages
-        replace(saved, image_root=index.image_root).save(paths.index_dir)
+    moved = _relocated(saved, index)
+    if moved is not saved:  # same content, new location for later stages (the dataset moved, a shard was rewritten)
+        moved.save(paths.index_dir)
     log.info(
         f"prepare: nothing to do: {paths.images} and {paths.index_dir} are up to date "
         f"(index {saved.fingerprint[:12]}, same image files, same image recipe)"
@@ -347,6 +273,21 @@ def _keep(paths: ArtifactPaths, index: DatasetIndex, saved: DatasetIndex, report
     }
 
 
+def _relocated(saved: DatasetIndex, index: DatasetIndex) -> DatasetIndex:
+    """`saved` (whose rows may lack bad images) with `index`'s image root and tar members' byte ranges, which the
+    fingerprint leaves out; `saved` itself when neither changed."""
+    out = saved
+    if saved.image_root != index.image_root:
+        out = replace(out, image_root=index.image_root)
+    if saved.image_member is not None and index.image_member is not None:
+        row_of = {image_id: r for r, image_id in enumerate(index.image_id.tolist())}
+        now = index.image_member.take(np.array([row_of[i] for i in saved.image_id.tolist()], dtype=np.int64))
+        old = saved.image_member
+        if not (np.array_equal(now.offset, old.offset) and np.array_equal(now.length, old.length)):
+            out = replace(out, image_member=now)
+    return out
+
+
 def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, changed: list[int]) -> dict[str, Any] | None:
     """Decode the changed images into a copy of the cache and swap it in (image_cache.CacheUpdate); None if
     one of them no longer decodes under `skip` (rows must then be dropped: the caller rebuilds)."""
@@ -359,9 +300,9 @@ def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, chang
         for split, view in views.items():
             local = np.flatnonzero(np.isin(view.image_rows, changed))
             if len(local):
-                tasks += _block_tasks(view, consecutive_runs(local), cfg.chunk_images, str(update.data_file(split)))
-        results, decode_s = _run_tasks(tasks, cfg, len(changed))
-        bad = _failures(results, views)
+                tasks += block_tasks(view, consecutive_runs(local), cfg.chunk_images, str(update.data_file(split)))
+        results, decode_s = run_tasks(tasks, cfg, len(changed), decode_block)
+        bad = failures(results, views)
         if bad and cfg.on_bad_image == "error":
             raise InputError(_error_line(index, bad))
         if bad:
@@ -380,15 +321,15 @@ def _update(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex, chang
 # -- building everything -------------------------------------------------------------------------------
 def _build(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dict[str, Any]:
     remove_stale_dirs(paths.images)
-    builder = CacheBuilder(paths.images, cfg.image.image_size, cfg.chunk_images)
+    builder = CacheBuilder(paths.images, cfg.image.image_size, cfg.chunk_images, encoding=cfg.cache.describe())
     try:
         views = {s: index.split(s) for s in index.splits}
         tasks = []
         for split, view in views.items():
             data_file = str(builder.allocate(split, view.n_images).resolve())
-            tasks += _block_tasks(view, [(0, view.n_images)], cfg.chunk_images, data_file)
-        results, decode_s = _run_tasks(tasks, cfg, index.n_images)
-        bad = _failures(results, views)
+            tasks += block_tasks(view, [(0, view.n_images)], cfg.chunk_images, data_file)
+        results, decode_s = run_tasks(tasks, cfg, index.n_images, decode_block)
+        bad = failures(results, views)
         if bad and cfg.on_bad_image == "error":
             raise InputError(_error_line(index, bad))
         report = _bad_report(index, bad)
@@ -421,25 +362,6 @@ def _build(cfg: PrepareConfig, paths: ArtifactPaths, index: DatasetIndex) -> dic
     return _summary("written", index, len(bad), results, decode_s)
 
 
-def _block_tasks(view: SplitView, runs: list[tuple[int, int]], chunk: int, data_file: str) -> list[_Task]:
-    """Decode tasks for rows [start, stop) of each run of a split, at most `chunk` images each."""
-    abs_paths = [os.path.abspath(p) for p in view.image_path]
-    return [
-        _Task(view.name, s, abs_paths[s : min(stop, s + chunk)], data_file)
-        for start, stop in runs
-        for s in range(start, stop, chunk)
-    ]
-
-
-def _failures(results: list[tuple[_Task, dict]], views: dict[str, SplitView]) -> list[tuple[int, str]]:
-    """(global row, reason) of every image that failed to decode, in row order."""
-    bad = []
-    for task, result in results:
-        rows = views[task.split].image_rows
-        bad.extend((int(rows[task.start + i]), reason) for i, reason in result["failures"])
-    return sorted(bad)
-
-
 def _bad_report(index: DatasetIndex, bad: list[tuple[int, str]]) -> list[dict[str, Any]]:
     """bad_images.json: each bad image with its captions, and its content hash (so that a fixed file is seen)."""
     captions_of: dict[int, list[str]] = {r: [] for r, _ in bad}
@@ -449,6 +371,7 @@ def _bad_report(index: DatasetIndex, bad: list[tuple[int, str]]) -> list[dict[st
     return [
         {
             "file": str(index.image_abspath(r)),
+            **({"member": index.image_ref(r).key} if index.image_ref(r).container else {}),
             "image_id": str(index.image_id[r]),
             "split": str(index.image_split[r]),
             "reason": reason,
@@ -475,10 +398,10 @@ def _cache_attrs(cfg: PrepareConfig, index: DatasetIndex, source_fingerprint: st
 
 
 def _summary(
-    status: str, index: DatasetIndex, n_bad: int, results: list[tuple[_Task, dict]], decode_s: float
+    status: str, index: DatasetIndex, n_bad: int, results: list[tuple[Task, dict]], decode_s: float
 ) -> dict[str, Any]:
     """The summary of a run that decoded images (all of them, or the changed ones), with the EXIF line."""
-    n = sum(len(task.paths) for task, _ in results)
+    n = sum(len(task.images) for task, _ in results)
     cpu_s = sum(result["cpu_seconds"] for _, result in results)
     tagged = sum(result["exif_tagged"] for _, result in results)
     if tagged:
@@ -503,61 +426,6 @@ def _summary(
     }
 
 
-def _run_tasks(tasks: list[_Task], cfg: PrepareConfig, n_images: int) -> tuple[list[tuple[_Task, dict]], float]:
-    """Run every block, in-process or on dask; returns ((task, decode_block's result) per task, seconds
-    from the first task submitted to the last done, i.e. without the cluster's start-up)."""
-    workers = cfg.workers or available_cpus()
-    exif = cfg.dataset.exif_orientation
-    in_process = cfg.scheduler is None and (workers == 1 or n_images < cfg.cluster_min_images)
-    out = []
-    with progress("prepare: decode", total=n_images, unit="img") as bar:
-        if in_process:
-            start = time.perf_counter()
-            for task in tasks:
-                out.append((task, decode_block(task.paths, cfg.image, task.data_file, task.start, exif)))
-                bar.advance(len(task.paths))
-            return out, time.perf_counter() - start
-        import dask
-        from dask.distributed import Client, LocalCluster, as_completed
-
-        cluster = None
-        if cfg.scheduler is None:
-            # distributed starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which switches off glibc's
-            # dynamic mmap threshold: every PIL buffer > 128 KB is then mmap'd and page-faulted afresh,
-            # measured at 20-25% more CPU per image. Keep the other settings (single-threaded BLAS).
-            environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-            environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-                cluster = LocalCluster(
-                    n_workers=min(workers, len(tasks)),
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=logging.ERROR,
-                )
-        try:
-            with Client(cluster if cluster is not None else cfg.scheduler) as client:
-                start = time.perf_counter()
-                futures = {
-                    client.submit(decode_block, t.paths, cfg.image, t.data_file, t.start, exif, pure=False): t
-                    for t in tasks
-                }
-                for fut in as_completed(futures):
-                    task = futures[fut]
-                    out.append((task, fut.result()))
-                    bar.advance(len(task.paths))
-        except OSError as err:
-            if cfg.scheduler is not None and not out:
-                raise InputError(
-                    f"prepare.scheduler: cannot use the dask scheduler at {cfg.scheduler} ({err})"
-                ) from None
-            raise
-        finally:
-            if cluster is not None:
-                cluster.close()
-    return out, time.perf_counter() - start
-
-
 def _describe(index: DatasetIndex) -> str:
     n_unpaired = index.n_images - len(np.unique(index.caption_image))
     unpaired = f" ({n_unpaired:,} without captions)" if n_unpaired else ""
@@ -570,11 +438,16 @@ def _describe(index: DatasetIndex) -> str:
 
 def _error_line(index: DatasetIndex, bad: list[tuple[int, str]]) -> str:
     row, reason = bad[0]
-    line = f"{index.image_abspath(row)}: {reason}"
+    line = f"{index.describe_image(row)}: {reason}"
     if len(bad) > 1:
-        others = ", ".join(str(index.image_path[r]) for r, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
+        others = ", ".join(_short_name(index, r) for r, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
         line += f"; {len(bad) - 1} other image(s) failed too ({others})"
     return line + "; set prepare.on_bad_image: skip to leave bad images out (they are then listed in bad_images.json)"
+
+
+def _short_name(index: DatasetIndex, row: int) -> str:
+    """An image as the list of other failures names it: its path as the annotations give it, or its id (a member)."""
+    return str(index.image_id[row] if index.image_member is not None else index.image_path[row])
 
 
 def _write_json(path: Path, data: Any) -> None:

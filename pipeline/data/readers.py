@@ -11,6 +11,23 @@ Formats (`prepare.dataset.format`):
   strings is also accepted as several captions); rows with the same filename are one image.
 - `jsonl`: one JSON object per line, `{"image": path, "caption": text, "split"?: name}`.
 - `csv`: a header row with columns `image`, `caption` and optionally `split`.
+- `coco`: COCO captions JSON (`captions_val2017.json`): `{"images": [{"id", "file_name"}, ...],
+  "annotations": [{"image_id", "caption"}, ...]}`, what pycocotools and CLIP_benchmark read. Images in the
+  order of `images` (one without annotations is an unpaired image), captions in the order of `annotations`.
+  The file has no split: give `annotations` as a mapping split -> file, or set `default_split`. COCO 2017
+  keeps each split's images in a directory of its own: `image_root` may then be a mapping split -> directory
+  too (the index's root is their common parent, and ids are `train2017/000000391895.jpg`).
+- `folder`: `annotations` is a directory (or a mapping split -> directory); every image file under it
+  (recursively, IMAGE_EXTENSIONS, hidden files skipped, sorted) with a same-name `.txt` beside it
+  (`a/b.jpg` + `a/b.txt`, one caption per line, blank lines skipped) is captioned, one without is unpaired;
+  a `.txt` without its image, or one image name with two images (`b.jpg`, `b.png`), is an error. Image ids
+  are paths relative to image_root (default: the directory, or the mapping's common parent).
+- `parquet`: pipeline/data/parquet_rows.py (columns set by `prepare.dataset.parquet`).
+- `webdataset`: tar shards, read in place: pipeline/data/webdataset.py (`prepare.dataset.webdataset`).
+  Default image_root: the common parent directory of the shards.
+
+`annotations` is one path, a glob (`shards/*.tar`, `data/train-*.parquet`: sorted), a list of paths or globs,
+or a mapping split -> any of these.
 
 Splits of the row formats (`dsmd`, `jsonl`, `csv`): `annotations` is either one file, where each row's
 `split` key/column names its split and rows without one go to `default_split` (unset by default, so a
@@ -51,14 +68,18 @@ naming the file and the item.
 from __future__ import annotations
 
 import csv
+import glob
 import json
+import os
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.data.index import DatasetIndex
+from pipeline.data.parquet_rows import ParquetOptions
+from pipeline.data.webdataset import WebDatasetOptions
 from pipeline.errors import InputError
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -69,11 +90,13 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 class DatasetConfig:
     """Section `prepare.dataset`."""
 
-    # one annotations file, or (row formats only) a mapping split -> file
-    annotations: Path | dict[str, Path]
+    # one annotations file (a path or a glob), a list of them, or (not karpathy) a mapping split -> either
+    annotations: Path | tuple[Path, ...] | dict[str, Path | tuple[Path, ...]]
     name: str = "dataset"
-    format: Literal["karpathy", "dsmd", "jsonl", "csv"] = "karpathy"
-    image_root: Path | None = None  # directory that image paths are relative to; None = the annotations' directory
+    format: Literal["karpathy", "dsmd", "jsonl", "csv", "coco", "folder", "parquet", "webdataset"] = "karpathy"
+    # directory that image paths are relative to; None = the annotations' directory (folder, webdataset: the
+    # common parent of all of them); coco only: a mapping split -> directory (see the module doc)
+    image_root: Path | dict[str, Path] | None = None
     restval: Literal["train", "restval", "drop"] = "train"  # Karpathy's restval split: into train, kept, or dropped
     splits: tuple[str, ...] | None = None  # keep only these splits (after restval mapping); None = all
     default_split: str | None = None  # row formats: split of rows that name none; None = such a row is an error
@@ -82,6 +105,8 @@ class DatasetConfig:
     exif_orientation: Literal["ignore", "apply"] = "ignore"
     unlabelled_images: Path | None = None  # a folder of images without captions, added as unpaired images
     unlabelled_split: str = "train"  # the split those images go to
+    webdataset: WebDatasetOptions = field(default_factory=WebDatasetOptions)  # format webdataset only
+    parquet: ParquetOptions = field(default_factory=ParquetOptions)  # format parquet only
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -97,34 +122,78 @@ class DatasetConfig:
                 raise ValueError("annotations: the mapping split -> file is empty")
         if self.splits is not None and not self.splits:
             raise ValueError("splits: an empty list keeps nothing; leave it unset to keep every split")
+        if isinstance(self.image_root, dict):
+            if self.format != "coco":
+                raise ValueError("image_root: a mapping split -> directory is for format coco only")
+            if not isinstance(self.annotations, dict) or set(self.image_root) != set(self.annotations):
+                raise ValueError("image_root: a mapping needs annotations mapped by the same splits")
 
     @property
     def annotation_files(self) -> list[tuple[Path, str | None]]:
-        """(file, split of all its rows or None)."""
-        if isinstance(self.annotations, dict):
-            return [(Path(f), s) for s, f in self.annotations.items()]
-        return [(Path(self.annotations), None)]
+        """(file, split of all its rows or None), globs expanded (sorted); one InputError for a glob that
+        matches nothing."""
+        given = self.annotations.items() if isinstance(self.annotations, dict) else [(None, self.annotations)]
+        out = []
+        for split, paths in given:
+            for path in paths if isinstance(paths, tuple) else (paths,):
+                out.extend((found, split) for found in _expand(Path(path)))
+        if self.format == "karpathy" and len(out) != 1:
+            raise InputError(f"prepare.dataset.annotations: a Karpathy split file is one file, got {len(out)}")
+        return out
 
     @property
     def resolved_image_root(self) -> Path:
+        if isinstance(self.image_root, dict):
+            return Path(os.path.commonpath([os.path.abspath(p) for p in self.image_root.values()]))
         if self.image_root is not None:
             return Path(self.image_root)
-        return self.annotation_files[0][0].parent
+        files = self.annotation_files
+        if self.format == "folder":
+            return Path(os.path.commonpath([os.path.abspath(f) for f, _ in files]))
+        if self.format == "webdataset":
+            return Path(os.path.commonpath([os.path.abspath(f.parent) for f, _ in files]))
+        return files[0][0].parent
+
+
+def _expand(path: Path) -> list[Path]:
+    """A path as it is, or the files a glob in it matches, sorted."""
+    if not glob.has_magic(str(path)):
+        return [path]
+    found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    if not found:
+        raise InputError(f"prepare.dataset.annotations: {path} matches no file")
+    return found
 
 
 def read_dataset(cfg: DatasetConfig) -> DatasetIndex:
     """Read the annotations of `cfg` into a DatasetIndex (images not opened; prepare decodes them)."""
+    want_dir = cfg.format == "folder"
     for path, _ in cfg.annotation_files:
-        if not path.is_file():
-            what = "is a directory, not a file" if path.is_dir() else "not found"
+        if not (path.is_dir() if want_dir else path.is_file()):
+            what = (
+                "not found"
+                if not path.exists()
+                else "is a file, not a directory"
+                if want_dir
+                else "is a directory, not a file"
+            )
             raise InputError(f"prepare.dataset.annotations: {path} {what}")
+    roots = cfg.image_root.values() if isinstance(cfg.image_root, dict) else [cfg.resolved_image_root]
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise InputError(
+                f"prepare.dataset.image_root: {root} {'is not a directory' if root.exists() else 'not found'}"
+            )
     root = cfg.resolved_image_root
-    if not root.is_dir():
-        raise InputError(f"prepare.dataset.image_root: {root} {'is not a directory' if root.exists() else 'not found'}")
 
     builder = _Builder(cfg)
     if cfg.format == "karpathy":
         _read_karpathy(cfg.annotation_files[0][0], builder)
+    elif cfg.format in ("coco", "folder", "parquet", "webdataset"):
+        from pipeline.data.more_readers import READERS  # they build on this module's _Builder
+
+        for path, file_split in cfg.annotation_files:
+            READERS[cfg.format](path, file_split, root, builder)
     else:
         reader = {"dsmd": _dsmd_rows, "jsonl": _jsonl_rows, "csv": _csv_rows}[cfg.format]
         unpaired_ok = cfg.format != "dsmd"  # DSMD rows have no notation for a caption without an image
@@ -143,14 +212,29 @@ class _Builder:
     def __init__(self, cfg: DatasetConfig) -> None:
         self.cfg = cfg
         self.images: list[tuple[str, str, str]] = []  # (id, path, split)
+        self.members: list[tuple[str, str, int, int]] = []  # (container, member, offset, length) per image
         self.row_of: dict[str, int] = {}
         self.where_of: dict[str, str] = {}
         self.captions: list[tuple[str, int]] = []
         self.unpaired_texts: list[tuple[str, str]] = []  # (text, split)
 
-    def add_image(self, where: str, path: str, split: str) -> int:
-        image_id = _normalize_path(path, where)
+    def add_image(
+        self,
+        where: str,
+        path: str,
+        split: str,
+        *,
+        image_id: str | None = None,
+        member: tuple[str, str, int, int] = ("", "", -1, -1),
+        unique: bool = False,
+    ) -> int:
+        """The row of image `path` (a file, or with `member` the container holding it), added if new. Its id
+        is its normalized path unless given; `unique`: an id seen before is an error (the image is listed twice)."""
+        path = _normalize_path(path, where)
+        image_id = path if image_id is None else image_id
         row = self.row_of.get(image_id)
+        if row is not None and unique:
+            raise InputError(f"{where}: image {image_id!r} is listed twice (also at {self.where_of[image_id]})")
         if row is not None:
             if self.images[row][2] != split:
                 raise InputError(
@@ -160,7 +244,8 @@ class _Builder:
             return row
         row = self.row_of[image_id] = len(self.images)
         self.where_of[image_id] = where
-        self.images.append((image_id, image_id, split))
+        self.images.append((image_id, path, split))
+        self.members.append(member)
         return row
 
     def add_caption(self, where: str, text: Any, row: int | None, split: str | None = None) -> None:
@@ -184,9 +269,11 @@ class _Builder:
         file_split: str | None,
         *,
         unpaired_ok: bool = False,
+        **where_in: Any,
     ) -> None:
         """`image` None (row formats: an empty image field) makes the captions unpaired texts when
-        `unpaired_ok`; an empty `captions` list makes the image an unpaired image."""
+        `unpaired_ok`; an empty `captions` list makes the image an unpaired image. `image` keywords go to
+        add_image (`where_in`: an image inside a container, its id, uniqueness)."""
         if image is None and unpaired_ok:
             if not captions:
                 raise InputError(f"{where}: row has neither an image nor a caption")
@@ -210,7 +297,7 @@ class _Builder:
         split = self._map_split(split)
         if split is None:
             return
-        row = None if image is None else self.add_image(where, image, split)
+        row = None if image is None else self.add_image(where, image, split, **where_in)
         for text in captions:
             self.add_caption(where, text, row, split)
 
@@ -245,6 +332,7 @@ class _Builder:
             self.captions,
             exif_orientation=self.cfg.exif_orientation,
             unpaired_texts=self.unpaired_texts,
+            members=self.members,
         )
 
 

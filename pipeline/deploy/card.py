@@ -1,8 +1,8 @@
 """The student directory's README.md: what it was distilled from, how, how well, how fast, and how to load it.
 
 Metrics are this model's own: a student trained with several seeds (`distill.runs`) is one seed, whose figures
-are in `metrics_detail.json` (`<model>.seeds.<run name>`); `metrics.json` holds the seed means, shown beside it
-as such.
+are in `metrics_detail.json`, evaluate's whole record (`<model>.seeds.<run name>`), beside each model's seed
+means, shown as such.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def teacher_line(teacher: dict[str, Any]) -> str:
     return f"**{teacher.get('name', '?')}**" + (": " + "; ".join(parts) if parts else "")
 
 
-def own_metrics(metrics: dict[str, Any], detail: dict[str, Any] | None, run: str) -> tuple[str, dict] | None:
-    """(model name, figures) of the run `run` (the student directory's name): its seed's figures from
-    metrics_detail.json, or metrics.json's own row when that model is this run (no seeds)."""
-    for name, entry in (detail or {}).items():
+def own_metrics(metrics: dict[str, Any], run: str) -> tuple[str, dict] | None:
+    """(model name, figures) of the run `run` (the student directory's name) in the record `metrics`
+    (metrics_detail.json): its seed's figures, or the model's own row when that model is this run (no seeds)."""
+    for name, entry in metrics.items():
         seeds = entry.get("seeds") if isinstance(entry, dict) else None
         if isinstance(seeds, dict) and isinstance(seeds.get(run), dict):
             return name, seeds[run]
@@ -65,11 +65,11 @@ def own_metrics(metrics: dict[str, Any], detail: dict[str, Any] | None, run: str
     return None
 
 
-def metrics_table(metrics: dict[str, Any], detail: dict[str, Any] | None, run: str) -> list[str]:
+def metrics_table(metrics: dict[str, Any], run: str) -> list[str]:
     rows = [(name, v) for name, v in metrics.items() if isinstance(v, dict) and "rsum" in v]
     if not rows:
         return ["No metrics yet (run `kdpipe evaluate`)."]
-    own = own_metrics(metrics, detail, run)
+    own = own_metrics(metrics, run)
     lines = [
         f"{metrics.get('dataset', '?')}, split {metrics.get('split', '?')}: {metrics.get('n_images', '?')} images, "
         f"{metrics.get('n_captions', '?')} captions; recalls in percent.",
@@ -85,7 +85,7 @@ def metrics_table(metrics: dict[str, Any], detail: dict[str, Any] | None, run: s
     if own is not None:
         lines.append(row(f"**this model** ({run})", own[1]))
     for name, v in rows:
-        seeds = len((detail or {}).get(name, {}).get("seeds", {}) or {})
+        seeds = len(v.get("seeds") or {})
         label = f"{name} (mean of {seeds} seeds)" if seeds > 1 else name
         lines.append(row(label, v))
     return lines
@@ -122,8 +122,7 @@ def model_card(
     `shown`: the directory's final path (the one the loading snippets name)."""
     meta = _json(student_dir / "student_config.json") or {}
     summary = _json(student_dir / "train_summary.json") or {}
-    metrics = _json(metrics_path)
-    detail = _json(metrics_path.with_name("metrics_detail.json")) if metrics_path is not None else None
+    metrics = _json(metrics_path)  # metrics_detail.json: evaluate's whole record
     teacher = (store_attrs or {}).get("teacher") or {}
     dataset = (store_attrs or {}).get("dataset") or {}
     recipe = (
@@ -156,9 +155,9 @@ def model_card(
     if recipe:
         lines += ["", "```yaml", recipe.rstrip(), "```"]
     lines += ["", "## Metrics", ""]
-    lines += metrics_table(metrics, detail, run) if metrics else ["No metrics.json given."]
+    lines += metrics_table(metrics, run) if metrics else ["No metrics_detail.json given."]
     if metrics:
-        own = own_metrics(metrics, detail, run)
+        own = own_metrics(metrics, run)
         lines += ["", *speed_lines(metrics, own[0] if own else None, meta, teacher)]
     lines += ["", "## How to load", "", *loading(meta, info, student_dir, shown)]
     return "\n".join(lines).rstrip() + "\n"

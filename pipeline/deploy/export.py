@@ -43,7 +43,7 @@ class ExportRequest:
     open_clip: bool = False
     sentence: bool = False  # sentence-transformers, the text side
     features: Path | None = None  # the teacher's feature store: the card's teacher and dataset
-    metrics: Path | None = None  # evaluate's metrics.json (metrics_detail.json beside it: per-seed figures)
+    metrics: Path | None = None  # evaluate's metrics_detail.json (its whole record: seed means, each seed's figures)
     images: Path | None = None  # prepare's image cache: how the student's pixels were made
 
 

@@ -2,7 +2,7 @@
 `preprocess_cfg` for open_clip that make, from an image file, the pixels kdpipe trained and evaluates the
 student on.
 
-kdpipe's pixels (`pipeline.data.prepare.decode_image`, recorded in the image cache's attrs as `resize`):
+kdpipe's pixels (`pipeline.data.pixels.decode_image`, recorded in the image cache's attrs as `resize`):
 RGB conversion, then `squash` (the whole image to crop x crop) or `shorter_side_center_crop` (shorter side to
 `resize`, then a crop x crop window at round((side - crop) / 2), as torchvision's CenterCrop), one PIL filter;
 then the student divides by 255 and normalizes with its mean / std. A cache of another size than the student's
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import from_dict
-from pipeline.data.prepare import ResizeConfig
+from pipeline.data.pixels import PixelRecipe, ResizeConfig
 from pipeline.errors import InputError
 
 # PIL's resampling codes (Image.Resampling), as transformers' `resample` takes them
@@ -49,16 +49,8 @@ class StudentPixels:
 
     def describe(self) -> str:
         """One line for the model card."""
-        r = self.resize
-        if r.mode == "squash":
-            how = f"squash: the whole image resized to {r.crop} x {r.crop} (aspect ratio not kept)"
-        else:
-            how = f"shorter side resized to {r.resize}, then the centre {r.crop} x {r.crop} crop"
-        upright = "turned upright by its EXIF orientation tag, " if self.exif == "apply" else ""
-        return (
-            f"RGB, {upright}{how}, {r.filter} filter; / 255, then (x - mean) / std with mean {self.mean}, "
-            f"std {self.std}"
-        )
+        recipe = PixelRecipe(self.resize, self.exif).phrase()
+        return f"RGB, {recipe}; / 255, then (x - mean) / std with mean {self.mean}, std {self.std}"
 
 
 def student_pixels(cache_attrs: dict[str, Any] | None, source: str, size: int, mean, std, what: str) -> StudentPixels:

@@ -1,9 +1,7 @@
-"""The evaluate stage's report: recall@K curves (PNG and DVC plots data), the Markdown table, per-query ranks.
+"""The evaluate stage's plots and ranks: recall@K curves (PNG and DVC plots data), per-query ranks.
 
 <workdir>/
-  metrics_detail.json  (written by run.py beside metrics.json: per seed, per group, every recall's interval)
-  metrics.md           the table: every model's R@1/5/10 both ways, RSUM, average, RSUM minus the reference's with
-                       its paired-bootstrap 95% interval, seeds; per-group RSUM; latency and parameters
+  metrics.md           the tables of metrics_detail.json (pipeline/evaluate/tables.py)
   ranks.npz            per-query ranks of every run: <run>_i2t [N] (image order, with image_id), <run>_t2i [M]
                        (caption order, with text_image), so anyone can recompute any figure (or see which queries fail)
   plots/
@@ -25,7 +23,6 @@ import numpy as np
 from pipeline.store.durable import atomic_dir
 
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
-TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "average_score")
 
 
 def write_curves(out_dir: Path | str, curves: dict[str, dict[str, np.ndarray]], title: str = "") -> Path:
@@ -61,6 +58,13 @@ def write_curves_csv(out_dir: Path, curves: dict[str, dict[str, np.ndarray]]) ->
         (out_dir / f"recall_{d}.csv").write_text("\n".join(lines) + "\n")
 
 
+def recall_axis_top(curves: dict[str, dict[str, np.ndarray]]) -> float:
+    """The recall axis' upper end: the highest value drawn and 5% more, up to the next multiple of 10 (at most 100),
+    so curves that all stay low are spread over the plot instead of lying on top of each other near its floor."""
+    peak = max(float(np.max(c[d])) for c in curves.values() for d in DIRECTIONS)
+    return float(min(100.0, 10.0 * np.ceil(max(peak, 1e-9) * 1.05 / 10.0))) + 0.5
+
+
 def plot_recall_curves(curves: dict[str, dict[str, np.ndarray]], path: Path, title: str = "") -> None:
     import matplotlib
 
@@ -82,86 +86,14 @@ def plot_recall_curves(curves: dict[str, dict[str, np.ndarray]], path: Path, tit
         ax.set_title(f"{label} recall@K")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("recall (%)")
-    axes[0].set_ylim(0, 100.5)
-    axes[1].legend(loc="lower right")
+    axes[0].set_ylim(0, recall_axis_top(curves))
+    # below the axes, not over them: inside, it covered the students' curves
+    handles, labels = axes[0].get_legend_handles_labels()
+    ncol = min(len(labels), 5)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    rows = -(-len(labels) // ncol)  # legend rows
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
     fig.savefig(path)
     plt.close(fig)
-
-
-def model_names(doc: dict[str, Any]) -> list[str]:
-    """The models of a metrics document, in its order (teacher, the trained ones, chance)."""
-    return [k for k, v in doc.items() if isinstance(v, dict) and "rsum" in v]
-
-
-def markdown_table(doc: dict[str, Any], run_info: dict[str, Any] | None = None, detail: dict | None = None) -> str:
-    """Every model of metrics.json `doc`: recalls, RSUM, average, the RSUM difference to the reference with its 95%
-    interval, seeds (RSUM sd); per-group RSUM (from metrics_detail.json `detail`) when the galleries are grouped;
-    then latency and parameters when measured."""
-    run_info, detail = run_info or {}, detail or {}
-    models = model_names(doc)
-    ref = (run_info.get("bootstrap") or {}).get("reference")
-    lines = [
-        f"{doc['dataset']}, {doc['split']} split: {doc['n_images']:,} images, {doc['n_captions']:,} captions "
-        f"(exact search, float32 scores, {run_info.get('tie_rule', 'pessimistic')} ties"
-        + (", per-group galleries" if run_info.get("gallery") == "by_directory" else "")
-        + ")",
-        "",
-        "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | average "
-        f"| RSUM - {ref or 'reference'} (95% CI) | seeds (RSUM sd) |",
-        "|---|" + "---:|" * 10,
-    ]
-    for m in models:
-        r = doc[m]
-        iv = r.get(f"rsum_vs_{ref}")
-        diff = f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})" if iv else "-"
-        n_runs = len((run_info.get("runs") or {}).get(m, [m]))
-        seeds = f"{n_runs} ({r['rsum_sd']:.1f})" if "rsum_sd" in r else ("-" if m == "chance" else str(n_runs))
-        cells = [f"{r[k]:.1f}" for k in TABLE_KEYS]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {diff} | {seeds} |")
-    lines += _group_table(detail, models) + _cost_table(doc, models, run_info)
-    return "\n".join(lines) + "\n"
-
-
-def _group_table(detail: dict[str, Any], models: list[str]) -> list[str]:
-    groups = list(detail.get(models[0], {}).get("groups", {})) if models else []
-    if not groups:
-        return []
-    lines = ["", "| RSUM per gallery | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
-    for m in models:
-        lines.append(f"| {m} | " + " | ".join(f"{detail[m]['groups'][g]['rsum']:.1f}" for g in groups) + " |")
-    return lines
-
-
-def _cost_table(doc: dict[str, Any], models: list[str], run_info: dict[str, Any]) -> list[str]:
-    lat, params = doc.get("latency"), doc.get("params") or {}
-    if not lat and not any(v is not None for v in params.values()):
-        return []
-    lines = ["", "| model | parameters | s / image | s / caption |", "|---|---:|---:|---:|"]
-    for m in (m for m in models if m != "chance"):
-        t = (lat or {}).get(m)
-        lines.append(f"| {m} | {_count(params.get(m))} | {_sec(t, 'image_s')} | {_sec(t, 'caption_s')} |")
-    method = run_info.get("latency_method") or {}
-    if lat and method:
-        note = f"latency on {method['device']}, {method['dtype']}, batch {method['batch_size']}"
-        if lat.get("teacher") is None and method.get("teacher_reason"):
-            note += f"; teacher not timed: {method['teacher_reason']}"
-        for m, s in (lat.get("speedup") or {}).items():
-            note += f"; {m} speed-up {s['image_s']:.3g}x per image, {s['caption_s']:.3g}x per caption"
-        lines += ["", note]
-    return lines
-
-
-def _count(p: int | None) -> str:
-    if p is None:
-        return "-"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if p >= scale:
-            return f"{p / scale:.1f}{suffix}"
-    return str(p)
-
-
-def _sec(t: dict | None, key: str) -> str:
-    return "-" if not t else f"{t[key]:.4g}"

@@ -1,8 +1,9 @@
 """The evaluate stage: exact retrieval metrics of the teacher (from the feature store) and of the students
 (encoded from prepare's image cache and the index's captions) on one split, encode latency and parameter
-counts, written as `metrics.json` (schema: docs/architecture.md, "Metrics file"; metrics only, so that
-`dvc metrics show` is a table) and `run_info.json` beside it (where and how they were measured), plus
-`metrics.md` (the table), `ranks.npz` (every run's per-query ranks) and plots/.
+counts, written as `metrics_detail.json` (the whole record: its layout in the README, "Evaluation"),
+`metrics.json` (its headline: each model's RSUM, one row of `dvc metrics show`) and `run_info.json` beside them
+(where and how they were measured), plus `metrics.md` (the table), `ranks.npz` (every run's per-query ranks) and
+plots/.
 
 A model is one or more runs (training seeds, `distill.runs`): its block holds the seed means, the spread and
 each seed's figures, and its paired-bootstrap difference to the reference model (pipeline.evaluate.summary).
@@ -32,7 +33,14 @@ from pipeline.errors import ConfigError, KdpipeError
 from pipeline.evaluate.bootstrap import RECALL_KEYS
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
 from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics, teacher_agreement
-from pipeline.evaluate.summary import chance_block, compare_to_reference, model_block, split_detail, with_average
+from pipeline.evaluate.summary import (
+    chance_block,
+    compare_to_reference,
+    headline,
+    model_block,
+    with_average,
+    with_intervals,
+)
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
 from pipeline.store.alignment import align_store_split
@@ -128,7 +136,8 @@ def evaluate_embeddings(
 
 
 def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -> dict[str, Any]:
-    """`kdpipe evaluate --features STORE`: the stored embeddings alone, under the name `teacher`."""
+    """`kdpipe evaluate --features STORE`: the stored embeddings alone, under the name `teacher` (the whole record,
+    as metrics_detail.json holds it)."""
     from pipeline.store.features import open_store
     from pipeline.store.verify import check_finite
 
@@ -143,7 +152,7 @@ def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -
         split=split,
         n_images=s.n_images,
         n_captions=s.n_captions,
-        models=split_detail({"teacher": model_block([result], s.text_image, groups)}, {}, "")[0],
+        models={"teacher": model_block([result], s.text_image, groups)},
         teacher_name=store.teacher.get("name"),
         tie_rule=TIE_RULE,
         gallery=cfg.gallery,
@@ -153,8 +162,8 @@ def evaluate_features(store_path: Path | str, split: str, cfg: EvaluateConfig) -
 def metrics_document(
     *, dataset: str, split: str, n_images: int, n_captions: int, models: dict[str, dict[str, float]], **extra: Any
 ) -> dict[str, Any]:
-    """metrics.json: the architecture's keys first (dataset, split, sizes, then one block per model: teacher,
-    student, ...), then extras (chance, params, latency, ...)."""
+    """The whole record (metrics_detail.json): the architecture's keys first (dataset, split, sizes, then one block
+    per model: teacher, student, ...), then extras (chance, params, latency, ...)."""
     missing = [(m, k) for m, block in models.items() for k in METRIC_KEYS if k not in block]
     if missing:
         raise ValueError(f"metrics of {missing[0][0]} lack {missing[0][1]}")
@@ -327,11 +336,12 @@ def same_teacher(identity: dict[str, Any], stored: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class EvaluateOutput:
-    document: dict[str, Any]  # metrics.json
-    detail: dict[str, Any]  # metrics_detail.json
+    document: dict[str, Any]  # the whole record: metrics_detail.json
+    headline: dict[str, Any]  # metrics.json
     run_info: dict[str, Any]  # run_info.json
     results: dict[str, list[ModelResult]]  # every run of every model (teacher: one)
     metrics_path: Path
+    detail_path: Path
     plots_dir: Path
     table: str  # the Markdown table (also in metrics.md)
     seconds: float
@@ -340,8 +350,8 @@ class EvaluateOutput:
         names = ", ".join(f"{k} RSUM {self.document[k]['rsum']:.1f}" for k in self.results)
         return (
             f"evaluate: {self.document['split']} split, {self.document['n_images']:,} images / "
-            f"{self.document['n_captions']:,} captions: {names}; wrote {self.metrics_path} and "
-            f"{self.plots_dir}/ in {self.seconds:.1f} s"
+            f"{self.document['n_captions']:,} captions: {names}; wrote {self.metrics_path} (details: "
+            f"{self.detail_path}) and {self.plots_dir}/ in {self.seconds:.1f} s"
         )
 
 
@@ -432,8 +442,8 @@ def _evaluate_student(
 
 
 def _documents(store, index, s, cfg, results, groups, reference, params, latency, device) -> tuple[dict, ...]:
-    """metrics.json (the headline metrics only), metrics_detail.json (per seed, per group, every interval) and
-    run_info.json (where, how, how long)."""
+    """metrics_detail.json (the whole record: every model's seed means, spread, per seed, per group, intervals;
+    chance, parameters, latency) and run_info.json (where, how, how long)."""
     ti = np.asarray(s.text_image)
     blocks = {m: model_block(rs, ti, groups) for m, rs in results.items()}
     blocks["chance"] = chance_block(ti, groups)
@@ -444,15 +454,15 @@ def _documents(store, index, s, cfg, results, groups, reference, params, latency
         cfg.bootstrap_resamples,
         cfg.bootstrap_seed,
     )
-    head, detail = split_detail(blocks, intervals, reference)
-    chance = head.pop("chance")
+    blocks = with_intervals(blocks, intervals, reference)
+    chance = blocks.pop("chance")
     method = {k: latency.pop(k) for k in LATENCY_METHOD_KEYS if k in latency} if latency else None
     doc = metrics_document(
         dataset=_dataset_name(store, index.name),
         split=cfg.split,
         n_images=s.n_images,
         n_captions=s.n_captions,
-        models=head,
+        models=blocks,
         chance=chance,
         params=params,
         latency=latency,
@@ -473,18 +483,20 @@ def _documents(store, index, s, cfg, results, groups, reference, params, latency
         "timing_s": {r.name: r.seconds for rs in results.values() for r in rs},
         "environment": numerics_environment(device),
     }
-    return doc, detail, run_info
+    return doc, run_info
 
 
-def _write_outputs(paths, cfg, doc, detail, run_info, results, s, groups, metrics_path, start) -> EvaluateOutput:
-    """metrics.json, metrics_detail.json, run_info.json and metrics.md side by side, ranks.npz, and the curves in
-    plots/."""
-    from pipeline.evaluate.plots import markdown_table, write_curves, write_ranks
+def _write_outputs(paths, cfg, doc, run_info, results, s, groups, metrics_path, start) -> EvaluateOutput:
+    """metrics.json (the headline), metrics_detail.json (the whole record), run_info.json and metrics.md side by
+    side, ranks.npz, and the curves in plots/."""
+    from pipeline.evaluate.plots import write_curves, write_ranks
+    from pipeline.evaluate.tables import markdown_table
     from pipeline.store.durable import write_file_durably
 
-    table = markdown_table(doc, run_info, detail)
-    metrics_path = write_json(doc, metrics_path or paths.metrics)
-    write_json(detail, metrics_path.with_name("metrics_detail.json"))
+    table = markdown_table(doc, run_info)
+    head = headline(doc)
+    metrics_path = write_json(head, metrics_path or paths.metrics)
+    detail_path = write_json(doc, metrics_path.with_name(paths.metrics_detail.name))
     write_json(run_info, metrics_path.with_name(paths.run_info.name))
     write_file_durably(metrics_path.with_name("metrics.md"), table.encode())
     if cfg.write_ranks:
@@ -494,7 +506,8 @@ def _write_outputs(paths, cfg, doc, detail, run_info, results, s, groups, metric
     curves = {m: curves[m] for m in cfg.plot_models or curves}
     title = f"{doc['dataset']} {doc['split']}: {doc['n_images']:,} images, {doc['n_captions']:,} captions"
     write_curves(paths.plots, curves, title)
-    return EvaluateOutput(doc, detail, run_info, results, metrics_path, paths.plots, table, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return EvaluateOutput(doc, head, run_info, results, metrics_path, detail_path, paths.plots, table, seconds)
 
 
 def _measure_latency(
@@ -508,7 +521,7 @@ def _measure_latency(
     params: dict[str, int | None],
 ) -> dict[str, Any] | None:
     """Seconds per image and per caption of the teacher and each model (its first run), on `device`; the
-    method's description (LATENCY_METHOD_KEYS) goes to run_info.json, the figures to metrics.json."""
+    method's description (LATENCY_METHOD_KEYS) goes to run_info.json, the figures to metrics_detail.json."""
     if not cfg.latency:
         return None
     split_images = images if gallery.image_rows is None else images[gallery.image_rows[: cfg.latency_batch_size]]

@@ -4,9 +4,9 @@ chance, and each model's paired-bootstrap difference to the reference model (the
 A model is a list of runs (one per training seed; the teacher is one run). Its block holds the seed means of every
 metric, `average_score` (the mean of the six recalls, what BEiT-3's code prints) next to `rsum`, and, with several
 seeds, `rsum_sd` (sample standard deviation over seeds), `seeds: {run: {recalls, rsum}}` and, with grouped
-galleries, `groups: {group: {recalls, rsum}}`. `split_detail` keeps the headline in metrics.json (one row of
-`dvc metrics show` that a person can read: recalls, RSUM, spread, RSUM difference to the reference with its
-interval) and moves the breakdowns (per seed, per group, the interval of every recall) to metrics_detail.json.
+galleries, `groups: {group: {recalls, rsum}}`; `with_intervals` adds `rsum_vs_<reference>` {diff, low, high} and
+`vs_<reference>` (the interval of every recall). Those blocks make metrics_detail.json, the whole record;
+`headline` keeps of it what metrics.json shows (`dvc metrics show`: one row a terminal holds, each model's RSUM).
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import numpy as np
 from pipeline.evaluate.bootstrap import RECALL_KEYS, paired_bootstrap, resample_counts
 from pipeline.evaluate.galleries import chance_metrics, group_metrics
 from pipeline.evaluate.retrieval import RetrievalRanks
+from pipeline.evaluate.tables import model_names
 
 SUMMARY_KEYS = (*RECALL_KEYS, "rsum", "average_score")  # what per-seed and per-group entries keep
-DETAIL_KEYS = ("seeds", "groups")  # breakdowns: metrics_detail.json
+HEADLINE_KEYS = ("dataset", "split")  # metrics.json: these, then each model's HEADLINE_MODEL_KEYS (not chance's)
+HEADLINE_MODEL_KEYS = ("rsum",)
 
 
 def with_average(metrics: dict[str, float]) -> dict[str, float]:
@@ -82,19 +84,37 @@ def compare_to_reference(
     }
 
 
-def split_detail(
+def with_intervals(
     blocks: dict[str, dict[str, Any]], intervals: dict[str, dict[str, Any]], reference: str
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(headline, detail): the blocks without their breakdowns plus `rsum_vs_<reference>` {diff, low, high}, and
-    the breakdowns plus `vs_<reference>` (the interval of every recall) of the models that have any."""
-    head, detail = {}, {}
+) -> dict[str, dict[str, Any]]:
+    """The blocks, each compared model's with `rsum_vs_<reference>` {diff, low, high} and `vs_<reference>` (the
+    interval of every recall)."""
+    out = {}
     for m, block in blocks.items():
-        head[m] = {k: v for k, v in block.items() if k not in DETAIL_KEYS}
-        detail[m] = {k: block[k] for k in DETAIL_KEYS if k in block}
+        out[m] = dict(block)
         if m in intervals:
-            head[m][f"rsum_vs_{reference}"] = intervals[m]["rsum"]
-            detail[m][f"vs_{reference}"] = intervals[m]
-    return head, {m: d for m, d in detail.items() if d}
+            out[m][f"rsum_vs_{reference}"] = intervals[m]["rsum"]
+            out[m][f"vs_{reference}"] = intervals[m]
+    return out
 
 
-__all__ = ["SUMMARY_KEYS", "split_detail", "with_average", "model_block", "chance_block", "compare_to_reference"]
+def headline(doc: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json from the whole record `doc` (metrics_detail.json): the dataset, the split and each model's RSUM
+    (chance, recalls, spreads, intervals, sizes, latency and parameters stay in the record)."""
+    return {
+        **{k: doc[k] for k in HEADLINE_KEYS},
+        **{m: {k: doc[m][k] for k in HEADLINE_MODEL_KEYS} for m in model_names(doc) if m != "chance"},
+    }
+
+
+__all__ = [
+    "SUMMARY_KEYS",
+    "HEADLINE_KEYS",
+    "HEADLINE_MODEL_KEYS",
+    "with_intervals",
+    "headline",
+    "with_average",
+    "model_block",
+    "chance_block",
+    "compare_to_reference",
+]

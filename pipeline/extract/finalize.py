@@ -39,7 +39,7 @@ def finalize(
             if cfg.on_bad_image == "error":  # recorded by an earlier run with on_bad_image=skip
                 row = int(entry["row"])
                 raise InputError(
-                    f"{views[u.split].image_path[row]}: cannot read image ({entry['reason']}); "
+                    f"{views[u.split].image_ref[row].describe()}: cannot read image ({entry['reason']}); "
                     "set extract.on_bad_image=skip to leave such images out"
                 )
     writer = StoreWriter(out)

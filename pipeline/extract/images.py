@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.exif import orientation, upright
+from pipeline.data.image_source import ImageFiles, ImageRef, open_image
 from pipeline.data.index import SplitView
 from pipeline.errors import InputError
 from pipeline.extract.config import ExtractConfig
@@ -23,10 +24,13 @@ from pipeline.teachers import Teacher
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def load_rgb(path: str, draft_size: int | None = None, exif: str = "ignore") -> Image.Image:
-    """Decode an image file fully as RGB (raises on a missing, truncated or unreadable file); exif "apply":
-    turned upright by its EXIF orientation tag (the dataset index's choice, see pipeline/data/exif.py)."""
-    with Image.open(path) as im:
+def load_rgb(
+    image: ImageRef | str, draft_size: int | None = None, exif: str = "ignore", files: ImageFiles | None = None
+) -> Image.Image:
+    """Decode an image (a file, or an index row's ImageRef: a shard member, a parquet cell) fully as RGB (raises
+    on a missing, truncated or unreadable image); exif "apply": turned upright by its EXIF orientation tag (the
+    dataset index's choice, see pipeline/data/exif.py)."""
+    with open_image(image if isinstance(image, ImageRef) else ImageRef(image), files) as im:
         tag = orientation(im) if exif == "apply" else 1
         if draft_size and im.format == "JPEG":
             # DCT-domain downscale, never below the requested size; square, so the same before or after a rotation
@@ -39,21 +43,24 @@ class _ImageItems(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        paths: list[str],
+        images: list[ImageRef],
         preprocess: Callable[[Image.Image], torch.Tensor],
         blank: torch.Tensor,
         draft_size: int | None,
         exif: str,
     ) -> None:
-        self.paths, self.preprocess, self.blank, self.draft_size = paths, preprocess, blank, draft_size
+        self.images, self.preprocess, self.blank, self.draft_size = images, preprocess, blank, draft_size
         self.exif = exif
+        self.files: ImageFiles | None = None  # made in each worker process (its open shard is its own)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        if self.files is None:
+            self.files = ImageFiles()
         try:
-            image = load_rgb(self.paths[i], self.draft_size, self.exif)
+            image = load_rgb(self.images[i], self.draft_size, self.exif, self.files)
         except _BAD_IMAGE_ERRORS as err:
             return self.blank.clone(), f"{type(err).__name__}: {err}"
         return self.preprocess(image), ""
@@ -77,17 +84,17 @@ def extract_images(
     preprocess = getattr(teacher, "preprocess_image_uint8", None) or teacher.preprocess_image
     blank = torch.zeros_like(preprocess(Image.new("RGB", (32, 32))))  # [3, S, S]
     draft = int(blank.shape[-1]) if cfg.jpeg_draft else None
-    paths: list[str] = []
+    images: list[ImageRef] = []
     batches: list[list[int]] = []
     batch_of: list[tuple[int, int]] = []  # batch -> (unit number, first row inside the unit)
     for k, u in enumerate(units):
-        base = len(paths)
-        paths.extend(views[u.split].image_path[u.start : u.stop].tolist())
+        base = len(images)
+        images.extend(views[u.split].image_ref[u.start : u.stop])
         for b in range(0, u.rows, cfg.image_batch_size):
             batches.append(list(range(base + b, base + min(u.rows, b + cfg.image_batch_size))))
             batch_of.append((k, b))
     loader = data_loader(
-        _ImageItems(paths, preprocess, blank, draft, exif),
+        _ImageItems(images, preprocess, blank, draft, exif),
         workers,
         device.type == "cuda",
         cfg.prefetch_factor,
@@ -112,7 +119,7 @@ def extract_images(
                         if cfg.on_bad_image == "error":
                             row = u.start + first + j
                             raise InputError(
-                                f"{views[u.split].image_path[row]}: cannot read image ({message}); "
+                                f"{views[u.split].image_ref[row].describe()}: cannot read image ({message}); "
                                 "set extract.on_bad_image=skip to leave such images out"
                             )
                 out = teacher.encode_image_batch(pixels.to(device, non_blocking=True))

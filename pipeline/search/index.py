@@ -3,8 +3,9 @@
     <dir>/index.faiss      faiss.write_index of the index
     <dir>/codes.npy        flat only: the rows as 8-bit codes (uint8 [N, D]) for the fast exact scan
                            (pipeline/search/prefilter.py); its scale and error bounds are in ids.json "codes"
-    <dir>/ids.json         {"ids": [...], "source": ..., "student": ..., "kind": ..., "dim": D}, written last
-                           row i of the index is ids[i]
+    <dir>/rows.jsonl       line i: {"split": ..., "captions": [...]} of row i (what a result prints)
+    <dir>/ids.json         {"ids": [...], "source": ..., "student": ..., "student_weights": {...}, "pixels": {...},
+                           "kind": ..., "dim": D}, written last: row i of the index is ids[i]
 
 Kinds: `flat` (IndexFlatIP, exact: the default), `hnsw` (IndexHNSWFlat over inner product: a graph, no training,
 ~1.5x the memory of flat) and `ivfpq` (IndexIVFPQ: k-means cells and product-quantized codes, for millions of
@@ -27,6 +28,7 @@ from pipeline.store.durable import atomic_path, write_text_durably
 
 Kind = Literal["flat", "hnsw", "ivfpq"]
 CODES_FILE = "codes.npy"
+ROWS_FILE = "rows.jsonl"
 # a flat gallery of at least this many values (64 MB of float32) is searched through its 8-bit codes; below, a
 # float32 scan is as fast or faster (measured on 2 cores: 20k x 768 1.55 vs 1.42 ms, 50k x 768 2.7 vs 6.3 ms)
 PREFILTER_MIN_VALUES = 16_000_000
@@ -86,14 +88,21 @@ def recall_at_k(approx: Any, emb: np.ndarray, queries: np.ndarray, k: int = 10) 
     return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth.tolist(), found.tolist())]))
 
 
-def save_index(index: Any, ids: list[str], directory: Path | str, **meta: Any) -> Path:
+def save_index(
+    index: Any, ids: list[str], directory: Path | str, rows: list[dict[str, Any]] | None = None, **meta: Any
+) -> Path:
+    """Write the index, its codes (flat), `rows` (what each row is: split, captions) and ids.json, last."""
     import faiss
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if index.ntotal != len(ids):
-        raise ValueError(f"{index.ntotal} vectors but {len(ids)} ids")
+    if index.ntotal != len(ids) or (rows is not None and len(rows) != len(ids)):
+        raise ValueError(f"{index.ntotal} vectors but {len(ids)} ids and {len(rows or ids)} rows")
     (directory / "ids.json").unlink(missing_ok=True)  # its presence means a finished index: gone until then
+    (directory / ROWS_FILE).unlink(missing_ok=True)
+    if rows is not None:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        write_text_durably(directory / ROWS_FILE, lines)
     with atomic_path(directory / "index.faiss") as tmp:
         faiss.write_index(index, str(tmp))
     (directory / CODES_FILE).unlink(missing_ok=True)
@@ -120,6 +129,7 @@ class SearchIndex:
     ids: list[str]
     meta: dict[str, Any]
     codes: Codes | None = None  # a flat index's 8-bit codes, when stored beside it
+    directory: Path | None = None  # where it was loaded from (rows.jsonl)
     _prefilter: EightBitPrefilter | None = field(default=None, repr=False)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +163,20 @@ class SearchIndex:
         """The flat index's [N, D] float32 rows (no copy)."""
         return flat_vectors(self.index)
 
+    def rows(self, which: list[int]) -> list[dict[str, Any]]:
+        """rows.jsonl's entries of rows `which` ({} each for an index without it). Only those lines are parsed."""
+        path = self.directory / ROWS_FILE if self.directory else None
+        if path is None or not path.is_file():
+            return [{} for _ in which]
+        lines = path.read_bytes().split(b"\n")
+        if len(lines) != len(self.ids) + 1:  # + the empty string after the last newline
+            raise InputError(f"{path}: {len(lines) - 1} lines for {len(self.ids)} index rows; run `kdpipe index` again")
+        try:
+            out = [json.loads(lines[r]) for r in which]
+        except ValueError as err:
+            raise InputError(f"{path}: not JSON lines ({err}); run `kdpipe index` again") from None
+        return [r if isinstance(r, dict) else {} for r in out]
+
 
 def load_index(directory: Path | str) -> SearchIndex:
     import faiss
@@ -172,7 +196,9 @@ def load_index(directory: Path | str) -> SearchIndex:
         index.hnsw.efSearch = int(meta["ef_search"])
     if meta.get("kind") == "ivfpq" and "nprobe" in meta:
         faiss.extract_index_ivf(index).nprobe = int(meta["nprobe"])
-    return SearchIndex(index, ids, meta, codes=_load_codes(directory, meta, (index.ntotal, index.d)))
+    return SearchIndex(
+        index, ids, meta, codes=_load_codes(directory, meta, (index.ntotal, index.d)), directory=directory
+    )
 
 
 def _load_codes(directory: Path, meta: dict[str, Any], shape: tuple[int, int]) -> Codes | None:

@@ -31,6 +31,10 @@ v3 representation is unstable. Reading with nothing but zarr:
     g = zarr.open_group("features.zarr", mode="r"); assert g.attrs["complete"]
     img = g["test/image_emb"][:]; ids = g["test/image_id"][:]
 
+Each array records `dimension_names` (image_emb [image, feature], text_emb [caption, feature], text_image
+[caption], image_id [image], unpaired_text_emb [unpaired_text, feature]), so xarray opens a split as a Dataset:
+`xarray.open_zarr("features.zarr", group="test", consolidated=False)`.
+
 Each array's own attrs hold `chunk_checksums` = {algorithm: "sha256", chunks: {chunk key: hex digest}}, one per
 chunk file, computed from the file as written (pipeline/store/checksums.py; full check: pipeline/store/verify.py).
 
@@ -60,6 +64,15 @@ FORMAT = "kdpipe-features"
 VERSION = 1
 EMB_ARRAYS = ("image_emb", "text_emb")
 UNPAIRED_TEXT = "unpaired_text_emb"  # the optional embedding array of texts without an image
+# each array's `dimension_names` (zarr v3 metadata): what xarray needs to open a split as a Dataset, where one
+# name is one length (image_emb and image_id share "image"; text_emb and text_image share "caption")
+DIMENSION_NAMES = {
+    "image_emb": ["image", "feature"],
+    "text_emb": ["caption", "feature"],
+    UNPAIRED_TEXT: ["unpaired_text", "feature"],
+    "text_image": ["caption"],
+    "image_id": ["image"],
+}
 
 
 # ---------------------------------------------------------------------------------------------------------

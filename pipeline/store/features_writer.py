@@ -21,7 +21,7 @@ from pipeline.hashing import sha256_file
 from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
 from pipeline.store.durable import fsync_dir, fsync_file, fsync_tree
-from pipeline.store.features import EMB_ARRAYS, FORMAT, UNPAIRED_TEXT, VERSION, read_attrs
+from pipeline.store.features import DIMENSION_NAMES, EMB_ARRAYS, FORMAT, UNPAIRED_TEXT, VERSION, read_attrs
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 16384
@@ -181,6 +181,7 @@ class StoreWriter:
                     compressors=None,
                     fill_value=0.0,
                     config={"write_empty_chunks": True},
+                    dimension_names=DIMENSION_NAMES[key],
                 )
             g.create_array(
                 "text_image",
@@ -191,6 +192,7 @@ class StoreWriter:
                 compressors=None,
                 fill_value=0,
                 config={"write_empty_chunks": True},
+                dimension_names=DIMENSION_NAMES["text_image"],
             )
             g.create_array(
                 "image_id",
@@ -201,6 +203,7 @@ class StoreWriter:
                 compressors=None,
                 fill_value="",
                 config={"write_empty_chunks": True},
+                dimension_names=DIMENSION_NAMES["image_id"],
             )
         return cls(path)
 

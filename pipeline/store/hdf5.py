@@ -19,7 +19,6 @@ source already is a normalized store of the same dtype, whose rows are copied bi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,10 @@ import numpy as np
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.store.durable import atomic_path, fsync_tree
+from pipeline.store.durable import atomic_path
 from pipeline.store.features import EMB_ARRAYS, UNPAIRED_TEXT, open_store
-from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, StoreWriter, jsonable, write_store
+from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, write_store
+from pipeline.store.imports import SourceSplit, check_against_index, import_attrs, write_imported
 
 HDF5_FORMAT = "kdpipe-features-hdf5"
 _BLOCK_ROWS = 65536  # rows copied at a time (bounded memory for any store size)
@@ -96,49 +96,18 @@ def import_hdf5(
             if name not in f or not isinstance(f[name], h5py.Group):
                 raise InputError(f"{h5_path}: split group /{name} not found")
             splits[name] = _read_split(h5_path, name, f[name], index)
-        dims = {s.image_emb.shape[1] for s in splits.values()}
-        if len(dims) != 1:
-            raise InputError(f"{h5_path}: splits have different feature dimensions {sorted(dims)}")
-        dtype = _store_dtype(splits.values(), dtype)
-        # bits are copied as they are only from a file that says its rows are unit length, in the store's dtype
-        copy_bits = attrs.get("normalized") is True and all(
-            np.dtype(s.image_emb.dtype) == np.dtype(dtype) and np.dtype(s.text_emb.dtype) == np.dtype(dtype)
-            for s in splits.values()
-        )
-        writer = StoreWriter.create(
+        return write_imported(
             out_path,
-            layout={n: (s.image_emb.shape[0], s.text_emb.shape[0], len(s.unpaired)) for n, s in splits.items()},
-            dim=int(dims.pop()),
+            splits,
+            attrs=import_attrs(h5_path, attrs, index, teacher, {"file": h5_path.name, "format": "hdf5"}),
             dtype=dtype,
             chunk_rows=chunk_rows,
-            attrs=jsonable(_store_attrs(h5_path, attrs, index, teacher)),
+            normalized=attrs.get("normalized") is True,
+            where=str(h5_path),
         )
-        for name, sp in splits.items():
-            for key, ds in (("image_emb", sp.image_emb), ("text_emb", sp.text_emb), (UNPAIRED_TEXT, sp.unpaired)):
-                bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
-                for i in range(writer.n_chunks(name, key) if len(ds) else 0):
-                    a, b = writer.chunk_range(name, key, i)
-                    writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
-            writer.write_text_image(name, sp.text_image)
-            writer.write_image_id(name, sp.image_id)
-    fsync_tree(writer.path)
-    writer.set_attrs(complete=True)
-    open_store(out_path)  # validate what was written
-    return out_path
 
 
-@dataclass(frozen=True)
-class _SourceSplit:
-    """One split group of the HDF5 file, checked: the embeddings stay h5py datasets (read chunk by chunk)."""
-
-    image_emb: Any
-    text_emb: Any
-    text_image: np.ndarray  # int32 [M]
-    image_id: list[str]
-    unpaired: Any  # [U, D], empty when the file has none
-
-
-def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) -> _SourceSplit:
+def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) -> SourceSplit:
     """The datasets of /<name>, with every shape, range and id checked against each other (and the index)."""
     for key in (*EMB_ARRAYS, "text_image"):
         if key not in g:
@@ -164,42 +133,9 @@ def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) ->
     if len(ids) != img.shape[0]:
         raise InputError(f"{h5_path}: /{name}/image_id has {len(ids)} entries for {img.shape[0]} images")
     if index is not None:
-        _check_against_index(h5_path, name, index, ids, text_image)
+        check_against_index(h5_path, name, index, ids, text_image)
     unpaired = _unpaired_texts(h5_path, name, g, int(img.shape[1]), index)
-    return _SourceSplit(img, txt, text_image.astype(np.int32), ids, unpaired)
-
-
-def _store_dtype(splits: Any, dtype: str | None) -> str:
-    """The asked dtype, or the file's when all its embeddings share a store dtype, else float16."""
-    if dtype is None:
-        found = {str(np.dtype(s.image_emb.dtype)) for s in splits} | {str(np.dtype(s.text_emb.dtype)) for s in splits}
-        dtype = found.pop() if len(found) == 1 and found <= set(STORE_DTYPES) else "float16"
-    if dtype not in STORE_DTYPES:
-        raise InputError(f"store dtype {dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
-    return dtype
-
-
-def _store_attrs(
-    h5_path: Path, attrs: dict[str, Any], index: DatasetIndex | None, teacher: dict[str, Any] | None
-) -> dict[str, Any]:
-    """The new store's attrs: teacher and dataset identity (checked against the index when given)."""
-    recorded = (attrs.get("dataset") or {}).get("fingerprint")
-    if index is not None:
-        if recorded is not None and recorded != index.fingerprint:
-            raise InputError(
-                f"{h5_path}: computed from dataset index {str(recorded)[:12]}, not from the given "
-                f"index {index.fingerprint[:12]}"
-            )
-        dataset = {"name": index.name, "fingerprint": index.fingerprint}
-    else:
-        dataset = attrs.get("dataset") or {}
-    teacher = teacher if teacher is not None else attrs.get("teacher")
-    if not teacher:
-        raise InputError(f"{h5_path}: no teacher identity recorded in the file; give one (e.g. a name)")
-    extra = {k: v for k, v in attrs.items() if k in ("extract", "skipped_images")}
-    extra.setdefault("skipped_images", [])
-    extra["imported_from"] = {"file": h5_path.name, "format": "hdf5"}
-    return {"teacher": teacher, "dataset": dataset, **extra}
+    return SourceSplit(img, txt, text_image.astype(np.int32), ids, unpaired)
 
 
 def _unpaired_texts(h5_path: Path, name: str, g: Any, dim: int, index: DatasetIndex | None) -> Any:
@@ -228,22 +164,6 @@ def _file_attrs(f: Any, h5_path: Path) -> dict[str, Any]:
     if not isinstance(attrs, dict):
         raise InputError(f"{h5_path}: attribute kdpipe_attrs is not a JSON object")
     return attrs
-
-
-def _check_against_index(where: Path, split: str, index: DatasetIndex, ids: list[str], text_image: np.ndarray) -> None:
-    if split not in index.splits:
-        raise InputError(f"{where}: split {split!r} is not in dataset {index.name} (it has {', '.join(index.splits)})")
-    view = index.split(split)
-    if ids != view.image_id.tolist():
-        if len(ids) != view.n_images:
-            raise InputError(f"{where}: split {split!r} has {len(ids)} images, the index {view.n_images}")
-        bad = next(i for i, (a, b) in enumerate(zip(ids, view.image_id.tolist())) if a != b)
-        raise InputError(
-            f"{where}: split {split!r} image {bad} is {ids[bad]!r}, the index has "
-            f"{view.image_id[bad]!r} (rows must follow the index order)"
-        )
-    if len(text_image) != view.n_captions or not np.array_equal(text_image, view.text_image):
-        raise InputError(f"{where}: split {split!r}: captions do not map onto images as in the index")
 
 
 def _load_matrix(path: Path, what: str) -> np.ndarray:

@@ -20,6 +20,10 @@ a slice through the shard index by byte ranges (no full read). One file per spli
 per-file hashing cheap. Opening checks each shard index before mapping, so a store whose chunks are not
 laid out back to back (e.g. rewritten by another tool) is refused instead of being misread.
 
+An ENCODED cache (`prepare.cache.format` webp or jpeg; attrs `encoding`) holds each split as `<split>/encoded` +
+`<split>/offsets` instead, decoded row by row on read: pipeline/store/encoded_cache.py. `split(name)` then gives
+an `EncodedImages`, which indexes like the [N, H, W, 3] array.
+
 Writers build the store in a hidden temp directory next to `path`, set `complete = true` last and then
 rename it into place: a crash never leaves something at `path` that looks finished. Metadata and attributes
 go through zarr; the shard's rows are written in parts by many processes and its index by hand, which zarr
@@ -39,6 +43,7 @@ from pipeline.errors import InputError
 from pipeline.locks import read_lock
 from pipeline.store.chunk_files import SHARD_INDEX_ENTRY, check_shard_index, chunk_file, shard_index
 from pipeline.store.durable import fsync_tree, replace_dir, temp_beside
+from pipeline.store.encoded_cache import EncodedImages, assemble, create_arrays, open_encoded, write_block
 
 IMAGES_FORMAT = "kdpipe-images"
 IMAGES_VERSION = 1
@@ -60,8 +65,14 @@ class ImageCache:
         self.image_size: tuple[int, int] = (int(h), int(w))
         self._maps: dict[str, np.ndarray] = {}
 
-    def split(self, name: str) -> np.ndarray:
-        """[N, H, W, 3] uint8 read-only np.memmap over the split's shard file, in index order."""
+    @property
+    def encoding(self) -> dict[str, Any] | None:
+        """{"format", "quality"?} of an encoded cache, None for raw pixels."""
+        return self.attrs.get("encoding")
+
+    def split(self, name: str) -> np.ndarray | EncodedImages:
+        """[N, H, W, 3] uint8 read-only np.memmap over the split's shard file, in index order (an encoded cache:
+        an EncodedImages, indexed the same way, decoding the rows it gives)."""
         if name not in self.splits:
             raise InputError(f"{self.path}: no split {name!r} in the image cache; it has {', '.join(self.splits)}")
         if name not in self._maps:
@@ -72,9 +83,11 @@ class ImageCache:
         sizes = ", ".join(f"{s}={self.attrs.get('n_images', {}).get(s, '?')}" for s in self.splits)
         return f"ImageCache({self.path}, {self.image_size[0]}x{self.image_size[1]}, {sizes})"
 
-    def _map(self, name: str) -> np.ndarray:
+    def _map(self, name: str) -> np.ndarray | EncodedImages:
         import zarr
 
+        if self.encoding is not None:
+            return open_encoded(f"{self.path}/{name}", self.path, name, self.image_size)
         where = f"{self.path}/{name}/{SPLIT_ARRAY}"
         try:
             arr = zarr.open_array(self.path / name / SPLIT_ARRAY, mode="r")
@@ -182,9 +195,17 @@ class CacheBuilder:
     Usage: `allocate` each split (returns its data file, sized for `n` images and zero-filled, which
     writers fill with `write_rows`), optionally `compact` a split to drop rows, `publish(attrs)` (writes
     the zarr metadata and shard indexes, sets complete = true last, renames into place), or `abort()`.
+    With `encoding` (an encoded cache), `allocate` returns the split's block directory instead, which writers
+    fill with encoded_cache.write_block; `compact` and `publish` assemble the blocks.
     """
 
-    def __init__(self, path: Path | str, image_size: tuple[int, int], chunk_images: int = DEFAULT_CHUNK_IMAGES):
+    def __init__(
+        self,
+        path: Path | str,
+        image_size: tuple[int, int],
+        chunk_images: int = DEFAULT_CHUNK_IMAGES,
+        encoding: dict[str, Any] | None = None,
+    ):
         if chunk_images < 1:
             raise ValueError("chunk_images must be >= 1")
         self.path = Path(path)
@@ -192,6 +213,9 @@ class CacheBuilder:
         self.chunk_images = int(chunk_images)
         self.tmp = temp_beside(self.path)
         self.sizes: dict[str, int] = {}
+        self.encoding = encoding
+        self._allocated: dict[str, int] = {}  # encoded: rows the blocks hold; the rows in `_drop` are left out
+        self._drop: dict[str, np.ndarray] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
 
@@ -208,6 +232,12 @@ class CacheBuilder:
     def allocate(self, split: str, n: int) -> Path:
         if n < 1:
             raise ValueError(f"split {split!r} has no images")
+        if self.encoding is not None:
+            blocks = self.tmp / split / "blocks"
+            blocks.mkdir(parents=True)
+            self.sizes[split] = self._allocated[split] = n
+            self._drop[split] = np.array([], np.int64)
+            return blocks
         f = self.data_file(split)
         f.parent.mkdir(parents=True, exist_ok=True)
         with open(f, "wb") as fh:
@@ -222,6 +252,12 @@ class CacheBuilder:
         drop = np.unique(np.asarray(drop, dtype=np.int64))
         if len(drop) == 0:
             return n
+        if self.encoding is not None:  # left out when the blocks are assembled
+            self._drop[split] = drop
+            self.sizes[split] = n - len(drop)
+            if self.sizes[split] == 0:
+                shutil.rmtree(self.tmp / split)
+            return self.sizes[split]
         keep = np.ones(n, dtype=bool)
         keep[drop] = False
         kept = np.flatnonzero(keep)
@@ -263,9 +299,15 @@ class CacheBuilder:
             "chunk_images": self.chunk_images,
             "splits": splits,
             "n_images": {s: self.sizes[s] for s in splits},
+            **({} if self.encoding is None else {"encoding": self.encoding}),
         }
         group.attrs.update({**attrs, **base})
-        for split in splits:
+        for split in splits if self.encoding is not None else ():
+            data = self.tmp / split / "encoded.data"
+            offsets = assemble(self.tmp / split / "blocks", self._allocated[split], self._drop[split], data)
+            shutil.rmtree(self.tmp / split / "blocks")
+            create_arrays(group, split, data, offsets)
+        for split in splits if self.encoding is None else ():
             n = self.sizes[split]
             outer = self._padded(n)
             f = self.data_file(split)
@@ -343,8 +385,10 @@ def write_image_cache(
     fingerprint: str,
     meta: dict | None = None,
     chunk_images: int = DEFAULT_CHUNK_IMAGES,
+    encoding: dict[str, Any] | None = None,
 ) -> None:
-    """Write arrays uint8 [N, H, W, 3] (one per split, same H, W) as an image cache, atomically.
+    """Write arrays uint8 [N, H, W, 3] (one per split, same H, W) as an image cache, atomically (raw, or
+    encoded with `encoding`, e.g. {"format": "webp"}: pipeline/store/encoded_cache.py).
 
     For tests and small tools; `kdpipe prepare` fills the same format in parallel through CacheBuilder."""
     if not splits:
@@ -354,14 +398,17 @@ def write_image_cache(
         shapes = [a.shape for a in splits.values()]
         raise ValueError(f"expected uint8 [N, H, W, 3] arrays of one size, got shapes {shapes}")
     h, w, _ = next(iter(sizes))
-    builder = CacheBuilder(path, (h, w), chunk_images)
+    builder = CacheBuilder(path, (h, w), chunk_images, encoding=encoding)
     try:
         for name, images in splits.items():
             if images.dtype != np.uint8:
                 raise ValueError(f"split {name!r}: expected uint8 images, got {images.dtype}")
             f = builder.allocate(name, len(images))
             for s in range(0, len(images), builder.chunk_images):
-                write_rows(f, s, images[s : s + builder.chunk_images])
+                if encoding is None:
+                    write_rows(f, s, images[s : s + builder.chunk_images])
+                else:
+                    write_block(f, s, images[s : s + builder.chunk_images], encoding)
         builder.publish({**(meta or {}), "fingerprint": fingerprint, "resize": (meta or {}).get("resize", {})})
     except BaseException:
         builder.abort()

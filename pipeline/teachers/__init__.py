@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -44,11 +44,37 @@ class LiTTeacherConfig:
 
 
 @dataclass(frozen=True)
+class HFTeacherConfig:
+    """A transformers dual encoder (CLIP, SigLIP, SigLIP2): pipeline/teachers/hf.py."""
+
+    path: str = ""  # a local model directory (save_pretrained's layout) or a hub id in the local HF cache
+    max_text_len: int | None = None  # tokens per caption; None: the model's (text max_position_embeddings)
+
+    def __post_init__(self) -> None:
+        if self.max_text_len is not None and self.max_text_len < 2:
+            raise ValueError(f"max_text_len must be at least 2, got {self.max_text_len}")
+
+
+@dataclass(frozen=True)
+class PluginTeacherConfig:
+    """Your own teacher class: pipeline/teachers/plugin.py (the interface is pipeline/teachers/base.py's)."""
+
+    target: str = ""  # "package.module:ClassName", importable by the extract process (PYTHONPATH)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the class
+
+    def __post_init__(self) -> None:
+        if self.target and (self.target.count(":") != 1 or not all(self.target.split(":"))):
+            raise ValueError(f"target {self.target!r}: expected 'module:ClassName'")
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
-    kind: Literal["beit3", "label_bridge", "lit"] = "beit3"
+    kind: Literal["beit3", "label_bridge", "lit", "hf", "plugin"] = "beit3"
     beit3: BEiT3TeacherConfig = field(default_factory=BEiT3TeacherConfig)
     label_bridge: LabelBridgeTeacherConfig = field(default_factory=LabelBridgeTeacherConfig)
     lit: LiTTeacherConfig = field(default_factory=LiTTeacherConfig)
+    hf: HFTeacherConfig = field(default_factory=HFTeacherConfig)
+    plugin: PluginTeacherConfig = field(default_factory=PluginTeacherConfig)
 
 
 def build_teacher(
@@ -67,6 +93,14 @@ def build_teacher(
         from pipeline.teachers.lit import LiTTeacher
 
         return LiTTeacher.from_config(cfg.lit, device=device, dtype=dtype)
+    if cfg.kind == "hf":
+        from pipeline.teachers.hf import HFTeacher
+
+        return HFTeacher.from_config(cfg.hf, device=device, dtype=dtype)
+    if cfg.kind == "plugin":
+        from pipeline.teachers.plugin import load_plugin
+
+        return load_plugin(cfg.plugin, device=device, dtype=dtype)
     raise ValueError(f"unknown teacher kind {cfg.kind!r}")
 
 
@@ -77,5 +111,7 @@ __all__ = [
     "BEiT3TeacherConfig",
     "LabelBridgeTeacherConfig",
     "LiTTeacherConfig",
+    "HFTeacherConfig",
+    "PluginTeacherConfig",
     "build_teacher",
 ]

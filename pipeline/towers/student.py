@@ -149,8 +149,10 @@ def build_student(cfg: StudentConfig, dim: int) -> DualEncoderStudent:
 
 
 # -- saving and loading ---------------------------------------------------------------------------------
-def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
-    """Write the exported student into `directory` (other files there, e.g. checkpoints/, are kept).
+def save_student(model: DualEncoderStudent, directory: Path | str, pixels: dict | None = None) -> None:
+    """Write the exported student into `directory` (other files there, e.g. checkpoints/, are kept). `pixels`:
+    how its training images were made from files (pipeline/data/pixels.py PixelRecipe.describe()), recorded as
+    `image.pixels` so that search and export make any other image the same way.
 
     Each piece is written under a temporary name, fsync'd and renamed, and student_config.json goes last, so
     an interrupted save never leaves a config next to mismatched weights."""
@@ -179,6 +181,7 @@ def save_student(model: DualEncoderStudent, directory: Path | str) -> None:
             "mean": list(model.image_tower.mean),
             "std": list(model.image_tower.std),
             "input": "uint8 RGB [B, H, W, 3] -> /255 -> resize to size -> (x - mean) / std",
+            **({"pixels": pixels} if pixels is not None else {}),
         },
         "text": {"max_tokens": model.text_tower.max_tokens, "pooling": model.config.text.pooling},
         "usage": "image: normalize(image_proj(pool(image_tower(x)))); text: normalize(text_proj(pool(text_tower(t))))",
