@@ -138,6 +138,7 @@ def part_nccl(c: Check) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from pipeline.distill.config import AugmentConfig
+    from pipeline.distill.distributed import average_gradients
     from pipeline.distill.forward import loss_terms
     from pipeline.distill.losses import DistillLoss, LossConfig
     from pipeline.towers.student import build_student
@@ -167,17 +168,22 @@ def part_nccl(c: Check) -> None:
         ddp = DDP(model, device_ids=[device.index] if cuda else None)  # as pipeline/distill/run.py wraps it
 
         def step(forward, world: int) -> dict:
-            """Forward (bf16 autocast) and backward of the batch; the gradients. world > 1: the branch where the
-            in-batch terms gather every rank's rows (GatherRows), here over the group of one."""
+            """Forward (bf16 autocast) and backward of the batch; the gradients. world > 1: the branches of a
+            multi-GPU step (GatherRows for the in-batch terms, the loss module's own gradients averaged), here
+            over the group of one."""
             model.zero_grad(set_to_none=True)
+            loss_fn.zero_grad(set_to_none=True)
             torch.manual_seed(1)  # the same dropout masks in both steps
             raw = loss_terms(
                 model, forward, loss_fn, b, augment=AugmentConfig(), seed=0, gen=torch.Generator(), world=world,
                 autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16),
             )  # fmt: skip
             sum(raw.values()).backward()
+            if world > 1:
+                average_gradients(loss_fn.parameters(), dist.get_world_size())
             sync()
-            return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            params = [*model.named_parameters(), *(("loss." + n, p) for n, p in loss_fn.named_parameters())]
+            return {n: p.grad.detach().clone() for n, p in params if p.grad is not None}
 
         plain, spread = step(model, 1), step(ddp, 2)
         assert plain.keys() == spread.keys(), "the distributed step trained other parameters"
