@@ -14,10 +14,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import apply_overrides, from_dict
-from pipeline.evaluate.outputs import METRICS_FILE
-from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
-from pipeline.store.ownership import claim
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -52,6 +48,11 @@ def command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Exact R@1/5/10, RSUM and median rank of teacher and student(s); latency, parameters, recall@K plots."""
+    from pipeline.config import apply_overrides, from_dict
+    from pipeline.evaluate.outputs import METRICS_FILE
+    from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
+    from pipeline.store.ownership import claim
+
     if features is not None:
         # No params file needed: the default one is read when present (device, backend, tile size), an
         # explicitly named one must exist.
