@@ -15,13 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from pipeline.config import apply_overrides, from_dict
-from pipeline.errors import ConfigError
-from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
-from pipeline.paths import ArtifactPaths
 from stages._ablation import ABLATION_OPTION, load_ablation
 from stages._common import (
     NO_WAIT_OPTION,
@@ -38,6 +35,9 @@ from stages._common import (
     writing,
 )
 from stages._store import verify_if_asked
+
+if TYPE_CHECKING:
+    from pipeline.paths import ArtifactPaths
 
 
 @run_stage
@@ -58,6 +58,11 @@ def command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Exact R@1/5/10, RSUM and median rank of teacher and student(s); latency, parameters, recall@K plots."""
+    from pipeline.config import apply_overrides, from_dict
+    from pipeline.evaluate.outputs import METRICS_FILE
+    from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
+    from pipeline.store.ownership import claim
+
     if features is not None:
         # No params file needed: the default one is read when present (device, backend, tile size), an
         # explicitly named one must exist.
@@ -66,12 +71,14 @@ def command(
         cfg = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate")
         apply_runtime(raw)
         verify_if_asked(raw, features)
+        if out is not None:
+            claim(out, METRICS_FILE)  # before the work: a path that is not an earlier metrics file is refused
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
             echo(json.dumps(doc, indent=2))
         else:
             with writing(out, no_wait=no_wait):
-                write_json(doc, out)
+                write_json(doc, out, METRICS_FILE)
             t = doc["teacher"]
             echo(
                 f"evaluate: {features} {doc['split']}: {doc['n_images']:,} images / {doc['n_captions']:,} "
@@ -126,6 +133,8 @@ def ablation_runs(
     """An ablation's models ({model: run directories}: the base's in the main work directory, the variants' in the
     ablation's, absolute), its references and its work directory."""
     from pipeline.distill.runs import run_name
+    from pipeline.errors import ConfigError
+    from pipeline.paths import ArtifactPaths
 
     try:
         ablation.checked_against(runs_cfg)
