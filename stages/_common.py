@@ -24,6 +24,7 @@ from pipeline.config import apply_overrides, from_dict, write_resolved
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.locks import never_waiting, output_lock
 from pipeline.paths import ArtifactPaths
+from pipeline.printable import MESSAGE_LIMIT, printable
 from pipeline.runtime import RuntimeConfig, apply_threads
 from pipeline.system_errors import environment_error
 
@@ -116,7 +117,7 @@ def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KdpipeError as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            error_line(err)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.secho("interrupted", fg=typer.colors.RED, err=True)
@@ -125,10 +126,16 @@ def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
             problem = environment_error(err)
             if problem is None:
                 raise  # a bug: keep the traceback
-            typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+            error_line(problem)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def error_line(err: BaseException | str, prefix: str = "error") -> None:
+    """`<prefix>: <message>` as one red line on stderr: control characters shown as escapes, and a message
+    that quotes a huge value cut to MESSAGE_LIMIT characters (pipeline/printable.py)."""
+    typer.secho(f"{prefix}: {printable(err, MESSAGE_LIMIT)}", fg=typer.colors.RED, err=True)
 
 
 @contextmanager
@@ -152,4 +159,5 @@ def is_main_process() -> bool:
 
 
 def echo(message: str) -> None:
-    print(message, file=sys.stdout, flush=True)
+    """One line on stdout, its control characters shown as escapes (ids and captions come from user files)."""
+    print(printable(message), file=sys.stdout, flush=True)

@@ -60,7 +60,8 @@ def command(
         verify_if_asked(raw, features)
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
-            echo(json.dumps(doc, indent=2))
+            for line in json.dumps(doc, indent=2).splitlines():
+                echo(line)
         else:
             with writing(out, no_wait=no_wait):
                 write_json(doc, out)
@@ -103,5 +104,5 @@ def command(
             metrics_path=out,
         )
         save_resolved(cfg, paths, "evaluate")
-    echo(result.table)
-    echo(result.summary())
+    for line in (*result.table.splitlines(), result.summary()):
+        echo(line)

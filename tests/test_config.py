@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import one_error_line, run_cli
 from PIL import Image
-from typer.testing import CliRunner
 
 from pipeline.config import apply_overrides, from_dict, to_dict
 from pipeline.data.pixels import ResizeConfig
 from pipeline.data.prepare import PrepareConfig
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import ConfigError
-from stages.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = {
@@ -127,20 +126,6 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, list(args))
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)  # exited on purpose, no exception escaped
-    lines = result.stderr.strip().splitlines()  # status lines may come before it (the bar's summary)
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 def test_cli_prepare_runs_and_records_resolved_config(project):
