@@ -9,6 +9,7 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -252,3 +253,56 @@ def test_prepare_on_a_full_disk_names_the_image_cache(tmp_path, monkeypatch):
     assert r.exit_code == 2 and r.output.startswith(f"error: {cache}: no space left on the device;"), r.output
     assert len(r.output.strip().splitlines()) == 1
     assert [p.name for p in (tmp_path / "work").iterdir() if not p.name.endswith(".kdpipe-lock")] == []
+
+
+# -- paths of the wrong kind ----------------------------------------------------------------------------------
+def test_a_workdir_that_is_a_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    from cli_helpers import one_error_line, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / "params.yaml").write_text("workdir: notes.txt\n")
+    for args, line in [
+        (("evaluate",), "error: params.yaml: workdir: notes.txt cannot be a directory: a file stands there; "),
+        (
+            ("index", "--workdir", "notes.txt/sub"),
+            "error: --workdir: notes.txt/sub cannot be a directory: a file stands there (in its path, notes.txt); ",
+        ),
+        (("search", "a dog"), "error: params.yaml: workdir: notes.txt cannot be a directory"),
+        (("export", "--workdir", "notes.txt"), "error: --workdir: notes.txt cannot be a directory"),
+    ]:
+        assert one_error_line(run_cli(*args)).startswith(line), args
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+
+
+def test_an_output_file_given_as_a_directory_or_under_a_file_is_one_line(tmp_path, monkeypatch):
+    from cli_helpers import one_error_line, run_cli
+
+    from pipeline.store.features_writer import write_store
+
+    monkeypatch.chdir(tmp_path)
+    splits = {
+        "test": {
+            "image_emb": np.eye(2, 4),
+            "text_emb": np.eye(2, 4),
+            "text_image": np.arange(2, dtype=np.int32),
+            "image_id": ["a", "b"],
+        }
+    }
+    write_store(tmp_path / "s.zarr", splits, teacher={"name": "t"}, dataset={"name": "d", "fingerprint": "f" * 64})
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "outdir" / "mine.txt").write_text("kept")
+    (tmp_path / "notes.txt").write_text("kept")
+    for args, line in [
+        (
+            ("evaluate", "--features", "s.zarr", "--out", "outdir"),
+            "error: outdir: is a directory, where a file is expected; give the path of a file",
+        ),
+        (("export-hdf5", "s.zarr", "--out", "outdir"), "error: outdir: is a directory, where a file is expected"),
+        (
+            ("evaluate", "--features", "s.zarr", "--out", "notes.txt/m.json"),
+            f"error: {tmp_path / 'notes.txt'}: already exists, and is not what kdpipe creates there",
+        ),
+    ]:
+        assert one_error_line(run_cli(*args)).startswith(line), args
+    assert (tmp_path / "outdir" / "mine.txt").read_text() == "kept" and (tmp_path / "notes.txt").read_text() == "kept"
