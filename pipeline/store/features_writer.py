@@ -21,9 +21,16 @@ from pipeline.hashing import sha256_file
 from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
 from pipeline.store.durable import fsync_dir, fsync_file, fsync_tree
-from pipeline.store.features import DIMENSION_NAMES, EMB_ARRAYS, FORMAT, UNPAIRED_TEXT, VERSION, read_attrs
+from pipeline.store.features import (
+    DIMENSION_NAMES,
+    EMB_ARRAYS,
+    FORMAT,
+    STORE_DTYPES,
+    UNPAIRED_TEXT,
+    VERSION,
+    read_attrs,
+)
 
-STORE_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 16384
 _SMALL_CHUNK = 1 << 20  # rows per chunk of the 1-D arrays (text_image, image_id): one file for any real dataset
 
