@@ -144,3 +144,24 @@ def test_search_refuses_a_damaged_index_in_one_line(workdir, tmp_path, damage, l
     damage(index)
     error = one_error_line(run_cli("search", "a dog", "--workdir", workdir.workdir, "--index", index))
     assert re.search(line, error), error
+
+
+def test_distill_refuses_a_truncated_pretrained_tower_in_one_line(workdir, tmp_path):
+    """The towers a student starts from (distill.student.image.path, a Hugging Face directory)."""
+    from dataclasses import replace
+
+    from pipeline.towers.image import build_image_tower
+    from pipeline.towers.student import StudentConfig
+
+    tower = tmp_path / "vit"
+    shutil.copytree(workdir.student / "image_tower", tower)
+    config = json.loads((workdir.student / "student_config.json").read_text())["config"]["image"]
+    cfg = replace(StudentConfig().image, path=tower, image_size=config["image_size"])
+    build_image_tower(cfg)  # intact: loads
+    truncate(tower / "model.safetensors")
+    with pytest.raises(
+        InputError,
+        match=rf"^distill\.student\.image\.path: {tower}: cannot be read as a Hugging Face "
+        r"model directory \(SafetensorError: .*\); save the model there again",
+    ):
+        build_image_tower(cfg)
