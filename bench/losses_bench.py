@@ -10,6 +10,11 @@ whole bank of a Flickr30K-sized store (31,783 image rows, 158,915 caption rows, 
 Variants: intra-modal only (the paper) and with the cross-modal terms. Student rows are fp32 leaves;
 the queue / bank is held as the trainer would hold it on the device (fp16 on a GPU, as stored; fp32 on the
 CPU), and the loss upcasts it. Prints ms per forward+backward and, on CUDA, the peak memory the loss adds.
+
+Then each knowledge term alone (pipeline/distill/losses/: response, response_queue, intra_relation, dcd, mcad_kl,
+mcad_feature), and with a second teacher (D = 768) where it joins the distributions: the same batch, the K = 8192
+queue, K_c = 32 mined candidates per caption and per image ([B, 32, D] teacher rows per direction, as
+distill/knowledge.py gathers them) and cross-encoder scores.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import Report, timeit  # noqa: E402
 
-from pipeline.distill.losses import DistillLoss, LossConfig  # noqa: E402
+from pipeline.distill.losses import KNOWLEDGE_TERMS, DistillLoss, Knowledge, LossConfig, TeacherRows  # noqa: E402
 
 B, D, K = 256, 1024, 8192
+K_CAND, D2 = 32, 768  # mined candidates per query; a second teacher's dimension
 N_IMAGES, CAPTIONS_PER_IMAGE = 31_783, 5  # Flickr30K: 158,915 captions
 
 
@@ -91,6 +97,41 @@ def bench_device(rep: Report, device: torch.device, quick: bool) -> None:
             torch.cuda.empty_cache()
 
 
+def knowledge_inputs(device: torch.device, bank_dtype: torch.dtype, seed: int = 1) -> tuple[dict, Knowledge]:
+    """The batch above with a K = 8192 queue, plus the mined candidates and a second teacher's rows."""
+    inputs = make_inputs(device, bank=False, bank_dtype=bank_dtype, seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g), dim=-1).to(device, bank_dtype)  # noqa: E731
+    extra = TeacherRows(
+        t_v=unit(B, D2), t_t=unit(B, D2), queue_v=unit(K, D2), queue_t=unit(K, D2),
+        cand_v=unit(B, K_CAND, D2), cand_t=unit(B, K_CAND, D2),
+    )  # fmt: skip
+    ce = lambda: torch.randn(B, 1 + K_CAND, generator=g).to(device)  # noqa: E731
+    knowledge = Knowledge(
+        cand_v=unit(B, K_CAND, D), cand_t=unit(B, K_CAND, D), ce_t2i=ce(), ce_i2t=ce(), extra=(extra,)
+    )
+    return inputs, knowledge
+
+
+def bench_knowledge(rep: Report, device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else None
+    repeat, warmup = (20, 3) if cuda else (5, 1)
+    where = "CUDA" if cuda else f"CPU {torch.get_num_threads()} threads"
+    inputs, knowledge = knowledge_inputs(device, torch.float16 if cuda else torch.float32)
+    zero = {name: 0.0 for name in ("contrastive", "l1", "cosine", "triplet")}
+    for term in KNOWLEDGE_TERMS:
+        for teachers in [()] if term == "intra_relation" else [(), ("second",)]:
+            cfg = LossConfig(**zero, **{term: 1.0}, teachers=teachers, learn_student_temperature=term in
+                             ("response", "response_queue", "mcad_kl"))  # fmt: skip
+            loss = DistillLoss(cfg, teacher_scales=(100.0, 50.0)[: 1 + len(teachers)]).to(device)
+            best, median = timeit(lambda: step(loss, {**inputs, "knowledge": knowledge}), repeat=repeat,
+                                  warmup=warmup, sync=sync)  # fmt: skip
+            who = "2 teachers" if teachers else "1 teacher"
+            name = f"{term} fwd+bwd, B={B} D={D}, queue K={K}, {K_CAND} candidates, {who}, {where}"
+            rep.add("distill", name, median * 1e3, "ms", note=f"best {best * 1e3:.2f} ms of {repeat}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
@@ -100,10 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {rep.info['device']}, torch {rep.info.get('torch')}")
     if args.device in ("cpu", "all"):
         bench_device(rep, torch.device("cpu"), args.quick)
+        bench_knowledge(rep, torch.device("cpu"))
     if args.device in ("cuda", "all"):
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = False  # the loss math is meant to be fp32
             bench_device(rep, torch.device("cuda"), quick=False)
+            bench_knowledge(rep, torch.device("cuda"))
         else:
             rep.skip("distill", "losses on CUDA: no CUDA device")
 

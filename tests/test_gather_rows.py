@@ -1,5 +1,6 @@
 """GatherRows (distill's differentiable all-gather) against a hand-computed gradient and against torch's own
-`torch.distributed.nn.functional.all_gather` (open_clip's choice), on 2 CPU processes with gloo.
+`torch.distributed.nn.functional.all_gather` (open_clip's choice), on 2 CPU processes with gloo; and
+`average_gradients` (the learned temperature's gradient, outside DDP) against the mean over the ranks.
 
 GatherRows stays hand-written: torch 2.13 deprecates torch.distributed.nn.functional.all_gather (a
 FutureWarning that points to the private torch.distributed._functional_collectives); this test shows the two
@@ -44,6 +45,14 @@ def _rank(rank: int, port: int, results) -> None:
             out[name] = (y.detach(), x.grad)
         # oracle: dL/dx_r = w_r + 0.2 x_r on every rank; the backward sums it over the WORLD ranks
         expected = WORLD * (w[rank * 3 : rank * 3 + 3] + 0.2 * xs[rank])
+        # average_gradients: a parameter whose gradient differs per rank ends with the mean on every rank; one
+        # without a gradient is left alone
+        from pipeline.distill.distributed import average_gradients
+
+        p, idle = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+        grads = torch.randn(WORLD, 3, generator=g)
+        p.grad = grads[rank].clone()
+        average_gradients([p, idle], WORLD)
         results.put(
             (
                 rank,
@@ -51,6 +60,7 @@ def _rank(rank: int, port: int, results) -> None:
                 torch.allclose(out["ours"][1], expected),
                 torch.equal(out["ours"][0], out["torch"][0]),
                 torch.equal(out["ours"][1], out["torch"][1]),
+                torch.allclose(p.grad, grads.mean(0)) and idle.grad is None,
             )
         )
         # both ranks past their last collective before either tears gloo down: a rank that closes its pairs
@@ -74,4 +84,4 @@ def test_gather_rows_matches_the_oracle_and_torch_all_gather():
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_rank, args=(_free_port(), results), nprocs=WORLD)
     got = sorted(results.get() for _ in range(WORLD))
-    assert got == [(r, True, True, True, True) for r in range(WORLD)]
+    assert got == [(r, True, True, True, True, True) for r in range(WORLD)]

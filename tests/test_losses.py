@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import from_dict
-from pipeline.distill.losses import TERMS, DistillLoss, LossConfig
+from pipeline.distill.losses import DSMD_TERMS, TERMS, DistillLoss, LossConfig
 from pipeline.distill.losses.triplet import hardest_negative_triplet
 from pipeline.errors import ConfigError
 
@@ -283,7 +283,7 @@ def test_gradients_reach_the_student_only(batch):
     cfg = LossConfig(relation=1.0, pair_contrastive=1.0, cross_modal=True)
     b = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in batch.items()}
     out = DistillLoss(cfg)(**b)
-    assert set(out) == {f"{n}_loss" for n in TERMS}
+    assert set(out) == {f"{n}_loss" for n in DSMD_TERMS}  # the knowledge terms: tests/test_losses_knowledge.py
     sum(out.values()).backward()
     for name in ("s_v", "s_t"):
         assert b[name].grad is not None and torch.isfinite(b[name].grad).all() and b[name].grad.abs().sum() > 0
@@ -295,15 +295,15 @@ def test_gradients_reach_the_student_only(batch):
         assert any(x is not None and x.abs().sum() > 0 for x in g), term
 
 
-@pytest.mark.parametrize("zero", TERMS)
+@pytest.mark.parametrize("zero", DSMD_TERMS)
 def test_weight_zero_builds_no_term(zero):
-    weights = {name: 1.0 for name in TERMS}
+    weights = {name: 1.0 for name in DSMD_TERMS}
     weights[zero] = 0.0
     loss = DistillLoss(LossConfig(**weights))
     assert f"{zero}_loss" not in loss.term_names
     assert f"{zero}_loss" not in loss.weights
     assert zero not in loss.terms
-    assert loss.term_names == tuple(f"{n}_loss" for n in TERMS if n != zero)
+    assert loss.term_names == tuple(f"{n}_loss" for n in DSMD_TERMS if n != zero)
     assert loss.needs_queue == (zero != "contrastive")
     b = {
         "s_v": unit(B, D, seed=1),

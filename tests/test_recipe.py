@@ -153,3 +153,72 @@ def test_every_recipe_value_names_its_source(name):
         if section == "distill" and value.strip() and key != "path" and "#" not in value:
             missing.append(key)
     assert not missing, f"{name}: values without a source comment: {missing}"
+
+
+# The method presets: the DSMD paper preset plus each seed method's knowledge terms, value by value (each
+# value's source is its comment in the file: the method's paper or code, methods.md, or kdpipe's choice and why).
+STUDENT_TEMPERATURE = {  # LEMKD / CLIP-KD CRD: the teacher at its own scale, the student at its own learnable one
+    "loss.teacher_temperature": None,
+    "loss.student_temperature": 0.07,  # open_clip's init_logit_scale ln(1/0.07)
+    "loss.learn_student_temperature": True,
+}
+METHODS = {
+    "lemkd": {
+        "loss.relation": 0.0,
+        "loss.response": 1.0,
+        "loss.response_queue": 1.0,
+        "loss.intra_relation": 1.0,
+        "loss.intra_relation_temperature": 0.05,
+        **STUDENT_TEMPERATURE,
+    },
+    "dcd": {
+        "loss.dcd": 1.0,
+        "loss.mcad_kl": 1.0,  # DCD's score-matching part over the same lists
+        "loss.mcad_ce_weight": 0.0,  # the dual-stream teacher's own scores
+        "loss.teacher_temperature": None,
+        "loss.student_temperature": 0.05,
+        "loss.learn_student_temperature": False,
+        "loss.dcd_temperature": 0.05,
+        "loss.dcd_difficulty": "entropy",  # DCD: w_i = H_i / sum_j H_j
+        "loss.dcd_margin": 0.0,
+    },
+    "mcad": {
+        "loss.mcad_kl": 1.0,
+        "loss.mcad_feature": 1.0,
+        "loss.mcad_ce_weight": 0.5,
+        "loss.mcad_ce_temperature": 1.0,
+        "loss.mcad_feature_step": 1.0,
+        "loss.teachers": (),
+        **STUDENT_TEMPERATURE,
+    },
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_method_preset_is_dsmd_plus_the_method(dataset, method):
+    name = f"{dataset}-{method}"
+    cfg = distill(name)
+    for key, value in {**PAPER, **BOTH}.items():  # DSMD's recipe wherever the method does not speak
+        if key not in METHODS[method]:
+            assert get(cfg, key) == value, (name, key)
+    for key, value in METHODS[method].items():
+        assert get(cfg, key) == value, (name, key)
+    paper_d, method_d = flat(to_dict(distill(dataset))), flat(to_dict(cfg))
+    changed = {k for k in paper_d if paper_d[k] != method_d[k]}
+    assert changed <= set(METHODS[method]), f"{name}: unpinned differences {changed - set(METHODS[method])}"
+    paper, preset = load(dataset), load(name)
+    for section in ("prepare", "extract"):  # the same data and teacher as DSMD's
+        assert paper[section] == preset[section], section
+    assert preset["workdir"] == f"{paper['workdir']}-{method}"  # never overwrite the other presets' artifacts
+    assert set(preset["distill"]["runs"]["variants"]) == {method, "baseline"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_presets_share_one_recipe_across_datasets(method):
+    assert load(f"flickr30k-{method}")["distill"] == load(f"coco-{method}")["distill"]
+
+
+@pytest.mark.parametrize("name", [f"{d}-{m}" for d in DATASETS for m in METHODS])
+def test_every_method_preset_value_names_its_source(name):
+    test_every_recipe_value_names_its_source(name)

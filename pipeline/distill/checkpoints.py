@@ -32,8 +32,9 @@ class TrainState:
 
 
 def save_checkpoint(
-    path: Path, *, model, optimizer, scheduler, balancer, state: TrainState, cfg_dict: dict, meta: dict
+    path: Path, *, model, optimizer, scheduler, balancer, state: TrainState, cfg_dict: dict, meta: dict, loss=None
 ) -> None:
+    """`loss`: the loss module, whose parameters (a learned student temperature) the checkpoint holds too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "format": CHECKPOINT_FORMAT,
@@ -44,6 +45,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "balancer": balancer.state_dict(),
+        "loss": {} if loss is None else loss.state_dict(),
         "state": dataclasses.asdict(state),
         # The step seeds make these redundant for the loop itself; kept so that code run between steps
         # (or a future change) continues the same streams.
@@ -58,8 +60,19 @@ def save_checkpoint(
         torch.save(blob, f)
 
 
+def with_added_keys(cfg: dict, added: dict) -> dict:
+    """`cfg` with each key of `added` it lacks, sub-sections merged key by key."""
+    out = dict(cfg)
+    for k, v in added.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = with_added_keys(out[k], v)
+        elif k not in out:
+            out[k] = v
+    return out
+
+
 def comparable(cfg_dict: dict) -> dict:
-    return {k: v for k, v in {**ADDED_KEYS, **cfg_dict}.items() if k not in RUNTIME_KEYS}
+    return {k: v for k, v in with_added_keys(cfg_dict, ADDED_KEYS).items() if k not in RUNTIME_KEYS}
 
 
 def _first_difference(a: Any, b: Any, where: str) -> str:
@@ -83,11 +96,13 @@ def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
         or blob.get("version") != CHECKPOINT_VERSION
     ):
         raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file; use --no-resume to start over")
-    for key in ("dim", "fingerprint", "train_split", "world_size", "pixels"):  # world size: the sampler's batch
-        if (key != "pixels" or "pixels" in blob["meta"]) and blob["meta"].get(key) != meta[key]:
+    # world size: the sampler's global batch; mined_k: the neighbours the batches and lists are drawn from;
+    # pixels: recorded only since students record their pixel recipe
+    for key in ("dim", "fingerprint", "train_split", "world_size", "mined_k", "pixels"):
+        if (key != "pixels" or "pixels" in blob["meta"]) and blob["meta"].get(key) != meta.get(key):
             raise InputError(
                 f"{path}: checkpoint was trained with {key}={blob['meta'].get(key)!r}, the inputs now "
-                f"have {meta[key]!r}; use --no-resume to start over"
+                f"have {meta.get(key)!r}; use --no-resume to start over"
             )
     old, new = comparable(blob["config"]), comparable(cfg_dict)
     if old != new:
@@ -96,10 +111,16 @@ def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
     return blob
 
 
-def restore_checkpoint(path: Path, cfg_dict: dict, meta: dict, *, model, optimizer, scheduler, balancer) -> TrainState:
-    """Load `path` (checked by load_checkpoint) into the model, optimizer, scheduler and balancer, restore the
-    RNG states, and return the position it was written at."""
+def restore_checkpoint(
+    path: Path, cfg_dict: dict, meta: dict, *, model, optimizer, scheduler, balancer, loss=None
+) -> TrainState:
+    """Load `path` (checked by load_checkpoint) into the model, optimizer, scheduler, balancer and loss module,
+    restore the RNG states, and return the position it was written at."""
     blob = load_checkpoint(path, cfg_dict, meta)
+    if loss is not None and loss.state_dict():
+        if not blob.get("loss"):  # the config matched, so only a damaged or hand-made file lacks it
+            raise InputError(f"{path}: the checkpoint has no loss state (a learned temperature); use --no-resume")
+        loss.load_state_dict(blob["loss"])
     model.load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.config import to_dict
 from pipeline.distill.balancer import BalancerConfig
-from pipeline.distill.losses import LossConfig
+from pipeline.distill.losses import KNOWLEDGE_LOSS_KEYS, LIST_TERMS, TEACHER_TERMS, LossConfig
 from pipeline.towers.student import StudentConfig
 
 
@@ -46,6 +47,9 @@ class DistillConfig:
     batch_size: int = 64  # pairs per micro-batch per process; the optimizer sees batch_size x grad_accum x world
     unpaired_images_per_step: int = 0  # images without captions beside each micro-batch, per process (0: off)
     unpaired_texts_per_step: int = 0  # texts without an image beside each micro-batch, per process (0: off)
+    # candidate-aware batches (sampler.CandidateSampler): each anchor caption followed by a caption of each of its
+    # first N teacher-mined images (the mined store's text_to_image/rows); 0: a uniform permutation
+    batch_neighbours: int = 0
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -88,6 +92,7 @@ class DistillConfig:
             "num_workers",
             "unpaired_images_per_step",
             "unpaired_texts_per_step",
+            "batch_neighbours",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -116,6 +121,15 @@ class DistillConfig:
             raise ValueError(f"decay_factor must be in (0, 1], got {self.decay_factor!r}")
 
 
+def reads_mined(cfg: DistillConfig, baseline: bool) -> bool:
+    """Whether a run reads the teacher's mined neighbours (`kdpipe mine`): for the candidate-list terms (dcd,
+    mcad_*) or for candidate-aware batches; the baseline (no teacher) reads neither."""
+    loss = cfg.baseline_loss if baseline else cfg.loss
+    lists = any(getattr(loss, name) > 0 for name in LIST_TERMS)
+    teacher = any(getattr(loss, name) > 0 for name in TEACHER_TERMS)
+    return lists or (cfg.batch_neighbours > 0 and teacher)
+
+
 # Keys that change how fast a run goes, not what it computes: a checkpoint may be resumed with other values.
 RUNTIME_KEYS = frozenset(
     {
@@ -132,5 +146,12 @@ RUNTIME_KEYS = frozenset(
 
 
 # Keys added after checkpoints existed, with the value that reproduces the older runs: a checkpoint without
-# them compares as if it had them.
-ADDED_KEYS = {"unpaired_images_per_step": 0, "unpaired_texts_per_step": 0}
+# them compares as if it had them (nested: the keys of a sub-section).
+_ADDED_LOSS_KEYS = {k: v for k, v in to_dict(LossConfig()).items() if k in KNOWLEDGE_LOSS_KEYS}
+ADDED_KEYS = {
+    "unpaired_images_per_step": 0,
+    "unpaired_texts_per_step": 0,
+    "batch_neighbours": 0,
+    "loss": _ADDED_LOSS_KEYS,
+    "baseline_loss": _ADDED_LOSS_KEYS,
+}

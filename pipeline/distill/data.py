@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill.losses import UnpairedRows
+from pipeline.distill.knowledge import MinedLists
+from pipeline.distill.losses import Knowledge, UnpairedRows
 from pipeline.distill.sampler import EpochSampler, UnpairedSampler
 
 
@@ -105,6 +106,7 @@ class HostBatch:
     u_text_rows: np.ndarray | None = None
     u_text_local: np.ndarray | None = None  # [B_t] this rank's unpaired texts (rows of the unpaired tokens)
     u_t_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "v"/"t": teacher rows when not on device
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None  # mined (cand_v, cand_t) when not on device
 
 
 @dataclass
@@ -126,6 +128,7 @@ class DeviceBatch:
     u_input_ids: torch.Tensor | None = None  # int64 [B_t, L] this rank's unpaired texts
     u_attention_mask: torch.Tensor | None = None
     unpaired: UnpairedRows | None = None  # teacher rows and ids of the global unpaired batch (student rows: later)
+    knowledge: Knowledge | None = None  # the knowledge terms' inputs for the global batch (losses/__init__.py)
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,10 @@ class BatchLoader:
         prefetch: int = 4,
         cache_rows: np.ndarray | None = None,
         unpaired: Unpaired | None = None,
+        mined: MinedLists | None = None,
     ) -> None:
         self.images, self.bank, self.sampler = images, bank, sampler
+        self.mined = mined  # the knowledge terms' candidate lists (pipeline/distill/knowledge.py), when used
         self.unpaired = unpaired or Unpaired()
         # image cache row of each store image row (identity unless extract skipped images)
         self.image_cache_row = None if cache_rows is None else np.asarray(cache_rows, np.int64)
@@ -209,7 +214,7 @@ class BatchLoader:
         """The step is done with `hb` (and the device batch made from it): its CPU buffers may be reused."""
         if self.pin:
             return
-        tensors = [hb.images, *(hb.t_rows or ()), *(hb.queue or ()), *hb.u_t_rows.values()]
+        tensors = [hb.images, *(hb.t_rows or ()), *(hb.queue or ()), *hb.u_t_rows.values(), *(hb.candidates or ())]
         tensors += [hb.u_images] if hb.u_images is not None else []
         with self._lock:
             for t in tensors:
@@ -226,6 +231,8 @@ class BatchLoader:
             if queue_rows is not None:
                 hb.queue = (self._take(bank.image, bank.text_image_np[queue_rows]), self._take(bank.text, queue_rows))
         self._host_unpaired(hb)
+        if self.mined is not None:
+            hb.candidates = self.mined.host_rows(global_rows, self._take)
         return hb
 
     def _host_unpaired(self, hb: HostBatch) -> None:
@@ -286,6 +293,8 @@ class BatchLoader:
         )
         if hb.u_image_rows is not None or hb.u_text_rows is not None:
             self._device_unpaired(hb, batch)
+        if self.mined is not None:
+            batch.knowledge = self.mined.knowledge(grows, image_ids, hb.candidates)
         if not self.use_queue:
             return batch
         if self.queue_size == 0:

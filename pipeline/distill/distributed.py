@@ -1,7 +1,10 @@
-"""What the loop needs from torch.distributed (torchrun): its position in the process group, and the
-differentiable all-gather that gives the in-batch loss terms the global batch."""
+"""What the loop needs from torch.distributed (torchrun): its position in the process group, the
+differentiable all-gather that gives the in-batch loss terms the global batch, and the average of the gradients
+of parameters outside DDP."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -12,6 +15,16 @@ def world_and_rank() -> tuple[int, int]:
     if not dist.is_initialized():
         return 1, 0
     return dist.get_world_size(), dist.get_rank()
+
+
+def average_gradients(params: Iterable[torch.Tensor], world: int) -> None:
+    """Average the gradients of parameters that DDP does not hold (the loss module's learned temperature) over
+    the processes. Every process computes the same loss on the same global batch, so these gradients agree up to
+    the order of floating-point reductions; averaged, the parameter's copies stay identical everywhere."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
 
 
 class GatherRows(torch.autograd.Function):

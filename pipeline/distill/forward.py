@@ -62,5 +62,15 @@ def loss_terms(
             s_t=u_t if b.u_input_ids is not None else None,
         )
     return loss_fn(
-        s_v, s_t, b.t_v, b.t_t, b.image_ids, b.queue_v, b.queue_t, b.queue_v_ids, b.queue_t_ids, unpaired=unpaired
+        s_v,
+        s_t,
+        b.t_v,
+        b.t_t,
+        b.image_ids,
+        b.queue_v,
+        b.queue_t,
+        b.queue_v_ids,
+        b.queue_t_ids,
+        unpaired=unpaired,
+        knowledge=b.knowledge,  # mined candidates, cross-encoder scores, other teachers (global batch)
     )

@@ -10,8 +10,9 @@ import numpy as np
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.data import BatchLoader, TeacherBank, Unpaired, tokenize_all
-from pipeline.distill.losses import DistillLoss
-from pipeline.distill.sampler import EpochSampler, UnpairedSampler
+from pipeline.distill.knowledge import MinedLists
+from pipeline.distill.losses import LIST_TERMS, DistillLoss, LossConfig, resolve_teacher_scales
+from pipeline.distill.sampler import CandidateSampler, EpochSampler, UnpairedSampler
 from pipeline.errors import InputError
 from pipeline.store.alignment import align_store_split
 from pipeline.store.features import FeatureStore, StoreSplit
@@ -87,11 +88,64 @@ def open_inputs(
     return train, val
 
 
+def teacher_scales(cfg: LossConfig, store: FeatureStore) -> tuple[float, ...] | None:
+    """The logit scale of the store's teacher and of each of `cfg.teachers` (None: no built term reads one);
+    a teacher that records none, with no distill.loss.teacher_temperature, is one clear line."""
+    if not cfg.uses_teacher_scale:
+        return None
+    if cfg.teachers:  # the store's other teachers (teachers/<name>/): not readable here yet
+        raise InputError(f"{store.path}: distill.loss.teachers {list(cfg.teachers)}: this store has no other teachers")
+    try:
+        teacher = store.teacher or {}
+        return resolve_teacher_scales(cfg, [teacher.get("logit_scale")], [str(teacher.get("name", "main"))])
+    except ValueError as err:
+        raise InputError(f"{store.path}: {err}") from None
+
+
+def build_sampler(
+    cfg: DistillConfig, train: PairSplit, loss_fn: DistillLoss, mined, world: int, rank: int
+) -> EpochSampler:
+    """The order of the pairs: a uniform permutation per epoch, or candidate-aware batches (`batch_neighbours`,
+    from the mined store's text_to_image/rows of the split). The baseline (no teacher term) never gets the
+    teacher's neighbours: its batches stay uniform."""
+    n = len(train.captions)
+    if not cfg.batch_neighbours or not loss_fn.needs_teacher:
+        return EpochSampler(n, cfg.batch_size, cfg.seed, world_size=world, rank=rank)
+    if mined is None:
+        raise InputError(
+            f"distill.batch_neighbours={cfg.batch_neighbours}: candidate-aware batches need the teacher's mined "
+            "neighbours (run `kdpipe mine`), or set it to 0"
+        )
+    rows = mined.split(cfg.train_split).text_to_image.rows  # int32 [M, K] store image rows, own image excluded
+    if cfg.batch_neighbours > rows.shape[1]:
+        raise InputError(
+            f"distill.batch_neighbours={cfg.batch_neighbours}: {mined.path} holds {rows.shape[1]} mined images per "
+            "caption (mine.k); lower it or mine more"
+        )
+    return CandidateSampler(
+        n,
+        cfg.batch_size,
+        cfg.seed,
+        neighbours=rows,
+        text_image=train.text_image,
+        group=cfg.batch_neighbours,
+        world_size=world,
+        rank=rank,
+    )
+
+
 def build_data(
-    cfg: DistillConfig, train: PairSplit, model: DualEncoderStudent, loss_fn: DistillLoss, world: int, rank: int
+    cfg: DistillConfig,
+    train: PairSplit,
+    model: DualEncoderStudent,
+    loss_fn: DistillLoss,
+    world: int,
+    rank: int,
+    mined=None,
 ) -> tuple[EpochSampler, BatchLoader, int]:
-    """The pair sampler, the teacher bank and the batch loader of the training split; optimizer steps per epoch."""
-    sampler = EpochSampler(len(train.captions), cfg.batch_size, cfg.seed, world_size=world, rank=rank)
+    """The pair sampler, the teacher bank and the batch loader of the training split; optimizer steps per epoch.
+    `mined`: the mined store (pipeline/store/mined.py), when a setting reads it."""
+    sampler = build_sampler(cfg, train, loss_fn, mined, world, rank)
     opt_steps_per_epoch = sampler.steps_per_epoch // cfg.grad_accum
     if opt_steps_per_epoch == 0:
         raise InputError(
@@ -123,6 +177,7 @@ def build_data(
             f"({bank.nbytes / 2**30:.2f} GiB; raise distill.bank_max_gib or set a queue_size)"
         )
     tokens = tokenize_all(model.tokenize, train.captions)
+    lists = mined_lists(cfg, loss_fn, mined, bank) if loss_fn.needs_candidates else None
     loader = BatchLoader(
         train.images,
         bank,
@@ -133,8 +188,23 @@ def build_data(
         num_workers=cfg.num_workers,
         cache_rows=train.cache_rows,
         unpaired=unpaired,
+        mined=lists,
     )
     return sampler, loader, opt_steps_per_epoch
+
+
+def mined_lists(cfg: DistillConfig, loss_fn: DistillLoss, mined, bank: TeacherBank) -> MinedLists:
+    """The training split's mined candidates (and cross-encoder scores) for the candidate-list terms."""
+    terms = ", ".join(sorted(n for n in loss_fn.terms if n in LIST_TERMS))
+    if mined is None:
+        raise InputError(f"distill.loss: {terms} need the teacher's mined candidates; run `kdpipe mine` first")
+    split = mined.split(cfg.train_split)
+    if loss_fn.needs_cross_encoder and (split.text_to_image.ce_scores is None or split.image_to_text.ce_scores is None):
+        raise InputError(
+            f"{mined.path}: mined without a cross-encoder, and distill.loss.mcad_ce_weight="
+            f"{loss_fn.cfg.mcad_ce_weight} reads its scores; mine with one, or set mcad_ce_weight: 0"
+        )
+    return MinedLists(split, bank, cross_encoder=loss_fn.needs_cross_encoder)
 
 
 def build_unpaired(

@@ -40,13 +40,16 @@ class CsvLog:
             f.write(",".join(fmt(values.get(c, "")) for c in self.columns) + "\n")
 
 
-def open_logs(out_dir: Path, term_names: Iterable[str], state: TrainState) -> tuple[CsvLog, CsvLog]:
-    """train_log.csv and val_log.csv of a run at `state`, cut back to the checkpoint's position on resume."""
+def open_logs(
+    out_dir: Path, term_names: Iterable[str], state: TrainState, extra_columns: Iterable[str] = ()
+) -> tuple[CsvLog, CsvLog]:
+    """train_log.csv and val_log.csv of a run at `state`, cut back to the checkpoint's position on resume.
+    `extra_columns`: more train_log columns (a learned student temperature)."""
     resumed = state.global_step > 0 or state.epoch > 0
     term_cols = list(term_names)
     train_log = CsvLog(
         out_dir / "train_log.csv",
-        ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols]],
+        ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols], *extra_columns],
         keep_until=state.global_step if resumed else None,
         key="step",
     )

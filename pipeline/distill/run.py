@@ -10,11 +10,17 @@ over the pool, a pure function of (seed, epoch, step)); the student encodes them
 pairs, and the intra-modal loss terms use them (pipeline.distill.losses). An epoch is one pass over the pairs;
 the unpaired pools are drawn cyclically across epochs. The baseline (`--baseline`, no teacher) never draws them.
 
+Teacher knowledge beyond one row per item (`mined`: the teacher's mined neighbours, `kdpipe mine`): the
+candidate-list terms (dcd, mcad_*) read each pair's mined candidates and their cross-encoder scores
+(pipeline.distill.knowledge), and `batch_neighbours` draws candidate-aware batches (sampler.CandidateSampler).
+A learned student temperature (`loss.learn_student_temperature`) is stepped by the optimizer (in a group
+without weight decay) and held by the checkpoint with the model.
+
 Resume is exact. Every random number of a step (dropout, augmentation) comes from a generator seeded with
 (seed, epoch, step, rank), the order of pairs and the negatives are functions of (seed, epoch, step)
-(`pipeline.distill.sampler`), and a checkpoint holds the model, optimizer, scheduler and balancer states and the
-position; so a run killed mid-epoch and resumed from its last checkpoint redoes the same steps on the same
-batches and ends with the same weights, bit for bit on the CPU (tests/test_train.py).
+(`pipeline.distill.sampler`), and a checkpoint holds the model, optimizer, scheduler, balancer and loss states and
+the position; so a run killed mid-epoch and resumed from its last checkpoint redoes the same steps on the same
+batches and ends with the same weights, bit for bit on the CPU (tests/test_train.py, test_train_knowledge.py).
 
 Outputs in `out_dir` (`<workdir>/student/`, or `<workdir>/baseline/`):
     model.safetensors, student_config.json, image_tower/, text_tower/   the exported student (best on val)
@@ -49,11 +55,11 @@ from pipeline.data.index import DatasetIndex
 from pipeline.devices import resolve_device
 from pipeline.distill.balancer import LossBalancer
 from pipeline.distill.checkpoints import TrainState, clear_outputs, restore_checkpoint, save_checkpoint
-from pipeline.distill.config import DistillConfig
+from pipeline.distill.config import DistillConfig, reads_mined
 from pipeline.distill.data import BatchLoader, tokenize_all
-from pipeline.distill.distributed import world_and_rank
+from pipeline.distill.distributed import average_gradients, world_and_rank
 from pipeline.distill.forward import loss_terms
-from pipeline.distill.inputs import PairSplit, build_data, open_inputs
+from pipeline.distill.inputs import PairSplit, build_data, open_inputs, teacher_scales
 from pipeline.distill.logs import CsvLog, Meter, open_logs, plot_training
 from pipeline.distill.losses import DistillLoss
 from pipeline.distill.sampler import EpochSampler
@@ -130,6 +136,7 @@ def setup_run(
     out_dir: Path,
     baseline: bool,
     resume: bool,
+    mined=None,
 ) -> Run:
     """Inputs -> model, loss, balancer (the init is a function of the seed) -> data -> optimizer -> resume
     or start over -> logs -> the training forward."""
@@ -152,14 +159,18 @@ def setup_run(
     }
     torch.manual_seed(cfg.seed)
     model = build_student(cfg.student, store.dim).to(device)
-    loss_fn = DistillLoss(cfg.baseline_loss if baseline else cfg.loss).to(device)
+    loss_cfg = cfg.baseline_loss if baseline else cfg.loss
+    loss_fn = DistillLoss(loss_cfg, teacher_scales(loss_cfg, store)).to(device)
     balancer = LossBalancer(cfg.balancer, loss_fn.term_names, loss_fn.weights)
+    # the mined store's K, when the run reads it (re-mined with another K, the same config reads other
+    # neighbours): checked on resume
+    meta["mined_k"] = mined.k if reads_mined(cfg, baseline) and mined is not None else None
     use_bf16 = cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank)
+    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank, mined)
     val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
     # A frozen text tower gives every caption the same features at every step: computed once here, so a step
     # costs the projection only (MiniLM over every batch would dominate a small student's step on a CPU).
@@ -179,9 +190,7 @@ def setup_run(
         )
         if val is not None:
             val_text_cache = frozen_text_features(model, val_tokens, cfg.eval_batch_size, autocast)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-    )
+    optimizer = build_optimizer(cfg, model, loss_fn)
     total_steps = cfg.epochs * opt_steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
     run = Run(
@@ -191,9 +200,19 @@ def setup_run(
     )  # fmt: skip
     restore_or_start_over(run, resume)
     if run.main:
-        run.train_log, run.val_log = open_logs(run.out_dir, run.loss_fn.term_names, run.state)
+        learned = ("student_temperature",) if loss_fn.student_log_scale is not None else ()
+        run.train_log, run.val_log = open_logs(run.out_dir, loss_fn.term_names, run.state, learned)
     run.forward = training_forward(run)
     return run
+
+
+def build_optimizer(cfg: DistillConfig, model: DualEncoderStudent, loss_fn: DistillLoss) -> torch.optim.Optimizer:
+    """AdamW over the student's trainable weights and, in a group of its own without weight decay (as CLIP's
+    logit scale), the loss module's parameters: the learned student temperature, when there is one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    groups = [{"params": params}, {"params": loss_params, "weight_decay": 0.0}] if loss_params else params
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def restore_or_start_over(run: Run, resume: bool) -> None:
@@ -207,6 +226,7 @@ def restore_or_start_over(run: Run, resume: bool) -> None:
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             balancer=run.balancer,
+            loss=run.loss_fn,
         )
         if run.main:
             log.info(
@@ -271,6 +291,8 @@ def optimizer_step(run: Run, epoch: int, meter: Meter, weights: dict[str, float]
     cfg, state = run.cfg, run.state
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    if run.world > 1:
+        average_gradients(run.loss_fn.parameters(), run.world)
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
@@ -288,6 +310,8 @@ def optimizer_step(run: Run, epoch: int, meter: Meter, weights: dict[str, float]
     if run.main and (state.global_step % cfg.log_every_steps == 0 or end_of_epoch or at_checkpoint):
         row = meter.flush({"step": state.global_step, "epoch": epoch + 1, "lr": lr})
         row.update({f"w_{k}": float(w) for k, w in weights.items()})
+        if run.loss_fn.student_log_scale is not None:
+            row["student_temperature"] = run.loss_fn.student_temperature()
         run.train_log.write(row)
     if at_checkpoint and not end_of_epoch:
         checkpoint(run)
@@ -324,6 +348,7 @@ def checkpoint(run: Run) -> None:
             state=run.state,
             cfg_dict=run.cfg_dict,
             meta=run.meta,
+            loss=run.loss_fn,
         )
     if run.world > 1:
         dist.barrier()
@@ -421,14 +446,18 @@ def run_distill(
     baseline: bool = False,
     resume: bool = True,
     stop_after_steps: int | None = None,
+    mined=None,
 ) -> DistillResult:
     """Train a student against `store` and export it into `out_dir`.
 
-    `baseline`: train with `cfg.baseline_loss` (pairs only) instead of `cfg.loss`. `resume`: continue from
+    `mined`: the teacher's mined neighbours of `store` (pipeline/store/mined.py; candidate-aware batches, the
+    candidate-list terms). `baseline`: train with `cfg.baseline_loss` (pairs only) instead of `cfg.loss`. `resume`: continue from
     `out_dir/checkpoints/last.pt` when it exists (its config must match, runtime keys aside); otherwise start
     over. `stop_after_steps` (tests): return after that many optimizer steps without writing anything more,
     as if the process had been killed there."""
-    run = setup_run(cfg, index=index, store=store, cache=cache, out_dir=Path(out_dir), baseline=baseline, resume=resume)
+    run = setup_run(
+        cfg, index=index, store=store, cache=cache, out_dir=Path(out_dir), baseline=baseline, resume=resume, mined=mined
+    )
     meter = Meter()
     remaining = (run.total_steps - run.state.global_step) * run.pairs_per_opt_step
     run.model.train()

@@ -20,6 +20,11 @@ seeded by (seed, stream, c). So a pool larger than what an epoch draws is still 
 cycle, cycles continue across epochs), a small pool is repeated, and the rows of (epoch, step) are again a
 pure function of the position: resume stays exact. A global batch that straddles two cycles may hold a row
 twice (at most min(G, n) rows apart in the order); harmless for the per-row terms it feeds.
+
+Candidate-aware batches (`CandidateSampler`, DCD's hard samples in the batch): the epoch's order is built so
+that each anchor caption is followed by one caption of each of its first `group` teacher-mined images (the
+mined store's text_to_image/rows). Every caption still appears exactly once per epoch, the order is still a
+pure function of (seed, epoch), and everything above (steps, ranks, the queue) reads it unchanged.
 """
 
 from __future__ import annotations
@@ -112,3 +117,84 @@ class UnpairedSampler:
         """[per_step] pool rows of this rank's part."""
         lo = self.rank * self.per_step
         return self.global_rows(epoch, step)[lo : lo + self.per_step]
+
+
+def candidate_order(
+    anchors: np.ndarray, caption_order: np.ndarray, text_image: np.ndarray, neighbours: np.ndarray, group: int
+) -> np.ndarray:
+    """int64 [M]: every caption once, each anchor followed by its hard neighbours.
+
+    Walk `anchors` (a permutation of the M captions); an anchor not yet placed is placed, then for each of its
+    `neighbours` [M, K] (image rows, best first; < 0 = no candidate) until `group` are placed: the image's next
+    caption in `caption_order` (a permutation: the order in which each image's captions are taken) that is not
+    placed yet, if any. An image all of whose captions are placed is skipped (the next neighbour is tried)."""
+    m = len(anchors)
+    # each image's captions as a run of `caps`, in the epoch's caption order: sort by (image, rank in that order)
+    rank = np.empty(m, dtype=np.int64)
+    rank[caption_order] = np.arange(m)
+    text_image = np.asarray(text_image, dtype=np.int64)
+    caps = np.lexsort((rank, text_image)).tolist()
+    n_images = int(text_image.max()) + 1 if m else 0
+    ends = np.cumsum(np.bincount(text_image, minlength=n_images)).tolist()
+    cursor = [0, *ends[:-1]]  # per image: where its first caption not yet placed may be (nothing before is free)
+    placed = bytearray(m)
+    out: list[int] = []
+    for a in anchors.tolist():
+        if placed[a]:
+            continue
+        placed[a] = 1
+        out.append(a)
+        taken = 0
+        for img in neighbours[a].tolist():  # one row at a time: the whole [M, K] as lists would be GBs on COCO
+            if taken == group:
+                break
+            if not 0 <= img < n_images:  # padding (< 0), or an image without captions in the split
+                continue
+            i, end = cursor[img], ends[img]
+            while i < end and placed[caps[i]]:
+                i += 1
+            cursor[img] = i
+            if i < end:
+                placed[caps[i]] = 1
+                out.append(caps[i])
+                taken += 1
+    return np.asarray(out, dtype=np.int64)
+
+
+class CandidateSampler(EpochSampler):
+    """An EpochSampler whose epoch order groups each anchor with its hard neighbours (`candidate_order`).
+
+    `neighbours` int [M, K]: the image rows of each caption's mined images (the store's text_to_image/rows of
+    the split, own image excluded, < 0 for padding); `text_image` [M]: each caption's image row; `group`: the
+    neighbours each anchor brings. Both random orders come from a generator seeded by (seed, epoch)."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        *,
+        neighbours: np.ndarray,
+        text_image: np.ndarray,
+        group: int,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(n, batch_size, seed, world_size=world_size, rank=rank, shuffle=True)
+        if neighbours.ndim != 2 or len(neighbours) != self.n or len(text_image) != self.n:
+            raise ValueError(
+                f"candidate sampler: expected neighbours [{self.n}, K] and text_image [{self.n}], got "
+                f"{tuple(neighbours.shape)} and {tuple(np.shape(text_image))}"
+            )
+        if group <= 0:
+            raise ValueError(f"candidate sampler: group must be positive, got {group}")
+        self.neighbours, self.text_image, self.group = neighbours, np.asarray(text_image, np.int64), int(group)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        cached = self._cached
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            anchors, caption_order = rng.permutation(self.n), rng.permutation(self.n)
+            order = candidate_order(anchors, caption_order, self.text_image, self.neighbours, self.group)
+            cached = self._cached = (epoch, order)  # replaced whole: loader threads read it concurrently
+        return cached[1]

@@ -1,4 +1,5 @@
-"""Small helpers shared by the loss modules: fp32 inputs, image-id tensors, same-image masks."""
+"""Small helpers shared by the loss modules: fp32 inputs, image-id tensors, same-image masks, KL of rows,
+per-anchor candidate lists."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -62,3 +64,40 @@ def with_rows(student: Tensor, teacher: Tensor | None, ids: Tensor | None, extra
         torch.cat([teacher_fp32(teacher), teacher_fp32(t)]),
         torch.cat([ids, i]) if both else None,
     )
+
+
+def kl_rows(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """mean_i KL(softmax(teacher_i) || softmax(student_i)) over the rows of two [R, C] logit matrices."""
+    return F.kl_div(
+        F.log_softmax(student_logits, dim=1),
+        F.log_softmax(teacher_logits, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def masked_kl(log_p: Tensor, log_q: Tensor, keep: Tensor | None) -> Tensor:
+    """[R] KL(p || q) of each row from log-probabilities [R, C] that are -inf where `keep` [R, C] is False.
+
+    The masked entries are set to 0 before the subtraction: p = 0 there, and -inf - -inf would put NaN into
+    the forward and the backward (F.kl_div's 0 * log 0 convention does not cover a -inf target)."""
+    if keep is not None:
+        log_p, log_q = log_p.masked_fill(~keep, 0.0), log_q.masked_fill(~keep, 0.0)
+        return (log_p.exp().masked_fill(~keep, 0.0) * (log_p - log_q)).sum(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def list_logits(anchor: Tensor, positive: Tensor, candidates: Tensor) -> Tensor:
+    """[B, 1 + K] dot products of each anchor [B, D] with its positive [B, D] (column 0) and its own K
+    candidate rows [B, K, D] (columns 1..K): one candidate list per anchor, not a shared queue."""
+    pos = (anchor * positive).sum(-1, keepdim=True)  # [B, 1]
+    cand = torch.einsum("bd,bkd->bk", anchor, candidates)  # [B, K]
+    return torch.cat([pos, cand], dim=1)
+
+
+def with_positive(ok: Tensor | None, b: int, k: int, device: torch.device) -> Tensor:
+    """[B, 1 + K] bool: the positive (column 0) always kept, then the candidates' `ok` [B, K] (None: all)."""
+    keep = torch.ones(b, 1 + k, dtype=torch.bool, device=device)
+    if ok is not None:
+        keep[:, 1:] = ok
+    return keep

@@ -12,20 +12,9 @@ the same probability mass, which is exactly what the student should copy.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.distill.losses._util import student_fp32, teacher_fp32
-
-
-def kl_rows(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-    """mean_i KL(softmax(teacher_i) || softmax(student_i))."""
-    return F.kl_div(
-        F.log_softmax(student_logits, dim=1),
-        F.log_softmax(teacher_logits, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
+from pipeline.distill.losses._util import kl_rows, student_fp32, teacher_fp32
 
 
 class RelationDistillLoss(nn.Module):
