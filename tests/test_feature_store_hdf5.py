@@ -280,3 +280,47 @@ def test_import_dsmd_refuses_a_file_that_is_no_plain_tensor_in_one_line_of_its_o
         assert re.fullmatch(rf"error: {tmp_path / name}: {line}.*", error) and error.endswith(todo), error
         assert "weights_only" not in error and "\\x0a" not in error  # our line, not torch's three paragraphs
     assert not (tmp_path / "d.zarr").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_bad_source_row_is_named_by_the_input_file_and_row_not_blamed_on_a_teacher(tmp_path, dtype):
+    """import-hdf5: a NaN row, and a row of norm 4 in a file that says its rows are normalized (copied bit for bit,
+    so nothing else would see it: opening a store samples the first row of each chunk), are refused naming the
+    HDF5 file, the array and the row, never "the teacher produced non-finite features ... use bfloat16" about
+    the output store."""
+    from cli_helpers import one_error_line, run_cli
+
+    index = _index()
+    _store(tmp_path / "s.zarr", index, dtype)
+    export_hdf5(tmp_path / "s.zarr", tmp_path / "s.h5")
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert json.loads(f.attrs["kdpipe_attrs"])["normalized"] is True and f["test/text_emb"].shape[0] > 11
+    for name, array, row, value, line in [
+        ("nan.h5", "test/text_emb", 11, np.nan, r"holds NaN or inf; an embedding must be finite"),
+        ("norm4.h5", "test/image_emb", 3, 4.0, r"L2 norm (3\.99|4)[0-9.]*, but the file says its rows are normalized"),
+    ]:
+        (tmp_path / name).write_bytes((tmp_path / "s.h5").read_bytes())
+        with h5py.File(tmp_path / name, "r+") as f:
+            rows = f[array][...]
+            rows[row] = value * rows[row] if np.isfinite(value) else value
+            f[array][...] = rows
+        error = one_error_line(run_cli("import-hdf5", tmp_path / name, "--out", tmp_path / f"{name}.zarr"))
+        assert re.fullmatch(rf"error: {re.escape(str(tmp_path / name))}: {array} row {row}: {line}.*", error), error
+        assert "teacher" not in error
+
+
+def test_import_dsmd_names_the_input_file_and_row_of_a_nan(tmp_path):
+    from cli_helpers import one_error_line, run_cli
+
+    index = _index()
+    index.save(tmp_path / "index")
+    view = index.split("test")
+    per_caption = np.random.default_rng(1).standard_normal((view.n_captions, D)).astype(np.float32)
+    np.save(tmp_path / "images.npy", np.eye(view.n_images, D, dtype=np.float32)[view.text_image])  # per caption
+    per_caption[7, 3] = np.inf
+    np.save(tmp_path / "texts.npy", per_caption)
+    args = ("import-dsmd", "--index", tmp_path / "index", "--out", tmp_path / "d.zarr")
+    error = one_error_line(
+        run_cli(*args, "--images", f"test={tmp_path / 'images.npy'}", "--texts", f"test={tmp_path / 'texts.npy'}")
+    )
+    assert error.startswith(f"error: {tmp_path / 'texts.npy'} row 7: holds NaN or inf"), error
