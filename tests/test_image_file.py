@@ -197,3 +197,33 @@ def test_a_shard_member_goes_through_the_same_guards(tmp_path, pil_guard):
     oracle = expect_rgb(np.floor(gradient16().astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8))
     np.testing.assert_array_equal(np.asarray(read_rgb(refs["000/g16.png"])), oracle)
     np.testing.assert_array_equal(decode_image(refs["000/g16.png"], ResizeConfig(resize=S, crop=S)), oracle)
+
+
+def test_prepare_over_parquet_image_bytes_uses_the_same_guards(tmp_path, pil_guard):
+    """Images held as bytes in a parquet column (Hugging Face datasets' {"bytes", "path"} struct) are decoded by
+    the same reader: the bomb is skipped with the same reason, the 16-bit image cached by its range."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(save) -> bytes:
+        buf = io.BytesIO()
+        save(buf)
+        return buf.getvalue()
+
+    cells = [
+        {"bytes": png(lambda b: Image.fromarray(gradient16()).save(b, format="PNG")), "path": "g16.png"},
+        {"bytes": png_bomb(tmp_path / "bomb.png").read_bytes(), "path": "bomb.png"},
+    ]
+    pq.write_table(pa.table({"image": cells, "caption": ["grey", "bomb"]}), tmp_path / "d.parquet")
+    ds = DatasetConfig(format="parquet", annotations=tmp_path / "d.parquet", image_root=tmp_path, default_split="train")
+    paths = ArtifactPaths(tmp_path / "work")
+    cfg = PrepareConfig(dataset=ds, image=ResizeConfig(resize=S, crop=S), workers=1, on_bad_image="skip")
+    assert run_prepare(cfg, paths)["bad_images"] == 1
+    (report,) = json.loads((tmp_path / "work/index/bad_images.json").read_text())
+    assert re.fullmatch(BOMB, report["reason"]), report
+    (row,) = open_image_cache(paths.images).split("train")
+    np.testing.assert_array_equal(
+        row, expect_rgb(np.floor(gradient16().astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8))
+    )
