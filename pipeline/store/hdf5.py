@@ -29,7 +29,7 @@ from pipeline.errors import InputError, reading_file
 from pipeline.store.durable import atomic_path
 from pipeline.store.features import EMB_ARRAYS, UNPAIRED_TEXT, open_store
 from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, write_store
-from pipeline.store.imports import SourceSplit, check_against_index, check_source_rows, import_attrs, write_imported
+from pipeline.store.imports import SourceSplit, check_against_index, import_attrs, write_imported
 from pipeline.weights import load_tensors
 
 HDF5_FORMAT = "kdpipe-features-hdf5"
@@ -185,7 +185,6 @@ def _load_matrix(path: Path, what: str) -> np.ndarray:
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 2:
         raise InputError(f"{path}: {what} must be a 2-D [rows, D] tensor, got shape {list(data.shape)}")
-    check_source_rows(data, str(path), 0)  # names this file and row, not the store being written
     return data
 
 

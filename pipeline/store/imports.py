@@ -4,10 +4,8 @@ the checks against the dataset index, the new store's attrs, and the one functio
 An importer turns its source into one `SourceSplit` per split (rows still in their files), checked, then calls
 `write_imported`: one feature dimension across splits, the store dtype (the source's when all its embeddings
 share a store dtype, else float16), rows copied bit for bit only from a source that says its rows are unit
-length in the store's dtype (else L2-normalized in float32), complete=true last, then the store opened and
-validated as any reader would. Every source row is checked as it is read (`check_source_rows`): a row holding NaN
-or inf, or a row the file says is unit length that is not, is refused naming the input file, array and row
-(the store writer's own check would blame the teacher and name the output).
+length in the store's dtype (else L2-normalized in float32), non-finite rows refused by the writer (naming the
+chunk and row), complete=true last, then the store opened and validated as any reader would.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import numpy as np
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.store.checksums import UNIT_NORM_TOLERANCE, nonfinite_row, off_unit_row
 from pipeline.store.durable import fsync_tree
 from pipeline.store.features import UNPAIRED_TEXT, open_store
 from pipeline.store.features_writer import STORE_DTYPES, StoreWriter, jsonable
@@ -128,9 +125,7 @@ def write_imported(
             bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
             for i in range(writer.n_chunks(name, key) if len(ds) else 0):
                 a, b = writer.chunk_range(name, key, i)
-                rows = np.asarray(ds[a:b])
-                check_source_rows(rows, f"{where}: {name}/{key}", a, unit=bits)
-                writer.write_chunk(name, key, i, rows, normalize=not bits)
+                writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
         writer.write_text_image(name, sp.text_image)
         writer.write_image_id(name, sp.image_id)
     fsync_tree(writer.path)
@@ -139,26 +134,4 @@ def write_imported(
     return Path(out_path)
 
 
-def check_source_rows(rows: np.ndarray, where: str, first_row: int, *, unit: bool = False) -> None:
-    """Refuse source rows [R, D] (rows first_row.. of the array `where` names: "<file>: <split>/<array>") that
-    hold NaN or inf, or, with `unit` (rows copied bit for bit because the file says they are normalized),
-    whose L2 norm is not 1 within the dtype's tolerance: one line naming the input file and row."""
-    if rows.dtype.kind != "f":
-        return
-    probe = rows if rows.dtype.itemsize in (2, 4) else rows.astype(np.float32)
-    bad = nonfinite_row(probe)
-    if bad is not None:
-        raise InputError(
-            f"{where} row {first_row + bad}: holds NaN or inf; an embedding must be finite (fix or drop that row "
-            "in the input file)"
-        )
-    off = off_unit_row(probe) if unit else None
-    if off is not None:
-        raise InputError(
-            f"{where} row {first_row + off[0]}: L2 norm {off[1]:.6g}, but the file says its rows are normalized "
-            f"(norm 1 within {UNIT_NORM_TOLERANCE[probe.dtype.itemsize]:g} for {probe.dtype.name}); normalize them, "
-            "or do not mark the file normalized (kdpipe then normalizes the rows)"
-        )
-
-
-__all__ = ["SourceSplit", "store_dtype", "import_attrs", "check_against_index", "write_imported", "check_source_rows"]
+__all__ = ["SourceSplit", "store_dtype", "import_attrs", "check_against_index", "write_imported"]
