@@ -24,12 +24,14 @@ from pipeline.store.durable import fsync_dir, fsync_file, fsync_tree
 from pipeline.store.features import (
     DIMENSION_NAMES,
     EMB_ARRAYS,
+    FEATURE_STORE,
     FORMAT,
     STORE_DTYPES,
     UNPAIRED_TEXT,
     VERSION,
     read_attrs,
 )
+from pipeline.store.ownership import claim
 
 DEFAULT_CHUNK_ROWS = 16384
 _SMALL_CHUNK = 1 << 20  # rows per chunk of the 1-D arrays (text_image, image_id): one file for any real dataset
@@ -47,14 +49,11 @@ def clear_store_dir(path: Path, *, keep: Iterable[str] = ()) -> None:
 
     Refuses a non-empty directory that is not a feature store, so a wrong `--out` never deletes user data."""
     path = Path(path)
+    claim(path, FEATURE_STORE)
     if not path.exists():
         return
-    if not path.is_dir():
-        raise InputError(f"{path}: exists and is not a directory; expected a feature store location")
     entries = [e for e in path.iterdir() if e.name not in set(keep)]
     attrs = read_attrs(path) or {}
-    if entries and attrs.get("format") != FORMAT and not (path / ".extract").is_dir():
-        raise InputError(f"{path}: exists, is not empty and is not a feature store; remove it or choose another path")
     if attrs.get("complete") is True:
         # first, so that a reader without the lock (plain zarr) is refused, never shown a half-deleted store
         _mark_incomplete(path)
