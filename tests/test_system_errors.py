@@ -35,6 +35,23 @@ def test_machine_errors_become_one_line_naming_the_path(code):
     assert "completed outputs are untouched" in text
 
 
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.EISDIR, "is a directory, where a file is expected; give the path of a file"),
+        (errno.ENOTDIR, "a file stands where this path needs a directory; choose another path"),
+        (errno.EEXIST, "already exists, and is not what kdpipe creates there"),
+        (errno.ENAMETOOLONG, "file name too long; choose a shorter path"),
+    ],
+)
+def test_a_path_of_the_wrong_kind_met_by_any_write_is_one_line_naming_it(code, words):
+    """The backstop where no writer's claim looked first (a directory where a file is written, a file inside a
+    path that needs a directory): the machine's errno becomes one line naming the path."""
+    problem = environment_error(OSError(code, os.strerror(code), "/data/out/metrics.json"))
+    assert problem is not None and str(problem).startswith(f"/data/out/metrics.json: {words}"), problem
+    assert "\n" not in str(problem)
+
+
 def test_memory_errors_and_bugs():
     assert "out of memory (host RAM)" in str(environment_error(MemoryError()))
     if hasattr(torch.cuda, "OutOfMemoryError"):
@@ -295,14 +312,18 @@ def test_an_output_file_given_as_a_directory_or_under_a_file_is_one_line(tmp_pat
     (tmp_path / "outdir" / "mine.txt").write_text("kept")
     (tmp_path / "notes.txt").write_text("kept")
     for args, line in [
+        # each writer claims its output first (pipeline/store/ownership.py): its own words, one line
         (
             ("evaluate", "--features", "s.zarr", "--out", "outdir"),
-            "error: outdir: is a directory, where a file is expected; give the path of a file",
+            "error: outdir: is a directory, where a metrics file goes; ",
         ),
-        (("export-hdf5", "s.zarr", "--out", "outdir"), "error: outdir: is a directory, where a file is expected"),
+        (
+            ("export-hdf5", "s.zarr", "--out", "outdir"),
+            "error: outdir: is a directory, where an HDF5 export of a feature store goes; ",
+        ),
         (
             ("evaluate", "--features", "s.zarr", "--out", "notes.txt/m.json"),
-            f"error: {tmp_path / 'notes.txt'}: already exists, and is not what kdpipe creates there",
+            "error: notes.txt: is a file, where the directory of a metrics file (notes.txt/m.json) goes; ",
         ),
     ]:
         assert one_error_line(run_cli(*args)).startswith(line), args
