@@ -35,6 +35,12 @@ def other_width(student: Path) -> None:
     save_file(state, str(student / "model.safetensors"), metadata={"format": "pt"})
 
 
+def deep_rows(index: Path) -> None:
+    """Every line of the index's rows.jsonl nested 100,000 levels deep (json's scanner: a RecursionError)."""
+    n = len((index / "rows.jsonl").read_bytes().split(b"\n")) - 1
+    (index / "rows.jsonl").write_text(("[" * 100_000 + "]" * 100_000 + "\n") * n)
+
+
 def not_json(path: Path) -> None:
     path.write_text('{"model_type": "vit",')
 
@@ -135,8 +141,9 @@ def test_a_truncated_training_checkpoint_is_one_line_on_resume(tmp_path):
     [
         (lambda ix: truncate(ix / "index.faiss"), r"index\.faiss: cannot be read as a faiss index \(RuntimeError: "),
         (lambda ix: (ix / "ids.json").write_text('{"ids": ['), r"ids\.json line 1 column 10: malformed JSON"),
+        (deep_rows, r"rows\.jsonl: not JSON lines \(maximum recursion depth exceeded.*\); run `kdpipe index` again"),
     ],
-    ids=["index-truncated", "ids-not-json"],
+    ids=["index-truncated", "ids-not-json", "rows-deep"],
 )
 def test_search_refuses_a_damaged_index_in_one_line(workdir, tmp_path, damage, line):
     index = tmp_path / "index"
