@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -209,18 +208,23 @@ def readme_block(marker: str) -> str:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_readme_python_snippet_runs_as_written(tokenizer_dir, tmp_path, monkeypatch):
-    """The README's "In Python" block, verbatim, in a directory laid out as the demo's (a tiny student in the demo
-    student's place, an image where the demo's is); its embeddings are those of `kdpipe search`'s query path."""
+@pytest.mark.parametrize("records_pixels", [True, False], ids=["recorded-recipe", "older-student"])
+def test_readme_python_snippet_runs_as_written(tokenizer_dir, tmp_path, monkeypatch, records_pixels):
+    """The README's "In Python" block, verbatim, in a directory laid out as the demo's: a tiny student in the demo
+    student's place, its workdir's image cache, an image where the demo's is. A student that records its pixel
+    recipe and one saved before students did (the image cache tells) give the student's embeddings of the image
+    squashed to 16 px by PIL directly."""
     from pipeline.data.pixels import PixelRecipe, ResizeConfig
-    from pipeline.paths import ArtifactPaths
-    from pipeline.search.gallery import read_image, student_recipe
+    from pipeline.store.image_cache import write_image_cache
     from pipeline.towers.student import load_student, save_student
 
     code = readme_block("load-student")
-    student_dir = tmp_path / "artifacts/emoji/models/student_unpaired-s0"
+    workdir = tmp_path / "artifacts/emoji"
     recipe = PixelRecipe(ResizeConfig(mode="squash", crop=16))
-    save_student(tiny_student(tokenizer_dir, 3), student_dir, pixels=recipe.describe())
+    cache_rows = {"train": np.zeros((1, 16, 16, 3), dtype=np.uint8)}
+    write_image_cache(workdir / "images.zarr", cache_rows, fingerprint="f", meta={"resize": recipe.image.describe()})
+    student_dir = workdir / "models/student_unpaired-s0"
+    save_student(tiny_student(tokenizer_dir, 3), student_dir, pixels=recipe.describe() if records_pixels else None)
     image_path = tmp_path / "data/emoji/images/openmoji/1F600.png"
     image_path.parent.mkdir(parents=True)
     rgb = np.random.default_rng(0).integers(0, 256, (72, 60, 3), dtype=np.uint8)
@@ -231,14 +235,13 @@ def test_readme_python_snippet_runs_as_written(tokenizer_dir, tmp_path, monkeypa
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "README.md", "exec"), namespace)
     image, texts = namespace["image"], namespace["texts"]
-    # the oracle: the student loaded on its own, the query image made into pixels as `kdpipe search` makes them
+    # the oracle: the student loaded on its own, the image squashed to 16 px by PIL directly (the recipe above)
     student = load_student(student_dir)
-    assert student_recipe(student_dir, ArtifactPaths(tmp_path / "work")) == recipe
+    own_pixels = np.asarray(Image.open(image_path).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR))
     with torch.no_grad():
-        expected_image = student.encode_images(read_image(image_path, recipe)[None])
+        expected_image = student.encode_images(own_pixels[None].copy())
         expected_texts = student.encode_texts(["grinning face", "red heart"])
     torch.testing.assert_close(image, expected_image, rtol=0, atol=1e-6)
     torch.testing.assert_close(texts, expected_texts, rtol=0, atol=1e-6)
     assert image.shape == (1, json.loads((student_dir / "student_config.json").read_text())["dim"])
     assert printed.getvalue().startswith("tensor([[")
-    assert os.path.samefile(Path.cwd(), tmp_path)
