@@ -199,10 +199,10 @@ def test_existing_citations_of_each_form_pass():
     assert dangling(text, REPO / "pipeline" / "example.py", REPO) == []
 
 
-def readme_block(marker: str) -> str:
+def readme_block(marker: str, language: str = "python") -> str:
     """The code block that follows `<!-- test: MARKER -->` in the README."""
     readme = (REPO / "README.md").read_text()
-    m = re.search(rf"<!-- test: {marker} -->\n```python\n(.*?)\n```", readme, re.S)
+    m = re.search(rf"<!-- test: {marker} -->\n```{language}\n(.*?)\n```", readme, re.S)
     assert m, f"README: no python block after <!-- test: {marker} -->"
     return m.group(1)
 
@@ -245,3 +245,28 @@ def test_readme_python_snippet_runs_as_written(tokenizer_dir, tmp_path, monkeypa
     torch.testing.assert_close(texts, expected_texts, rtol=0, atol=1e-6)
     assert image.shape == (1, json.loads((student_dir / "student_config.json").read_text())["dim"])
     assert printed.getvalue().startswith("tensor([[")
+
+
+def test_readme_own_data_params_parse():
+    """The README's params for your own data are valid as written (unknown keys and bad values are refused)."""
+    import yaml
+
+    from pipeline.config import from_dict
+    from pipeline.data.prepare import PrepareConfig
+
+    raw = yaml.safe_load(readme_block("own-data-params", "yaml"))
+    dataset = from_dict(PrepareConfig, raw["prepare"], "prepare").dataset
+    assert (raw["workdir"], dataset.format, dataset.annotations.suffix) == ("artifacts/mydata", "jsonl", ".jsonl")
+
+
+def test_readme_demo_table_shows_the_committed_metrics():
+    """CI's check (.ci/compare_demo.py) of the README's results table against the committed metrics record."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_demo", REPO / ".ci" / "compare_demo.py")
+    compare_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_demo)
+    metrics = json.loads((REPO / "artifacts" / "emoji" / "metrics_detail.json").read_text())
+    failures: list[str] = []
+    compare_demo.compare_readme((REPO / "README.md").read_text(), metrics, failures)
+    assert failures == []
