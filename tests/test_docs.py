@@ -260,7 +260,7 @@ def test_readme_own_data_params_parse():
 
 
 def test_readme_demo_table_shows_the_committed_metrics():
-    """CI's check (.ci/compare_demo.py) of the README's results table against the committed metrics record."""
+    """CI's checks (.ci/compare_demo.py) of the README's results tables against the committed metrics record."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("compare_demo", REPO / ".ci" / "compare_demo.py")
@@ -268,5 +268,7 @@ def test_readme_demo_table_shows_the_committed_metrics():
     spec.loader.exec_module(compare_demo)
     metrics = json.loads((REPO / "artifacts" / "emoji" / "metrics_detail.json").read_text())
     failures: list[str] = []
-    compare_demo.compare_readme((REPO / "README.md").read_text(), metrics, failures)
+    readme = (REPO / "README.md").read_text()
+    compare_demo.compare_readme(readme, metrics, failures)
+    compare_demo.compare_readme_galleries(readme, metrics, failures)
     assert failures == []
