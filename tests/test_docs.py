@@ -272,3 +272,16 @@ def test_readme_demo_table_shows_the_committed_metrics():
     compare_demo.compare_readme(readme, metrics, failures)
     compare_demo.compare_readme_galleries(readme, metrics, failures)
     assert failures == []
+
+
+def test_readme_has_the_commands_ci_reads():
+    """Every `readme_command NAME` of .ci/run finds its `<!-- ci: NAME -->` marker in the README, followed by a
+    code block (its first line is the command CI runs), as .ci/run's awk reads it."""
+    names = re.findall(r"readme_command ([\w-]+)\)", (REPO / ".ci" / "run").read_text())
+    assert set(names) == {"install-and-run", "test"}
+    lines = (REPO / "README.md").read_text().splitlines()
+    for name in names:
+        at = [i for i, line in enumerate(lines) if line == f"<!-- ci: {name} -->"]
+        assert len(at) == 1, f"README: {len(at)} markers <!-- ci: {name} -->"
+        fence = next(i for i in range(at[0] + 1, len(lines)) if lines[i].startswith("```"))
+        assert fence == at[0] + 1 and lines[fence + 1].strip() and not lines[fence + 1].startswith("```")
