@@ -75,7 +75,8 @@ def command(
             claim(out, METRICS_FILE)  # before the work: a path that is not an earlier metrics file is refused
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
-            echo(json.dumps(doc, indent=2))
+            for line in json.dumps(doc, indent=2).splitlines():
+                echo(line)
         else:
             with writing(out, no_wait=no_wait):
                 write_json(doc, out, METRICS_FILE)
@@ -123,8 +124,8 @@ def command(
             out=out_paths,
         )
         save_resolved(cfg, out_paths, "evaluate")
-    echo(result.table)
-    echo(result.summary())
+    for line in (*result.table.splitlines(), result.summary()):
+        echo(line)
 
 
 def ablation_runs(
