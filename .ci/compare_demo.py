@@ -25,6 +25,11 @@ that into other student weights. So:
   gain) keeps its 95% interval above 0; every other committed interval above 0 keeps a positive difference.
 - A run that does not record where it was computed (`environment`) cannot be compared: that is a failure.
 
+The intervals of the claims and the README are those against `--reference` (default `baseline`, the demo's
+compare_to). The demo's ablation (ablation/dvc.yaml) is compared by the same rules with `--reference
+student_unpaired` and no dvc.lock (it has no integer stage of its own). `--readme-section` limits the README
+checks to the lines under one heading (the demo's tables and the ablation's both show `student_unpaired`).
+
 The models are the blocks of the metrics record that hold `rsum` (teacher, every trained model, chance): each
 run's metrics_detail.json, the whole record (metrics.json keeps only its headline, each model's RSUM; a run from
 before that split, whose metrics.json held the record, is read from its metrics.json).
@@ -108,7 +113,9 @@ def seed_tolerances(block: dict, per_query: dict[str, float]) -> dict[str, float
     return tol
 
 
-def compare_metrics(old_m: dict, new_m: dict, same_class: bool, failures: list[str]) -> list[str]:
+def compare_metrics(
+    old_m: dict, new_m: dict, same_class: bool, failures: list[str], reference: str = "baseline"
+) -> list[str]:
     for key in ("dataset", "split", "n_images", "n_captions"):
         if old_m.get(key) != new_m.get(key):
             failures.append(f"metrics {key}: {old_m.get(key)!r} -> {new_m.get(key)!r}")
@@ -141,7 +148,7 @@ def compare_metrics(old_m: dict, new_m: dict, same_class: bool, failures: list[s
         compare_intervals(model, old_m[model], new_m[model], failures)
     if same_class:
         compare_record(old_m, new_m, failures)
-    check_claims(old_m, new_m, same_class, failures)
+    check_claims(old_m, new_m, same_class, failures, reference)
     return models
 
 
@@ -178,13 +185,14 @@ def compare_record(old: object, new: object, failures: list[str], path: str = ""
         failures.append(f"metrics {path[:-1]}: {old!r} -> {new!r} (the same machine class: must be identical)")
 
 
-def check_claims(old_m: dict, new_m: dict, same_class: bool, failures: list[str]) -> None:
+def check_claims(old_m: dict, new_m: dict, same_class: bool, failures: list[str], reference: str = "baseline") -> None:
     """What the demo claims, on any machine: distilled students agree with the teacher more than the baseline;
-    a committed interval above 0 stays above 0 (on another machine class: the headline's; the others keep a
-    positive difference)."""
+    a committed interval against `reference` above 0 stays above 0 (on another machine class: the headline's,
+    the trained model with the largest committed gain; the others keep a positive difference)."""
     baseline = new_m.get("baseline")
-    gains = {m: v["rsum_vs_baseline"] for m, v in old_m.items() if isinstance(v, dict) and v.get("rsum_vs_baseline")}
-    students = [m for m in gains if m.startswith("student")]
+    iv_key = f"rsum_vs_{reference}"
+    gains = {m: v[iv_key] for m, v in old_m.items() if isinstance(v, dict) and v.get(iv_key)}
+    students = [m for m in gains if m != "teacher"]
     headline = max(students, key=lambda m: gains[m]["diff"]) if students else None
     for model in model_names(new_m):
         if model.startswith("student") and baseline and AGREEMENT[0] in baseline:
@@ -196,34 +204,53 @@ def check_claims(old_m: dict, new_m: dict, same_class: bool, failures: list[str]
                         f"{baseline[key]} by {CROSS_MACHINE['min_agreement_gap']}"
                     )
         old_iv = gains.get(model)
-        new_iv = new_m[model].get("rsum_vs_baseline")
+        new_iv = new_m[model].get(iv_key)
         if not (old_iv and old_iv["low"] > 0):
             continue
         if same_class or model in (headline, "teacher"):
             if not (new_iv and new_iv["low"] > 0):
                 shown = f"{new_iv['low']:.1f} .. {new_iv['high']:.1f}" if new_iv else "none"
-                failures.append(f"metrics: {model} RSUM - baseline 95% interval is no longer above 0 ({shown})")
+                failures.append(f"metrics: {model} RSUM - {reference} 95% interval is no longer above 0 ({shown})")
         elif not (new_iv and new_iv["diff"] > 0):
             shown = f"{new_iv['diff']:+.1f}" if new_iv else "none"
-            failures.append(f"metrics: {model} RSUM - baseline is no longer positive ({shown})")
+            failures.append(f"metrics: {model} RSUM - {reference} is no longer positive ({shown})")
 
 
 README_LABELS = {"teacher": "teacher"}  # the README's first cell of each model's row (default: the model name)
 
 
-def compare_readme(readme: str, metrics: dict, failures: list[str]) -> None:
-    """The README's demo table (made from metrics.md): each model's recalls, RSUM and average to 0.1, and its
-    RSUM difference to the baseline with the interval, against the committed metrics."""
+def readme_section(readme: str, heading: str | None) -> list[str]:
+    """The README's lines under `heading` (a whole line, e.g. `## The built-in demo`) up to the next heading of
+    any level; all of it when heading is None; [] when the heading is not there."""
+    lines = readme.splitlines()
+    if heading is None:
+        return lines
+    if heading not in lines:
+        return []
+    rest = lines[lines.index(heading) + 1 :]
+    end = next((i for i, line in enumerate(rest) if line.startswith("#")), len(rest))
+    return rest[:end]
+
+
+def compare_readme(
+    readme: str, metrics: dict, failures: list[str], reference: str = "baseline", heading: str | None = None
+) -> None:
+    """The README's demo table (made from metrics.md; under `heading`): each model's recalls, RSUM and average to
+    0.1, and its RSUM difference to `reference` with the interval, against the committed metrics."""
+    section = readme_section(readme, heading)
+    if heading is not None and not section:
+        failures.append(f"README: no section {heading!r}")
+        return
     for model in model_names(metrics):
         prefix = f"| {README_LABELS.get(model, model)} |"
-        lines = [line for line in readme.splitlines() if line.startswith(prefix)]
+        lines = [line for line in section if line.startswith(prefix)]
         if len(lines) != 1:
             failures.append(f"README: expected one demo table row starting {prefix!r}, found {len(lines)}")
             continue
         cells = [c.strip() for c in lines[0][len(prefix) :].strip().strip("|").split("|")]
         shown = cells[: len(RECALLS) + 2]
         expected = [f"{metrics[model][k]:.1f}" for k in (*RECALLS, "rsum", "average_score")]
-        iv = metrics[model].get("rsum_vs_baseline")
+        iv = metrics[model].get(f"rsum_vs_{reference}")
         if iv:
             shown.append(cells[len(RECALLS) + 2] if len(cells) > len(RECALLS) + 2 else "")
             expected.append(f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})")
@@ -236,11 +263,12 @@ def compare_readme(readme: str, metrics: dict, failures: list[str]) -> None:
 GALLERY_TABLE = "| RSUM per style gallery |"  # the README's per-gallery table: a model per column, a gallery per row
 
 
-def compare_readme_galleries(readme: str, metrics: dict, failures: list[str]) -> None:
+def compare_readme_galleries(readme: str, metrics: dict, failures: list[str], heading: str | None = None) -> None:
     """The README's RSUM per style gallery (a row per gallery, named by a label whose first word is the gallery,
-    e.g. `Twemoji (captioned ...)`; a column per model) against the committed per-gallery figures."""
+    e.g. `Twemoji (captioned ...)`; a column per model; under `heading`) against the committed per-gallery
+    figures."""
     groups = list((metrics.get("teacher") or {}).get("groups") or {})
-    lines = readme.splitlines()
+    lines = readme_section(readme, heading)
     starts = [i for i, line in enumerate(lines) if line.startswith(GALLERY_TABLE)]
     if not groups:
         return
@@ -283,16 +311,19 @@ def environment(metrics: dict, run_info_path: str | None) -> dict | None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     for name in ("committed-lock", "reproduced-lock"):
-        ap.add_argument(f"--{name}", required=True)
+        ap.add_argument(f"--{name}", help="that run's dvc.lock (both or neither: the ablation has no integer stage)")
     for name in ("committed-metrics", "reproduced-metrics"):
         ap.add_argument(f"--{name}", required=True, help="that run's metrics_detail.json (the whole record)")
     for name in ("committed-run-info", "reproduced-run-info"):
         ap.add_argument(f"--{name}", help="run_info.json of that run (where it was computed)")
-    ap.add_argument("--readme", help="check that this README's demo table shows the committed metrics")
+    ap.add_argument("--readme", help="check that this README's demo tables show the committed metrics")
+    ap.add_argument("--readme-section", help="the heading (whole line) whose tables are checked (default: anywhere)")
+    ap.add_argument("--reference", default="baseline", help="the model the intervals are against (compare_to)")
     a = ap.parse_args()
+    if (a.committed_lock is None) != (a.reproduced_lock is None):
+        ap.error("--committed-lock and --reproduced-lock go together")
     failures: list[str] = []
 
-    old_lock, new_lock = (yaml.safe_load(open(p)) for p in (a.committed_lock, a.reproduced_lock))
     old_m, new_m = (json.load(open(p)) for p in (a.committed_metrics, a.reproduced_metrics))
     old_env, new_env = environment(old_m, a.committed_run_info), environment(new_m, a.reproduced_run_info)
     for which, env in (("committed", old_env), ("reproduced", new_env)):
@@ -311,6 +342,29 @@ def main() -> int:
             if old_v != new_v:
                 print(f"  environment {key}: committed {old_v!r}, here {new_v!r}")
 
+    if a.committed_lock is None:
+        print("no dvc.lock given: the stages' outputs are not compared, only the metrics")
+    else:
+        compare_locks(a.committed_lock, a.reproduced_lock, same_class, failures)
+    models = compare_metrics(old_m, new_m, same_class, failures, a.reference)
+    if a.readme:
+        readme = open(a.readme, encoding="utf-8").read()
+        compare_readme(readme, old_m, failures, a.reference, a.readme_section)
+        compare_readme_galleries(readme, old_m, failures, a.readme_section)
+
+    if failures:
+        print("demo reproduction FAILED:")
+        for f in failures:
+            print("  - " + f)
+        return 1
+    how = "bit for bit" if same_class else "within the cross-machine tolerances"
+    stages = "integer stages identical, " if a.committed_lock else ""
+    print(f"demo reproduction OK ({how}): {stages}metrics of {', '.join(models)} reproduced")
+    return 0
+
+
+def compare_locks(committed: str, reproduced: str, same_class: bool, failures: list[str]) -> None:
+    old_lock, new_lock = (yaml.safe_load(open(p)) for p in (committed, reproduced))
     compare_stage_outputs(old_lock, new_lock, INTEGER_STAGES, failures)
     if same_class:
         compare_stage_outputs(old_lock, new_lock, FLOAT_STAGES, failures)
@@ -321,20 +375,6 @@ def main() -> int:
             print(
                 "  (extract differs in the last bits on another machine class: checked through the teacher's recalls)"
             )
-    models = compare_metrics(old_m, new_m, same_class, failures)
-    if a.readme:
-        readme = open(a.readme, encoding="utf-8").read()
-        compare_readme(readme, old_m, failures)
-        compare_readme_galleries(readme, old_m, failures)
-
-    if failures:
-        print("demo reproduction FAILED:")
-        for f in failures:
-            print("  - " + f)
-        return 1
-    how = "bit for bit" if same_class else "within the cross-machine tolerances"
-    print(f"demo reproduction OK ({how}): integer stages identical, metrics of {', '.join(models)} reproduced")
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ into `<workdir>/student/` (with `--baseline`: the undistilled baseline, trained 
 on the pairs alone, into `<workdir>/baseline/`). With `--variant NAME --seed S`: one run of `distill.runs`
 (pipeline/distill/runs.py), the variant's settings merged into the section, into `<workdir>/models/NAME-sS/`,
 its training logs also copied to `<workdir>/curves/{train,val}/NAME-sS.csv` (small, uncached: `dvc plots`).
+With `--ablation FILE` (and `--variant NAME --seed S`): one run of that ablation (pipeline/distill/runs.py:
+the base variant of distill.runs plus NAME's overrides), from the same data into the ablation's own work
+directory (`<ablation.workdir>/models/NAME-sS/`, its curves and resolved config there too).
 Under torchrun every process runs this same command.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 import typer
 
 from pipeline.paths import ArtifactPaths
+from stages._ablation import ABLATION_OPTION, load_ablation
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -48,44 +52,59 @@ def command(
         None, "--variant", help="Train this variant of distill.runs (with --seed) into <workdir>/models/VARIANT-sSEED/."
     ),
     seed: int = typer.Option(None, "--seed", help="The seed of the --variant run (one of distill.runs.seeds)."),
+    ablation: Path = ABLATION_OPTION,
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
     from pipeline.config import from_dict
     from pipeline.distill.config import DistillConfig
-    from pipeline.distill.runs import run_name, split_runs, variant_section
+    from pipeline.distill.runs import ablation_section, run_name, split_runs, variant_section
     from pipeline.errors import ConfigError
 
     raw = load_raw(params, set_)
     paths = artifact_paths(raw, params, workdir)
-    run = None
-    if variant is None and seed is None:  # the single student (or --baseline) of a params file without runs
+    out_paths, run = paths, None  # where the run goes: an ablation's runs go to its own work directory
+    if variant is None and seed is None and ablation is None:  # the single student (or --baseline) without runs
         section = split_runs(raw.get("distill"))[1]
     elif variant is None or seed is None or baseline:
         raise ConfigError("--variant and --seed go together, and a variant says itself whether it is a baseline")
+    elif ablation is not None:
+        abl = load_ablation(ablation)
+        section, out_paths = ablation_section(raw.get("distill"), abl, variant, seed), ArtifactPaths(abl.workdir)
+        run = run_name(variant, seed)
     else:
         section, baseline = variant_section(raw.get("distill"), variant, seed)
         run = run_name(variant, seed)
     cfg = from_dict(DistillConfig, section, "distill")
     apply_runtime(raw, cfg.num_workers)
     verify_if_asked(raw, paths.features)
-    out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
+    out_dir = out_paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
     if run:  # before hours of training: the copies of its curves must be able to go where they go
         from pipeline.store.ownership import claim
 
-        for log, target in paths.training_curves(run).items():
+        for log, target in out_paths.training_curves(run).items():
             claim(target, training_curve(log))
     # rank 0 locks before joining the process group: the other ranks wait in the rendezvous meanwhile
     with writing(out_dir, no_wait=no_wait):
-        result = train(cfg, paths, out_dir, run=run, baseline=baseline, resume=resume)
+        result = train(cfg, paths, out_dir, run=run, baseline=baseline, resume=resume, out_paths=out_paths)
     if is_main_process():
         best = f", best val RSUM {result.best_rsum:.2f} at epoch {result.best_epoch}" if result.best_epoch > 0 else ""
         echo(f"distill: {result.epochs_done} epochs, {result.global_step} steps{best}; student in {out_dir}")
 
 
-def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline: bool, resume: bool):
-    """Open the inputs, join the process group under torchrun, train into `out_dir`; a run of `distill.runs`
-    also copies its training curves out."""
+def train(
+    cfg,
+    paths: ArtifactPaths,
+    out_dir: Path,
+    *,
+    run: str | None,
+    baseline: bool,
+    resume: bool,
+    out_paths: ArtifactPaths | None = None,
+):
+    """Open the inputs (under `paths`), join the process group under torchrun, train into `out_dir`; a run of
+    `distill.runs` (or of an ablation) also copies its training curves out (under `out_paths`, default `paths`)."""
+    out_paths = out_paths or paths
     from pipeline.config import write_resolved
     from pipeline.data.index import DatasetIndex
     from pipeline.distill.run import run_distill
@@ -112,7 +131,7 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
     try:
         if is_main_process():
             # one file per run (distill-VARIANT-sSEED.yaml), each under the section name `distill`
-            write_resolved(cfg, paths.resolved_config(f"distill-{run}" if run else "distill"), "distill")
+            write_resolved(cfg, out_paths.resolved_config(f"distill-{run}" if run else "distill"), "distill")
         result = run_distill(
             cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume
         )
@@ -125,7 +144,7 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
                 dist.barrier(**({"device_ids": [device.index]} if device.type == "cuda" else {}))
             dist.destroy_process_group()
     if is_main_process() and run:
-        copy_training_curves(out_dir, paths.training_curves(run))
+        copy_training_curves(out_dir, out_paths.training_curves(run))
     return result
 
 

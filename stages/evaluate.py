@@ -1,8 +1,12 @@
 """`kdpipe evaluate`: exact retrieval metrics of the teacher and the student(s) -> metrics.json, run_info.json,
 metrics.md, ranks.npz and plots/. The students are the runs of `distill.runs` (every variant x seed, in
 <workdir>/models/) when params.yaml defines them, else evaluate.models (<workdir>/student, <workdir>/baseline).
+With `--ablation FILE`: the ablation's base variant (its runs in <workdir>/models/, as the main pipeline trained
+them) and its variants (<ablation.workdir>/models/), compared with its `compare_to`, every model on the recall
+plots; everything written into the ablation's work directory.
 
 kdpipe evaluate                                  # teacher (feature store) + students on evaluate.split
+kdpipe evaluate --ablation ablation/params.yaml  # an ablation: the base's runs + its own, into its workdir
 kdpipe evaluate --features STORE [--split test] [--out FILE]   # stored embeddings alone, as `teacher`
 """
 
@@ -11,9 +15,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
+from stages._ablation import ABLATION_OPTION, load_ablation
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -30,6 +36,9 @@ from stages._common import (
 )
 from stages._store import verify_if_asked
 
+if TYPE_CHECKING:
+    from pipeline.paths import ArtifactPaths
+
 
 @run_stage
 def command(
@@ -45,6 +54,7 @@ def command(
     out: Path = typer.Option(
         None, "--out", help="Metrics file to write (default: <workdir>/metrics.json; with --features: print the JSON)."
     ),
+    ablation: Path = ABLATION_OPTION,
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Exact R@1/5/10, RSUM and median rank of teacher and student(s); latency, parameters, recall@K plots."""
@@ -93,21 +103,47 @@ def command(
     from pipeline.distill.runs import split_runs
 
     runs_cfg = split_runs(raw.get("distill"))[0]
-    runs = None
-    if runs_cfg:
+    runs, reference, out_paths = None, ("baseline",), paths
+    if ablation is not None:
+        runs, reference, out_paths = ablation_runs(load_ablation(ablation), runs_cfg, paths)
+        cfg = replace(cfg, plot_models=None)  # evaluate.plot_models lists the main pipeline's models
+    elif runs_cfg:
         runs = {
             v: [str(paths.model(r).relative_to(paths.workdir)) for r in rs] for v, rs in runs_cfg.run_names().items()
         }
+        reference = runs_cfg.compare_to
     # metrics.json (or --out) and plots/: every evaluate run writes plots/, ranks.npz and run_info.json too
-    with writing(out or paths.metrics, paths.plots, no_wait=no_wait):
+    with writing(out or out_paths.metrics, out_paths.plots, no_wait=no_wait):
         result = run_evaluate(
             paths,
             cfg,
             runs=runs,
-            reference=runs_cfg.compare_to if runs_cfg else "baseline",
+            reference=reference,
             teacher_factory=teacher_factory,
             metrics_path=out,
+            out=out_paths,
         )
-        save_resolved(cfg, paths, "evaluate")
+        save_resolved(cfg, out_paths, "evaluate")
     for line in (*result.table.splitlines(), result.summary()):
         echo(line)
+
+
+def ablation_runs(
+    ablation, runs_cfg, paths: ArtifactPaths
+) -> tuple[dict[str, list[str]], tuple[str, ...], ArtifactPaths]:
+    """An ablation's models ({model: run directories}: the base's in the main work directory, the variants' in the
+    ablation's, absolute), its references and its work directory."""
+    from pipeline.distill.runs import run_name
+    from pipeline.errors import ConfigError
+    from pipeline.paths import ArtifactPaths
+
+    try:
+        ablation.checked_against(runs_cfg)
+    except ValueError as err:
+        raise ConfigError(f"ablation: {err}") from None
+    out = ArtifactPaths(ablation.workdir)
+    runs = {
+        v: [str((paths if v == ablation.base else out).model(run_name(v, s)).resolve()) for s in ablation.seeds]
+        for v in (ablation.base, *ablation.variants)
+    }
+    return runs, ablation.compare_to, out

@@ -118,3 +118,35 @@ def test_two_thousand_redraws_of_a_coco_sized_split_take_well_under_a_second_per
     t = time.perf_counter()
     paired_bootstrap(a, b, ti, resamples=2000)
     assert time.perf_counter() - t < 3.0  # measured ~0.1 s idle; generous for 2 shared cores
+
+
+def test_every_model_against_every_reference_equals_the_naive_loop():
+    """evaluate's intervals against several references (summary.compare_to_references): each (model, reference)
+    pair equals the naive resampling loop of that pair alone, on the same draws; a reference not evaluated is
+    left out; the interval cell the tables and the README show is that interval."""
+    from pipeline.evaluate.summary import compare_to_references, with_intervals
+    from pipeline.evaluate.tables import interval_cell
+
+    rng = np.random.default_rng(11)
+    n = 17
+    text_image = rng.permutation(np.repeat(np.arange(n), rng.integers(1, 4, size=n)))
+    models = {
+        "head": [random_ranks(rng, text_image, n, 15) for _ in range(3)],
+        "plus": [random_ranks(rng, text_image, n, 9) for _ in range(3)],
+        "base": [random_ranks(rng, text_image, n, 25) for _ in range(2)],
+    }
+    got = compare_to_references(models, ["head", "missing", "base"], text_image, 200, 3)
+    assert list(got) == ["head", "base"]
+    for ref, per_model in got.items():
+        assert list(per_model) == [m for m in models if m != ref]
+        for m, metrics in per_model.items():
+            slow = naive_bootstrap(models[m], models[ref], text_image, resamples=200, seed=3)
+            for key, (diff, low, high) in slow.items():
+                assert metrics[key] == {"diff": diff, "low": low, "high": high}, (m, ref, key)
+    blocks = with_intervals({m: {"rsum": 0.0} for m in models}, got)
+    assert blocks["plus"]["rsum_vs_head"] == got["head"]["plus"]["rsum"] and "rsum_vs_head" not in blocks["head"]
+    assert blocks["head"]["vs_base"] == got["base"]["head"] and blocks["base"]["rsum_vs_head"]
+    iv = got["head"]["plus"]["rsum"]
+    assert interval_cell(iv) == f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})"
+    assert interval_cell(None) == "-"
+    assert compare_to_references(models, ["missing"], text_image, 200, 3) == {}

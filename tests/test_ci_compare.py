@@ -330,3 +330,85 @@ def test_a_weaker_claim_keeps_its_sign_on_another_machine_class(
     new = {**_two_students(reproduced_interval), "environment": env}
     rc, out = _run(tmp_path, LOCK, new, capsys, monkeypatch, old_metrics=committed)
     assert (rc == 0) == passes, out
+
+
+# -- the ablation: intervals against student_unpaired, no dvc.lock of integer stages, its own README section ----
+def _ablation(plus: tuple[float, float, float], minus: tuple[float, float, float], env: dict) -> dict:
+    m = {k: copy.deepcopy(METRICS[k]) for k in ("dataset", "split", "n_images", "n_captions", "teacher")}
+    m["student_unpaired"] = _model(50.0, 0.20, seeds=3)
+    for name, iv in (("relation", plus), ("response", minus)):
+        m[name] = _model(50.0, 0.2, seeds=3)
+        m[name]["rsum_vs_student_unpaired"] = dict(zip(("diff", "low", "high"), iv))
+    m["chance"] = copy.deepcopy(METRICS["chance"])
+    return {**m, "environment": env}
+
+
+def _run_ablation(tmp_path, new, capsys, monkeypatch, readme: str | None = None) -> tuple[int, str]:
+    committed = _ablation((4.0, 1.0, 7.0), (-3.0, -6.0, -0.5), ENV_A)
+    argv = []
+    for name, doc in (("committed", committed), ("reproduced", new)):
+        doc = copy.deepcopy(doc)
+        (tmp_path / f"{name}_info.json").write_text(json.dumps({"environment": doc.pop("environment")}))
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+        argv += [f"--{name}-metrics", str(tmp_path / f"{name}.json")]
+        argv += [f"--{name}-run-info", str(tmp_path / f"{name}_info.json")]
+    if readme is not None:
+        (tmp_path / "README.md").write_text(readme)
+        argv += ["--readme", str(tmp_path / "README.md"), "--readme-section", "### Ablation"]
+    monkeypatch.setattr("sys.argv", ["compare_demo.py", *argv, "--reference", "student_unpaired"])
+    rc = compare_demo.main()
+    return rc, capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "relation, env, passes",
+    [
+        ((4.0, 1.0, 7.0), ENV_A, True),  # identical
+        ((1.5, -1.5, 4.5), ENV_B, False),  # the ablation's headline (largest gain) loses its interval above 0
+        ((4.0, 0.5, 7.5), ENV_B, True),  # ... keeps it: within the spread elsewhere
+    ],
+)
+def test_the_ablation_is_compared_against_its_reference_without_a_lock(
+    tmp_path, capsys, monkeypatch, relation, env, passes
+):
+    rc, out = _run_ablation(tmp_path, _ablation(relation, (-3.0, -6.0, -0.5), env), capsys, monkeypatch)
+    assert (rc == 0) == passes, out
+    assert "no dvc.lock given" in out and ("RSUM - student_unpaired 95% interval" in out) != passes
+
+
+def test_each_readme_table_is_checked_in_its_own_section(tmp_path, capsys, monkeypatch):
+    """The demo's table and the ablation's both have a student_unpaired row: each is read under its heading."""
+    committed = _ablation((4.0, 1.0, 7.0), (-3.0, -6.0, -0.5), ENV_A)
+    rows = {m: committed[m] for m in ("teacher", "student_unpaired", "relation", "response", "chance")}
+
+    def row(m: str) -> str:
+        r = rows[m]
+        iv = r.get("rsum_vs_student_unpaired")
+        cells = [f"{r[k]:.1f}" for k in (*compare_demo.RECALLS, "rsum", "average_score")]
+        cells.append(f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})" if iv else "-")
+        return f"| {m} | {' | '.join(cells)} | 3 |"
+
+    def galleries(models: list[str], metrics: dict) -> str:
+        head = f"| RSUM per style gallery | {' | '.join(models)} |\n|---|{'---:|' * len(models)}"
+        cells = {g: [f"{metrics[m]['groups'][g]['rsum']:.1f}" for m in models] for g in ("twemoji", "openmoji")}
+        return head + "".join(f"\n| {g.title()} (style) | {' | '.join(c)} |" for g, c in cells.items())
+
+    demo = _readme("415.0") + "\n\n" + galleries(compare_demo.model_names(METRICS), METRICS)
+    ablation_table = "\n".join(row(m) for m in rows) + "\n\n" + galleries(list(rows), committed)
+    readme = f"## The built-in demo\n{demo}\n### Ablation\n{ablation_table}\n## Next\n| response | 0 |\n"
+    rc, out = _run_ablation(tmp_path, committed, capsys, monkeypatch, readme)
+    assert rc == 0, out
+    rc, out = _run_ablation(tmp_path, committed, capsys, monkeypatch, readme.replace("+4.0 (+1.0", "+4.0 (+1.5"))
+    assert rc == 1 and "the relation row shows" in out
+    failures: list[str] = []
+    compare_demo.compare_readme(readme, METRICS, failures, heading="## The built-in demo")
+    compare_demo.compare_readme_galleries(readme, METRICS, failures, heading="## The built-in demo")
+    assert failures == []
+    compare_demo.compare_readme_galleries(readme, METRICS, failures)  # the whole README: two gallery tables
+    assert len(failures) == 1 and "expected one table starting" in failures[0]
+    failures.clear()
+    compare_demo.compare_readme(readme, METRICS, failures)  # the whole README: two student_unpaired rows
+    assert failures and "expected one demo table row" in failures[0]
+    failures.clear()
+    compare_demo.compare_readme(readme, METRICS, failures, heading="## Missing")
+    assert failures == ["README: no section '## Missing'"]

@@ -67,10 +67,18 @@ COMMAND_MODULE = {  # a `matrix` / `foreach` stage is one definition here
 }
 
 
-@pytest.mark.parametrize("stage", sorted(DVC["stages"]))
+# the demo's ablation (its own file, run by `dvc repro ablation/dvc.yaml`): the same two commands, with --ablation
+ABLATION_DVC = yaml.safe_load((ROOT / "ablation" / "dvc.yaml").read_text())
+STAGES = {
+    **{s: DVC["stages"][s] for s in DVC["stages"]},
+    **{f"ablation/{s}": v for s, v in ABLATION_DVC["stages"].items()},
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_deps_are_its_import_closure(stage):
-    expected = import_closure(COMMAND_MODULE[stage]) - {Path("stages/__init__.py")}
-    listed = stage_code_deps(DVC["stages"][stage])
+    expected = import_closure(COMMAND_MODULE[stage.removeprefix("ablation/")]) - {Path("stages/__init__.py")}
+    listed = stage_code_deps(STAGES[stage])
     assert sorted(map(str, expected - listed)) == [], "code the stage runs but dvc.yaml does not list"
     assert sorted(map(str, listed - expected)) == [], "code dvc.yaml lists but the stage never imports"
 
@@ -119,3 +127,18 @@ def inside(plot_file: str, out: str) -> bool:
     if plot_file == out or plot_file.startswith(out.rstrip("/") + "/"):
         return True
     return "${item" in out and out.split("${item")[0].rstrip("/") == plot_file.rstrip("/")
+
+
+def test_the_ablation_runs_its_own_params_from_the_repository_root():
+    """ablation/dvc.yaml: each stage runs at the root (its paths are the root's), each variant x seed of
+    ablation/params.yaml, both commands reading that file; `dvc repro` (the demo) never reaches it."""
+    params = yaml.safe_load((ROOT / "ablation" / "params.yaml").read_text())
+    assert set(params) == {"ablation"} and ABLATION_DVC["vars"] == ["../params.yaml:workdir"]
+    distill, evaluate = ABLATION_DVC["stages"]["distill"], ABLATION_DVC["stages"]["evaluate"]
+    assert distill["matrix"] == {"variant": "${ablation.variants}", "seed": "${ablation.seeds}"}
+    for stage in (distill, evaluate):
+        assert stage["wdir"] == ".." and "--ablation ablation/params.yaml" in stage["cmd"]
+        assert {"ablation/params.yaml": ["ablation"]} in stage["params"]
+    assert "--variant ${item.variant} --seed ${item.seed}" in distill["cmd"]
+    assert {"${workdir}/models", "${ablation.workdir}/models"} <= set(evaluate["deps"])  # the base's runs, its own
+    assert not any("ablation" in str(s.get("cmd")) for s in DVC["stages"].values())

@@ -333,7 +333,7 @@ def test_teacher_latency_is_null_with_a_reason(workdir):
     assert "baseline" not in doc and doc["latency"]["teacher"] is None and "speedup" not in doc["latency"]
     assert "not available: extract.teacher.beit3.checkpoint" in out.run_info["latency_method"]["teacher_reason"]
     assert doc["params"]["teacher"] is None and doc["latency"]["student"]["image_s"] > 0
-    assert "rsum_vs_baseline" not in doc["student"] and out.run_info["bootstrap"]["reference"] is None
+    assert "rsum_vs_baseline" not in doc["student"] and out.run_info["bootstrap"]["references"] == []
     other = run_evaluate(paths, cfg, teacher_factory=lambda d, t: ModuleTeacher(seed=5))
     assert other.document["latency"]["teacher"] is None
     assert "not the one that computed" in other.run_info["latency_method"]["teacher_reason"]
@@ -555,3 +555,95 @@ def test_no_wait_also_refuses_to_wait_for_an_input_being_rewritten(workdir, tmp_
         done.set()
         writer.join(60)
     assert line.startswith(f"error: {paths.workdir / rewritten}: being rewritten by pid {os.getpid()} on "), line
+
+
+# -- kdpipe evaluate --ablation ------------------------------------------------------------------------------
+def _ablation_files(paths: ArtifactPaths, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """params.yaml with distill.runs {head, pairs_only} x seeds [0, 1] (head's runs: the fixture's two students),
+    and an ablation file: `plus` = head + an override, its runs in an ablation work directory of its own."""
+    import shutil
+
+    abl = tmp_path / "abl"
+    for run, src in (("head-s0", "student"), ("head-s1", "baseline")):
+        shutil.copytree(paths.workdir / src, paths.model(run))
+    for run, src in (("plus-s0", "baseline"), ("plus-s1", "student")):
+        shutil.copytree(paths.workdir / src, ArtifactPaths(abl).model(run))
+    params = tmp_path / "params.yaml"
+    runs = {"seeds": [0, 1], "variants": {"head": {}, "pairs_only": {"baseline": True}}, "compare_to": "pairs_only"}
+    evaluate = {"device": "cpu", "batch_size": 4, "latency": False, "bootstrap_resamples": 300}
+    evaluate["plot_models"] = ["teacher", "head", "pairs_only", "chance"]  # the main pipeline's: not the ablation's
+    params.write_text(yaml.safe_dump({"workdir": str(paths.workdir), "evaluate": evaluate, "distill": {"runs": runs}}))
+    section = {"workdir": str(abl), "base": "head", "seeds": [0, 1], "variants": {"plus": {"overrides": {"lr": 1}}}}
+    ablation_file = tmp_path / "ablation.yaml"
+    ablation_file.write_text(yaml.safe_dump({"ablation": section}))
+    return params, ablation_file, abl
+
+
+def test_an_ablation_is_evaluated_into_its_own_workdir_paired_with_its_base(workdir, tmp_path):
+    from pipeline.evaluate.bootstrap import paired_bootstrap, resample_counts
+    from pipeline.evaluate.tables import interval_cell
+
+    paths = workdir
+    params, ablation_file, abl = _ablation_files(paths, tmp_path)
+    r = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--ablation", str(ablation_file)])
+    assert r.exit_code == 0, r.output
+    assert not paths.metrics.exists() and not paths.plots.exists()  # the main pipeline's results are not touched
+    doc = json.loads((abl / "metrics_detail.json").read_text())
+    info = json.loads((abl / "run_info.json").read_text())
+    assert info["runs"] == {"teacher": ["teacher"], "head": ["head-s0", "head-s1"], "plus": ["plus-s0", "plus-s1"]}
+    assert info["bootstrap"]["references"] == ["head"] and "rsum_vs_head" not in doc["head"]
+    # oracle: the paired bootstrap of the ranks it committed, computed directly
+    ranks = np.load(abl / "ranks.npz")
+    run = {n: RetrievalRanks(ranks[f"{n}_i2t"], ranks[f"{n}_t2i"]) for n in ("head-s0", "head-s1", "plus-s0")}
+    assert run["plus-s0"].i2t.tolist() == run["head-s1"].i2t.tolist()  # the same student, in the other workdir
+    counts = resample_counts(11, 300, 0)
+    ti = np.asarray(open_store(paths.features).split("test").text_image)
+    plus = [run["plus-s0"], RetrievalRanks(ranks["plus-s1_i2t"], ranks["plus-s1_t2i"])]
+    want = paired_bootstrap(plus, [run["head-s0"], run["head-s1"]], ti, counts=counts)
+    assert doc["plus"]["rsum_vs_head"] == want["rsum"].as_dict() == doc["plus"]["vs_head"]["rsum"]
+    assert (
+        doc["teacher"]["vs_head"]["i2t_r1"]
+        == paired_bootstrap(
+            [RetrievalRanks(ranks["teacher_i2t"], ranks["teacher_t2i"])],
+            [run["head-s0"], run["head-s1"]],
+            ti,
+            counts=counts,
+        )["i2t_r1"].as_dict()
+    )
+    table = (abl / "metrics.md").read_text()
+    assert "| RSUM - head (95% CI) | seeds (RSUM sd) |" in table
+    assert f"| {interval_cell(doc['plus']['rsum_vs_head'])} | 2 (" in table
+    assert (abl / "plots" / "recall_t2i.csv").read_text().splitlines()[0] == "k,teacher,head,plus,chance"
+    assert json.loads((abl / "metrics.json").read_text())["plus"] == {"rsum": doc["plus"]["rsum"]}
+    assert (abl / "config" / "evaluate.yaml").is_file()
+
+    # several references: one interval column each, in their order
+    raw = yaml.safe_load(ablation_file.read_text())
+    ablation_file.write_text(yaml.safe_dump({"ablation": {**raw["ablation"], "compare_to": ["plus", "head"]}}))
+    r = CliRunner().invoke(app, ["evaluate", "--params", str(params), "--ablation", str(ablation_file)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((abl / "metrics_detail.json").read_text())
+    table = (abl / "metrics.md").read_text()
+    assert "| RSUM - plus (95% CI) | RSUM - head (95% CI) | seeds (RSUM sd) |" in table
+    row = f"| {interval_cell(doc['teacher']['rsum_vs_plus'])} | {interval_cell(doc['teacher']['rsum_vs_head'])} |"
+    assert row in table and doc["head"]["rsum_vs_plus"]["diff"] == -doc["plus"]["rsum_vs_head"]["diff"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"ablation": {"workdir": "x", "base": "pairs_only", "seeds": [0], "variants": {"a": {}}}}, "is a baseline"),
+        ({"ablation": {"workdir": "x", "base": "head", "seeds": [3], "variants": {"a": {}}}}, "seeds: 3 is not a seed"),
+        ({"abaltion": {}}, "one section, `ablation`; found 'abaltion'"),
+        ({"ablation": {"base": "head"}}, "ablation.yaml: ablation.workdir is missing (an ablation names workdir, base"),
+        ({"ablation": None}, "ablation.workdir is missing"),
+    ],
+)
+def test_a_bad_ablation_file_is_one_error_line(workdir, tmp_path, content, message):
+    params, ablation_file, _ = _ablation_files(workdir, tmp_path)
+    ablation_file.write_text(yaml.safe_dump(content))
+    for stage in (["evaluate"], ["distill", "--variant", "a", "--seed", "0"]):
+        line = one_error_line(
+            CliRunner().invoke(app, [*stage, "--params", str(params), "--ablation", str(ablation_file)])
+        )
+        assert message in line and (str(ablation_file) in line or "ablation" in line), (stage, line)

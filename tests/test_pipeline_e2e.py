@@ -183,3 +183,32 @@ def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
     ]
     ranks = np.load(work / "ranks.npz")
     assert {"teacher_i2t", "student_pairs-s0_i2t", "student_pairs-s1_t2i", "baseline-s1_i2t"} <= set(ranks.files)
+
+    # An ablation (ablation/dvc.yaml runs it so): student_pairs + overrides, into a work directory of its own,
+    # evaluated beside student_pairs' runs above, each row paired with them
+    abl = tmp_path / "ablation"
+    ablation = tmp_path / "ablation.yaml"
+    variants = {"slower": {"overrides": {"lr": 0.0005, "loss": {"relation": 1.0}}}}
+    ablation.write_text(
+        yaml.safe_dump({"ablation": {"workdir": str(abl), "base": "student_pairs", "seeds": [1], "variants": variants}})
+    )
+    before = {f: (work / f).read_bytes() for f in ("metrics_detail.json", "ranks.npz")}
+    run("distill", "--params", p, "--ablation", str(ablation), "--variant", "slower", "--seed", "1")
+    assert (abl / "models" / "slower-s1" / "model.safetensors").is_file()
+    assert not (work / "models" / "slower-s1").exists()
+    for log in ("train", "val"):
+        copied = abl / "curves" / log / "slower-s1.csv"
+        assert copied.read_bytes() == (abl / "models" / "slower-s1" / f"{log}_log.csv").read_bytes()
+    resolved = yaml.safe_load((abl / "config" / "distill-slower-s1.yaml").read_text())["distill"]
+    pairs_run = yaml.safe_load((work / "config" / "distill-student_pairs-s1.yaml").read_text())["distill"]
+    # the base run's resolved section, but for the ablation's overrides
+    assert resolved == {**pairs_run, "lr": 0.0005, "loss": {**pairs_run["loss"], "relation": 1.0}}
+    run("evaluate", "--params", p, "--ablation", str(ablation))
+    assert {f: (work / f).read_bytes() for f in before} == before  # the demo's own record untouched
+    record = json.loads((abl / "metrics_detail.json").read_text())
+    assert [k for k, v in record.items() if isinstance(v, dict) and "rsum" in v] == [
+        *("teacher", "student_pairs", "slower", "chance")
+    ]
+    assert record["student_pairs"]["rsum"] == metrics["student_pairs"]["seeds"]["student_pairs-s1"]["rsum"]
+    diff = record["slower"]["rsum_vs_student_pairs"]["diff"]
+    assert diff == pytest.approx(record["slower"]["rsum"] - record["student_pairs"]["rsum"])

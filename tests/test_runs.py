@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import from_dict
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.runs import run_name, split_runs, variant_section
+from pipeline.distill.runs import AblationConfig, ablation_section, run_name, split_runs, variant_section
 from pipeline.errors import ConfigError
 
 SECTION = {
@@ -68,3 +68,74 @@ def test_unknown_variants_seeds_and_override_keys_are_refused():
     typo = {**SECTION, "runs": {"seeds": [0], "variants": {"baseline": {"overrides": {"loss": {"queue_sise": 1}}}}}}
     with pytest.raises(ConfigError, match="distill.loss.queue_sise: unknown key"):
         from_dict(DistillConfig, variant_section(typo, "baseline", 0)[0], "distill")
+
+
+# -- ablations (ablation/params.yaml): base variant + overrides ----------------------------------------------
+ABLATION = {
+    "workdir": "artifacts/ablation",
+    "base": "student_a",
+    "seeds": [0, 2],
+    "variants": {
+        "more": {"overrides": {"loss": {"relation": 1.0}, "lr": 0.002}},
+        "same": {},
+    },
+}
+
+
+def ablation(**changes) -> AblationConfig:
+    return from_dict(AblationConfig, {**ABLATION, **changes}, "ablation")
+
+
+def test_an_ablation_run_is_the_base_variant_plus_its_own_overrides():
+    section = ablation_section(SECTION, ablation(), "more", 2)
+    # by hand: the shared section, student_a's overrides, then the ablation variant's, and the seed
+    assert section == {
+        "lr": 0.002,
+        "loss": {"queue_size": 16, "cross_modal": True, "relation": 1.0},
+        "seed": 2,
+        "epochs": 3,
+    }
+    cfg = from_dict(DistillConfig, section, "distill")
+    assert (cfg.seed, cfg.lr, cfg.epochs, cfg.loss.queue_size, cfg.loss.relation) == (2, 0.002, 3, 16, 1.0)
+    assert ablation_section(SECTION, ablation(), "same", 0) == variant_section(SECTION, "student_a", 0)[0]
+    assert SECTION["runs"]["variants"]["student_a"]["overrides"] == {"loss": {"queue_size": 16}, "epochs": 3}
+    a = ablation()
+    assert a.compare_to == ("student_a",)  # by default every row is paired with the base
+    assert a.run_names() == {m: [f"{m}-s0", f"{m}-s2"] for m in ("student_a", "more", "same")}
+    assert ablation(compare_to=["more", "student_a"]).compare_to == ("more", "student_a")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"variants": {}}, "an ablation needs at least one variant"),
+        ({"variants": {"a-b": {}}}, "'a-b' is not a usable name"),
+        ({"variants": {"student_a": {}}}, "'student_a' is the base; name the variants after what they add"),
+        ({"variants": {"b": {"baseline": True}}}, "variants.b: baseline is not for an ablation"),
+        ({"variants": {"b": {"overides": {}}}}, "ablation.variants.b.overides: unknown key"),
+        ({"seeds": [1, 1]}, "seeds must be distinct"),
+        ({"compare_to": "other"}, "compare_to 'other' is not one of the models"),
+        ({"compare_to": ["more", "more"]}, "compare_to names a model twice"),
+        ({"workdr": "x"}, "ablation.workdr: unknown key"),
+    ],
+)
+def test_bad_ablations_are_one_clear_config_error(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        ablation(**changes)
+
+
+@pytest.mark.parametrize(
+    "changes, variant, seed, message",
+    [
+        ({"base": "student_c"}, "more", 0, "ablation: base 'student_c' is not a variant of distill.runs"),
+        ({"base": "baseline"}, "more", 0, "ablation: base 'baseline' is a baseline"),
+        ({"seeds": [0, 5]}, "more", 0, "ablation: seeds: 5 is not a seed of distill.runs \\[0, 1, 2\\]"),
+        ({}, "less", 0, "ablation.variants: no variant 'less'; defined: \\['more', 'same'\\]"),
+        ({}, "more", 1, "ablation.seeds: 1 is not one of \\[0, 2\\]"),
+    ],
+)
+def test_an_ablation_must_fit_the_main_runs(changes, variant, seed, message):
+    with pytest.raises(ConfigError, match=message):
+        ablation_section(SECTION, ablation(**changes), variant, seed)
+    with pytest.raises(ConfigError, match="ablation: base 'student_a' is not a variant of distill.runs \\[\\]"):
+        ablation_section({"lr": 1.0}, ablation(), "more", 0)  # no distill.runs at all

@@ -15,7 +15,22 @@ dvc.yaml's `distill` stage is one definition with `matrix: {variant: ${distill.r
 seed: ${distill.runs.seeds}}`, so params.yaml stays the one place a variant is defined; each run trains
 `kdpipe distill --variant NAME --seed S` into `<workdir>/models/NAME-sS/` (pipeline.paths). A variant's
 `overrides` are keys of the `distill` section (nested as in the section); the merged section is then checked by
-DistillConfig like any other, so a typo in a variant fails with its full key.
+DistillConfig like any other, so a typo in a variant fails with its full key. `compare_to` names the variant every
+other model is measured against by evaluate's paired bootstrap.
+
+An ablation (`AblationConfig`, a params file of its own: the demo's is ablation/params.yaml, run by
+ablation/dvc.yaml) is a second set of runs over the same data: each of its variants is one variant of
+`distill.runs` (`base`) plus overrides of its own, trained with the same seeds into the ablation's work directory;
+its evaluation shows the base's own runs (trained by the main pipeline, not again) beside them:
+
+```yaml
+ablation:
+  workdir: artifacts/emoji-ablation   # its models, curves and metrics (the data: params.yaml's workdir)
+  base: student_unpaired              # a variant of distill.runs; compared with each row by default
+  seeds: [0, 1, 2]                    # seeds of distill.runs: the base's runs are the main pipeline's
+  variants:
+    lemkd: {overrides: {loss: {response: 1.0}}}   # = base + these keys of the distill section
+```
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import from_dict
@@ -48,17 +64,77 @@ class RunsConfig:
     compare_to: str = "baseline"  # the variant every other model's difference is measured against (evaluate)
 
     def __post_init__(self) -> None:
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
-            raise ValueError(f"seeds must be distinct non-negative integers, got {list(self.seeds)}")
+        _check_seeds(self.seeds)
         for name in self.variants:
-            if not name or not name.replace("_", "").isalnum() or name == "teacher":
-                raise ValueError(f"variants: {name!r} is not a usable name (letters, digits, '_'; not 'teacher')")
+            _check_name(name)
         if self.variants and self.compare_to not in self.variants:
             raise ValueError(f"compare_to {self.compare_to!r} is not one of the variants {list(self.variants)}")
 
     def run_names(self) -> dict[str, list[str]]:
         """{variant: [its run directory names, one per seed]}."""
         return {v: [run_name(v, s) for s in self.seeds] for v in self.variants}
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """Section `ablation` of an ablation's params file (module docstring)."""
+
+    workdir: Path  # where its models, curves and metrics go; the data is read from the main params' workdir
+    base: str  # a variant of distill.runs: every variant here is it plus its own overrides
+    seeds: tuple[int, ...]  # each a seed of distill.runs (the base's runs are the main pipeline's)
+    variants: dict[str, VariantConfig]
+    compare_to: tuple[str, ...] | str = ()  # () = the base; else these models (base or variants), in this order
+
+    def __post_init__(self) -> None:
+        _check_seeds(self.seeds)
+        if not self.variants:
+            raise ValueError("variants: an ablation needs at least one variant")
+        for name, v in self.variants.items():
+            _check_name(name)
+            if v.baseline:
+                raise ValueError(
+                    f"variants.{name}: baseline is not for an ablation (its variants are base + overrides)"
+                )
+        if self.base in self.variants:
+            raise ValueError(f"variants: {self.base!r} is the base; name the variants after what they add")
+        object.__setattr__(self, "compare_to", _references(self.compare_to) or (self.base,))
+        models = [self.base, *self.variants]
+        missing = [r for r in self.compare_to if r not in models]
+        if missing:
+            raise ValueError(f"compare_to {missing[0]!r} is not one of the models {models}")
+
+    def checked_against(self, runs: RunsConfig | None) -> AblationConfig:
+        """Itself, when `base` and `seeds` are those of the main params' distill.runs; else a ValueError."""
+        if runs is None or self.base not in runs.variants:
+            known = list(runs.variants) if runs else []
+            raise ValueError(f"base {self.base!r} is not a variant of distill.runs {known}")
+        if runs.variants[self.base].baseline:
+            raise ValueError(f"base {self.base!r} is a baseline (no teacher): an ablation adds to a distilled run")
+        other = [s for s in self.seeds if s not in runs.seeds]
+        if other:
+            raise ValueError(f"seeds: {other[0]} is not a seed of distill.runs {list(runs.seeds)}")
+        return self
+
+    def run_names(self) -> dict[str, list[str]]:
+        """{model: [its run directory names, one per seed]}: the base first, then the variants."""
+        return {v: [run_name(v, s) for s in self.seeds] for v in (self.base, *self.variants)}
+
+
+def _check_seeds(seeds: tuple[int, ...]) -> None:
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+
+
+def _check_name(name: str) -> None:
+    if not name or not name.replace("_", "").isalnum() or name == "teacher":
+        raise ValueError(f"variants: {name!r} is not a usable name (letters, digits, '_'; not 'teacher')")
+
+
+def _references(value: tuple[str, ...] | str) -> tuple[str, ...]:
+    refs = (value,) if isinstance(value, str) else tuple(value)
+    if len(set(refs)) != len(refs):
+        raise ValueError(f"compare_to names a model twice: {list(refs)}")
+    return refs
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -87,6 +163,24 @@ def variant_section(section: Mapping[str, Any] | None, variant: str, seed: int) 
     return merged, v.baseline
 
 
+def ablation_section(
+    section: Mapping[str, Any] | None, ablation: AblationConfig, variant: str, seed: int
+) -> dict[str, Any]:
+    """The raw `distill` section one ablation run trains with: the base variant's section (`variant_section`)
+    with the ablation variant's overrides merged in. An unknown variant or seed is a ConfigError."""
+    runs, _ = split_runs(section)
+    try:
+        ablation.checked_against(runs)
+    except ValueError as err:
+        raise ConfigError(f"ablation: {err}") from None
+    if variant not in ablation.variants:
+        raise ConfigError(f"ablation.variants: no variant {variant!r}; defined: {list(ablation.variants)}")
+    if seed not in ablation.seeds:
+        raise ConfigError(f"ablation.seeds: {seed} is not one of {list(ablation.seeds)}")
+    base, _ = variant_section(section, ablation.base, seed)
+    return _deep_merge(base, ablation.variants[variant].overrides)
+
+
 def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(dict(base))
     for k, v in extra.items():
@@ -94,4 +188,12 @@ def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-__all__ = ["RunsConfig", "VariantConfig", "run_name", "split_runs", "variant_section"]
+__all__ = [
+    "AblationConfig",
+    "RunsConfig",
+    "VariantConfig",
+    "ablation_section",
+    "run_name",
+    "split_runs",
+    "variant_section",
+]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +44,7 @@ from pipeline.evaluate.outputs import (
 from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics, teacher_agreement
 from pipeline.evaluate.summary import (
     chance_block,
-    compare_to_reference,
+    compare_to_references,
     headline,
     model_block,
     with_average,
@@ -80,7 +80,7 @@ class EvaluateConfig:
     write_ranks: bool = True  # per-query ranks of every run in ranks.npz (which queries fail; recompute anything)
     # split: one gallery; by_directory: each image_id's first path component is a gallery of its own (galleries.py)
     gallery: Literal["split", "by_directory"] = "split"
-    bootstrap_resamples: int = 2000  # paired bootstrap of each model's difference to distill.runs.compare_to
+    bootstrap_resamples: int = 2000  # paired bootstrap of each model's difference to each reference (compare_to)
     bootstrap_seed: int = 0
     # The columns of plots/recall_*.csv, in order: exactly the evaluated models (teacher, each trained model,
     # chance). dvc.yaml's recall plots read this list (DVC must name its y columns); None: evaluation order.
@@ -383,17 +383,22 @@ def run_evaluate(
     cfg: EvaluateConfig,
     *,
     runs: dict[str, list[str]] | None = None,
-    reference: str = "baseline",
+    reference: str | Sequence[str] = "baseline",
     teacher_factory: Callable[[torch.device, torch.dtype], Any] | None = None,
     metrics_path: Path | None = None,
+    out: ArtifactPaths | None = None,
 ) -> EvaluateOutput:
     """Evaluate the teacher (feature store) and the students on `cfg.split`; write metrics.json, run_info.json,
     metrics.md, ranks.npz and plots/.
 
-    runs: {model: [its run directories, relative to the workdir, one per seed]} (default: `default_runs`).
-    reference: the model every other one is compared with (paired bootstrap), when it is evaluated.
+    runs: {model: [its run directories, relative to the workdir (or absolute), one per seed]} (default:
+    `default_runs`).
+    reference: the model (or models, in this order) every other one is compared with (paired bootstrap), those
+    of them that are evaluated.
     teacher_factory(device, dtype) builds the teacher model for the latency comparison (None, or a failure to
-    build it: the teacher's latency is recorded as null with the reason)."""
+    build it: the teacher's latency is recorded as null with the reason).
+    out: where the metrics and plots go (default: `paths`, which the data is read from; an ablation's own
+    work directory)."""
     from pipeline.data.index import DatasetIndex
     from pipeline.store.features import open_store
     from pipeline.store.image_cache import open_image_cache
@@ -426,8 +431,9 @@ def run_evaluate(
 
     params = {"teacher": None, **{m: count_parameters(model) for m, model in students.items()}}
     latency = _measure_latency(cfg, device, students, images, gallery, store.teacher, teacher_factory, params)
-    docs = _documents(store, index, s, cfg, results, groups, reference, params, latency, device)
-    return _write_outputs(paths, cfg, *docs, results, s, groups, metrics_path, start)
+    references = (reference,) if isinstance(reference, str) else tuple(reference)
+    docs = _documents(store, index, s, cfg, results, groups, references, params, latency, device)
+    return _write_outputs(out or paths, cfg, *docs, results, s, groups, metrics_path, start)
 
 
 def _evaluate_student(
@@ -454,20 +460,20 @@ def _evaluate_student(
     return out, first
 
 
-def _documents(store, index, s, cfg, results, groups, reference, params, latency, device) -> tuple[dict, ...]:
+def _documents(store, index, s, cfg, results, groups, references, params, latency, device) -> tuple[dict, ...]:
     """metrics_detail.json (the whole record: every model's seed means, spread, per seed, per group, intervals;
     chance, parameters, latency) and run_info.json (where, how, how long)."""
     ti = np.asarray(s.text_image)
     blocks = {m: model_block(rs, ti, groups) for m, rs in results.items()}
     blocks["chance"] = chance_block(ti, groups)
-    intervals = compare_to_reference(
+    intervals = compare_to_references(
         {m: [r.ranks for r in rs] for m, rs in results.items()},
-        reference,
+        references,
         ti,
         cfg.bootstrap_resamples,
         cfg.bootstrap_seed,
     )
-    blocks = with_intervals(blocks, intervals, reference)
+    blocks = with_intervals(blocks, intervals)
     chance = blocks.pop("chance")
     method = {k: latency.pop(k) for k in LATENCY_METHOD_KEYS if k in latency} if latency else None
     doc = metrics_document(
@@ -487,7 +493,7 @@ def _documents(store, index, s, cfg, results, groups, reference, params, latency
         "groups": {g: len(rows) for g, rows in groups.items()},
         "runs": {m: [r.name for r in rs] for m, rs in results.items()},
         "bootstrap": {
-            "reference": reference if intervals else None,
+            "references": list(intervals),  # those of the references that were evaluated, in their order
             "resamples": cfg.bootstrap_resamples,
             "seed": cfg.bootstrap_seed,
             "method": "images redrawn with their captions; seeds averaged per redraw; 95% percentile interval",

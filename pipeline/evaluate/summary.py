@@ -1,16 +1,18 @@
 """From per-run results to what evaluate reports per model: seeds averaged, their spread, per-group figures,
-chance, and each model's paired-bootstrap difference to the reference model (the baseline).
+chance, and each model's paired-bootstrap difference to each reference model (distill.runs.compare_to).
 
 A model is a list of runs (one per training seed; the teacher is one run). Its block holds the seed means of every
 metric, `average_score` (the mean of the six recalls, what BEiT-3's code prints) next to `rsum`, and, with several
 seeds, `rsum_sd` (sample standard deviation over seeds), `seeds: {run: {recalls, rsum}}` and, with grouped
-galleries, `groups: {group: {recalls, rsum}}`; `with_intervals` adds `rsum_vs_<reference>` {diff, low, high} and
-`vs_<reference>` (the interval of every recall). Those blocks make metrics_detail.json, the whole record;
-`headline` keeps of it what metrics.json shows (`dvc metrics show`: one row a terminal holds, each model's RSUM).
+galleries, `groups: {group: {recalls, rsum}}`; `with_intervals` adds, per reference, `rsum_vs_<reference>`
+{diff, low, high} and `vs_<reference>` (the interval of every recall). Those blocks make metrics_detail.json, the
+whole record; `headline` keeps of it what metrics.json shows (`dvc metrics show`: one row a terminal holds, each
+model's RSUM).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -69,32 +71,42 @@ def chance_block(text_image: np.ndarray, groups: dict[str, np.ndarray]) -> dict[
     return block
 
 
-def compare_to_reference(
-    models: dict[str, list[RetrievalRanks]], reference: str, text_image: np.ndarray, resamples: int, seed: int
-) -> dict[str, dict[str, dict[str, float]]]:
-    """{model: {metric: {diff, low, high}}}: each model minus the reference, seed-averaged, 95% paired-bootstrap
-    interval; every model is redrawn on the *same* image redraws. Empty when the reference was not evaluated."""
-    if reference not in models:
+def compare_to_references(
+    models: dict[str, list[RetrievalRanks]],
+    references: Sequence[str],
+    text_image: np.ndarray,
+    resamples: int,
+    seed: int,
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """{reference: {model: {metric: {diff, low, high}}}}: each model minus each reference that was evaluated,
+    seed-averaged, 95% paired-bootstrap interval; every model against every reference on the *same* image
+    redraws (one count matrix), so two rows' intervals against one reference are comparable draw by draw."""
+    present = [r for r in references if r in models]
+    if not present:
         return {}
-    counts = resample_counts(len(models[reference][0].i2t), resamples, seed)
+    counts = resample_counts(len(models[present[0]][0].i2t), resamples, seed)
     return {
-        m: {k: iv.as_dict() for k, iv in paired_bootstrap(ranks, models[reference], text_image, counts=counts).items()}
-        for m, ranks in models.items()
-        if m != reference
+        ref: {
+            m: {k: iv.as_dict() for k, iv in paired_bootstrap(ranks, models[ref], text_image, counts=counts).items()}
+            for m, ranks in models.items()
+            if m != ref
+        }
+        for ref in present
     }
 
 
 def with_intervals(
-    blocks: dict[str, dict[str, Any]], intervals: dict[str, dict[str, Any]], reference: str
+    blocks: dict[str, dict[str, Any]], intervals: dict[str, dict[str, dict[str, Any]]]
 ) -> dict[str, dict[str, Any]]:
-    """The blocks, each compared model's with `rsum_vs_<reference>` {diff, low, high} and `vs_<reference>` (the
-    interval of every recall)."""
+    """The blocks, each compared model's with, per reference (in `intervals`' order), `rsum_vs_<reference>`
+    {diff, low, high} and `vs_<reference>` (the interval of every recall)."""
     out = {}
     for m, block in blocks.items():
         out[m] = dict(block)
-        if m in intervals:
-            out[m][f"rsum_vs_{reference}"] = intervals[m]["rsum"]
-            out[m][f"vs_{reference}"] = intervals[m]
+        for ref, per_model in intervals.items():
+            if m in per_model:
+                out[m][f"rsum_vs_{ref}"] = per_model[m]["rsum"]
+                out[m][f"vs_{ref}"] = per_model[m]
     return out
 
 
@@ -116,5 +128,5 @@ __all__ = [
     "with_average",
     "model_block",
     "chance_block",
-    "compare_to_reference",
+    "compare_to_references",
 ]

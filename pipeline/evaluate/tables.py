@@ -1,8 +1,9 @@
 """The tables of the metrics record (metrics_detail.json), for metrics.md (Markdown) and the report (HTML).
 
-One model per row: R@1/5/10 both ways, RSUM, average, the RSUM difference to the reference with its paired-bootstrap
-95% interval, seeds (RSUM sd); RSUM per gallery when the galleries are grouped; parameters and latency when
-measured. `metrics_tables` lays them out once, as text cells; `markdown` and `html_tables` only draw them.
+One model per row: R@1/5/10 both ways, RSUM, average, the RSUM difference to each reference with its
+paired-bootstrap 95% interval (one column per reference), seeds (RSUM sd); RSUM per gallery when the galleries
+are grouped; parameters and latency when measured. `metrics_tables` lays them out once, as text cells; `markdown`
+and `html_tables` only draw them.
 """
 
 from __future__ import annotations
@@ -31,23 +32,36 @@ def metrics_tables(doc: dict[str, Any], run_info: dict[str, Any] | None = None) 
     """The record `doc` (metrics_detail.json) and how it was measured (`run_info`) as paragraphs and tables."""
     run_info = run_info or {}
     models = model_names(doc)
-    ref = (run_info.get("bootstrap") or {}).get("reference")
+    refs = references(run_info)
     where = (
         f"{doc['dataset']}, {doc['split']} split: {doc['n_images']:,} images, {doc['n_captions']:,} captions "
         f"(exact search, float32 scores, {run_info.get('tie_rule', 'pessimistic')} ties"
         + (", per-group galleries" if run_info.get("gallery") == "by_directory" else "")
         + ")"
     )
-    header = [*RECALL_HEADER, f"RSUM - {ref or 'reference'} (95% CI)", "seeds (RSUM sd)"]
+    header = [*RECALL_HEADER, *(f"RSUM - {ref} (95% CI)" for ref in refs or ["reference"]), "seeds (RSUM sd)"]
     rows = []
     for m in models:
         r = doc[m]
-        iv = r.get(f"rsum_vs_{ref}")
-        diff = f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})" if iv else "-"
+        diffs = [interval_cell(r.get(f"rsum_vs_{ref}")) for ref in refs or [None]]
         n_runs = len((run_info.get("runs") or {}).get(m, [m]))
         seeds = f"{n_runs} ({r['rsum_sd']:.1f})" if "rsum_sd" in r else ("-" if m == "chance" else str(n_runs))
-        rows.append([m, *(f"{r[k]:.1f}" for k in TABLE_KEYS), diff, seeds])
+        rows.append([m, *(f"{r[k]:.1f}" for k in TABLE_KEYS), *diffs, seeds])
     return [where, Table(header, rows), *_group_table(doc, models), *_cost_table(doc, models, run_info)]
+
+
+def references(run_info: dict[str, Any]) -> list[str]:
+    """The models the intervals are measured against, in order (run_info.json's `bootstrap.references`; a run
+    from before several references recorded one, `reference`, or null)."""
+    boot = run_info.get("bootstrap") or {}
+    if "references" in boot:
+        return list(boot["references"])
+    return [boot["reference"]] if boot.get("reference") else []
+
+
+def interval_cell(iv: dict[str, float] | None) -> str:
+    """`+14.8 (+11.0 .. +18.6)`: a difference and its 95% interval, as the tables and the README show it."""
+    return f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})" if iv else "-"
 
 
 def _group_table(doc: dict[str, Any], models: list[str]) -> list[Table]:
@@ -122,4 +136,14 @@ def html_tables(blocks: list[str | Table]) -> str:
     return "".join(parts)
 
 
-__all__ = ["Table", "TABLE_KEYS", "model_names", "metrics_tables", "markdown", "markdown_table", "html_tables"]
+__all__ = [
+    "Table",
+    "TABLE_KEYS",
+    "model_names",
+    "references",
+    "interval_cell",
+    "metrics_tables",
+    "markdown",
+    "markdown_table",
+    "html_tables",
+]
