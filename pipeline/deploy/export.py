@@ -7,8 +7,10 @@ By default (stages/export.py) it is a new directory, <workdir>/export/<student>:
 an output of `dvc repro`'s distill stage, and files written into it would make DVC see that output modified and
 train it again. The student's files are hard-linked into it where the filesystem allows (no bytes copied: kdpipe
 replaces files by rename, never in place, so a link never sees a later change), copied elsewhere; its training
-state (`checkpoints/`) is left out. The whole directory is swapped in at once (durable.atomic_dir), so an export
-never mixes files of two runs. With the student directory as the output, everything is written in place."""
+state (`checkpoints/`, where older versions kept it) is left out, and a frozen text tower the student references
+by digest (pipeline/towers/frozen.py) is copied in, into text_tower/: the export loads without the package or
+directory it came from. The whole directory is swapped in at once (durable.atomic_dir), so an export never mixes
+files of two runs. With the student directory as the output, everything is written in place."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir, write_text_durably
 from pipeline.store.features import read_attrs
 from pipeline.towers import quiet_transformers
-from pipeline.towers.student import load_student
+from pipeline.towers.student import load_student, materialize_frozen_tower
 
 log = logging.getLogger(__name__)
 _NOT_EXPORTED = {"checkpoints"}  # training state: what resuming needs, not what serving needs
@@ -63,6 +65,7 @@ def _link_student(student_dir: Path, out: Path) -> None:
         return _NOT_EXPORTED & set(names) if Path(directory) == student_dir else set()
 
     shutil.copytree(student_dir, out, ignore=left_out, copy_function=_link_or_copy, dirs_exist_ok=True)
+    materialize_frozen_tower(out)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
