@@ -3,7 +3,9 @@
 Reads the dataset index, prepare's image cache and extract's feature store from the work directory,
 refuses any of them that belongs to another index (fingerprint) or is incomplete, and writes the student
 into `<workdir>/student/` (with `--baseline`: the undistilled baseline, trained with `distill.baseline_loss`
-on the pairs alone, into `<workdir>/baseline/`). With `--variant NAME --seed S`: one run of `distill.runs`
+on the pairs alone, into `<workdir>/baseline/`), its training state into `<workdir>/checkpoints/<name>/`
+(resumed by default when it is this run's; removed once the run completes). Validation ranks as evaluate does
+(`evaluate.gallery`). With `--variant NAME --seed S`: one run of `distill.runs`
 (pipeline/distill/runs.py), the variant's settings merged into the section, into `<workdir>/models/NAME-sS/`,
 its training logs also copied to `<workdir>/curves/{train,val}/NAME-sS.csv` (small, uncached: `dvc plots`).
 Under torchrun every process runs this same command.
@@ -67,20 +69,30 @@ def command(
         section, baseline = variant_section(raw.get("distill"), variant, seed)
         run = run_name(variant, seed)
     cfg = from_dict(DistillConfig, section, "distill")
+    gallery = validation_gallery(raw)
     apply_runtime(raw, cfg.num_workers)
     verify_if_asked(raw, paths.features)
-    out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
+    name = run or ("baseline" if baseline else "student")
+    out_dir = paths.model(run) if run else paths.workdir / name
     # rank 0 locks before joining the process group: the other ranks wait in the rendezvous meanwhile
     with writing(out_dir, no_wait=no_wait):
-        result = train(cfg, paths, out_dir, run=run, baseline=baseline, resume=resume)
+        result = train(cfg, paths, out_dir, run=run, baseline=baseline, resume=resume, gallery=gallery)
     if is_main_process():
         best = f", best val RSUM {result.best_rsum:.2f} at epoch {result.best_epoch}" if result.best_epoch > 0 else ""
         echo(f"distill: {result.epochs_done} epochs, {result.global_step} steps{best}; student in {out_dir}")
 
 
-def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline: bool, resume: bool):
-    """Open the inputs, join the process group under torchrun, train into `out_dir`; a run of `distill.runs`
-    also copies its training curves out."""
+def validation_gallery(raw: dict) -> str:
+    """evaluate.gallery (checked with its section): distill validates the way evaluate measures."""
+    from pipeline.config import from_dict
+    from pipeline.evaluate.config import EvaluateConfig
+
+    return from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate").gallery
+
+
+def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline: bool, resume: bool, gallery: str):
+    """Open the inputs, join the process group under torchrun, train into `out_dir` (the training state in
+    <workdir>/checkpoints/<run>/); a run of `distill.runs` also copies its training curves out."""
     from pipeline.config import write_resolved
     from pipeline.data.index import DatasetIndex
     from pipeline.distill.run import run_distill
@@ -109,7 +121,16 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
             # one file per run (distill-VARIANT-sSEED.yaml), each under the section name `distill`
             write_resolved(cfg, paths.resolved_config(f"distill-{run}" if run else "distill"), "distill")
         result = run_distill(
-            cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume
+            cfg,
+            index=index,
+            store=store,
+            cache=cache,
+            out_dir=out_dir,
+            ckpt_dir=paths.checkpoints(run or out_dir.name),
+            baseline=baseline,
+            resume=resume,
+            val_gallery=gallery,
+            cache_dir=paths.text_features,
         )
         finished = True
     finally:
