@@ -38,7 +38,7 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.progress import progress
-from pipeline.store.durable import write_file_durably
+from pipeline.store.durable import deferred_sync, write_file_durably
 
 EMOJI_DIR = Path("data/emoji")
 IMAGE_SIZE = 72  # Twemoji's PNG size; OpenMoji is drawn at the same size
@@ -260,7 +260,8 @@ def build_emoji_dataset(out_dir: Path | str = EMOJI_DIR, emoji: list[Emoji] | No
     sources = {"twemoji": TwemojiSource(), "openmoji": OpenMojiSource()}
     for style in STYLES:
         (out_dir / "images" / style).mkdir(parents=True, exist_ok=True)
-    with progress("demo-data", len(emoji) * len(STYLES), unit="images") as bar:
+    # one filesystem sync for the 3,806 small files, not two fsyncs each (durable.deferred_sync)
+    with progress("demo-data", len(emoji) * len(STYLES), unit="images") as bar, deferred_sync():
         for e in emoji:
             for style in STYLES:
                 write_file_durably(out_dir / "images" / style / e.filename, encode_png(sources[style].draw(e)))
