@@ -78,7 +78,8 @@ from pipeline.progress import progress
 from pipeline.store.durable import write_text_durably
 from pipeline.store.features import FeatureStore
 from pipeline.store.image_cache import ImageCache
-from pipeline.towers.student import DualEncoderStudent, build_student, save_student
+from pipeline.store.ownership import claim
+from pipeline.towers.student import STUDENT_DIR, DualEncoderStudent, build_student, save_student
 
 log = logging.getLogger(__name__)
 
@@ -540,6 +541,8 @@ def run_distill(
     ranks. `cache_dir`: where the frozen text tower's features are kept across runs (None: computed here).
     `stop_after_steps` (tests): return after that many optimizer steps without writing anything more, as if the
     process had been killed there."""
+    # before any work: a directory that is not a student's (a folder of the user's) is refused, never cleared
+    claim(Path(out_dir), STUDENT_DIR)
     run = setup_run(
         cfg,
         index=index,

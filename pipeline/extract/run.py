@@ -17,14 +17,15 @@ from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.extract.config import COMPUTE_DTYPES, ExtractConfig, resolve_compute_dtype
 from pipeline.extract.distributed import Ranks, auto_workers, env_int, init_ranks
-from pipeline.extract.finalize import finalize
+from pipeline.extract.finalize import finalize, publish
 from pipeline.extract.images import extract_images
 from pipeline.extract.resume import is_done, prepare_store
 from pipeline.extract.texts import extract_texts
-from pipeline.extract.units import WORK_DIR, Unit, plan_units
+from pipeline.extract.units import WORK_DIR, Unit, plan_units, target_dir
 from pipeline.store.durable import naming
-from pipeline.store.features import is_feature_store_dir, read_attrs
+from pipeline.store.features import FEATURE_STORE, read_attrs
 from pipeline.store.features_writer import StoreWriter, jsonable
+from pipeline.store.ownership import claim
 from pipeline.teachers import Teacher, build_teacher
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,7 @@ def run_extract(
                 f"extract.splits: dataset {index.name} has no split {s!r}; it has {', '.join(index.splits)}"
             )
     views = {s: index.split(s) for s in splits}
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory; expected a feature store location")
-    if out.is_dir() and any(out.iterdir()) and not is_feature_store_dir(out) and not (out / WORK_DIR).is_dir():
-        raise InputError(f"{out}: exists, is not empty and is not a feature store; remove it or choose another path")
+    claim(out, FEATURE_STORE)  # nothing but a feature store (or an extraction's beginnings) is written over
     if teacher is None:  # built after the cheap checks: loading a checkpoint can take a while
         teacher = build_teacher(cfg.teacher, device=device, dtype=COMPUTE_DTYPES[compute_dtype])
 
@@ -115,7 +113,6 @@ def _run(
             },
         }
     )
-    work = out / WORK_DIR
     # from the index, not the store (a compacted split has fewer rows)
     units = plan_units(index, views, cfg.chunk_rows, teacher.dim * np.dtype(cfg.store_dtype).itemsize)
     restart_reason = None
@@ -125,8 +122,10 @@ def _run(
             log.info(f"{out}: {message}")
     dist.barrier()  # the store exists (fresh or resumable) before anyone reads it
 
-    writer = StoreWriter(out)
-    if read_attrs(out).get("complete") is True:  # finalization of an earlier run had only cleanup left
+    target = target_dir(out)  # `out`, or beside it while a complete store there is being rewritten
+    work = target / WORK_DIR
+    writer = StoreWriter(target)
+    if read_attrs(target).get("complete") is True:  # finalization of an earlier run had only cleanup left
         return _result(out, writer, units, len(units), 0, t0, restart_reason)
     done = {u for u in units if is_done(work / "done" / u.marker, u)}
     dist.barrier()  # every rank has read the markers before any rank writes new ones
@@ -148,7 +147,9 @@ def _run(
 
     dist.barrier()  # every unit of every rank is committed
     if dist.rank == 0:
-        finalize(out, index, views, units, cfg)
+        finalize(target, index, views, units, cfg)
+        if target != out:
+            publish(out, target)
     dist.barrier()  # nobody returns before the store is complete
     return _result(out, StoreWriter(out), units, len(done), len(mine), t0, restart_reason)
 

@@ -31,9 +31,13 @@ from pipeline.config import require_at_least
 from pipeline.errors import InputError
 from pipeline.progress import progress
 from pipeline.store.durable import write_text_durably
+from pipeline.store.ownership import Output, claim
 from pipeline.teachers.lit import IMAGE_FEATURE_DIM, FrozenTowers, LiTHeads
 
 HEADS_FILE = "heads.safetensors"
+SUMMARY_FILE = "fit_summary.json"
+# what fit-teacher writes into (pipeline/store/ownership.py): a directory of nothing but its two files
+TEACHER_DIR = Output("fit-teacher's output directory", directory=True, names=frozenset({HEADS_FILE, SUMMARY_FILE}))
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,7 @@ def run_fit_teacher(cfg: FitTeacherConfig, out_dir: Path | str, device: torch.de
     """Fit the heads on `cfg.pairs` and write `out_dir/heads.safetensors` and `out_dir/fit_summary.json`."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    claim(out_dir, TEACHER_DIR)  # before the work
     paths, image_ids, captions, text_image = read_training_pairs(cfg)
     # one group per emoji: the file name without the style folder
     names = [posixpath.basename(i) for i in image_ids]
@@ -222,7 +227,7 @@ def run_fit_teacher(cfg: FitTeacherConfig, out_dir: Path | str, device: torch.de
     sha = heads.save(out_dir / HEADS_FILE, extra=record)
     seconds = time.perf_counter() - t0
     summary = {**record, "heads": HEADS_FILE, "sha256": sha, "loss_per_epoch": losses}  # no timings: reproducible
-    write_text_durably(out_dir / "fit_summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_durably(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return FitResult(out_dir / HEADS_FILE, sha, len(paths), len(captions), losses[-1], seconds)
 
 
