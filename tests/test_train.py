@@ -449,9 +449,10 @@ def test_a_foreign_file_in_place_of_the_checkpoint_is_refused_and_kept(work):
     ckpt = root / "checkpoints/foreign/last.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match=r"last\.pt: cannot read the checkpoint .*remove it"):
-        run(work, "foreign", tiny_cfg(root, epochs=1))
-    assert ckpt.read_bytes() == b"not a checkpoint"
+    for resume in (True, False):  # --no-resume does not remove it either: kdpipe did not write it
+        with pytest.raises(InputError, match=r"last\.pt: cannot read the checkpoint .*not kdpipe's: move it away"):
+            run(work, "foreign", tiny_cfg(root, epochs=1), resume=resume)
+        assert ckpt.read_bytes() == b"not a checkpoint"
 
 
 def test_baseline_trains_on_pairs_alone(work):

@@ -132,15 +132,16 @@ def _first_difference(a: Any, b: Any, where: str) -> str:
 
 def read_checkpoint(path: Path) -> dict:
     """last.pt as written by save_checkpoint (tensors and plain values only: nothing is executed), of any
-    version; a file that is not one is refused (it may not be kdpipe's: it is neither used nor replaced)."""
+    version; a file that is not one is refused, also by --no-resume (kdpipe writes last.pt whole, by rename, so
+    such a file is not kdpipe's: it is neither used nor removed)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
         raise InputError(
-            f"{path}: cannot read the checkpoint ({type(err).__name__}); remove it (or use --no-resume) to start over"
+            f"{path}: cannot read the checkpoint ({type(err).__name__}); not kdpipe's: move it away to start over"
         ) from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} file; remove it (or use --no-resume) to start over")
+        raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} file; not kdpipe's: move it away to start over")
     return blob
 
 

@@ -258,9 +258,11 @@ def frozen_text_caches(cfg, model, tokens, val_tokens, use_bf16: bool, cache_dir
 def restore_or_start_over(run: Run, resume: bool) -> dict[str, list[str]]:
     """Load the last checkpoint when it is this run's (model, optimizer, scheduler, balancer, position, RNG;
     returns the log rows it holds), or start over: clear the outputs and the checkpoint directory."""
-    blob = ckpt.read_checkpoint(run.ckpt_path) if resume and run.ckpt_path.is_file() else None
+    # read (and refused when it is not a checkpoint) before anything is removed, --no-resume included
+    blob = ckpt.read_checkpoint(run.ckpt_path) if run.ckpt_path.is_file() else None
     why = ckpt.difference(blob, run.cfg_dict, run.meta) if blob is not None else None
-    if blob is not None and why is None:
+    taken = resume and blob is not None and why is None
+    if taken:
         run.state = ckpt.restore(
             blob,
             model=run.model,
@@ -283,7 +285,7 @@ def restore_or_start_over(run: Run, resume: bool) -> dict[str, list[str]]:
     if run.main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         write_resolved(run.cfg, run.out_dir / "distill_config.yaml", "distill")
-    return blob.get("logs", {}) if blob is not None and why is None else {}
+    return blob.get("logs", {}) if taken else {}
 
 
 def training_forward(run: Run):
