@@ -19,8 +19,6 @@ import pytest
 import yaml
 from test_train import make_workdir, tiny_params, tree_bytes
 
-pytest.importorskip("dvc", reason="dvc is the optional extra kdpipe[dvc]")
-
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "a-s0"  # the one run of the project's distill.runs
 
@@ -86,6 +84,7 @@ def repro_killed_after_a_checkpoint(project: Path) -> None:
 
 
 def test_dvc_repro_killed_in_distill_resumes_to_the_uninterrupted_outputs(tmp_path):
+    pytest.importorskip("dvc", reason="dvc is the optional extra kdpipe[dvc]")
     project = tmp_path / "p"
     make_project(project)
     first = dvc(project, "repro")
