@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import from_dict, to_dict
-from pipeline.errors import InputError
+from pipeline.errors import InputError, reading_file
 from pipeline.store.durable import atomic_dir, atomic_path, write_text_durably
 from pipeline.store.ownership import Output, any_of, claim
+from pipeline.text_files import read_json
 from pipeline.towers.frozen import TowerSource, materialize
 from pipeline.towers.image import ImageTower, ImageTowerConfig, build_image_tower
 from pipeline.towers.text import HFTextTower, TextTowerConfig, build_text_tower
@@ -57,13 +58,20 @@ class DualEncoderStudent(nn.Module):
     """`forward(images_uint8, input_ids, attention_mask) -> (s_v, s_t)`, both [B, dim] fp32 L2-normalized."""
 
     def __init__(
-        self, cfg: StudentConfig, dim: int, *, weights: bool = True, text_tower: HFTextTower | None = None
+        self,
+        cfg: StudentConfig,
+        dim: int,
+        *,
+        weights: bool = True,
+        key: str = "distill.student",
+        text_tower: HFTextTower | None = None,
     ) -> None:
-        """`text_tower`: one built already (load_student: a frozen tower loaded from its source)."""
+        """`key`: where `cfg` came from, for the towers' messages (params.yaml's section, or a saved student's
+        file); `text_tower`: one built already (load_student: a frozen tower loaded from its source)."""
         super().__init__()
         self.config, self.dim = cfg, int(dim)
-        self.image_tower: ImageTower = build_image_tower(cfg.image, weights=weights)
-        self.text_tower: HFTextTower = text_tower or build_text_tower(cfg.text, weights=weights)
+        self.image_tower: ImageTower = build_image_tower(cfg.image, key=f"{key}.image", weights=weights)
+        self.text_tower: HFTextTower = text_tower or build_text_tower(cfg.text, key=f"{key}.text", weights=weights)
         self._text_source: TowerSource | None = None  # set by frozen_text_source() or load_student
         self.image_proj = nn.Linear(self.image_tower.out_dim, self.dim, bias=cfg.proj_bias)
         self.text_proj = nn.Linear(self.text_tower.out_dim, self.dim, bias=cfg.proj_bias)
@@ -241,16 +249,19 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
     meta_path = directory / "student_config.json"
     if not meta_path.is_file():
         raise InputError(f"{directory}: no student here (student_config.json missing); run `kdpipe distill` first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{meta_path}: not valid JSON ({err.msg})") from None
+    meta = read_json(meta_path)
     if (
         not isinstance(meta, dict)
         or meta.get("format") != STUDENT_FORMAT
         or meta.get("version") not in READABLE_VERSIONS
     ):
         raise InputError(f"{meta_path}: not a {STUDENT_FORMAT} v{STUDENT_VERSION} student")
+    if (
+        not isinstance(meta.get("config"), dict)
+        or isinstance(meta.get("dim"), bool)
+        or not isinstance(meta.get("dim"), int)
+    ):
+        raise InputError(f"{meta_path}: no student config and dim in it (the file was edited or cut short)")
     raw = dict(meta["config"])
     raw.setdefault("proj_bias", True)  # students saved before `proj_bias` existed all had biased projections
     cfg = from_dict(StudentConfig, raw, "student_config.json:config")
@@ -260,15 +271,28 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
     if image_cfg.backend == "hf_vit":
         image_cfg = replace(image_cfg, path=directory / "image_tower")
     text_cfg = replace(cfg.text, path=directory / "text_tower", tokenizer=directory / "text_tower", backend="hf_bert")
+    again = "export the student again (kdpipe distill) or copy its directory whole"
     source, text_tower = _referenced_text_tower(meta, directory, text_cfg, str(meta_path))
     model = DualEncoderStudent(
-        replace(cfg, image=image_cfg, text=text_cfg), meta["dim"], weights=False, text_tower=text_tower
+        replace(cfg, image=image_cfg, text=text_cfg),
+        meta["dim"],
+        weights=False,
+        key=f"{meta_path}:config",
+        text_tower=text_tower,
     )
     model.config, model._text_source = cfg, source
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise InputError(f"{directory}: model.safetensors missing")
-    state = load_file(str(weights))
+    with reading_file(weights, "a safetensors file", again):
+        state = load_file(str(weights))
+    own = model.state_dict()
+    for key, tensor in state.items():  # load_state_dict would raise a RuntimeError listing every mismatch
+        if key in own and tensor.shape != own[key].shape:
+            raise InputError(
+                f"{weights}: {key} has shape {list(tensor.shape)}, the student of student_config.json needs "
+                f"{list(own[key].shape)} (weights of another student?); {again}"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if source is not None:  # the referenced tower's weights are its own files', not in model.safetensors
         missing = [k for k in missing if not k.startswith("text_tower.")]
@@ -304,7 +328,7 @@ def materialize_frozen_tower(directory: Path | str) -> bool:
     was nothing to do."""
     directory = Path(directory)
     meta_path = directory / "student_config.json"
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     ref = (meta.get("text") or {}).get("frozen_tower")
     if ref is None:
         return False
