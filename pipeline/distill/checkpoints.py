@@ -138,7 +138,8 @@ def read_checkpoint(path: Path) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
         raise InputError(
-            f"{path}: cannot read the checkpoint ({type(err).__name__}); not kdpipe's: move it away to start over"
+            f"{path}: cannot read the checkpoint ({type(err).__name__}); kdpipe writes it whole, so it is damaged or "
+            "not kdpipe's: move it away to start over"
         ) from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} file; not kdpipe's: move it away to start over")
