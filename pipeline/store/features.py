@@ -1,6 +1,6 @@
 """The teacher feature store, format version 1, and its reader: a Zarr v3 group of L2-normalized rows.
 
-Layout (fixed by docs/architecture, "Feature store, format version 1"):
+Layout (fixed by docs/store-format.md, "Feature store, format version 1"):
 
     features.zarr/
       zarr.json            group attrs: format="kdpipe-features", version=1, complete, dim, normalized=true,

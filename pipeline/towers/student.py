@@ -18,6 +18,7 @@ SHA-256 of its files (pipeline/towers/frozen.py); `kdpipe export` writes a copy 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -119,7 +120,11 @@ class DualEncoderStudent(nn.Module):
     def to_float(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 [B, H, W, 3] (any device) -> float [B, 3, H, W] in [0, 1] on the model's device."""
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.ascontiguousarray(images))
+            with warnings.catch_warnings():
+                # Read-only arrays (PIL's pixels, a memory-mapped cache) are fine: the tensor is only read
+                # (`.float()` below copies), so torch's "not writable" warning would only alarm the user.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                images = torch.from_numpy(np.ascontiguousarray(images))
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
