@@ -109,7 +109,8 @@ def distill_pairs_per_s(params: Path, env: dict[str, str], sets: list[str], torc
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lines = (params.parent / "student" / "train_log.csv").read_text().splitlines()
+    # timings are not in train_log (a DVC output): speed.csv, beside the run's checkpoints
+    lines = (params.parent / "checkpoints" / "student" / "speed.csv").read_text().splitlines()
     col = lines[0].split(",").index("pairs_per_s")
     rates = [float(ln.split(",")[col]) for ln in lines[2:]]  # lines[1]: the first window holds the warm-up
     return float(np.median(rates))

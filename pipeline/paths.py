@@ -35,11 +35,18 @@ class ArtifactPaths:
         return self.workdir / "features.zarr"
 
     @property
-    def student(self) -> Path:  # distill's outputs: checkpoints, exported towers, training log
+    def student(self) -> Path:  # distill's outputs: the exported student, its training logs
         return self.workdir / "student"
 
     def model(self, run: str) -> Path:  # one run of `distill.runs` (variant-sSEED): what `student` is for one run
         return self.workdir / "models" / run
+
+    def checkpoints(self, run: str) -> Path:  # distill's training state of a run (student, baseline, variant-sSEED)
+        return self.workdir / "checkpoints" / run  # outside every DVC output: `dvc repro` never removes it
+
+    @property
+    def text_features(self) -> Path:  # frozen text towers' caption features, shared by runs (not an output)
+        return self.workdir / ".kdpipe" / "text_features"
 
     def training_curves(self, run: str) -> dict[str, Path]:  # its train/val logs, copied out for `dvc plots`
         return {log: self.workdir / "curves" / log / f"{run}.csv" for log in ("train", "val")}

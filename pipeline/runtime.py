@@ -10,10 +10,18 @@ and OpenMP threads that sleep instead of spinning while they wait (OMP_WAIT_POLI
 
 params.yaml's top-level `runtime:` section is the one source of truth: `threads` set there wins; left
 unset, OMP_NUM_THREADS is honoured when the user set it, else the automatic count above.
+
+Memory (`keep_freed_memory`): glibc's malloc hands every block over 32 MB (its largest dynamic threshold) to
+mmap and back to the kernel when freed, so each such tensor is page-faulted in afresh, a zeroed page at a time.
+A CNN's activations at batch 64 are just over (EfficientNet-Lite2 at 128 px: 34 MB), so fit-teacher and
+extract spent more CPU time in the kernel than computing (demo fit-teacher, 512 images, 2 threads: 11.1 s
+system + 6.8 s user; with the threshold raised: 0.8 + 6.3, identical features). Where blocks live does not
+change a single result.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -50,9 +58,25 @@ def plan_threads(cfg: RuntimeConfig, loader_workers: int = 0, cpus: int | None =
 
 
 def apply_threads(cfg: RuntimeConfig, loader_workers: int = 0) -> int:
-    """Set torch's intra-op threads for this process (loader worker processes use one each, as torch sets)."""
+    """Set torch's intra-op threads for this process (loader worker processes use one each, as torch sets),
+    and keep freed memory for reuse (`keep_freed_memory`)."""
     import torch
 
+    keep_freed_memory()
     n = plan_threads(cfg, loader_workers)
     torch.set_num_threads(n)
     return n
+
+
+KEEP_BYTES = 256 << 20  # blocks up to this size come from the heap, and this much freed memory is kept
+
+
+def keep_freed_memory(keep_bytes: int = KEEP_BYTES) -> bool:
+    """Raise glibc malloc's mmap and trim thresholds to `keep_bytes` (module docstring); False where the C
+    library has no mallopt (macOS, musl): nothing changes there."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, keep_bytes)) and bool(mallopt(m_trim_threshold, keep_bytes))

@@ -3,7 +3,9 @@
 Reads the dataset index, prepare's image cache and extract's feature store from the work directory,
 refuses any of them that belongs to another index (fingerprint) or is incomplete, and writes the student
 into `<workdir>/student/` (with `--baseline`: the undistilled baseline, trained with `distill.baseline_loss`
-on the pairs alone, into `<workdir>/baseline/`). With `--variant NAME --seed S`: one run of `distill.runs`
+on the pairs alone, into `<workdir>/baseline/`), its training state into `<workdir>/checkpoints/<name>/`
+(resumed by default when it is this run's; removed once the run completes). Validation ranks as evaluate does
+(`evaluate.gallery`). With `--variant NAME --seed S`: one run of `distill.runs`
 (pipeline/distill/runs.py), the variant's settings merged into the section, into `<workdir>/models/NAME-sS/`,
 its training logs also copied to `<workdir>/curves/{train,val}/NAME-sS.csv` (small, uncached: `dvc plots`).
 With `--ablation FILE` (and `--variant NAME --seed S`): one run of that ablation (pipeline/distill/runs.py:
@@ -76,9 +78,11 @@ def command(
         section, baseline = variant_section(raw.get("distill"), variant, seed)
         run = run_name(variant, seed)
     cfg = from_dict(DistillConfig, section, "distill")
+    gallery = validation_gallery(raw)
     apply_runtime(raw, cfg.num_workers)
     verify_if_asked(raw, paths.features)
-    out_dir = out_paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
+    name = run or ("baseline" if baseline else "student")
+    out_dir = out_paths.model(run) if run else paths.workdir / name
     if run:  # before hours of training: the copies of its curves must be able to go where they go
         from pipeline.store.ownership import claim
 
@@ -86,10 +90,20 @@ def command(
             claim(target, training_curve(log))
     # rank 0 locks before joining the process group: the other ranks wait in the rendezvous meanwhile
     with writing(out_dir, no_wait=no_wait):
-        result = train(cfg, paths, out_dir, run=run, baseline=baseline, resume=resume, out_paths=out_paths)
+        result = train(
+            cfg, paths, out_dir, run=run, baseline=baseline, resume=resume, gallery=gallery, out_paths=out_paths
+        )
     if is_main_process():
         best = f", best val RSUM {result.best_rsum:.2f} at epoch {result.best_epoch}" if result.best_epoch > 0 else ""
         echo(f"distill: {result.epochs_done} epochs, {result.global_step} steps{best}; student in {out_dir}")
+
+
+def validation_gallery(raw: dict) -> str:
+    """evaluate.gallery (checked with its section): distill validates the way evaluate measures."""
+    from pipeline.config import from_dict
+    from pipeline.evaluate.config import EvaluateConfig
+
+    return from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate").gallery
 
 
 def train(
@@ -100,10 +114,12 @@ def train(
     run: str | None,
     baseline: bool,
     resume: bool,
+    gallery: str,
     out_paths: ArtifactPaths | None = None,
 ):
-    """Open the inputs (under `paths`), join the process group under torchrun, train into `out_dir`; a run of
-    `distill.runs` (or of an ablation) also copies its training curves out (under `out_paths`, default `paths`)."""
+    """Open the inputs (under `paths`), join the process group under torchrun, train into `out_dir` (the training
+    state in <out workdir>/checkpoints/<run>/); a run of `distill.runs` (or of an ablation) also copies its
+    training curves out (under `out_paths`, default `paths`)."""
     out_paths = out_paths or paths
     from pipeline.config import write_resolved
     from pipeline.data.index import DatasetIndex
@@ -133,7 +149,16 @@ def train(
             # one file per run (distill-VARIANT-sSEED.yaml), each under the section name `distill`
             write_resolved(cfg, out_paths.resolved_config(f"distill-{run}" if run else "distill"), "distill")
         result = run_distill(
-            cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume
+            cfg,
+            index=index,
+            store=store,
+            cache=cache,
+            out_dir=out_dir,
+            ckpt_dir=out_paths.checkpoints(run or out_dir.name),
+            baseline=baseline,
+            resume=resume,
+            val_gallery=gallery,
+            cache_dir=paths.text_features,
         )
         finished = True
     finally:
@@ -162,5 +187,7 @@ def training_curve(log: str):
     """What the copy of `log`_log.csv replaces: nothing, or an earlier copy (a CSV with the header of such a log)."""
     from pipeline.store.ownership import Output, text_with
 
-    header = {"train": "step,epoch,lr,pairs_per_s,loss,", "val": "epoch,step,i2t_r1,"}[log]
-    return Output(f"a copy of a {log}_log.csv", recognise=text_with(header, within=len(header)))
+    # train_log.csv had a pairs_per_s column until timings moved out of the DVC outputs (checkpoints/<run>/speed.csv)
+    headers = {"train": ("step,epoch,lr,loss,", "step,epoch,lr,pairs_per_s,loss,"), "val": ("epoch,step,i2t_r1,",)}
+    checks = [text_with(h, within=len(h)) for h in headers[log]]
+    return Output(f"a copy of a {log}_log.csv", recognise=lambda path: any(check(path) for check in checks))

@@ -82,3 +82,36 @@ def test_atomic_dir_removes_what_a_killed_writer_left_and_keeps_a_live_ones(tmp_
     finally:
         live.kill()
         live.wait()
+
+
+def test_deferred_sync_makes_many_writes_durable_with_one_filesystem_sync(tmp_path, monkeypatch):
+    """Inside deferred_sync: no fsync per file, one syncfs when the block ends (after the last write); a failed
+    block syncs nothing; another thread's fsyncs are not deferred."""
+    import threading
+
+    monkeypatch.setenv("KDPIPE_FSYNC", "1")
+    events = []
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: events.append("fsync"))
+    monkeypatch.setattr(durable, "_syncfs", lambda path: events.append(("syncfs", path)))
+    with durable.deferred_sync():
+        for i in range(5):
+            write_file_durably(tmp_path / "images" / f"{i}.png", bytes([i]))
+        other = threading.Thread(target=write_file_durably, args=(tmp_path / "other.json", b"{}"))
+        other.start()
+        other.join()
+        assert events == ["fsync", "fsync"]  # the other thread's file and directory only
+    assert len(events) == 3 and events[2][0] == "syncfs" and events[2][1].startswith(str(tmp_path))
+    assert [(tmp_path / "images" / f"{i}.png").read_bytes() for i in range(5)] == [bytes([i]) for i in range(5)]
+    events.clear()
+    with pytest.raises(RuntimeError), durable.deferred_sync():
+        write_file_durably(tmp_path / "x", b"x")
+        raise RuntimeError("killed")
+    assert events == []
+    write_file_durably(tmp_path / "after", b"a")  # outside a block: fsync'd again
+    assert events == ["fsync", "fsync"]
+
+
+def test_syncfs_syncs_the_filesystem_of_a_path(tmp_path):
+    durable._syncfs(str(tmp_path))  # no error on Linux's syncfs (or the os.sync fallback)
+    with pytest.raises(OSError):
+        durable._syncfs(str(tmp_path / "missing"))

@@ -404,6 +404,44 @@ def test_encode_gallery_keeps_caption_order(workdir):
             torch.testing.assert_close(txt[j], model.encode_texts([g.captions[j]])[0], atol=1e-5, rtol=0)
 
 
+def test_students_sharing_a_frozen_text_tower_run_it_once_with_the_same_result(
+    workdir, tmp_path, tokenizer_dir, monkeypatch
+):
+    """Two students over one frozen tower referenced by digest (the demo's nine share MiniLM): the second
+    projects the first's caption features, batch by batch, and gets exactly what encoding alone gives it."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.store.image_cache import open_image_cache
+    from pipeline.towers.student import DualEncoderStudent, build_student, load_student, save_student
+    from pipeline.towers.text import TextTowerConfig
+
+    tower = tmp_path / "bert"
+    torch.manual_seed(3)
+    bert_cfg = BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(bert_cfg, add_pooling_layer=False).save_pretrained(tower)
+    for f in tokenizer_dir.iterdir():
+        (tower / f.name).write_bytes(f.read_bytes())
+    text = TextTowerConfig(path=tower, pooling="mean", freeze=True, max_tokens=12)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_student(build_student(replace(tiny_student_config(tokenizer_dir), text=text), D), tmp_path / f"s{seed}")
+    images = open_image_cache(workdir.images).split("test")
+    g = align_gallery(
+        DatasetIndex.load(workdir.index_dir).split("test"), open_store(workdir.features).split("test"), "store"
+    )
+    alone = [encode_gallery(load_student(tmp_path / f"s{i}"), images, g, 3, "alone")[1] for i in (0, 1)]
+    calls = []
+    original = DualEncoderStudent.text_features
+    monkeypatch.setattr(DualEncoderStudent, "text_features", lambda m, t: calls.append(1) or original(m, t))
+    shared: dict = {}
+    together = [encode_gallery(load_student(tmp_path / f"s{i}"), images, g, 3, "shared", shared)[1] for i in (0, 1)]
+    assert len(calls) == -(-len(g.captions) // 3)  # every batch once, for the first student only
+    assert torch.equal(together[0], alone[0]) and torch.equal(together[1], alone[1])
+    assert not torch.equal(together[0], together[1])  # each its own projection
+
+
 def test_stage_cli_full_run(workdir, tmp_path):
     paths = workdir
     params = tmp_path / "params.yaml"

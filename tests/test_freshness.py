@@ -348,7 +348,9 @@ def test_distill_refuses_features_of_replaced_images(tmp_path):
     store = open_store(tmp_path / "features.zarr", expect_fingerprint=index.fingerprint)
     cache = open_image_cache(tmp_path / "images.zarr", expect_fingerprint=index.fingerprint)
     with pytest.raises(InputError, match=r"features\.zarr: made from image files that changed since"):
-        run_distill(tiny_cfg(tmp_path), index=index, store=store, cache=cache, out_dir=tmp_path / "s")
+        run_distill(
+            tiny_cfg(tmp_path), index=index, store=store, cache=cache, out_dir=tmp_path / "s", ckpt_dir=tmp_path / "c"
+        )
 
 
 # -- DVC -------------------------------------------------------------------------------------------------

@@ -345,13 +345,20 @@ def test_truncated_images_guard(photos, tmp_path, monkeypatch):
         run_prepare(config(photos, ann), ArtifactPaths(tmp_path / "work"))
 
 
-def test_dask_local_cluster_matches_in_process(photos, tmp_path):
+def test_dask_local_cluster_matches_in_process(photos, tmp_path, caplog):
     rows = list(zip(GOOD, SPLITS)) + [("truncated.jpg", "train")]
     ann = write_annotations(tmp_path / "ann.json", rows)
     a, b = ArtifactPaths(tmp_path / "inproc"), ArtifactPaths(tmp_path / "dask")
     run_prepare(config(photos, ann, chunk_images=2, on_bad_image="skip"), a)
-    summary = run_prepare(config(photos, ann, chunk_images=2, on_bad_image="skip", workers=2, cluster_min_images=0), b)
+    with caplog.at_level("INFO", logger="pipeline.progress"):
+        summary = run_prepare(
+            config(photos, ann, chunk_images=2, on_bad_image="skip", workers=2, cluster_min_images=0), b
+        )
     assert summary["bad_images"] == 1
+    # one throughput: the progress line times the decoding as the summary does, not the cluster's start-up too
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("prepare: decode:"))
+    seconds = float(line.split(" in ")[1].split(" s ")[0])
+    assert abs(seconds - summary["decode_seconds"]) < 0.15, (line, summary["decode_seconds"])
     ca, cb = open_image_cache(a.images), open_image_cache(b.images)
     assert ca.attrs["fingerprint"] == cb.attrs["fingerprint"]
     for split in ca.splits:

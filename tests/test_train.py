@@ -3,6 +3,7 @@ that learns, exact kill-and-resume, refused inputs, and the `kdpipe distill` com
 
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import nullcontext
 from dataclasses import replace
@@ -38,9 +39,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # -- a tiny dataset: colored images with a grey square, captions naming both, teacher = class prototypes ----
 def make_workdir(
-    root: Path, sizes=(16, 4), caps: int = 3, dim: int = DIM, seed: int = 0, name: str = "tiny", unpaired=(0, 0)
+    root: Path,
+    sizes=(16, 4),
+    caps: int = 3,
+    dim: int = DIM,
+    seed: int = 0,
+    name: str = "tiny",
+    unpaired=(0, 0),
+    styles: bool = False,
 ) -> DatasetIndex:
-    """`unpaired` = (images without captions, texts without an image) added to train (none: the same data)."""
+    """`unpaired` = (images without captions, texts without an image) added to train (none: the same data);
+    `styles`: image ids in two folders, a/ and b/ (two galleries with `evaluate.gallery: by_directory`)."""
     rng = np.random.default_rng(seed)
     names = list(COLORS)
     protos = rng.normal(size=(len(COLORS) * len(NOUNS), dim))
@@ -50,7 +59,8 @@ def make_workdir(
         for i in range(count + (unpaired[0] if split == "train" else 0)):
             c, o = int(rng.integers(len(COLORS))), int(rng.integers(len(NOUNS)))
             row = len(img_rows)
-            img_rows.append((f"{split}{i}", f"{split}{i}.jpg", split))
+            image_id = f"{'ab'[i % 2]}/{split}{i}" if styles else f"{split}{i}"
+            img_rows.append((image_id, f"{split}{i}.jpg", split))
             img = np.clip(np.array(COLORS[names[c]]) + rng.normal(0, 20, (HW, HW, 3)), 0, 255).astype(np.uint8)
             img[HW // 4 : 3 * HW // 4, HW // 4 : 3 * HW // 4] = o * 60
             arr.append(img)
@@ -136,7 +146,9 @@ def work(tmp_path_factory):
 
 
 def run(work, out: str, cfg: DistillConfig, **kw):
+    """Train into root/<out>, the training state in root/checkpoints/<out> (as pipeline.paths lays them out)."""
     root, index, store, cache = work
+    kw.setdefault("ckpt_dir", root / "checkpoints" / out)
     return run_distill(cfg, index=index, store=store, cache=cache, out_dir=root / out, **kw)
 
 
@@ -298,7 +310,6 @@ def test_a_tiny_run_lowers_the_distillation_loss_and_raises_agreement(work):
         "student_config.json",
         "image_tower/config.json",
         "text_tower/config.json",
-        "checkpoints/last.pt",
         "train_log.csv",
         "val_log.csv",
         "plots/training.png",
@@ -306,9 +317,14 @@ def test_a_tiny_run_lowers_the_distillation_loss_and_raises_agreement(work):
         "train_summary.json",
     ):
         assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()  # the training state lives outside the student directory
     header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
-    assert {"step", "lr", "pairs_per_s", "contrastive_loss", "w_triplet_loss"} <= set(header)
+    assert {"step", "lr", "contrastive_loss", "w_triplet_loss"} <= set(header) and "pairs_per_s" not in header
     assert len((out / "val_log.csv").read_text().splitlines()) == 1 + 4
+    # once complete, the checkpoints are gone; the throughput log (no DVC output holds timings) stays
+    assert sorted(p.name for p in (root / "checkpoints/learn").iterdir()) == ["speed.csv"]
+    speed = (root / "checkpoints/learn/speed.csv").read_text().splitlines()
+    assert speed[0] == "step,epoch,pairs_per_s" and [int(r.split(",")[0]) for r in speed[1:]] == list(range(1, 25))
     assert result.best_epoch == int(np.argmax([h["rsum"] for h in result.history])) + 1
 
 
@@ -333,39 +349,63 @@ def test_kill_and_resume_ends_with_bitwise_equal_weights(work):
     kill_resume_and_compare(work, "", cfg)
 
 
-def kill_resume_and_compare(work, prefix: str, cfg: DistillConfig) -> dict:
-    """Run `cfg` uninterrupted, and killed after step 9 then resumed: weights, optimizer and balancer states,
-    the export and the logs must be bitwise equal. Returns the uninterrupted run's last checkpoint."""
+def test_a_run_killed_under_dvc_resumes_to_the_same_outputs(work):
+    """As above, with the student directory removed before the resume (what `dvc repro` does to a stage's
+    outputs): the checkpoint directory, outside it, brings back the best epoch's weights and the log rows, so
+    every file ends as in the uninterrupted run. The best epoch is not the last (a decaying rate overshoots)."""
     root = work[0]
+    cfg = tiny_cfg(root, epochs=3, checkpoint_every_steps=4, lr=0.05, batch_size=4)
+    kill_resume_and_compare(work, "dvc_", cfg, dvc_removes_outputs=True)
+    summary = json.loads((root / "dvc_full/train_summary.json").read_text())
+    assert summary["best_epoch"] < summary["epochs"], "the test needs a best epoch before the last"
+    from safetensors.torch import load_file
+
+    best = load_file(root / "checkpoints/dvc_killed/best.safetensors")  # kept: keep_checkpoints
+    exported = load_file(root / "dvc_killed/model.safetensors")
+    assert best.keys() == exported.keys() and all(torch.equal(best[k], exported[k]) for k in best)
+
+
+def tree_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative path -> bytes): what DVC hashes of an output directory."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def kill_resume_and_compare(work, prefix: str, cfg: DistillConfig, *, dvc_removes_outputs: bool = False) -> dict:
+    """Run `cfg` uninterrupted, and killed after step 9 then resumed: weights, optimizer and balancer states
+    must be bitwise equal, and so must every file of the student directory (the export, the logs, the plot, the
+    summary). `dvc_removes_outputs`: the student directory is removed before the resume, as `dvc repro` does
+    before it reruns a stage. Returns the uninterrupted run's last checkpoint."""
+    root = work[0]
+    cfg = replace(cfg, keep_checkpoints=True)  # to compare the final training states
     full = run(work, f"{prefix}full", cfg)
     killed = run(work, f"{prefix}killed", cfg, stop_after_steps=9)
     assert not killed.completed and killed.global_step == 9
+    if dvc_removes_outputs:
+        shutil.rmtree(root / f"{prefix}killed")
     resumed = run(work, f"{prefix}killed", replace(cfg, num_workers=2))  # a runtime key may differ
-    assert resumed.completed and resumed.global_step == full.global_step == 12
-    a = torch.load(root / f"{prefix}full/checkpoints/last.pt")
-    b = torch.load(root / f"{prefix}killed/checkpoints/last.pt")
+    assert resumed.completed and resumed.global_step == full.global_step > 9
+    a = torch.load(root / f"checkpoints/{prefix}full/last.pt")
+    b = torch.load(root / f"checkpoints/{prefix}killed/last.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     for k, v in a["optimizer"]["state"].items():
         assert all(torch.equal(v[s], b["optimizer"]["state"][k][s]) for s in v), k
     assert a["balancer"] == b["balancer"] and a["state"] == b["state"]
-    assert (root / f"{prefix}full/model.safetensors").read_bytes() == (
-        root / f"{prefix}killed/model.safetensors"
-    ).read_bytes()
-
-    def log(name):  # the training log minus the timing column: same rows, no duplicates of redone steps
-        lines = [ln.split(",") for ln in (root / name / "train_log.csv").read_text().splitlines()]
-        col = lines[0].index("pairs_per_s")
-        return [ln[:col] + ln[col + 1 :] for ln in lines]
-
-    assert log(f"{prefix}full") == log(f"{prefix}killed")
-    assert (root / f"{prefix}full/val_log.csv").read_text() == (root / f"{prefix}killed/val_log.csv").read_text()
+    full_files, resumed_files = tree_bytes(root / f"{prefix}full"), tree_bytes(root / f"{prefix}killed")
+    assert {"model.safetensors", "train_log.csv", "val_log.csv", "plots/training.png"} <= set(full_files)
+    assert list(resumed_files) == list(full_files)
+    # the resolved config records the runtime key the resume ran with (under DVC it is the same one)
+    resumed_files["distill_config.yaml"] = resumed_files["distill_config.yaml"].replace(
+        b"num_workers: 2", b"num_workers: 0"
+    )
+    for name, data in full_files.items():
+        assert resumed_files[name] == data, name
     return a
 
 
 def test_training_log_after_a_resume_equals_the_uninterrupted_log(work):
     """Checkpoints (every 4 steps) that fall between log rows (every 3): the rows around the resume point
-    average the same steps as an uninterrupted run's, so the logs are equal (timing column aside)."""
+    average the same steps as an uninterrupted run's, so the logs are equal."""
     root = work[0]
     cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=4, log_every_steps=3, batch_size=4)
     full = run(work, "log_full", cfg)
@@ -374,9 +414,7 @@ def test_training_log_after_a_resume_equals_the_uninterrupted_log(work):
     run(work, "log_killed", cfg)
 
     def log(name):
-        lines = [ln.split(",") for ln in (root / name / "train_log.csv").read_text().splitlines()]
-        col = lines[0].index("pairs_per_s")
-        return [ln[:col] + ln[col + 1 :] for ln in lines]
+        return [ln.split(",") for ln in (root / name / "train_log.csv").read_text().splitlines()]
 
     # rows at every 3rd step, every checkpoint (4th) and each epoch end (12 steps an epoch)
     steps = [int(row[0]) for row in log("log_full")[1:]]
@@ -384,14 +422,37 @@ def test_training_log_after_a_resume_equals_the_uninterrupted_log(work):
     assert log("log_full") == log("log_killed")
 
 
-def test_resume_refuses_another_config_and_no_resume_starts_over(work):
+def test_a_checkpoint_of_another_config_is_not_taken_and_a_complete_run_is_not_redone(work, caplog):
     root = work[0]
-    cfg = tiny_cfg(root, epochs=1)
-    run(work, "cfg", cfg)
-    with pytest.raises(InputError, match=r"distill\.lr: 0\.001 then, 0\.002 now.*--no-resume"):
-        run(work, "cfg", replace(cfg, lr=2e-3))
-    again = run(work, "cfg", replace(cfg, lr=2e-3), resume=False)
-    assert again.completed and again.global_step == 6
+    cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=4)
+    run(work, "cfg_full", replace(cfg, lr=2e-3))
+    killed = run(work, "cfg", cfg, stop_after_steps=5)  # a checkpoint at step 4, of lr 0.001
+    assert not killed.completed and (root / "checkpoints/cfg/last.pt").is_file()
+    with caplog.at_level("INFO", logger="pipeline.distill.run"):
+        other = run(work, "cfg", replace(cfg, lr=2e-3))
+    assert "distill.lr: 0.001 then, 0.002 now); starting over" in caplog.text
+    assert other.completed and other.global_step == 12
+    assert tree_bytes(root / "cfg") == tree_bytes(root / "cfg_full")  # trained from step 0: as a fresh run
+    assert not (root / "checkpoints/cfg/last.pt").exists()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.distill.run"):
+        again = run(work, "cfg", replace(cfg, lr=2e-3, num_workers=1))  # a runtime key may differ
+    assert "holds this run, complete; nothing to train" in caplog.text
+    assert again.completed and again.global_step == 12 and again.history == other.history
+    assert tree_bytes(root / "cfg") == tree_bytes(root / "cfg_full")
+    again = run(work, "cfg", replace(cfg, lr=2e-3), resume=False)  # --no-resume: trained again
+    assert again.completed and again.global_step == 12 and "nothing to train" not in caplog.text.split("\n")[-1]
+
+
+def test_a_foreign_file_in_place_of_the_checkpoint_is_refused_and_kept(work):
+    root = work[0]
+    ckpt = root / "checkpoints/foreign/last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    for resume in (True, False):  # --no-resume does not remove it either: kdpipe did not write it
+        with pytest.raises(InputError, match=r"last\.pt: cannot read the checkpoint .*not kdpipe's: move it away"):
+            run(work, "foreign", tiny_cfg(root, epochs=1), resume=resume)
+        assert ckpt.read_bytes() == b"not a checkpoint"
 
 
 def test_baseline_trains_on_pairs_alone(work):
@@ -406,6 +467,45 @@ def test_queue_larger_than_the_split_is_refused(work):
     root = work[0]
     with pytest.raises(InputError, match="queue_size=100"):
         run(work, "q", tiny_cfg(root, loss={"queue_size": 100}))
+
+
+def test_runs_sharing_a_frozen_text_tower_compute_its_features_once(work, tmp_path, monkeypatch):
+    """A frozen tower referenced by digest (a directory's): the first run stores its caption features in the
+    cache directory, a second run (another seed) reads them and trains to exactly what it trains to without the
+    cache; an entry that does not fit is computed again."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.towers.student import DualEncoderStudent
+
+    root = work[0]
+    tower = tmp_path / "bert"
+    torch.manual_seed(3)
+    bert_cfg = BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(bert_cfg, add_pooling_layer=False).save_pretrained(tower)
+    for f in (root / "tok").iterdir():
+        (tower / f.name).write_bytes(f.read_bytes())
+    params = tiny_params(root, epochs=1)
+    params["student"]["text"] = {"path": str(tower), "pooling": "mean", "freeze": True, "max_tokens": 12}
+    cfg = from_dict(DistillConfig, params, "distill")
+    calls = []
+    original = DualEncoderStudent.text_features
+    monkeypatch.setattr(
+        DualEncoderStudent, "text_features", lambda m, t: calls.append(len(t["input_ids"])) or original(m, t)
+    )
+    cache = tmp_path / "text_features"
+    run(work, "fz0", cfg, cache_dir=cache)
+    assert sum(calls) == 48 + 12 and len(list(cache.iterdir())) == 2  # train and val captions
+    calls.clear()
+    run(work, "fz1", replace(cfg, seed=1), cache_dir=cache)
+    assert calls == []
+    run(work, "fz1_alone", replace(cfg, seed=1))
+    assert tree_bytes(root / "fz1") == tree_bytes(root / "fz1_alone")
+    for entry in cache.iterdir():  # damaged entries: recomputed, replaced
+        entry.write_bytes(b"garbage")
+    run(work, "fz2", replace(cfg, seed=1), cache_dir=cache)
+    assert sum(calls) == 2 * (48 + 12) and tree_bytes(root / "fz2") == tree_bytes(root / "fz1_alone")
 
 
 # -- the command: refused inputs -----------------------------------------------------------------------------
@@ -423,8 +523,8 @@ def test_command_trains_and_refuses_mismatched_inputs(tmp_path):
     ok = cli(root)
     assert ok.exit_code == 0, ok.output
     assert (root / "student/model.safetensors").is_file() and (root / "config/distill.yaml").is_file()
-    again = cli(root)  # finished: resumes at the end, trains nothing, keeps the export
-    assert again.exit_code == 0 and "resuming" in again.output and "1 epochs, 6 steps" in again.output
+    again = cli(root)  # finished: found complete, trains nothing, keeps the export
+    assert again.exit_code == 0 and "complete; nothing to train" in again.output and "1 epochs, 6 steps" in again.output
     base = cli(root, "--baseline", "--set", "distill.epochs=1")
     assert base.exit_code == 0 and (root / "baseline/model.safetensors").is_file()
 
@@ -548,8 +648,10 @@ def test_kill_and_resume_with_unpaired_batches_is_bitwise_exact(uwork):
         loss={"queue_size": 16, "relation": 1.0},
     )
     a = kill_resume_and_compare(uwork, "u_", cfg)
-    pairs_only = run(uwork, "u_pairs", replace(cfg, unpaired_images_per_step=0, unpaired_texts_per_step=0))
-    c = torch.load(root / "u_pairs/checkpoints/last.pt")
+    pairs_only = run(
+        uwork, "u_pairs", replace(cfg, unpaired_images_per_step=0, unpaired_texts_per_step=0, keep_checkpoints=True)
+    )
+    c = torch.load(root / "checkpoints/u_pairs/last.pt")
     assert pairs_only.global_step == 12 and not all(torch.equal(v, c["model"][k]) for k, v in a["model"].items())
 
 
@@ -570,6 +672,69 @@ def test_unpaired_counts_are_checked(work, uwork):
         run(work, "u_bad", tiny_cfg(work[0], unpaired_texts_per_step=1))
     with pytest.raises(ConfigError, match=r"^distill\.unpaired_images_per_step: -1 is out of range"):
         tiny_cfg(work[0], unpaired_images_per_step=-1)
+
+
+class PerfectStudent(torch.nn.Module):
+    """Maps an image of item k (its pixels hold k) and a caption of item k (its first token is k) to e_k."""
+
+    def encode_images(self, images):
+        return torch.nn.functional.one_hot(images[:, 0, 0, 0].long(), 8).float()
+
+    def encode_tokens(self, tokens):
+        return torch.nn.functional.one_hot(tokens["input_ids"][:, 0].long(), 8).float()
+
+
+@pytest.mark.parametrize("gallery", ["by_directory", "split"])
+def test_a_perfect_student_scores_r1_100_per_gallery_on_shared_captions(gallery):
+    """Two styles (a/, b/) of the same 6 items share their captions, as the emoji demo's do. A perfect student
+    finds every pair first within each style's gallery: R@1 100 both ways, as evaluate measures it with
+    `evaluate.gallery: by_directory`. Pooled into one gallery (`split`), the other style's copy ties with the
+    pair and ties count against the query: R@1 0, which is what distill validated on before, every epoch.
+    Either way, validation's figures are evaluate's own for the same embeddings."""
+    from pipeline.distill.inputs import PairSplit
+    from pipeline.distill.validation import embed_split, validate
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.evaluate.galleries import image_groups
+    from pipeline.evaluate.run import evaluate_embeddings
+
+    items = np.tile(np.arange(6), 2)  # image row -> item: style a, then style b
+    images = np.broadcast_to(items[:, None, None, None], (12, 4, 4, 3)).astype(np.uint8)
+    ids = np.array([f"{style}/{k}.png" for style in "ab" for k in range(6)], dtype=object)
+    captions = np.array([f"item {k}" for k in items], dtype=object)  # the same text for both styles
+    tokens = (torch.from_numpy(np.stack([items, items], 1)).int(), torch.ones(12, 2, dtype=torch.int32))
+    split = PairSplit("val", captions, images, None, None, np.arange(12), image_id=ids)
+    got = validate(PerfectStudent(), split, tokens, 5, nullcontext, gallery=gallery)
+    expected = 100.0 if gallery == "by_directory" else 0.0
+    assert got["i2t_r1"] == got["t2i_r1"] == expected
+    img, txt = embed_split(PerfectStudent(), split, tokens, 5, nullcontext)
+    measured = evaluate_embeddings(
+        "s", img, txt, np.arange(12), EvaluateConfig(gallery=gallery), None, image_groups(ids, gallery)
+    )
+    assert {k: got[k] for k in measured.metrics if k in got} == {k: v for k, v in measured.metrics.items() if k in got}
+
+
+def test_the_command_validates_with_evaluate_gallery(tmp_path):
+    """The val log's recalls are those of the exported (one-epoch) student ranked per `evaluate.gallery`: two
+    folders of val images, two galleries with by_directory, other figures than one pooled gallery."""
+    from pipeline.distill.inputs import open_split
+    from pipeline.distill.validation import validate
+
+    root = tmp_path / "w"
+    index = make_workdir(root, styles=True)
+    store = open_store(root / "features.zarr", expect_fingerprint=index.fingerprint)
+    cache = open_image_cache(root / "images.zarr", expect_fingerprint=index.fingerprint)
+    logged = {}
+    for gallery in ("split", "by_directory"):
+        res = cli(root, "--no-resume", "--set", f"evaluate.gallery={gallery}")
+        assert res.exit_code == 0, res.output
+        lines = [ln.split(",") for ln in (root / "student/val_log.csv").read_text().splitlines()]
+        logged[gallery] = {k: float(v) for k, v in zip(lines[0], lines[1]) if k.startswith(("i2t_r", "t2i_r"))}
+        model = load_student(root / "student")
+        val = open_split(index, cache, store, "val", "val_split")
+        metrics = validate(model, val, tokenize_all(model.tokenize, val.captions), 16, nullcontext, gallery=gallery)
+        assert logged[gallery] == pytest.approx({k: metrics[k] for k in logged[gallery]}, abs=1e-4)
+    assert logged["split"] != logged["by_directory"]
+    assert cli(root, "--set", "evaluate.gallery=pooled").exit_code == 2  # checked with its section
 
 
 def test_val_recalls_rank_captioned_images_only(work):

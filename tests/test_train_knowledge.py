@@ -18,7 +18,6 @@ from pipeline.distill.checkpoints import comparable
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.inputs import teacher_scales
 from pipeline.distill.losses import KNOWLEDGE_LOSS_KEYS, LossConfig
-from pipeline.distill.run import run_distill
 from pipeline.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -41,7 +40,7 @@ def test_kill_and_resume_with_a_learned_student_temperature_is_bitwise_exact(wor
     root = work[0]
     cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=4, grad_accum=2, batch_size=4, loss=LEARNED)
     a = kill_resume_and_compare(work, "t_", cfg)
-    b = torch.load(root / "t_killed/checkpoints/last.pt")
+    b = torch.load(root / "checkpoints/t_killed/last.pt")
     assert set(a["loss"]) == {"student_log_scale"}
     assert torch.equal(a["loss"]["student_log_scale"], b["loss"]["student_log_scale"])
     learned = float(a["loss"]["student_log_scale"])
@@ -57,9 +56,9 @@ def test_kill_and_resume_with_a_learned_student_temperature_is_bitwise_exact(wor
 
 def test_a_fixed_temperature_keeps_one_optimizer_group_and_an_empty_loss_state(work):  # noqa: F811
     root = work[0]
-    cfg = tiny_cfg(root, epochs=1, loss={**LEARNED, "learn_student_temperature": False})
+    cfg = tiny_cfg(root, epochs=1, keep_checkpoints=True, loss={**LEARNED, "learn_student_temperature": False})
     run(work, "t_fixed", cfg)
-    blob = torch.load(root / "t_fixed/checkpoints/last.pt")
+    blob = torch.load(root / "checkpoints/t_fixed/last.pt")
     assert blob["loss"] == {} and len(blob["optimizer"]["param_groups"]) == 1
     assert "student_temperature" not in (root / "t_fixed/train_log.csv").read_text().splitlines()[0]
 
@@ -68,7 +67,7 @@ def test_a_checkpoint_without_its_loss_state_is_refused(work):  # noqa: F811
     root = work[0]
     cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=2, loss=LEARNED)
     run(work, "t_noloss", cfg, stop_after_steps=2)
-    path = root / "t_noloss/checkpoints/last.pt"
+    path = root / "checkpoints/t_noloss/last.pt"
     blob = torch.load(path)
     del blob["loss"]
     torch.save(blob, path)
@@ -133,46 +132,49 @@ def mined_neighbours(store, split: str, k: int, cross_encoder: bool = False):
 def test_kill_and_resume_with_candidate_aware_batches_is_bitwise_exact(work):  # noqa: F811
     """The batches of (epoch, step) come from the teacher's neighbours, and still from the position alone:
     killed after step 9 and resumed, the same weights and logs bit for bit; a uniform sampler ends elsewhere."""
-    root, index, store, cache = work
+    root, _, store, _ = work
     mined = mined_neighbours(store, "train", 4)
-    cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=4, grad_accum=2, batch_size=4, batch_neighbours=2)
+    cfg = tiny_cfg(
+        root, epochs=2, checkpoint_every_steps=4, grad_accum=2, batch_size=4, batch_neighbours=2, keep_checkpoints=True
+    )
 
     def go(out, c, **kw):
-        return run_distill(c, index=index, store=store, cache=cache, out_dir=root / out, mined=mined, **kw)
+        return run(work, out, c, mined=mined, **kw)
 
     full = go("c_full", cfg)
     assert not go("c_killed", cfg, stop_after_steps=9).completed
     assert go("c_killed", replace(cfg, num_workers=2)).global_step == full.global_step == 12
-    a, b = (torch.load(root / f"c_{n}/checkpoints/last.pt") for n in ("full", "killed"))
+    a, b = (torch.load(root / f"checkpoints/c_{n}/last.pt") for n in ("full", "killed"))
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     assert a["meta"]["mined_k"] == 4
     uniform = go("c_uniform", replace(cfg, batch_neighbours=0))
-    c = torch.load(root / "c_uniform/checkpoints/last.pt")
+    c = torch.load(root / "checkpoints/c_uniform/last.pt")
     assert uniform.completed and not all(torch.equal(v, c["model"][k]) for k, v in a["model"].items())
     assert c["meta"]["mined_k"] is None  # given but not read: a resume without it is the same run
 
 
 def test_candidate_aware_batches_need_the_mined_store_and_spare_the_baseline(work):  # noqa: F811
-    root, index, store, cache = work
+    root, _, store, _ = work
     cfg = tiny_cfg(root, epochs=1, batch_neighbours=2)
     with pytest.raises(InputError, match="batch_neighbours=2: candidate-aware batches need .* `kdpipe mine`"):
         run(work, "c_none", cfg)
     with pytest.raises(InputError, match=r"batch_neighbours=5: mined.zarr holds 4 mined images per caption"):
-        run_distill(replace(cfg, batch_neighbours=5), index=index, store=store, cache=cache,
-                    out_dir=root / "c_k", mined=mined_neighbours(store, "train", 4))  # fmt: skip
+        run(work, "c_k", replace(cfg, batch_neighbours=5), mined=mined_neighbours(store, "train", 4))
     # the baseline has no teacher: its batches stay uniform, equal to a baseline without the setting
     run(work, "c_base0", replace(cfg, batch_neighbours=0), baseline=True)
     run(work, "c_base1", cfg, baseline=True)
     assert (root / "c_base0/model.safetensors").read_bytes() == (root / "c_base1/model.safetensors").read_bytes()
 
 
-def test_resume_refuses_neighbours_mined_with_another_k(work):  # noqa: F811
-    root, index, store, cache = work
-    cfg = tiny_cfg(root, epochs=2, checkpoint_every_steps=2, batch_neighbours=2)
-    kw = dict(index=index, store=store, cache=cache, out_dir=root / "c_k4")
-    run_distill(cfg, **kw, mined=mined_neighbours(store, "train", 4), stop_after_steps=2)
-    with pytest.raises(InputError, match="mined_k=4, the inputs now have 5"):
-        run_distill(cfg, **kw, mined=mined_neighbours(store, "train", 5))
+def test_a_checkpoint_on_neighbours_mined_with_another_k_is_not_resumed(work, caplog):  # noqa: F811
+    """Re-mined with another K, the same config reads other neighbours: the run starts over, saying why."""
+    store = work[2]
+    cfg = tiny_cfg(work[0], epochs=2, checkpoint_every_steps=2, batch_neighbours=2)
+    run(work, "c_k4", cfg, mined=mined_neighbours(store, "train", 4), stop_after_steps=2)
+    with caplog.at_level("INFO", logger="pipeline.distill.run"):
+        again = run(work, "c_k4", cfg, mined=mined_neighbours(store, "train", 5), stop_after_steps=3)
+    assert "(inputs mined_k: 4 then, 5 now); starting over" in caplog.text
+    assert again.global_step == 3 and "resuming" not in caplog.text
 
 
 # -- the candidate lists of the dcd and mcad terms -------------------------------------------------------------
@@ -214,19 +216,26 @@ def test_kill_and_resume_with_mined_candidate_lists_is_bitwise_exact(work):  # n
     """dcd, mcad_kl and mcad_feature over the mined lists with cross-encoder scores, on candidate-aware batches:
     killed after step 9 and resumed, the same weights and logs bit for bit; the scores are really read (other
     scores end elsewhere)."""
-    root, index, store, cache = work
+    root, _, store, _ = work
     mined = mined_neighbours(store, "train", 3, cross_encoder=True)
     cfg = tiny_cfg(
-        root, epochs=2, checkpoint_every_steps=4, grad_accum=2, batch_size=4, batch_neighbours=1, loss=MINED_LOSS
+        root,
+        epochs=2,
+        checkpoint_every_steps=4,
+        grad_accum=2,
+        batch_size=4,
+        batch_neighbours=1,
+        keep_checkpoints=True,
+        loss=MINED_LOSS,
     )
 
     def go(out, c, m=mined, **kw):
-        return run_distill(c, index=index, store=store, cache=cache, out_dir=root / out, mined=m, **kw)
+        return run(work, out, c, mined=m, **kw)
 
     full = go("m_full", cfg)
     assert not go("m_killed", cfg, stop_after_steps=9).completed
     assert go("m_killed", replace(cfg, num_workers=2)).global_step == full.global_step == 12
-    a, b = (torch.load(root / f"m_{n}/checkpoints/last.pt") for n in ("full", "killed"))
+    a, b = (torch.load(root / f"checkpoints/m_{n}/last.pt") for n in ("full", "killed"))
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
     assert a["balancer"] == b["balancer"]
     header = (root / "m_full/train_log.csv").read_text().splitlines()[0].split(",")
@@ -234,22 +243,20 @@ def test_kill_and_resume_with_mined_candidate_lists_is_bitwise_exact(work):  # n
     other = mined_neighbours(store, "train", 3, cross_encoder=True)
     other.split("train").text_to_image.ce_scores[:] *= -1  # the cross-encoder's judgment reversed
     go("m_other", cfg, m=other)
-    c = torch.load(root / "m_other/checkpoints/last.pt")
+    c = torch.load(root / "checkpoints/m_other/last.pt")
     assert not all(torch.equal(v, c["model"][k]) for k, v in a["model"].items())
 
 
 def test_the_candidate_list_terms_need_their_inputs(work):  # noqa: F811
-    root, index, store, cache = work
+    root, _, store, _ = work
     cfg = tiny_cfg(root, epochs=1, loss=MINED_LOSS)
     with pytest.raises(InputError, match="dcd, mcad_feature, mcad_kl need the teacher's mined candidates"):
         run(work, "m_none", cfg)
     with pytest.raises(InputError, match="mined without a cross-encoder.*mcad_ce_weight=0.5"):
-        run_distill(cfg, index=index, store=store, cache=cache, out_dir=root / "m_noce",
-                    mined=mined_neighbours(store, "train", 3))  # fmt: skip
+        run(work, "m_noce", cfg, mined=mined_neighbours(store, "train", 3))
     # without the cross-encoder's weight, its scores are not needed
     ok = replace(cfg, loss=replace(cfg.loss, mcad_ce_weight=0.0))
-    result = run_distill(ok, index=index, store=store, cache=cache, out_dir=root / "m_noce",
-                         mined=mined_neighbours(store, "train", 3))  # fmt: skip
+    result = run(work, "m_noce", ok, mined=mined_neighbours(store, "train", 3))
     assert result.completed
 
 

@@ -58,39 +58,43 @@ def run_tasks(
     tasks: list[Task], cfg: Any, n_images: int, decode_block: Callable[..., dict]
 ) -> tuple[list[tuple[Task, dict]], float]:
     """Run every block, in-process or on dask; returns ((task, decode_block's result) per task, seconds
-    from the first task submitted to the last done, i.e. without the cluster's start-up)."""
+    from the first task submitted to the last done, i.e. without the cluster's start-up). The progress bar
+    starts then too, so that its closing line and the summary report one throughput."""
     workers = cfg.workers or available_cpus()
     exif = cfg.dataset.exif_orientation
     encoding = cfg.cache.describe()
     in_process = cfg.scheduler is None and (workers == 1 or n_images < cfg.cluster_min_images)
     out = []
-    with progress("prepare: decode", total=n_images, unit="img") as bar:
-        if in_process:
+    if in_process:
+        with progress("prepare: decode", total=n_images, unit="img") as bar:
             start = time.perf_counter()
             for task in tasks:
                 out.append((task, decode_block(task.images, cfg.image, task.data_file, task.start, exif, encoding)))
                 bar.advance(len(task.images))
-            return out, time.perf_counter() - start
-        import dask
-        from dask.distributed import Client, LocalCluster, as_completed
+        return out, time.perf_counter() - start
+    import dask
+    from dask.distributed import Client, LocalCluster, as_completed
 
-        cluster = None
-        if cfg.scheduler is None:
-            # distributed starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which switches off glibc's
-            # dynamic mmap threshold: every PIL buffer > 128 KB is then mmap'd and page-faulted afresh,
-            # measured at 20-25% more CPU per image. Keep the other settings (single-threaded BLAS).
-            environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-            environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-                cluster = LocalCluster(
-                    n_workers=min(workers, len(tasks)),
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    silence_logs=logging.ERROR,
-                )
-        try:
-            with Client(cluster if cluster is not None else cfg.scheduler) as client:
+    cluster = None
+    if cfg.scheduler is None:
+        # distributed starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which switches off glibc's
+        # dynamic mmap threshold: every PIL buffer > 128 KB is then mmap'd and page-faulted afresh,
+        # measured at 20-25% more CPU per image. Keep the other settings (single-threaded BLAS).
+        environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+        environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            cluster = LocalCluster(
+                n_workers=min(workers, len(tasks)),
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+    try:
+        with Client(cluster if cluster is not None else cfg.scheduler) as client:
+            # the bar starts with the first submit, not before the cluster: its closing line and the
+            # summary's images_per_second then time the same decoding
+            with progress("prepare: decode", total=n_images, unit="img") as bar:
                 start = time.perf_counter()
                 futures = {
                     client.submit(
@@ -102,16 +106,15 @@ def run_tasks(
                     task = futures[fut]
                     out.append((task, fut.result()))
                     bar.advance(len(task.images))
-        except OSError as err:
-            if cfg.scheduler is not None and not out:
-                raise InputError(
-                    f"prepare.scheduler: cannot use the dask scheduler at {cfg.scheduler} ({err})"
-                ) from None
-            raise
-        finally:
-            if cluster is not None:
-                cluster.close()
-    return out, time.perf_counter() - start
+                seconds = time.perf_counter() - start
+    except OSError as err:
+        if cfg.scheduler is not None and not out:
+            raise InputError(f"prepare.scheduler: cannot use the dask scheduler at {cfg.scheduler} ({err})") from None
+        raise
+    finally:
+        if cluster is not None:
+            cluster.close()
+    return out, seconds
 
 
 __all__ = ["Task", "block_tasks", "absolute", "failures", "run_tasks"]

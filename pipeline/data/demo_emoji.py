@@ -38,7 +38,7 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.progress import progress
-from pipeline.store.durable import write_file_durably
+from pipeline.store.durable import deferred_sync, write_file_durably
 from pipeline.store.ownership import Output, claim
 
 EMOJI_DIR = Path("data/emoji")
@@ -273,7 +273,8 @@ def build_emoji_dataset(out_dir: Path | str = EMOJI_DIR, emoji: list[Emoji] | No
     sources = {"twemoji": TwemojiSource(), "openmoji": OpenMojiSource()}
     for style in STYLES:
         (out_dir / "images" / style).mkdir(parents=True, exist_ok=True)
-    with progress("demo-data", len(emoji) * len(STYLES), unit="images") as bar:
+    # one filesystem sync for the 3,806 small files, not two fsyncs each (durable.deferred_sync)
+    with progress("demo-data", len(emoji) * len(STYLES), unit="images") as bar, deferred_sync():
         for e in emoji:
             for style in STYLES:
                 write_file_durably(out_dir / "images" / style / e.filename, encode_png(sources[style].draw(e)))

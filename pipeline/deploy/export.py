@@ -7,11 +7,12 @@ By default (stages/export.py) it is a new directory, <workdir>/export/<student>:
 an output of `dvc repro`'s distill stage, and files written into it would make DVC see that output modified and
 train it again. The student's files are hard-linked into it where the filesystem allows (no bytes copied: kdpipe
 replaces files by rename, never in place, so a link never sees a later change), copied elsewhere; its training
-state (`checkpoints/`) is left out. The whole directory is swapped in at once (durable.atomic_dir), so an export
-never mixes files of two runs, and only over an earlier export (it lists its files: a directory holding anything
-else, the work directory or a folder of the user's, is refused). With the student directory as the output,
-everything is written in place (each of README.md, hf/, open_clip/, sentence_transformers/ and onnx/ replaces
-only an earlier one of its kind)."""
+state (`checkpoints/`) is left out, and a frozen text tower the student references by digest
+(pipeline/towers/frozen.py) is copied in, into text_tower/: the export loads without the package or directory it
+came from. The whole directory is swapped in at once (durable.atomic_dir), so an export never mixes files of two
+runs, and only over an earlier export (it lists its files: a directory holding anything else, the work directory
+or a folder of the user's, is refused). With the student directory as the output, everything is written in place
+(each of README.md, hf/, open_clip/, sentence_transformers/ and onnx/ replaces only an earlier one of its kind)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pipeline.store.durable import atomic_dir, link_or_copy, write_text_durably
 from pipeline.store.features import read_attrs
 from pipeline.store.ownership import Output, claim
 from pipeline.towers import quiet_transformers
-from pipeline.towers.student import load_student
+from pipeline.towers.student import load_student, materialize_frozen_tower
 
 log = logging.getLogger(__name__)
 _NOT_EXPORTED = {"checkpoints"}  # training state: what resuming needs, not what serving needs
@@ -69,6 +70,7 @@ def _link_student(student_dir: Path, out: Path) -> None:
         return _NOT_EXPORTED & set(names) if Path(directory) == student_dir else set()
 
     shutil.copytree(student_dir, out, ignore=left_out, copy_function=link_or_copy, dirs_exist_ok=True)
+    materialize_frozen_tower(out)
 
 
 def _write_exports(directory: Path, shown: Path, request: ExportRequest) -> list[str]:
@@ -102,7 +104,11 @@ def _write_exports(directory: Path, shown: Path, request: ExportRequest) -> list
     if request.sentence:
         from pipeline.deploy.sentence import max_error, save_sentence_transformer
 
-        save_sentence_transformer(model, directory / "sentence_transformers", directory / "text_tower")
+        # the tower's files: text_tower/, or where a referenced frozen tower was loaded from (an in-place export
+        # of a student that references it has no text_tower/)
+        source = model.frozen_text_source()
+        text_dir = model.text_tower.source_dir if source is not None else directory / "text_tower"
+        save_sentence_transformer(model, directory / "sentence_transformers", text_dir)
         err = max_error(model, directory / "sentence_transformers", CHECK_TEXTS)
         done.append(
             f"{shown / 'sentence_transformers'}: the text side (max |sentence-transformers - kdpipe| {err:.1e})"

@@ -1,10 +1,25 @@
-"""Checkpoint and resume: the training state (`TrainState`), checkpoints/last.pt written and read back, the
-check that a checkpoint belongs to this config and these inputs (`comparable`), and starting over
-(`clear_outputs`)."""
+"""Checkpoint and resume: the training state (`TrainState`), the run's checkpoint directory (last.pt, the best
+epoch's weights), whether a checkpoint belongs to this run (`difference`), and starting over.
+
+The checkpoint directory (`<workdir>/checkpoints/<run>/`, pipeline.paths) lies outside every DVC output: DVC
+removes a stage's outputs before it runs the stage again, so a `dvc repro` killed mid-training would otherwise
+lose them. It holds
+    last.pt             model, optimizer, scheduler, balancer, position, RNG and the log rows so far
+    best.safetensors    the best validated epoch's weights, exported into the student directory at the end
+    speed.csv           pairs/s per logged step (timings differ from run to run: no DVC output holds them)
+last.pt and best.safetensors are removed when the run completes (unless `distill.keep_checkpoints`): the run's
+outputs then depend only on the config and the inputs, resumed or not.
+
+A checkpoint is taken only when it was written with the same config (runtime keys aside) and the same inputs
+(`meta`: the dataset index, the store's and the image cache's contents, the frozen text tower's files, the
+validation gallery, the world size) and the same training code (`code_digest`); any other is replaced by a
+fresh start, with one line saying why.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -18,7 +33,8 @@ from pipeline.errors import InputError
 from pipeline.store.durable import atomic_path
 
 CHECKPOINT_FORMAT = "kdpipe-distill-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the log rows, the inputs' digests; the model without a referenced frozen tower
+LAST, BEST, SPEED = "last.pt", "best.safetensors", "speed.csv"
 
 
 @dataclass
@@ -31,22 +47,53 @@ class TrainState:
     history: list = field(default_factory=list)  # val metrics per evaluated epoch
 
 
+def code_digest() -> str:
+    """SHA-256 of the training code (every file of pipeline/distill/ and pipeline/towers/: the loop, the data
+    path, the losses, the towers): a checkpoint is resumed only by the code that wrote it, as DVC reruns the
+    stage when its code changes."""
+    from pipeline.hashing import sha256_file
+
+    root = Path(__file__).resolve().parents[1]  # pipeline/
+    h = hashlib.sha256()
+    for f in sorted([*root.glob("distill/**/*.py"), *root.glob("towers/**/*.py")]):
+        h.update(f"{f.relative_to(root).as_posix()} {sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of the model: a student's own state (a referenced frozen tower is not), or a
+    plain module's state dict."""
+    return model.own_state_dict() if hasattr(model, "own_state_dict") else model.state_dict()
+
+
 def save_checkpoint(
-    path: Path, *, model, optimizer, scheduler, balancer, state: TrainState, cfg_dict: dict, meta: dict, loss=None
+    path: Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    balancer,
+    state: TrainState,
+    cfg_dict: dict,
+    meta: dict,
+    logs: dict[str, list[str]] | None = None,
+    loss=None,
 ) -> None:
-    """`loss`: the loss module, whose parameters (a learned student temperature) the checkpoint holds too."""
+    """last.pt; `logs`: {"train": rows, "val": rows} as written so far (a resume rewrites the logs from them);
+    `loss`: the loss module, whose parameters (a learned student temperature) the checkpoint holds too."""
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "meta": meta,
         "config": cfg_dict,
-        "model": model.state_dict(),
+        "model": model_state(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "balancer": balancer.state_dict(),
         "loss": {} if loss is None else loss.state_dict(),
         "state": dataclasses.asdict(state),
+        "logs": logs or {},
         # The step seeds make these redundant for the loop itself; kept so that code run between steps
         # (or a future change) continues the same streams.
         "rng": {
@@ -83,45 +130,44 @@ def _first_difference(a: Any, b: Any, where: str) -> str:
     return f"{where}: {a!r} then, {b!r} now"
 
 
-def load_checkpoint(path: Path, cfg_dict: dict, meta: dict) -> dict:
+def read_checkpoint(path: Path) -> dict:
+    """last.pt as written by save_checkpoint (tensors and plain values only: nothing is executed), of any
+    version; a file that is not one is refused, also by --no-resume (kdpipe writes last.pt whole, by rename, so
+    such a file is not kdpipe's: it is neither used nor removed)."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
         raise InputError(
-            f"{path}: cannot read the checkpoint ({type(err).__name__}); use --no-resume to start over"
+            f"{path}: cannot read the checkpoint ({type(err).__name__}); kdpipe writes it whole, so it is damaged or "
+            "not kdpipe's: move it away to start over"
         ) from None
-    if (
-        not isinstance(blob, dict)
-        or blob.get("format") != CHECKPOINT_FORMAT
-        or blob.get("version") != CHECKPOINT_VERSION
-    ):
-        raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} file; use --no-resume to start over")
-    # world size: the sampler's global batch; mined_k: the neighbours the batches and lists are drawn from;
-    # pixels: recorded only since students record their pixel recipe
-    for key in ("dim", "fingerprint", "train_split", "world_size", "mined_k", "pixels"):
-        if (key != "pixels" or "pixels" in blob["meta"]) and blob["meta"].get(key) != meta.get(key):
-            raise InputError(
-                f"{path}: checkpoint was trained with {key}={blob['meta'].get(key)!r}, the inputs now "
-                f"have {meta.get(key)!r}; use --no-resume to start over"
-            )
-    old, new = comparable(blob["config"]), comparable(cfg_dict)
-    if old != new:
-        diff = _first_difference(old, new, "distill")
-        raise InputError(f"{path}: checkpoint was written with another config ({diff}); use --no-resume to start over")
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a {CHECKPOINT_FORMAT} file; not kdpipe's: move it away to start over")
     return blob
 
 
-def restore_checkpoint(
-    path: Path, cfg_dict: dict, meta: dict, *, model, optimizer, scheduler, balancer, loss=None
-) -> TrainState:
-    """Load `path` (checked by load_checkpoint) into the model, optimizer, scheduler, balancer and loss module,
-    restore the RNG states, and return the position it was written at."""
-    blob = load_checkpoint(path, cfg_dict, meta)
+def difference(blob: dict, cfg_dict: dict, meta: dict) -> str | None:
+    """Why checkpoint `blob` is not one of this run (another version, other inputs, another config), or None."""
+    if blob.get("version") != CHECKPOINT_VERSION:
+        return f"it is a v{blob.get('version')} checkpoint, this kdpipe writes v{CHECKPOINT_VERSION}"
+    old_meta = blob.get("meta") or {}
+    for key, value in meta.items():
+        if old_meta.get(key) != value:
+            return _first_difference(old_meta.get(key), value, f"inputs {key}")
+    old, new = comparable(blob.get("config") or {}), comparable(cfg_dict)
+    return None if old == new else _first_difference(old, new, "distill")
+
+
+def restore(blob: dict, *, model, optimizer, scheduler, balancer, loss=None) -> TrainState:
+    """Load a matching checkpoint (see `difference`) into the model, optimizer, scheduler, balancer and loss
+    module, restore the RNG states, and return the position it was written at."""
+    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    if unexpected or set(missing) != set(model.state_dict()) - set(model_state(model)):
+        raise InputError(f"checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if loss is not None and loss.state_dict():
         if not blob.get("loss"):  # the config matched, so only a damaged or hand-made file lacks it
-            raise InputError(f"{path}: the checkpoint has no loss state (a learned temperature); use --no-resume")
+            raise InputError("the checkpoint has no loss state (a learned temperature); use --no-resume")
         loss.load_state_dict(blob["loss"])
-    model.load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     balancer.load_state_dict(blob["balancer"])
@@ -132,8 +178,41 @@ def restore_checkpoint(
     return state
 
 
+def save_best(path: Path, model, epoch: int) -> None:
+    """The weights of the best validated epoch so far (the student directory gets them when the run ends)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model_state(model).items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "epoch": str(epoch)})
+
+
+def load_best(path: Path, model, epoch: int) -> None:
+    """Put the weights save_best wrote at `epoch` back into the model (InputError when they are not there)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"{path}: the weights of the best epoch ({epoch}) are missing; use --no-resume to start over")
+    with safe_open(str(path), "pt") as f:
+        saved_epoch = (f.metadata() or {}).get("epoch")
+    if saved_epoch != str(epoch):
+        raise InputError(f"{path}: holds epoch {saved_epoch}'s weights, the best is epoch {epoch}; use --no-resume")
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) != set(model.state_dict()) - set(model_state(model)):
+        raise InputError(f"{path}: does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """The training state of a finished (or restarted) run: last.pt and best.safetensors, by name (the
+    directory and anything else in it stay)."""
+    for name in (LAST, BEST):
+        (directory / name).unlink(missing_ok=True)
+
+
 def clear_outputs(out_dir: Path) -> None:
-    """Start over: remove what a previous run wrote (the directory is the stage's output)."""
+    """Start over: remove what a previous run wrote into the student directory, by name (checkpoints/: where
+    kdpipe kept the training state before it moved to the checkpoint directory)."""
     for name in ("checkpoints", "plots", "image_tower", "text_tower"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
     for name in (

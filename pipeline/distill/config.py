@@ -73,6 +73,7 @@ class DistillConfig:
     bank_placement: Literal["auto", "device", "memmap"] = "auto"  # teacher bank on the GPU, or gathered per batch
     bank_max_gib: float = 4.0  # auto: the bank goes to the GPU when it is at most this large
     checkpoint_every_steps: int = 2000  # plus one at every epoch end; 0 = epoch ends only (197M: 2.4 GB each)
+    keep_checkpoints: bool = False  # keep <workdir>/checkpoints/<run>/last.pt and best.safetensors once complete
     log_every_steps: int = 10
     eval_every_epochs: int = 1  # val recalls every N epochs (and after the last); 0 = never
     eval_batch_size: int = 256
@@ -141,6 +142,7 @@ RUNTIME_KEYS = frozenset(
         "eval_batch_size",
         "bank_placement",
         "bank_max_gib",
+        "keep_checkpoints",
     }
 )
 

@@ -3,6 +3,8 @@ row by row and checked (`PairSplit`), and the training split's sampler, teacher 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -32,6 +34,7 @@ class PairSplit:
     store: StoreSplit | None  # teacher rows (None: a split the store lacks, e.g. val for recall only)
     text_image: np.ndarray  # int64 [M] image row of each caption (store order)
     unpaired_text: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))  # [U] texts, no image
+    image_id: np.ndarray | None = None  # [N] id of each image (store order; its galleries: evaluate.galleries)
 
 
 def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, where: str) -> PairSplit:
@@ -55,9 +58,18 @@ def align_split(view: SplitView, images: np.ndarray, store: StoreSplit | None, w
 
 def _align_pairs(view: SplitView, images: np.ndarray, store: StoreSplit | None, where: str) -> PairSplit:
     if store is None:
-        return PairSplit(view.name, view.caption_text, images, None, None, view.text_image.astype(np.int64))
+        ti = view.text_image.astype(np.int64)
+        return PairSplit(view.name, view.caption_text, images, None, None, ti, image_id=np.asarray(view.image_id))
     rows = align_store_split(view, store, where)
-    return PairSplit(view.name, view.caption_text[rows.caption_rows], images, rows.image_rows, store, rows.text_image)
+    return PairSplit(
+        view.name,
+        view.caption_text[rows.caption_rows],
+        images,
+        rows.image_rows,
+        store,
+        rows.text_image,
+        image_id=np.asarray(store.image_id),
+    )
 
 
 def open_split(index: DatasetIndex, cache: ImageCache, store: FeatureStore | None, name: str, what: str) -> PairSplit:
@@ -132,6 +144,20 @@ def build_sampler(
         world_size=world,
         rank=rank,
     )
+
+
+def input_digests(store: FeatureStore, cache: ImageCache, splits: list[str]) -> dict[str, str]:
+    """SHA-256s naming what a run reads: the store's arrays of `splits` (their zarr.json, which records every
+    chunk's checksum) and the image cache's attributes (its source images' content, the resize, the sizes).
+    A checkpoint is resumed only on the very inputs it was trained on."""
+    h = hashlib.sha256()
+    for split in splits:
+        if split not in store.splits:
+            continue
+        for meta in sorted((store.path / split).glob("*/zarr.json")):
+            h.update(f"{split}/{meta.parent.name}\n".encode() + meta.read_bytes())
+    attrs = json.dumps(cache.attrs, sort_keys=True, default=str).encode()
+    return {"store": h.hexdigest(), "image_cache": hashlib.sha256(attrs).hexdigest()}
 
 
 def build_data(

@@ -1,5 +1,10 @@
-"""The run's logs and plots: train_log.csv and val_log.csv (`CsvLog`, cut back to the checkpoint on resume),
-the running means of a train_log row (`Meter`), and plots/training.png drawn from the two logs."""
+"""The run's logs and plots: train_log.csv and val_log.csv in the student directory (`CsvLog`; a resume rewrites
+them from the rows its checkpoint holds), speed.csv (pairs/s) in the checkpoint directory, the running means of
+a train_log row (`Meter`), and plots/training.png drawn from the two logs.
+
+No file of the student directory holds a timing: it is a DVC output, which a resumed run must leave exactly as
+an uninterrupted one does, and which must not change when a run is redone on the same inputs.
+"""
 
 from __future__ import annotations
 
@@ -16,45 +21,55 @@ from pipeline.store.durable import atomic_path, write_text_durably
 
 VAL_COLUMNS = ["epoch", "step", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 VAL_COLUMNS += ["i2t_medr", "t2i_medr", "teacher_cos_image", "teacher_cos_text"]
+SPEED_COLUMNS = ["step", "epoch", "pairs_per_s"]
 
 
 class CsvLog:
-    """An append-only CSV with a fixed header; on resume, rows past the checkpoint are dropped first."""
+    """An append-only CSV with a fixed header, started over with `rows` (the lines written before a resume)."""
 
-    def __init__(self, path: Path, columns: list[str], *, keep_until: float | None, key: str) -> None:
-        self.path, self.columns = path, columns
-        rows: list[str] = []
-        if keep_until is not None and path.is_file():
-            lines = path.read_text().splitlines()
-            if lines and lines[0].split(",") == columns:
-                k = columns.index(key)
-                rows = [ln for ln in lines[1:] if ln and float(ln.split(",")[k]) <= keep_until]
-        # the cut-back log replaces the old one whole: a failure here leaves the previous log, not half of it
-        write_text_durably(path, ",".join(columns) + "\n" + "".join(r + "\n" for r in rows))
+    def __init__(self, path: Path, columns: list[str], rows: Iterable[str] = ()) -> None:
+        self.path, self.columns, self.rows = path, columns, list(rows)
+        # written whole: a failure here leaves the previous log, not half of it
+        write_text_durably(path, "".join(line + "\n" for line in [",".join(columns), *self.rows]))
 
     def write(self, values: dict[str, Any]) -> None:
         def fmt(v: Any) -> str:
             return f"{v:.6g}" if isinstance(v, float) else str(v)
 
+        line = ",".join(fmt(values.get(c, "")) for c in self.columns)
+        self.rows.append(line)
         with self.path.open("a") as f:
-            f.write(",".join(fmt(values.get(c, "")) for c in self.columns) + "\n")
+            f.write(line + "\n")
+
+
+def train_columns(term_names: Iterable[str], extra_columns: Iterable[str] = ()) -> list[str]:
+    terms = list(term_names)
+    return ["step", "epoch", "lr", "loss", *terms, *[f"w_{t}" for t in terms], *extra_columns]
 
 
 def open_logs(
-    out_dir: Path, term_names: Iterable[str], state: TrainState, extra_columns: Iterable[str] = ()
+    out_dir: Path,
+    term_names: Iterable[str],
+    rows: dict[str, list[str]] | None = None,
+    extra_columns: Iterable[str] = (),
 ) -> tuple[CsvLog, CsvLog]:
-    """train_log.csv and val_log.csv of a run at `state`, cut back to the checkpoint's position on resume.
+    """train_log.csv and val_log.csv of a run, holding `rows` ({"train": [...], "val": [...]}: a checkpoint's).
     `extra_columns`: more train_log columns (a learned student temperature)."""
-    resumed = state.global_step > 0 or state.epoch > 0
-    term_cols = list(term_names)
-    train_log = CsvLog(
-        out_dir / "train_log.csv",
-        ["step", "epoch", "lr", "pairs_per_s", "loss", *term_cols, *[f"w_{t}" for t in term_cols], *extra_columns],
-        keep_until=state.global_step if resumed else None,
-        key="step",
+    rows = rows or {}
+    return (
+        CsvLog(out_dir / "train_log.csv", train_columns(term_names, extra_columns), rows.get("train", ())),
+        CsvLog(out_dir / "val_log.csv", VAL_COLUMNS, rows.get("val", ())),
     )
-    val_log = CsvLog(out_dir / "val_log.csv", VAL_COLUMNS, keep_until=state.epoch if resumed else None, key="epoch")
-    return train_log, val_log
+
+
+def open_speed_log(path: Path, state: TrainState) -> CsvLog:
+    """speed.csv: pairs/s of each train_log row; on resume its rows up to the checkpoint's step are kept."""
+    kept: list[str] = []
+    if state.global_step > 0 and path.is_file():
+        lines = path.read_text().splitlines()
+        if lines and lines[0].split(",") == SPEED_COLUMNS:
+            kept = [ln for ln in lines[1:] if ln and float(ln.split(",")[0]) <= state.global_step]
+    return CsvLog(path, SPEED_COLUMNS, kept)
 
 
 def read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -123,13 +138,13 @@ class Meter:
         self.n += 1
         self.pairs += pairs
 
-    def flush(self, row: dict[str, Any]) -> dict[str, Any]:
-        """`row` plus pairs/s and the means since the last flush; starts new sums."""
+    def flush(self, row: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """(`row` plus the means since the last flush, the pairs/s since then); starts new sums."""
         now = time.perf_counter()
-        row = {**row, "pairs_per_s": self.pairs / max(now - self.t_log, 1e-9)}
-        row.update({k: v / self.n for k, v in self.acc.items()})
+        rate = self.pairs / max(now - self.t_log, 1e-9)
+        row = {**row, **{k: v / self.n for k, v in self.acc.items()}}
         self.acc, self.n, self.pairs, self.t_log = {}, 0, 0, now
-        return row
+        return row, rate
 
     def pairs_per_s(self) -> float:
         elapsed = time.perf_counter() - self.t_start

@@ -59,18 +59,24 @@ def embed_split(
     return torch.cat(img), torch.cat(txt)
 
 
-def validate(model, split: PairSplit, tokens, batch_size: int, autocast, text_cache=None) -> dict[str, float]:
-    from pipeline.evaluate.retrieval import (  # the evaluate stage's protocol and names
-        recall_metrics,
-        retrieval_ranks,
-        teacher_agreement,
-    )
+def validate(
+    model, split: PairSplit, tokens, batch_size: int, autocast, text_cache=None, gallery: str = "split"
+) -> dict[str, float]:
+    """The split's recalls as the evaluate stage measures them: the same ranks (float32, pessimistic ties),
+    each query within its own gallery (`gallery`: evaluate.gallery; pipeline/evaluate/galleries.py), the same
+    names; and the mean student-teacher cosine where the store has the split."""
+    from pipeline.evaluate.galleries import grouped_ranks, image_groups
+    from pipeline.evaluate.retrieval import recall_metrics, teacher_agreement
 
     img, txt = embed_split(model, split, tokens, batch_size, autocast, text_cache)
     # images without captions (if the split has any) are not queries of the protocol: the recalls use the
     # captioned images (rows renumbered), the teacher agreement every image
     paired, text_image = np.unique(split.text_image, return_inverse=True)
-    metrics = recall_metrics(retrieval_ranks(img[torch.from_numpy(paired)], txt, text_image))
+    if split.image_id is None and gallery != "split":
+        raise ValueError(f"gallery {gallery!r} needs the split's image ids")
+    ids = split.image_id[paired] if split.image_id is not None else np.arange(len(paired))
+    groups = image_groups(ids, gallery)
+    metrics = recall_metrics(grouped_ranks(img[torch.from_numpy(paired)], txt, text_image, groups))
     if split.store is not None:  # how close the student is to the teacher on held-out data
         metrics.update(teacher_agreement(img, txt, split.store.image_emb, split.store.text_emb))
     return metrics

@@ -21,16 +21,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import require_at_least
 from pipeline.devices import resolve_device
 from pipeline.environment import numerics_environment
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.evaluate.bootstrap import RECALL_KEYS
+from pipeline.evaluate.config import EvaluateConfig
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
 from pipeline.evaluate.outputs import (
     DETAIL_FILE,
@@ -58,49 +58,6 @@ from pipeline.store.ownership import Output, claim
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = (*RECALL_KEYS, "rsum", "average_score", "i2t_medr", "t2i_medr")  # every model block has them
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """params.yaml section `evaluate`."""
-
-    split: str = "test"
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # encoding, scoring and latency; auto: cuda when there is one
-    batch_size: int = 128  # student encoding batch (images and captions)
-    backend: Literal["auto", "torch"] = "auto"  # exact search (the tiled torch pass; auto = torch)
-    chunk_size: int | None = None  # score tile edge; None: 4096 on CPU, 16384 on CUDA
-    # Without distill.runs in the params file: student directories under the workdir, evaluated next to the
-    # teacher: `student` is required, the others (e.g. the undistilled `baseline`) when their directory exists.
-    models: tuple[str, ...] = ("student", "baseline")
-    latency: bool = True  # time encoding per image and per caption, teacher and students, on `device`
-    latency_batch_size: int = 32
-    latency_batches: int = 3  # timed batches of latency_batch_size (after one warm-up batch)
-    latency_dtype: Literal["float32", "bfloat16"] = "float32"  # both models in the same precision
-    curve_max_k: int = 50  # recall@K curves for K = 1..curve_max_k
-    write_ranks: bool = True  # per-query ranks of every run in ranks.npz (which queries fail; recompute anything)
-    # split: one gallery; by_directory: each image_id's first path component is a gallery of its own (galleries.py)
-    gallery: Literal["split", "by_directory"] = "split"
-    bootstrap_resamples: int = 2000  # paired bootstrap of each model's difference to each reference (compare_to)
-    bootstrap_seed: int = 0
-    # The columns of plots/recall_*.csv, in order: exactly the evaluated models (teacher, each trained model,
-    # chance). dvc.yaml's recall plots read this list (DVC must name its y columns); None: evaluation order.
-    plot_models: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        require_at_least(
-            self, 1, "batch_size", "latency_batch_size", "latency_batches", "curve_max_k", "bootstrap_resamples"
-        )
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive (or null for automatic), got {self.chunk_size}")
-        if not self.models or self.models[0] != "student":
-            raise ValueError(f"models must start with 'student' (the required one), got {list(self.models)}")
-        for m in self.models:
-            if m == "teacher" or not m or "/" in m or m.startswith(".") or self.models.count(m) > 1:
-                raise ValueError(
-                    f"models: {m!r} is not a usable student directory name (unique, no '/', not 'teacher')"
-                )
-        if self.curve_max_k < 10:
-            raise ValueError(f"curve_max_k must be at least 10 (R@10 is reported), got {self.curve_max_k}")
 
 
 LATENCY_METHOD_KEYS = ("device", "dtype", "batch_size", "timed_batches", "measures", "teacher_reason")
@@ -224,12 +181,20 @@ def align_gallery(view: Any, store_split: Any, where: str) -> Gallery:
 # ---------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def encode_gallery(
-    model: Any, images: np.ndarray, gallery: Gallery, batch_size: int, label: str
+    model: Any,
+    images: np.ndarray,
+    gallery: Gallery,
+    batch_size: int,
+    label: str,
+    frozen_text: dict[str, list[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A student's [N, D] image and [M, D] caption embeddings (fp32, on the model's device).
 
     images: the split's uint8 cache [N_index, H, W, 3] (a memory map), read batch by batch. Captions are
-    encoded in order of length (less padding per batch) and put back in gallery order."""
+    encoded in order of length (less padding per batch) and put back in gallery order. `frozen_text`: the
+    features of each caption batch by the frozen text towers met so far (keyed by their files' digests): the
+    students that share one (the demo's nine share MiniLM) run it once, each then applying its own projection
+    to the very same features, batch by batch, as encode_texts would."""
     rows = gallery.image_rows
     n = images.shape[0] if rows is None else len(rows)
     dev = model.device
@@ -243,11 +208,19 @@ def encode_gallery(
     m = len(gallery.captions)
     order = np.argsort([len(c) for c in gallery.captions], kind="stable")
     txt = torch.empty(m, model.dim, device=dev)
+    source = model.frozen_text_source() if frozen_text is not None else None
+    key = f"{source.key} {model.config.text.pooling} {model.text_tower.max_tokens}" if source else None
+    known = frozen_text.get(key) if key is not None else None
+    features = known if known is not None else []
     with progress(f"{label}: encode captions", m, "cap") as bar:
-        for s in range(0, m, batch_size):
+        for j, s in enumerate(range(0, m, batch_size)):
             idx = order[s : s + batch_size]
-            txt[torch.from_numpy(idx).to(dev)] = model.encode_texts([gallery.captions[i] for i in idx]).float()
+            if known is None:  # encode_texts = project_text(text_features(tokenize(texts)))
+                features.append(model.text_features(model.tokenize([gallery.captions[i] for i in idx])))
+            txt[torch.from_numpy(idx).to(dev)] = model.project_text(features[j]).float()
             bar.advance(len(idx))
+    if key is not None:
+        frozen_text[key] = features
     return img, txt
 
 
@@ -426,8 +399,11 @@ def run_evaluate(
 
     results = {"teacher": [evaluate_embeddings("teacher", s.image_emb, s.text_emb, s.text_image, cfg, device, groups)]}
     students = {}  # model -> its first run's model, for latency and parameter counts (seeds share the architecture)
+    frozen_text: dict[str, list[torch.Tensor]] = {}  # a frozen text tower's caption features, shared by students
     for model, dirs in runs.items():
-        results[model], students[model] = _evaluate_student(paths, dirs, images, gallery, s, cfg, device, groups)
+        results[model], students[model] = _evaluate_student(
+            paths, dirs, images, gallery, s, cfg, device, groups, frozen_text
+        )
 
     params = {"teacher": None, **{m: count_parameters(model) for m, model in students.items()}}
     latency = _measure_latency(cfg, device, students, images, gallery, store.teacher, teacher_factory, params)
@@ -437,9 +413,18 @@ def run_evaluate(
 
 
 def _evaluate_student(
-    paths: ArtifactPaths, dirs: list[str], images: Any, gallery: Gallery, s: Any, cfg: EvaluateConfig, device, groups
+    paths: ArtifactPaths,
+    dirs: list[str],
+    images: Any,
+    gallery: Gallery,
+    s: Any,
+    cfg: EvaluateConfig,
+    device,
+    groups,
+    frozen_text: dict[str, list[torch.Tensor]],
 ) -> tuple[list[ModelResult], Any]:
-    """Every run (seed) of one model: encode the gallery, rank, agreement with the teacher."""
+    """Every run (seed) of one model: encode the gallery, rank, agreement with the teacher (`frozen_text`: see
+    encode_gallery)."""
     from pipeline.towers.student import load_student
 
     out, first = [], None
@@ -447,7 +432,7 @@ def _evaluate_student(
         model = load_student(paths.workdir / d, device)
         name = Path(d).name
         t = time.perf_counter()
-        img, txt = encode_gallery(model, images, gallery, cfg.batch_size, name)
+        img, txt = encode_gallery(model, images, gallery, cfg.batch_size, name, frozen_text)
         _sync(device)
         encode_s = time.perf_counter() - t
         result = evaluate_embeddings(name, img, txt, gallery.text_image, cfg, device, groups)

@@ -31,6 +31,9 @@ torch.save goes through a Python file object for that reason:
 zarr writes its chunk and metadata files atomically (temp + rename) but never fsyncs them: `fsync_file`,
 `fsync_dir` and `fsync_tree` add that after zarr wrote.
 
+Many small files (the demo's 3,806 images: 7,612 fsyncs, 53 s of a loaded disk's time) are written inside
+`deferred_sync()`: each stays atomic, and one syncfs(2) makes them all durable when the block ends.
+
 KDPIPE_FSYNC=0 skips every fsync (tests, throwaway runs). Resuming after a killed *process* stays exact without
 it (written pages outlive the process; renames are atomic); fsync adds safety against an OS crash or power loss.
 """
@@ -38,10 +41,12 @@ it (written pages outlive the process; renames are atomic); fsync adds safety ag
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,8 +60,15 @@ def fsync_enabled() -> bool:
     return os.environ.get("KDPIPE_FSYNC", "1") != "0"
 
 
+_deferred = threading.local()  # .paths: this thread's fsyncs deferred by deferred_sync
+
+
 def fsync_file(path: Path | str) -> None:
     if not fsync_enabled():
+        return
+    paths = getattr(_deferred, "paths", None)
+    if paths is not None:
+        paths.append(path)
         return
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -69,6 +81,44 @@ def fsync_dir(path: Path | str) -> None:
     """Make a rename or a new file in `path` durable (POSIX only: elsewhere a directory cannot be opened)."""
     if os.name == "posix":
         fsync_file(path)
+
+
+@contextlib.contextmanager
+def deferred_sync() -> Iterator[None]:
+    """The fsyncs this thread asks for inside the block become one syncfs(2) per filesystem when it ends (a
+    failed block syncs nothing). Every write stays atomic; all of them are durable once the block is left."""
+    outer = getattr(_deferred, "paths", None)
+    _deferred.paths = []
+    try:
+        yield
+        paths = _deferred.paths
+    finally:
+        _deferred.paths = outer
+    if outer is not None:  # nested: the outer block syncs them
+        outer.extend(paths)
+        return
+    seen: dict[int, str] = {}
+    for p in paths:
+        with contextlib.suppress(OSError):
+            seen.setdefault(os.stat(p).st_dev, os.fspath(p))
+    for p in seen.values():
+        _syncfs(p)
+
+
+def _syncfs(path: str) -> None:
+    """syncfs(2) of the filesystem holding `path` (Linux); os.sync() where the C library has none."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
 
 
 def fsync_tree(path: Path | str) -> None:

@@ -10,6 +10,9 @@ On disk (`save_student` / `load_student`), usable without kdpipe:
     student_config.json   format, dim, the StudentConfig, the resolved normalization constants
     image_tower/          ViTModel.from_pretrained(...) (+ preprocessor_config.json with mean/std)
     text_tower/           AutoModel.from_pretrained(...) and AutoTokenizer.from_pretrained(...)
+A frozen text tower loaded from a directory (the demo's MiniLM) is not copied: model.safetensors then lacks
+text_tower.*, there is no text_tower/, and student_config.json's `text.frozen_tower` names its source and the
+SHA-256 of its files (pipeline/towers/frozen.py); `kdpipe export` writes a copy with the tower in text_tower/.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from pipeline.errors import InputError, reading_file
 from pipeline.store.durable import atomic_dir, atomic_path, write_text_durably
 from pipeline.store.ownership import Output, any_of, claim
 from pipeline.text_files import read_json
+from pipeline.towers.frozen import TowerSource, materialize
 from pipeline.towers.image import ImageTower, ImageTowerConfig, build_image_tower
 from pipeline.towers.text import HFTextTower, TextTowerConfig, build_text_tower
 
 STUDENT_FORMAT = "kdpipe-student"
-STUDENT_VERSION = 1
+STUDENT_VERSION = 2  # 2: a frozen text tower may be referenced by digest (text.frozen_tower) instead of saved
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,22 @@ class StudentConfig:
 class DualEncoderStudent(nn.Module):
     """`forward(images_uint8, input_ids, attention_mask) -> (s_v, s_t)`, both [B, dim] fp32 L2-normalized."""
 
-    def __init__(self, cfg: StudentConfig, dim: int, *, weights: bool = True, key: str = "distill.student") -> None:
+    def __init__(
+        self,
+        cfg: StudentConfig,
+        dim: int,
+        *,
+        weights: bool = True,
+        key: str = "distill.student",
+        text_tower: HFTextTower | None = None,
+    ) -> None:
+        """`key`: where `cfg` came from, for the towers' messages (params.yaml's section, or a saved student's
+        file); `text_tower`: one built already (load_student: a frozen tower loaded from its source)."""
         super().__init__()
         self.config, self.dim = cfg, int(dim)
-        # key: where `cfg` came from, for the towers' messages (params.yaml's section, or a saved student's file)
         self.image_tower: ImageTower = build_image_tower(cfg.image, key=f"{key}.image", weights=weights)
-        self.text_tower: HFTextTower = build_text_tower(cfg.text, key=f"{key}.text", weights=weights)
+        self.text_tower: HFTextTower = text_tower or build_text_tower(cfg.text, key=f"{key}.text", weights=weights)
+        self._text_source: TowerSource | None = None  # set by frozen_text_source() or load_student
         self.image_proj = nn.Linear(self.image_tower.out_dim, self.dim, bias=cfg.proj_bias)
         self.text_proj = nn.Linear(self.text_tower.out_dim, self.dim, bias=cfg.proj_bias)
         for proj in (self.image_proj, self.text_proj):
@@ -81,6 +96,25 @@ class DualEncoderStudent(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.image_proj.weight.device
+
+    def frozen_text_source(self) -> TowerSource | None:
+        """Where the frozen text tower's files are and their digests, when it is referenced rather than saved
+        (frozen and loaded from a directory); None otherwise. Digested once, when first asked (distill: at setup,
+        so that the files recorded are the ones it trained with)."""
+        tower = self.text_tower
+        if self._text_source is None and tower.frozen and tower.source_dir is not None:
+            from pipeline.pretrained_assets import MINILM_PACKAGE
+
+            packaged = self.config.text.backend == "minilm" and self.config.text.path is None
+            self._text_source = TowerSource.of(tower.source_dir, MINILM_PACKAGE if packaged else None)
+        return self._text_source
+
+    def own_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state a student's files hold: every entry, minus a frozen text tower referenced by digest."""
+        state = self.state_dict()
+        if self.frozen_text_source() is None:
+            return state
+        return {k: v for k, v in state.items() if not k.startswith("text_tower.")}
 
     # -- images ---------------------------------------------------------------------------------------
     def to_float(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -181,10 +215,12 @@ def save_student(model: DualEncoderStudent, directory: Path | str, pixels: dict 
     claim(directory, STUDENT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "student_config.json").unlink(missing_ok=True)
-    for name, tower in (("image_tower", model.image_tower), ("text_tower", model.text_tower)):
+    source = model.frozen_text_source()  # a frozen tower from a directory: referenced, not copied
+    towers = [("image_tower", model.image_tower)] + ([("text_tower", model.text_tower)] if source is None else [])
+    for name, tower in towers:
         with atomic_dir(directory / name, TOWER) as tmp:
             tower.save(tmp)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.own_state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     meta = {
@@ -200,7 +236,11 @@ def save_student(model: DualEncoderStudent, directory: Path | str, pixels: dict 
             "input": "uint8 RGB [B, H, W, 3] -> /255 -> resize to size -> (x - mean) / std",
             **({"pixels": pixels} if pixels is not None else {}),
         },
-        "text": {"max_tokens": model.text_tower.max_tokens, "pooling": model.config.text.pooling},
+        "text": {
+            "max_tokens": model.text_tower.max_tokens,
+            "pooling": model.config.text.pooling,
+            **({"frozen_tower": source.to_json()} if source is not None else {}),
+        },
         "usage": "image: normalize(image_proj(pool(image_tower(x)))); text: normalize(text_proj(pool(text_tower(t))))",
     }
     write_text_durably(directory / "student_config.json", json.dumps(meta, indent=2) + "\n")
@@ -215,7 +255,11 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
     if not meta_path.is_file():
         raise InputError(f"{directory}: no student here (student_config.json missing); run `kdpipe distill` first")
     meta = read_json(meta_path)
-    if not isinstance(meta, dict) or meta.get("format") != STUDENT_FORMAT or meta.get("version") != STUDENT_VERSION:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != STUDENT_FORMAT
+        or meta.get("version") not in READABLE_VERSIONS
+    ):
         raise InputError(f"{meta_path}: not a {STUDENT_FORMAT} v{STUDENT_VERSION} student")
     if (
         not isinstance(meta.get("config"), dict)
@@ -227,16 +271,21 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
     raw.setdefault("proj_bias", True)  # students saved before `proj_bias` existed all had biased projections
     cfg = from_dict(StudentConfig, raw, "student_config.json:config")
     # The architecture comes from the saved towers (not from the original paths, which may be gone); the
-    # weights come from model.safetensors only, loaded strictly.
+    # weights come from model.safetensors only, loaded strictly; a referenced frozen text tower from its source.
     image_cfg = cfg.image
     if image_cfg.backend == "hf_vit":
         image_cfg = replace(image_cfg, path=directory / "image_tower")
     text_cfg = replace(cfg.text, path=directory / "text_tower", tokenizer=directory / "text_tower", backend="hf_bert")
     again = "export the student again (kdpipe distill) or copy its directory whole"
+    source, text_tower = _referenced_text_tower(meta, directory, text_cfg, str(meta_path))
     model = DualEncoderStudent(
-        replace(cfg, image=image_cfg, text=text_cfg), meta["dim"], weights=False, key=f"{meta_path}:config"
+        replace(cfg, image=image_cfg, text=text_cfg),
+        meta["dim"],
+        weights=False,
+        key=f"{meta_path}:config",
+        text_tower=text_tower,
     )
-    model.config = cfg
+    model.config, model._text_source = cfg, source
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise InputError(f"{directory}: model.safetensors missing")
@@ -250,9 +299,47 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
                 f"{list(own[key].shape)} (weights of another student?); {again}"
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if source is not None:  # the referenced tower's weights are its own files', not in model.safetensors
+        missing = [k for k in missing if not k.startswith("text_tower.")]
     if missing or unexpected:
         raise InputError(
             f"{weights}: does not match student_config.json (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})"
         )
     return model.to(device).eval()
+
+
+def _referenced_text_tower(
+    meta: dict, directory: Path, text_cfg: TextTowerConfig, where: str
+) -> tuple[TowerSource | None, HFTextTower | None]:
+    """The frozen text tower a student references (student_config.json's text.frozen_tower), loaded from its
+    source once every recorded digest matches; (None, None) for a student that saved its text tower."""
+    ref = (meta.get("text") or {}).get("frozen_tower") if isinstance(meta.get("text"), dict) else None
+    if ref is None:
+        return None, None
+    source = TowerSource.from_json(ref, where)
+    tower_dir = source.directory(directory, where)
+    source.check(tower_dir, where)
+    tower = build_text_tower(replace(text_cfg, path=tower_dir, tokenizer=None), key=f"{where}: text.frozen_tower")
+    if not tower.frozen:
+        raise InputError(f"{where}: text.frozen_tower belongs to a frozen text tower (config.text.freeze is false)")
+    return source, tower
+
+
+def materialize_frozen_tower(directory: Path | str) -> bool:
+    """Make the student copy in `directory` self-contained: a frozen text tower it references (a package's, or
+    another directory's) is copied into its text_tower/ (hard links where possible) and its student_config.json
+    (replaced, never written in place: it may be a hard link to the original's) points there. False when there
+    was nothing to do."""
+    directory = Path(directory)
+    meta_path = directory / "student_config.json"
+    meta = read_json(meta_path)
+    ref = (meta.get("text") or {}).get("frozen_tower")
+    if ref is None:
+        return False
+    source = TowerSource.from_json(ref, str(meta_path))
+    if source.package is None and not Path(source.path).is_absolute():
+        return False  # already inside the student directory
+    meta["text"]["frozen_tower"] = materialize(source, directory, directory).to_json()
+    write_text_durably(meta_path, json.dumps(meta, indent=2) + "\n")
+    return True

@@ -114,6 +114,10 @@ class HFTextTower(nn.Module):
             raise InputError(f"{key}.max_tokens: {cfg.max_tokens} > the model's {positions} positions")
         self.out_dim = self.model.config.hidden_size
         self.frozen = cfg.freeze
+        # The directory the weights and the tokenizer were both loaded from (None: a random init, or a tokenizer
+        # of its own): a frozen tower from there is referenced by digest, not copied (pipeline/towers/frozen.py).
+        same_tokenizer = cfg.tokenizer is None or Path(cfg.tokenizer) == Path(path or "")
+        self.source_dir: Path | None = p if path is not None and weights and same_tokenizer else None
         if self.frozen:
             self.model.requires_grad_(False)
             self.model.eval()
