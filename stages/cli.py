@@ -22,6 +22,7 @@ COMMANDS = {
     "fit-teacher": ("stages.fit_teacher", "command"),
     "prepare": ("stages.prepare", "command"),
     "extract": ("stages.extract", "command"),
+    "mine": ("stages.mine", "command"),
     "distill": ("stages.distill", "command"),
     "evaluate": ("stages.evaluate", "command"),
     "demo-data": ("stages.demo_data", "command"),

@@ -62,6 +62,7 @@ COMMAND_MODULE = {  # a `matrix` / `foreach` stage is one definition here
     "fit_teacher": "stages.fit_teacher",
     "prepare": "stages.prepare",
     "extract": "stages.extract",
+    "mine": "stages.mine",
     "distill": "stages.distill",
     "evaluate": "stages.evaluate",
 }

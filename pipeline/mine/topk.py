@@ -1,0 +1,236 @@
+"""Exact top-K teacher neighbours: for each caption its K nearest images, for each image its K nearest captions.
+
+The score of a pair is the inner product of the two stored rows. For a float16 store it is computed EXACTLY:
+a float16 value of magnitude <= 1 is a multiple of 2^-24, so each product of two is a multiple of 2^-48, and
+every partial sum of the D products is bounded by ||a|| ||b|| (about 1): an integer times 2^-48 below 2^53,
+which float64 holds exactly in any summation order. So the score, the order (descending score, ties by
+ascending row) and the stored float16 similarity do not depend on the device, the thread count, the BLAS or
+the block size: the result equals a brute-force top-K bit for bit, and a resumed run equals an uninterrupted
+one. (A float32 store: float64 accumulation, error below 1e-13 instead of 0.)
+
+D-long float64 dot products for all M x N pairs would be slow, so there are two passes:
+1. coarse: a float32 (or bfloat16) GEMM of a block of captions against all images, on the device, with a
+   proven bound on its error: |coarse - exact| <= eps = c ||q|| max||g||. float32: c = gamma_D = D u / (1 - D u),
+   u = 2^-24 (an inner product summed in any order; the float16 -> float32 conversion is exact); bfloat16 adds
+   the rounding of both inputs to 8 significant bits: c = 2 u_b + u_b^2 + gamma_D (1 + u_b)^2, u_b = 2^-8.
+2. exact: a query's candidates are every row whose coarse score is >= tau - 2 eps, tau being its k-th
+   largest coarse score. That holds every true top-k row r: k rows have coarse >= tau, so exact >= tau - eps,
+   so the exact k-th score s_k >= tau - eps, and coarse(r) >= exact(r) - eps >= s_k - eps >= tau - 2 eps. The
+   candidates (k and a few more) are scored in float64 and the top k taken; every candidate's coarse score is
+   checked against the bound, so a library that broke it (a reduced-precision reduction) stops the run
+   instead of giving a silently inexact result.
+
+One GEMM block serves both directions: S = captions_block @ images^T, the caption's own image set to -inf
+(which also removes, for each image, its own captions). Rows of S give the captions' candidates at once;
+columns feed `ColumnPool`, each image's best `kk` coarse scores over all caption blocks so far, whose window
+is taken once every block has been seen (an image whose window reaches past its pool is rescored against
+all captions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_FLOAT32_U = 2.0**-24
+_BFLOAT16_U = 2.0**-8
+COARSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def coarse_error_factor(dim: int, dtype: torch.dtype, store_dtype: np.dtype) -> float:
+    """c such that |coarse - exact| <= c ||q|| ||g|| for one pair (module docstring)."""
+    gamma = dim * _FLOAT32_U / (1 - dim * _FLOAT32_U)
+    if dtype == torch.float32:
+        c = gamma
+    elif dtype == torch.bfloat16:
+        c = 2 * _BFLOAT16_U + _BFLOAT16_U**2 + gamma * (1 + _BFLOAT16_U) ** 2
+    else:
+        raise ValueError(f"coarse dtype {dtype}: float32 or bfloat16")
+    if np.dtype(store_dtype) != np.float16:  # the float64 "exact" score of float32 rows is itself rounded
+        c += 2 * dim * 2.0**-53
+    return c
+
+
+def row_norms(rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """float64 [R] Euclidean norms of the stored rows, in float64."""
+    out = np.empty(len(rows), np.float64)
+    for a in range(0, len(rows), chunk):
+        x = np.asarray(rows[a : a + chunk], np.float64)
+        out[a : a + len(x)] = np.sqrt(np.einsum("ij,ij->i", x, x))
+    return out
+
+
+@dataclass
+class Candidates:
+    """Each query's candidate rows (-1: padding) with their coarse scores, [B, C]."""
+
+    rows: np.ndarray  # int64 [B, C]
+    coarse: np.ndarray  # float32 [B, C] (-inf at padding)
+    rescans: int = 0  # queries whose window reached past the kept best and were read again in full
+
+
+def window(values: torch.Tensor, rows: torch.Tensor, k: int, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From each query's best coarse scores `values` [B, kk] (sorted descending) and their `rows`: the mask of
+    those inside the window (>= the k-th - 2 eps) and the mask of queries whose window may reach past the kk
+    given (the kk-th is inside and finite: rows beyond it may be inside too)."""
+    floor = values[:, k - 1] - 2 * eps
+    inside = (values >= floor[:, None]) & (rows >= 0)
+    overflow = inside[:, -1] & torch.isfinite(values[:, -1])
+    return inside, overflow
+
+
+def candidates_from_scores(scores: torch.Tensor, k: int, extra: int, eps: torch.Tensor) -> Candidates:
+    """Candidates of each row of a full coarse score block [B, N] (excluded entries -inf)."""
+    kk = min(k + extra, scores.shape[1])
+    values, rows = torch.topk(scores, kk, dim=1)  # sorted, largest first
+    inside, overflow = window(values, rows, k, eps)
+    if kk == scores.shape[1]:
+        overflow[:] = False  # nothing lies beyond the whole row
+    out_rows = torch.where(inside, rows, -1).cpu().numpy()
+    out_coarse = torch.where(inside, values, -math.inf).cpu().numpy()
+    wide_rows = torch.nonzero(overflow).flatten().tolist()
+    for r in wide_rows:  # rare: more than kk rows inside the window
+        floor = values[r, k - 1] - 2 * eps[r]
+        wide = torch.nonzero(scores[r] >= floor).flatten()
+        out_rows, out_coarse = _put_row(out_rows, out_coarse, r, wide.cpu().numpy(), scores[r, wide].cpu().numpy())
+    return Candidates(out_rows, out_coarse, len(wide_rows))
+
+
+def _put_row(rows: np.ndarray, coarse: np.ndarray, r: int, new_rows: np.ndarray, new_coarse: np.ndarray):
+    """Row r of the padded candidate matrices replaced by `new_rows` (the matrices widened when needed)."""
+    if len(new_rows) > rows.shape[1]:
+        pad = len(new_rows) - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        coarse = np.pad(coarse, ((0, 0), (0, pad)), constant_values=-np.inf)
+    rows[r] = -1
+    coarse[r] = -np.inf
+    rows[r, : len(new_rows)] = new_rows
+    coarse[r, : len(new_rows)] = new_coarse
+    return rows, coarse
+
+
+class ColumnPool:
+    """The `kk` best coarse scores of every column (image) over the row blocks (caption blocks) seen so far,
+    with their rows; sorted descending per column, -inf / -1 where fewer were seen. Entries only leave a
+    column for a larger score, so every row not held scores at most the column's kk-th held value."""
+
+    def __init__(self, n_columns: int, kk: int, device: torch.device) -> None:
+        self.kk = int(kk)
+        self.values = torch.full((n_columns, self.kk), -math.inf, dtype=torch.float32, device=device)
+        self.rows = torch.full((n_columns, self.kk), -1, dtype=torch.int64, device=device)
+
+    def add_block(self, scores: torch.Tensor, first_row: int) -> None:
+        """Take in a coarse block [B, N] whose rows are first_row.. (excluded entries -inf)."""
+        threshold = self.values[:, -1]  # a column takes only entries above its kk-th so far
+        hit = scores > threshold[None, :]
+        n_hit = int(hit.sum())
+        if n_hit > 4 * self.kk * scores.shape[1]:  # a young pool: every column at once, from its own top kk
+            kk = min(self.kk, scores.shape[0])
+            values, rows = torch.topk(scores, kk, dim=0)  # [kk, N]
+            cols = torch.arange(scores.shape[1], device=scores.device).expand(kk, -1)
+            keep = torch.isfinite(values)
+            self._merge(cols[keep], values[keep], rows[keep] + first_row)
+        elif n_hit:
+            r, c = torch.nonzero(hit, as_tuple=True)
+            self._merge(c, scores[r, c], r + first_row)
+
+    def _merge(self, cols: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
+        touched = torch.unique(cols)
+        old_v, old_r = self.values[touched], self.rows[touched]  # [T, kk]
+        held = old_r >= 0
+        old_c = touched[:, None].expand_as(old_r)
+        c = torch.cat([old_c[held], cols])
+        v = torch.cat([old_v[held], values])
+        r = torch.cat([old_r[held], rows])
+        # order: column, then score descending, then row ascending (three stable sorts, last key first)
+        o = torch.argsort(r, stable=True)
+        o = o[torch.argsort(-v[o], stable=True)]
+        o = o[torch.argsort(c[o], stable=True)]
+        c, v, r = c[o], v[o], r[o]
+        _, counts = torch.unique_consecutive(c, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(c), device=c.device) - torch.repeat_interleave(starts, counts)
+        keep = rank < self.kk
+        self.values[touched] = -math.inf
+        self.rows[touched] = -1
+        self.values[c[keep], rank[keep]] = v[keep]
+        self.rows[c[keep], rank[keep]] = r[keep]
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"values": self.values.cpu().numpy(), "rows": self.rows.cpu().numpy()}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        if state["values"].shape != tuple(self.values.shape) or state["rows"].shape != tuple(self.rows.shape):
+            raise ValueError(f"pool state of shape {state['values'].shape}, expected {tuple(self.values.shape)}")
+        self.values.copy_(torch.from_numpy(state["values"]))
+        self.rows.copy_(torch.from_numpy(state["rows"]))
+
+
+def exact_scores(gallery: np.ndarray, queries: np.ndarray, rows: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """float64 [B, C]: queries[b] . gallery[rows[b, c]], exact for float16 rows (module docstring); -inf where
+    rows < 0. Gathers `chunk` queries' candidates at a time (they stay in cache: numpy's batched matmul on
+    them is ~5x torch's bmm here)."""
+    out = np.empty(rows.shape, np.float64)
+    safe = np.where(rows >= 0, rows, 0)
+    for a in range(0, len(rows), chunk):
+        g = np.asarray(gallery[safe[a : a + chunk]], np.float64)  # [b, C, D]
+        q = np.asarray(queries[a : a + chunk], np.float64)[:, :, None]  # [b, D, 1]
+        out[a : a + chunk] = np.matmul(g, q)[..., 0]
+    out[rows < 0] = -np.inf
+    return out
+
+
+def exact_scores_torch(
+    gallery: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """`exact_scores` on the device (a GPU has float64 units to spare); the same numbers on any device."""
+    out = torch.empty(rows.shape, dtype=torch.float64, device=rows.device)
+    safe = rows.clamp_min(0)
+    for a in range(0, len(rows), chunk):
+        g = gallery[safe[a : a + chunk]].double()
+        q = queries[a : a + chunk].double().unsqueeze(-1)
+        out[a : a + chunk] = torch.bmm(g, q).squeeze(-1)
+    return out.masked_fill(rows < 0, -math.inf)
+
+
+def select_top(exact: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's candidates: (rows int32 [B, k], exact scores float64 [B, k]), by descending
+    score, ties by ascending row."""
+    order = np.lexsort((rows, -exact), axis=-1)[:, :k]
+    top_rows = np.take_along_axis(rows, order, axis=-1)
+    top = np.take_along_axis(exact, order, axis=-1)
+    if (top_rows < 0).any():  # the caller checks there are k eligible rows: a padded pick is a bug
+        raise RuntimeError("exact top-k picked a padding entry")
+    return top_rows.astype(np.int32), top
+
+
+def check_bound(exact: np.ndarray, coarse: np.ndarray, rows: np.ndarray, eps: np.ndarray, what: str) -> None:
+    """Every candidate's coarse score lies within eps of its exact score, as the window's proof assumes."""
+    valid = rows >= 0
+    err = np.zeros(rows.shape, np.float64)
+    err[valid] = np.abs(exact[valid] - coarse[valid].astype(np.float64))
+    bad = err > eps[:, None]
+    if bad.any():
+        q, c = (int(x[0]) for x in np.nonzero(bad))
+        raise RuntimeError(
+            f"{what}: the coarse GEMM's error {err[q, c]:.3g} exceeds its proven bound {eps[q]:.3g} (query {q}); "
+            "a library reduced the matmul's precision: set mine.coarse_dtype: float32"
+        )
+
+
+__all__ = [
+    "COARSE_DTYPES",
+    "Candidates",
+    "ColumnPool",
+    "candidates_from_scores",
+    "check_bound",
+    "coarse_error_factor",
+    "exact_scores",
+    "exact_scores_torch",
+    "row_norms",
+    "select_top",
+    "window",
+]
