@@ -26,9 +26,9 @@ from pipeline.errors import InputError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.run import run_extract
 from pipeline.hashing import sha256_file
-from pipeline.mine.neighbours import SplitMiner
+from pipeline.mine.neighbours import SplitMiner, full_precision_matmul
 from pipeline.mine.run import MineConfig, run_mine
-from pipeline.mine.topk import candidates_from_scores
+from pipeline.mine.topk import candidates_from_scores, check_bound, coarse_bounds, row_norms
 from pipeline.store import checksums
 from pipeline.store.chunk_files import chunk_file
 from pipeline.store.features import open_store, read_attrs
@@ -141,6 +141,22 @@ def test_the_window_holds_every_true_top_k_row_under_worst_case_coarse_errors():
     cand = candidates_from_scores(torch.tensor(coarse[None], dtype=torch.float32), k, 99, torch.tensor([eps]))
     assert true_top <= set(cand.rows[0][cand.rows[0] >= 0].tolist())
     assert (cand.rows[0] >= 0).sum() == k + 20  # ... and nothing beyond the window
+
+
+@pytest.mark.parametrize("coarse", [torch.float32, torch.bfloat16])
+def test_the_coarse_bound_holds_for_every_pair_and_a_broken_one_stops_the_run(coarse):
+    rng = np.random.default_rng(5)
+    q = _rows(rng, 300, 512).astype(np.float16)
+    g = _rows(rng, 400, 512, around=np.repeat(q[:100].astype(np.float64), 4, axis=0)).astype(np.float16)
+    eps = coarse_bounds(row_norms(q, coarse), row_norms(g, coarse), 512, np.dtype(np.float16))
+    with full_precision_matmul():
+        got = (torch.from_numpy(q).to(coarse) @ torch.from_numpy(g).to(coarse).T).float().numpy()
+    exact = q.astype(np.float64) @ g.astype(np.float64).T
+    assert (np.abs(got - exact) <= eps[:, None]).all()
+    rows = np.tile(np.arange(400), (300, 1))
+    check_bound(exact, got, rows, eps, "ok")
+    with pytest.raises(RuntimeError, match="exceeds its proven bound"):
+        check_bound(exact, got, rows, eps * 0, "text_to_image")
 
 
 def test_a_float32_store_mines_the_same_neighbours(tmp_path):

@@ -23,7 +23,7 @@ from pipeline.mine.topk import (
     ColumnPool,
     candidates_from_scores,
     check_bound,
-    coarse_error_factor,
+    coarse_bounds,
     exact_scores,
     exact_scores_torch,
     row_norms,
@@ -31,7 +31,10 @@ from pipeline.mine.topk import (
     window,
 )
 
-EXTRA = 8  # candidates kept beyond k per query: the window of a float32 pass rarely holds more
+# candidates kept beyond k per query (a window holding more is read again from the full row): a float32 pass's
+# window rarely holds more than 8; a bfloat16 pass's is ~100x wider (bench/mine_bench.py prints both)
+EXTRA = {torch.float32: 8, torch.bfloat16: 32}
+_FLOAT64_IMAGES = 2 * 2**30  # the image bank is held as float64 for exact rescoring up to this size
 
 
 @contextmanager
@@ -79,27 +82,32 @@ class SplitMiner:
         device: torch.device,
         coarse_dtype: torch.dtype,
         block_rows: int,
-        extra: int = EXTRA,
+        extra: int | None = None,
         exact_on_device: bool | None = None,
     ) -> None:
         self.images, self.captions = image_emb, text_emb  # [N, D], [M, D] host arrays (memory maps)
         self.text_image = np.asarray(text_image, np.int64)
-        self.k, self.kk = int(k), int(k) + int(extra)
+        self.k, self.kk = int(k), int(k) + int(EXTRA[coarse_dtype] if extra is None else extra)
         self.device, self.coarse_dtype, self.block_rows = device, coarse_dtype, int(block_rows)
         self.n_images, self.n_captions = int(image_emb.shape[0]), int(text_emb.shape[0])
         dim = int(image_emb.shape[1])
-        c = coarse_error_factor(dim, coarse_dtype, np.dtype(image_emb.dtype))
-        image_norm, caption_norm = row_norms(image_emb), row_norms(text_emb)
-        self.caption_eps = c * caption_norm * float(image_norm.max())  # [M] bound on a caption's coarse scores
-        self.image_eps = c * image_norm * float(caption_norm.max())  # [N] idem for an image's
+        image_norms, caption_norms = row_norms(image_emb, coarse_dtype), row_norms(text_emb, coarse_dtype)
+        store_dtype = np.dtype(image_emb.dtype)
+        self.caption_eps = coarse_bounds(caption_norms, image_norms, dim, store_dtype)  # [M] a caption's coarse error
+        self.image_eps = coarse_bounds(image_norms, caption_norms, dim, store_dtype)  # [N] an image's
         self.bank = _tensor(image_emb).to(device=device, dtype=coarse_dtype)  # [N, D]
         self.pool = ColumnPool(self.n_images, min(self.kk, self.n_captions), device)
         self.stats = {"queries": 0, "candidates": 0, "rescans": 0}  # rows rescored exactly, for logs and benches
         # exact rescoring: numpy on the CPU (gathers from the memory maps); on a GPU, from device copies of the
         # stored rows (float64 units to spare there), rounded only in float64
         self._device_rows = None
+        self._host_rows = {"images": image_emb, "captions": text_emb}
         if exact_on_device if exact_on_device is not None else device.type != "cpu":
             self._device_rows = {"images": _tensor(image_emb).to(device), "captions": _tensor(text_emb).to(device)}
+        elif image_emb.shape[0] * image_emb.shape[1] * 8 <= _FLOAT64_IMAGES:
+            # every caption rescores ~k images: gathering them as float64 halves that cost (converted once here;
+            # the captions, gathered ~5x less often, stay in the stored dtype)
+            self._host_rows["images"] = _tensor(image_emb).double().numpy()
 
     # -- one GEMM block -----------------------------------------------------------------------------------
     def _scores(self, start: int, stop: int) -> torch.Tensor:
@@ -175,7 +183,7 @@ class SplitMiner:
             rows = self._device_rows
             exact = exact_scores_torch(rows[gallery], rows[queries][start:stop], idx).cpu().numpy()
         else:
-            host = {"images": self.images, "captions": self.captions}
+            host = self._host_rows
             exact = exact_scores(host[gallery], np.asarray(host[queries][start:stop]), cand.rows)
         check_bound(exact, cand.coarse, cand.rows, eps, what)
         self.stats["queries"] += len(cand.rows)

@@ -10,9 +10,8 @@ one. (A float32 store: float64 accumulation, error below 1e-13 instead of 0.)
 
 D-long float64 dot products for all M x N pairs would be slow, so there are two passes:
 1. coarse: a float32 (or bfloat16) GEMM of a block of captions against all images, on the device, with a
-   proven bound on its error: |coarse - exact| <= eps = c ||q|| max||g||. float32: c = gamma_D = D u / (1 - D u),
-   u = 2^-24 (an inner product summed in any order; the float16 -> float32 conversion is exact); bfloat16 adds
-   the rounding of both inputs to 8 significant bits: c = 2 u_b + u_b^2 + gamma_D (1 + u_b)^2, u_b = 2^-8.
+   proven bound eps_q on its error for every pair of query q (`coarse_bounds`: float32 accumulation in any
+   order, plus for bfloat16 what rounding each row lost, measured per row).
 2. exact: a query's candidates are every row whose coarse score is >= tau - 2 eps, tau being its k-th
    largest coarse score. That holds every true top-k row r: k rows have coarse >= tau, so exact >= tau - eps,
    so the exact k-th score s_k >= tau - eps, and coarse(r) >= exact(r) - eps >= s_k - eps >= tau - 2 eps. The
@@ -36,31 +35,48 @@ import numpy as np
 import torch
 
 _FLOAT32_U = 2.0**-24
-_BFLOAT16_U = 2.0**-8
 COARSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def coarse_error_factor(dim: int, dtype: torch.dtype, store_dtype: np.dtype) -> float:
-    """c such that |coarse - exact| <= c ||q|| ||g|| for one pair (module docstring)."""
-    gamma = dim * _FLOAT32_U / (1 - dim * _FLOAT32_U)
-    if dtype == torch.float32:
-        c = gamma
-    elif dtype == torch.bfloat16:
-        c = 2 * _BFLOAT16_U + _BFLOAT16_U**2 + gamma * (1 + _BFLOAT16_U) ** 2
-    else:
-        raise ValueError(f"coarse dtype {dtype}: float32 or bfloat16")
-    if np.dtype(store_dtype) != np.float16:  # the float64 "exact" score of float32 rows is itself rounded
-        c += 2 * dim * 2.0**-53
-    return c
+@dataclass(frozen=True)
+class RowNorms:
+    """float64 [R] per stored row x: ||x||, ||x'|| with x' = x in the coarse dtype, and ||x - x'||."""
+
+    row: np.ndarray
+    coarse: np.ndarray
+    residual: np.ndarray
 
 
-def row_norms(rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """float64 [R] Euclidean norms of the stored rows, in float64."""
-    out = np.empty(len(rows), np.float64)
+def row_norms(rows: np.ndarray, dtype: torch.dtype, chunk: int = 65536) -> RowNorms:
+    """The norms `coarse_bounds` needs, of every row of a [R, D] array (read in chunks)."""
+    out = [np.empty(len(rows), np.float64) for _ in range(3)]
     for a in range(0, len(rows), chunk):
-        x = np.asarray(rows[a : a + chunk], np.float64)
-        out[a : a + len(x)] = np.sqrt(np.einsum("ij,ij->i", x, x))
-    return out
+        x = torch.from_numpy(np.asarray(rows[a : a + chunk], np.float64))
+        x_coarse = x.to(dtype).double()
+        for arr, v in zip(out, (x, x_coarse, x - x_coarse)):
+            arr[a : a + len(x)] = torch.linalg.vector_norm(v, dim=1).numpy()
+    return RowNorms(*out)
+
+
+def coarse_bounds(queries: RowNorms, gallery: RowNorms, dim: int, store_dtype: np.dtype) -> np.ndarray:
+    """eps [Q] with |coarse(q . g) - q . g| <= eps_q for every query q and gallery row g:
+
+        q . g - q' . g' = q' . (g - g') + (q - q') . g        (q', g': the rows in the coarse dtype)
+        |coarse - q' . g'| <= gamma_D sum |q'_i g'_i| <= gamma_D ||q'|| ||g'||
+    so eps_q = ||q'|| max||g - g'|| + ||q - q'|| max||g|| + gamma_D ||q'|| max||g'||, gamma_D = D u / (1 - D u),
+    u = 2^-24 (float32 accumulation in any order). float32 coarse: the residuals are 0 (float16 and float32
+    rows are exact in float32); bfloat16: they are what rounding to 8 significant bits lost, measured, which
+    is ~3.5x tighter than the worst case 2^-7 ||q|| ||g||. A float32 store adds the float64 rounding of its
+    "exact" score; the last factor covers the rounding of these norms themselves."""
+    gamma = dim * _FLOAT32_U / (1 - dim * _FLOAT32_U)
+    eps = (
+        queries.coarse * float(gallery.residual.max(initial=0.0))
+        + queries.residual * float(gallery.row.max(initial=0.0))
+        + gamma * queries.coarse * float(gallery.coarse.max(initial=0.0))
+    )
+    if np.dtype(store_dtype) != np.float16:
+        eps += 2 * dim * 2.0**-53 * queries.row * float(gallery.row.max(initial=0.0))
+    return eps * (1 + 2.0**-30)
 
 
 @dataclass
@@ -89,27 +105,22 @@ def candidates_from_scores(scores: torch.Tensor, k: int, extra: int, eps: torch.
     inside, overflow = window(values, rows, k, eps)
     if kk == scores.shape[1]:
         overflow[:] = False  # nothing lies beyond the whole row
-    out_rows = torch.where(inside, rows, -1).cpu().numpy()
-    out_coarse = torch.where(inside, values, -math.inf).cpu().numpy()
-    wide_rows = torch.nonzero(overflow).flatten().tolist()
-    for r in wide_rows:  # rare: more than kk rows inside the window
-        floor = values[r, k - 1] - 2 * eps[r]
-        wide = torch.nonzero(scores[r] >= floor).flatten()
-        out_rows, out_coarse = _put_row(out_rows, out_coarse, r, wide.cpu().numpy(), scores[r, wide].cpu().numpy())
-    return Candidates(out_rows, out_coarse, len(wide_rows))
-
-
-def _put_row(rows: np.ndarray, coarse: np.ndarray, r: int, new_rows: np.ndarray, new_coarse: np.ndarray):
-    """Row r of the padded candidate matrices replaced by `new_rows` (the matrices widened when needed)."""
-    if len(new_rows) > rows.shape[1]:
-        pad = len(new_rows) - rows.shape[1]
-        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-        coarse = np.pad(coarse, ((0, 0), (0, pad)), constant_values=-np.inf)
-    rows[r] = -1
-    coarse[r] = -np.inf
-    rows[r, : len(new_rows)] = new_rows
-    coarse[r, : len(new_rows)] = new_coarse
-    return rows, coarse
+    out_rows = torch.where(inside, rows, -1)
+    out_coarse = torch.where(inside, values, -math.inf)
+    wide = torch.nonzero(overflow).flatten()
+    if len(wide):  # more than kk rows inside the window: these queries' windows are read from their full rows
+        floor = values[wide, k - 1] - 2 * eps[wide]
+        q, c = torch.nonzero(scores[wide] >= floor[:, None], as_tuple=True)  # grouped by query, c ascending
+        counts = torch.bincount(q, minlength=len(wide))
+        slot = torch.arange(len(q), device=q.device) - (torch.cumsum(counts, 0) - counts)[q]
+        width = max(kk, int(counts.max()))
+        if width > kk:
+            out_rows = torch.nn.functional.pad(out_rows, (0, width - kk), value=-1)
+            out_coarse = torch.nn.functional.pad(out_coarse, (0, width - kk), value=-math.inf)
+        out_rows[wide], out_coarse[wide] = -1, -math.inf
+        out_rows[wide[q], slot] = c
+        out_coarse[wide[q], slot] = scores[wide[q], c]
+    return Candidates(out_rows.cpu().numpy(), out_coarse.cpu().numpy(), len(wide))
 
 
 class ColumnPool:
@@ -126,38 +137,31 @@ class ColumnPool:
         """Take in a coarse block [B, N] whose rows are first_row.. (excluded entries -inf)."""
         threshold = self.values[:, -1]  # a column takes only entries above its kk-th so far
         hit = scores > threshold[None, :]
-        n_hit = int(hit.sum())
-        if n_hit > 4 * self.kk * scores.shape[1]:  # a young pool: every column at once, from its own top kk
+        n_hit = int(torch.count_nonzero(hit))
+        if n_hit > 2 * self.kk * scores.shape[1]:  # a young pool: every column from its own top kk of the block
             kk = min(self.kk, scores.shape[0])
             values, rows = torch.topk(scores, kk, dim=0)  # [kk, N]
-            cols = torch.arange(scores.shape[1], device=scores.device).expand(kk, -1)
-            keep = torch.isfinite(values)
-            self._merge(cols[keep], values[keep], rows[keep] + first_row)
-        elif n_hit:
-            r, c = torch.nonzero(hit, as_tuple=True)
-            self._merge(c, scores[r, c], r + first_row)
+            cols = torch.arange(scores.shape[1], device=scores.device)
+            self._merge(cols, values.T, torch.where(torch.isfinite(values), rows + first_row, -1).T)
+        elif n_hit:  # the usual case: a few entries beat their column's kk-th
+            r, c = torch.nonzero(hit, as_tuple=True)  # row-major: each column's entries by ascending row
+            cols, where, counts = torch.unique(c, return_inverse=True, return_counts=True)
+            order = torch.argsort(where, stable=True)
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(n_hit, device=c.device) - starts[where[order]]  # place within its column
+            values = torch.full((len(cols), int(counts.max())), -math.inf, device=c.device)
+            rows = torch.full(values.shape, -1, dtype=torch.int64, device=c.device)
+            values[where[order], slot] = scores[r[order], c[order]]
+            rows[where[order], slot] = r[order] + first_row
+            self._merge(cols, values, rows)
 
     def _merge(self, cols: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
-        touched = torch.unique(cols)
-        old_v, old_r = self.values[touched], self.rows[touched]  # [T, kk]
-        held = old_r >= 0
-        old_c = touched[:, None].expand_as(old_r)
-        c = torch.cat([old_c[held], cols])
-        v = torch.cat([old_v[held], values])
-        r = torch.cat([old_r[held], rows])
-        # order: column, then score descending, then row ascending (three stable sorts, last key first)
-        o = torch.argsort(r, stable=True)
-        o = o[torch.argsort(-v[o], stable=True)]
-        o = o[torch.argsort(c[o], stable=True)]
-        c, v, r = c[o], v[o], r[o]
-        _, counts = torch.unique_consecutive(c, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(c), device=c.device) - torch.repeat_interleave(starts, counts)
-        keep = rank < self.kk
-        self.values[touched] = -math.inf
-        self.rows[touched] = -1
-        self.values[c[keep], rank[keep]] = v[keep]
-        self.rows[c[keep], rank[keep]] = r[keep]
+        """Columns `cols` [T] keep their kk best of what they hold and the new [T, C] entries (-inf / -1 pads)."""
+        all_values = torch.cat([self.values[cols], values], dim=1)
+        all_rows = torch.cat([self.rows[cols], rows], dim=1)
+        top, at = torch.topk(all_values, self.kk, dim=1)  # sorted, largest first
+        self.values[cols] = top
+        self.rows[cols] = torch.gather(all_rows, 1, at)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"values": self.values.cpu().numpy(), "rows": self.rows.cpu().numpy()}
@@ -227,7 +231,8 @@ __all__ = [
     "ColumnPool",
     "candidates_from_scores",
     "check_bound",
-    "coarse_error_factor",
+    "coarse_bounds",
+    "RowNorms",
     "exact_scores",
     "exact_scores_torch",
     "row_norms",
