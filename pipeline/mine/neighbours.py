@@ -184,7 +184,8 @@ class SplitMiner:
             exact = exact_scores_torch(rows[gallery], rows[queries][start:stop], idx).cpu().numpy()
         else:
             host = self._host_rows
-            exact = exact_scores(host[gallery], np.asarray(host[queries][start:stop]), cand.rows)
+            q = np.asarray(host[queries][start:stop])
+            exact = exact_scores(host[gallery], q, cand.rows, threads=torch.get_num_threads())
         check_bound(exact, cand.coarse, cand.rows, eps, what)
         self.stats["queries"] += len(cand.rows)
         self.stats["candidates"] += int((cand.rows >= 0).sum())
