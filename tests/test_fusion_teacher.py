@@ -22,9 +22,15 @@ from pipeline.teachers.fusion import FusionHead
 CFG = FitCrossEncoderConfig(hidden=8, hard_negatives=3, random_negatives=2, epochs=6, batch_size=6, lr=1e-2)
 
 
+def _heads(seed=0, dim=6):
+    img, txt, text_image, groups = random_features(seed=seed)
+    cfg = FitTeacherConfig(dim=dim, epochs=1, batch_size=4)
+    return train_heads(img, txt, text_image, groups, cfg, variant="lite2", image_size=64)[0]
+
+
 def _head(seed=0, hidden=8):
     g = torch.Generator().manual_seed(seed)
-    head = FusionHead("lite2", 64, hidden, torch.randn(1280, generator=g), torch.rand(1280, generator=g) + 0.5)
+    head = FusionHead("lite2", 64, hidden, _heads(seed), 20.0)
     for p in head.parameters():
         with torch.no_grad():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
@@ -64,23 +70,21 @@ def test_hard_negatives_are_the_heads_most_similar_images_of_other_groups():
         hard_negatives(heads, img, txt, text_image, groups, 9)
 
 
-def test_the_head_trains_bit_identically_and_learns():
+def test_the_head_starts_as_the_dual_encoder_trains_bit_identically_and_learns():
     img, txt, text_image, groups = random_features(n_images=12, captions_per_image=2)
     hard = torch.tensor(np.stack([np.roll(np.arange(12), -2 * (i // 2 + 1))[:3] for i in range(24)]))
-    a, losses_a = train_fusion(img, txt, text_image, groups, hard, CFG, variant="lite2", image_size=64)
-    b, losses_b = train_fusion(img, txt, text_image, groups, hard, CFG, variant="lite2", image_size=64)
+    heads = _heads()
+    start, _ = train_fusion(img, txt, text_image, groups, hard, FitCrossEncoderConfig(epochs=1, lr=1e-12), heads, 20.0)
+    lit = 20.0 * (heads.project_images(img[text_image]) * heads.project_texts(txt)).sum(-1)
+    assert torch.allclose(start(img[text_image], txt), lit, atol=1e-4)  # the correction starts at (almost) 0
+    a, losses_a = train_fusion(img, txt, text_image, groups, hard, CFG, heads, 20.0)
+    b, losses_b = train_fusion(img, txt, text_image, groups, hard, CFG, heads, 20.0)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-    assert losses_a == losses_b and losses_a[-1] < 0.5 * losses_a[0]
+    assert losses_a == losses_b and losses_a[-1] < 0.95 * losses_a[0]
+    assert torch.equal(a.lit_image_weight, heads.image_weight)  # the heads stay frozen
     c, _ = train_fusion(
-        img,
-        txt,
-        text_image,
-        groups,
-        hard,
-        FitCrossEncoderConfig(**{**CFG.__dict__, "seed": 1}),
-        variant="lite2",
-        image_size=64,
+        img, txt, text_image, groups, hard, FitCrossEncoderConfig(**{**CFG.__dict__, "seed": 1}), heads, 20.0
     )
     assert not torch.equal(c.fuse.weight, a.fuse.weight)
 
@@ -92,7 +96,7 @@ def test_head_file_round_trip_and_refusals(tmp_path):
     loaded = FusionHead.load(tmp_path / "ce.safetensors")
     for (name, x), y in zip(head.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(x, y), name
-    assert (loaded.variant, loaded.image_size, loaded.hidden) == ("lite2", 64, 8)
+    assert (loaded.variant, loaded.image_size, loaded.hidden, float(loaded.lit_scale)) == ("lite2", 64, 8, 20.0)
     x, t = torch.randn(5, 1280), torch.randn(5, 384)
     assert torch.equal(loaded(x, t), head(x, t))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
@@ -146,9 +150,17 @@ def test_fit_teacher_fits_the_cross_encoder_beside_unchanged_heads(emoji_pairs, 
     scores = ce.score_pairs(pixels, ce.tokenize(texts))  # the one-call API ...
     by_states = ce.score_states(ce.image_states(pixels), ce.text_states(ce.tokenize(texts)))  # ... = the split one
     assert scores.shape == (12,) and torch.allclose(scores, by_states)
-    # ... = the head on the towers' features
+    # ... = the head on the towers' features, = the LiT teacher's score + the learned correction
     direct = ce.head(ce.towers.image_features(pixels), ce.towers.text_features(ce.tokenize(texts)))
     assert torch.allclose(scores, direct)
+    from pipeline.teachers import LiTTeacherConfig
+
+    lit = build_teacher(TeacherConfig(kind="lit", lit=LiTTeacherConfig(heads=out / "heads.safetensors")))
+    cos = (lit.encode_images(images) * lit.encode_texts(texts)).sum(-1)
+    h_v = ce.head.image_proj((ce.towers.image_features(pixels) - ce.head.image_mean) / ce.head.image_std)
+    h_t = ce.head.text_proj(ce.towers.text_features(ce.tokenize(texts)))
+    correction = ce.head.out(torch.nn.functional.gelu(ce.head.fuse(torch.cat([h_v * h_t, h_v, h_t], -1)))).squeeze(-1)
+    assert torch.allclose(scores, 1 / 0.05 * cos + correction, atol=1e-4)
     # a rerun without a cross-encoder removes the one it wrote before (a stage rewrites its output)
     run_fit_teacher(FitTeacherConfig(**base), out)
     assert not (out / CROSS_ENCODER_FILE).exists()

@@ -1,5 +1,5 @@
 """Training the demo cross-encoder (pipeline/teachers/fusion.py) inside `kdpipe fit-teacher`, on the frozen features
-fit-teacher already computed for the LiT heads (the teacher's training pairs only).
+fit-teacher already computed for the LiT heads (the teacher's training pairs only), on top of those heads.
 
 Each caption is scored against a candidate list: its own image, the `hard_negatives` images the just-fitted
 LiT heads rank highest for it, and `random_negatives` uniform images, and the loss is the cross-entropy of the
@@ -27,7 +27,7 @@ from pipeline.teachers.lit import LiTHeads
 class FitCrossEncoderConfig:
     """Section `fit_teacher.cross_encoder` (absent or null: no cross-encoder is fitted)."""
 
-    hidden: int = 256
+    hidden: int = 128
     hard_negatives: int = 15  # per caption: the LiT heads' most similar images of other groups
     random_negatives: int = 8  # per caption: uniform images of other groups (keeps easy pairs in view)
     epochs: int = 10
@@ -77,9 +77,9 @@ def candidate_loss(
     (column 0 its own image), `masked` [B, C] entries left out (another view of the same thing).
     image_features [N, 1280] (all images), text_features [B, 384] (the B captions)."""
     distinct, where = torch.unique(candidates, return_inverse=True)  # project each image once
-    h_v = head.project_images(image_features[distinct])[where]  # [B, C, H]
-    h_t = head.project_texts(text_features)[:, None, :].expand_as(h_v)
-    logits = head.fused(h_v, h_t).masked_fill(masked, float("-inf"))  # [B, C]
+    p_v = head.project_images(image_features[distinct])[where]  # [B, C, D + H]
+    p_t = head.project_texts(text_features)[:, None, :].expand_as(p_v)
+    logits = head.fused(p_v, p_t).masked_fill(masked, float("-inf"))  # [B, C]
     return F.cross_entropy(logits, torch.zeros(len(candidates), dtype=torch.long))
 
 
@@ -90,21 +90,23 @@ def train_fusion(
     image_group: np.ndarray,
     hard: torch.Tensor,
     cfg: FitCrossEncoderConfig,
-    *,
-    variant: str,
-    image_size: int,
+    heads: LiTHeads,
+    scale: float,
 ) -> tuple[FusionHead, list[float]]:
     """The fusion head fitted on [N, 1280] image and [M, 384] caption features, caption m showing image
-    text_image[m], with `hard` [M, H] negatives per caption. Returns the head and the mean loss per epoch."""
+    text_image[m], with `hard` [M, H] negatives per caption, on top of the LiT `heads` at logit scale `scale`.
+    Returns the head and the mean loss per epoch."""
     n_captions, n_images = len(text_features), len(image_features)
     gen = torch.Generator().manual_seed(cfg.seed)
     x_img = image_features.float()
-    head = FusionHead(variant, image_size, cfg.hidden, x_img.mean(0), x_img.std(0).clamp_min(1e-6))
+    head = FusionHead(heads.variant, heads.image_size, cfg.hidden, heads, scale)
     for layer in (head.image_proj, head.text_proj, head.fuse, head.out):  # from the seed, not the global stream
         bound = 1 / layer.in_features**0.5
         with torch.no_grad():
             layer.weight.uniform_(-bound, bound, generator=gen)
             layer.bias.zero_()
+    with torch.no_grad():
+        head.out.weight.zero_()  # the correction starts at 0: the head starts as the dual encoder
     text_image_t = torch.as_tensor(np.asarray(text_image, np.int64))
     groups = torch.as_tensor(np.asarray(image_group, np.int64))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,15 +1,21 @@
 """The demo's cross-encoder: a small fusion head over the LiT teacher's frozen towers, scoring (image, caption) pairs.
 
-    h_v = W_v standardize(EffNet-Lite(x)) + b_v                       [H]   EffNet-Lite pooled features [1280]
-    h_t = W_t MiniLM(s) + b_t                                          [H]   MiniLM sentence embedding [384]
-    logit(x, s) = w_o . GELU(W_f [h_v * h_t ; h_v ; h_t] + b_f) + b_o        a scalar per pair
+    x_v = standardize(EffNet-Lite(x))                     [1280]  pooled backbone features, as the LiT heads see them
+    x_t = MiniLM(s)                                        [384]   sentence embedding
+    h_v = W_v x_v + b_v,  h_t = W_t x_t + b_t              [H]
+    logit(x, s) = tau cos(v(x), u(s))  +  w_o . GELU(W_f [h_v * h_t ; h_v ; h_t] + b_f) + b_o
 
-Unlike the dual encoder's dot product, the logit is a learned joint function of the pair: the product
-h_v * h_t lets the MLP weigh agreement feature by feature and the two sides enter its nonlinearity together,
-which is what makes it a (small) single-stream teacher for LEMKD / MCAD / DCD, built only from parts that ship
-in packages. `kdpipe fit-teacher` trains it (pipeline/teachers/fit_fusion.py) on the teacher's training pairs
-only, against hard negatives; the head file (`cross_encoder.safetensors`) holds its weights, the image
-standardization, and in its metadata the backbone, resolution and fit settings; its sha256 is in identity().
+The first term is the LiT teacher's own score at its logit scale tau = 1 / fit_teacher.temperature (v, u: its
+two heads, frozen, copied into the file); the second a learned joint function of the pair: the product
+h_v * h_t weighs agreement feature by feature and both sides enter the nonlinearity together, which makes
+the sum a (small) single-stream teacher for LEMKD / MCAD / DCD built only from parts that ship in packages.
+w_o starts at 0, so training starts from the dual encoder's ranking and learns a correction to it. Why the
+residual: a fusion MLP alone, fitted on the 1,129 training emoji, ranks the val emoji worse than the dual
+encoder it should teach beside (rerank R@1 of the LiT top 16: 9.1-12.8 vs LiT's 14.1-15.8); with it, 15.1-16.1.
+
+`kdpipe fit-teacher` trains it (pipeline/teachers/fit_fusion.py) on the teacher's training pairs only,
+against the heads' hard negatives; the head file (`cross_encoder.safetensors`) holds its weights, the heads,
+the standardization, and in its metadata the backbone, resolution and fit settings; its sha256 is in identity().
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pipeline.hashing import sha256_file
 from pipeline.pretrained_assets import MINILM_DIM
 from pipeline.store.durable import atomic_path
 from pipeline.teachers.base import CrossEncoder, TokenBatch
-from pipeline.teachers.lit import IMAGE_FEATURE_DIM, FrozenTowers
+from pipeline.teachers.lit import IMAGE_FEATURE_DIM, FrozenTowers, LiTHeads
 from pipeline.teachers.minilm import MAX_TEXT_LEN
 
 HEAD_FORMAT = "kdpipe-fusion-head"
@@ -36,30 +42,41 @@ HEAD_VERSION = 1
 
 
 class FusionHead(nn.Module):
-    """The trainable part: two projections to `hidden` and a one-hidden-layer MLP over the pair."""
+    """The LiT heads (frozen) and the fusion MLP (trained): buffers and parameters of one file."""
 
-    def __init__(self, variant: str, image_size: int, hidden: int, image_mean: torch.Tensor, image_std: torch.Tensor):
+    def __init__(self, variant: str, image_size: int, hidden: int, heads: LiTHeads, scale: float):
         super().__init__()
         self.variant, self.image_size, self.hidden = variant, int(image_size), int(hidden)
-        self.register_buffer("image_mean", image_mean.detach().float().clone())  # [1280]
-        self.register_buffer("image_std", image_std.detach().float().clone())  # [1280]
+        self.register_buffer("image_mean", heads.image_mean.detach().float().clone())  # [1280]
+        self.register_buffer("image_std", heads.image_std.detach().float().clone())  # [1280]
+        self.register_buffer("lit_image_weight", heads.image_weight.detach().float().clone())  # [D, 1280]
+        self.register_buffer("lit_image_bias", heads.image_bias.detach().float().clone())  # [D]
+        self.register_buffer("lit_text_weight", heads.text_weight.detach().float().clone())  # [D, 384]
+        self.register_buffer("lit_text_bias", heads.text_bias.detach().float().clone())  # [D]
+        self.register_buffer("lit_scale", torch.tensor(float(scale)))  # tau of the dual-encoder term
         self.image_proj = nn.Linear(IMAGE_FEATURE_DIM, hidden)
         self.text_proj = nn.Linear(MINILM_DIM, hidden)
         self.fuse = nn.Linear(3 * hidden, hidden)
         self.out = nn.Linear(hidden, 1)
 
     def project_images(self, features: torch.Tensor) -> torch.Tensor:
-        """[P, 1280] backbone features -> [P, H]."""
-        return self.image_proj((features.to(self.image_mean.dtype) - self.image_mean) / self.image_std)
+        """[P, 1280] backbone features -> [P, D + H]: the LiT embedding (normalized), then h_v."""
+        x = (features.to(self.image_mean.dtype) - self.image_mean) / self.image_std
+        lit = F.normalize(F.linear(x, self.lit_image_weight, self.lit_image_bias), dim=-1)
+        return torch.cat([lit, self.image_proj(x)], dim=-1)
 
     def project_texts(self, features: torch.Tensor) -> torch.Tensor:
-        """[P, 384] MiniLM embeddings -> [P, H]."""
-        return self.text_proj(features.to(self.image_mean.dtype))
+        """[P, 384] MiniLM embeddings -> [P, D + H]: the LiT embedding (normalized), then h_t."""
+        x = features.to(self.image_mean.dtype)
+        lit = F.normalize(F.linear(x, self.lit_text_weight, self.lit_text_bias), dim=-1)
+        return torch.cat([lit, self.text_proj(x)], dim=-1)
 
-    def fused(self, h_v: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
-        """Projected pairs [P, H] x [P, H] -> [P] logits."""
+    def fused(self, p_v: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+        """Projected pairs [P, D + H] x [P, D + H] -> [P] logits."""
+        d = self.lit_image_weight.shape[0]
+        h_v, h_t = p_v[..., d:], p_t[..., d:]
         z = F.gelu(self.fuse(torch.cat([h_v * h_t, h_v, h_t], dim=-1)))
-        return self.out(z).squeeze(-1)
+        return self.lit_scale * (p_v[..., :d] * p_t[..., :d]).sum(-1) + self.out(z).squeeze(-1)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return self.fused(self.project_images(image_features), self.project_texts(text_features))
@@ -77,6 +94,7 @@ class FusionHead(nn.Module):
             "variant": self.variant,
             "image_size": self.image_size,
             "hidden": self.hidden,
+            "dim": int(self.lit_image_weight.shape[0]),
             "fit": fit or {},
         }
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -99,8 +117,18 @@ class FusionHead(nn.Module):
             raise InputError(f"{key}: {path} is not a fusion-head file ({type(err).__name__})") from None
         if meta.get("format") != HEAD_FORMAT or meta.get("version") != HEAD_VERSION:
             raise InputError(f"{key}: {path} is not a {HEAD_FORMAT} v{HEAD_VERSION} file")
-        blank = torch.zeros(IMAGE_FEATURE_DIM)
-        head = cls(meta["variant"], meta["image_size"], meta["hidden"], blank, blank)
+        d = int(meta["dim"])
+        blank = LiTHeads(
+            meta["variant"],
+            meta["image_size"],
+            torch.zeros(IMAGE_FEATURE_DIM),
+            torch.ones(IMAGE_FEATURE_DIM),
+            torch.zeros(d, IMAGE_FEATURE_DIM),
+            torch.zeros(d),
+            torch.zeros(d, MINILM_DIM),
+            torch.zeros(d),
+        )
+        head = cls(meta["variant"], meta["image_size"], meta["hidden"], blank, 1.0)
         expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if found != expected:
@@ -142,6 +170,7 @@ class FusionCrossEncoder(CrossEncoder):
                 "head_sha256": sha256_file(self.head_file) if self.head_file else None,
                 "image_size": self.head.image_size,
                 "hidden": self.head.hidden,
+                "lit_scale": float(self.head.lit_scale),
                 "max_text_len": MAX_TEXT_LEN,
                 "dtype": str(self.dtype).replace("torch.", ""),
             }
