@@ -38,8 +38,15 @@ def prepare_store(
     units: list[Unit],
     cfg: ExtractConfig,
     fresh: bool,
+    keep_complete: bool = False,
+    reopen_complete: bool = False,
 ) -> tuple[str | None, str | None]:
     """Rank 0: decide between resuming and starting over, and create the store when starting over.
+
+    A complete store of the same identity (and no skipped images) is, instead of being rewritten: reopened
+    when image files changed since (their chunks are computed again) or when `reopen_complete` (the main
+    store of a run with extra teachers: its chunks are reused while their stores are brought up to date);
+    kept untouched when `keep_complete` (an extra teacher's store) and nothing changed.
 
     Returns (a line to print, the reason an existing partial store was not resumed)."""
     work = out / WORK_DIR
@@ -65,6 +72,12 @@ def prepare_store(
         if stale:
             _reopen(out, units, attrs["image_chunks"])
             return f"{stale} image chunk(s) embed image files changed since: computing only those again", None
+        reusable = not fresh and _reusable(attrs, identity, units)
+        if reusable and keep_complete:
+            return "complete, computed by the same teacher from the same rows: kept", None
+        if reusable and reopen_complete:
+            _reopen(out, units, attrs.get("image_chunks"))
+            return "complete, computed by the same teacher: its chunks reused, the other teachers' stores checked", None
         # a finished store: a stage rewrites its output (DVC reruns it only when an input changed)
         message = "replacing the complete store of an earlier run"
     elif ours or (work.is_dir() and out.is_dir()):
@@ -100,7 +113,16 @@ def _stale_chunks(attrs: dict[str, Any], identity: dict[str, Any], units: list[U
     return sum(a != b for s in wanted for a, b in zip(wanted[s], recorded[s]))
 
 
-def _reopen(out: Path, units: list[Unit], recorded: dict[str, list[str]]) -> None:
+def _reusable(attrs: dict[str, Any], identity: dict[str, Any], units: list[Unit]) -> bool:
+    """A complete store whose every chunk can be reused as it is: the same identity, no skipped images (a
+    compacted split no longer lines up with the units), the index's layout and, where recorded, the same files."""
+    if attrs.get("skipped_images") or _identity_diff(attrs, identity):
+        return False
+    recorded, wanted = attrs.get("image_chunks"), image_chunks(units)
+    return recorded is None or wanted is None or recorded == wanted
+
+
+def _reopen(out: Path, units: list[Unit], recorded: dict[str, list[str]] | None) -> None:
     """Turn a complete store back into a partial one whose every unit is done, each image unit with the
     digest it was made from: the ordinary resumption then computes exactly the stale ones. complete=false
     goes first, so that a crash in between leaves a store that is never taken as finished."""
@@ -108,7 +130,8 @@ def _reopen(out: Path, units: list[Unit], recorded: dict[str, list[str]]) -> Non
     work = out / WORK_DIR
     shutil.rmtree(work, ignore_errors=True)
     for u in units:
-        record = {"bad": [], "images": recorded[u.split][u.index]} if u.array == "image_emb" else {}
+        images = recorded[u.split][u.index] if recorded is not None else None
+        record = {"bad": [], "images": images} if u.array == "image_emb" else {}
         write_file_durably(work / "done" / u.marker, json.dumps(record).encode())
     write_file_durably(work / "created", b"")
 

@@ -22,7 +22,7 @@ from pipeline.errors import InputError
 from pipeline.locks import output_lock, read_lock
 from pipeline.progress import progress
 from pipeline.store import checksums
-from pipeline.store.features import EMB_ARRAYS, FORMAT, UNPAIRED_TEXT, FeatureStore, read_attrs
+from pipeline.store.features import EMB_ARRAYS, FORMAT, TEACHERS, UNPAIRED_TEXT, FeatureStore, read_attrs
 
 _ARRAYS = (*EMB_ARRAYS, UNPAIRED_TEXT, "text_image", "image_id")
 _MB = 1_000_000
@@ -101,6 +101,18 @@ def _verify_store(path: Path, write: bool) -> VerifyReport:
     arrays = [
         (f"{s}/{k}", group[f"{s}/{k}"]) for s in attrs.get("splits") or [] for k in _ARRAYS if f"{s}/{k}" in group
     ]
+    for name in attrs.get(TEACHERS) or []:  # every extra teacher's store too (pipeline/store/features.py)
+        sub = f"{TEACHERS}/{name}"
+        if (read_attrs(path / sub) or {}).get("complete") is not True:
+            raise InputError(
+                f"{path / sub}: the extra teacher's store is missing or incomplete; rerun `kdpipe extract`"
+            )
+        arrays += [
+            (f"{sub}/{s}/{k}", group[f"{sub}/{s}/{k}"])
+            for s in attrs.get("splits") or []
+            for k in _ARRAYS
+            if f"{sub}/{s}/{k}" in group
+        ]
     report = VerifyReport(path)
     start = time.perf_counter()
     total = sum(_expected_bytes(a) * len(checksums.chunk_keys(a)) for _, a in arrays)

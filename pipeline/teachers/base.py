@@ -53,6 +53,12 @@ class Teacher(ABC):
     def encode_text_batch(self, tokens: TokenBatch) -> torch.Tensor:
         """A `tokenize` result (on any device) -> [B, D] float32, L2-normalized rows."""
 
+    def logit_scale(self) -> float | None:
+        """tau = exp(the learned log scale): the factor the teacher's contrastive training put on its cosine
+        similarities (CLIP's `logit_scale.exp()`), so that softmax(tau s_v . s_t) is its own distribution.
+        Recorded in the feature store as `teacher.logit_scale` (`teacher_record`); None: the teacher has none."""
+        return None
+
     # -- convenience ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
@@ -71,6 +77,13 @@ class Teacher(ABC):
             tokens = {k: v.to(self.device) for k, v in self.tokenize(texts[i : i + batch_size]).items()}
             out.append(self.encode_text_batch(tokens).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.dim)
+
+
+def teacher_record(teacher: Teacher) -> dict[str, Any]:
+    """What a feature store records of its teacher (attrs `teacher`): its identity and its logit scale, as
+    `logit_scale`, a float or None (a kind that already names one in its identity keeps its own)."""
+    scale = teacher.logit_scale()
+    return {"logit_scale": None if scale is None else float(scale), **teacher.identity()}
 
 
 class CrossEncoder(ABC):

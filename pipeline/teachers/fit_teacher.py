@@ -152,6 +152,7 @@ def train_heads(
         img_head.bias.detach().clone(),
         txt_head.weight.detach().clone(),
         txt_head.bias.detach().clone(),
+        1.0 / cfg.temperature,
     )
     return heads, losses
 
@@ -236,8 +237,9 @@ def run_fit_teacher(cfg: FitTeacherConfig, out_dir: Path | str, device: torch.de
     else:
         ce = cfg.cross_encoder
         hard = hard_negatives(heads, image_features, text_features, text_image, groups, ce.hard_negatives)
+        # on top of the heads, at their logit scale 1 / temperature (the LiT teacher's own)
         head, ce_losses = train_fusion(
-            image_features, text_features, text_image, groups, hard, ce, variant=cfg.backbone, image_size=cfg.image_size
+            image_features, text_features, text_image, groups, hard, ce, heads, 1.0 / cfg.temperature
         )
         ce_record = {"config": asdict(ce), "heads_sha256": sha, "n_images": len(paths), "n_captions": len(captions)}
         ce_sha = head.save(out_dir / CROSS_ENCODER_FILE, fit=ce_record)
