@@ -83,13 +83,17 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
     also copies its training curves out."""
     from pipeline.config import write_resolved
     from pipeline.data.index import DatasetIndex
+    from pipeline.distill.config import reads_mined
     from pipeline.distill.run import run_distill
     from pipeline.store.features import open_store
     from pipeline.store.image_cache import open_image_cache
+    from pipeline.store.mined import open_mined
 
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint, expect_dim=cfg.teacher_dim)
     cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
+    # the teacher's mined neighbours (kdpipe mine), checked against the store, only when a setting reads them
+    mined = open_mined(paths.mined, store) if reads_mined(cfg, baseline) else None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch
@@ -109,7 +113,7 @@ def train(cfg, paths: ArtifactPaths, out_dir: Path, *, run: str | None, baseline
             # one file per run (distill-VARIANT-sSEED.yaml), each under the section name `distill`
             write_resolved(cfg, paths.resolved_config(f"distill-{run}" if run else "distill"), "distill")
         result = run_distill(
-            cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume
+            cfg, index=index, store=store, cache=cache, out_dir=out_dir, baseline=baseline, resume=resume, mined=mined
         )
         finished = True
     finally:

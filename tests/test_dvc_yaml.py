@@ -120,3 +120,22 @@ def inside(plot_file: str, out: str) -> bool:
     if plot_file == out or plot_file.startswith(out.rstrip("/") + "/"):
         return True
     return "${item" in out and out.split("${item")[0].rstrip("/") == plot_file.rstrip("/")
+
+
+def test_distill_depends_on_the_mined_store_exactly_when_a_run_reads_it():
+    """Every run of params.yaml's distill.runs that reads mine's neighbours needs ${workdir}/mined.zarr among the
+    distill deps (else DVC would not rerun it after a re-mine); none reading it keeps the dep out (else every
+    re-mine would retrain runs that never read it)."""
+    from pipeline.config import from_dict
+    from pipeline.distill.config import DistillConfig, reads_mined
+    from pipeline.distill.runs import split_runs, variant_section
+
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]
+    runs = split_runs(section)[0]
+    reading = []
+    for variant in runs.variants:
+        raw, baseline = variant_section(section, variant, runs.seeds[0])
+        if reads_mined(from_dict(DistillConfig, raw, "distill"), baseline):
+            reading.append(variant)
+    listed = "${workdir}/mined.zarr" in DVC["stages"]["distill"]["deps"]
+    assert listed == bool(reading), f"runs reading the mined store: {reading}; dvc.yaml lists it: {listed}"
