@@ -232,14 +232,18 @@ def open_mined(path: Path | str, store: FeatureStore, *, wait: bool | None = Non
 
 def _open(path: Path, store: FeatureStore) -> MinedStore:
     if not path.is_dir():
-        raise InputError(f"{path}: no mined store here (directory not found); run `kdpipe mine` (or `dvc repro mine`) first")
+        raise InputError(
+            f"{path}: no mined store here (directory not found); run `kdpipe mine` (or `dvc repro mine`) first"
+        )
     attrs = read_attrs(path)
     if attrs is None or attrs.get("format") != FORMAT:
         raise InputError(f"{path}: not a kdpipe mined store (format={(attrs or {}).get('format')!r})")
     if attrs.get("version") != VERSION:
         raise InputError(f"{path}: mined store version {attrs.get('version')!r}; this kdpipe reads version {VERSION}")
     if attrs.get("complete") is not True:
-        raise InputError(f"{path}: the mined store is incomplete (interrupted or running); rerun `kdpipe mine` (or `dvc repro mine`)")
+        raise InputError(
+            f"{path}: the mined store is incomplete (interrupted or running); rerun `kdpipe mine` (or `dvc repro mine`)"
+        )
     k, names = attrs.get("k"), attrs.get("splits")
     if not isinstance(k, int) or k < 1 or not isinstance(names, list):
         raise InputError(f"{path}: attributes k={k!r} / splits={names!r} are malformed")
