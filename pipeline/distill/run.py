@@ -170,7 +170,7 @@ def setup_run(
     )
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank, mined)
+    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank, store=store, mined=mined)
     val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
     # A frozen text tower gives every caption the same features at every step: computed once here, so a step
     # costs the projection only (MiniLM over every batch would dominate a small student's step on a CPU).
