@@ -315,6 +315,11 @@ _PART_TITLES = {
 }
 
 
+def run_of(res: dict) -> str:
+    """What made a results file: `bench/run --scale S` (the scale) or another command (bench/gpu_check)."""
+    return res["info"].get("command") or f"scale {res.get('scale')}x"
+
+
 def render_markdown(results: list[dict], plots: dict[str, str] | None = None) -> str:
     """The body of docs/performance.md: one section per results file (device), one table per part."""
     plots = plots or {}
@@ -325,7 +330,7 @@ def render_markdown(results: list[dict], plots: dict[str, str] | None = None) ->
         lines += [f"## {info['device']}", ""]
         versions = ", ".join(f"{k} {info[k]}" for k in ("python", "torch", "cuda", "numpy") if info.get(k))
         lines += [
-            f"`bench/results/{slug}.json` - scale {res.get('scale')}x - {info['date']} - {versions} - "
+            f"`bench/results/{slug}.json` - {run_of(res)} - {info['date']} - {versions} - "
             f"kdpipe {info.get('kdpipe_commit') or '?'} - {info.get('cpu_cores')} CPU cores"
             + (f" ({info['cpu']})" if info.get("gpu") else "")
             + (f" - load average {info['load_average_1min']} at the start" if "load_average_1min" in info else ""),
@@ -373,6 +378,7 @@ otherwise). Reproduce with one command:
 bench/run --scale 0.1          # CPU machine: < 10 minutes; GPU parts report "skipped: no CUDA"
 bench/run --scale 1            # one H100: Flickr30K-sized, every part
 bench/run --only evaluate      # one part; merges into bench/results/<device>.json
+bench/gpu_check                # one GPU, < 8 minutes: the GPU figures (section "The GPU check" below)
 ```
 
 `bench/run` generates the synthetic Flickr30K-shaped dataset first (`bench/make_flickr_like.py`, JPEGs of

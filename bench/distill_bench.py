@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import Report, cuda_available  # noqa: E402
+from _report import DISTILL_REFERENCE, Report, cuda_available  # noqa: E402
 
 N_IMAGES, CAPTIONS_PER_IMAGE, DIM = 31_783, 5, 1024  # Flickr30K-sized bank: 158,915 caption rows
 QUEUE = 8192
@@ -89,7 +89,7 @@ def random_tokens(n: int, length: int = 30, vocab: int = 30522, seed: int = 0) -
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def make_loader(images, store, device, *, batch: int, workers: int, placement: str, n_cache: int):
+def make_loader(images, store, device, *, batch: int, workers: int, placement: str, n_cache: int, queue: int = QUEUE):
     from pipeline.distill.data import BatchLoader, TeacherBank
     from pipeline.distill.sampler import EpochSampler
 
@@ -101,7 +101,7 @@ def make_loader(images, store, device, *, batch: int, workers: int, placement: s
         bank,
         random_tokens(store.n_captions),
         sampler,
-        queue_size=QUEUE,
+        queue_size=queue,
         use_queue=True,
         num_workers=workers,
         cache_rows=cache_rows,
@@ -138,15 +138,21 @@ def bench_data_path(rep: Report, root: Path, store, images, n_cache: int, batche
 
 # -- the training step on the GPU ---------------------------------------------------------------------------
 def default_student_config(root: Path):
-    """The default StudentConfig (ViT-B/16 + BERT-base, random init), with a 30,522-token uncased vocabulary:
-    the MiniLM package's (BERT-base uncased's) when installed, else a synthetic one of the same size."""
+    """The default StudentConfig (ViT-B/16 + BERT-base, random init), with a 30,522-token uncased vocabulary
+    (`uncased_tokenizer`)."""
     from pipeline.towers.student import StudentConfig
     from pipeline.towers.text import TextTowerConfig
 
+    return StudentConfig(text=TextTowerConfig(tokenizer=uncased_tokenizer(root)))
+
+
+def uncased_tokenizer(root: Path) -> Path:
+    """A 30,522-token uncased vocabulary ([CLS] 101, [SEP] 102, as `random_tokens` writes them): the MiniLM
+    package's (BERT-base uncased's) when installed, else a synthetic one of the same size under `root`."""
     try:
         from pipeline.pretrained_assets import minilm_dir
 
-        tok = minilm_dir()
+        return minilm_dir()
     except Exception:  # noqa: BLE001 - any missing asset: build a vocabulary of the same size
         from transformers import BertTokenizer
 
@@ -154,40 +160,66 @@ def default_student_config(root: Path):
         vocab += [f"w{i}" for i in range(30522 - len(vocab))]
         (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
         BertTokenizer(vocab=str(root / "vocab.txt")).save_pretrained(root / "tok")
-        tok = root / "tok"
-    return StudentConfig(text=TextTowerConfig(tokenizer=tok))
+        return root / "tok"
 
 
 def bench_gpu(
     rep: Report, root: Path, store, images, n_cache: int, batches: list[int], steps: int, compile_modes: list[bool]
 ) -> None:
+    """The default student's training step on the GPU, for every compile mode and batch size."""
+    torch.set_float32_matmul_precision("high")
+    configs = [(compiled, batch) for compiled in compile_modes for batch in batches]
+    bench_train_step(rep, store, images, n_cache, configs, steps, default_student_config(root), torch.device("cuda"))
+
+
+def bench_train_step(
+    rep: Report,
+    store,
+    images,
+    n_cache: int,
+    configs: list[tuple[bool, int]],
+    steps: int,
+    student_cfg,
+    device: torch.device,
+    *,
+    queue: int = QUEUE,
+    compile_backend: str = "inductor",
+    part: str = "distill",
+    time_left=None,
+) -> dict[str, dict[str, float | None]]:
+    """pairs/s (and peak GPU memory) of the trainer's step for each (compiled, batch) of `configs`, in that order:
+    BatchLoader -> loss_terms -> balancer -> backward -> AdamW, bf16 autocast. `time_left`: a function giving the
+    seconds left; a configuration that may not finish in them (compiling takes about a minute) is not started."""
     from pipeline.distill.balancer import BalancerConfig, LossBalancer
     from pipeline.distill.config import AugmentConfig
     from pipeline.distill.forward import loss_terms
     from pipeline.distill.losses import DistillLoss, LossConfig
     from pipeline.towers.student import build_student
 
-    device = torch.device("cuda")
-    torch.set_float32_matmul_precision("high")
-    scfg = default_student_config(root)
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
 
-    def one_config(compiled: bool, batch: int) -> tuple[float, float, int]:
+    def one_config(compiled: bool, batch: int) -> tuple[float, float | None, int]:
         """pairs/s and peak GB of `steps` training steps after a warmup; everything is freed on return."""
         torch.manual_seed(0)
-        model = build_student(scfg, DIM).to(device).train()
-        forward = torch.compile(model) if compiled else model
-        loss_fn = DistillLoss(LossConfig(queue_size=QUEUE)).to(device)
+        model = build_student(student_cfg, store.text_emb.shape[1]).to(device).train()
+        forward = torch.compile(model, backend=compile_backend) if compiled else model
+        loss_fn = DistillLoss(LossConfig(queue_size=queue)).to(device)
         balancer = LossBalancer(BalancerConfig(), loss_fn.term_names, loss_fn.weights)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
-        loader = make_loader(images, store, device, batch=batch, workers=4, placement="auto", n_cache=n_cache)
+        workers = 4 if cuda else 0
+        loader = make_loader(
+            images, store, device, batch=batch, workers=workers, placement="auto", n_cache=n_cache, queue=queue
+        )
         gen = torch.Generator()
         warmup = 8 if compiled else 3
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         for i, hb in enumerate(loader.iterate(0, 0, warmup + steps)):  # the trainer's step, minus logging
             if i == warmup:
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
             b = loader.to_device(hb)
             raw = loss_terms(model, forward, loss_fn, b, augment=AugmentConfig(), seed=i, gen=gen, autocast=autocast)
@@ -198,35 +230,41 @@ def bench_gpu(
             loader.release(hb)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         rate = steps * batch / (time.perf_counter() - t0)
-        return rate, torch.cuda.max_memory_allocated() / 1e9, sum(p.numel() for p in model.parameters())
+        peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+        return rate, peak, sum(p.numel() for p in model.parameters())
 
-    results = {}
-    for compiled in compile_modes:
-        for batch in batches:
-            torch._dynamo.reset()
-            gc.collect()
+    results: dict[str, dict[str, float | None]] = {}
+    for compiled, batch in configs:
+        label = f"batch {batch}, {'compiled' if compiled else 'eager'}"
+        if time_left is not None and time_left() < (60 if compiled and cuda else 10):
+            rep.add(part, f"pairs/s, {label}", None, "pairs/s", note="not measured: out of this part's time budget")
+            continue
+        torch._dynamo.reset()
+        gc.collect()
+        if cuda:
             torch.cuda.empty_cache()
-            label = f"batch {batch}, {'compiled' if compiled else 'eager'}"
-            try:
-                rate, peak, params = one_config(compiled, batch)
-            except torch.cuda.OutOfMemoryError:
-                rep.add("distill", f"pairs/s, {label}", None, "pairs/s", note="out of GPU memory")
-                continue
-            ref = {64: 918, 256: 1720} if not compiled else {64: 1136, 256: 2456}
-            rep.add(
-                "distill",
-                f"pairs/s, {label}",
-                rate,
-                "pairs/s",
-                target=2400 if (compiled and batch == 256) else None,
-                ceiling=ref.get(batch),
-                note=f"{params / 1e6:.0f}M parameters, bank on the GPU, K = {QUEUE}",
-            )
-            rep.add("distill", f"peak GPU memory, {label}", peak, "GB", target=20 if batch == 64 else None)
-            results[label] = {"pairs_per_s": rate, "peak_gb": peak}
-    rep.extra("distill", "train_step", results)
+        try:
+            rate, peak, params = one_config(compiled, batch)
+        except torch.cuda.OutOfMemoryError:
+            rep.add(part, f"pairs/s, {label}", None, "pairs/s", note="out of GPU memory")
+            continue
+        ref = DISTILL_REFERENCE["compiled" if compiled else "eager"] if cuda else {}
+        rep.add(
+            part,
+            f"pairs/s, {label}",
+            rate,
+            "pairs/s",
+            target=2400 if (cuda and compiled and batch == 256) else None,
+            ceiling=ref.get(batch),
+            note=f"{params / 1e6:.0f}M parameters, bank on the {device.type}, K = {queue}",
+        )
+        if peak is not None:
+            rep.add(part, f"peak GPU memory, {label}", peak, "GB", target=20 if batch == 64 else None)
+        results[label] = {"pairs_per_s": rate, "peak_gb": peak}
+    rep.extra(part, "train_step", results)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ def run(
 ) -> dict:
     """`device` / `dims` other than the defaults only to smoke-test this script on a CPU."""
     from pipeline.teachers.beit3 import BEiT3Teacher
-    from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3ForRetrieval, count_parameters
+    from pipeline.teachers.beit3_model import BEIT3_PRESETS, BEiT3ForRetrieval
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -58,7 +58,7 @@ def run(
     teacher = BEiT3Teacher.from_model(model, None, device=device, dtype=dtype if cuda else torch.float32)
     out = {
         "config": config,
-        "params": count_parameters(dims),
+        "params": sum(p.numel() for p in model.parameters()),
         "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "dtype": str(teacher.dtype).replace("torch.", ""),
         "image_batch": image_batch,
@@ -76,6 +76,43 @@ def run(
         out[f"captions_per_s_{n_tok}tok"] = _rate(lambda: teacher.encode_text_batch(tokens), text_batch, sync, seconds)
     del model, teacher
     if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def agreement(dims, dtype: torch.dtype, device: str = "cuda", n_images: int = 32, n_captions: int = 128) -> dict:
+    """How far `dtype` autocast (the extract stage's compute on a GPU) moves the teacher's embeddings from float32:
+    the same random weights and inputs encoded both ways; per row, the cosine between the two unit embeddings
+    (min and mean), for images and for captions (CAPTION_TOKENS[1] tokens)."""
+    from pipeline.teachers.beit3_model import BEiT3ForRetrieval
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BEiT3ForRetrieval(dims).eval()
+    pixels = torch.randn(n_images, 3, dims.image_size, dims.image_size, device=device)
+    ids = torch.randint(4, min(64000, dims.vocab_size), (n_captions, CAPTION_TOKENS[1]), device=device)
+    ids[:, 0], ids[:, -1] = 0, 2
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    out = {"dtype": str(dtype).replace("torch.", ""), "n_images": n_images, "n_captions": n_captions}
+    precision, tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")  # the reference in float32 proper, not TF32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            for kind, encode in (
+                ("image", lambda: model.encode_image(pixels)),
+                ("text", lambda: model.encode_text(ids, mask)),
+            ):
+                full = torch.nn.functional.normalize(encode().float(), dim=-1)
+                with torch.autocast(torch.device(device).type, dtype=dtype):
+                    low = torch.nn.functional.normalize(encode().float(), dim=-1)
+                cos = (full * low).sum(-1)
+                out[f"{kind}_min_cos"], out[f"{kind}_mean_cos"] = cos.min().item(), cos.mean().item()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = tf32
+    del model
+    if device == "cuda":
         torch.cuda.empty_cache()
     return out
 

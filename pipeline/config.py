@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.errors import ConfigError
 from pipeline.store.durable import write_text_durably
+from pipeline.store.ownership import Output, read_small
 
 T = TypeVar("T")
 
@@ -155,5 +156,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def write_resolved(cfg: Any, path: Path, section: str) -> None:
-    """Write the resolved config of a stage next to its outputs (`{section: {...}}`)."""
-    write_text_durably(path, yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False))
+    """Write the resolved config of a stage next to its outputs (`{section: {...}}`), over nothing or over an
+    earlier one (a YAML mapping of that one section)."""
+
+    def earlier(p: Path) -> bool:
+        doc = yaml.safe_load(read_small(p))
+        return isinstance(doc, dict) and list(doc) == [section] and isinstance(doc[section], dict)
+
+    resolved = Output(f"a resolved {section} config", recognise=earlier)
+    write_text_durably(path, yaml.safe_dump({section: to_dict(cfg)}, sort_keys=False), resolved)

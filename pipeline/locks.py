@@ -9,9 +9,8 @@ says so because the file still holds the dead holder's record (a clean release e
 Readers (`read_lock`: open_store, open_image_cache, verify_store) take the same file *shared* while they
 open and map an output, and let go once mapped: a reader that comes while a run rewrites the output waits
 for it, saying whom it waits for (or refuses at once, `wait=False`), and then opens the new output, never one
-half rewritten. Waiting, not the old store, because a store being rewritten has no old complete version left
-to give (extract clears it, or marks it incomplete, before writing) and the run was started because the old
-one is out of date. Once open, a reader keeps what it mapped: writers replace files by rename (zarr, durable),
+half rewritten. Waiting, not the old store (which extract keeps whole until the new one is complete), because
+the run was started because the old one is out of date. Once open, a reader keeps what it mapped: writers replace files by rename (zarr, durable),
 never in place, so its maps hold the old files' contents until it closes them.
 
 Advisory: only kdpipe's processes take it. torchrun: only the job's rank 0 takes the lock, before it joins
@@ -40,7 +39,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.errors import KdpipeError
+from pipeline.errors import InputError, KdpipeError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,15 @@ def output_lock(
     wait = _resolve_wait(wait)
     say = say or log.warning  # shown under --quiet too: a run that seems to hang says why
     path = lock_path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a directory of the output's path goes
+        from pipeline.store.ownership import not_a_directory
+
+        raise InputError(
+            f"{not_a_directory(path.parent)}: is a file, where a directory of {output} goes; move it away or "
+            "choose another path"
+        ) from None
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
     key = Path(output).resolve()
     try:

@@ -70,6 +70,11 @@ def command(
     apply_runtime(raw, cfg.num_workers)
     verify_if_asked(raw, paths.features)
     out_dir = paths.model(run) if run else paths.workdir / "baseline" if baseline else paths.student
+    if run:  # before hours of training: the copies of its curves must be able to go where they go
+        from pipeline.store.ownership import claim
+
+        for log, target in paths.training_curves(run).items():
+            claim(target, training_curve(log))
     # rank 0 locks before joining the process group: the other ranks wait in the rendezvous meanwhile
     with writing(out_dir, no_wait=no_wait):
         result = train(cfg, paths, out_dir, run=run, baseline=baseline, resume=resume)
@@ -135,4 +140,12 @@ def copy_training_curves(out_dir: Path, targets: dict[str, Path]) -> None:
 
     for log, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_file_durably(target, (out_dir / f"{log}_log.csv").read_bytes())
+        write_file_durably(target, (out_dir / f"{log}_log.csv").read_bytes(), training_curve(log))
+
+
+def training_curve(log: str):
+    """What the copy of `log`_log.csv replaces: nothing, or an earlier copy (a CSV with the header of such a log)."""
+    from pipeline.store.ownership import Output, text_with
+
+    header = {"train": "step,epoch,lr,pairs_per_s,loss,", "val": "epoch,step,i2t_r1,"}[log]
+    return Output(f"a copy of a {log}_log.csv", recognise=text_with(header, within=len(header)))

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import apply_overrides, from_dict
-from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -50,6 +48,11 @@ def command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Exact R@1/5/10, RSUM and median rank of teacher and student(s); latency, parameters, recall@K plots."""
+    from pipeline.config import apply_overrides, from_dict
+    from pipeline.evaluate.outputs import METRICS_FILE
+    from pipeline.evaluate.run import EvaluateConfig, evaluate_features, run_evaluate, write_json
+    from pipeline.store.ownership import claim
+
     if features is not None:
         # No params file needed: the default one is read when present (device, backend, tile size), an
         # explicitly named one must exist.
@@ -58,12 +61,14 @@ def command(
         cfg = from_dict(EvaluateConfig, raw.get("evaluate"), "evaluate")
         apply_runtime(raw)
         verify_if_asked(raw, features)
+        if out is not None:
+            claim(out, METRICS_FILE)  # before the work: a path that is not an earlier metrics file is refused
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
             echo(json.dumps(doc, indent=2))
         else:
             with writing(out, no_wait=no_wait):
-                write_json(doc, out)
+                write_json(doc, out, METRICS_FILE)
             t = doc["teacher"]
             echo(
                 f"evaluate: {features} {doc['split']}: {doc['n_images']:,} images / {doc['n_captions']:,} "

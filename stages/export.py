@@ -11,7 +11,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline.deploy.export import ExportRequest, run_export
 from stages._common import NO_WAIT_OPTION, PARAMS_OPTION, WORKDIR_OPTION, echo, run_stage, writing
 from stages._deploy import STUDENT_OPTION, artifact_paths, default_student
 
@@ -40,6 +39,8 @@ def command(
 ) -> None:
     """Make the student usable without kdpipe: model card, transformers / open_clip / sentence-transformers copies,
     ONNX encoders; each computes kdpipe's embeddings, or is refused in one line."""
+    from pipeline.deploy.export import ExportRequest, run_export
+
     paths = artifact_paths(params, workdir)
     student = student or default_student(params, paths)
     # not into the student directory by default: it is a DVC output, which DVC would then see modified

@@ -10,9 +10,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline.data.index import DatasetIndex
-from pipeline.extract.config import ExtractConfig
-from pipeline.extract.run import run_extract
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -38,6 +35,10 @@ def command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Compute the teacher's L2-normalized features of all images and captions (resumable, torchrun-aware)."""
+    from pipeline.data.index import DatasetIndex
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.extract.run import run_extract
+
     cfg, paths = load_stage(params, "extract", ExtractConfig, set_, workdir)
     out = out or paths.features
     with writing(out, no_wait=no_wait):  # rank 0 locks before run_extract joins the process group

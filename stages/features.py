@@ -1,12 +1,5 @@
 """Feature-store tools: `kdpipe export-hdf5`, `kdpipe import-hdf5`, `kdpipe import-dsmd`, and clip-retrieval's
-layout: `kdpipe import-embeddings`, `kdpipe export-embeddings`.
-
-Register in stages/cli.py:
-    app.command("export-hdf5")(features.export_hdf5)
-    app.command("import-hdf5")(features.import_hdf5)
-    app.command("import-dsmd")(features.import_dsmd)
-    app.command("import-embeddings")(features.import_embeddings)
-    app.command("export-embeddings")(features.export_embeddings)
+layout: `kdpipe import-embeddings`, `kdpipe export-embeddings` (in stages/cli.py's COMMANDS).
 """
 
 from __future__ import annotations
@@ -15,9 +8,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.data.index import DatasetIndex
 from pipeline.errors import ConfigError
-from pipeline.store.durable import naming
 from stages._common import NO_WAIT_OPTION, echo, run_stage, writing
 
 _STORE_DTYPE_HELP = "Store dtype: float16 or float32 (default: the source's, else float16)."
@@ -46,6 +37,8 @@ def import_hdf5(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Build a feature store from teacher features in an HDF5 file."""
+    from pipeline.data.index import DatasetIndex
+    from pipeline.store.durable import naming
     from pipeline.store.hdf5 import import_hdf5 as do_import
 
     teacher = {"name": teacher_name} if teacher_name else None
@@ -75,6 +68,8 @@ def import_dsmd(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Build a feature store from DSMD-style per-caption tensors (each image feature repeated per caption)."""
+    from pipeline.data.index import DatasetIndex
+    from pipeline.store.durable import naming
     from pipeline.store.hdf5 import import_dsmd as do_import
 
     image_files, text_files = _split_files(images, "--images"), _split_files(texts, "--texts")
@@ -97,7 +92,9 @@ def import_embeddings(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Build a feature store from embeddings computed elsewhere (clip-retrieval, LAION's), matched to the index."""
+    from pipeline.data.index import DatasetIndex
     from pipeline.store.clip_retrieval import import_embeddings as do_import
+    from pipeline.store.durable import naming
 
     if match not in ("auto", "image_path", "key"):
         raise ConfigError(f"--match {match!r}: expected image_path, key or auto")
@@ -116,6 +113,7 @@ def export_embeddings(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Write a feature store in clip-retrieval's layout, which autofaiss and clip-retrieval read."""
+    from pipeline.data.index import DatasetIndex
     from pipeline.store.clip_retrieval import export_embeddings as export
 
     with writing(out, no_wait=no_wait):

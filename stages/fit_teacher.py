@@ -10,8 +10,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline.devices import resolve_device
-from pipeline.teachers.fit_teacher import FitTeacherConfig, run_fit_teacher
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -35,6 +33,9 @@ def command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Fit the demo teacher's two linear heads on its training pairs (train split only), deterministically."""
+    from pipeline.devices import resolve_device
+    from pipeline.teachers.fit_teacher import FitTeacherConfig, run_fit_teacher
+
     cfg, paths = load_stage(params, "fit_teacher", FitTeacherConfig, set_, workdir)
     out = out or paths.teacher
     with writing(out, no_wait=no_wait):

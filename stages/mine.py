@@ -9,8 +9,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline.data.index import DatasetIndex
-from pipeline.mine.run import MineConfig, run_mine
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -36,6 +34,9 @@ def command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Mine the teacher's hardest neighbours over the whole bank (exact, resumable) and score them."""
+    from pipeline.data.index import DatasetIndex
+    from pipeline.mine.run import MineConfig, run_mine
+
     cfg, paths = load_stage(params, "mine", MineConfig, set_, workdir)
     out = out or paths.mined
     with writing(out, no_wait=no_wait):

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import typer
 
-from pipeline.data.prepare import PrepareConfig, run_prepare
-from pipeline.store.durable import naming
 from stages._common import (
     NO_WAIT_OPTION,
     PARAMS_OPTION,
@@ -34,6 +32,9 @@ def command(
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Decode every image once into the uint8 student-resolution cache, and write the dataset index."""
+    from pipeline.data.prepare import PrepareConfig, run_prepare
+    from pipeline.store.durable import naming
+
     cfg, paths = load_stage(params, "prepare", PrepareConfig, set_, workdir)
     with writing(paths.index_dir, paths.images, no_wait=no_wait):
         with naming(paths.images):  # the decode tasks' writes into the cache name no file when the disk fills

@@ -1,9 +1,18 @@
-"""Fixtures shared by the student, training and evaluation tests: a tiny WordPiece tokenizer and one thread."""
+"""Fixtures shared by the student, training and evaluation tests: a tiny WordPiece tokenizer and one thread.
 
+`KDPIPE_TEST_WITHOUT=demo` (any extras of pyproject.toml, comma-separated) runs the suite as on a machine
+without those extras (tests/extras.py)."""
+
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("KDPIPE_TEST_WITHOUT"):  # tests/extras.py: as on a machine without these extras
+    from extras import hide_extras
+
+    HIDDEN_MODULES = hide_extras([e.strip() for e in os.environ["KDPIPE_TEST_WITHOUT"].split(",") if e.strip()])
 
 # the vocabulary of the tiny test tokenizer (after the five BERT special tokens)
 WORDS = "a the dog cat man woman red blue runs sits on in with photo of".split()

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
+
+from pipeline.data.readers import DatasetConfig, read_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/ is scripts, not a package
 import make_flickr_like as gen  # noqa: E402
@@ -46,9 +47,8 @@ def test_tiny_dataset_reads_decodes_and_is_deterministic(tmp_path):
             pixels = np.asarray(pic.convert("RGB"))
         assert pixels.std() > 10  # real content, not a flat image
 
-    datasets = pytest.importorskip("pipeline.data.readers")
-    index = datasets.read_dataset(
-        datasets.DatasetConfig(annotations=a / "dataset_flickr30k.json", image_root=a / "images", name="flickr_like")
+    index = read_dataset(
+        DatasetConfig(annotations=a / "dataset_flickr30k.json", image_root=a / "images", name="flickr_like")
     )
     assert index.n_images == 12 and index.n_captions == 60
     assert all(index.image_abspath(r).is_file() for r in range(index.n_images))

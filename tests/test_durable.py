@@ -8,6 +8,9 @@ import pytest
 
 from pipeline.store import durable
 from pipeline.store.durable import atomic_dir, atomic_path, remove_partial_files, replace_dir, write_file_durably
+from pipeline.store.ownership import Output
+
+PNGS = Output("a test's plots", directory=True, names=frozenset({"a.png", "b.png", "stale.png", "fresh.png"}))
 
 
 def test_write_replaces_atomically_and_leaves_no_temp_file(tmp_path):
@@ -46,7 +49,7 @@ def test_replace_dir_swaps_whole_directories(tmp_path):
     (old / "stale.png").write_bytes(b"1")
     new.mkdir()
     (new / "fresh.png").write_bytes(b"2")
-    replace_dir(new, old)
+    replace_dir(new, old, PNGS)
     assert [p.name for p in old.iterdir()] == ["fresh.png"]
     assert [p.name for p in tmp_path.iterdir()] == ["plots"]
 
@@ -72,7 +75,7 @@ def test_atomic_dir_removes_what_a_killed_writer_left_and_keeps_a_live_ones(tmp_
         for d in (stale, old, busy, other):
             d.mkdir()
             (d / "a.png").write_bytes(b"1")
-        with atomic_dir(tmp_path / "plots") as tmp:
+        with atomic_dir(tmp_path / "plots", PNGS) as tmp:
             (tmp / "b.png").write_bytes(b"2")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, other.name, "plots"])
         assert [p.name for p in (tmp_path / "plots").iterdir()] == ["b.png"]

@@ -18,11 +18,11 @@ from pipeline.extract.images import load_rgb
 from pipeline.paths import ArtifactPaths
 from pipeline.store.image_cache import open_image_cache
 
-skimage_data = pytest.importorskip("skimage.data", reason="the real test photo ships with scikit-image")
-
 
 def photo(size=(400, 300)) -> Image.Image:
-    """A real, asymmetric photo (a rotation or mirror of it is never the same image)."""
+    """A real, asymmetric photo (a rotation or mirror of it is never the same image); the tests that use one
+    skip without the demo extras."""
+    skimage_data = pytest.importorskip("skimage.data", reason="the real test photo ships with scikit-image")
     return Image.fromarray(skimage_data.astronaut()).resize(size, Image.BILINEAR)
 
 

@@ -4,6 +4,7 @@ index or setting never mixes rows, torchrun ranks give the same store, bad image
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -252,8 +253,103 @@ def test_a_complete_store_is_rewritten_and_fresh_forces_a_restart(dataset, refer
     assert result.units_reused == 0 and "--fresh" in result.restart_reason
     capsys.readouterr()
     result = run_extract(index, CFG, out, teacher=TinyTeacher())
-    assert result.units_reused == 0 and "replacing the complete store" in capsys.readouterr().err + caplog.text
+    assert result.units_reused == 0 and "rewriting the complete store" in capsys.readouterr().err + caplog.text
     assert verified_files(out) == store_files(reference)
+
+
+# -- a complete store stays whole until its rewrite is complete ------------------------------------------------
+def _kept(tmp_path, out, before):
+    """The complete store at `out` is exactly as it was, and readable; nothing else of kdpipe's is left around."""
+    assert store_files(out) == before and open_store(out).attrs["complete"] is True
+    return sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".kdpipe-lock"))
+
+
+def test_a_failed_rewrite_keeps_the_complete_store_and_the_rerun_resumes_the_rewrite(dataset, reference, tmp_path):
+    index, _ = dataset
+    out = tmp_path / "features.zarr"
+    run_extract(index, CFG, out, teacher=TinyTeacher(seed=1))  # a complete store of another teacher
+    before = store_files(out)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_extract(index, CFG, out, teacher=TinyTeacher(fail_after=6))
+    assert _kept(tmp_path, out, before) == [".features.zarr.next", "features.zarr"]  # the rewrite, beside it
+    again = run_extract(index, CFG, out, teacher=TinyTeacher())
+    assert 0 < again.units_reused < again.units_total  # resumed, not started over
+    assert verified_files(out) == store_files(reference)
+    assert _kept(tmp_path, out, store_files(reference)) == ["features.zarr"]
+
+
+def test_a_full_disk_during_a_rewrite_keeps_the_complete_store(dataset, tmp_path, monkeypatch):
+    """What the one-line error then says, "completed outputs are untouched", is true."""
+    import errno
+
+    from pipeline.store import features_writer
+    from pipeline.system_errors import environment_error
+
+    index, _ = dataset
+    out = tmp_path / "features.zarr"
+    run_extract(index, CFG, out, teacher=TinyTeacher(seed=1))
+    before = store_files(out)
+    real, calls = features_writer.StoreWriter.write_chunk, []
+
+    def full_disk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(features_writer.StoreWriter, "write_chunk", full_disk)
+    with pytest.raises(OSError) as err:
+        run_extract(index, CFG, out, teacher=TinyTeacher())
+    assert "completed outputs are untouched" in str(environment_error(err.value))
+    _kept(tmp_path, out, before)
+
+
+def test_a_rewrite_on_a_disk_without_room_for_two_stores_is_refused_first(dataset, tmp_path, monkeypatch):
+    import collections
+
+    from pipeline.extract import resume
+
+    index, _ = dataset
+    out = tmp_path / "features.zarr"
+    run_extract(index, CFG, out, teacher=TinyTeacher(seed=1))
+    before = store_files(out)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(resume.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 5000, 5000))
+    with pytest.raises(InputError) as err:
+        run_extract(index, CFG, out, teacher=TinyTeacher())
+    message = str(err.value)
+    need = re.match(
+        rf"{re.escape(str(out))}: rewriting this complete store needs about ([0-9.]+) MB free beside it", message
+    )
+    # at least the store's own size (another such store must fit), at most that plus the allowance for metadata
+    size = sum(len(b) for b in before.values())
+    assert need and size <= float(need[1]) * 1e6 + 5e4 <= size + 1.2e6, (message, size)
+    assert "0.0 MB are free; free space, or delete the old store" in message
+    assert _kept(tmp_path, out, before) == ["features.zarr"]
+
+
+def test_a_kill_after_the_rewrite_completed_but_before_the_swap_is_finished_by_the_rerun(
+    dataset, reference, tmp_path, monkeypatch
+):
+    from pipeline.extract import run as extract_run
+
+    index, _ = dataset
+    out = tmp_path / "features.zarr"
+    run_extract(index, CFG, out, teacher=TinyTeacher(seed=1))
+    before = store_files(out)
+
+    def killed(out, stage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_run, "publish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(index, CFG, out, teacher=TinyTeacher())
+    _kept(tmp_path, out, before)
+    monkeypatch.undo()
+    again = run_extract(index, CFG, out, teacher=TinyTeacher())
+    assert again.units_computed == 0
+    assert verified_files(out) == store_files(reference)
+    assert _kept(tmp_path, out, store_files(reference)) == ["features.zarr"]
 
 
 def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, reference, tmp_path):
@@ -274,13 +370,15 @@ def test_two_torchrun_ranks_write_the_same_store_as_one_process(dataset, referen
     """,
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    code, output = run_ranks([*command, str(root / "index"), str(out), str(tmp_path)], env=_env(fsync=False))
-    assert code == 0, output
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert sorted(r["rank"] for r in results) == [0, 1]
-    assert all(r["computed"] > 0 for r in results)  # both ranks did work...
-    assert sum(r["computed"] for r in results) == results[0]["total"]  # ...and each unit was done once
-    assert verified_files(out) == store_files(reference)
+    for _ in ("a new store", "the rewrite of a complete one, beside it"):
+        code, output = run_ranks([*command, str(root / "index"), str(out), str(tmp_path)], env=_env(fsync=False))
+        assert code == 0, output
+        results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert sorted(r["rank"] for r in results) == [0, 1]
+        assert all(r["computed"] > 0 for r in results)  # both ranks did work...
+        assert sum(r["computed"] for r in results) == results[0]["total"]  # ...and each unit was done once
+        assert verified_files(out) == store_files(reference)
+    assert not (tmp_path / ".features.zarr.next").exists()
 
 
 def _corrupt(root, index):
@@ -351,7 +449,9 @@ def test_unknown_split_and_foreign_output_directory_are_refused(dataset, tmp_pat
         run_extract(index, ExtractConfig(splits=("val",)), tmp_path / "f.zarr", teacher=TinyTeacher())
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(InputError, match="not a feature store; remove it or choose another path"):
+    with pytest.raises(
+        InputError, match="exists and is not a feature store written by kdpipe; kdpipe replaces only what it wrote"
+    ):
         run_extract(index, CFG, tmp_path / "mine", teacher=TinyTeacher())
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     only_test = tmp_path / "test_only.zarr"

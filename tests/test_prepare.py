@@ -21,8 +21,15 @@ from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
 from pipeline.store.image_cache import open_image_cache
 
-skimage_data = pytest.importorskip("skimage.data", reason="the real test photos ship with scikit-image")
-sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="the real test photos ship with scikit-learn")
+
+def photo_packages():
+    """(skimage.data, sklearn.datasets): the real photos ship with them (demo extras); a test that needs them
+    skips without."""
+    return (
+        pytest.importorskip("skimage.data", reason="the real test photos ship with scikit-image"),
+        pytest.importorskip("sklearn.datasets", reason="the real test photos ship with scikit-learn"),
+    )
+
 
 FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
@@ -54,6 +61,7 @@ def flickr_sized(photo: np.ndarray, size=(500, 375)) -> Image.Image:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """Real photos written as JPEG/PNG files, Flickr-sized, landscape and portrait, colour and grey."""
+    skimage_data, sklearn_datasets = photo_packages()
     root = tmp_path_factory.mktemp("photos")
     china, flower = sklearn_datasets.load_sample_images().images
     flickr_sized(skimage_data.astronaut()).save(root / "astronaut.jpg", quality=90)
@@ -155,6 +163,7 @@ def test_other_recipes_match_their_references(photos, rc):
 def test_draft_mode_is_faithful_within_tolerance(tmp_path):
     """Large JPEGs take libjpeg's DCT-scaled decode: mean |diff| < 2 grey levels and PSNR > 35 dB vs a full
     decode (measured 0.3-1.4 and 40-53 dB); without draft, equal to the reference pixel for pixel."""
+    skimage_data, sklearn_datasets = photo_packages()
     china, flower = sklearn_datasets.load_sample_images().images
     big = {
         "retina.jpg": skimage_data.retina(),  # 1411 x 1411: 1/4 scale

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from extract_helpers import TinyTeacher, make_dataset
+from extract_helpers import TinyTeacher, make_dataset, store_files
 from PIL import Image
 
 import pipeline.extract.finalize as finalize
 import pipeline.locks as locks
 import pipeline.store.durable as durable
 import pipeline.store.features as features
-import pipeline.store.features_writer as features_writer
 from pipeline.data.file_hashes import sha256_file
 from pipeline.data.index import DatasetIndex
 from pipeline.extract.config import ExtractConfig
@@ -131,18 +130,20 @@ def _chunk_written(monkeypatch, pause: Pause) -> None:
     monkeypatch.setattr(StoreWriter, "write_chunk", write_chunk)
 
 
-def _store_cleared_halfway(monkeypatch, pause: Pause) -> None:
-    class Shutil:
+def _old_store_moved_aside(monkeypatch, pause: Pause) -> None:
+    """durable.replace_dir swapping the rewritten store in: stop between its two renames (no store at `out`)."""
+
+    class Os:
         def __getattr__(self, name):
-            return getattr(real_shutil, name)
+            return getattr(os, name)
 
         @staticmethod
-        def rmtree(path, *args, **kwargs):
-            real_shutil.rmtree(path, *args, **kwargs)
-            pause()
+        def replace(src, dst):
+            os.replace(src, dst)
+            if Path(dst).name.startswith(".features.zarr.old-"):
+                pause()
 
-    real_shutil = features_writer.shutil
-    monkeypatch.setattr(features_writer, "shutil", Shutil())
+    monkeypatch.setattr(durable, "os", Os())
 
 
 def _split_moved_away(monkeypatch, pause: Pause) -> None:
@@ -160,7 +161,7 @@ def hashed(index: DatasetIndex) -> DatasetIndex:
 
 
 @pytest.mark.parametrize(
-    "case", ["a: fresh store, clearing", "a: fresh store, chunk written", "b: stale chunk redone", "c: compaction"]
+    "case", ["a: fresh store, chunk written", "a: fresh store, swap", "b: stale chunk redone", "c: compaction"]
 )
 def test_a_reader_during_extract_gets_the_old_or_the_new_store(tmp_path, monkeypatch, waiting, case):
     index = hashed(make_dataset(tmp_path / "data", n_train=20, n_test=5))
@@ -172,21 +173,26 @@ def test_a_reader_during_extract_gets_the_old_or_the_new_store(tmp_path, monkeyp
     teacher, cfg = TinyTeacher(), CFG
     if case.startswith("a"):
         teacher = TinyTeacher(seed=1)  # another teacher: the store is written anew
-    if case.startswith("b"):  # image 10 replaced: train image chunk 1 alone is computed again, in place
+    if case.startswith("b"):  # image 10 replaced: train image chunk 1 alone is computed again, in a linked copy
         Image.fromarray(np.full((14, 20, 3), 200, np.uint8)).save(index.image_abspath(10), format="JPEG")
         index = hashed(index)
     if case.startswith("c"):  # image 3 broken: its split is compacted at the end
         index.image_abspath(3).write_bytes(b"not an image")
         index, cfg = hashed(index), ExtractConfig(**{**CFG.__dict__, "on_bad_image": "skip"})
     pause = Pause()
-    hook = {"clearing": _store_cleared_halfway, "compaction": _split_moved_away}.get(case.split()[-1], _chunk_written)
+    hook = {"swap": _old_store_moved_aside, "compaction": _split_moved_away}.get(case.split()[-1], _chunk_written)
     hook(monkeypatch, pause)
+    before = store_files(out)
 
     writer = Thread(lambda: run_extract(index, cfg, out, teacher=teacher), lock=out)
     writer.start()
     assert pause.reached.wait(60), writer.error
-    # a reader without the lock (plain zarr) is refused too: the store is marked incomplete before it changes
-    assert read_attrs(out) is None or read_attrs(out)["complete"] is False
+    # a reader without the lock (plain zarr) sees the old complete store, whole: the rewrite goes on beside it;
+    # or, for the moment between the two renames that swap the new one in, no store
+    if case.endswith("swap"):
+        assert read_attrs(out) is None
+    else:
+        assert read_attrs(out)["complete"] is True and store_files(out) == before
     got = values(read_during(out, writer, pause, waiting, lambda wait: open_store(out, wait=wait)))
     new = values(open_store(out))
     assert same(got, new) and not same(new, old)

@@ -125,6 +125,62 @@ def test_fp16_store_is_scored_in_fp32():
     assert got.t2i.tolist() == [1, 2]  # c1 ties exactly (1.0) between both images: pessimistic
 
 
+@pytest.fixture
+def reduced_matmul_precision():
+    """The process asks for reduced-precision float32 matmuls (TF32 on CUDA, bf16 in oneDNN on the CPU), as
+    training code often does; put back as found."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_scores_are_full_fp32_matmuls_whatever_the_process_asked_for(reduced_matmul_precision, monkeypatch):
+    """While a score tile is computed, both backends' float32 matmuls are IEEE; the process's own setting is
+    back afterwards. (Checked on the flags, so it holds on any machine, also one whose kernels ignore them.)"""
+    asked = (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    assert asked != ("ieee", "ieee")  # what the fixture set: the guard has something to undo
+    seen = []
+    scores = rm._Scratch.scores
+
+    def recording_scores(self, rows, cols):
+        seen.append((torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return scores(self, rows, cols)
+
+    monkeypatch.setattr(rm._Scratch, "scores", recording_scores)
+    rng = np.random.default_rng(0)
+    retrieval_ranks(dyadic(rng, 20), dyadic(rng, 20), np.arange(20), chunk_size=8)
+    assert len(seen) > 1 and set(seen) == {("ieee", "ieee")}
+    assert (torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == asked
+
+
+def near_twins(rng: np.random.Generator, n: int, dim: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Unit image rows in pairs that differ by ~1e-6, and a noisy caption per image: every caption's two
+    closest images are a near tie that a reduced-precision product reorders."""
+    img = rng.standard_normal((n, dim)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    img[1::2] = img[0::2] + 1e-6 * rng.standard_normal((n // 2, dim)).astype(np.float32)
+    txt = img + 0.05 * rng.standard_normal((n, dim)).astype(np.float32)
+    return img, txt / np.linalg.norm(txt, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_ranks_under_reduced_matmul_precision_are_the_full_precision_ranks(reduced_matmul_precision, device):
+    """The ranks themselves: computed while the process asks for TF32 / bf16 matmuls, they equal the ranks
+    under full precision (where the CPU honours bf16, as oneDNN does on AVX512-BF16 CPUs, dropping the guard
+    reorders ~1 in 10 of these near ties; on CUDA, TF32 reorders far more)."""
+    img, txt = near_twins(np.random.default_rng(0), 400)
+    ti = np.arange(len(img))
+    got = retrieval_ranks(img, txt, ti, device=device)
+    torch.set_float32_matmul_precision("highest")
+    want = retrieval_ranks(img, txt, ti, device=device)
+    np.testing.assert_array_equal(got.i2t, want.i2t)
+    np.testing.assert_array_equal(got.t2i, want.t2i)
+
+
 def test_perfect_embeddings_give_100_everywhere():
     rng = np.random.default_rng(0)
     n = 50

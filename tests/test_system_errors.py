@@ -16,6 +16,7 @@ from extract_helpers import TinyTeacher, make_dataset
 from typer.testing import CliRunner
 
 from pipeline.store.durable import atomic_dir, atomic_path
+from pipeline.store.ownership import Output
 from pipeline.system_errors import environment_error
 
 _MESSAGES = {
@@ -55,7 +56,7 @@ def test_a_failed_write_removes_its_temp_file_and_names_the_target(tmp_path):
     # the same for a directory written whole, and for torch's C++ writer (RuntimeError over the OSError)
     plots = tmp_path / "plots"
     with pytest.raises(OSError) as info:
-        with atomic_dir(plots) as tmp:
+        with atomic_dir(plots, Output("a test's plots", directory=True, names=frozenset({"a.png"}))) as tmp:
             (tmp / "a.png").write_bytes(b"half")
             try:
                 raise OSError(errno.ENOSPC, "No space left on device")

@@ -21,6 +21,7 @@ from pipeline.distill.data import BatchLoader, TeacherBank, random_resized_crop,
 from pipeline.distill.losses import DistillLoss
 from pipeline.distill.run import run_distill
 from pipeline.distill.sampler import EpochSampler
+from pipeline.distill.schedule import step_seed
 from pipeline.errors import ConfigError, InputError
 from pipeline.store.features import open_store
 from pipeline.store.features_writer import write_store
@@ -217,6 +218,50 @@ def test_random_resized_crop_depends_on_the_seed_only():
     assert a.shape == (3, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     full = random_resized_crop(x, 40, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1), flip=False)
     torch.testing.assert_close(full, x, rtol=0, atol=1e-5)  # the whole image, unflipped: the identity
+
+
+def test_step_seed_is_its_own_for_every_position():
+    """Every (seed, epoch, micro-step, rank) gets its own seed, the same each time it is asked for, and one
+    torch.manual_seed accepts (0 <= s < 2**63)."""
+    positions = [(s, e, k, r) for s in (0, 1) for e in range(3) for k in range(6) for r in range(2)]
+    seeds = [step_seed(*p) for p in positions]
+    assert len(set(seeds)) == len(positions)
+    assert seeds == [step_seed(*p) for p in positions]
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_every_micro_step_draws_its_own_dropout_and_augmentation(work, monkeypatch):
+    """A run's random streams at each micro-step: the dropout stream (torch's default generator, as the
+    student's forward starts) and the augmentation generator (as the crop starts) are each in the state that
+    micro-step's seed gives, step_seed(seed, epoch, micro-step, rank), and so in a state no other micro-step of
+    the run sees (a seed that ignored the epoch would replay epoch 1's dropout masks and crops in epoch 2; a
+    stream that was not reseeded would depend on everything drawn before, and not on the position alone)."""
+    from pipeline.distill import forward as forward_module
+    from pipeline.towers.student import DualEncoderStudent
+
+    dropout_states, crop_states = [], []
+    student_forward, crop = DualEncoderStudent.forward, forward_module.random_resized_crop
+
+    def recording_forward(self, *args, **kwargs):
+        dropout_states.append(torch.get_rng_state().numpy().tobytes())
+        return student_forward(self, *args, **kwargs)
+
+    def recording_crop(x, size, generator, **kwargs):
+        crop_states.append(generator.get_state().numpy().tobytes())
+        return crop(x, size, generator, **kwargs)
+
+    monkeypatch.setattr(DualEncoderStudent, "forward", recording_forward)
+    monkeypatch.setattr(forward_module, "random_resized_crop", recording_crop)
+    cfg = tiny_cfg(work[0], epochs=2, batch_size=8, grad_accum=2, augment={"enabled": True})
+    result = run(work, "streams", cfg)
+    per_epoch = result.global_step * cfg.grad_accum // cfg.epochs  # micro-steps of an epoch (3 steps x 2)
+    seeded = [
+        torch.Generator().manual_seed(step_seed(cfg.seed, epoch, step, 0)).get_state().numpy().tobytes()
+        for epoch in range(cfg.epochs)
+        for step in range(per_epoch)
+    ]
+    assert len(seeded) == 12 and len(set(seeded)) == 12
+    assert dropout_states == seeded and crop_states == seeded
 
 
 # -- training ------------------------------------------------------------------------------------------------

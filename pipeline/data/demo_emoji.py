@@ -39,6 +39,7 @@ from PIL import Image
 from pipeline.errors import InputError
 from pipeline.progress import progress
 from pipeline.store.durable import write_file_durably
+from pipeline.store.ownership import Output, claim
 
 EMOJI_DIR = Path("data/emoji")
 IMAGE_SIZE = 72  # Twemoji's PNG size; OpenMoji is drawn at the same size
@@ -252,10 +253,22 @@ class BuildSummary:
     teacher_pairs: int
 
 
+def _is_emoji_dir(path: Path) -> bool:
+    """What build_emoji_dataset writes, and nothing else, at the top and in images/ (a run killed early included)."""
+    top = {e.name for e in path.iterdir()}
+    styles = {e.name for e in (path / "images").iterdir()} if (path / "images").is_dir() else set()
+    return top <= {"images", "dataset_emoji.json", "teacher_pairs.json"} and styles <= set(STYLES)
+
+
+EMOJI_DATA = Output("the emoji demo's data", directory=True, recognise=_is_emoji_dir)  # what a build writes into
+
+
 def build_emoji_dataset(out_dir: Path | str = EMOJI_DIR, emoji: list[Emoji] | None = None) -> BuildSummary:
     """Draw every emoji in both styles into `out_dir/images/` and write the two Karpathy files. Files
-    already there are replaced; the JSON files are written last, so a dataset file never names a missing image."""
+    already there are replaced (in a directory of nothing else: EMOJI_DATA); the JSON files are written last, so
+    a dataset file never names a missing image."""
     out_dir = Path(out_dir)
+    claim(out_dir, EMOJI_DATA)
     emoji = list_emoji() if emoji is None else list(emoji)
     sources = {"twemoji": TwemojiSource(), "openmoji": OpenMojiSource()}
     for style in STYLES:

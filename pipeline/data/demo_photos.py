@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.store.durable import write_file_durably
+from pipeline.store.ownership import Output, claim
 
 DEMO_DIR = Path("data/demo")
 DEMO_JSON = DEMO_DIR / "dataset_demo.json"
@@ -71,6 +72,8 @@ DEMO_IMAGES: tuple[DemoImage, ...] = (
     DemoImage("skimage_gravel.jpg", "skimage:gravel"),
     DemoImage("mpl_grace_hopper.jpg", "matplotlib:grace_hopper.jpg"),
 )
+# what a build writes into (pipeline/store/ownership.py): a directory holding nothing but demo photos
+DEMO_PHOTOS = Output("the demo's photos", directory=True, names=frozenset(i.filename for i in DEMO_IMAGES))
 
 # skimage.data loaders whose files ship inside the scikit-image wheel (no download).
 _SKIMAGE_LOCAL = {
@@ -176,8 +179,10 @@ def encode_jpeg(image: Image.Image) -> bytes:
 def build_demo_images(out_dir: Path = DEMO_IMAGE_DIR, images: tuple[DemoImage, ...] = DEMO_IMAGES) -> list[Path]:
     """Write every demo image into `out_dir` as `<filename>` (JPEG); returns the files written, in order.
 
-    Each file is written atomically (temporary file, then rename); files already there are replaced."""
+    Each file is written atomically (temporary file, then rename); files already there are replaced, in a
+    directory that holds nothing but demo images."""
     out_dir = Path(out_dir)
+    claim(out_dir, DEMO_PHOTOS)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for image in images:

@@ -49,8 +49,17 @@ from pipeline.data.exif import EXIF_ORIENTATION
 from pipeline.data.image_source import CONTAINERS, ImageRef
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_path, write_text_durably
+from pipeline.store.ownership import Output, claim, read_small
 
 INDEX_FORMAT = "kdpipe-index"
+BAD_IMAGES_FILE = "bad_images.json"  # prepare's report of the images it could not decode, beside the index
+# What an index is written into (pipeline/store/ownership.py): nothing but index files, or an index (index.json)
+INDEX_DIR = Output(
+    "a dataset index",
+    directory=True,
+    names=frozenset({"index.json", "images.parquet", "captions.parquet", "texts.parquet", BAD_IMAGES_FILE}),
+    recognise=lambda p: json.loads(read_small(p / "index.json"))["format"] == INDEX_FORMAT,
+)
 INDEX_VERSION = 1  # paired captions (and unpaired images) only
 INDEX_VERSION_UNPAIRED_TEXT = 2  # + texts.parquet
 INDEX_VERSION_MEMBERS = 3  # + images inside containers (member columns in images.parquet), texts.parquet optional
@@ -345,6 +354,7 @@ class DatasetIndex:
     def save(self, directory: Path | str) -> None:
         """Write images.parquet, captions.parquet and index.json (written last: it marks the index complete)."""
         directory = Path(directory)
+        claim(directory, INDEX_DIR)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "index.json").unlink(missing_ok=True)
         images = pa.table(

@@ -47,7 +47,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from pipeline.data.decode_tasks import Task, absolute, block_tasks, failures, run_tasks
 from pipeline.data.file_hashes import content_hashes
 from pipeline.data.image_source import ImageFiles, ImageRef
-from pipeline.data.index import DatasetIndex, read_fingerprint
+from pipeline.data.index import BAD_IMAGES_FILE, INDEX_DIR, DatasetIndex, read_fingerprint
 from pipeline.data.pixels import ResizeConfig, read_pixels
 from pipeline.data.readers import DatasetConfig, read_dataset
 from pipeline.errors import InputError
@@ -57,6 +57,7 @@ from pipeline.store.durable import remove_stale_dirs, write_text_durably
 from pipeline.store.encoded_cache import CacheFormat, write_block
 from pipeline.store.image_cache import (
     DEFAULT_CHUNK_IMAGES,
+    IMAGE_CACHE,
     CacheBuilder,
     CacheUpdate,
     ImageCache,
@@ -64,10 +65,9 @@ from pipeline.store.image_cache import (
     open_image_cache,
     write_rows,
 )
+from pipeline.store.ownership import claim
 
 log = logging.getLogger(__name__)
-
-BAD_IMAGES_FILE = "bad_images.json"
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,10 @@ def run_prepare(
     copy of the cache ("updated"); anything else is built whole ("written"), and so is everything with
     `force`. `verify`: hash every image file instead of trusting unchanged sizes and mtimes."""
     start = time.perf_counter()
+    # before the work: nothing of the user's under these names is replaced (paths.file_stats lies in kdpipe's own
+    # hidden <workdir>/.kdpipe/)
+    claim(paths.index_dir, INDEX_DIR)
+    claim(paths.images, IMAGE_CACHE)
     index = _read_with_hashes(cfg, paths, verify)
     summary = None if force else _reuse(cfg, paths, index)
     if summary is None:

@@ -15,6 +15,10 @@ from typing import Any
 
 from pipeline.deploy.pixels import StudentPixels, hf_pixel_caveats, open_clip_pixel_caveats
 from pipeline.deploy.scale import LogitScale
+from pipeline.store.ownership import Output, text_with
+
+TITLE = "# kdpipe student"
+MODEL_CARD = Output("a model card", recognise=text_with(TITLE + "\n", within=len(TITLE) + 1))  # what a card replaces
 
 KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -131,7 +135,7 @@ def model_card(
     cfg = meta.get("config", {})
     run = shown.name
     lines = [
-        "# kdpipe student",
+        TITLE,
         "",
         f"A dual encoder distilled by kdpipe: image tower `{cfg.get('image', {}).get('backend', '?')}` "
         f"({cfg.get('image', {}).get('pooling', '?')} pooling), text tower `{cfg.get('text', {}).get('backend', '?')}` "

@@ -8,12 +8,14 @@ an output of `dvc repro`'s distill stage, and files written into it would make D
 train it again. The student's files are hard-linked into it where the filesystem allows (no bytes copied: kdpipe
 replaces files by rename, never in place, so a link never sees a later change), copied elsewhere; its training
 state (`checkpoints/`) is left out. The whole directory is swapped in at once (durable.atomic_dir), so an export
-never mixes files of two runs. With the student directory as the output, everything is written in place."""
+never mixes files of two runs, and only over an earlier export (it lists its files: a directory holding anything
+else, the work directory or a folder of the user's, is refused). With the student directory as the output,
+everything is written in place (each of README.md, hf/, open_clip/, sentence_transformers/ and onnx/ replaces
+only an earlier one of its kind)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.deploy.card import CardInfo, model_card
+from pipeline.deploy.card import MODEL_CARD, CardInfo, model_card
 from pipeline.deploy.pixels import StudentPixels, student_pixels
 from pipeline.deploy.scale import training_logit_scale
 from pipeline.errors import InputError
-from pipeline.store.durable import atomic_dir, write_text_durably
+from pipeline.store.durable import atomic_dir, link_or_copy, write_text_durably
 from pipeline.store.features import read_attrs
+from pipeline.store.ownership import Output, claim
 from pipeline.towers import quiet_transformers
 from pipeline.towers.student import load_student
 
 log = logging.getLogger(__name__)
 _NOT_EXPORTED = {"checkpoints"}  # training state: what resuming needs, not what serving needs
+EXPORT = Output("a student export", directory=True, marker=True)  # what an export replaces: an earlier export
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,10 @@ def run_export(student_dir: Path, out_dir: Path | None, request: ExportRequest) 
     """Write what was asked for into `out_dir` (default: in place, the student directory); one line per thing."""
     if out_dir is None or out_dir.resolve() == student_dir.resolve():
         return _write_exports(student_dir, student_dir, request)
+    if student_dir.resolve() in out_dir.resolve().parents:
+        raise InputError(f"{out_dir}: inside the student directory {student_dir}; export to a directory outside it")
     load_student(student_dir)  # not a student: one line, before anything is written
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, EXPORT) as tmp:
         _link_student(student_dir, tmp)
         lines = _write_exports(tmp, out_dir, request)
     return [f"{out_dir}: the student's files from {student_dir} (without checkpoints/)", *lines]
@@ -62,20 +68,15 @@ def _link_student(student_dir: Path, out: Path) -> None:
     def left_out(directory: str, names: list[str]) -> set[str]:
         return _NOT_EXPORTED & set(names) if Path(directory) == student_dir else set()
 
-    shutil.copytree(student_dir, out, ignore=left_out, copy_function=_link_or_copy, dirs_exist_ok=True)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or one without hard links
-        shutil.copy2(src, dst)
+    shutil.copytree(student_dir, out, ignore=left_out, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
 def _write_exports(directory: Path, shown: Path, request: ExportRequest) -> list[str]:
     """hf/, open_clip/, sentence_transformers/, onnx/ and README.md into `directory` (named `shown` in the lines
     returned). Each format is checked against kdpipe's own embeddings where its library is importable."""
     model = load_student(directory)
+    for name, kind in _outputs(request).items():  # all first: in place, a foreign one must not stop a half-done export
+        claim(directory / name, kind)
     done, info = [], CardInfo()
     if request.hf or request.open_clip:
         info.scale = training_logit_scale(directory)
@@ -121,9 +122,25 @@ def _write_exports(directory: Path, shown: Path, request: ExportRequest) -> list
             log.info("export: %s is not a feature store; the model card names no teacher", request.features)
     metrics = request.metrics if request.metrics is not None and request.metrics.is_file() else None
     card = model_card(directory, store_attrs=attrs, metrics_path=metrics, info=info, shown=shown)
-    write_text_durably(directory / "README.md", card)
+    write_text_durably(directory / "README.md", card, MODEL_CARD)
     done.append(f"{shown / 'README.md'}: model card")
     return done
+
+
+def _outputs(request: ExportRequest) -> dict[str, Output]:
+    """What `_write_exports` writes into the directory, by name, with the kind of output each may replace."""
+    from pipeline.deploy.hf import HF_COPY
+    from pipeline.deploy.onnx import ONNX_DIR
+    from pipeline.deploy.openclip import OPEN_CLIP_DIR
+    from pipeline.deploy.sentence import SENTENCE_DIR
+
+    kinds = {
+        "hf": (request.hf, HF_COPY),
+        "open_clip": (request.open_clip, OPEN_CLIP_DIR),
+        "sentence_transformers": (request.sentence, SENTENCE_DIR),
+        "onnx": (request.onnx, ONNX_DIR),
+    }
+    return {"README.md": MODEL_CARD, **{name: kind for name, (asked, kind) in kinds.items() if asked}}
 
 
 EXACT = 1e-5  # fp32, the same operations in another library: anything above is a mapping error, not rounding

@@ -30,6 +30,7 @@ from pipeline.deploy.pixels import StudentPixels, hf_image_processor
 from pipeline.deploy.scale import LogitScale
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir
+from pipeline.store.ownership import Output
 from pipeline.towers import quiet_transformers
 from pipeline.towers.student import DualEncoderStudent
 
@@ -102,13 +103,17 @@ def to_dual_encoder(model: DualEncoderStudent, scale: LogitScale):
     return dual
 
 
+# what save_dual_encoder replaces: a directory it wrote (it lists its files, pipeline/store/ownership.py)
+HF_COPY = Output("a transformers copy of a student", directory=True, marker=True)
+
+
 def save_dual_encoder(
     model: DualEncoderStudent, directory: Path | str, pixels: StudentPixels, scale: LogitScale
 ) -> Path:
     """Write the transformers copy (config, weights, tokenizer, image processor) into `directory`."""
     dual = to_dual_encoder(model, scale)  # first: a refused student leaves nothing behind
     # swapped in whole: never a config beside another export's weights
-    with atomic_dir(directory) as tmp, quiet_transformers():
+    with atomic_dir(directory, HF_COPY) as tmp, quiet_transformers():
         dual.save_pretrained(tmp)
         save_tokenizer(model, tmp)
         (tmp / "preprocessor_config.json").write_text(json.dumps(hf_image_processor(pixels), indent=2) + "\n")

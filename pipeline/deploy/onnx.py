@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.store.durable import atomic_path
+from pipeline.store.durable import atomic_dir
+from pipeline.store.ownership import Output
 from pipeline.towers.student import DualEncoderStudent
 
 OPSET = 17
@@ -52,42 +53,47 @@ class _TextEncoder(nn.Module):
         return self.student.encode_tokens({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
+ONNX_FILES = ("image.onnx", "text.onnx")
+ONNX_DIR = Output("an ONNX export", directory=True, names=frozenset(ONNX_FILES))  # what export_onnx replaces
+
+
 def export_onnx(model: DualEncoderStudent, directory: Path | str) -> tuple[Path, Path]:
-    """Write image.onnx and text.onnx into `directory` (the model is traced on the CPU in fp32)."""
+    """Write image.onnx and text.onnx into `directory`, swapped in together (the model is traced on the CPU in
+    fp32); an existing `directory` is replaced only when it holds nothing but those two files."""
     import_onnxruntime()
     model = getattr(model, "_orig_mod", model).float().cpu().eval()
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     s = model.image_size
     images = torch.zeros(2, s, s, 3, dtype=torch.uint8)
     tokens = model.tokenize(["a photo", "two words here"])
     jobs = [
-        (_ImageEncoder(model), (images,), ["images"], directory / "image.onnx"),
+        (_ImageEncoder(model), (images,), ["images"], ONNX_FILES[0]),
         (
             _TextEncoder(model),
             (tokens["input_ids"], tokens["attention_mask"]),
             ["input_ids", "attention_mask"],
-            directory / "text.onnx",
+            ONNX_FILES[1],
         ),
     ]
-    for module, args, names, path in jobs:
-        module.eval()  # the exporter restores the wrapper's mode on every submodule afterwards: keep it eval
-        axes = {n: {0: "batch"} | ({1: "tokens"} if n != "images" else {}) for n in names}
-        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
-            # the TorchScript exporter: no onnxscript dependency, and its tracer warnings are about
-            # Python-side shape checks of transformers that are constant for a fixed architecture
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                args,
-                str(tmp),
-                input_names=names,
-                output_names=["embedding"],
-                dynamic_axes=axes | {"embedding": {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,
-            )
-    return directory / "image.onnx", directory / "text.onnx"
+    with atomic_dir(directory, ONNX_DIR) as tmp:
+        for module, args, names, name in jobs:
+            module.eval()  # the exporter restores the wrapper's mode on every submodule afterwards: keep it eval
+            axes = {n: {0: "batch"} | ({1: "tokens"} if n != "images" else {}) for n in names}
+            with warnings.catch_warnings(), torch.no_grad():
+                # the TorchScript exporter: no onnxscript dependency, and its tracer warnings are about
+                # Python-side shape checks of transformers that are constant for a fixed architecture
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(tmp / name),
+                    input_names=names,
+                    output_names=["embedding"],
+                    dynamic_axes=axes | {"embedding": {0: "batch"}},
+                    opset_version=OPSET,
+                    dynamo=False,
+                )
+    return directory / ONNX_FILES[0], directory / ONNX_FILES[1]
 
 
 class OnnxEncoders:

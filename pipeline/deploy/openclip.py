@@ -45,6 +45,7 @@ from pipeline.deploy.pixels import StudentPixels, open_clip_preprocess
 from pipeline.deploy.scale import LogitScale
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir
+from pipeline.store.ownership import Output
 from pipeline.towers.student import DualEncoderStudent
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
@@ -179,6 +180,10 @@ def text_tower(model: DualEncoderStudent, name: str) -> tuple[dict, dict[str, to
     return cfg, {k: v.detach().float().contiguous() for k, v in state.items()}
 
 
+# what save_open_clip replaces: a directory it wrote (it lists its files, pipeline/store/ownership.py)
+OPEN_CLIP_DIR = Output("an open_clip copy of a student", directory=True, marker=True)
+
+
 def save_open_clip(
     model: DualEncoderStudent, directory: Path, pixels: StudentPixels, scale: LogitScale, *, final: Path | None = None
 ) -> Path:
@@ -204,7 +209,7 @@ def save_open_clip(
         },
         "preprocess_cfg": preprocess,
     }
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, OPEN_CLIP_DIR) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.text_tower.model.config.save_pretrained(tmp)  # config.json: hf_model_name's AutoConfig
         save_tokenizer(model, tmp)

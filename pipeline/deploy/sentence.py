@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir
+from pipeline.store.ownership import Output
 from pipeline.towers import quiet_transformers
 from pipeline.towers.student import DualEncoderStudent
 
@@ -53,6 +54,10 @@ def _dense(linear: nn.Linear, activation: nn.Module):
     )
 
 
+# what save_sentence_transformer replaces: a directory it wrote (it lists its files, pipeline/store/ownership.py)
+SENTENCE_DIR = Output("a sentence-transformers copy of a student", directory=True, marker=True)
+
+
 def save_sentence_transformer(model: DualEncoderStudent, directory: Path, text_tower_dir: Path) -> Path:
     """Write the text side into `directory`; `text_tower_dir`: the student's saved text tower (its weights and
     tokenizer, as `save_student` wrote them)."""
@@ -73,7 +78,7 @@ def save_sentence_transformer(model: DualEncoderStudent, directory: Path, text_t
         Normalize(),
     ]
     st = SentenceTransformer(modules=modules, device="cpu")
-    with atomic_dir(directory) as tmp, quiet_transformers():
+    with atomic_dir(directory, SENTENCE_DIR) as tmp, quiet_transformers():
         st.save(str(tmp))
     return Path(directory)
 

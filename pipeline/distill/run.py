@@ -70,7 +70,8 @@ from pipeline.progress import progress
 from pipeline.store.durable import write_text_durably
 from pipeline.store.features import FeatureStore
 from pipeline.store.image_cache import ImageCache
-from pipeline.towers.student import DualEncoderStudent, build_student, save_student
+from pipeline.store.ownership import claim
+from pipeline.towers.student import STUDENT_DIR, DualEncoderStudent, build_student, save_student
 
 log = logging.getLogger(__name__)
 
@@ -455,6 +456,8 @@ def run_distill(
     `out_dir/checkpoints/last.pt` when it exists (its config must match, runtime keys aside); otherwise start
     over. `stop_after_steps` (tests): return after that many optimizer steps without writing anything more,
     as if the process had been killed there."""
+    # before any work: a directory that is not a student's (a folder of the user's) is refused, never cleared
+    claim(Path(out_dir), STUDENT_DIR)
     run = setup_run(
         cfg, index=index, store=store, cache=cache, out_dir=Path(out_dir), baseline=baseline, resume=resume, mined=mined
     )

@@ -21,16 +21,23 @@ from typing import Any
 import numpy as np
 
 from pipeline.store.durable import atomic_dir
+from pipeline.store.ownership import Output
 
 DIRECTIONS = {"i2t": "image-to-text", "t2i": "text-to-image"}
+PNG = "recall_at_k.png"
+# what replaces plots/: a directory holding nothing but the files write_curves writes
+PLOTS = Output(
+    "evaluate's plots directory", directory=True, names=frozenset({PNG, *(f"recall_{d}.csv" for d in DIRECTIONS)})
+)
+RANKS_FILE = Output("evaluate's ranks.npz", recognise=lambda p: _npz_with(p, "image_id", "text_image"))
 
 
 def write_curves(out_dir: Path | str, curves: dict[str, dict[str, np.ndarray]], title: str = "") -> Path:
     """curves: {model: {"i2t": [K], "t2i": [K]}} (chance included): the CSVs and the PNG, swapped in whole."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, PLOTS) as tmp:
         write_curves_csv(tmp, curves)
-        plot_recall_curves(curves, tmp / "recall_at_k.png", title=title)
+        plot_recall_curves(curves, tmp / PNG, title=title)
     return out_dir
 
 
@@ -43,8 +50,16 @@ def write_ranks(path: Path, results: dict[str, list[Any]], image_id: Any, text_i
     np.savez_compressed(
         buf, image_id=np.asarray(image_id, dtype=str), text_image=np.asarray(text_image, dtype=np.int32), **arrays
     )
-    write_file_durably(Path(path), buf.getvalue())
+    write_file_durably(Path(path), buf.getvalue(), RANKS_FILE)
     return Path(path)
+
+
+def _npz_with(path: Path, *names: str) -> bool:
+    """True for an .npz archive holding these arrays (read from its zip directory only)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        return {f"{n}.npy" for n in names} <= set(z.namelist())
 
 
 def write_curves_csv(out_dir: Path, curves: dict[str, dict[str, np.ndarray]]) -> None:

@@ -27,7 +27,10 @@ from pipeline.errors import InputError
 from pipeline.evaluate.galleries import GalleryMode, image_groups
 from pipeline.evaluate.tables import html_tables, metrics_tables
 from pipeline.store.durable import write_text_durably
+from pipeline.store.ownership import Output, claim, text_with
 
+GENERATOR = '<meta name="generator" content="kdpipe report">'  # how a later report knows the page is its own
+REPORT_FILE = Output("a report", recognise=text_with(GENERATOR))
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:20px 28px;color:#222}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 6px;border-bottom:1px solid #ddd}
@@ -232,7 +235,7 @@ def render_report(
         else "Each query is ranked over the whole split, as the metrics are."
     )
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
@@ -289,6 +292,7 @@ def run_report(
     from pipeline.store.features import open_store
     from pipeline.towers.student import load_student
 
+    claim(out, REPORT_FILE)  # before the work: a file that is not an earlier report is refused
     split_view = split_gallery(ArtifactPaths(workdir), split)
     teacher = open_store(features).split(split)
     if list(teacher.image_id) != split_view.ids or not np.array_equal(teacher.text_image, split_view.text_image):
@@ -317,5 +321,5 @@ def run_report(
         n_images=n_images,
         seed=seed,
     )
-    write_text_durably(out, page)
+    write_text_durably(out, page, REPORT_FILE)
     return out, [r.name for r in rankings]

@@ -32,6 +32,15 @@ from pipeline.environment import numerics_environment
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.evaluate.bootstrap import RECALL_KEYS
 from pipeline.evaluate.galleries import chance_curves, grouped_ranks, image_groups
+from pipeline.evaluate.outputs import (
+    DETAIL_FILE,
+    METRICS_FILE,
+    RANKS,
+    RUN_INFO_FILE,
+    TABLE,
+    TABLE_FILE,
+    evaluate_outputs,
+)
 from pipeline.evaluate.retrieval import TIE_RULE, RetrievalRanks, recall_curves, recall_metrics, teacher_agreement
 from pipeline.evaluate.summary import (
     chance_block,
@@ -44,6 +53,7 @@ from pipeline.evaluate.summary import (
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
 from pipeline.store.alignment import align_store_split
+from pipeline.store.ownership import Output, claim
 from pipeline.teachers.base import teacher_record
 
 log = logging.getLogger(__name__)
@@ -178,12 +188,13 @@ def metrics_document(
     }
 
 
-def write_json(doc: dict[str, Any], path: Path | str) -> Path:
-    """Write JSON atomically (temp file + rename): an interrupted run leaves the previous file intact."""
+def write_json(doc: dict[str, Any], path: Path | str, replaces: Output) -> Path:
+    """Write JSON atomically (temp file + rename) over nothing or an earlier `replaces`: an interrupted run leaves
+    the previous file intact."""
     from pipeline.store.durable import write_file_durably
 
     path = Path(path)
-    write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode())
+    write_file_durably(path, (json.dumps(doc, indent=2) + "\n").encode(), replaces)
     return path
 
 
@@ -391,6 +402,8 @@ def run_evaluate(
     from pipeline.store.verify import check_finite
 
     start = time.perf_counter()
+    for path, kind in evaluate_outputs(paths, cfg.write_ranks, metrics_path).items():  # before any work
+        claim(path, kind)
     device = resolve_device(cfg.device, "evaluate.device")
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint)
@@ -497,12 +510,12 @@ def _write_outputs(paths, cfg, doc, run_info, results, s, groups, metrics_path, 
 
     table = markdown_table(doc, run_info)
     head = headline(doc)
-    metrics_path = write_json(head, metrics_path or paths.metrics)
-    detail_path = write_json(doc, metrics_path.with_name(paths.metrics_detail.name))
-    write_json(run_info, metrics_path.with_name(paths.run_info.name))
-    write_file_durably(metrics_path.with_name("metrics.md"), table.encode())
+    metrics_path = write_json(head, metrics_path or paths.metrics, METRICS_FILE)
+    detail_path = write_json(doc, metrics_path.with_name(paths.metrics_detail.name), DETAIL_FILE)
+    write_json(run_info, metrics_path.with_name(paths.run_info.name), RUN_INFO_FILE)
+    write_file_durably(metrics_path.with_name(TABLE), table.encode(), TABLE_FILE)
     if cfg.write_ranks:
-        write_ranks(metrics_path.with_name("ranks.npz"), results, s.image_id, s.text_image)
+        write_ranks(metrics_path.with_name(RANKS), results, s.image_id, s.text_image)
     curves = {m: {d: np.mean([r.curves[d] for r in rs], axis=0) for d in ("i2t", "t2i")} for m, rs in results.items()}
     curves["chance"] = chance_curves(np.asarray(s.text_image), groups, range(1, cfg.curve_max_k + 1))
     curves = {m: curves[m] for m in cfg.plot_models or curves}

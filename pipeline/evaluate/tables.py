@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "average_score")
+RECALL_HEADER = ("model", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "RSUM", "average")
 
 
 def model_names(doc: dict[str, Any]) -> list[str]:
@@ -36,8 +37,7 @@ def metrics_tables(doc: dict[str, Any], run_info: dict[str, Any] | None = None) 
         + (", per-group galleries" if run_info.get("gallery") == "by_directory" else "")
         + ")"
     )
-    header = ["model", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "RSUM", "average"]
-    header += [f"RSUM - {ref or 'reference'} (95% CI)", "seeds (RSUM sd)"]
+    header = [*RECALL_HEADER, f"RSUM - {ref or 'reference'} (95% CI)", "seeds (RSUM sd)"]
     rows = []
     for m in models:
         r = doc[m]

@@ -35,6 +35,12 @@ rename), and only then marked done by a small marker file `.extract/done/<split>
   in its marker, then the store attrs `image_chunks`), and a store whose identity matches and which skipped
   no image is reopened with every unit marked done under its recorded digest, so that exactly the units
   whose digest differs are computed again. A resumed partial store redoes such units the same way.
+- **A complete store is never cleared first** (kdpipe never deletes what it did not write, nor its own output
+  before the new one is complete): its rewrite goes to `.NAME.next` beside it (`units.staging_dir`; for the
+  stale chunks alone, a hard-linked copy: every write replaces a file by rename, so the store never changes)
+  and is swapped in whole once complete (`finalize.publish`). A whole rewrite first checks that the disk
+  holds a second store. A kill or a full disk leaves the complete store as it was; the rerun resumes the
+  rewrite beside it. Anything at `out` that is not a feature store is refused (ownership.claim).
 
 Speed: images are decoded and preprocessed by `num_workers` DataLoader processes (pinned memory, deep
 prefetch, non-blocking copies); the device result of batch k is fetched only after batch k+1 has been

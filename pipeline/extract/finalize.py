@@ -1,6 +1,7 @@
 """Finalization (rank 0): every unit's checksum recorded, the splits with skipped images compacted
 (crash-safe, by two renames), the skipped images and the embedded files' digests in the attrs, then
-complete=true and `.extract/` removed."""
+complete=true and `.extract/` removed; a store rewritten beside the complete one it replaces is then swapped in
+(`publish`)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pipeline.errors import InputError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.units import WORK_DIR, Unit, image_chunks
 from pipeline.hashing import sha256_file
-from pipeline.store.durable import fsync_dir, fsync_tree, remove_partial_files, write_file_durably
-from pipeline.store.features import UNPAIRED_TEXT
+from pipeline.store.durable import fsync_dir, fsync_tree, remove_partial_files, replace_dir, write_file_durably
+from pipeline.store.features import FEATURE_STORE, UNPAIRED_TEXT
 from pipeline.store.features_writer import StoreWriter
 
 
@@ -98,6 +99,14 @@ def _set_teachers(out: Path, teachers: list[str]) -> None:
     elif "teachers" in attrs:
         del attrs["teachers"]
     fsync_dir(out)
+
+
+def publish(out: Path, stage: Path) -> None:
+    """Swap the complete store rewritten at `stage` in for the one at `out` (durable.replace_dir: at no moment
+    is there no complete store at `out`). A rerun after a kill between the two finds `stage` complete and
+    publishes it then (resume.prepare_store)."""
+    shutil.rmtree(stage / WORK_DIR, ignore_errors=True)
+    replace_dir(stage, out, FEATURE_STORE)
 
 
 def finish_swaps(out: Path) -> None:

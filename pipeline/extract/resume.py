@@ -1,6 +1,8 @@
 """Resuming: rank 0 decides at the start between resuming a partial store, reopening a complete one whose
 image files changed since (only those chunks are computed again) and starting over; every rank then counts
-a unit done by its marker."""
+a unit done by its marker. A complete store is never cleared first: its rewrite (whole, or of the stale chunks
+in a hard-linked copy) goes to `staging_dir(out)` beside it and replaces it only once complete, so a full disk
+or a kill leaves it whole; a whole rewrite first checks that the disk has room for the second store."""
 
 from __future__ import annotations
 
@@ -9,11 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.data.index import SplitView
+from pipeline.errors import InputError
 from pipeline.extract.config import ExtractConfig
-from pipeline.extract.finalize import finish_swaps
-from pipeline.extract.units import WORK_DIR, Unit, image_chunks
-from pipeline.store.durable import fsync_tree, remove_partial_files, write_file_durably
+from pipeline.extract.finalize import finish_swaps, publish
+from pipeline.extract.units import WORK_DIR, Unit, image_chunks, staging_dir
+from pipeline.store.durable import fsync_tree, link_or_copy, remove_partial_files, write_file_durably
 from pipeline.store.features import FORMAT, read_attrs
 from pipeline.store.features_writer import StoreWriter, clear_store_dir
 
@@ -41,7 +46,8 @@ def prepare_store(
     keep_complete: bool = False,
     reopen_complete: bool = False,
 ) -> tuple[str | None, str | None]:
-    """Rank 0: decide between resuming and starting over, and create the store when starting over.
+    """Rank 0: decide between resuming and starting over, and create the store when starting over; the units
+    then go to `units.target_dir(out)`.
 
     A complete store of the same identity (and no skipped images) is, instead of being rewritten: reopened
     when image files changed since (their chunks are computed again) or when `reopen_complete` (the main
@@ -49,11 +55,64 @@ def prepare_store(
     kept untouched when `keep_complete` (an extra teacher's store) and nothing changed.
 
     Returns (a line to print, the reason an existing partial store was not resumed)."""
-    work = out / WORK_DIR
     attrs = read_attrs(out)
-    ours = attrs is not None and attrs.get("format") == FORMAT
-    message = reason = None
-    if ours and (work / "created").is_file():
+    if _ours(attrs) and attrs.get("complete") is True and not (out / WORK_DIR / "created").is_file():
+        return _prepare_beside(out, attrs, identity, views, units, cfg, fresh, keep_complete, reopen_complete)
+    shutil.rmtree(staging_dir(out), ignore_errors=True)  # a rewrite whose complete store is gone: nothing to keep
+    return _prepare_in(out, identity, views, units, cfg, fresh)
+
+
+def _prepare_beside(
+    out: Path,
+    attrs: dict[str, Any],
+    identity: dict[str, Any],
+    views: dict[str, SplitView],
+    units: list[Unit],
+    cfg: ExtractConfig,
+    fresh: bool,
+    keep_complete: bool = False,
+    reopen_complete: bool = False,
+) -> tuple[str | None, str | None]:
+    """The complete store at `out` stays in place: kept as it is (`keep_complete`, nothing changed), or its
+    rewrite is resumed or started in the staging directory (a hard-linked copy when its chunks are reused)."""
+    stage = staging_dir(out)
+    staged = read_attrs(stage)
+    if _ours(staged) and staged.get("complete") is True and not fresh and _identity_diff(staged, identity) is None:
+        publish(out, stage)  # an earlier run was killed after its rewrite was complete: only the swap was left
+        return "already complete", None
+    if _ours(staged) and (stage / WORK_DIR / "created").is_file():
+        return _prepare_in(stage, identity, views, units, cfg, fresh)  # the rewrite an earlier run began
+    shutil.rmtree(stage, ignore_errors=True)  # what a killed copy left (kdpipe's own name, `.NAME.next`)
+    stale = 0 if fresh else _stale_chunks(attrs, identity, units)
+    reusable = not stale and not fresh and _reusable(attrs, identity, units)
+    if reusable and keep_complete:
+        return "complete, computed by the same teacher from the same rows: kept", None
+    if stale or (reusable and reopen_complete):
+        # hard links cost no space: every write replaces a file by rename, so the complete store never changes
+        shutil.copytree(out, stage, copy_function=link_or_copy)
+        _reopen(stage, units, attrs.get("image_chunks"))
+        if stale:
+            return f"{stale} image chunk(s) embed image files changed since: computing only those again", None
+        return "complete, computed by the same teacher: its chunks reused, the other teachers' stores checked", None
+    # a finished store: a stage rewrites its output (DVC reruns it only when an input changed)
+    _require_space(out, identity, units)
+    _create(stage, identity, views, cfg)
+    return "rewriting the complete store of an earlier run (it stays in place until the new one is complete)", None
+
+
+def _prepare_in(
+    target: Path,
+    identity: dict[str, Any],
+    views: dict[str, SplitView],
+    units: list[Unit],
+    cfg: ExtractConfig,
+    fresh: bool,
+) -> tuple[str | None, str | None]:
+    """Resume the partial store at `target` (which holds no complete store to keep), or start over there."""
+    work = target / WORK_DIR
+    attrs = read_attrs(target)
+    reason = None
+    if _ours(attrs) and (work / "created").is_file():
         diff = _identity_diff(attrs, identity)
         if fresh:
             reason = "--fresh given"
@@ -63,40 +122,53 @@ def prepare_store(
             shutil.rmtree(work)  # an earlier run was killed after complete=true: only cleanup was left
             return "already complete", None
         else:
-            remove_partial_files(out)
-            finish_swaps(out)
+            remove_partial_files(target)
+            finish_swaps(target)
             n_done = sum(1 for _ in (work / "done").rglob("*.json")) if (work / "done").is_dir() else 0
             return f"resuming an interrupted extraction ({n_done} chunks already done)", None
-    elif ours and attrs.get("complete") is True:
-        stale = 0 if fresh else _stale_chunks(attrs, identity, units)
-        if stale:
-            _reopen(out, units, attrs["image_chunks"])
-            return f"{stale} image chunk(s) embed image files changed since: computing only those again", None
-        reusable = not fresh and _reusable(attrs, identity, units)
-        if reusable and keep_complete:
-            return "complete, computed by the same teacher from the same rows: kept", None
-        if reusable and reopen_complete:
-            _reopen(out, units, attrs.get("image_chunks"))
-            return "complete, computed by the same teacher: its chunks reused, the other teachers' stores checked", None
-        # a finished store: a stage rewrites its output (DVC reruns it only when an input changed)
-        message = "replacing the complete store of an earlier run"
-    elif ours or (work.is_dir() and out.is_dir()):
+    elif _ours(attrs) or (work.is_dir() and target.is_dir()):
         reason = "the partial store was killed while it was being set up"
-    if reason:
-        message = f"{reason}; starting over"
-    clear_store_dir(out)
+    _create(target, identity, views, cfg)
+    return (f"{reason}; starting over" if reason else None), reason
+
+
+def _ours(attrs: dict[str, Any] | None) -> bool:
+    return attrs is not None and attrs.get("format") == FORMAT
+
+
+def _create(target: Path, identity: dict[str, Any], views: dict[str, SplitView], cfg: ExtractConfig) -> None:
+    """A new partial store at `target` (what was there is cleared: a partial store, or nothing) with its small
+    arrays written, marked `created`."""
+    clear_store_dir(target)
     layout = {s: (v.n_images, v.n_captions, len(v.unpaired_text)) for s, v in views.items()}
     attrs_new = {k: identity[k] for k in ("teacher", "dataset", "extract")}
     attrs_new["skipped_images"] = []
     writer = StoreWriter.create(
-        out, layout=layout, dim=identity["dim"], dtype=identity["dtype"], chunk_rows=cfg.chunk_rows, attrs=attrs_new
+        target, layout=layout, dim=identity["dim"], dtype=identity["dtype"], chunk_rows=cfg.chunk_rows, attrs=attrs_new
     )
     for s, v in views.items():
         writer.write_text_image(s, v.text_image)
         writer.write_image_id(s, v.image_id.tolist())
-    fsync_tree(out)
-    write_file_durably(work / "created", b"")
-    return message, reason
+    fsync_tree(target)
+    write_file_durably(target / WORK_DIR / "created", b"")
+
+
+def _require_space(out: Path, identity: dict[str, Any], units: list[Unit]) -> None:
+    """Refuse (one line) to rewrite the complete store at `out` beside it on a disk without room for both: the
+    embedding rows, and a little for the small arrays and metadata."""
+    rows = sum(u.rows for u in units)
+    need = int(rows * identity["dim"] * np.dtype(identity["dtype"]).itemsize * 1.01) + 64 * rows + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise InputError(
+            f"{out}: rewriting this complete store needs about {_size(need)} free beside it (it stays in place "
+            f"until the new one is complete), {_size(free)} are free; free space, or delete the old store to "
+            "rewrite it in its place"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _stale_chunks(attrs: dict[str, Any], identity: dict[str, Any], units: list[Unit]) -> int:

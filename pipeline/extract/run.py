@@ -17,15 +17,16 @@ from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.extract.config import COMPUTE_DTYPES, ExtractConfig, resolve_compute_dtype
 from pipeline.extract.distributed import Ranks, auto_workers, env_int, init_ranks
-from pipeline.extract.finalize import finalize
+from pipeline.extract.finalize import finalize, publish
 from pipeline.extract.images import extract_images
 from pipeline.extract.resume import is_done, prepare_store
 from pipeline.extract.texts import extract_texts
-from pipeline.extract.units import WORK_DIR, Unit, plan_units
+from pipeline.extract.units import WORK_DIR, Unit, plan_units, target_dir
 from pipeline.locks import lock_path
 from pipeline.store.durable import naming
-from pipeline.store.features import TEACHERS, is_feature_store_dir, read_attrs
+from pipeline.store.features import FEATURE_STORE, TEACHERS, read_attrs
 from pipeline.store.features_writer import StoreWriter, clear_store_dir, jsonable
+from pipeline.store.ownership import claim
 from pipeline.teachers import Teacher, build_teacher
 from pipeline.teachers.base import teacher_record
 
@@ -78,10 +79,7 @@ def run_extract(
                 f"extract.splits: dataset {index.name} has no split {s!r}; it has {', '.join(index.splits)}"
             )
     views = {s: index.split(s) for s in splits}
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory; expected a feature store location")
-    if out.is_dir() and any(out.iterdir()) and not is_feature_store_dir(out) and not (out / WORK_DIR).is_dir():
-        raise InputError(f"{out}: exists, is not empty and is not a feature store; remove it or choose another path")
+    claim(out, FEATURE_STORE)  # nothing but a feature store (or an extraction's beginnings) is written over
     extra = dict(extra_teachers or {})
     unknown = sorted(set(extra) - set(cfg.extra_teachers))
     if unknown:
@@ -102,15 +100,17 @@ def run_extract(
             if main.complete:  # finalization of an earlier run had only cleanup left
                 return _result(out, main.units, len(main.units), 0, t0, main.restart_reason)
             job.compute(main, teacher)
-            for name in cfg.extra_teachers:  # each a store of its own, complete before the main one is
+            # each a store of its own inside the main one being written (`out`, or its rewrite beside it, swapped
+            # in whole with them), complete before the main one is
+            for name in cfg.extra_teachers:
                 other = build(name)
-                sub = job.start(out / TEACHERS / name, other, keep_complete=True)
+                sub = job.start(main.path / TEACHERS / name, other, keep_complete=True)
                 if not sub.complete:
                     job.compute(sub, other)
                     job.finish(sub)
                 del other
             if dist.rank == 0:
-                _drop_other_teachers(out, list(cfg.extra_teachers))
+                _drop_other_teachers(main.path, list(cfg.extra_teachers))
             job.finish(main, teachers=list(cfg.extra_teachers))
             return _result(out, main.units, len(main.done), len(main.mine), t0, main.restart_reason)
     finally:
@@ -119,8 +119,10 @@ def run_extract(
 
 @dataclass
 class _Store:
-    """One store being written (the main one, or an extra teacher's under teachers/<name>/)."""
+    """One store being written (the main one, or an extra teacher's under teachers/<name>/): its units go to
+    `path`, which is `out`, or the rewrite beside a complete store at `out` that is swapped in once complete."""
 
+    out: Path
     path: Path
     units: list[Unit]
     complete: bool = False  # nothing to do: complete already (kept, or only cleanup was left)
@@ -162,7 +164,7 @@ class _Job:
         )
         # from the index, not the store (a compacted split has fewer rows)
         row_bytes = teacher.dim * np.dtype(self.cfg.store_dtype).itemsize
-        store = _Store(out, plan_units(self.index, self.views, self.cfg.chunk_rows, row_bytes))
+        store = _Store(out, out, plan_units(self.index, self.views, self.cfg.chunk_rows, row_bytes))
         if self.dist.rank == 0:
             message, store.restart_reason = prepare_store(
                 out, identity, self.views, store.units, self.cfg, self.fresh, keep_complete, reopen_complete
@@ -170,10 +172,11 @@ class _Job:
             if message:
                 log.info(f"{out}: {message}")
         self.dist.barrier()  # the store exists (fresh or resumable) before anyone reads it
-        if read_attrs(out).get("complete") is True:  # kept as it is, or its last run had only cleanup left
+        store.path = target_dir(out)  # `out`, or beside it while a complete store there is being rewritten
+        if read_attrs(store.path).get("complete") is True:  # kept as it is, or its last run had only cleanup left
             store.complete, store.done = True, set(store.units)
             return store
-        work = out / WORK_DIR
+        work = store.path / WORK_DIR
         store.done = {u for u in store.units if is_done(work / "done" / u.marker, u)}
         self.dist.barrier()  # every rank has read the markers before any rank writes new ones
         pending = [u for u in store.units if u not in store.done]
@@ -186,8 +189,8 @@ class _Job:
         workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(self.device, dist.local_world)
         show = dist.rank == 0
         tag = f" (rank 0 of {dist.world})" if dist.world > 1 else ""
-        if store.path.parent.name == TEACHERS:
-            tag = f" [{store.path.name}]{tag}"
+        if store.out.parent.name == TEACHERS:
+            tag = f" [{store.out.name}]{tag}"
         writer, work = StoreWriter(store.path), store.path / WORK_DIR
         with torch.inference_mode():
             image_units = [u for u in store.mine if u.array == "image_emb"]
@@ -205,6 +208,8 @@ class _Job:
         self.dist.barrier()
         if self.dist.rank == 0:
             finalize(store.path, self.index, self.views, store.units, self.cfg, teachers)
+            if store.path != store.out:
+                publish(store.out, store.path)
         self.dist.barrier()
 
 

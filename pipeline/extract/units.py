@@ -4,12 +4,26 @@ and, for image units, the digest of the image files it embeds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.store.features import UNPAIRED_TEXT
 from pipeline.store.features_writer import chunk_len
 
 WORK_DIR = ".extract"  # progress records inside the store while it is being written; deleted at the end
+
+
+def staging_dir(out: Path) -> Path:
+    """Where a complete store at `out` is rewritten (whole, or only its stale image chunks) while it stays in
+    place, readable and whole: `.NAME.next` beside it, swapped in once complete."""
+    return out.parent / f".{out.name}.next"
+
+
+def target_dir(out: Path) -> Path:
+    """The directory the units of this run are written to (every rank asks, once rank 0 has prepared): the
+    staging directory while it holds a rewrite in progress, else `out` itself."""
+    stage = staging_dir(out)
+    return stage if (stage / WORK_DIR / "created").is_file() else out
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@
                            (pipeline/search/prefilter.py); its scale and error bounds are in ids.json "codes"
     <dir>/rows.jsonl       line i: {"split": ..., "captions": [...]} of row i (what a result prints)
     <dir>/ids.json         {"ids": [...], "source": ..., "student": ..., "student_weights": {...}, "pixels": {...},
-                           "kind": ..., "dim": D}, written last: row i of the index is ids[i]
+                           "kind": ..., "dim": D}: row i of the index is ids[i]
+
+The directory is written beside its place and swapped in whole (durable.atomic_dir), over nothing or over an
+earlier index: a directory holding anything but these files is refused (SEARCH_INDEX).
 
 Kinds: `flat` (IndexFlatIP, exact: the default), `hnsw` (IndexHNSWFlat over inner product: a graph, no training,
 ~1.5x the memory of flat) and `ivfpq` (IndexIVFPQ: k-means cells and product-quantized codes, for millions of
@@ -24,11 +27,15 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.search.prefilter import Codes, EightBitPrefilter, build_prefilter, encode, exact_top_k
-from pipeline.store.durable import atomic_path, write_text_durably
+from pipeline.store.durable import atomic_dir
+from pipeline.store.ownership import Output
 
 Kind = Literal["flat", "hnsw", "ivfpq"]
 CODES_FILE = "codes.npy"
 ROWS_FILE = "rows.jsonl"
+SEARCH_INDEX = Output(
+    "a search index", directory=True, names=frozenset({"index.faiss", CODES_FILE, ROWS_FILE, "ids.json"})
+)
 # a flat gallery of at least this many values (64 MB of float32) is searched through its 8-bit codes; below, a
 # float32 scan is as fast or faster (measured on 2 cores: 20k x 768 1.55 vs 1.42 ms, 50k x 768 2.7 vs 6.3 ms)
 PREFILTER_MIN_VALUES = 16_000_000
@@ -91,27 +98,23 @@ def recall_at_k(approx: Any, emb: np.ndarray, queries: np.ndarray, k: int = 10) 
 def save_index(
     index: Any, ids: list[str], directory: Path | str, rows: list[dict[str, Any]] | None = None, **meta: Any
 ) -> Path:
-    """Write the index, its codes (flat), `rows` (what each row is: split, captions) and ids.json, last."""
+    """Write the index, its codes (flat), `rows` (what each row is: split, captions) and ids.json into `directory`,
+    swapped in whole (over nothing or an earlier index)."""
     import faiss
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if index.ntotal != len(ids) or (rows is not None and len(rows) != len(ids)):
         raise ValueError(f"{index.ntotal} vectors but {len(ids)} ids and {len(rows or ids)} rows")
-    (directory / "ids.json").unlink(missing_ok=True)  # its presence means a finished index: gone until then
-    (directory / ROWS_FILE).unlink(missing_ok=True)
-    if rows is not None:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        write_text_durably(directory / ROWS_FILE, lines)
-    with atomic_path(directory / "index.faiss") as tmp:
-        faiss.write_index(index, str(tmp))
-    (directory / CODES_FILE).unlink(missing_ok=True)
-    if meta.get("kind") == "flat":
-        codes = encode(flat_vectors(index))
-        with atomic_path(directory / CODES_FILE) as tmp, open(tmp, "wb") as f:
-            np.save(f, codes.codes)
-        meta["codes"] = {"scale": codes.scale, "error_bound": codes.error_bound, "norm_max": codes.norm_max}
-    write_text_durably(directory / "ids.json", json.dumps({**meta, "ids": list(ids)}) + "\n")
+    with atomic_dir(directory, SEARCH_INDEX) as tmp:
+        if rows is not None:
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            (tmp / ROWS_FILE).write_text(lines, encoding="utf-8")
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        if meta.get("kind") == "flat":
+            codes = encode(flat_vectors(index))
+            np.save(tmp / CODES_FILE, codes.codes)
+            meta["codes"] = {"scale": codes.scale, "error_bound": codes.error_bound, "norm_max": codes.norm_max}
+        (tmp / "ids.json").write_text(json.dumps({**meta, "ids": list(ids)}) + "\n")
     return directory
 
 

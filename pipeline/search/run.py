@@ -18,7 +18,8 @@ from pipeline.data.pixels import PixelRecipe
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
 from pipeline.search.gallery import Gallery, embed_images, embed_texts, read_image
-from pipeline.search.index import IndexConfig, SearchIndex, build_index, recall_at_k, save_index
+from pipeline.search.index import SEARCH_INDEX, IndexConfig, SearchIndex, build_index, recall_at_k, save_index
+from pipeline.store.ownership import claim
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -72,6 +73,7 @@ def run_index(student_dir: Path, gallery: Gallery, out: Path, cfg: IndexConfig, 
     """Embed `gallery` with the student (whose pixel recipe is `recipe`), build and save the index in `out`."""
     from pipeline.towers.student import load_student
 
+    claim(out, SEARCH_INDEX)  # before the work: a directory that is not an earlier index is refused
     if gallery.recipe != recipe:
         raise InputError(
             f"{gallery.name}: its images were prepared as {gallery.recipe.phrase()}, but the student at "

@@ -42,11 +42,14 @@ import numpy as np
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
 from pipeline.store.durable import fsync_tree, remove_stale_dirs, replace_dir, temp_beside
-from pipeline.store.features import open_store
+from pipeline.store.features import FEATURE_STORE, open_store
 from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS
 from pipeline.store.imports import SourceSplit, check_against_index, import_attrs, write_imported
+from pipeline.store.ownership import Output, claim
 
 PARTS = ("img_emb", "text_emb", "metadata")
+# what an export replaces (pipeline/store/ownership.py): a directory holding nothing but the three parts
+EMBEDDINGS_EXPORT = Output("an embeddings export", directory=True, names=frozenset(PARTS))
 _REPEAT_TOLERANCE = 1e-3  # max |difference| of two rows of one image (fp16 rounding of two batches is ~5e-4)
 _BLOCK_ROWS = 65536
 
@@ -184,6 +187,7 @@ def import_embeddings(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> Path:
     """A feature store from embeddings in clip-retrieval's layout, rows matched to `index` (see the module doc)."""
+    claim(out_path, FEATURE_STORE)  # before the work; the store is then built beside it and swapped in
     source = Path(source)
     parts = _parts(source)
     images = [_load_part(source, "img_emb", k) for k in parts]
@@ -311,7 +315,7 @@ def export_embeddings(store_path: Path | str, index: DatasetIndex, out: Path | s
 
     store = open_store(store_path, expect_fingerprint=index.fingerprint)
     out = Path(out)
-    _check_target(out)
+    claim(out, EMBEDDINGS_EXPORT)  # before the work; replace_dir claims it again just before the swap
     remove_stale_dirs(out)
     tmp = temp_beside(out)
     try:
@@ -346,24 +350,11 @@ def export_embeddings(store_path: Path | str, index: DatasetIndex, out: Path | s
             ).replace_schema_metadata({"kdpipe": json.dumps(store.attrs, ensure_ascii=False)})
             pq.write_table(table, tmp / "metadata" / f"metadata_{k}.parquet")
         fsync_tree(tmp)
-        replace_dir(tmp, out)
+        replace_dir(tmp, out, EMBEDDINGS_EXPORT)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _check_target(out: Path) -> None:
-    """`out` may be new, empty, or an earlier export (replaced whole); anything else is not kdpipe's to delete."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory; choose another --out")
-    entries = {p.name for p in out.iterdir()}
-    if entries and not (entries <= set(PARTS) and (out / "metadata").is_dir()):
-        raise InputError(
-            f"{out}: exists and is not an earlier export (it holds {sorted(entries)[0]}); choose another --out"
-        )
 
 
 def _take(rows_source: Any, rows: np.ndarray) -> np.ndarray:

@@ -9,10 +9,15 @@ file, which `remove_partial_files` deletes (zarr's LocalStore names its own temp
     write_file_durably(path, data)             # bytes
     with atomic_path(path) as tmp:             # anything that writes to a path: h5py, safetensors, PIL, ...
         save_file(tensors, str(tmp))
-    with atomic_dir(path) as tmp:              # a whole directory (plots/, a tower, hf/), swapped in
-        write_everything_under(tmp)
+    with atomic_dir(path, kind) as tmp:        # a whole directory (plots/, a tower, hf/), swapped in over
+        write_everything_under(tmp)            # nothing, or an earlier output of `kind` (ownership.py)
     with naming(path):                         # writes made by a library (zarr, dask tasks) into `path`
         ...
+
+kdpipe never deletes what it did not write (pipeline/store/ownership.py): a whole directory replaces only the
+writer's own earlier output (`atomic_dir(path, output)` claims `path` for that kind of output first, and
+`replace_dir` again before it moves the old one aside), and a file written to a path a command takes or derives
+names the kind it may replace (`replaces=`); without one, the caller has claimed the output the file lies in.
 
 A failed write removes its temp file or directory and leaves the target as it was. An OSError that names no
 file (a failed write() or fsync() reports none; torch.save's C++ writer turns it into RuntimeError("unexpected
@@ -35,10 +40,13 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from pipeline.store.ownership import Output, claim, write_marker
 
 PARTIAL = ".partial"  # suffix of files being written (ours and zarr's)
 
@@ -74,10 +82,13 @@ def fsync_tree(path: Path | str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
+def atomic_path(path: Path | str, replaces: Output | None = None) -> Iterator[Path]:
     """Yields a temp path beside `path`; when the block ends without an error the temp file is fsync'd and
-    renamed over `path` (then the directory is fsync'd). On an error the temp file is removed, `path` untouched."""
+    renamed over `path` (then the directory is fsync'd). On an error the temp file is removed, `path` untouched.
+    `replaces`: the kind of output `path` is, claimed first (None: `path` lies in an output the caller claimed)."""
     path = Path(path)
+    if replaces is not None:
+        claim(path, replaces)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(path)
     try:
@@ -99,18 +110,22 @@ def temp_beside(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path | str) -> Iterator[Path]:
-    """Yields an empty temp directory beside `path`; when the block ends without an error its tree is fsync'd
-    and it replaces `path` whole (`replace_dir`). On an error the temp directory is removed, `path` untouched."""
+def atomic_dir(path: Path | str, output: Output) -> Iterator[Path]:
+    """Yields an empty temp directory beside `path`, which is claimed for `output` first; when the block ends
+    without an error its tree is fsync'd and it replaces `path` whole (`replace_dir`; with `output.marker`, after
+    the list of its files is written into it). On an error the temp directory is removed, `path` untouched."""
     path = Path(path)
+    claim(path, output)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_dirs(path)
     tmp = temp_beside(path)
     try:
         tmp.mkdir()
         yield tmp
+        if output.marker:
+            write_marker(tmp, output)
         fsync_tree(tmp)
-        replace_dir(tmp, path)
+        replace_dir(tmp, path, output)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_naming(err, path, tmp)
@@ -139,19 +154,31 @@ def _raise_naming(err: BaseException, path: Path, tmp: Path | None) -> None:
     raise err
 
 
-def write_file_durably(path: Path | str, data: bytes | memoryview) -> None:
-    """Write `data` to `path` atomically and durably."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def write_file_durably(path: Path | str, data: bytes | memoryview, replaces: Output | None = None) -> None:
+    """Write `data` to `path` atomically and durably (`replaces`: as for `atomic_path`)."""
+    with atomic_path(path, replaces) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
-def write_text_durably(path: Path | str, text: str) -> None:
-    write_file_durably(path, text.encode("utf-8"))
+def write_text_durably(path: Path | str, text: str, replaces: Output | None = None) -> None:
+    write_file_durably(path, text.encode("utf-8"), replaces)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` (complete and fsync'd by the caller) to `dst`, replacing `dst`; at no moment does
+def link_or_copy(src: str, dst: str) -> None:
+    """`shutil.copytree`'s copy_function for a copy that costs no bytes where the filesystem allows: a hard link
+    (safe because kdpipe replaces files by rename, never in place, so neither copy sees the other's later
+    writes), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def replace_dir(src: Path, dst: Path, output: Output) -> None:
+    """Move directory `src` (complete and fsync'd by the caller) to `dst`, replacing `dst`, which must be absent,
+    empty or `output`'s own (claimed again here, just before it is moved aside and deleted); at no moment does
     `dst` hold a partial directory (the old one is moved aside first, then deleted)."""
+    claim(dst, output)
     old = None
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
@@ -165,18 +192,21 @@ def replace_dir(src: Path, dst: Path) -> None:
 def remove_stale_dirs(path: Path | str) -> None:
     """Remove what a killed writer of directory `path` left beside it: its temp directories (`temp_beside`)
     whose process is gone, and old copies (`.NAME.old-*`) that `replace_dir` did not get to delete. A live
-    writer's temp directory stays (the caller's lock makes that another process's rare case)."""
+    writer's temp directory stays (the caller's lock makes that another process's rare case). Only names of
+    exactly those two forms are touched."""
     path = Path(path)
     for d in path.parent.glob(f".{glob.escape(path.name)}.*"):
         rest = d.name[len(path.name) + 2 :]
-        if not d.is_dir():
+        if not d.is_dir() or d.is_symlink():
             continue
-        if rest.startswith("old-"):
+        if _OLD_NAME.fullmatch(rest):
             shutil.rmtree(d, ignore_errors=True)
-        elif rest.endswith(PARTIAL) and "-" in rest:
-            pid = rest.split("-", 1)[0]
-            if pid.isdigit() and not _process_alive(int(pid)):
-                shutil.rmtree(d, ignore_errors=True)
+        elif (m := _TEMP_NAME.fullmatch(rest)) and not _process_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+_OLD_NAME = re.compile(r"old-[0-9a-f]{12}")  # replace_dir's name of the directory it replaced
+_TEMP_NAME = re.compile(r"([0-9]+)-[0-9a-f]{8}" + re.escape(PARTIAL))  # temp_beside's, after ".NAME."
 
 
 def _process_alive(pid: int) -> bool:

@@ -72,6 +72,7 @@ from pipeline.errors import InputError
 from pipeline.locks import read_lock
 from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
+from pipeline.store.ownership import Output
 
 FORMAT = "kdpipe-features"
 VERSION = 1
@@ -346,7 +347,22 @@ def is_feature_store_dir(path: Path | str) -> bool:
     return attrs is not None and attrs.get("format") == FORMAT
 
 
+# What a store writer may replace or write into (pipeline/store/ownership.py): a feature store, or what an
+# extraction killed while setting one up left (its .extract/ work directory)
+FEATURE_STORE = Output(
+    "a feature store", directory=True, recognise=lambda p: is_feature_store_dir(p) or (p / ".extract").is_dir()
+)
+
+
+def unit_norm_tolerance(dtype: Any) -> float:
+    """How far from 1 the L2 norm of a unit row stored as `dtype` may be: rounding D values to a p-bit mantissa
+    moves the norm by at most 2^-p (float16 4.9e-4, float32 6e-8, plus the float32 normalization's own ~1e-6);
+    with a margin of 4x and 10x."""
+    return 2e-3 if np.dtype(dtype).itemsize <= 2 else 1e-5
+
+
 __all__ = [
+    "FEATURE_STORE",
     "FORMAT",
     "VERSION",
     "EMB_ARRAYS",
@@ -356,4 +372,5 @@ __all__ = [
     "open_store",
     "read_attrs",
     "is_feature_store_dir",
+    "unit_norm_tolerance",
 ]

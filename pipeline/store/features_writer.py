@@ -21,7 +21,16 @@ from pipeline.hashing import sha256_file
 from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
 from pipeline.store.durable import fsync_dir, fsync_file, fsync_tree
-from pipeline.store.features import DIMENSION_NAMES, EMB_ARRAYS, FORMAT, UNPAIRED_TEXT, VERSION, read_attrs
+from pipeline.store.features import (
+    DIMENSION_NAMES,
+    EMB_ARRAYS,
+    FEATURE_STORE,
+    FORMAT,
+    UNPAIRED_TEXT,
+    VERSION,
+    read_attrs,
+)
+from pipeline.store.ownership import claim
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 16384
@@ -40,14 +49,11 @@ def clear_store_dir(path: Path, *, keep: Iterable[str] = ()) -> None:
 
     Refuses a non-empty directory that is not a feature store, so a wrong `--out` never deletes user data."""
     path = Path(path)
+    claim(path, FEATURE_STORE)
     if not path.exists():
         return
-    if not path.is_dir():
-        raise InputError(f"{path}: exists and is not a directory; expected a feature store location")
     entries = [e for e in path.iterdir() if e.name not in set(keep)]
     attrs = read_attrs(path) or {}
-    if entries and attrs.get("format") != FORMAT and not (path / ".extract").is_dir():
-        raise InputError(f"{path}: exists, is not empty and is not a feature store; remove it or choose another path")
     if attrs.get("complete") is True:
         # first, so that a reader without the lock (plain zarr) is refused, never shown a half-deleted store
         _mark_incomplete(path)

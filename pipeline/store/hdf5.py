@@ -13,7 +13,10 @@
   identical and collapsed to one row per image.
 
 Every import writes a complete, validated format-v1 store (rows L2-normalized in float32, unless the
-source already is a normalized store of the same dtype, whose rows are copied bit for bit).
+source already is a normalized store of the same dtype, whose rows are copied bit for bit), built beside `out`
+and swapped in once complete, after the whole input was checked (pipeline/store/imports.py; here besides: the
+file's `dtype` and `dim` attributes, root or kdpipe_attrs, against its arrays). `export_hdf5` replaces only an
+HDF5 file of its own (`hdf5_format`).
 """
 
 from __future__ import annotations
@@ -26,22 +29,34 @@ import numpy as np
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.store.durable import atomic_path
-from pipeline.store.features import EMB_ARRAYS, UNPAIRED_TEXT, open_store
+from pipeline.store.durable import atomic_dir, atomic_path
+from pipeline.store.features import EMB_ARRAYS, FEATURE_STORE, UNPAIRED_TEXT, open_store
 from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, write_store
-from pipeline.store.imports import SourceSplit, check_against_index, import_attrs, write_imported
+from pipeline.store.imports import SourceSplit, check_against_index, check_rows, import_attrs, write_imported
+from pipeline.store.ownership import Output, claim
 
 HDF5_FORMAT = "kdpipe-features-hdf5"
 _BLOCK_ROWS = 65536  # rows copied at a time (bounded memory for any store size)
+
+
+def _is_our_hdf5(path: Path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f.attrs.get("hdf5_format") == HDF5_FORMAT
+
+
+HDF5_EXPORT = Output("an HDF5 export of a feature store", recognise=_is_our_hdf5)  # what export_hdf5 replaces
 
 
 def export_hdf5(store_path: Path | str, h5_path: Path | str) -> Path:
     """Write a complete store as one HDF5 file (written to a temporary name, renamed when complete)."""
     import h5py
 
-    store = open_store(store_path)
     h5_path = Path(h5_path)
-    with atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as f:
+    claim(h5_path, HDF5_EXPORT)  # before reading the store
+    store = open_store(store_path)
+    with atomic_path(h5_path, HDF5_EXPORT) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["kdpipe_attrs"] = json.dumps(store.attrs, ensure_ascii=False)
         f.attrs["hdf5_format"] = HDF5_FORMAT
         for key, value in store.attrs.items():
@@ -80,6 +95,7 @@ def import_hdf5(
     import h5py
 
     h5_path, out_path = Path(h5_path), Path(out_path)
+    claim(out_path, FEATURE_STORE)  # before the work; the store is then built beside it and swapped in
     if not h5_path.is_file():
         raise InputError(f"{h5_path}: HDF5 file not found")
     try:
@@ -96,15 +112,50 @@ def import_hdf5(
             if name not in f or not isinstance(f[name], h5py.Group):
                 raise InputError(f"{h5_path}: split group /{name} not found")
             splits[name] = _read_split(h5_path, name, f[name], index)
+        normalized = _check_attrs(h5_path, f, attrs, splits)
         return write_imported(
             out_path,
             splits,
             attrs=import_attrs(h5_path, attrs, index, teacher, {"file": h5_path.name, "format": "hdf5"}),
             dtype=dtype,
             chunk_rows=chunk_rows,
-            normalized=attrs.get("normalized") is True,
+            normalized=normalized,
             where=str(h5_path),
         )
+
+
+def _check_attrs(h5_path: Path, f: Any, attrs: dict[str, Any], splits: dict[str, SourceSplit]) -> bool:
+    """The file's `dtype` and `dim` attributes (in kdpipe_attrs or of the root) must agree with its arrays.
+    Returns whether the file says its rows are unit length (`normalized`, either place)."""
+    arrays = [(f"/{n}/{k}", getattr(sp, k)) for n, sp in splits.items() for k in EMB_ARRAYS]
+    for where, found in _said(f, attrs, "dtype"):
+        try:
+            said = np.dtype(str(found))
+        except TypeError:
+            raise InputError(f"{h5_path}: {where} says {str(found)[:40]!r}, which is no dtype") from None
+        wrong = next(((name, ds) for name, ds in arrays if np.dtype(ds.dtype) != said), None)
+        if wrong is not None:
+            raise InputError(
+                f"{h5_path}: {where} says {said} but {wrong[0]} is {np.dtype(wrong[1].dtype)}; "
+                "the attribute and the arrays must agree"
+            )
+    name, ds = arrays[0]
+    for where, found in _said(f, attrs, "dim"):
+        if not isinstance(found, (int, np.integer)) or isinstance(found, bool) or int(found) != ds.shape[1]:
+            raise InputError(
+                f"{h5_path}: {where} says {str(found)[:40]} but {name} has {ds.shape[1]} columns; "
+                "the attribute and the arrays must agree"
+            )
+    return any(v is True or isinstance(v, np.bool_) and bool(v) for _, v in _said(f, attrs, "normalized"))
+
+
+def _said(f: Any, attrs: dict[str, Any], key: str) -> list[tuple[str, Any]]:
+    """(where, value) of each place the file records `key`: inside kdpipe_attrs, and as a root attribute."""
+    found = [(f"attribute kdpipe_attrs.{key}", attrs[key])] if key in attrs else []
+    if key in f.attrs:
+        value = f.attrs[key]
+        found.append((f"attribute {key}", value.decode() if isinstance(value, bytes) else value))
+    return found
 
 
 def _read_split(h5_path: Path, name: str, g: Any, index: DatasetIndex | None) -> SourceSplit:
@@ -185,6 +236,7 @@ def _load_matrix(path: Path, what: str) -> np.ndarray:
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 2:
         raise InputError(f"{path}: {what} must be a 2-D [rows, D] tensor, got shape {list(data.shape)}")
+    check_rows(str(path), what, data, normalized=False)
     return data
 
 
@@ -238,6 +290,7 @@ def import_dsmd(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> Path:
     """files[split] = (image features [M, D], each image repeated per caption; text features [M, D])."""
+    claim(out_path, FEATURE_STORE)  # before loading the tensors
     if not files:
         raise InputError("import-dsmd: no split given")
     if dtype not in STORE_DTYPES:
@@ -252,20 +305,17 @@ def import_dsmd(
         text_feats = _load_matrix(Path(txt_path), "text features")
         splits[split] = dsmd_to_split(index, split, image_feats, text_feats, where=str(img_path))
     teacher = teacher or {"name": "dsmd-import"}
-    write_store(
-        out_path,
-        splits,
-        teacher=teacher,
-        dataset={"name": index.name, "fingerprint": index.fingerprint},
-        dtype=dtype,
-        chunk_rows=chunk_rows,
-        extra_attrs={
-            "imported_from": {
-                "format": "dsmd",
-                "files": {s: [Path(a).name, Path(b).name] for s, (a, b) in files.items()},
-            }
-        },
-    )
+    imported_from = {"format": "dsmd", "files": {s: [Path(a).name, Path(b).name] for s, (a, b) in files.items()}}
+    with atomic_dir(out_path, FEATURE_STORE) as tmp:  # built beside `out_path`, swapped in when complete
+        write_store(
+            tmp,
+            splits,
+            teacher=teacher,
+            dataset={"name": index.name, "fingerprint": index.fingerprint},
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            extra_attrs={"imported_from": imported_from},
+        )
     open_store(out_path, expect_fingerprint=index.fingerprint)
     return Path(out_path)
 

@@ -32,6 +32,7 @@ cannot do (`chunk_files`: one shard is written by zarr only whole).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -44,12 +45,20 @@ from pipeline.locks import read_lock
 from pipeline.store.chunk_files import SHARD_INDEX_ENTRY, check_shard_index, chunk_file, shard_index
 from pipeline.store.durable import fsync_tree, replace_dir, temp_beside
 from pipeline.store.encoded_cache import EncodedImages, assemble, create_arrays, open_encoded, write_block
+from pipeline.store.ownership import Output, claim
 
 IMAGES_FORMAT = "kdpipe-images"
 IMAGES_VERSION = 1
 DEFAULT_CHUNK_IMAGES = 256
 SPLIT_ARRAY = "images"  # <split>/images
 _DATA_FILE = "rows.data"  # a split's rows while the builder fills them; becomes the shard file at publish
+
+
+def _is_image_cache(path: Path) -> bool:
+    return json.loads((path / "zarr.json").read_bytes())["attributes"]["format"] == IMAGES_FORMAT
+
+
+IMAGE_CACHE = Output("an image cache", directory=True, recognise=_is_image_cache)  # what a build or update replaces
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -211,6 +220,7 @@ class CacheBuilder:
         self.path = Path(path)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.chunk_images = int(chunk_images)
+        claim(self.path, IMAGE_CACHE)  # before the work; publish claims it again, just before the swap
         self.tmp = temp_beside(self.path)
         self.sizes: dict[str, int] = {}
         self.encoding = encoding
@@ -333,7 +343,7 @@ class CacheBuilder:
             os.replace(f, shard)
         group.attrs["complete"] = True  # last write inside the temp dir; the rename below publishes it
         fsync_tree(self.tmp)
-        replace_dir(self.tmp, self.path)
+        replace_dir(self.tmp, self.path, IMAGE_CACHE)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -349,6 +359,7 @@ class CacheUpdate:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        claim(self.path, IMAGE_CACHE)
         self.tmp = temp_beside(self.path)
         shutil.copytree(self.path, self.tmp)  # copy_file_range/sendfile under the hood; reflinks where supported
 
@@ -362,7 +373,7 @@ class CacheUpdate:
 
         zarr.open_group(self.tmp, mode="r+").attrs.update(attrs)
         fsync_tree(self.tmp)
-        replace_dir(self.tmp, self.path)
+        replace_dir(self.tmp, self.path, IMAGE_CACHE)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

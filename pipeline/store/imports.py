@@ -4,8 +4,11 @@ the checks against the dataset index, the new store's attrs, and the one functio
 An importer turns its source into one `SourceSplit` per split (rows still in their files), checked, then calls
 `write_imported`: one feature dimension across splits, the store dtype (the source's when all its embeddings
 share a store dtype, else float16), rows copied bit for bit only from a source that says its rows are unit
-length in the store's dtype (else L2-normalized in float32), non-finite rows refused by the writer (naming the
-chunk and row), complete=true last, then the store opened and validated as any reader would.
+length in the store's dtype (else L2-normalized in float32), complete=true last, then the store opened and
+validated as any reader would. Every row is checked before anything is written (`check_rows`: finite, not
+zero, and of unit length where the source says it is normalized, naming the source, array and row), and the
+store is built beside `out` and swapped in whole (durable.atomic_dir): a failed import leaves an earlier store
+as it was, and anything at `out` that is no feature store is refused.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import numpy as np
 
 from pipeline.data.index import DatasetIndex
 from pipeline.errors import InputError
-from pipeline.store.durable import fsync_tree
-from pipeline.store.features import UNPAIRED_TEXT, open_store
+from pipeline.store.durable import atomic_dir
+from pipeline.store.features import FEATURE_STORE, UNPAIRED_TEXT, open_store, unit_norm_tolerance
 from pipeline.store.features_writer import STORE_DTYPES, StoreWriter, jsonable
 
 
@@ -33,6 +36,36 @@ class SourceSplit:
     text_image: np.ndarray  # int32 [M]
     image_id: list[str]
     unpaired: Any  # [U, D], empty when the file has none
+
+    def embeddings(self) -> tuple[tuple[str, Any], ...]:
+        """(store array name, row source) of every embedding array."""
+        return (("image_emb", self.image_emb), ("text_emb", self.text_emb), (UNPAIRED_TEXT, self.unpaired))
+
+
+_CHECK_ROWS = 8192  # rows checked at a time (their norms in float64: 8192 x 768 x 8 bytes = 50 MB)
+
+
+def check_rows(where: str, array: str, rows: Any, normalized: bool) -> None:
+    """Every row of `rows` ([R, D]: anything with .shape, .dtype and [a:b]) finite and not zero (a zero row has no
+    direction), and of unit length within the rounding of its dtype where the source says it is normalized;
+    else one line naming `where` (the source), `array` and the row."""
+    tolerance = unit_norm_tolerance(rows.dtype)
+    for a in range(0, rows.shape[0], _CHECK_ROWS):
+        block = np.asarray(rows[a : a + _CHECK_ROWS], dtype=np.float64)
+        finite = np.isfinite(block).all(axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        bad = ~finite | (norms == 0) | (normalized & (np.abs(norms - 1) > tolerance))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            what = (
+                "is not finite (NaN or inf); fix or drop that row"
+                if not finite[r]
+                else "is all zeros (it has no direction to normalize); fix or drop that row"
+                if norms[r] == 0
+                else f"has L2 norm {norms[r]:.6g}, but the source says its rows are normalized; fix that row, or "
+                "its `normalized` attribute"
+            )
+            raise InputError(f"{where}: {array} row {a + r} {what}")
 
 
 def store_dtype(splits: Any, dtype: str | None) -> str:
@@ -106,32 +139,35 @@ def write_imported(
     dims = {s.image_emb.shape[1] for s in splits.values()}
     if len(dims) != 1:
         raise InputError(f"{where}: splits have different feature dimensions {sorted(dims)}")
+    for name, sp in splits.items():
+        for key, rows in sp.embeddings():
+            check_rows(where, f"{name}/{key}", rows, normalized)
     dtype = store_dtype(splits.values(), dtype)
     # bits are copied as they are only from a source that says its rows are unit length, in the store's dtype
     copy_bits = normalized and all(
         np.dtype(s.image_emb.dtype) == np.dtype(dtype) and np.dtype(s.text_emb.dtype) == np.dtype(dtype)
         for s in splits.values()
     )
-    writer = StoreWriter.create(
-        out_path,
-        layout={n: (s.image_emb.shape[0], s.text_emb.shape[0], len(s.unpaired)) for n, s in splits.items()},
-        dim=int(dims.pop()),
-        dtype=dtype,
-        chunk_rows=chunk_rows,
-        attrs=jsonable(attrs),
-    )
-    for name, sp in splits.items():
-        for key, ds in (("image_emb", sp.image_emb), ("text_emb", sp.text_emb), (UNPAIRED_TEXT, sp.unpaired)):
-            bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
-            for i in range(writer.n_chunks(name, key) if len(ds) else 0):
-                a, b = writer.chunk_range(name, key, i)
-                writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
-        writer.write_text_image(name, sp.text_image)
-        writer.write_image_id(name, sp.image_id)
-    fsync_tree(writer.path)
-    writer.set_attrs(complete=True)
+    with atomic_dir(out_path, FEATURE_STORE) as tmp:
+        writer = StoreWriter.create(
+            tmp,
+            layout={n: (s.image_emb.shape[0], s.text_emb.shape[0], len(s.unpaired)) for n, s in splits.items()},
+            dim=int(dims.pop()),
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            attrs=jsonable(attrs),
+        )
+        for name, sp in splits.items():
+            for key, ds in sp.embeddings():
+                bits = copy_bits and np.dtype(ds.dtype) == np.dtype(dtype)
+                for i in range(writer.n_chunks(name, key) if len(ds) else 0):
+                    a, b = writer.chunk_range(name, key, i)
+                    writer.write_chunk(name, key, i, ds[a:b], normalize=not bits)
+            writer.write_text_image(name, sp.text_image)
+            writer.write_image_id(name, sp.image_id)
+        writer.set_attrs(complete=True)
     open_store(out_path, expect_fingerprint=expect_fingerprint)  # validate what was written
     return Path(out_path)
 
 
-__all__ = ["SourceSplit", "store_dtype", "import_attrs", "check_against_index", "write_imported"]
+__all__ = ["SourceSplit", "store_dtype", "import_attrs", "check_against_index", "check_rows", "write_imported"]

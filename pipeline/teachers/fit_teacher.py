@@ -33,11 +33,17 @@ from pipeline.config import require_at_least
 from pipeline.errors import InputError
 from pipeline.progress import progress
 from pipeline.store.durable import write_text_durably
+from pipeline.store.ownership import Output, claim
 from pipeline.teachers.fit_fusion import FitCrossEncoderConfig, hard_negatives, train_fusion
 from pipeline.teachers.lit import IMAGE_FEATURE_DIM, FrozenTowers, LiTHeads
 
 HEADS_FILE = "heads.safetensors"
 CROSS_ENCODER_FILE = "cross_encoder.safetensors"
+SUMMARY_FILE = "fit_summary.json"
+# what fit-teacher writes into (pipeline/store/ownership.py): a directory of nothing but its files
+TEACHER_DIR = Output(
+    "fit-teacher's output directory", directory=True, names=frozenset({HEADS_FILE, CROSS_ENCODER_FILE, SUMMARY_FILE})
+)
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,7 @@ def run_fit_teacher(cfg: FitTeacherConfig, out_dir: Path | str, device: torch.de
     """Fit the heads on `cfg.pairs` and write `out_dir/heads.safetensors` and `out_dir/fit_summary.json`."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    claim(out_dir, TEACHER_DIR)  # before the work
     paths, image_ids, captions, text_image = read_training_pairs(cfg)
     # one group per emoji: the file name without the style folder
     names = [posixpath.basename(i) for i in image_ids]
@@ -245,7 +252,7 @@ def run_fit_teacher(cfg: FitTeacherConfig, out_dir: Path | str, device: torch.de
         ce_sha = head.save(out_dir / CROSS_ENCODER_FILE, fit=ce_record)
         summary["cross_encoder"] = {"file": CROSS_ENCODER_FILE, "sha256": ce_sha, "loss_per_epoch": ce_losses}
         fitted = (out_dir / CROSS_ENCODER_FILE, ce_sha, ce_losses[-1])
-    write_text_durably(out_dir / "fit_summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_durably(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     seconds = time.perf_counter() - t0
     return FitResult(out_dir / HEADS_FILE, sha, len(paths), len(captions), losses[-1], seconds, fitted)
 

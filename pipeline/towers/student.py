@@ -26,6 +26,7 @@ from torch import nn
 from pipeline.config import from_dict, to_dict
 from pipeline.errors import InputError
 from pipeline.store.durable import atomic_dir, atomic_path, write_text_durably
+from pipeline.store.ownership import Output, any_of, claim
 from pipeline.towers.image import ImageTower, ImageTowerConfig, build_image_tower
 from pipeline.towers.text import HFTextTower, TextTowerConfig, build_text_tower
 
@@ -149,6 +150,14 @@ def build_student(cfg: StudentConfig, dim: int) -> DualEncoderStudent:
 
 
 # -- saving and loading ---------------------------------------------------------------------------------
+# What a save may write into or replace: a student directory (its config, or distill's record of the run that
+# is writing it), and in it a tower directory (a Hugging Face style config.json)
+STUDENT_DIR = Output(
+    "a student directory", directory=True, recognise=any_of("student_config.json", "distill_config.yaml")
+)
+TOWER = Output("a saved tower", directory=True, recognise=any_of("config.json"))
+
+
 def save_student(model: DualEncoderStudent, directory: Path | str, pixels: dict | None = None) -> None:
     """Write the exported student into `directory` (other files there, e.g. checkpoints/, are kept). `pixels`:
     how its training images were made from files (pipeline/data/pixels.py PixelRecipe.describe()), recorded as
@@ -162,10 +171,11 @@ def save_student(model: DualEncoderStudent, directory: Path | str, pixels: dict 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars inside distill's own progress output
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
     directory = Path(directory)
+    claim(directory, STUDENT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "student_config.json").unlink(missing_ok=True)
     for name, tower in (("image_tower", model.image_tower), ("text_tower", model.text_tower)):
-        with atomic_dir(directory / name) as tmp:
+        with atomic_dir(directory / name, TOWER) as tmp:
             tower.save(tmp)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
