@@ -216,9 +216,13 @@ def test_a_foreign_directory_is_never_cleared(tied, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine, not kdpipe's")
-    with pytest.raises(InputError, match="not a mined store"):
+    with pytest.raises(InputError, match="exists and is not a mined store written by kdpipe; kdpipe replaces only"):
         run_mine(tied.path, MineConfig(k=3), out)
     assert (out / "notes.txt").read_text() == "mine, not kdpipe's"
+    (tmp_path / "file").write_text("a user's file")
+    with pytest.raises(InputError, match="is a file, where a mined store goes"):
+        run_mine(tied.path, MineConfig(k=3), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "a user's file"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -49,18 +49,20 @@ from pipeline.store.features import FeatureStore, open_store, read_attrs
 from pipeline.store.features_writer import chunk_len, jsonable
 from pipeline.store.mined import (
     IMAGE_TO_TEXT,
+    MINED_STORE,
     TEXT_TO_IMAGE,
+    WORK_DIR,
     MinedWriter,
     is_mined_dir,
     store_source,
 )
+from pipeline.store.ownership import claim
 from pipeline.teachers import TeacherConfig
 from pipeline.teachers.base import CrossEncoder
 from pipeline.teachers.cross_encoders import build_cross_encoder
 
 log = logging.getLogger(__name__)
 
-WORK_DIR = ".mine"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SCORE_BLOCK = 2**26  # coarse scores per GEMM block when block_rows is automatic (256 MiB of float32)
 
@@ -349,11 +351,8 @@ def _prepare(
     """Resume a matching partial store, or create a new one. Returns (a line to print, why a partial store
     was not resumed)."""
     work = out / WORK_DIR
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory; expected a mined store location")
+    claim(out, MINED_STORE)  # nothing but a mined store (or a mine's beginnings) is written over
     ours = is_mined_dir(out)
-    if out.is_dir() and any(out.iterdir()) and not ours and not work.is_dir():
-        raise InputError(f"{out}: exists, is not empty and is not a mined store; remove it or choose another path")
     attrs = read_attrs(out) or {}
     message = reason = None
     if ours and (work / "created").is_file():

@@ -50,12 +50,14 @@ from pipeline.store.chunk_files import chunk_file, map_rows
 from pipeline.store.durable import fsync_dir, fsync_file
 from pipeline.store.features import FeatureStore, read_attrs
 from pipeline.store.features_writer import chunk_len, jsonable
+from pipeline.store.ownership import Output
 
 FORMAT = "kdpipe-mined"
 VERSION = 1
 TEXT_TO_IMAGE, IMAGE_TO_TEXT = "text_to_image", "image_to_text"
 DIRECTIONS = (TEXT_TO_IMAGE, IMAGE_TO_TEXT)
 ARRAY_DTYPES = {"rows": "int32", "sims": "float16", "ce_scores": "float32"}
+WORK_DIR = ".mine"  # kdpipe mine's resumption records inside the store it writes
 SOURCE_ARRAYS = ("image_emb", "text_emb", "text_image")  # the store arrays whose rows the candidates index
 
 
@@ -307,6 +309,11 @@ def is_mined_dir(path: Path | str) -> bool:
     return attrs is not None and attrs.get("format") == FORMAT
 
 
+# What `kdpipe mine` may replace or write into (pipeline/store/ownership.py): a mined store, or what a mine
+# killed while setting one up left (its .mine/ work directory)
+MINED_STORE = Output("a mined store", directory=True, recognise=lambda p: is_mined_dir(p) or (p / WORK_DIR).is_dir())
+
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -314,6 +321,7 @@ __all__ = [
     "TEXT_TO_IMAGE",
     "IMAGE_TO_TEXT",
     "MinedWriter",
+    "MINED_STORE",
     "MinedStore",
     "MinedSplit",
     "MinedDirection",
