@@ -202,8 +202,10 @@ def _reopen(out: Path, units: list[Unit], recorded: dict[str, list[str]] | None)
     work = out / WORK_DIR
     shutil.rmtree(work, ignore_errors=True)
     for u in units:
-        images = recorded[u.split][u.index] if recorded is not None else None
-        record = {"bad": [], "images": images} if u.array == "image_emb" else {}
+        if u.array != "image_emb":
+            record = {}
+        else:  # None: the store records no image files (an index without hashes)
+            record = {"bad": [], "images": recorded[u.split][u.index] if recorded is not None else None}
         write_file_durably(work / "done" / u.marker, json.dumps(record).encode())
     write_file_durably(work / "created", b"")
 
