@@ -135,7 +135,11 @@ def test_a_scikit_image_image_that_needs_a_download_is_an_input_error():
     "source, pip_name", [("skimage:camera", "scikit-image"), ("sklearn:china.jpg", "scikit-learn")]
 )
 def test_a_missing_photo_package_says_to_install_the_demo_extras(monkeypatch, source, pip_name):
-    monkeypatch.setitem(sys.modules, source.split(":")[0], None)  # what import sees where it is not installed
+    package = source.split(":")[0]
+    # what import sees where it is not installed; its submodules too, which an earlier test may have imported
+    # (`from sklearn.datasets import ...` finds a cached sklearn.datasets without looking at sklearn)
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")] or [package]:
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(InputError, match=rf"need the package {pip_name} .*pip install -e '\.\[demo\]'"):
         load_source(source)
 
