@@ -130,6 +130,21 @@ def test_a_failed_extra_teacher_resumes_to_the_same_store(dataset, together, tmp
     assert _files(out) == _files(together)
 
 
+def test_a_teacher_added_to_a_complete_store_that_fails_leaves_that_store_whole(dataset, alone, together, tmp_path):
+    """The complete store stays in place, byte for byte, while a teacher is added beside it (the rewrite is a
+    hard-linked copy, swapped in once every teacher is complete); the rerun finishes it, main rows reused."""
+    index, _ = dataset
+    main_alone, _ = alone
+    out = tmp_path / "features.zarr"
+    run_extract(index, ExtractConfig(**BASE), out, teacher=MAIN())
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_extract(index, EXTRA, out, teacher=MAIN(), extra_teachers={"second": SECOND(fail_after=4)})
+    assert _files(out) == _files(main_alone) and open_store(out).extra_teachers == ()  # readers see the old store
+    result = run_extract(index, EXTRA, out, teacher=MAIN(), extra_teachers={"second": SECOND()})
+    assert result.units_computed == 0  # the main teacher's units: reused, not recomputed
+    assert _files(out) == _files(together)
+
+
 def test_a_changed_extra_teacher_is_recomputed_alone(dataset, together, tmp_path):
     index, _ = dataset
     out = tmp_path / "features.zarr"
