@@ -4,11 +4,20 @@ Each params.yaml section maps onto one frozen dataclass (nested dataclasses for 
 checks every key and value against the dataclass's type hints and raises `ConfigError` naming the full
 key (`distill.loss.margin`), the value and what is allowed. Supported field types: bool, int, float,
 str, Path, Literal[...], X | None, tuple[X, ...], dict[str, X] and nested dataclasses.
+
+Every number of every section is checked here, whatever its dataclass says, before its own `__post_init__`
+ranges: a float must be finite (an infinite learning rate or a NaN weight decay passes `lr > 0` and
+`weight_decay >= 0`, and ends as a NaN loss or a traceback hours later), and an int must lie in
+0 .. INT_MAX (every int parameter is a count, a size, an index or a seed: none is negative, and none needs
+more than 31 bits, while 1e20 rows overflow numpy and torch). A path must not hold a NUL byte (no file
+system takes one). Field-specific ranges (lr > 0, crop <= resize, ...) stay in each dataclass's
+`__post_init__`, which `from_dict` turns into a ConfigError naming the section.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -20,8 +29,11 @@ import yaml
 from pipeline.errors import ConfigError
 from pipeline.store.durable import write_text_durably
 from pipeline.store.ownership import Output, read_small
+from pipeline.text_files import parse_yaml
 
 T = TypeVar("T")
+
+INT_MAX = 2**31 - 1  # the largest int parameter: counts, sizes and seeds all fit in 31 bits
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
@@ -65,7 +77,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 return _coerce(option, value, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_describe(tp)}")
+        # a value of the kind one option takes (a string for `Path | dict[str, Path]`) failed that option's own
+        # check (a NUL byte): its message says why; else the value is of none of the kinds
+        kind = [err for option, err in zip(options, errors) if _of_kind(option, value)]
+        if len(kind) == 1 or len(errors) == 1:
+            raise ConfigError(kind[0] if len(kind) == 1 else errors[0])
+        raise ConfigError(f"{key}: {value!r} matches none of {_describe(tp)}")
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
@@ -92,11 +109,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not 0 <= value <= INT_MAX:
+            raise ConfigError(f"{key}: {value} is out of range; expected an integer from 0 to {INT_MAX:,}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -104,10 +129,26 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{key}: expected a path, got {value!r}")
+        if "\0" in str(value):
+            raise ConfigError(f"{key}: the path {str(value)!r} holds a NUL byte, which no file name can")
         return Path(value)
     if tp is Any:
         return value
     raise TypeError(f"{key}: unsupported config field type {tp!r}")  # a bug in a dataclass, not user input
+
+
+def _of_kind(tp: Any, value: Any) -> bool:
+    """Whether `value` is of the Python kind that type `tp` is built from (before any range or content check)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return isinstance(value, Mapping)
+    if origin is tuple:
+        return isinstance(value, (list, tuple))
+    if tp is Path:
+        return isinstance(value, (str, Path))
+    if tp in (int, float):
+        return isinstance(value, (int, float) if tp is float else int) and not isinstance(value, bool)
+    return tp in (str, bool) and isinstance(value, tp)
 
 
 def _describe(tp: Any) -> str:
@@ -139,10 +180,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = [p for p in dotted.strip().split(".") if p]
         if len(parts) < 2:
             raise ConfigError(f"--set {item!r}: expected section.key=value (a section name, then a key)")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err.problem})") from None
+        value = parse_yaml(text, f"--set {item!r}") if text.strip() else ""
         node = out
         for p in parts[:-1]:
             child = node.get(p)
@@ -160,7 +198,7 @@ def write_resolved(cfg: Any, path: Path, section: str) -> None:
     earlier one (a YAML mapping of that one section)."""
 
     def earlier(p: Path) -> bool:
-        doc = yaml.safe_load(read_small(p))
+        doc = parse_yaml(read_small(p).decode("utf-8"), str(p))  # within limits (text_files.py)
         return isinstance(doc, dict) and list(doc) == [section] and isinstance(doc[section], dict)
 
     resolved = Output(f"a resolved {section} config", recognise=earlier)

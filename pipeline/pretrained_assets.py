@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
+from pipeline.weights import load_tensors
 
 # Constants of EfficientNet-Lite0's own preprocessing: RGB in [0, 1], then (x - mean) / std.
 EFFICIENTNET_LITE0_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -135,10 +136,7 @@ def efficientnet_lite(variant: str, image_size: int = 224, pretrained: bool = Tr
     net = EfficientNet.from_name(f"efficientnet-{variant}", image_size=image_size)
     if pretrained:
         path = EFFICIENTNET_LITE_WEIGHTS[variant]()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file
-            raise InputError(f"{path}: cannot read the EfficientNet weights ({type(err).__name__}: {err})") from None
+        state = load_tensors(path, "the EfficientNet weights", f"reinstall {EFFICIENTNET_PACKAGES}")
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise InputError(

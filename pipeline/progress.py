@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,6 +31,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from pipeline.printable import MESSAGE_LIMIT, printable
+
 _console = Console(stderr=True, soft_wrap=True)  # never wrap a status line inside a path
 log = logging.getLogger(__name__)
 _HANDLER_NAME = "kdpipe-console"
@@ -38,11 +41,12 @@ _HANDLER_NAME = "kdpipe-console"
 class ConsoleHandler(logging.Handler):
     """Log records as plain lines on the progress console: the message alone for INFO and DEBUG,
     '<level>: message' from WARNING up. (rich's RichHandler lays records out in a table that wraps long
-    lines at the terminal width and pads them with spaces, which breaks paths and captured logs.)"""
+    lines at the terminal width and pads them with spaces, which breaks paths and captured logs.) Records
+    quote file names and captions: `printable` shows their control characters as escapes."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            message = printable(record.getMessage(), MESSAGE_LIMIT)
             if record.levelno >= logging.WARNING:
                 message = f"{record.levelname.lower()}: {message}"
             _console.print(message, highlight=False, markup=False)  # a path with [brackets] stays as it is
@@ -111,7 +115,8 @@ def progress(description: str, total: int | None, unit: str = "it") -> Iterator[
             TextColumn("{task.fields[postfix]}"),
         ]
         with Progress(*columns, console=_console, transient=False) as prog:
-            bar = Bar(prog, prog.add_task(description, total=total, postfix=""), unit)
+            # the description is rich markup in the column: a name in it with [brackets] must stay text
+            bar = Bar(prog, prog.add_task(escape(printable(description)), total=total, postfix=""), unit)
             yield bar
     else:
         bar = Bar(None, None, unit)

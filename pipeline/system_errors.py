@@ -1,6 +1,7 @@
 """Errors of the machine rather than of the input, turned into one line that names the path and what to do.
 
-Disk full, a read-only or forbidden location, too many open files, out of memory: these can happen at
+Disk full, a read-only or forbidden location, too many open files, out of memory, a path of the wrong kind
+(a directory given where a file is written, a file in the middle of a path): these can happen at
 any write or allocation, so call sites do not catch them. `run_stage` (stages/_common.py) passes every
 escaping exception through `environment_error`, the one place that maps them. Writers only go through
 pipeline/store/durable.py, which removes a failed write's temp file and makes the error name the target.
@@ -26,6 +27,14 @@ _ADVICE = {
     errno.ENFILE: ("too many open files on the system", "close other programs or lower the number of workers"),
     errno.ENOMEM: ("out of memory", "lower the batch size or the number of workers"),
     errno.EIO: ("input/output error", "check the disk (dmesg); the file system may be failing"),
+    # a path of the wrong kind: `--out DIR` where a file goes, a file where the path needs a directory
+    errno.EISDIR: ("is a directory, where a file is expected", "give the path of a file"),
+    errno.ENOTDIR: ("a file stands where this path needs a directory", "choose another path"),
+    errno.EEXIST: (
+        "already exists, and is not what kdpipe creates there (a file where a directory goes?)",
+        "choose another path",
+    ),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
 }
 _RESUMES = "completed outputs are untouched"
 

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
-import yaml
 
 from pipeline.config import apply_overrides, from_dict, write_resolved
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.locks import never_waiting, output_lock
 from pipeline.paths import ArtifactPaths
+from pipeline.printable import MESSAGE_LIMIT, printable
 from pipeline.runtime import RuntimeConfig, apply_threads
 from pipeline.system_errors import environment_error
+from pipeline.text_files import parse_yaml
 
 T = TypeVar("T")
 
@@ -52,15 +53,12 @@ def load_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it as UTF-8"
         ) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    data = parse_yaml(text, str(path))  # malformed, too deep, or an alias bomb: one ConfigError
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
@@ -96,10 +94,28 @@ def load_raw(params_path: Path, overrides: list[str] | None) -> dict[str, Any]:
 
 
 def artifact_paths(raw: dict[str, Any], params_path: Path, workdir: Path | None = None) -> ArtifactPaths:
-    wd = workdir or raw.get("workdir")
-    if not wd:
+    if workdir is not None:
+        return workdir_paths(workdir, "--workdir")
+    if not raw.get("workdir"):
         raise ConfigError(f"{params_path}: workdir is not set (e.g. workdir: artifacts/demo)")
-    return ArtifactPaths(Path(wd))
+    return workdir_paths(raw["workdir"], f"{params_path}: workdir")
+
+
+def workdir_paths(workdir: Any, where: str) -> ArtifactPaths:
+    """The artifact paths under `workdir` (from `where`: --workdir or the params file), refused in one line when
+    it cannot be a directory: not a path, a NUL byte in it, or it (or a parent) is an existing file."""
+    if not isinstance(workdir, (str, Path)) or "\0" in str(workdir):
+        raise ConfigError(f"{where}: {workdir!r} is not a usable directory path")
+    workdir = Path(workdir)
+    for p in (workdir, *workdir.parents):
+        if p.is_dir():
+            break
+        if p.exists():
+            parent = "" if p == workdir else f" (in its path, {p})"
+            raise ConfigError(
+                f"{where}: {workdir} cannot be a directory: a file stands there{parent}; choose another workdir"
+            )
+    return ArtifactPaths(workdir)
 
 
 def save_resolved(cfg: Any, paths: ArtifactPaths, section: str) -> None:
@@ -116,7 +132,7 @@ def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KdpipeError as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            error_line(err)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.secho("interrupted", fg=typer.colors.RED, err=True)
@@ -125,10 +141,16 @@ def run_stage(fn: Callable[..., Any]) -> Callable[..., Any]:
             problem = environment_error(err)
             if problem is None:
                 raise  # a bug: keep the traceback
-            typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+            error_line(problem)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def error_line(err: BaseException | str, prefix: str = "error") -> None:
+    """`<prefix>: <message>` as one red line on stderr: control characters shown as escapes, and a message
+    that quotes a huge value cut to MESSAGE_LIMIT characters (pipeline/printable.py)."""
+    typer.secho(f"{prefix}: {printable(err, MESSAGE_LIMIT)}", fg=typer.colors.RED, err=True)
 
 
 @contextmanager
@@ -152,4 +174,5 @@ def is_main_process() -> bool:
 
 
 def echo(message: str) -> None:
-    print(message, file=sys.stdout, flush=True)
+    """One line on stdout, its control characters shown as escapes (ids and captions come from user files)."""
+    print(printable(message), file=sys.stdout, flush=True)

@@ -11,7 +11,7 @@ import typer
 from pipeline.distill.runs import run_name, split_runs
 from pipeline.errors import ConfigError
 from pipeline.paths import ArtifactPaths
-from stages._common import apply_runtime, load_params
+from stages._common import apply_runtime, load_params, workdir_paths
 
 STUDENT_OPTION = typer.Option(
     None,
@@ -27,11 +27,10 @@ def artifact_paths(params: Path, workdir: Path | None) -> ArtifactPaths:
     raw = load_params(params) if workdir is None or params.is_file() else {}
     apply_runtime(raw)
     if workdir is not None:
-        return ArtifactPaths(Path(workdir))
-    wd = raw.get("workdir")
-    if not wd:
+        return workdir_paths(workdir, "--workdir")
+    if not raw.get("workdir"):
         raise ConfigError(f"{params}: workdir is not set (e.g. workdir: artifacts/demo); or pass --workdir")
-    return ArtifactPaths(Path(wd))
+    return workdir_paths(raw["workdir"], f"{params}: workdir")
 
 
 def default_models(params: Path, paths: ArtifactPaths) -> dict[str, Path]:

@@ -65,7 +65,8 @@ def command(
             claim(out, METRICS_FILE)  # before the work: a path that is not an earlier metrics file is refused
         doc = evaluate_features(features, split or cfg.split, cfg)
         if out is None:
-            echo(json.dumps(doc, indent=2))
+            for line in json.dumps(doc, indent=2).splitlines():
+                echo(line)
         else:
             with writing(out, no_wait=no_wait):
                 write_json(doc, out, METRICS_FILE)
@@ -108,5 +109,5 @@ def command(
             metrics_path=out,
         )
         save_resolved(cfg, paths, "evaluate")
-    echo(result.table)
-    echo(result.summary())
+    for line in (*result.table.splitlines(), result.summary()):
+        echo(line)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from stages._common import echo, run_stage
+from stages._common import echo, error_line, run_stage
 
 
 @run_stage
@@ -28,7 +28,7 @@ def command(
 
     report = verify_store(store, write=write)
     for bad in report.bad:
-        typer.secho(f"bad chunk: {bad.line()}", fg=typer.colors.RED, err=True)
+        error_line(bad.line(), prefix="bad chunk")
     echo(report.summary())
     if report.bad:
         raise typer.Exit(1)

@@ -38,7 +38,7 @@ LARGE_STYLE = TinySpec(embed_dim=48, depth=3, num_heads=6, ffn_dim=192, patch_si
 
 
 def official_key_shapes(spec: TinySpec, heads: bool = True) -> dict[str, tuple[int, ...]]:
-    """The key names and shapes of an official BEiT-3 retrieval state dict (beit3.md), written out."""
+    """The key names and shapes of an official BEiT-3 retrieval state dict (shared/reference/beit3.md), written out."""
     d, f, p = spec.embed_dim, spec.ffn_dim, spec.patch_size
     g = spec.image_size // p
     shapes: dict[str, tuple[int, ...]] = {

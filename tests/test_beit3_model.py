@@ -36,7 +36,7 @@ def test_parameter_counts_on_meta_device():
     counts["base-384"] = count_parameters(BEIT3_PRESETS["base"].with_image_size(384))
     counts["large-384"] = count_parameters(BEIT3_PRESETS["large"].with_image_size(384))
     print("BEiT-3 retrieval-model parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    # beit3.md: itc 222M / 674M, retrieval fine-tunes (384) 222M / 675M
+    # shared/reference/beit3.md: itc 222M / 674M, retrieval fine-tunes (384) 222M / 675M
     assert 221.5e6 < counts["base"] < 222.5e6 and 221.5e6 < counts["base-384"] < 223e6
     assert 674e6 < counts["large"] < 675.5e6 and 674.5e6 < counts["large-384"] < 675.5e6
     # giant: 1408 x 40 layers with duplicated (multiway) attention and FFN, at 224 px

@@ -1,21 +1,26 @@
 """Typed config: nested dataclasses from dicts, `--set` overrides, and the CLI turning mistakes into exit 2."""
 
+import copy
+import dataclasses
 import json
+import math
+import re
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import one_error_line, run_cli
 from PIL import Image
-from typer.testing import CliRunner
 
 from pipeline.config import apply_overrides, from_dict, to_dict
 from pipeline.data.pixels import ResizeConfig
 from pipeline.data.prepare import PrepareConfig
 from pipeline.data.readers import DatasetConfig
 from pipeline.errors import ConfigError
-from stages.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = {
@@ -129,20 +134,6 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_cli(*args):
-    return CliRunner().invoke(app, list(args))
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)  # exited on purpose, no exception escaped
-    lines = result.stderr.strip().splitlines()  # status lines may come before it (the bar's summary)
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output
-    return errors[0]
-
-
 def test_cli_prepare_runs_and_records_resolved_config(project):
     result = run_cli("prepare", "--set", "prepare.image.crop=160")
     assert result.exit_code == 0, result.output
@@ -200,3 +191,112 @@ def test_real_process_exit_code_and_no_traceback(project):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: prepare.dataset.annotations: data/missing.json not found"
     assert proc.stdout == ""
+
+
+# -- every number of every section: finite, in range, named ------------------------------------------------
+def _sections() -> dict[str, type]:
+    from pipeline.distill.config import DistillConfig
+    from pipeline.distill.runs import RunsConfig
+    from pipeline.evaluate.run import EvaluateConfig
+    from pipeline.extract.config import ExtractConfig
+    from pipeline.runtime import RuntimeConfig
+    from pipeline.store.verify import StoreConfig
+    from pipeline.teachers.fit_teacher import FitTeacherConfig
+
+    return {
+        "runtime": RuntimeConfig,
+        "fit_teacher": FitTeacherConfig,
+        "prepare": PrepareConfig,
+        "extract": ExtractConfig,
+        "distill": DistillConfig,
+        "distill.runs": RunsConfig,
+        "evaluate": EvaluateConfig,
+        "store": StoreConfig,
+    }
+
+
+def _numeric_leaves(cls: type, path: tuple[str, ...] = ()):
+    """(path of keys, int or float, number of items for a fixed-length tuple, 1 for a variadic one, 0 for a
+    plain number) of every int/float field reachable from dataclass `cls` through nested dataclasses."""
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        options = [
+            a for a in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
+        ]
+        for option in options:
+            if dataclasses.is_dataclass(option):
+                yield from _numeric_leaves(option, (*path, f.name))
+            elif option in (int, float):
+                yield (*path, f.name), option, 0
+            elif typing.get_origin(option) is tuple and typing.get_args(option)[0] in (int, float):
+                args = typing.get_args(option)
+                yield (*path, f.name), args[0], 1 if args[-1] is Ellipsis else len(args)
+
+
+def _with(section: dict, path: tuple[str, ...], value) -> dict:
+    out = copy.deepcopy(section)
+    node = out
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(node.get(key), dict) or key not in node else node[key]
+    node[path[-1]] = value
+    return out
+
+
+def test_every_section_of_params_yaml_is_walked():
+    from stages._common import TOP_LEVEL_KEYS
+
+    assert {s.split(".")[0] for s in _sections()} == set(TOP_LEVEL_KEYS) - {"workdir"}
+
+
+def test_every_number_of_every_section_must_be_finite_and_in_range():
+    """An infinite lr, a NaN weight decay, a chunk size of 1e20, a negative seed: each refused by the config
+    layer, naming its key, whatever the section's own checks say (they are not all written)."""
+    from pipeline.config import INT_MAX
+    from pipeline.distill.runs import split_runs
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())  # every section valid as the demo runs it
+    runs, distill = split_runs(raw["distill"])
+    valid = {**raw, "distill": distill, "distill.runs": raw["distill"]["runs"]}
+    accepted, walked = [], 0
+    for section, cls in _sections().items():
+        from_dict(cls, valid.get(section), section)  # the base is accepted
+        for path, kind, items in _numeric_leaves(cls):
+            walked += 1
+            key = ".".join((section, *path))
+            bad = (math.inf, -math.inf, math.nan) if kind is float else (-1, INT_MAX + 1, 10**20)
+            for value in bad:
+                data = _with(valid.get(section) or {}, path, [value] * items if items else value)
+                try:
+                    from_dict(cls, data, section)
+                except ConfigError as err:
+                    assert re.match(rf"{re.escape(key)}(\[\d+\])?: ", str(err)), (key, str(err))
+                else:
+                    accepted.append((key, value))
+    assert walked > 80 and accepted == []  # every int and float field of every section, and none got through
+
+
+def test_a_path_parameter_with_a_nul_byte_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^prepare\.dataset\.image_root: the path 'im\\x00gs' holds a NUL byte"):
+        from_dict(PrepareConfig, {**BASE, "dataset": {**BASE["dataset"], "image_root": "im\0gs"}}, "prepare")
+
+
+def test_a_message_quoting_a_huge_value_is_cut_to_a_line(project):
+    """A message quotes the value as it stands; the printed line keeps its start (the key) and its end (what is
+    allowed), and says how much it left out: a megabyte --set value, a megabyte split name in the annotations."""
+    from pipeline.printable import MESSAGE_LIMIT
+
+    ann = project / "data/ann.json"
+    data = json.loads(ann.read_text())
+    data["images"][0]["split"] = "s" * 1_000_000
+    ann.write_text(json.dumps(data))
+    for args, head, tail in [
+        (
+            ("--set", "prepare.workers=" + "x" * 300_000),
+            "error: prepare.workers: expected an integer, got 'xxx",
+            "xxx'",
+        ),
+        ((), "error: data/ann.json images[0] (a.jpg): split 'sss", "sss' is not one of train, restval, val, test"),
+    ]:
+        line = one_error_line(run_cli("prepare", *args))
+        assert line.startswith(head) and line.endswith(tail), line[:200]
+        assert len(line) <= MESSAGE_LIMIT + 60 and re.search(r" \.\.\. \[[\d,]+ characters left out\] \.\.\. ", line)

@@ -359,3 +359,17 @@ def test_unlabelled_folder_adds_unpaired_images_in_sorted_order(tmp_path):
         read_dataset(DatasetConfig(**{**base.__dict__, "unlabelled_images": tmp_path / "nowhere"}))
     with pytest.raises(ConfigError, match="unlabelled_split"):
         from_dict(DatasetConfig, {"annotations": "x", "unlabelled_images": "d", "splits": ["test"]}, "prepare.dataset")
+
+
+@pytest.mark.parametrize("fmt", ["karpathy", "csv", "jsonl"])
+def test_an_image_path_with_a_nul_byte_is_one_line_naming_the_row(tmp_path, fmt):
+    name = "b\0.jpg"
+    text = {
+        "karpathy": json.dumps({"images": [{"filename": name, "split": "train", "sentences": [{"raw": "x"}]}]}),
+        "csv": "image,caption,split\n" + f"{name},x,train\n",
+        "jsonl": json.dumps({"image": name, "caption": "x", "split": "train"}) + "\n",
+    }[fmt]
+    path = tmp_path / f"ann.{'json' if fmt == 'karpathy' else fmt}"
+    path.write_text(text)
+    with pytest.raises(InputError, match=r"image path 'b\\x00\.jpg' holds a NUL byte, which no file name can$"):
+        read_dataset(DatasetConfig(annotations=path, image_root=tmp_path, format=fmt))

@@ -146,3 +146,24 @@ def test_distill_on_a_webp_cache_trains_and_resumes_as_on_the_raw_cache(tmp_path
     on_raw = torch.load(root / "raw" / "checkpoints" / "last.pt")
     for k, v in on_raw["model"].items():
         assert torch.equal(v, on_webp["model"][k]), k
+
+
+def test_an_encoded_row_is_checked_by_its_declared_size_before_it_is_decoded(tmp_path, monkeypatch):
+    """The cache's reader has the decompression-bomb guard too: a row whose bytes were replaced by a PNG declaring
+    20,000 x 10,000 pixels is refused from its header (PIL's own guard switched off, as another library may),
+    and bytes that are no image are one line, not PIL's exception from a loader thread."""
+    from test_image_file import png_bomb
+
+    from pipeline.errors import InputError
+    from pipeline.store.encoded_cache import EncodedImages, encode_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    good = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    rows = [encode_image(good, {"format": "webp"}), png_bomb(tmp_path / "bomb.png").read_bytes(), b"no image"]
+    offsets = np.cumsum([0] + [len(r) for r in rows])
+    images = EncodedImages(np.frombuffer(b"".join(rows), np.uint8), offsets, (8, 8))
+    np.testing.assert_array_equal(images[0], good)  # lossless webp
+    with pytest.raises(InputError, match=r"^an encoded cache row declares 20000 x 10000 pixels, expected 8 x 8; "):
+        images[1]
+    with pytest.raises(InputError, match=r"^an encoded cache row cannot be decoded \(UnidentifiedImageError: "):
+        images[2]

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline.data.exif import orientation, upright
+from pipeline.data.image_file import read_rgb
 from pipeline.data.index import DatasetIndex
 from pipeline.data.pixels import ResizeConfig, decode_image
 from pipeline.data.prepare import PrepareConfig, run_prepare
 from pipeline.data.readers import DatasetConfig
-from pipeline.extract.images import load_rgb
 from pipeline.paths import ArtifactPaths
 from pipeline.store.image_cache import open_image_cache
 
@@ -81,11 +81,11 @@ def test_extract_reads_the_same_orientation(tmp_path):
     path = tagged(tmp_path / "sideways.jpg", stored, 8, quality=95)
     with Image.open(path) as im:
         as_stored = im.convert("RGB")
-    np.testing.assert_array_equal(np.asarray(load_rgb(str(path))), np.asarray(as_stored))
+    np.testing.assert_array_equal(np.asarray(read_rgb(str(path))), np.asarray(as_stored))
     np.testing.assert_array_equal(
-        np.asarray(load_rgb(str(path), exif="apply")), np.asarray(as_stored.transpose(Image.Transpose.ROTATE_90))
+        np.asarray(read_rgb(str(path), exif="apply")), np.asarray(as_stored.transpose(Image.Transpose.ROTATE_90))
     )
-    drafted = load_rgb(str(path), draft_size=64, exif="apply")  # a square draft, then the quarter turn
+    drafted = read_rgb(str(path), draft_size=64, exif="apply")  # a square draft, then the quarter turn
     assert drafted.size[0] < drafted.size[1]
 
 

@@ -211,6 +211,17 @@ def test_empty_split_arrays(tmp_path):
     assert sp.image_emb.shape == (0, D) and sp.text_emb.shape == (0, D) and sp.image_id.tolist() == []
 
 
+def _edit_array(array_dir, **kw):
+    """Set (None: delete) top-level fields of an array's zarr.json."""
+    doc = json.loads((array_dir / "zarr.json").read_text())
+    for key, value in kw.items():
+        if value is None:
+            del doc[key]
+        else:
+            doc[key] = value
+    (array_dir / "zarr.json").write_text(json.dumps(doc))
+
+
 def _set_attr(path, **kw):
     doc = json.loads((path / "zarr.json").read_text())
     doc["attributes"].update(kw)
@@ -225,6 +236,28 @@ def _set_attr(path, **kw):
         (lambda p: _set_attr(p, format="something-else"), "not a kdpipe feature store"),
         (lambda p: (p / "zarr.json").unlink(), "not a feature store"),
         (lambda p: (p / "zarr.json").write_text("{broken"), "not a feature store"),
+        (lambda p: (p / "zarr.json").write_text("[" * 100_000 + "]" * 100_000), "not a feature store"),
+        # the attributes against the arrays: a dtype the arrays do not have, rows said not to be normalized
+        (
+            lambda p: _set_attr(p, dtype="float32"),
+            "train/image_emb has dtype float16, but the store's attribute dtype says float32",
+        ),
+        (lambda p: _set_attr(p, dtype="int8"), r"attribute dtype='int8'; expected one of float16, float32"),
+        (lambda p: _set_attr(p, normalized=False), "attribute normalized=False; a format v1 store holds L2-normalized"),
+        (lambda p: _set_attr(p, normalized=None), "attribute normalized=None"),
+        # an array's own metadata: not JSON, a field of the wrong type, a field missing
+        (
+            lambda p: (p / "test/text_emb/zarr.json").write_text("{broken"),
+            r"test/text_emb: cannot be read as a Zarr array",
+        ),
+        (
+            lambda p: _edit_array(p / "test/text_emb", shape="x"),
+            r"test/text_emb: cannot be read as a Zarr array .*TypeError",
+        ),
+        (
+            lambda p: _edit_array(p / "test/text_emb", data_type=None),
+            r"test/text_emb: zarr.json is not valid Zarr array",
+        ),
         (lambda p: shutil.rmtree(p / "test" / "text_emb"), "split 'test' has no array 'text_emb'"),
         (lambda p: (p / "train/image_emb/c/1/0").write_bytes(b"short"), "truncated"),
         (lambda p: (p / "train/image_emb/c/2/0").unlink(), "missing"),

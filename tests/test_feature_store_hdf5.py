@@ -1,6 +1,7 @@
 """HDF5 export/import and the DSMD per-caption import produce valid stores with the right rows."""
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -239,6 +240,46 @@ def test_unpaired_texts_round_trip_through_hdf5(tmp_path):
     other = DatasetIndex.from_lists("toy", "imgs", images, [("a", 0), ("b", 1)], unpaired_texts=[("x", "train")])
     with pytest.raises(InputError, match="unpaired_text_emb has 2 rows, the index 1 texts without an image"):
         import_hdf5(tmp_path / "s.h5", tmp_path / "bad.zarr", index=other)
+
+
+class _RunsCode:
+    """A pickle that would call os.system when unpickled without weights_only."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+def test_import_dsmd_refuses_a_file_that_is_no_plain_tensor_in_one_line_of_its_own(tmp_path):
+    """An unsafe pickle is named by what it asked for, never with torch's advice to retry with
+    weights_only=False (which would run it); an .npy of Python objects and bytes that are no pickle alike."""
+    from cli_helpers import one_error_line, run_cli
+
+    index = _index()
+    index.save(tmp_path / "index")
+    sp = _store(tmp_path / "s.zarr", index).split("test")
+    torch.save(torch.from_numpy(np.asarray(sp.text_emb, dtype=np.float32)), tmp_path / "t.pt")
+    torch.save({"features": _RunsCode()}, tmp_path / "evil.pt")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "junk.pt").write_bytes(b"no pickle at all")
+    todo = "save the features as one tensor (torch.save) or as .npy"
+    for name, line in [
+        (
+            "evil.pt",
+            r"holds Python objects other than tensors \(.*GLOBAL posix\.system.*\); kdpipe reads image "
+            r"features as weights only and never runs code from a file; ",
+        ),
+        ("objects.npy", r"cannot be read as image features \(\.npy, no pickled objects\) \(ValueError: Object arrays"),
+        ("junk.pt", r"cannot be read as image features \((no torch\.save file of tensors|\w+): .*\); "),
+    ]:
+        args = ("import-dsmd", "--index", tmp_path / "index", "--out", tmp_path / "d.zarr")
+        error = one_error_line(
+            run_cli(*args, "--images", f"test={tmp_path / name}", "--texts", f"test={tmp_path / 't.pt'}")
+        )
+        assert re.fullmatch(rf"error: {tmp_path / name}: {line}.*", error) and error.endswith(todo), error
+        assert "weights_only" not in error and "\\x0a" not in error  # our line, not torch's three paragraphs
+    assert not (tmp_path / "d.zarr").exists()
 
 
 # -- the input is checked whole before anything is written, and a failed import keeps the store it would replace

@@ -156,7 +156,7 @@ def test_every_recipe_value_names_its_source(name):
 
 
 # The method presets: the DSMD paper preset plus each seed method's knowledge terms, value by value (each
-# value's source is its comment in the file: the method's paper or code, methods.md, or kdpipe's choice and why).
+# value's source is its comment in the file: the method's paper or code, docs/method.md, or kdpipe's choice and why).
 STUDENT_TEMPERATURE = {  # LEMKD / CLIP-KD CRD: the teacher at its own scale, the student at its own learnable one
     "loss.teacher_temperature": None,
     "loss.student_temperature": 0.07,  # open_clip's init_logit_scale ln(1/0.07)

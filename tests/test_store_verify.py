@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -173,3 +174,84 @@ def test_verify_refuses_what_is_not_a_complete_store_in_one_line(tmp_path):
     (path / "zarr.json").write_text(json.dumps(doc))
     r = _verify_cli(str(path))
     assert r.exit_code == 2 and "incomplete" in r.output
+
+
+def _rewrite_chunk(path: Path, array: str, key: str, edit) -> None:
+    """Edit the rows of one chunk file in place and record its new checksum, as someone hiding the edit would."""
+    from pipeline.store import checksums
+
+    chunk = path / array / key
+    dtype = np.dtype(zarr.open_array(str(path / array), mode="r").dtype).newbyteorder("<")
+    rows = np.fromfile(chunk, dtype=dtype).reshape(-1, D)
+    edit(rows)
+    rows.tofile(chunk)
+    checksums.record(path / array, {key: hashlib.sha256(chunk.read_bytes()).hexdigest()})
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_rows_rescaled_with_new_checksums_are_named_by_verify_and_refused_on_open(tmp_path, dtype):
+    """Checksums recomputed after the edit pass; the rows' norms do not (the store says they are 1)."""
+    path = _write(tmp_path / "a.zarr", seed=0) if dtype == "float16" else None
+    if path is None:
+        rng = np.random.default_rng(0)
+        splits = {
+            "test": {
+                "image_emb": rng.standard_normal((10, D)),
+                "text_emb": rng.standard_normal((30, D)),
+                "text_image": np.repeat(np.arange(10), 3).astype(np.int32),
+                "image_id": [f"t{i}.jpg" for i in range(10)],
+            }
+        }
+        path = tmp_path / "a.zarr"
+        write_store(path, splits, teacher={"name": "t"}, dataset={"name": "toy", "fingerprint": "f" * 64}, dtype=dtype)
+    array = "test/text_emb"
+    _rewrite_chunk(path, array, "c/0/0", lambda rows: rows.__imul__(4))  # every row: norm 4
+    assert all(_naive_check(path).values())  # the README's checksum recipe finds nothing
+    with pytest.raises(
+        InputError,
+        match=rf"{path}: {array}: row 0 has L2 norm (4|3\.999\d*), in a store of normalized rows.*kdpipe verify",
+    ):
+        open_store(path)
+    (bad,) = verify_store(path).bad
+    assert (bad.array, bad.key) == (array, "c/0/0") and re.match(r"row 0 has L2 norm (4|3\.999\d*), ", bad.problem)
+    r = _verify_cli(str(path))
+    assert r.exit_code == 1 and f"bad chunk: {path}: {array} chunk c/0/0: row 0 has L2 norm " in r.output
+
+
+def test_one_row_off_unit_norm_is_named_by_verify_and_the_tolerance_follows_the_dtype(tmp_path):
+    path = _write(tmp_path / "a.zarr", seed=0)  # float16, train/text_emb: 300 rows in chunks of 60
+
+    def nudge(scale):
+        def edit(rows):
+            rows[7] = (rows[7].astype(np.float32) * scale).astype(rows.dtype)
+
+        return edit
+
+    _rewrite_chunk(path, "train/text_emb", "c/2/0", nudge(1.0005))  # within float16's rounding: fine
+    open_store(path)
+    assert verify_store(path).ok
+    _rewrite_chunk(path, "train/text_emb", "c/2/0", nudge(1.01))  # 1%: no rounding does that
+    open_store(path)  # the cheap check samples the first row of each chunk only
+    (bad,) = verify_store(path).bad
+    assert bad.key == "c/2/0" and re.match(r"row 127 has L2 norm 1\.01\d*, .*within 0\.002 for float16", bad.problem)
+    _rewrite_chunk(path, "train/text_emb", "c/2/0", lambda rows: rows.__setitem__(7, 0))  # a zero row
+    assert verify_store(path).bad[0].problem.startswith("row 127 has L2 norm 0, ")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda p: (p / "test/text_emb/zarr.json").write_text("{broken"),
+            r"test/text_emb: cannot be read as a Zarr array",
+        ),
+        (lambda p: shutil.rmtree(p / "test/text_image"), r"split 'test' has no array 'text_image'"),
+    ],
+)
+def test_verify_refuses_a_store_whose_array_metadata_is_broken_or_missing(tmp_path, edit, message):
+    path = _write(tmp_path / "a.zarr", seed=0)
+    edit(path)
+    r = _verify_cli(str(path))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    (line,) = r.output.strip().splitlines()
+    assert re.match(rf"error: {path}: {message}", line), line

@@ -9,6 +9,7 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -32,6 +33,23 @@ def test_machine_errors_become_one_line_naming_the_path(code):
     text = str(problem)
     assert text.startswith(f"/data/out/features.zarr: {_MESSAGES[code]}; ") and "\n" not in text
     assert "completed outputs are untouched" in text
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.EISDIR, "is a directory, where a file is expected; give the path of a file"),
+        (errno.ENOTDIR, "a file stands where this path needs a directory; choose another path"),
+        (errno.EEXIST, "already exists, and is not what kdpipe creates there"),
+        (errno.ENAMETOOLONG, "file name too long; choose a shorter path"),
+    ],
+)
+def test_a_path_of_the_wrong_kind_met_by_any_write_is_one_line_naming_it(code, words):
+    """The backstop where no writer's claim looked first (a directory where a file is written, a file inside a
+    path that needs a directory): the machine's errno becomes one line naming the path."""
+    problem = environment_error(OSError(code, os.strerror(code), "/data/out/metrics.json"))
+    assert problem is not None and str(problem).startswith(f"/data/out/metrics.json: {words}"), problem
+    assert "\n" not in str(problem)
 
 
 def test_memory_errors_and_bugs():
@@ -253,3 +271,60 @@ def test_prepare_on_a_full_disk_names_the_image_cache(tmp_path, monkeypatch):
     assert r.exit_code == 2 and r.output.startswith(f"error: {cache}: no space left on the device;"), r.output
     assert len(r.output.strip().splitlines()) == 1
     assert [p.name for p in (tmp_path / "work").iterdir() if not p.name.endswith(".kdpipe-lock")] == []
+
+
+# -- paths of the wrong kind ----------------------------------------------------------------------------------
+def test_a_workdir_that_is_a_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    from cli_helpers import one_error_line, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / "params.yaml").write_text("workdir: notes.txt\n")
+    for args, line in [
+        (("evaluate",), "error: params.yaml: workdir: notes.txt cannot be a directory: a file stands there; "),
+        (
+            ("index", "--workdir", "notes.txt/sub"),
+            "error: --workdir: notes.txt/sub cannot be a directory: a file stands there (in its path, notes.txt); ",
+        ),
+        (("search", "a dog"), "error: params.yaml: workdir: notes.txt cannot be a directory"),
+        (("export", "--workdir", "notes.txt"), "error: --workdir: notes.txt cannot be a directory"),
+    ]:
+        assert one_error_line(run_cli(*args)).startswith(line), args
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+
+
+def test_an_output_file_given_as_a_directory_or_under_a_file_is_one_line(tmp_path, monkeypatch):
+    from cli_helpers import one_error_line, run_cli
+
+    from pipeline.store.features_writer import write_store
+
+    monkeypatch.chdir(tmp_path)
+    splits = {
+        "test": {
+            "image_emb": np.eye(2, 4),
+            "text_emb": np.eye(2, 4),
+            "text_image": np.arange(2, dtype=np.int32),
+            "image_id": ["a", "b"],
+        }
+    }
+    write_store(tmp_path / "s.zarr", splits, teacher={"name": "t"}, dataset={"name": "d", "fingerprint": "f" * 64})
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "outdir" / "mine.txt").write_text("kept")
+    (tmp_path / "notes.txt").write_text("kept")
+    for args, line in [
+        # each writer claims its output first (pipeline/store/ownership.py): its own words, one line
+        (
+            ("evaluate", "--features", "s.zarr", "--out", "outdir"),
+            "error: outdir: is a directory, where a metrics file goes; ",
+        ),
+        (
+            ("export-hdf5", "s.zarr", "--out", "outdir"),
+            "error: outdir: is a directory, where an HDF5 export of a feature store goes; ",
+        ),
+        (
+            ("evaluate", "--features", "s.zarr", "--out", "notes.txt/m.json"),
+            "error: notes.txt: is a file, where the directory of a metrics file (notes.txt/m.json) goes; ",
+        ),
+    ]:
+        assert one_error_line(run_cli(*args)).startswith(line), args
+    assert (tmp_path / "outdir" / "mine.txt").read_text() == "kept" and (tmp_path / "notes.txt").read_text() == "kept"

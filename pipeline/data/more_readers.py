@@ -10,15 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.parquet_rows import image_kind, parquet_rows
-from pipeline.data.readers import IMAGE_EXTENSIONS, DatasetConfig, _Builder, _load_json
+from pipeline.data.readers import IMAGE_EXTENSIONS, DatasetConfig, _Builder
 from pipeline.data.webdataset import image_id as shard_image_id
 from pipeline.data.webdataset import shard_samples
 from pipeline.errors import InputError
+from pipeline.text_files import read_json
 
 
 # -- COCO captions JSON ------------------------------------------------------------------------------
 def _read_coco(path: Path, file_split: str | None, root: Path, builder: _Builder) -> None:
-    data = _load_json(path)
+    data = read_json(path)
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("images"), list)

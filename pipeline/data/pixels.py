@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.exif import EXIF_ORIENTATION, orientation, upright
-from pipeline.data.image_source import ImageFiles, ImageRef, open_image
+from pipeline.data.image_file import open_image, to_rgb
+from pipeline.data.image_source import ImageFiles, ImageRef
 from pipeline.errors import InputError
 
 FILTERS = {
@@ -146,7 +147,8 @@ class PixelRecipe:
 
 def image_pixels(img: Image.Image, rc: ResizeConfig, tag: int = 1) -> np.ndarray:
     """An opened image -> uint8 [crop, crop, 3], first turned upright by EXIF orientation `tag` (1: as stored).
-    Raises OSError/SyntaxError/ValueError/EOFError for a bad file (the pixels are decoded here)."""
+    Raises OSError/SyntaxError/ValueError/EOFError for a bad file (the pixels are decoded here; inside
+    image_file.open_image, which makes them a BadImage)."""
     if tag != 1:
         # Transposed after a full decode: a drafted (DCT-scaled) image would have to map its fractional source
         # box through the rotation too, and phone photos are the only ones that pay for the simpler path.
@@ -162,7 +164,7 @@ def image_pixels(img: Image.Image, rc: ResizeConfig, tag: int = 1) -> np.ndarray
         if drafted is not None:
             source = drafted[1]
     img.load()  # decodes everything: truncation shows up here
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    rgb = to_rgb(img)  # 16-bit and float images by their range, not clipped (pipeline/data/image_file.py)
     out = rgb.resize(size, FILTERS[rc.filter], box=source).crop(crop)
     return np.asarray(out)
 
@@ -172,10 +174,9 @@ def read_pixels(
 ) -> tuple[np.ndarray, int]:
     """One image (a file, or an index row's ImageRef: a shard member, a parquet cell) -> (uint8 [crop, crop, 3],
     its EXIF orientation tag). exif: "apply" turns the image upright by that tag first (pipeline/data/exif.py).
-    `files` keeps containers open across calls (pipeline/data/image_source.py). Raises OSError/SyntaxError/
-    ValueError/EOFError for a bad image."""
-    ref = image if isinstance(image, ImageRef) else ImageRef(str(image))
-    with open_image(ref, files) as img:
+    `files` keeps containers open across calls (pipeline/data/image_source.py). Raises BadImage for a bad image
+    (pipeline/data/image_file.py: missing, truncated, oversized, unreadable, or with no pixel range)."""
+    with open_image(image, files) as img:
         tag = orientation(img)
         return image_pixels(img, rc, tag if exif == "apply" else 1), tag
 

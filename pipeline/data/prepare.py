@@ -35,17 +35,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.data.decode_tasks import Task, absolute, block_tasks, failures, run_tasks
 from pipeline.data.file_hashes import content_hashes
+from pipeline.data.image_file import BadImage
 from pipeline.data.image_source import ImageFiles, ImageRef
 from pipeline.data.index import BAD_IMAGES_FILE, INDEX_DIR, DatasetIndex, read_fingerprint
 from pipeline.data.pixels import ResizeConfig, read_pixels
@@ -95,29 +95,6 @@ class PrepareConfig:
 
 
 # -- decoding one block ------------------------------------------------------------------------------
-def describe_failure(ref: ImageRef, err: BaseException) -> str:
-    """A short reason for a bad image, for the error line and the report."""
-    if isinstance(err, FileNotFoundError):
-        return "file not found"
-    if isinstance(err, IsADirectoryError):
-        return "is a directory, not an image file"
-    if isinstance(err, PermissionError):
-        return "permission denied"
-    if isinstance(err, UnidentifiedImageError):
-        try:
-            if (ref.length if ref.container == "tar" else os.path.getsize(ref.path)) == 0:
-                return "empty member" if ref.container else "empty file"
-        except OSError:
-            pass
-        return "not an image file PIL can read"
-    if isinstance(err, Image.DecompressionBombError):
-        return f"too large to decode safely ({err})"
-    text = str(err)
-    if "truncated" in text:
-        return f"truncated image ({text})"
-    return f"corrupt image ({type(err).__name__}: {text})"
-
-
 def decode_block(
     images: list[ImageRef],
     rc: ResizeConfig,
@@ -134,11 +111,6 @@ def decode_block(
     and is removed by the caller under `skip`. Runs in dask workers and in-process alike. With `encoding` (an
     encoded cache) `data_file` is the split's block directory, and the rows are encoded into a block there."""
     cpu_start = time.thread_time()
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError(
-            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True (by another library?): truncated "
-            "images would be silently filled with grey; prepare refuses to run that way"
-        )
     h, w = rc.image_size
     block = np.zeros((len(images), h, w, 3), dtype=np.uint8)
     failures: list[tuple[int, str]] = []
@@ -148,8 +120,8 @@ def decode_block(
             try:
                 block[i], tag = read_pixels(ref, rc, exif, files)
                 tagged += tag != 1
-            except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-                failures.append((i, describe_failure(ref, err)))
+            except BadImage as err:  # pipeline/data/image_file.py: the reason alone, for the report
+                failures.append((i, err.reason))
     if encoding is None:
         write_rows(data_file, start_row, block)
     else:

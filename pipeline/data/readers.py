@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 import posixpath
 from collections.abc import Iterator
@@ -81,6 +80,7 @@ from pipeline.data.index import DatasetIndex
 from pipeline.data.parquet_rows import ParquetOptions
 from pipeline.data.webdataset import WebDatasetOptions
 from pipeline.errors import InputError
+from pipeline.text_files import parse_json, read_json
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -337,6 +337,8 @@ class _Builder:
 
 
 def _normalize_path(path: str, where: str) -> str:
+    if "\0" in path:  # no file system takes one; os.stat would raise ValueError, not a file error
+        raise InputError(f"{where}: image path {path!r} holds a NUL byte, which no file name can")
     p = path.strip().replace("\\", "/")
     absolute = p.startswith("/")
     p = posixpath.normpath(p)
@@ -346,18 +348,8 @@ def _normalize_path(path: str, where: str) -> str:
 
 
 # -- Karpathy ----------------------------------------------------------------------------------------
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} line {err.lineno} column {err.colno}: malformed JSON ({err.msg})") from None
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-
-
 def _read_karpathy(path: Path, builder: _Builder) -> None:
-    data = _load_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise InputError(f"{path}: not a Karpathy split file (expected an object with an 'images' list)")
     for i, entry in enumerate(data["images"]):
@@ -405,7 +397,7 @@ Row = tuple[str, Any, list[Any], Any]
 
 
 def _dsmd_rows(path: Path) -> Iterator[Row]:
-    data = _load_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise InputError(f'{path}: expected a JSON list of {{"filename", "description"}} rows')
     for i, item in enumerate(data):
@@ -426,10 +418,7 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 if not line.strip():
                     continue
                 where = f"{path} line {lineno}"
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{where} column {err.colno}: malformed JSON ({err.msg})") from None
+                item = parse_json(line, str(path), first_line=lineno)
                 if not isinstance(item, dict):
                     raise InputError(f"{where}: expected an object, got {type(item).__name__}")
                 if "caption" not in item:

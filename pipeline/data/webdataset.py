@@ -23,7 +23,6 @@ data is read; images are opened later, in the workers (pipeline/data/image_sourc
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import tarfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.text_files import parse_json
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: __key__-style members are not sample parts
@@ -144,10 +144,7 @@ def _captions(where: str, tar: tarfile.TarFile, info: tarfile.TarInfo, options: 
         raise InputError(f"{where}: member {info.name} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not options.caption_key.lower().endswith("json"):
         return [text[:-1] if text.endswith("\n") else text]  # one caption; a text file's final newline is no part of it
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{where}: member {info.name} is not valid JSON ({err.msg})") from None
+    doc = parse_json(text, f"{where}: member {info.name}")  # malformed or absurdly nested: one line
     if not isinstance(doc, dict) or options.caption_field not in doc:
         raise InputError(f"{where}: member {info.name} has no field {options.caption_field!r}")
     value = doc[options.caption_field]

@@ -8,13 +8,13 @@ only among its own gallery, pipeline/evaluate/galleries.py), and the samples are
 caption's own image (a hit for the metrics) is framed in green; another image that carries the very same caption
 text (in the demo, the other drawing of the same emoji), which the metrics do not count, in dashed green.
 Thumbnails and plots are inlined as data URIs and a Content-Security-Policy forbids every fetch, so the file
-opens offline, anywhere. Captions and image ids are untrusted text: everything goes through `html.escape`.
+opens offline, anywhere. Captions and image ids are untrusted text: everything goes through `html_text`
+(control characters shown as escapes, then `html.escape`).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.evaluate.galleries import GalleryMode, image_groups
 from pipeline.evaluate.tables import html_tables, metrics_tables
+from pipeline.printable import html_text
 from pipeline.store.durable import write_text_durably
 from pipeline.store.ownership import Output, claim, text_with
 
@@ -131,7 +132,7 @@ def _same_text_images(gallery: ReportGallery) -> dict[str, set[int]]:
 
 
 def _group_label(gallery: ReportGallery, name: str) -> str:
-    return f' <span class="g">(gallery {html.escape(name)})</span>' if len(gallery.groups) > 1 else ""
+    return f' <span class="g">(gallery {html_text(name)})</span>' if len(gallery.groups) > 1 else ""
 
 
 def caption_section(rankings: list[Ranking], gallery: ReportGallery, sample: np.ndarray, k: int = 5) -> str:
@@ -148,7 +149,7 @@ def caption_section(rankings: list[Ranking], gallery: ReportGallery, sample: np.
         g = int(group_of[own])
         rows = gallery.groups[names[g]]
         parts.append(
-            f'<div class="q">&ldquo;{html.escape(gallery.captions[c])}&rdquo;{_group_label(gallery, names[g])}</div>'
+            f'<div class="q">&ldquo;{html_text(gallery.captions[c])}&rdquo;{_group_label(gallery, names[g])}</div>'
             '<div class="row">'
         )
         for r in rankings:
@@ -158,13 +159,13 @@ def caption_section(rankings: list[Ranking], gallery: ReportGallery, sample: np.
                 cls, mark = (' class="ok"', "&#10003; ") if j == own else ("", "")
                 if j != own and j in same_text[gallery.captions[c]]:
                     cls, mark = ' class="same"', "= "
-                name = html.escape(gallery.ids[j], quote=True)
+                name = html_text(gallery.ids[j])
                 figs.append(
-                    f'<figure{cls} title="{name}: {html.escape(labels[j], quote=True)}"><img src="{uri}" alt="{name}">'
-                    f"<figcaption>{mark}{html.escape(labels[j])}</figcaption></figure>"
+                    f'<figure{cls} title="{name}: {html_text(labels[j])}"><img src="{uri}" alt="{name}">'
+                    f"<figcaption>{mark}{html_text(labels[j])}</figcaption></figure>"
                 )
             parts.append(
-                f'<div class="model"><h4>{html.escape(r.name)}</h4><div class="hits">{"".join(figs)}</div></div>'
+                f'<div class="model"><h4>{html_text(r.name)}</h4><div class="hits">{"".join(figs)}</div></div>'
             )
         parts.append("</div>")
     return "".join(parts)
@@ -181,22 +182,22 @@ def image_section(rankings: list[Ranking], gallery: ReportGallery, sample: np.nd
         g = int(group_of[i])
         caps = np.flatnonzero(caption_group == g)
         own_texts = {gallery.captions[c] for c in np.flatnonzero(gallery.text_image == i).tolist()}
-        name = html.escape(gallery.ids[i], quote=True)
+        name = html_text(gallery.ids[i])
         parts.append(
             f'<div class="irow"><figure title="{name}"><img src="{thumbnail(gallery.images[i], 120)}" alt="{name}">'
-            f"<figcaption>{html.escape(gallery.ids[i])}<br>{_group_label(gallery, names[g])}</figcaption></figure>"
+            f"<figcaption>{html_text(gallery.ids[i])}<br>{_group_label(gallery, names[g])}</figcaption></figure>"
         )
         for r in rankings:
             items = []
             for c in caps[topk(r.image_emb[i : i + 1], r.text_emb[caps], k)[0]].tolist():
-                text = html.escape(gallery.captions[c])
+                text = html_text(gallery.captions[c])
                 if int(gallery.text_image[c]) == i:
                     items.append(f'<li class="ok">&#10003; {text}</li>')
                 elif gallery.captions[c] in own_texts:
                     items.append(f'<li class="same">= {text}</li>')
                 else:
                     items.append(f"<li>{text}</li>")
-            parts.append(f'<div class="model"><h4>{html.escape(r.name)}</h4><ol>{"".join(items)}</ol></div>')
+            parts.append(f'<div class="model"><h4>{html_text(r.name)}</h4><ol>{"".join(items)}</ol></div>')
         parts.append("</div>")
     return "".join(parts)
 
@@ -222,14 +223,13 @@ def render_report(
     group_caps = [np.flatnonzero(np.isin(gallery.text_image, rows)) for rows in group_rows]
     cap_sample = stratified_sample(group_caps, n_captions, rng)
     img_sample = stratified_sample(group_rows, n_images, rng)
-    plot_html = "".join(f'<img class="plot" src="{png_uri(p)}" alt="{html.escape(p.name, quote=True)}">' for p in plots)
+    plot_html = "".join(f'<img class="plot" src="{png_uri(p)}" alt="{html_text(p.name)}">' for p in plots)
     shown = ", ".join(
-        html.escape(r.name) + (f" ({html.escape(models[r.name])})" if models and r.name in models else "")
-        for r in rankings
+        html_text(r.name) + (f" ({html_text(models[r.name])})" if models and r.name in models else "") for r in rankings
     )
     grouped = len(gallery.groups) > 1
     where = (
-        f"Each query is ranked within its own gallery ({', '.join(html.escape(g) for g in gallery.groups)}), as "
+        f"Each query is ranked within its own gallery ({', '.join(html_text(g) for g in gallery.groups)}), as "
         "the metrics are (evaluate.gallery: by_directory)."
         if grouped
         else "Each query is ranked over the whole split, as the metrics are."
@@ -238,8 +238,8 @@ def render_report(
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
-        f'<h1>{html.escape(title)}</h1><p class="note">Models: {shown}.</p>'
+        f"<title>{html_text(title)}</title><style>{STYLE}</style></head><body>"
+        f'<h1>{html_text(title)}</h1><p class="note">Models: {shown}.</p>'
         "<h2>Recall</h2>"
         + (
             html_tables(metrics_tables(metrics, run_info))

@@ -1,6 +1,6 @@
 """Exact image-text retrieval metrics: per-query ranks, R@K, RSUM, median and mean rank, recall@K curves.
 
-The protocol is the one BEiT-3, CLIP_benchmark and LAVIS report (docs: ../shared/reference/retrieval-protocol.md):
+The protocol is the one BEiT-3, CLIP_benchmark and LAVIS report (shared/reference/retrieval-protocol.md):
 scores S = image_emb @ text_emb.T in float32 (fp16 stores are upcast first); image-to-text (i2t) ranks, for each
 image, the best-placed of *its* captions among all M captions; text-to-image (t2i) ranks, for each caption, its one
 image among all N images. Any number of captions per image (at least one). Ranks are 1-based.

@@ -1,6 +1,6 @@
 """The evaluate stage: exact retrieval metrics of the teacher (from the feature store) and of the students
 (encoded from prepare's image cache and the index's captions) on one split, encode latency and parameter
-counts, written as `metrics_detail.json` (the whole record: its layout in the README, "Evaluation"),
+counts, written as `metrics_detail.json` (the whole record: its layout in docs/evaluation.md, "The protocol and the record"),
 `metrics.json` (its headline: each model's RSUM, one row of `dvc metrics show`) and `run_info.json` beside them
 (where and how they were measured), plus `metrics.md` (the table), `ranks.npz` (every run's per-query ranks) and
 plots/.

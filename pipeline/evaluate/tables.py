@@ -7,9 +7,10 @@ measured. `metrics_tables` lays them out once, as text cells; `markdown` and `ht
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.printable import html_text
 
 TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "average_score")
 RECALL_HEADER = ("model", "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "RSUM", "average")
@@ -113,10 +114,10 @@ def html_tables(blocks: list[str | Table]) -> str:
     parts = []
     for b in blocks:
         if isinstance(b, str):
-            parts.append(f"<p>{html.escape(b)}</p>")
+            parts.append(f"<p>{html_text(b)}</p>")
             continue
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+        head = "".join(f"<th>{html_text(h)}</th>" for h in b.header)
+        body = "".join("<tr>" + "".join(f"<td>{html_text(c)}</td>" for c in row) + "</tr>" for row in b.rows)
         parts.append(f'<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
     return "".join(parts)
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.exif import orientation, upright
-from pipeline.data.image_source import ImageFiles, ImageRef, open_image
+from pipeline.data.image_file import BadImage, read_rgb
+from pipeline.data.image_source import ImageFiles, ImageRef
 from pipeline.data.index import SplitView
 from pipeline.errors import InputError
 from pipeline.extract.config import ExtractConfig
@@ -20,22 +20,6 @@ from pipeline.extract.passes import Committer, Lag, data_loader, progress_bar
 from pipeline.extract.units import Unit
 from pipeline.store.features_writer import StoreWriter
 from pipeline.teachers import Teacher
-
-_BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def load_rgb(
-    image: ImageRef | str, draft_size: int | None = None, exif: str = "ignore", files: ImageFiles | None = None
-) -> Image.Image:
-    """Decode an image (a file, or an index row's ImageRef: a shard member, a parquet cell) fully as RGB (raises
-    on a missing, truncated or unreadable image); exif "apply": turned upright by its EXIF orientation tag (the
-    dataset index's choice, see pipeline/data/exif.py)."""
-    with open_image(image if isinstance(image, ImageRef) else ImageRef(image), files) as im:
-        tag = orientation(im) if exif == "apply" else 1
-        if draft_size and im.format == "JPEG":
-            # DCT-domain downscale, never below the requested size; square, so the same before or after a rotation
-            im.draft("RGB", (draft_size, draft_size))
-        return upright(im.convert("RGB"), tag)  # convert() loads all pixel data, so a truncated file fails here
 
 
 class _ImageItems(torch.utils.data.Dataset):
@@ -60,9 +44,9 @@ class _ImageItems(torch.utils.data.Dataset):
         if self.files is None:
             self.files = ImageFiles()
         try:
-            image = load_rgb(self.images[i], self.draft_size, self.exif, self.files)
-        except _BAD_IMAGE_ERRORS as err:
-            return self.blank.clone(), f"{type(err).__name__}: {err}"
+            image = read_rgb(self.images[i], self.draft_size, self.exif, self.files)  # pipeline/data/image_file.py
+        except BadImage as err:
+            return self.blank.clone(), err.reason
         return self.preprocess(image), ""
 
 

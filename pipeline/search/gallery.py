@@ -9,7 +9,6 @@ an image file gets exactly the pixels of its cache row.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline.data.pixels import PixelRecipe, decode_image
 from pipeline.errors import InputError
 from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
+from pipeline.text_files import read_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ALL_SPLITS = "all"  # `--split all`: every split of the dataset in one gallery
@@ -137,13 +137,9 @@ def folder_gallery(folder: Path | str, recipe: PixelRecipe) -> Gallery:
 
 def read_image(path: Path | str, recipe: PixelRecipe) -> np.ndarray:
     """One image file -> uint8 [crop, crop, 3]: the student's pixels (pipeline/data/pixels.py), as prepare makes
-    its cache rows with the same recipe."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: image file not found")
-    try:
-        return decode_image(path, recipe.image, recipe.exif)
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise InputError(f"{path}: cannot read this image ({type(err).__name__}: {err})") from None
+    its cache rows with the same recipe; an image prepare would refuse (missing, truncated, oversized,
+    unreadable) is the same one-line BadImage here."""
+    return decode_image(path, recipe.image, recipe.exif)
 
 
 def student_recipe(student_dir: Path, paths: ArtifactPaths) -> PixelRecipe:
@@ -153,10 +149,9 @@ def student_recipe(student_dir: Path, paths: ArtifactPaths) -> PixelRecipe:
     meta_path = Path(student_dir) / "student_config.json"
     if not meta_path.is_file():
         raise InputError(f"{student_dir}: no student here (student_config.json missing); run `kdpipe distill` first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{meta_path}: cannot read the student's configuration ({err})") from None
+    meta = read_json(meta_path)  # malformed or absurdly nested: one line naming it
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: not a student's configuration (expected a JSON object)")
     recorded = PixelRecipe.of_student(meta, str(meta_path))
     if recorded is not None:
         return recorded

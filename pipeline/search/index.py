@@ -25,10 +25,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, reading_file
 from pipeline.search.prefilter import Codes, EightBitPrefilter, build_prefilter, encode, exact_top_k
 from pipeline.store.durable import atomic_dir
 from pipeline.store.ownership import Output
+from pipeline.text_files import read_json
 
 Kind = Literal["flat", "hnsw", "ivfpq"]
 CODES_FILE = "codes.npy"
@@ -176,7 +177,7 @@ class SearchIndex:
             raise InputError(f"{path}: {len(lines) - 1} lines for {len(self.ids)} index rows; run `kdpipe index` again")
         try:
             out = [json.loads(lines[r]) for r in which]
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # RecursionError: a line nested thousands of levels deep
             raise InputError(f"{path}: not JSON lines ({err}); run `kdpipe index` again") from None
         return [r if isinstance(r, dict) else {} for r in out]
 
@@ -187,11 +188,11 @@ def load_index(directory: Path | str) -> SearchIndex:
     directory = Path(directory)
     if not (directory / "ids.json").is_file() or not (directory / "index.faiss").is_file():
         raise InputError(f"{directory}: no search index here (index.faiss / ids.json); run `kdpipe index` first")
-    try:
-        meta = json.loads((directory / "ids.json").read_text())
-    except ValueError as err:
-        raise InputError(f"{directory / 'ids.json'}: not valid JSON ({err})") from None
-    index = faiss.read_index(str(directory / "index.faiss"))
+    meta = read_json(directory / "ids.json")
+    with reading_file(directory / "index.faiss", "a faiss index", "run `kdpipe index` again"):
+        index = faiss.read_index(str(directory / "index.faiss"))
+    if not isinstance(meta, dict):
+        raise InputError(f"{directory / 'ids.json'}: expected a JSON object; run `kdpipe index` again")
     ids = meta.pop("ids", None)
     if not isinstance(ids, list) or len(ids) != index.ntotal:
         raise InputError(f"{directory}: ids.json does not match index.faiss ({index.ntotal} vectors)")

@@ -104,4 +104,34 @@ def nonfinite_row(rows: np.ndarray) -> int | None:
     return int(np.flatnonzero((exponent == mask).reshape(len(rows), -1).any(axis=1))[0])
 
 
-__all__ = ["ATTR", "ALGORITHM", "chunk_keys", "recorded", "check_listed", "record", "nonfinite_row"]
+# How far a stored row's L2 norm may be from 1 (rows are normalized in float32, then cast): float16 rounds
+# each component to 2^-11 relative, so a unit row's norm moves by at most ~5e-4 (1e-4 measured at D = 256
+# and 1024); float32 rows stay within ~1e-6 (normalized elsewhere in float64 and cast, the same). A row
+# scaled by another tool, or written unnormalized, is off by far more.
+UNIT_NORM_TOLERANCE = {2: 2e-3, 4: 1e-4}  # by itemsize: float16, float32
+
+
+def off_unit_row(rows: np.ndarray) -> tuple[int, float] | None:
+    """(first row, its L2 norm) of a float16/float32 [R, D] block whose norm is not 1 within the dtype's
+    UNIT_NORM_TOLERANCE (a NaN row and a zero row included), else None. Norms in float32."""
+    tolerance = UNIT_NORM_TOLERANCE[rows.dtype.itemsize]
+    for start in range(0, len(rows), 256):  # float32 copies of 256 rows at a time: cache-sized, not a chunk's
+        block = np.asarray(rows[start : start + 256], dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        off = np.flatnonzero(~(np.abs(norms - 1) <= tolerance))
+        if off.size:
+            return start + int(off[0]), float(norms[off[0]])
+    return None
+
+
+__all__ = [
+    "ATTR",
+    "ALGORITHM",
+    "UNIT_NORM_TOLERANCE",
+    "chunk_keys",
+    "recorded",
+    "check_listed",
+    "record",
+    "nonfinite_row",
+    "off_unit_row",
+]

@@ -87,12 +87,26 @@ def encode_image(pixels: np.ndarray, encoding: dict[str, Any]) -> bytes:
 def decode_image_bytes(
     data: bytes | memoryview | np.ndarray, size: tuple[int, int], out: np.ndarray | None = None
 ) -> np.ndarray:
-    """Encoded bytes -> uint8 [H, W, 3] (into `out` when given). PIL releases the GIL while it decodes."""
+    """Encoded bytes -> uint8 [H, W, 3] (into `out` when given). PIL releases the GIL while it decodes.
+
+    The size the row's header declares is checked before decoding (a row replaced by a few bytes that declare
+    50,000 x 50,000 pixels is refused without decoding them: the decompression-bomb guard of this reader), and
+    bytes PIL cannot decode are one line too, not PIL's exception from a loader thread."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(bytes(data))) as im:
-        im.load()
-        pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            if im.size != (size[1], size[0]):
+                raise InputError(
+                    f"an encoded cache row declares {im.size[0]} x {im.size[1]} pixels, expected {size[1]} x "
+                    f"{size[0]}; run `kdpipe prepare` again"
+                )
+            im.load()
+            pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:  # PIL's, as image_file
+        raise InputError(
+            f"an encoded cache row cannot be decoded ({type(err).__name__}: {err}); run `kdpipe prepare` again"
+        ) from None
     if pixels.shape != (*size, 3):
         raise InputError(f"an encoded cache row decodes to {list(pixels.shape)}, expected {[*size, 3]}")
     if out is None:

@@ -1,6 +1,6 @@
 """The teacher feature store, format version 1, and its reader: a Zarr v3 group of L2-normalized rows.
 
-Layout (fixed by docs/architecture, "Feature store, format version 1"):
+Layout (fixed by docs/store-format.md, "Feature store, format version 1"):
 
     features.zarr/
       zarr.json            group attrs: format="kdpipe-features", version=1, complete, dim, normalized=true,
@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, reading_file
 from pipeline.locks import read_lock
 from pipeline.store import checksums
 from pipeline.store.chunk_files import ChunkedRows, chunk_file, map_rows
@@ -78,6 +78,7 @@ FORMAT = "kdpipe-features"
 VERSION = 1
 EMB_ARRAYS = ("image_emb", "text_emb")
 UNPAIRED_TEXT = "unpaired_text_emb"  # the optional embedding array of texts without an image
+STORE_DTYPES = ("float16", "float32")  # of the embedding arrays
 # each array's `dimension_names` (zarr v3 metadata): what xarray needs to open a split as a Dataset, where one
 # name is one length (image_emb and image_id share "image"; text_emb and text_image share "caption")
 DIMENSION_NAMES = {
@@ -196,7 +197,7 @@ def read_attrs(path: Path | str) -> dict[str, Any] | None:
     meta = Path(path) / "zarr.json"
     try:
         doc = json.loads(meta.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested thousands of levels deep
         return None
     if not isinstance(doc, dict) or doc.get("node_type") != "group" or doc.get("zarr_format") != 3:
         return None
@@ -236,6 +237,14 @@ def _open_store(path: Path, expect_fingerprint: str | None, expect_dim: int | No
     dim = attrs.get("dim")
     if not isinstance(dim, int) or dim <= 0:
         raise InputError(f"{path}: attribute dim={dim!r} is not a positive integer")
+    if attrs.get("normalized") is not True:
+        raise InputError(
+            f"{path}: attribute normalized={attrs.get('normalized')!r}; a format v1 store holds L2-normalized rows "
+            "(normalized=true)"
+        )
+    dtype = attrs.get("dtype")  # checked against every embedding array (_map_emb); absent: nothing to compare
+    if dtype is not None and dtype not in STORE_DTYPES:
+        raise InputError(f"{path}: attribute dtype={dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
     if expect_dim is not None and dim != expect_dim:
         raise InputError(f"{path}: feature dimension {dim}, expected {expect_dim}")
     if expect_fingerprint is not None:
@@ -260,19 +269,34 @@ def _open_store(path: Path, expect_fingerprint: str | None, expect_dim: int | No
     teachers = attrs.get(TEACHERS, [])
     if not isinstance(teachers, list) or not all(isinstance(n, str) and n for n in teachers):
         raise InputError(f"{path}: attribute {TEACHERS}={teachers!r} is not a list of names")
-    splits = {name: _open_split(path, group, name, dim) for name in names}
+    splits = {name: _open_split(path, group, name, dim, dtype) for name in names}
     return FeatureStore(path, attrs, splits)
 
 
-def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
+def open_array(path: Path, group: Any, split: str, key: str, *, required: bool = True) -> Any:
+    """Array `<split>/<key>` of an opened store group; None when it is absent and not `required`. An array whose
+    zarr.json zarr cannot read (not JSON, a field missing or of the wrong type) is one InputError naming it."""
+    where = f"{path}: {split}/{key}"
+    meta = path / split / key / "zarr.json"
+    with reading_file(where, "a Zarr array (its zarr.json)", "the store's metadata is damaged; rerun `kdpipe extract`"):
+        try:
+            return group[f"{split}/{key}"]
+        except KeyError:
+            if meta.is_file():  # zarr says "not found" for metadata it cannot make sense of
+                raise InputError(
+                    f"{where}: {meta.name} is not valid Zarr array metadata; rerun `kdpipe extract`"
+                ) from None
+            if required:
+                raise InputError(f"{path}: split {split!r} has no array {key!r}") from None
+            return None
+
+
+def _open_split(path: Path, group: Any, name: str, dim: int, dtype: str | None) -> StoreSplit:
     arrays = {}
     for key in (*EMB_ARRAYS, "text_image", "image_id"):
-        try:
-            arrays[key] = group[f"{name}/{key}"]
-        except KeyError:
-            raise InputError(f"{path}: split {name!r} has no array {key!r}") from None
+        arrays[key] = open_array(path, group, name, key)
         checksums.check_listed(f"{path}: {name}/{key}", arrays[key])
-    emb = {key: _map_emb(path, name, key, arrays[key], dim) for key in EMB_ARRAYS}
+    emb = {key: _map_emb(path, name, key, arrays[key], dim, dtype) for key in EMB_ARRAYS}
     n, m = emb["image_emb"].shape[0], emb["text_emb"].shape[0]
 
     ti = arrays["text_image"]
@@ -295,13 +319,11 @@ def _open_split(path: Path, group: Any, name: str, dim: int) -> StoreSplit:
         else np.empty(0, dtype=object)
     )
     image_id.setflags(write=False)
-    try:
-        unpaired_arr = group[f"{name}/{UNPAIRED_TEXT}"]
-    except KeyError:  # optional: a split without texts that have no image
-        unpaired = None
-    else:
+    unpaired_arr = open_array(path, group, name, UNPAIRED_TEXT, required=False)  # absent: no unpaired texts
+    unpaired = None
+    if unpaired_arr is not None:
         checksums.check_listed(f"{path}: {name}/{UNPAIRED_TEXT}", unpaired_arr)
-        unpaired = _map_emb(path, name, UNPAIRED_TEXT, unpaired_arr, dim)
+        unpaired = _map_emb(path, name, UNPAIRED_TEXT, unpaired_arr, dim, dtype)
     return StoreSplit(
         name=name,
         image_emb=emb["image_emb"],
@@ -330,15 +352,27 @@ def _read_small(path: Path, split: str, key: str, arr: Any) -> np.ndarray:
         raise InputError(f"{where}: a chunk file cannot be decoded ({type(err).__name__}: {err})") from None
 
 
-def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int) -> np.ndarray | ChunkedRows:
-    """Check that `arr` is an uncompressed row-chunked [R, dim] float array and memory-map its chunk files."""
+def _map_emb(path: Path, split: str, key: str, arr: Any, dim: int, attr_dtype: str | None) -> np.ndarray | ChunkedRows:
+    """Check that `arr` is an uncompressed row-chunked [R, dim] float array of the dtype the store's attrs
+    name, memory-map its chunk files, and check that the first row of each chunk has norm 1: a store whose
+    rows were rescaled as a whole is refused here; `kdpipe verify` checks every row."""
     where = f"{path}: {split}/{key}"
     dtype = np.dtype(arr.dtype)
     if dtype.kind != "f" or dtype.itemsize not in (2, 4):
         raise InputError(f"{where} has dtype {dtype}, expected float16 or float32")
+    if attr_dtype is not None and dtype != np.dtype(attr_dtype):
+        raise InputError(f"{where} has dtype {dtype}, but the store's attribute dtype says {attr_dtype}")
     if arr.ndim != 2 or arr.shape[1] != dim:
         raise InputError(f"{where} has shape {list(arr.shape)}, expected [rows, {dim}] (the store's dim)")
-    return map_rows(where, arr)
+    rows = map_rows(where, arr)
+    sampled = np.arange(0, rows.shape[0], int(arr.chunks[0]))  # one row per chunk file: a page read each
+    off = checksums.off_unit_row(rows[sampled])
+    if off is not None:
+        raise InputError(
+            f"{where}: row {int(sampled[off[0]])} has L2 norm {off[1]:.6g}, in a store of normalized rows (changed "
+            f"after extract?); `kdpipe verify {path}` checks every row; rerun `kdpipe extract`"
+        )
+    return rows
 
 
 def is_feature_store_dir(path: Path | str) -> bool:
@@ -367,6 +401,7 @@ __all__ = [
     "VERSION",
     "EMB_ARRAYS",
     "UNPAIRED_TEXT",
+    "STORE_DTYPES",
     "FeatureStore",
     "StoreSplit",
     "open_store",

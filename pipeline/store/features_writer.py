@@ -26,13 +26,13 @@ from pipeline.store.features import (
     EMB_ARRAYS,
     FEATURE_STORE,
     FORMAT,
+    STORE_DTYPES,
     UNPAIRED_TEXT,
     VERSION,
     read_attrs,
 )
 from pipeline.store.ownership import claim
 
-STORE_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 16384
 _SMALL_CHUNK = 1 << 20  # rows per chunk of the 1-D arrays (text_image, image_id): one file for any real dataset
 

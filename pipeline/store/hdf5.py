@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.index import DatasetIndex
-from pipeline.errors import InputError
+from pipeline.errors import InputError, reading_file
 from pipeline.store.durable import atomic_dir, atomic_path
 from pipeline.store.features import EMB_ARRAYS, FEATURE_STORE, UNPAIRED_TEXT, open_store
 from pipeline.store.features_writer import DEFAULT_CHUNK_ROWS, STORE_DTYPES, write_store
 from pipeline.store.imports import SourceSplit, check_against_index, check_rows, import_attrs, write_imported
 from pipeline.store.ownership import Output, claim
+from pipeline.weights import load_tensors
 
 HDF5_FORMAT = "kdpipe-features-hdf5"
 _BLOCK_ROWS = 65536  # rows copied at a time (bounded memory for any store size)
@@ -221,15 +222,14 @@ def _load_matrix(path: Path, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: {what} file not found")
+    todo = "save the features as one tensor (torch.save) or as .npy"
     if path.suffix == ".npy":
-        data = np.load(path, allow_pickle=False)
+        with reading_file(path, f"{what} (.npy, no pickled objects)", todo):
+            data = np.load(path, allow_pickle=False)
     else:
         import torch
 
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 -- any unreadable file is the user's input problem
-            raise InputError(f"{path}: cannot load {what} with torch.load ({type(err).__name__}: {err})") from None
+        data = load_tensors(path, what, todo)
         if not isinstance(data, torch.Tensor):
             raise InputError(f"{path}: expected one tensor of {what}, found {type(data).__name__}")
         data = data.detach().float().numpy()

@@ -1,7 +1,8 @@
 """Full verification of a feature store: every chunk file read, hashed and compared with the checksum its
 array records (pipeline/store/checksums.py), its size checked against the array's shape and dtype, and the
-float rows checked for NaN or inf. `kdpipe verify STORE` prints one line per bad chunk; distill and evaluate
-call `require_verified` when `store.verify` is true.
+float rows checked for NaN or inf and, as the store says its rows are normalized, for an L2 norm of 1 within
+the tolerance of their dtype (rows rescaled and given new checksums pass the hashes, not this). `kdpipe verify
+STORE` prints one line per bad chunk; distill and evaluate call `require_verified` when `store.verify` is true.
 
 Opening a store (`open_store`) does the cheap part only (every chunk file present with its exact size, one
 checksum recorded per chunk): a chunk copied over from another store of the same shape passes that, and
@@ -22,7 +23,7 @@ from pipeline.errors import InputError
 from pipeline.locks import output_lock, read_lock
 from pipeline.progress import progress
 from pipeline.store import checksums
-from pipeline.store.features import EMB_ARRAYS, FORMAT, TEACHERS, UNPAIRED_TEXT, FeatureStore, read_attrs
+from pipeline.store.features import EMB_ARRAYS, FORMAT, TEACHERS, UNPAIRED_TEXT, FeatureStore, open_array, read_attrs
 
 _ARRAYS = (*EMB_ARRAYS, UNPAIRED_TEXT, "text_image", "image_id")
 _MB = 1_000_000
@@ -99,7 +100,10 @@ def _verify_store(path: Path, write: bool) -> VerifyReport:
         raise InputError(f"{path}: feature store is incomplete; rerun `kdpipe extract` to finish it, then verify")
     group = zarr.open_group(str(path), mode="r")
     arrays = [
-        (f"{s}/{k}", group[f"{s}/{k}"]) for s in attrs.get("splits") or [] for k in _ARRAYS if f"{s}/{k}" in group
+        (f"{s}/{k}", arr)
+        for s in attrs.get("splits") or []
+        for k in _ARRAYS
+        if (arr := open_array(path, group, s, k, required=k != UNPAIRED_TEXT)) is not None
     ]
     for name in attrs.get(TEACHERS) or []:  # every extra teacher's store too (pipeline/store/features.py)
         sub = f"{TEACHERS}/{name}"
@@ -107,18 +111,20 @@ def _verify_store(path: Path, write: bool) -> VerifyReport:
             raise InputError(
                 f"{path / sub}: the extra teacher's store is missing or incomplete; rerun `kdpipe extract`"
             )
+        sub_group = group[sub]
         arrays += [
-            (f"{sub}/{s}/{k}", group[f"{sub}/{s}/{k}"])
+            (f"{sub}/{s}/{k}", arr)
             for s in attrs.get("splits") or []
             for k in _ARRAYS
-            if f"{sub}/{s}/{k}" in group
+            if (arr := open_array(path / sub, sub_group, s, k, required=k != UNPAIRED_TEXT)) is not None
         ]
+    unit_rows = attrs.get("normalized") is True  # format v1 says so; _verify_array checks every such row
     report = VerifyReport(path)
     start = time.perf_counter()
     total = sum(_expected_bytes(a) * len(checksums.chunk_keys(a)) for _, a in arrays)
     with progress(f"verify {path.name}", total=total // _MB, unit="MB") as bar:
         for name, arr in arrays:
-            found = _verify_array(path, name, arr, report, bar)
+            found = _verify_array(path, name, arr, report, bar, unit_rows=unit_rows)
             if found is not None and write:
                 checksums.record(path / name, found)
                 report.written.append(name)
@@ -136,9 +142,12 @@ def _is_raw(arr: Any) -> bool:
     return np.dtype(arr.dtype).kind in "fi"
 
 
-def _verify_array(store: Path, name: str, arr: Any, report: VerifyReport, bar: Any) -> dict[str, str] | None:
-    """Check the chunks of one array; returns the digests found when the array records none and all is
-    sound (what --write would record), else None."""
+def _verify_array(
+    store: Path, name: str, arr: Any, report: VerifyReport, bar: Any, *, unit_rows: bool
+) -> dict[str, str] | None:
+    """Check the chunks of one array (with `unit_rows`, also that every row of an embedding array has norm 1,
+    within its dtype's tolerance); returns the digests found when the array records none and all is sound
+    (what --write would record), else None."""
     sums = checksums.recorded(f"{store}: {name}", arr)
     if sums is None:
         report.unchecked.append(name)
@@ -175,10 +184,23 @@ def _verify_array(store: Path, name: str, arr: Any, report: VerifyReport, bar: A
                 )
             )
         if floats:
-            rows = np.frombuffer(data, dtype=np.dtype(arr.dtype).newbyteorder("<")).reshape(int(arr.chunks[0]), -1)
+            step = int(arr.chunks[0])
+            rows = np.frombuffer(data, dtype=np.dtype(arr.dtype).newbyteorder("<")).reshape(step, -1)
             row = checksums.nonfinite_row(rows)
+            # the norms of the real rows (the last chunk's padding is zeros), where the NaN check found none
+            off = checksums.off_unit_row(rows[: int(arr.shape[0]) - i * step]) if unit_rows and row is None else None
             if row is not None:
-                report.bad.append(BadChunk(store, name, key, f"row {i * int(arr.chunks[0]) + row} holds NaN or inf"))
+                report.bad.append(BadChunk(store, name, key, f"row {i * step + row} holds NaN or inf"))
+            elif off is not None:
+                report.bad.append(
+                    BadChunk(
+                        store,
+                        name,
+                        key,
+                        f"row {i * step + off[0]} has L2 norm {off[1]:.6g}, where the store's rows are normalized "
+                        f"(norm 1 within {checksums.UNIT_NORM_TOLERANCE[rows.dtype.itemsize]:g} for {rows.dtype.name})",
+                    )
+                )
     return found if sums is None and len(report.bad) == n_bad else None
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipeline.data.image_file import to_rgb
+
 TokenBatch = dict[str, torch.Tensor]  # e.g. {"input_ids": [B, L] int64, "padding_mask": [B, L] bool}
 
 
@@ -65,7 +67,7 @@ class Teacher(ABC):
         """PIL images -> [N, D] float32 on the CPU, L2-normalized, with the teacher's own preprocessing."""
         out = []
         for i in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess_image(im.convert("RGB")) for im in images[i : i + batch_size]])
+            pixels = torch.stack([self.preprocess_image(to_rgb(im)) for im in images[i : i + batch_size]])
             out.append(self.encode_image_batch(pixels.to(self.device)).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.dim)
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.data.image_file import to_rgb
 from pipeline.devices import resolve_device
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
@@ -57,7 +58,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def resize_image(image: Image.Image, size: int) -> np.ndarray:
     """The official eval resize: RGB, PIL bicubic to exactly size x size -> uint8 [S, S, 3]."""
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC))
+    return np.asarray(to_rgb(image).resize((size, size), Image.BICUBIC))
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:

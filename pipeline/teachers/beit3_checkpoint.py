@@ -25,6 +25,7 @@ from torch import Tensor
 
 from pipeline.errors import InputError
 from pipeline.teachers.beit3_model import BEIT3_PRESETS, FIRST_POSITION, BEiT3Dims, BEiT3ForRetrieval
+from pipeline.weights import refused_object
 
 HEAD_KEYS = ("vision_head.weight", "language_head.weight")
 _LAYER_KEY = re.compile(r"^beit3\.encoder\.layers\.(\d+)\.")
@@ -73,10 +74,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
                 raise
             obj = load(mmap=False)  # a legacy (pre-zip) file cannot be mapped: read it once instead
     except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-        why = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), lines[0])
         raise InputError(
-            f"{path}: holds objects other than tensors and cannot be loaded safely as weights only ({why[:200]})"
+            f"{path}: holds objects other than tensors and cannot be loaded safely as weights only "
+            f"({refused_object(err)})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise InputError(

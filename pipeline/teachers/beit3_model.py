@@ -85,7 +85,7 @@ class BEiT3Dims:
         return replace(self, image_size=int(image_size))
 
 
-# The published configurations (beit3.md). Image size is the pretrain/itc default; the retrieval
+# The published configurations (shared/reference/beit3.md). Image size is the pretrain/itc default; the retrieval
 # fine-tunes use 384, which the checkpoint loader reads from the position table.
 BEIT3_PRESETS: dict[str, BEiT3Dims] = {
     "base": BEiT3Dims(embed_dim=768, depth=12, num_heads=12, ffn_dim=3072, patch_size=16, image_size=224),

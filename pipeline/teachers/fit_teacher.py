@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import require_at_least
+from pipeline.data.image_file import read_rgb
 from pipeline.errors import InputError
 from pipeline.progress import progress
 from pipeline.store.durable import write_text_durably
@@ -167,18 +168,11 @@ def train_heads(
 @torch.inference_mode()
 def frozen_features(towers: FrozenTowers, image_paths: list[Path], captions: list[str], batch_size: int):
     """([N, 1280] image features, [M, 384] caption features), fp32 on the CPU, with progress bars."""
-    from PIL import Image
-
     image_out = torch.empty(len(image_paths), IMAGE_FEATURE_DIM)
     with progress("fit-teacher: image features", len(image_paths), unit="images") as bar:
         for start in range(0, len(image_paths), batch_size):
-            pixels = []
-            for path in image_paths[start : start + batch_size]:
-                try:
-                    with Image.open(path) as im:
-                        pixels.append(towers.preprocess_image(im))
-                except (OSError, ValueError) as err:
-                    raise InputError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from None
+            # read_rgb: the one image reader (a bad file is one BadImage line naming it)
+            pixels = [towers.preprocess_image(read_rgb(path)) for path in image_paths[start : start + batch_size]]
             image_out[start : start + len(pixels)] = towers.image_features(torch.stack(pixels)).cpu()
             bar.advance(len(pixels))
     # each caption once: the demo's two styles of one emoji share their captions

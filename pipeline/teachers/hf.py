@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.data.image_file import to_rgb
 from pipeline.errors import InputError
 from pipeline.teachers import HFTeacherConfig
 from pipeline.teachers.base import Teacher, TokenBatch
@@ -139,7 +140,7 @@ class HFTeacher(Teacher):
 
     # -- CPU side (loader workers) ---------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        out = self.processor(images=[image.convert("RGB")], return_tensors="pt")
+        out = self.processor(images=[to_rgb(image)], return_tensors="pt")
         if self.model_type != "siglip2":
             return out["pixel_values"][0].float()  # [3, S, S]
         patches = out["pixel_values"][0].float()  # [P, 3 p^2]

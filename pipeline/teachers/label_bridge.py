@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.data.image_file import to_rgb
 from pipeline.errors import InputError
 from pipeline.pretrained_assets import (
     EFFICIENTNET_LITE0_IMAGE_SIZE,
@@ -161,7 +162,7 @@ class LabelBridgeTeacher(Teacher):
     # -- CPU side -------------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """Shorter side to 256 (bicubic), centre crop 224, [0, 1] -> (x - 0.5) / 0.5."""
-        image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
         scale = EFFICIENTNET_LITE0_RESIZE / min(w, h)
         nw, nh = (

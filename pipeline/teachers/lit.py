@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.data.image_file import to_rgb
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from pipeline.pretrained_assets import (
@@ -65,7 +66,7 @@ class FrozenTowers:
         self._std = torch.tensor(EFFICIENTNET_LITE0_STD, dtype=torch.float32).view(3, 1, 1)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         s = self.image_size
         w, h = image.size
         scale = s / min(w, h)

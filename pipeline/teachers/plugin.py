@@ -21,8 +21,8 @@ The class implements the Teacher interface of pipeline/teachers/base.py (subclas
 It is built as `Class(device=torch.device, dtype=torch.dtype, **options)` (dtype: the compute dtype that
 `extract.compute_dtype` resolved to; use it for autocast). kdpipe adds `plugin` = {target, module file and
 its sha256} to the identity, so a store names the code that made it. For `dvc repro`, list the module's file
-among the extract stage's `deps` in dvc.yaml, so that editing it reruns extract (docs: README "Your own
-teacher").
+among the extract stage's `deps` in dvc.yaml, so that editing it reruns extract (docs/teachers.md,
+"Your own teacher").
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, reading_file
 
 
 def offline_hub() -> None:
@@ -67,6 +67,14 @@ def quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
+def reading_hf_dir(path: Path, key: str):
+    """Around transformers' read of a local model directory: a config.json that is not JSON or lacks a field,
+    a truncated model.safetensors, ... is one InputError naming the parameter and the directory."""
+    return reading_file(
+        f"{key}: {path}", "a Hugging Face model directory", "save the model there again (save_pretrained)"
+    )
+
+
 def load_pretrained_strict(model_cls, path: Path, key: str, *, ignorable_prefixes: tuple[str, ...] = (), **kwargs):
     """`model_cls.from_pretrained(path)` that refuses missing, unexpected or mismatched weights by name.
 
@@ -74,7 +82,7 @@ def load_pretrained_strict(model_cls, path: Path, key: str, *, ignorable_prefixe
     student that silently starts half of its tower from random weights is worse than an error. Keys under
     `ignorable_prefixes` (e.g. the "pooler." of a checkpoint whose pooler the tower does not build) are the
     one deliberate exception."""
-    with quiet_transformers():
+    with quiet_transformers(), reading_hf_dir(path, key):
         model, info = model_cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
     problems = {
         "missing": sorted(info.get("missing_keys", ())),

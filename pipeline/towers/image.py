@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.towers import load_pretrained_strict, offline_hub, require_dir
+from pipeline.text_files import read_json
+from pipeline.towers import load_pretrained_strict, offline_hub, reading_hf_dir, require_dir
 
 # Named pixel normalizations, (mean, std) per RGB channel of pixels in [0, 1] (`pixel_norm`).
 PIXEL_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -109,7 +110,9 @@ class HFViTTower(ImageTower):
         if cfg.path is not None:
             offline_hub()
             path = require_dir(cfg.path, f"{key}.path", "a local Hugging Face model dir with a ViT (config.json)")
-            how = image_model(AutoConfig.from_pretrained(path, local_files_only=True), f"{key}.path", cfg.pooling)
+            with reading_hf_dir(path, f"{key}.path"):
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+            how = image_model(config, f"{key}.path", cfg.pooling)
             if weights:
                 self.model = load_pretrained_strict(
                     how.cls, path, f"{key}.path", ignorable_prefixes=how.ignorable, **how.kwargs
@@ -119,7 +122,9 @@ class HFViTTower(ImageTower):
             self.prefix_tokens = how.prefix_tokens
             pre = path / "preprocessor_config.json"
             if pre.is_file():
-                meta = json.loads(pre.read_text())
+                meta = read_json(pre)
+                if not isinstance(meta, dict):
+                    raise InputError(f"{pre}: expected a JSON object (an image processor's settings)")
                 mean = tuple(meta.get("image_mean", mean))
                 std = tuple(meta.get("image_std", std))
         else:

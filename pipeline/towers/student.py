@@ -15,6 +15,7 @@ On disk (`save_student` / `load_student`), usable without kdpipe:
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import from_dict, to_dict
-from pipeline.errors import InputError
+from pipeline.errors import InputError, reading_file
 from pipeline.store.durable import atomic_dir, atomic_path, write_text_durably
 from pipeline.store.ownership import Output, any_of, claim
+from pipeline.text_files import read_json
 from pipeline.towers.image import ImageTower, ImageTowerConfig, build_image_tower
 from pipeline.towers.text import HFTextTower, TextTowerConfig, build_text_tower
 
@@ -51,11 +53,12 @@ class StudentConfig:
 class DualEncoderStudent(nn.Module):
     """`forward(images_uint8, input_ids, attention_mask) -> (s_v, s_t)`, both [B, dim] fp32 L2-normalized."""
 
-    def __init__(self, cfg: StudentConfig, dim: int, *, weights: bool = True) -> None:
+    def __init__(self, cfg: StudentConfig, dim: int, *, weights: bool = True, key: str = "distill.student") -> None:
         super().__init__()
         self.config, self.dim = cfg, int(dim)
-        self.image_tower: ImageTower = build_image_tower(cfg.image, weights=weights)
-        self.text_tower: HFTextTower = build_text_tower(cfg.text, weights=weights)
+        # key: where `cfg` came from, for the towers' messages (params.yaml's section, or a saved student's file)
+        self.image_tower: ImageTower = build_image_tower(cfg.image, key=f"{key}.image", weights=weights)
+        self.text_tower: HFTextTower = build_text_tower(cfg.text, key=f"{key}.text", weights=weights)
         self.image_proj = nn.Linear(self.image_tower.out_dim, self.dim, bias=cfg.proj_bias)
         self.text_proj = nn.Linear(self.text_tower.out_dim, self.dim, bias=cfg.proj_bias)
         for proj in (self.image_proj, self.text_proj):
@@ -83,7 +86,11 @@ class DualEncoderStudent(nn.Module):
     def to_float(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 [B, H, W, 3] (any device) -> float [B, 3, H, W] in [0, 1] on the model's device."""
         if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.ascontiguousarray(images))
+            with warnings.catch_warnings():
+                # Read-only arrays (PIL's pixels, a memory-mapped cache) are fine: the tensor is only read
+                # (`.float()` below copies), so torch's "not writable" warning would only alarm the user.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                images = torch.from_numpy(np.ascontiguousarray(images))
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
@@ -207,12 +214,15 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
     meta_path = directory / "student_config.json"
     if not meta_path.is_file():
         raise InputError(f"{directory}: no student here (student_config.json missing); run `kdpipe distill` first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{meta_path}: not valid JSON ({err.msg})") from None
-    if meta.get("format") != STUDENT_FORMAT or meta.get("version") != STUDENT_VERSION:
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != STUDENT_FORMAT or meta.get("version") != STUDENT_VERSION:
         raise InputError(f"{meta_path}: not a {STUDENT_FORMAT} v{STUDENT_VERSION} student")
+    if (
+        not isinstance(meta.get("config"), dict)
+        or isinstance(meta.get("dim"), bool)
+        or not isinstance(meta.get("dim"), int)
+    ):
+        raise InputError(f"{meta_path}: no student config and dim in it (the file was edited or cut short)")
     raw = dict(meta["config"])
     raw.setdefault("proj_bias", True)  # students saved before `proj_bias` existed all had biased projections
     cfg = from_dict(StudentConfig, raw, "student_config.json:config")
@@ -222,12 +232,23 @@ def load_student(directory: Path | str, device: str | torch.device = "cpu") -> D
     if image_cfg.backend == "hf_vit":
         image_cfg = replace(image_cfg, path=directory / "image_tower")
     text_cfg = replace(cfg.text, path=directory / "text_tower", tokenizer=directory / "text_tower", backend="hf_bert")
-    model = DualEncoderStudent(replace(cfg, image=image_cfg, text=text_cfg), meta["dim"], weights=False)
+    again = "export the student again (kdpipe distill) or copy its directory whole"
+    model = DualEncoderStudent(
+        replace(cfg, image=image_cfg, text=text_cfg), meta["dim"], weights=False, key=f"{meta_path}:config"
+    )
     model.config = cfg
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise InputError(f"{directory}: model.safetensors missing")
-    state = load_file(str(weights))
+    with reading_file(weights, "a safetensors file", again):
+        state = load_file(str(weights))
+    own = model.state_dict()
+    for key, tensor in state.items():  # load_state_dict would raise a RuntimeError listing every mismatch
+        if key in own and tensor.shape != own[key].shape:
+            raise InputError(
+                f"{weights}: {key} has shape {list(tensor.shape)}, the student of student_config.json needs "
+                f"{list(own[key].shape)} (weights of another student?); {again}"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InputError(

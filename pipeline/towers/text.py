@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import InputError
-from pipeline.towers import load_pretrained_strict, offline_hub, require_dir
+from pipeline.towers import load_pretrained_strict, offline_hub, reading_hf_dir, require_dir
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ class HFTextTower(nn.Module):
         if path is not None:
             offline_hub()
             p = require_dir(path, f"{key}.path", "a local Hugging Face model dir with a text encoder (config.json)")
-            how = text_model(AutoConfig.from_pretrained(p, local_files_only=True), f"{key}.path", cfg.pooling)
+            with reading_hf_dir(p, f"{key}.path"):
+                config = AutoConfig.from_pretrained(p, local_files_only=True)
+            how = text_model(config, f"{key}.path", cfg.pooling)
             if weights:
                 # a checkpoint's pooler (or a dual model's other half) is what a tower may deliberately leave out
                 self.model = load_pretrained_strict(

@@ -15,7 +15,7 @@ For each direction (text->image and image->text, `candidates.py`) and anchor i w
                                  more weight; uniform 1/B when every H_j is 0;  `none`: w_i = 1/B)
     L_dir  = sum_i w_i CE_i                          and          L_dcd = L_t2i + L_i2t
 
-What DCD's paper and code do, and where kdpipe differs (methods.md, "DCD"):
+What DCD's paper and code do, and where kdpipe differs (docs/method.md, "DCD"):
 - DCD's loss is  alpha T^2 sum_i r_i MSE(z_T / T, z_S / T) + (1 - alpha) sum_i w_i BCE(z_S,i, e_0)  with
   r_i = softmax_i((1 - H_i / sum H)^2). In the public code `F.mse_loss` reduces to one number BEFORE r_i is
   applied, and the r_i sum to 1, so the r_i cancel: only the BCE part is difficulty-weighted. kdpipe keeps
