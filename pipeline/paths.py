@@ -35,6 +35,10 @@ class ArtifactPaths:
         return self.workdir / "features.zarr"
 
     @property
+    def mined(self) -> Path:  # mine's teacher neighbours and cross-encoder scores (pipeline/store/mined.py)
+        return self.workdir / "mined.zarr"
+
+    @property
     def student(self) -> Path:  # distill's outputs: the exported student, its training logs
         return self.workdir / "student"
 

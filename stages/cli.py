@@ -31,6 +31,7 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
     "The pipeline, in order (dvc repro runs it)": {
         "prepare": ("stages.prepare", "command"),
         "extract": ("stages.extract", "command"),
+        "mine": ("stages.mine", "command"),
         "distill": ("stages.distill", "command"),
         "evaluate": ("stages.evaluate", "command"),
     },
@@ -63,6 +64,7 @@ The same commands by hand, in order, each reading its section of params.yaml (--
 \b
     kdpipe prepare      dataset -> index + student image cache
     kdpipe extract      teacher -> feature store (once)
+    kdpipe mine         optional: the teacher's nearest neighbours (DCD, MCAD)
     kdpipe distill      student <- stored teacher features
     kdpipe evaluate     recalls of teacher and student -> metrics.json
     kdpipe search "a dog on a beach"

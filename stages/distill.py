@@ -123,13 +123,17 @@ def train(
     out_paths = out_paths or paths
     from pipeline.config import write_resolved
     from pipeline.data.index import DatasetIndex
+    from pipeline.distill.config import reads_mined
     from pipeline.distill.run import run_distill
     from pipeline.store.features import open_store
     from pipeline.store.image_cache import open_image_cache
+    from pipeline.store.mined import open_mined
 
     index = DatasetIndex.load(paths.index_dir)
     store = open_store(paths.features, expect_fingerprint=index.fingerprint, expect_dim=cfg.teacher_dim)
     cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
+    # the teacher's mined neighbours (kdpipe mine), checked against the store, only when a setting reads them
+    mined = open_mined(paths.mined, store) if reads_mined(cfg, baseline) else None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch
@@ -159,6 +163,7 @@ def train(
             resume=resume,
             val_gallery=gallery,
             cache_dir=paths.text_features,
+            mined=mined,
         )
         finished = True
     finally:

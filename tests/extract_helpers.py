@@ -32,11 +32,13 @@ class TinyTeacher(Teacher):
         seed: int = 0,
         delay: float = 0.0,
         fail_after: int | None = None,
+        scale: float | None = None,
     ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.dim, self.image_size, self.max_len, self.seed, self.delay = dim, image_size, max_len, seed, delay
         self.device = torch.device("cpu")
         self.fail_after, self.batches = fail_after, 0
+        self.scale = scale  # its logit scale (None: it has none)
         self.image_proj = torch.randn(3 * 16, dim, generator=g)
         self.char_emb = torch.randn(128, dim, generator=g)
 
@@ -48,6 +50,9 @@ class TinyTeacher(Teacher):
             "max_text_len": self.max_len,
             "seed": self.seed,
         }
+
+    def logit_scale(self) -> float | None:
+        return self.scale
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)

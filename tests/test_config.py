@@ -199,6 +199,7 @@ def _sections() -> dict[str, type]:
     from pipeline.distill.runs import RunsConfig
     from pipeline.evaluate.run import EvaluateConfig
     from pipeline.extract.config import ExtractConfig
+    from pipeline.mine.run import MineConfig
     from pipeline.runtime import RuntimeConfig
     from pipeline.store.verify import StoreConfig
     from pipeline.teachers.fit_teacher import FitTeacherConfig
@@ -208,6 +209,7 @@ def _sections() -> dict[str, type]:
         "fit_teacher": FitTeacherConfig,
         "prepare": PrepareConfig,
         "extract": ExtractConfig,
+        "mine": MineConfig,
         "distill": DistillConfig,
         "distill.runs": RunsConfig,
         "evaluate": EvaluateConfig,

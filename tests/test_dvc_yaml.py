@@ -62,6 +62,7 @@ COMMAND_MODULE = {  # a `matrix` / `foreach` stage is one definition here
     "fit_teacher": "stages.fit_teacher",
     "prepare": "stages.prepare",
     "extract": "stages.extract",
+    "mine": "stages.mine",
     "distill": "stages.distill",
     "evaluate": "stages.evaluate",
 }
@@ -142,3 +143,22 @@ def test_the_ablation_runs_its_own_params_from_the_repository_root():
     assert "--variant ${item.variant} --seed ${item.seed}" in distill["cmd"]
     assert {"${workdir}/models", "${ablation.workdir}/models"} <= set(evaluate["deps"])  # the base's runs, its own
     assert not any("ablation" in str(s.get("cmd")) for s in DVC["stages"].values())
+
+
+def test_distill_depends_on_the_mined_store_exactly_when_a_run_reads_it():
+    """Every run of params.yaml's distill.runs that reads mine's neighbours needs ${workdir}/mined.zarr among the
+    distill deps (else DVC would not rerun it after a re-mine); none reading it keeps the dep out (else every
+    re-mine would retrain runs that never read it)."""
+    from pipeline.config import from_dict
+    from pipeline.distill.config import DistillConfig, reads_mined
+    from pipeline.distill.runs import split_runs, variant_section
+
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]
+    runs = split_runs(section)[0]
+    reading = []
+    for variant in runs.variants:
+        raw, baseline = variant_section(section, variant, runs.seeds[0])
+        if reads_mined(from_dict(DistillConfig, raw, "distill"), baseline):
+            reading.append(variant)
+    listed = "${workdir}/mined.zarr" in DVC["stages"]["distill"]["deps"]
+    assert listed == bool(reading), f"runs reading the mined store: {reading}; dvc.yaml lists it: {listed}"

@@ -2,6 +2,7 @@
 index or setting never mixes rows, torchrun ranks give the same store, bad images follow the policy."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.extract.config import ExtractConfig
 from pipeline.extract.run import run_extract
 from pipeline.store.features import open_store, read_attrs
+from pipeline.teachers.base import teacher_record
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -62,7 +64,7 @@ def test_features_are_the_teachers_in_index_order(dataset, reference):
     index, _ = dataset
     store = open_store(reference, expect_fingerprint=index.fingerprint, expect_dim=32)
     teacher = TinyTeacher()
-    assert store.teacher == teacher.identity()
+    assert store.teacher == {**teacher.identity(), "logit_scale": None}  # TinyTeacher has no logit scale
     assert store.dataset == {"name": index.name, "fingerprint": index.fingerprint}
     assert store.attrs["extract"] == {
         "compute_dtype": "float32",
@@ -491,7 +493,7 @@ def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_
     from stages.cli import app
 
     index, root = dataset
-    ckpt, _ = base_style_ckpt
+    ckpt, state = base_style_ckpt
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump(
@@ -518,7 +520,8 @@ def test_cli_extract_with_a_tiny_beit3_checkpoint(dataset, tmp_path, base_style_
 
     teacher = BEiT3Teacher.from_checkpoint(ckpt, tokenizer=tiny_spm, num_heads=4)
     store = open_store(out, expect_fingerprint=index.fingerprint, expect_dim=teacher.dim)
-    assert store.teacher == teacher.identity() and store.teacher["checkpoint"]["file"] == ckpt.name
+    assert store.teacher == teacher_record(teacher) and store.teacher["checkpoint"]["file"] == ckpt.name
+    assert store.logit_scale == pytest.approx(math.exp(float(state["logit_scale"])), rel=1e-6)  # the checkpoint's
     for name in index.splits:
         view, sp = index.split(name), store.split(name)
         images = [Image.open(p) for p in view.image_path]

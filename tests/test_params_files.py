@@ -11,6 +11,7 @@ from pipeline.distill.config import DistillConfig
 from pipeline.distill.runs import split_runs, variant_section
 from pipeline.evaluate.run import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
+from pipeline.mine.run import MineConfig
 from pipeline.runtime import RuntimeConfig
 from pipeline.store.verify import StoreConfig
 from pipeline.teachers.fit_teacher import FitTeacherConfig
@@ -21,12 +22,13 @@ SECTIONS = {
     "fit_teacher": FitTeacherConfig,  # only where the teacher has trained parts (the emoji demo)
     "prepare": PrepareConfig,
     "extract": ExtractConfig,
+    "mine": MineConfig,  # only where something uses mined candidates (the emoji demo)
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
     "runtime": RuntimeConfig,  # every stage's CPU threads; its defaults fit any machine
     "store": StoreConfig,  # how distill and evaluate read the feature store (default: no full verification)
 }
-OPTIONAL = {"fit_teacher", "runtime", "store"}
+OPTIONAL = {"fit_teacher", "mine", "runtime", "store"}
 FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 

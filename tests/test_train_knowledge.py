@@ -270,3 +270,27 @@ def test_which_runs_read_the_mined_store():
     for term in ("dcd", "mcad_kl", "mcad_feature"):
         cfg = replace(dsmd, loss=LossConfig(**{term: 1.0, "teacher_temperature": 0.1}))
         assert reads_mined(cfg, baseline=False) and not reads_mined(cfg, baseline=True)
+
+
+def test_the_command_opens_the_mined_store_when_a_run_reads_it(tmp_path):
+    """`kdpipe distill` opens <workdir>/mined.zarr for a run that reads it and trains on it; a missing or stale
+    one is one line naming it and the command to run; a run that does not read it never opens it."""
+    from test_train import cli, make_workdir
+
+    from pipeline.mine.run import MineConfig, run_mine
+
+    root = tmp_path / "w"
+    make_workdir(root)
+    neighbours = ("--set", "distill.batch_neighbours=2")
+    missing = cli(root, *neighbours)
+    assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1, missing.output
+    assert "mined.zarr: no mined store here" in missing.output and "`kdpipe mine`" in missing.output
+    assert cli(root, *neighbours, "--baseline").exit_code == 0  # the baseline reads no teacher: no mined store
+    run_mine(root / "features.zarr", MineConfig(k=3, chunk_rows=8), root / "mined.zarr")
+    ok = cli(root, *neighbours)
+    assert ok.exit_code == 0, ok.output
+    assert torch.load(root / "student/checkpoints/last.pt")["meta"]["mined_k"] == 3
+    make_workdir(root, seed=1)  # re-extracted: other teacher rows (and another index) than the mined ones
+    stale = cli(root, *neighbours, "--no-resume")
+    assert stale.exit_code == 2 and len(stale.output.strip().splitlines()) == 1, stale.output
+    assert "mined from other teacher rows" in stale.output and "rerun `kdpipe mine`" in stale.output

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.distill.extra_teachers import ExtraTeachers
 from pipeline.distill.knowledge import MinedLists
 from pipeline.distill.losses import Knowledge, UnpairedRows
 from pipeline.distill.sampler import EpochSampler, UnpairedSampler
@@ -107,6 +108,7 @@ class HostBatch:
     u_text_local: np.ndarray | None = None  # [B_t] this rank's unpaired texts (rows of the unpaired tokens)
     u_t_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "v"/"t": teacher rows when not on device
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None  # mined (cand_v, cand_t) when not on device
+    extra: list[dict[str, torch.Tensor]] | None = None  # the other teachers' rows when not on device
 
 
 @dataclass
@@ -162,9 +164,11 @@ class BatchLoader:
         cache_rows: np.ndarray | None = None,
         unpaired: Unpaired | None = None,
         mined: MinedLists | None = None,
+        extra: ExtraTeachers | None = None,
     ) -> None:
         self.images, self.bank, self.sampler = images, bank, sampler
         self.mined = mined  # the knowledge terms' candidate lists (pipeline/distill/knowledge.py), when used
+        self.extra = extra  # the other teachers' banks (pipeline/distill/extra_teachers.py), when used
         self.unpaired = unpaired or Unpaired()
         # image cache row of each store image row (identity unless extract skipped images)
         self.image_cache_row = None if cache_rows is None else np.asarray(cache_rows, np.int64)
@@ -215,6 +219,7 @@ class BatchLoader:
         if self.pin:
             return
         tensors = [hb.images, *(hb.t_rows or ()), *(hb.queue or ()), *hb.u_t_rows.values(), *(hb.candidates or ())]
+        tensors += [t for rows in hb.extra or () for t in rows.values()]
         tensors += [hb.u_images] if hb.u_images is not None else []
         with self._lock:
             for t in tensors:
@@ -233,6 +238,8 @@ class BatchLoader:
         self._host_unpaired(hb)
         if self.mined is not None:
             hb.candidates = self.mined.host_rows(global_rows, self._take)
+        if self.extra is not None:
+            hb.extra = self.extra.host_rows(global_rows, bank.text_image_np, queue_rows, self._take)
         return hb
 
     def _host_unpaired(self, hb: HostBatch) -> None:
@@ -293,14 +300,22 @@ class BatchLoader:
         )
         if hb.u_image_rows is not None or hb.u_text_rows is not None:
             self._device_unpaired(hb, batch)
+        queue = self._device_queue(hb, batch) if self.use_queue else None
         if self.mined is not None:
             batch.knowledge = self.mined.knowledge(grows, image_ids, hb.candidates)
-        if not self.use_queue:
-            return batch
+        if self.extra is not None:
+            batch.knowledge = batch.knowledge or Knowledge()
+            batch.knowledge.extra = self.extra.rows(grows, image_ids, queue, hb.extra)
+        return batch
+
+    def _device_queue(self, hb: HostBatch, batch: DeviceBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The negatives (queue_v/t and their image ids) into `batch`; returns the (image rows, caption rows) of the
+        queue's entries, (None, None) for the whole bank."""
+        bank, dev = self.bank, self.bank.device
         if self.queue_size == 0:
             batch.queue_v, batch.queue_t = bank.image, bank.text
             batch.queue_v_ids, batch.queue_t_ids = self.all_image_ids, self.all_text_ids
-            return batch
+            return None, None
         qrows = torch.from_numpy(hb.queue_rows).to(dev, non_blocking=True)
         batch.queue_v_ids = bank.text_image[qrows]
         batch.queue_t_ids = batch.queue_v_ids
@@ -308,7 +323,7 @@ class BatchLoader:
             batch.queue_v, batch.queue_t = bank.image[batch.queue_v_ids], bank.text[qrows]
         else:
             batch.queue_v, batch.queue_t = (x.to(dev, non_blocking=True) for x in hb.queue)
-        return batch
+        return batch.queue_v_ids, qrows
 
     def _device_unpaired(self, hb: HostBatch, batch: DeviceBatch) -> None:
         bank, dev = self.bank, self.bank.device

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.data import BatchLoader, TeacherBank, Unpaired, tokenize_all
+from pipeline.distill.extra_teachers import ExtraTeachers
 from pipeline.distill.knowledge import MinedLists
 from pipeline.distill.losses import LIST_TERMS, DistillLoss, LossConfig, resolve_teacher_scales
 from pipeline.distill.sampler import CandidateSampler, EpochSampler, UnpairedSampler
@@ -101,17 +102,46 @@ def open_inputs(
 
 
 def teacher_scales(cfg: LossConfig, store: FeatureStore) -> tuple[float, ...] | None:
-    """The logit scale of the store's teacher and of each of `cfg.teachers` (None: no built term reads one);
-    a teacher that records none, with no distill.loss.teacher_temperature, is one clear line."""
+    """The logit scale of the store's teacher and of each of `cfg.teachers` (its store under teachers/<name>/;
+    None: no built term reads one); a teacher that records none, with no distill.loss.teacher_temperature, is
+    one clear line."""
     if not cfg.uses_teacher_scale:
         return None
-    if cfg.teachers:  # the store's other teachers (teachers/<name>/): not readable here yet
-        raise InputError(f"{store.path}: distill.loss.teachers {list(cfg.teachers)}: this store has no other teachers")
+    stores = [store] + [store.teacher_store(name) for name in cfg.teachers]
     try:
-        teacher = store.teacher or {}
-        return resolve_teacher_scales(cfg, [teacher.get("logit_scale")], [str(teacher.get("name", "main"))])
+        records = [s.teacher or {} for s in stores]
+        names = [str(t.get("name", "main")) for t in records]
+        return resolve_teacher_scales(cfg, [t.get("logit_scale") for t in records], names)
     except ValueError as err:
         raise InputError(f"{store.path}: {err}") from None
+
+
+def extra_teachers(
+    cfg: DistillConfig, store: FeatureStore, loss_fn: DistillLoss, bank: TeacherBank, mined: MinedLists | None
+) -> ExtraTeachers | None:
+    """The banks of distill.loss.teachers' stores (teachers/<name>/, checked to hold the same rows), placed as the
+    main bank, when a built term reads them (`DistillLoss.extra_rows`); else None."""
+    if not loss_fn.extra_rows:
+        return None
+    banks = []
+    for name in loss_fn.cfg.teachers:
+        sp = store.teacher_store(name).split(cfg.train_split)
+        banks.append(
+            TeacherBank(
+                sp.image_emb,
+                sp.text_emb,
+                bank.text_image_np,
+                bank.device,
+                placement=cfg.bank_placement,
+                max_bytes=cfg.bank_max_gib * 2**30,
+            )
+        )
+        if "queue" in loss_fn.extra_rows and loss_fn.cfg.queue_size == 0 and not banks[-1].on_device:
+            raise InputError(
+                f"distill.loss.queue_size=0 (the whole bank) needs teacher {name!r}'s bank on the device "
+                f"({banks[-1].nbytes / 2**30:.2f} GiB; raise distill.bank_max_gib or set a queue_size)"
+            )
+    return ExtraTeachers(list(loss_fn.cfg.teachers), banks, loss_fn.extra_rows, mined)
 
 
 def build_sampler(
@@ -167,10 +197,13 @@ def build_data(
     loss_fn: DistillLoss,
     world: int,
     rank: int,
+    *,
+    store: FeatureStore,
     mined=None,
 ) -> tuple[EpochSampler, BatchLoader, int]:
     """The pair sampler, the teacher bank and the batch loader of the training split; optimizer steps per epoch.
-    `mined`: the mined store (pipeline/store/mined.py), when a setting reads it."""
+    `mined`: the mined store (pipeline/store/mined.py), when a setting reads it; `store`: the feature store (its
+    other teachers' stores, when distill.loss.teachers is read)."""
     sampler = build_sampler(cfg, train, loss_fn, mined, world, rank)
     opt_steps_per_epoch = sampler.steps_per_epoch // cfg.grad_accum
     if opt_steps_per_epoch == 0:
@@ -204,6 +237,7 @@ def build_data(
         )
     tokens = tokenize_all(model.tokenize, train.captions)
     lists = mined_lists(cfg, loss_fn, mined, bank) if loss_fn.needs_candidates else None
+    others = extra_teachers(cfg, store, loss_fn, bank, lists) if loss_fn.extra_rows else None
     loader = BatchLoader(
         train.images,
         bank,
@@ -215,6 +249,7 @@ def build_data(
         cache_rows=train.cache_rows,
         unpaired=unpaired,
         mined=lists,
+        extra=others,
     )
     return sampler, loader, opt_steps_per_epoch
 

@@ -176,7 +176,7 @@ def setup_run(
     )
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank, mined)
+    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank, store=store, mined=mined)
     val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
     # under torchrun, no shared cache: the other ranks write nothing under the work directory
     text_cache, val_text_cache = frozen_text_caches(

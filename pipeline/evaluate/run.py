@@ -54,6 +54,7 @@ from pipeline.paths import ArtifactPaths
 from pipeline.progress import progress
 from pipeline.store.alignment import align_store_split
 from pipeline.store.ownership import Output, claim
+from pipeline.teachers.base import teacher_record
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +311,9 @@ def _latency_batches(images: np.ndarray, captions: list[str], cfg: EvaluateConfi
 
 
 def same_teacher(identity: dict[str, Any], stored: dict[str, Any]) -> bool:
-    """Whether a built teacher is the one that computed the store (its compute dtype aside)."""
-    drop = ("dtype",)
+    """Whether a built teacher (its `teacher_record`) is the one that computed the store (its compute dtype aside;
+    a store written before the record named the logit scale matches without it)."""
+    drop = ("dtype",) if "logit_scale" in stored else ("dtype", "logit_scale")
     return {k: v for k, v in identity.items() if k not in drop} == {k: v for k, v in stored.items() if k not in drop}
 
 
@@ -549,7 +551,7 @@ def _measure_latency(
         except (KdpipeError, OSError, ImportError) as err:
             reason = f"teacher model not available: {err}"
         else:
-            if stored_teacher and not same_teacher(teacher.identity(), stored_teacher):
+            if stored_teacher and not same_teacher(teacher_record(teacher), stored_teacher):
                 reason = (
                     f"the configured teacher ({teacher.name}) is not the one that computed the feature store "
                     f"({stored_teacher.get('name')})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +11,7 @@ import torch
 from pipeline.config import require_at_least
 from pipeline.teachers import TeacherConfig
 
+TEACHER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,6 +31,9 @@ class ExtractConfig:
     splits: tuple[str, ...] = ()  # () = every split of the dataset index
     on_bad_image: Literal["error", "skip"] = "error"
     jpeg_draft: bool = False  # let PIL decode JPEGs at a reduced scale (>= image size); faster, not bit-exact
+    # more teachers over the same rows, each a store of its own under features.zarr/teachers/<name>/ (MCAD,
+    # DataCompDR ensembles); name -> a teacher section like `teacher`
+    extra_teachers: dict[str, TeacherConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "image_batch_size", "text_batch_size", "prefetch_factor", "chunk_rows")
@@ -36,6 +41,12 @@ class ExtractConfig:
             raise ValueError(f"num_workers must be >= 0 (or null for automatic), got {self.num_workers}")
         if len(set(self.splits)) != len(self.splits):
             raise ValueError(f"splits lists a split twice: {list(self.splits)}")
+        for name in self.extra_teachers:
+            if not TEACHER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"extra_teachers: {name!r} is not a usable teacher name (letters, digits, '_' and '-', "
+                    "starting with a letter: it names a directory)"
+                )
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> str:

@@ -23,8 +23,15 @@ from pipeline.store.features_writer import StoreWriter
 
 
 def finalize(
-    out: Path, index: DatasetIndex, views: dict[str, SplitView], units: list[Unit], cfg: ExtractConfig
+    out: Path,
+    index: DatasetIndex,
+    views: dict[str, SplitView],
+    units: list[Unit],
+    cfg: ExtractConfig,
+    teachers: list[str] | None = None,
 ) -> None:
+    """`teachers`: the main store's extra teachers (attrs `teachers`, absent when there are none); None for an
+    extra teacher's own store."""
     work = out / WORK_DIR
     bad: dict[str, dict[int, str]] = {s: {} for s in views}
     digests: dict[tuple[str, str], dict[int, str]] = {}
@@ -74,8 +81,23 @@ def finalize(
     content = {"image_content": index.content_digest(splits=list(views)), "image_chunks": image_chunks(units)}
     if content["image_content"] is None:
         content = {}
+    if teachers is not None:
+        _set_teachers(out, teachers)
     StoreWriter(out).set_attrs(skipped_images=skipped, **content, complete=True)
     shutil.rmtree(work)
+    fsync_dir(out)
+
+
+def _set_teachers(out: Path, teachers: list[str]) -> None:
+    """The attr `teachers` lists the extra teachers' stores under teachers/; a store without any has no such
+    attr (it is then byte for byte the store kdpipe wrote before there were extra teachers)."""
+    import zarr
+
+    attrs = zarr.open_group(str(out), mode="r+").attrs
+    if teachers:
+        attrs["teachers"] = list(teachers)
+    elif "teachers" in attrs:
+        del attrs["teachers"]
     fsync_dir(out)
 
 

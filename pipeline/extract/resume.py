@@ -43,14 +43,21 @@ def prepare_store(
     units: list[Unit],
     cfg: ExtractConfig,
     fresh: bool,
+    keep_complete: bool = False,
+    reopen_complete: bool = False,
 ) -> tuple[str | None, str | None]:
     """Rank 0: decide between resuming and starting over, and create the store when starting over; the units
     then go to `units.target_dir(out)`.
 
+    A complete store of the same identity (and no skipped images) is, instead of being rewritten: reopened
+    when image files changed since (their chunks are computed again) or when `reopen_complete` (the main
+    store of a run with extra teachers: its chunks are reused while their stores are brought up to date);
+    kept untouched when `keep_complete` (an extra teacher's store) and nothing changed.
+
     Returns (a line to print, the reason an existing partial store was not resumed)."""
     attrs = read_attrs(out)
     if _ours(attrs) and attrs.get("complete") is True and not (out / WORK_DIR / "created").is_file():
-        return _prepare_beside(out, attrs, identity, views, units, cfg, fresh)
+        return _prepare_beside(out, attrs, identity, views, units, cfg, fresh, keep_complete, reopen_complete)
     shutil.rmtree(staging_dir(out), ignore_errors=True)  # a rewrite whose complete store is gone: nothing to keep
     return _prepare_in(out, identity, views, units, cfg, fresh)
 
@@ -63,8 +70,11 @@ def _prepare_beside(
     units: list[Unit],
     cfg: ExtractConfig,
     fresh: bool,
+    keep_complete: bool = False,
+    reopen_complete: bool = False,
 ) -> tuple[str | None, str | None]:
-    """The complete store at `out` stays in place; its rewrite is resumed or started in the staging directory."""
+    """The complete store at `out` stays in place: kept as it is (`keep_complete`, nothing changed), or its
+    rewrite is resumed or started in the staging directory (a hard-linked copy when its chunks are reused)."""
     stage = staging_dir(out)
     staged = read_attrs(stage)
     if _ours(staged) and staged.get("complete") is True and not fresh and _identity_diff(staged, identity) is None:
@@ -74,11 +84,16 @@ def _prepare_beside(
         return _prepare_in(stage, identity, views, units, cfg, fresh)  # the rewrite an earlier run began
     shutil.rmtree(stage, ignore_errors=True)  # what a killed copy left (kdpipe's own name, `.NAME.next`)
     stale = 0 if fresh else _stale_chunks(attrs, identity, units)
-    if stale:
+    reusable = not stale and not fresh and _reusable(attrs, identity, units)
+    if reusable and keep_complete:
+        return "complete, computed by the same teacher from the same rows: kept", None
+    if stale or (reusable and reopen_complete):
         # hard links cost no space: every write replaces a file by rename, so the complete store never changes
         shutil.copytree(out, stage, copy_function=link_or_copy)
-        _reopen(stage, units, attrs["image_chunks"])
-        return f"{stale} image chunk(s) embed image files changed since: computing only those again", None
+        _reopen(stage, units, attrs.get("image_chunks"))
+        if stale:
+            return f"{stale} image chunk(s) embed image files changed since: computing only those again", None
+        return "complete, computed by the same teacher: its chunks reused, the other teachers' stores checked", None
     # a finished store: a stage rewrites its output (DVC reruns it only when an input changed)
     _require_space(out, identity, units)
     _create(stage, identity, views, cfg)
@@ -170,7 +185,16 @@ def _stale_chunks(attrs: dict[str, Any], identity: dict[str, Any], units: list[U
     return sum(a != b for s in wanted for a, b in zip(wanted[s], recorded[s]))
 
 
-def _reopen(out: Path, units: list[Unit], recorded: dict[str, list[str]]) -> None:
+def _reusable(attrs: dict[str, Any], identity: dict[str, Any], units: list[Unit]) -> bool:
+    """A complete store whose every chunk can be reused as it is: the same identity, no skipped images (a
+    compacted split no longer lines up with the units), the index's layout and, where recorded, the same files."""
+    if attrs.get("skipped_images") or _identity_diff(attrs, identity):
+        return False
+    recorded, wanted = attrs.get("image_chunks"), image_chunks(units)
+    return recorded is None or wanted is None or recorded == wanted
+
+
+def _reopen(out: Path, units: list[Unit], recorded: dict[str, list[str]] | None) -> None:
     """Turn a complete store back into a partial one whose every unit is done, each image unit with the
     digest it was made from: the ordinary resumption then computes exactly the stale ones. complete=false
     goes first, so that a crash in between leaves a store that is never taken as finished."""
@@ -178,7 +202,10 @@ def _reopen(out: Path, units: list[Unit], recorded: dict[str, list[str]]) -> Non
     work = out / WORK_DIR
     shutil.rmtree(work, ignore_errors=True)
     for u in units:
-        record = {"bad": [], "images": recorded[u.split][u.index]} if u.array == "image_emb" else {}
+        if u.array != "image_emb":
+            record = {}
+        else:  # None: the store records no image files (an index without hashes)
+            record = {"bad": [], "images": recorded[u.split][u.index] if recorded is not None else None}
         write_file_durably(work / "done" / u.marker, json.dumps(record).encode())
     write_file_durably(work / "created", b"")
 

@@ -11,6 +11,19 @@ Layout (fixed by docs/store-format.md, "Feature store, format version 1"):
       <split>/text_image   int32 [M]               row in <split>/image_emb of each caption's image
       <split>/image_id     string [N]              zarr "string" data type (vlen-utf8 codec), same order as image_emb
       <split>/unpaired_text_emb  float16|float32 [U, D]  OPTIONAL: texts with no image (absent when U = 0)
+      teachers/<name>/     OPTIONAL: extract.extra_teachers' stores, one per name listed in the attr `teachers`
+
+Every teacher's logit scale tau (exp of its learned log scale: softmax(tau s_v . s_t) is its own distribution)
+is in its attrs as `teacher.logit_scale`, a float, or null for a teacher that has none.
+
+Several teachers (MCAD, DataCompDR's ensembles) stay within version 1 too: each extra teacher's store is a
+complete version-1 store of its own at `teachers/<name>/` (its attrs: its teacher with its logit scale, dim,
+dtype, ...; arrays: <split>/image_emb, text_emb, unpaired_text_emb in the main store's row order, and copies of
+text_image and image_id), so `open_store("features.zarr/teachers/<name>")` or plain zarr reads it as it reads
+any store, and the main teacher stays where every version-1 reader looks. The main store lists the names in
+its attr `teachers` (absent when there are none: such a store is byte for byte the store written before) and
+is marked complete only after every one of them is; `FeatureStore.teacher_store(name)` opens one and checks
+that it holds the main store's rows (dataset, splits, image ids, caption order).
 
 Unpaired items (distillation on data without captions) stay within version 1, because nothing a version-1
 reader already reads changes meaning:
@@ -75,6 +88,7 @@ DIMENSION_NAMES = {
     "text_image": ["caption"],
     "image_id": ["image"],
 }
+TEACHERS = "teachers"  # the group holding the extra teachers' stores, teachers/<name>/ (attrs `teachers`)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,6 +134,30 @@ class FeatureStore:
         self.dataset: dict[str, Any] = dict(attrs.get("dataset") or {})
         self._splits = splits
         self.splits: tuple[str, ...] = tuple(splits)
+        self.extra_teachers: tuple[str, ...] = tuple(attrs.get(TEACHERS) or ())
+        self._extra: dict[str, FeatureStore] = {}
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The teacher's logit scale tau (exp of its learned log scale), as extract recorded it; None: none."""
+        value = self.teacher.get("logit_scale")
+        return None if value is None else float(value)
+
+    def teacher_store(self, name: str, *, wait: bool | None = None) -> FeatureStore:
+        """Extra teacher `name`'s store (teachers/<name>/, a format-v1 store of its own), opened and checked to
+        hold the rows of this one: the same dataset, splits, image ids, caption order and unpaired texts."""
+        if name not in self.extra_teachers:
+            have = ", ".join(self.extra_teachers) or "none"
+            raise InputError(
+                f"{self.path}: no teacher {name!r} in this feature store (it has {have}); "
+                "add it to extract.extra_teachers and rerun `kdpipe extract`"
+            )
+        if name not in self._extra:
+            with read_lock(self.path, wait=wait):  # the main store's lock: extract holds it while writing any
+                other = _open_store(self.path / TEACHERS / name, self.dataset.get("fingerprint"), None)
+            _check_same_rows(self, other)
+            self._extra[name] = other
+        return self._extra[name]
 
     def split(self, name: str) -> StoreSplit:
         if name not in self._splits:
@@ -136,6 +174,22 @@ class FeatureStore:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}: {v.n_images} images / {v.n_captions} captions" for s, v in self._splits.items())
         return f"FeatureStore({str(self.path)!r}, dim={self.dim}, {sizes})"
+
+
+def _check_same_rows(main: FeatureStore, other: FeatureStore) -> None:
+    where = f"{other.path}: extra teacher store"
+    if other.splits != main.splits:
+        raise InputError(f"{where} has splits {list(other.splits)}, the main store {list(main.splits)}; rerun extract")
+    for name in main.splits:
+        a, b = main.split(name), other.split(name)
+        same = (
+            a.n_images == b.n_images
+            and a.n_unpaired_texts == b.n_unpaired_texts
+            and np.array_equal(a.text_image, b.text_image)
+            and np.array_equal(a.image_id, b.image_id)
+        )
+        if not same:
+            raise InputError(f"{where}: its split {name!r} does not hold the main store's rows; rerun `kdpipe extract`")
 
 
 def read_attrs(path: Path | str) -> dict[str, Any] | None:
@@ -209,9 +263,12 @@ def _open_store(path: Path, expect_fingerprint: str | None, expect_dim: int | No
         raise InputError(f"{path}: cannot open the Zarr group ({type(err).__name__}: {err})") from None
     names = attrs.get("splits")
     if names is None:
-        names = sorted(k for k in group.group_keys() if not k.startswith("."))
+        names = sorted(k for k in group.group_keys() if not k.startswith(".") and k != TEACHERS)
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise InputError(f"{path}: attribute splits={names!r} is not a list of names")
+    teachers = attrs.get(TEACHERS, [])
+    if not isinstance(teachers, list) or not all(isinstance(n, str) and n for n in teachers):
+        raise InputError(f"{path}: attribute {TEACHERS}={teachers!r} is not a list of names")
     splits = {name: _open_split(path, group, name, dim, dtype) for name in names}
     return FeatureStore(path, attrs, splits)
 

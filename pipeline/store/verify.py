@@ -23,7 +23,7 @@ from pipeline.errors import InputError
 from pipeline.locks import output_lock, read_lock
 from pipeline.progress import progress
 from pipeline.store import checksums
-from pipeline.store.features import EMB_ARRAYS, FORMAT, UNPAIRED_TEXT, FeatureStore, open_array, read_attrs
+from pipeline.store.features import EMB_ARRAYS, FORMAT, TEACHERS, UNPAIRED_TEXT, FeatureStore, open_array, read_attrs
 
 _ARRAYS = (*EMB_ARRAYS, UNPAIRED_TEXT, "text_image", "image_id")
 _MB = 1_000_000
@@ -105,6 +105,19 @@ def _verify_store(path: Path, write: bool) -> VerifyReport:
         for k in _ARRAYS
         if (arr := open_array(path, group, s, k, required=k != UNPAIRED_TEXT)) is not None
     ]
+    for name in attrs.get(TEACHERS) or []:  # every extra teacher's store too (pipeline/store/features.py)
+        sub = f"{TEACHERS}/{name}"
+        if (read_attrs(path / sub) or {}).get("complete") is not True:
+            raise InputError(
+                f"{path / sub}: the extra teacher's store is missing or incomplete; rerun `kdpipe extract`"
+            )
+        sub_group = group[sub]
+        arrays += [
+            (f"{sub}/{s}/{k}", arr)
+            for s in attrs.get("splits") or []
+            for k in _ARRAYS
+            if (arr := open_array(path / sub, sub_group, s, k, required=k != UNPAIRED_TEXT)) is not None
+        ]
     unit_rows = attrs.get("normalized") is True  # format v1 says so; _verify_array checks every such row
     report = VerifyReport(path)
     start = time.perf_counter()

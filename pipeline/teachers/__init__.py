@@ -1,4 +1,6 @@
-"""Teachers: frozen image-text encoders behind one interface (`Teacher`), chosen by `TeacherConfig.kind`.
+"""Teachers: frozen image-text encoders behind one interface (`Teacher`), chosen by `TeacherConfig.kind`, and
+cross-encoders that score (image, caption) pairs (`CrossEncoder`, built by pipeline/teachers/cross_encoders.py,
+so that extract's code surface never includes them).
 
 Each kind's implementation is imported only when it is built, so the extract stage's code surface (and
 its DVC dependencies) stays what it really uses.
@@ -12,7 +14,8 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.teachers.base import Teacher, TokenBatch
+from pipeline.errors import ConfigError
+from pipeline.teachers.base import CrossEncoder, Teacher, TokenBatch
 
 
 @dataclass(frozen=True)
@@ -68,19 +71,37 @@ class PluginTeacherConfig:
 
 
 @dataclass(frozen=True)
+class FusionTeacherConfig:
+    """The emoji demo's cross-encoder: a fusion head over the LiT teacher's frozen towers (`kdpipe fit-teacher`
+    with fit_teacher.cross_encoder set writes it; the file names the backbone and resolution)."""
+
+    head: Path = Path("artifacts/emoji/teacher/cross_encoder.safetensors")
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
-    kind: Literal["beit3", "label_bridge", "lit", "hf", "plugin"] = "beit3"
+    kind: Literal["beit3", "label_bridge", "lit", "hf", "plugin", "fusion"] = "beit3"
     beit3: BEiT3TeacherConfig = field(default_factory=BEiT3TeacherConfig)
     label_bridge: LabelBridgeTeacherConfig = field(default_factory=LabelBridgeTeacherConfig)
     lit: LiTTeacherConfig = field(default_factory=LiTTeacherConfig)
     hf: HFTeacherConfig = field(default_factory=HFTeacherConfig)
     plugin: PluginTeacherConfig = field(default_factory=PluginTeacherConfig)
+    fusion: FusionTeacherConfig = field(default_factory=FusionTeacherConfig)
+
+
+EMBEDDING_KINDS = ("beit3", "label_bridge", "lit", "hf", "plugin")  # embed images and captions: build_teacher
+PAIR_KINDS = ("fusion",)  # score (image, caption) pairs: build_cross_encoder
 
 
 def build_teacher(
     cfg: TeacherConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Teacher:
     """The configured teacher, in eval mode on `device`, computing in `dtype` (bf16/fp16 use autocast)."""
+    if cfg.kind not in EMBEDDING_KINDS:
+        raise ConfigError(
+            f"teacher kind {cfg.kind!r} scores pairs and embeds nothing: use it as mine.cross_encoder; "
+            f"the kinds that embed are {', '.join(EMBEDDING_KINDS)}"
+        )
     if cfg.kind == "beit3":
         from pipeline.teachers.beit3 import BEiT3Teacher
 
@@ -105,6 +126,10 @@ def build_teacher(
 
 
 __all__ = [
+    "CrossEncoder",
+    "FusionTeacherConfig",
+    "EMBEDDING_KINDS",
+    "PAIR_KINDS",
     "Teacher",
     "TokenBatch",
     "TeacherConfig",

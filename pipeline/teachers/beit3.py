@@ -198,6 +198,10 @@ class BEiT3Teacher(Teacher):
         return cls.from_model(model, tokenizer, max_text_len=max_text_len, device=device, dtype=dtype, seed=seed)
 
     # -- Teacher interface ----------------------------------------------------------------------------
+    def logit_scale(self) -> float:
+        """exp of the retrieval model's learned `logit_scale` (read from the checkpoint with the weights)."""
+        return float(self.model.logit_scale.detach().float().exp())
+
     def identity(self) -> dict[str, Any]:
         if self._identity is None:
             ident: dict[str, Any] = {

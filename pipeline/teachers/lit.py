@@ -110,6 +110,7 @@ class LiTHeads:
     image_bias: torch.Tensor  # [D]
     text_weight: torch.Tensor  # [D, 384]
     text_bias: torch.Tensor  # [D]
+    logit_scale: float | None = None  # 1 / the temperature the heads were fitted at (from the file's fit record)
 
     @property
     def dim(self) -> int:
@@ -188,6 +189,7 @@ class LiTHeads:
         }
         if set(tensors) != expected:
             raise InputError(f"{key}: {path} holds {sorted(tensors)}, expected {sorted(expected)}")
+        temperature = ((meta.get("fit") or {}).get("config") or {}).get("temperature")
         heads = cls(
             meta["variant"],
             int(meta["image_size"]),
@@ -197,6 +199,7 @@ class LiTHeads:
             tensors["image_head.bias"],
             tensors["text_head.weight"],
             tensors["text_head.bias"],
+            1.0 / float(temperature) if temperature else None,
         )
         d = heads.dim
         if heads.image_weight.shape != (d, IMAGE_FEATURE_DIM) or heads.text_weight.shape != (d, MINILM_DIM):
@@ -254,6 +257,10 @@ class LiTTeacher(Teacher):
                 "dtype": str(self.dtype).replace("torch.", ""),
             }
         return dict(self._identity)
+
+    def logit_scale(self) -> float | None:
+        """1 / fit_teacher.temperature: the heads were trained on softmax(s_v . s_t / T)."""
+        return self.heads.logit_scale
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.towers.preprocess_image(image)

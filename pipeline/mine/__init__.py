@@ -1,0 +1,1 @@
+"""The mine stage: the teacher's top-K neighbours over the whole bank, and cross-encoder scores on them."""
