@@ -287,9 +287,9 @@ def test_the_command_opens_the_mined_store_when_a_run_reads_it(tmp_path):
     assert "mined.zarr: no mined store here" in missing.output and "`kdpipe mine`" in missing.output
     assert cli(root, *neighbours, "--baseline").exit_code == 0  # the baseline reads no teacher: no mined store
     run_mine(root / "features.zarr", MineConfig(k=3, chunk_rows=8), root / "mined.zarr")
-    ok = cli(root, *neighbours)
+    ok = cli(root, *neighbours, "--set", "distill.keep_checkpoints=true")
     assert ok.exit_code == 0, ok.output
-    assert torch.load(root / "student/checkpoints/last.pt")["meta"]["mined_k"] == 3
+    assert torch.load(root / "checkpoints/student/last.pt")["meta"]["mined_k"] == 3
     make_workdir(root, seed=1)  # re-extracted: other teacher rows (and another index) than the mined ones
     stale = cli(root, *neighbours, "--no-resume")
     assert stale.exit_code == 2 and len(stale.output.strip().splitlines()) == 1, stale.output
