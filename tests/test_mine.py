@@ -4,6 +4,7 @@ mined store is refused against any other feature store."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,6 +359,33 @@ def test_a_partial_store_of_another_identity_starts_over_and_a_complete_one_is_r
     again = run_mine(store, SCORED, out, index=index, cross_encoder=TinyCrossEncoder())
     assert again.units_reused == 0 and "replacing the complete mined store" in caplog.text
     assert store_files(out) == store_files(scored_reference)
+
+
+def test_a_failed_rewrite_of_a_complete_store_leaves_it_whole(extracted, scored_reference, tmp_path):
+    """A complete mined store is rewritten beside it: a rewrite that fails half way leaves the complete store
+    byte for byte (a reader still opens it), and the next run resumes the rewrite there and swaps it in."""
+    index, _, store = extracted
+    out = tmp_path / "mined.zarr"
+    shutil.copytree(scored_reference, out)
+    before = store_files(out)
+
+    class Failing(TinyCrossEncoder):
+        calls = 0
+
+        def score_states(self, image_states, text_states):
+            Failing.calls += 1
+            if Failing.calls > 3:
+                raise RuntimeError("injected failure")
+            return super().score_states(image_states, text_states)
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_mine(store, SCORED, out, index=index, cross_encoder=Failing(), fresh=True)
+    assert store_files(out) == before and read_attrs(out)["complete"] is True
+    assert (tmp_path / ".mined.zarr.next").is_dir()  # the rewrite in progress, beside it
+    result = run_mine(store, SCORED, out, index=index, cross_encoder=TinyCrossEncoder())
+    assert result.units_reused > 0  # resumed beside it, then swapped in
+    assert store_files(out) == store_files(scored_reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mined.zarr"]
 
 
 def test_cli_mine_writes_the_store_and_bad_params_are_one_line(extracted, tmp_path):

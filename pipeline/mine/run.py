@@ -18,7 +18,8 @@ Identity: the attrs hold the source (the feature store's dataset, teacher and th
 the splits, the chunk layout and the cross-encoder (its identity, device type and compute dtype: its scores
 depend on them; the top-K, being exact, on nothing else). A partial store of another identity is never
 resumed (one line says what differs, and the run starts over); a complete one is rewritten, as a stage
-rewrites its output. Finalization records every chunk's checksum, sets complete=true and deletes `.mine/`.
+rewrites its output, beside it (`.NAME.next`, resumed there after a kill) while it stays whole and readable, and
+swapped in once the rewrite is complete: a failed rewrite never costs the complete store. Finalization records every chunk's checksum, sets complete=true and deletes `.mine/`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ from pipeline.mine.pair_scores import PairScorer, ScoringConfig, load_rgb
 from pipeline.mine.topk import COARSE_DTYPES
 from pipeline.progress import progress
 from pipeline.store.alignment import align_store_split
-from pipeline.store.durable import atomic_path, fsync_dir, naming, remove_partial_files, write_file_durably
+from pipeline.store.durable import (
+    atomic_path,
+    fsync_dir,
+    naming,
+    remove_partial_files,
+    replace_dir,
+    write_file_durably,
+)
 from pipeline.store.features import FeatureStore, open_store, read_attrs
 from pipeline.store.features_writer import chunk_len, jsonable
 from pipeline.store.mined import (
@@ -180,23 +188,29 @@ def run_mine(
         }
     )
     units = _units(store, cfg, scored=cross_encoder is not None)
-    work = out / WORK_DIR
     with naming(out):
-        message, reason = _prepare(out, identity, store, cfg, fresh)
+        claim(out, MINED_STORE)  # nothing but a mined store (or a mine's beginnings) is written over
+        target = _target(out)  # a complete store stays whole, readable, until its rewrite beside it is complete
+        work = target / WORK_DIR
+        message, reason = _prepare(target, identity, store, cfg, fresh)
+        if target != out and message is None:
+            message = "replacing the complete mined store of an earlier run"
         if message:
-            log.info(f"{out}: {message}")
+            log.info(f"{out}: {message}" + (f" (rewritten beside it in {target.name})" if target != out else ""))
         done = (
             set(units) if message == _ALREADY_COMPLETE else {u for u in units if (work / "done" / u.marker).is_file()}
         )
         if message != _ALREADY_COMPLETE:
-            writer = MinedWriter(out)
+            writer = MinedWriter(target)
             for split in cfg.splits:
                 mine_units = [u for u in units if u.split == split and not u.kind.endswith("_ce")]
                 _mine_split(store, split, cfg, writer, work, mine_units, done, device)
                 if cross_encoder is not None:
                     ce_units = [u for u in units if u.split == split and u.kind.endswith("_ce") and u not in done]
                     _score_split(store, index, split, cross_encoder, cfg, writer, work, ce_units)
-            _finalize(out, writer, units)
+            _finalize(target, writer, units)
+        if target != out:  # swap the complete rewrite in: at no moment is there no complete store at `out`
+            replace_dir(target, out, MINED_STORE)
     sizes = {s: (store.split(s).n_images, store.split(s).n_captions) for s in cfg.splits}
     return MineResult(
         out, sizes, cfg.k, len(units), len(done), cross_encoder is not None, time.perf_counter() - t0, reason
@@ -345,11 +359,30 @@ _IDENTITY_KEYS = {
 }
 
 
+def _staging(out: Path) -> Path:
+    """Where a complete mined store at `out` is rewritten while it stays in place: `.NAME.next` beside it."""
+    return out.parent / f".{out.name}.next"
+
+
+def _target(out: Path) -> Path:
+    """The directory this run writes: `out` itself unless `out` holds a complete mined store (whose rewrite goes
+    to its staging directory, resumed there after a kill, and is swapped in once complete). A staging directory
+    left beside an `out` that is no longer complete (removed, or replaced by hand) is kdpipe's own: removed."""
+    stage = _staging(out)
+    attrs = (read_attrs(out) or {}) if is_mined_dir(out) else {}
+    if attrs.get("complete") is True and not (out / WORK_DIR / "created").is_file():
+        claim(stage, MINED_STORE)
+        return stage
+    if stage.exists() and is_mined_dir(stage):
+        shutil.rmtree(stage)
+    return out
+
+
 def _prepare(
     out: Path, identity: dict[str, Any], store: FeatureStore, cfg: MineConfig, fresh: bool
 ) -> tuple[str | None, str | None]:
-    """Resume a matching partial store, or create a new one. Returns (a line to print, why a partial store
-    was not resumed)."""
+    """Resume a matching partial store, or create a new one, at `out` (the run's target: the mined store or its
+    staging directory). Returns (a line to print, why a partial store was not resumed)."""
     work = out / WORK_DIR
     claim(out, MINED_STORE)  # nothing but a mined store (or a mine's beginnings) is written over
     ours = is_mined_dir(out)
