@@ -83,7 +83,8 @@ class MineConfig:
     splits: tuple[str, ...] = ("train",)  # distill reads the training split's; evaluation needs none
     chunk_rows: int = 16384  # rows per chunk file: the unit of work and of resumption
     block_rows: int | None = None  # captions per coarse GEMM block; None: a 256 MiB block of scores
-    coarse_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # speed only: the result is exact either way
+    # speed and memory only: the result is exact either way; auto: bfloat16 on CUDA, float32 on the CPU
+    coarse_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cross_encoder: TeacherConfig | None = None  # a teacher kind that scores pairs (fusion, blip_itm); None: none
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the cross-encoder's; auto: bf16 on CUDA
@@ -140,14 +141,14 @@ class _Unit:
 
 
 def resolve_coarse_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 where the hardware has bfloat16 dot products (a CUDA GPU, a CPU with AVX512-BF16 or
-    AMX: ~3x float32 there), else float32. Never changes the result, only how many candidates are rescored."""
+    """auto: bfloat16 on a CUDA GPU, float32 on the CPU. Never changes the result, only how many candidates are
+    rescored. On the CPU bfloat16 does not pay even where the cores have bfloat16 dot products: on 2 cores of an
+    AMD EPYC with AVX512-BF16 (bench/mine_bench.py, 2026-12-06) a quarter of Flickr30K took 23.8 s against 27.7 s
+    in float32 but peaked at 3.0 GB against 1.3 GB, and the whole of Flickr30K went past 23 GB and was killed
+    (float32: 173 s). `mine.coarse_dtype: bfloat16` still asks for it."""
     if name != "auto":
         return COARSE_DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16
-    native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return torch.bfloat16 if any(f() for f in native) else torch.float32
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def run_mine(
