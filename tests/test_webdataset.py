@@ -63,7 +63,9 @@ def untar_with_jsonl(root: Path, shards: list[Path]) -> Path:
     for shard, split in zip(shards, ("train", "test")):
         target = shard.with_suffix("")
         with tarfile.open(shard) as tar:
-            tar.extractall(target, filter="data")
+            # the "data" filter where this Python has it (3.11.4+; the project supports 3.11.0+): these are our
+            # own shards, so without it the members land where they say, as they would with it
+            tar.extractall(target, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         for _shard, key, _, caption in (x for x in SAMPLES if f"{x[0]:05d}" == target.name):
             image = f"shards/{target.name}/{key}.jpg"
             lines.append({"image": image, "caption": caption or "", "split": split})
