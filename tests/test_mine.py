@@ -333,23 +333,28 @@ def test_sigkill_then_resume_is_bitwise_identical(extracted, scored_reference, t
     assert store_files(out) == store_files(scored_reference)
 
 
+class FailingCrossEncoder(TinyCrossEncoder):
+    """Scores three batches, then fails: a mine that stops half way through its cross-encoder pass."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def score_states(self, image_states, text_states):
+        self.calls += 1
+        if self.calls > 3:
+            raise RuntimeError("injected failure")
+        return super().score_states(image_states, text_states)
+
+
 def test_a_partial_store_of_another_identity_starts_over_and_a_complete_one_is_rewritten(
     extracted, scored_reference, tmp_path, caplog
 ):
     index, _, store = extracted
     out = tmp_path / "mined.zarr"
 
-    class Failing(TinyCrossEncoder):
-        calls = 0
-
-        def score_states(self, image_states, text_states):
-            Failing.calls += 1
-            if Failing.calls > 3:
-                raise RuntimeError("injected failure")
-            return super().score_states(image_states, text_states)
-
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_mine(store, SCORED, out, index=index, cross_encoder=Failing(seed=1))
+        run_mine(store, SCORED, out, index=index, cross_encoder=FailingCrossEncoder(seed=1))
     assert read_attrs(out)["complete"] is False
     caplog.set_level("INFO")
     result = run_mine(store, SCORED, out, index=index, cross_encoder=TinyCrossEncoder())  # another seed
@@ -369,17 +374,8 @@ def test_a_failed_rewrite_of_a_complete_store_leaves_it_whole(extracted, scored_
     shutil.copytree(scored_reference, out)
     before = store_files(out)
 
-    class Failing(TinyCrossEncoder):
-        calls = 0
-
-        def score_states(self, image_states, text_states):
-            Failing.calls += 1
-            if Failing.calls > 3:
-                raise RuntimeError("injected failure")
-            return super().score_states(image_states, text_states)
-
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_mine(store, SCORED, out, index=index, cross_encoder=Failing(), fresh=True)
+        run_mine(store, SCORED, out, index=index, cross_encoder=FailingCrossEncoder(), fresh=True)
     assert store_files(out) == before and read_attrs(out)["complete"] is True
     assert (tmp_path / ".mined.zarr.next").is_dir()  # the rewrite in progress, beside it
     result = run_mine(store, SCORED, out, index=index, cross_encoder=TinyCrossEncoder())
