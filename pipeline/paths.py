@@ -19,6 +19,10 @@ class ArtifactPaths:
         return self.workdir / "teacher"
 
     @property
+    def cross_encoder(self) -> Path:  # fit-cross-encoder's fusion head over the LiT teacher (the demo's ablation)
+        return self.workdir / "cross_encoder"
+
+    @property
     def index_dir(self) -> Path:  # dataset index (parquet) + fingerprint + bad-image report
         return self.workdir / "index"
 

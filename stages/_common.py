@@ -32,7 +32,18 @@ T = TypeVar("T")
 
 # Top-level keys of params.yaml: the work directory, the CPU runtime of every stage, one section per stage,
 # and `store` (how distill and evaluate read the feature store, stages/_store.py). Anything else is a typo.
-TOP_LEVEL_KEYS = ("workdir", "runtime", "fit_teacher", "prepare", "extract", "mine", "distill", "evaluate", "store")
+TOP_LEVEL_KEYS = (
+    "workdir",
+    "runtime",
+    "fit_teacher",
+    "fit_cross_encoder",
+    "prepare",
+    "extract",
+    "mine",
+    "distill",
+    "evaluate",
+    "store",
+)
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="Parameters file (YAML), one section per stage.")
 SET_OPTION = typer.Option(

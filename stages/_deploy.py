@@ -17,7 +17,7 @@ STUDENT_OPTION = typer.Option(
     None,
     "--student",
     help="Student directory (default: <workdir>/student; with distill.runs, the first seed of its first distilled "
-    "variant, e.g. models/student_unpaired-s0).",
+    "variant, e.g. models/student-s0).",
 )
 
 
@@ -35,8 +35,8 @@ def artifact_paths(params: Path, workdir: Path | None) -> ArtifactPaths:
 
 def default_models(params: Path, paths: ArtifactPaths) -> dict[str, Path]:
     """The student and the baseline these commands use unless told, by name: with `distill.runs` (the demo),
-    the first seed of the first variant that is distilled (not a baseline, not `compare_to`) and of
-    `compare_to`, as dvc.yaml trains them; else, or where that run is not there but distill's own output is
+    the first seed of the first variant that is distilled (not a baseline, not in `compare_to`) and of
+    `compare_to`'s first, as dvc.yaml trains them; else, or where that run is not there but distill's own output is
     (a `--workdir` trained without runs), <workdir>/student and <workdir>/baseline."""
     plain = {"student": paths.student, "baseline": paths.workdir / "baseline"}
     raw = load_params(params) if params.is_file() else {}
@@ -44,9 +44,10 @@ def default_models(params: Path, paths: ArtifactPaths) -> dict[str, Path]:
     if runs is None or not runs.variants:
         return plain
     seed = runs.seeds[0]
-    distilled = [v for v, c in runs.variants.items() if not c.baseline and v != runs.compare_to]
+    distilled = [v for v, c in runs.variants.items() if not c.baseline and v not in runs.compare_to]
     named = {v: paths.model(run_name(v, seed)) for v in distilled[:1]}
-    named[runs.compare_to] = paths.model(run_name(runs.compare_to, seed))
+    first_reference = runs.compare_to[0]  # the one the others are measured against first (the demo: baseline)
+    named[first_reference] = paths.model(run_name(first_reference, seed))
     if not _is_student(next(iter(named.values()))) and _is_student(paths.student):
         return plain
     return named

@@ -49,9 +49,10 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "import-embeddings": ("stages.features", "import_embeddings"),
         "export-embeddings": ("stages.features", "export_embeddings"),
     },
-    "The demo's own stages (dvc repro runs them first)": {
+    "The demo's own stages (dvc repro runs the first two; the ablation's dvc.yaml the third)": {
         "demo-data": ("stages.demo_data", "command"),
         "fit-teacher": ("stages.fit_teacher", "command"),
+        "fit-cross-encoder": ("stages.fit_cross_encoder", "command"),
     },
 }
 

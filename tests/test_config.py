@@ -202,11 +202,13 @@ def _sections() -> dict[str, type]:
     from pipeline.mine.run import MineConfig
     from pipeline.runtime import RuntimeConfig
     from pipeline.store.verify import StoreConfig
+    from pipeline.teachers.fit_fusion import FitCrossEncoderConfig
     from pipeline.teachers.fit_teacher import FitTeacherConfig
 
     return {
         "runtime": RuntimeConfig,
         "fit_teacher": FitTeacherConfig,
+        "fit_cross_encoder": FitCrossEncoderConfig,
         "prepare": PrepareConfig,
         "extract": ExtractConfig,
         "mine": MineConfig,

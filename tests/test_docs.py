@@ -223,7 +223,7 @@ def test_readme_python_snippet_runs_as_written(tokenizer_dir, tmp_path, monkeypa
     recipe = PixelRecipe(ResizeConfig(mode="squash", crop=16))
     cache_rows = {"train": np.zeros((1, 16, 16, 3), dtype=np.uint8)}
     write_image_cache(workdir / "images.zarr", cache_rows, fingerprint="f", meta={"resize": recipe.image.describe()})
-    student_dir = workdir / "models/student_unpaired-s0"
+    student_dir = workdir / "models/student-s0"
     save_student(tiny_student(tokenizer_dir, 3), student_dir, pixels=recipe.describe() if records_pixels else None)
     image_path = tmp_path / "data/emoji/images/openmoji/1F600.png"
     image_path.parent.mkdir(parents=True)

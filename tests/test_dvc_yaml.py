@@ -60,6 +60,7 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 COMMAND_MODULE = {  # a `matrix` / `foreach` stage is one definition here
     "demo_data": "stages.demo_data",
     "fit_teacher": "stages.fit_teacher",
+    "fit_cross_encoder": "stages.fit_cross_encoder",
     "prepare": "stages.prepare",
     "extract": "stages.extract",
     "mine": "stages.mine",
@@ -68,7 +69,8 @@ COMMAND_MODULE = {  # a `matrix` / `foreach` stage is one definition here
 }
 
 
-# the demo's ablation (its own file, run by `dvc repro ablation/dvc.yaml`): the same two commands, with --ablation
+# the demo's ablation (its own file, run by `dvc repro ablation/dvc.yaml`): fit-cross-encoder and mine, which only its
+# variants read, and the same distill and evaluate commands, with --ablation
 ABLATION_DVC = yaml.safe_load((ROOT / "ablation" / "dvc.yaml").read_text())
 STAGES = {
     **{s: DVC["stages"][s] for s in DVC["stages"]},
@@ -134,7 +136,7 @@ def test_the_ablation_runs_its_own_params_from_the_repository_root():
     """ablation/dvc.yaml: each stage runs at the root (its paths are the root's), each variant x seed of
     ablation/params.yaml, both commands reading that file; `dvc repro` (the demo) never reaches it."""
     params = yaml.safe_load((ROOT / "ablation" / "params.yaml").read_text())
-    assert set(params) == {"ablation"} and ABLATION_DVC["vars"] == ["../params.yaml:workdir"]
+    assert set(params) == {"ablation"} and ABLATION_DVC["vars"] == ["../params.yaml:workdir,fit_teacher"]
     distill, evaluate = ABLATION_DVC["stages"]["distill"], ABLATION_DVC["stages"]["evaluate"]
     assert distill["matrix"] == {"variant": "${ablation.variants}", "seed": "${ablation.seeds}"}
     for stage in (distill, evaluate):

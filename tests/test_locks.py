@@ -121,10 +121,11 @@ def test_torchrun_ranks_share_their_jobs_lock(tmp_path, monkeypatch):
 # every command that writes takes its output's lock (before it reads its inputs, so none are needed here)
 WRITERS = {  # command line after `kdpipe` -> the output it locks, relative to the work directory
     "fit-teacher": (["fit-teacher"], "teacher"),
+    "fit-cross-encoder": (["fit-cross-encoder"], "cross_encoder"),
     "prepare": (["prepare"], "images.zarr"),
     "extract": (["extract"], "features.zarr"),
     "distill": (["distill"], "student"),
-    "distill-run": (["distill", "--variant", "student_pairs", "--seed", "1"], "models/student_pairs-s1"),
+    "distill-run": (["distill", "--variant", "student", "--seed", "1"], "models/student-s1"),
     "evaluate": (["evaluate"], "metrics.json"),
     "export": (["export", "--student", "{work}/student"], "export/student"),
     "index": (["index"], "search/test-flat"),

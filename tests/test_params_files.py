@@ -14,12 +14,14 @@ from pipeline.extract.config import ExtractConfig
 from pipeline.mine.run import MineConfig
 from pipeline.runtime import RuntimeConfig
 from pipeline.store.verify import StoreConfig
+from pipeline.teachers.fit_fusion import FitCrossEncoderConfig
 from pipeline.teachers.fit_teacher import FitTeacherConfig
 from stages._common import TOP_LEVEL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "fit_teacher": FitTeacherConfig,  # only where the teacher has trained parts (the emoji demo)
+    "fit_cross_encoder": FitCrossEncoderConfig,  # only where a cross-encoder is fitted (the emoji demo's ablation)
     "prepare": PrepareConfig,
     "extract": ExtractConfig,
     "mine": MineConfig,  # only where something uses mined candidates (the emoji demo)
@@ -28,7 +30,7 @@ SECTIONS = {
     "runtime": RuntimeConfig,  # every stage's CPU threads; its defaults fit any machine
     "store": StoreConfig,  # how distill and evaluate read the feature store (default: no full verification)
 }
-OPTIONAL = {"fit_teacher", "mine", "runtime", "store"}
+OPTIONAL = {"fit_teacher", "fit_cross_encoder", "mine", "runtime", "store"}
 FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 

@@ -35,6 +35,12 @@ def test_a_variant_merges_its_overrides_into_the_shared_section():
     assert variant_section(SECTION, "student_b", 1)[0] == {**split_runs(SECTION)[1], "seed": 1}
 
 
+def test_compare_to_is_one_variant_or_several_in_order():
+    assert split_runs(SECTION)[0].compare_to == ("baseline",)
+    several = {**SECTION["runs"], "compare_to": ["baseline", "student_a"]}
+    assert split_runs({"runs": several})[0].compare_to == ("baseline", "student_a")
+
+
 def test_run_names_follow_the_matrix():
     runs, rest = split_runs(SECTION)
     assert "runs" not in rest and split_runs({"lr": 1.0})[0] is None
@@ -49,6 +55,9 @@ def test_run_names_follow_the_matrix():
         ({"variants": {"teacher": {}}, "compare_to": "teacher"}, "'teacher' is not a usable name"),
         ({"variants": {"a-b": {}}}, "'a-b' is not a usable name"),
         ({"variants": {"a": {}}}, "compare_to 'baseline' is not one of the variants"),
+        ({"variants": {"a": {}, "b": {}}, "compare_to": ["a", "c"]}, "compare_to 'c' is not one of the variants"),
+        ({"variants": {"a": {}}, "compare_to": ["a", "a"]}, "compare_to names a model twice"),
+        ({"variants": {"a": {}}, "compare_to": []}, "compare_to None is not one of the variants"),
         ({"variants": {"baseline": {"baselne": True}}}, "distill.runs.variants.baseline.baselne: unknown key"),
         ({"variant": {}}, "distill.runs.variant: unknown key"),
     ],

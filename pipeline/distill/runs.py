@@ -6,17 +6,18 @@ distill:
   runs:
     seeds: [0, 1, 2]
     variants:
+      student: {overrides: {unpaired_images_per_step: 64, loss: {relation: 1.0, intra_relation: 1.0}}}
       student_unpaired: {overrides: {unpaired_images_per_step: 64}}
-      student_pairs: {}
       baseline: {baseline: true}   # pairs-only InfoNCE (distill.baseline_loss), no teacher
+    compare_to: [baseline, student_unpaired]
 ```
 
 dvc.yaml's `distill` stage is one definition with `matrix: {variant: ${distill.runs.variants},
 seed: ${distill.runs.seeds}}`, so params.yaml stays the one place a variant is defined; each run trains
 `kdpipe distill --variant NAME --seed S` into `<workdir>/models/NAME-sS/` (pipeline.paths). A variant's
 `overrides` are keys of the `distill` section (nested as in the section); the merged section is then checked by
-DistillConfig like any other, so a typo in a variant fails with its full key. `compare_to` names the variant every
-other model is measured against by evaluate's paired bootstrap.
+DistillConfig like any other, so a typo in a variant fails with its full key. `compare_to` names the variant (or
+the list of variants) every other model is measured against by evaluate's paired bootstrap.
 
 An ablation (`AblationConfig`, a params file of its own: the demo's is ablation/params.yaml, run by
 ablation/dvc.yaml) is a second set of runs over the same data: each of its variants is one variant of
@@ -61,14 +62,18 @@ class RunsConfig:
 
     seeds: tuple[int, ...] = (0,)
     variants: dict[str, VariantConfig] = field(default_factory=dict)
-    compare_to: str = "baseline"  # the variant every other model's difference is measured against (evaluate)
+    # the variant(s) every other model's difference is measured against (evaluate), in this order
+    compare_to: tuple[str, ...] | str = "baseline"
 
     def __post_init__(self) -> None:
         _check_seeds(self.seeds)
         for name in self.variants:
             _check_name(name)
-        if self.variants and self.compare_to not in self.variants:
-            raise ValueError(f"compare_to {self.compare_to!r} is not one of the variants {list(self.variants)}")
+        object.__setattr__(self, "compare_to", _references(self.compare_to))
+        missing = [r for r in self.compare_to if r not in self.variants]
+        if self.variants and (missing or not self.compare_to):
+            name = missing[0] if missing else None
+            raise ValueError(f"compare_to {name!r} is not one of the variants {list(self.variants)}")
 
     def run_names(self) -> dict[str, list[str]]:
         """{variant: [its run directory names, one per seed]}."""

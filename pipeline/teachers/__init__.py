@@ -72,10 +72,10 @@ class PluginTeacherConfig:
 
 @dataclass(frozen=True)
 class FusionTeacherConfig:
-    """The emoji demo's cross-encoder: a fusion head over the LiT teacher's frozen towers (`kdpipe fit-teacher`
-    with fit_teacher.cross_encoder set writes it; the file names the backbone and resolution)."""
+    """The emoji demo's cross-encoder: a fusion head over the LiT teacher's frozen towers (`kdpipe fit-cross-encoder`
+    writes it; the file names the backbone and resolution)."""
 
-    head: Path = Path("artifacts/emoji/teacher/cross_encoder.safetensors")
+    head: Path = Path("artifacts/emoji/cross_encoder/cross_encoder.safetensors")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
         -> frozen EfficientNet-Lite features [N, 1280] and MiniLM sentence embeddings [M, 384], once
         -> heads trained with the symmetric InfoNCE loss on caption batches (`train_heads`)
         -> <out>/heads.safetensors (+ sha256) and fit_summary.json
-        -> with `cross_encoder` set: the demo cross-encoder's fusion head, trained on the same features against
-           the heads' hard negatives (pipeline/teachers/fit_fusion.py) -> <out>/cross_encoder.safetensors
+
+The demo's cross-encoder sits on these heads and is fitted by its own stage, `kdpipe fit-cross-encoder`
+(pipeline/teachers/fit_fusion.py), for the ablation only: the headline demo does not wait for it.
 
 The frozen features are computed once, so an epoch of head training costs two small matrix products per
 batch; the backbone pass dominates the stage. Everything is seeded: the heads' init and the batch order come
@@ -35,15 +36,18 @@ from pipeline.errors import InputError
 from pipeline.progress import progress
 from pipeline.store.durable import write_text_durably
 from pipeline.store.ownership import Output, claim
-from pipeline.teachers.fit_fusion import FitCrossEncoderConfig, hard_negatives, train_fusion
 from pipeline.teachers.lit import IMAGE_FEATURE_DIM, FrozenTowers, LiTHeads
 
 HEADS_FILE = "heads.safetensors"
-CROSS_ENCODER_FILE = "cross_encoder.safetensors"
 SUMMARY_FILE = "fit_summary.json"
+# fit-teacher wrote the cross-encoder beside the heads before fit-cross-encoder was a stage of its own: a
+# rerun into such a directory removes it (it sat on the heads being replaced), so the name stays fit-teacher's
+LEGACY_CROSS_ENCODER_FILE = "cross_encoder.safetensors"
 # what fit-teacher writes into (pipeline/store/ownership.py): a directory of nothing but its files
 TEACHER_DIR = Output(
-    "fit-teacher's output directory", directory=True, names=frozenset({HEADS_FILE, CROSS_ENCODER_FILE, SUMMARY_FILE})
+    "fit-teacher's output directory",
+    directory=True,
+    names=frozenset({HEADS_FILE, LEGACY_CROSS_ENCODER_FILE, SUMMARY_FILE}),
 )
 
 
@@ -63,7 +67,6 @@ class FitTeacherConfig:
     temperature: float = 0.05
     seed: int = 0
     feature_batch_size: int = 64
-    cross_encoder: FitCrossEncoderConfig | None = None  # the demo cross-encoder (mine.cross_encoder kind fusion)
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "dim", "epochs", "batch_size", "feature_batch_size")
@@ -80,17 +83,12 @@ class FitResult:
     n_captions: int
     final_loss: float
     seconds: float
-    cross_encoder: tuple[Path, str, float] | None = None  # (file, sha256, final loss) when one was fitted
 
     def summary(self) -> str:
-        line = (
+        return (
             f"fit-teacher: heads for {self.n_images} images / {self.n_captions} captions in {self.seconds:.1f} s, "
             f"final loss {self.final_loss:.4f} -> {self.heads_path} (sha256 {self.sha256[:12]})"
         )
-        if self.cross_encoder is not None:
-            path, sha, loss = self.cross_encoder
-            line += f"; cross-encoder final loss {loss:.4f} -> {path} (sha256 {sha[:12]})"
-        return line
 
 
 # -- the loss and the training of the heads (pure tensors: fast to test) ---------------------------------------
@@ -188,6 +186,13 @@ def frozen_features(towers: FrozenTowers, image_paths: list[Path], captions: lis
     return image_out, text_out
 
 
+def image_groups(image_ids: list[str]) -> np.ndarray:
+    """int64 [N]: one group per emoji, the file name without the style folder (module docstring)."""
+    names = [posixpath.basename(i) for i in image_ids]
+    group_of = {n: g for g, n in enumerate(sorted(set(names)))}
+    return np.array([group_of[n] for n in names], dtype=np.int64)
+
+
 def read_training_pairs(cfg: FitTeacherConfig):
     """(image paths [N], image ids [N], captions [M], text_image [M]) of the pairs file's train split."""
     from pipeline.data.readers import DatasetConfig, read_dataset
@@ -217,38 +222,20 @@ def run_fit_teacher(cfg: FitTeacherConfig, out_dir: Path | str, device: torch.de
     out_dir = Path(out_dir)
     claim(out_dir, TEACHER_DIR)  # before the work
     paths, image_ids, captions, text_image = read_training_pairs(cfg)
-    # one group per emoji: the file name without the style folder
-    names = [posixpath.basename(i) for i in image_ids]
-    group_of = {n: g for g, n in enumerate(sorted(set(names)))}
-    groups = np.array([group_of[n] for n in names], dtype=np.int64)
+    groups = image_groups(image_ids)
     towers = FrozenTowers(cfg.backbone, cfg.image_size, device)
     image_features, text_features = frozen_features(towers, paths, captions, cfg.feature_batch_size)
     heads, losses = train_heads(
         image_features, text_features, text_image, groups, cfg, variant=cfg.backbone, image_size=cfg.image_size
     )
-    # the heads' record leaves the cross-encoder's settings out: the heads (and their sha256, which every
-    # feature store records) are the same whether or not a cross-encoder is fitted beside them
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "cross_encoder"}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     record = {"config": config, "n_images": len(paths), "n_captions": len(captions)}
     sha = heads.save(out_dir / HEADS_FILE, extra=record)
     summary = {**record, "heads": HEADS_FILE, "sha256": sha, "loss_per_epoch": losses}  # no timings: reproducible
-    fitted = None
-    if cfg.cross_encoder is None:
-        (out_dir / CROSS_ENCODER_FILE).unlink(missing_ok=True)  # an earlier run's: the stage rewrites its output
-    else:
-        ce = cfg.cross_encoder
-        hard = hard_negatives(heads, image_features, text_features, text_image, groups, ce.hard_negatives)
-        # on top of the heads, at their logit scale 1 / temperature (the LiT teacher's own)
-        head, ce_losses = train_fusion(
-            image_features, text_features, text_image, groups, hard, ce, heads, 1.0 / cfg.temperature
-        )
-        ce_record = {"config": asdict(ce), "heads_sha256": sha, "n_images": len(paths), "n_captions": len(captions)}
-        ce_sha = head.save(out_dir / CROSS_ENCODER_FILE, fit=ce_record)
-        summary["cross_encoder"] = {"file": CROSS_ENCODER_FILE, "sha256": ce_sha, "loss_per_epoch": ce_losses}
-        fitted = (out_dir / CROSS_ENCODER_FILE, ce_sha, ce_losses[-1])
+    (out_dir / LEGACY_CROSS_ENCODER_FILE).unlink(missing_ok=True)
     write_text_durably(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     seconds = time.perf_counter() - t0
-    return FitResult(out_dir / HEADS_FILE, sha, len(paths), len(captions), losses[-1], seconds, fitted)
+    return FitResult(out_dir / HEADS_FILE, sha, len(paths), len(captions), losses[-1], seconds)
 
 
 __all__ = [
@@ -257,6 +244,9 @@ __all__ = [
     "train_heads",
     "symmetric_info_nce",
     "run_fit_teacher",
+    "frozen_features",
+    "image_groups",
+    "read_training_pairs",
     "HEADS_FILE",
-    "CROSS_ENCODER_FILE",
+    "SUMMARY_FILE",
 ]

@@ -13,7 +13,7 @@ w_o starts at 0, so training starts from the dual encoder's ranking and learns a
 residual: a fusion MLP alone, fitted on the 1,129 training emoji, ranks the val emoji worse than the dual
 encoder it should teach beside (rerank R@1 of the LiT top 16: 9.1-12.8 vs LiT's 14.1-15.8); with it, 15.1-16.1.
 
-`kdpipe fit-teacher` trains it (pipeline/teachers/fit_fusion.py) on the teacher's training pairs only,
+`kdpipe fit-cross-encoder` trains it (pipeline/teachers/fit_fusion.py) on the teacher's training pairs only,
 against the heads' hard negatives; the head file (`cross_encoder.safetensors`) holds its weights, the heads,
 the standardization, and in its metadata the backbone, resolution and fit settings; its sha256 is in identity().
 """
@@ -59,10 +59,15 @@ class FusionHead(nn.Module):
         self.fuse = nn.Linear(3 * hidden, hidden)
         self.out = nn.Linear(hidden, 1)
 
+    def image_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P, 1280] backbone features -> (standardized [P, 1280], LiT embedding [P, D], normalized): the frozen
+        part of project_images, which a fit computes once for every image instead of once per step."""
+        x = (features.to(self.image_mean.dtype) - self.image_mean) / self.image_std
+        return x, F.normalize(F.linear(x, self.lit_image_weight, self.lit_image_bias), dim=-1)
+
     def project_images(self, features: torch.Tensor) -> torch.Tensor:
         """[P, 1280] backbone features -> [P, D + H]: the LiT embedding (normalized), then h_v."""
-        x = (features.to(self.image_mean.dtype) - self.image_mean) / self.image_std
-        lit = F.normalize(F.linear(x, self.lit_image_weight, self.lit_image_bias), dim=-1)
+        x, lit = self.image_parts(features)
         return torch.cat([lit, self.image_proj(x)], dim=-1)
 
     def project_texts(self, features: torch.Tensor) -> torch.Tensor:
@@ -108,7 +113,7 @@ class FusionHead(nn.Module):
 
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"{key}: {path} not found; run `kdpipe fit-teacher` with fit_teacher.cross_encoder set")
+            raise InputError(f"{key}: {path} not found; run `kdpipe fit-cross-encoder` (after fit-teacher)")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("kdpipe", "{}"))

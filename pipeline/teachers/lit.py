@@ -60,7 +60,13 @@ class FrozenTowers:
             raise InputError(f"image_size {image_size}: EfficientNet-Lite needs at least 32 px")
         self.variant, self.image_size = variant, int(image_size)
         self.device = torch.device(device)
-        self.image_model = efficientnet_lite(variant, self.image_size).to(self.device).requires_grad_(False)
+        # channels-last: the depthwise convolutions run 1.9x as fast on 2 EPYC cores (EfficientNet-Lite2 at 128 px,
+        # 54 -> 103 images/s); the features agree with the default layout's to float rounding, not to the bit
+        self.image_model = (
+            efficientnet_lite(variant, self.image_size)
+            .to(self.device, memory_format=torch.channels_last)
+            .requires_grad_(False)
+        )
         self.tokenizer, self.text_model = load_minilm(self.device)
         self._mean = torch.tensor(EFFICIENTNET_LITE0_MEAN, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(EFFICIENTNET_LITE0_STD, dtype=torch.float32).view(3, 1, 1)
@@ -82,7 +88,7 @@ class FrozenTowers:
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, 1280] fp32 pooled features (not normalized)."""
-        return self.image_model.features(pixels.to(self.device)).float()
+        return self.image_model.features(pixels.to(self.device).contiguous(memory_format=torch.channels_last)).float()
 
     def text_features(self, tokens: TokenBatch) -> torch.Tensor:
         """Tokens -> [B, 384] fp32 MiniLM sentence embeddings (L2-normalized, as the model defines them)."""
