@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 
@@ -232,15 +233,28 @@ def readme_section(readme: str, heading: str | None) -> list[str]:
     return rest[:end]
 
 
+INTERVAL_COLUMN = re.compile(r"^RSUM - (\w+) \(95% CI\)$")  # metrics.md's header of each reference's interval
+
+
 def compare_readme(
     readme: str, metrics: dict, failures: list[str], reference: str = "baseline", heading: str | None = None
 ) -> None:
     """The README's demo table (made from metrics.md; under `heading`): each model's recalls, RSUM and average to
-    0.1, and its RSUM difference to `reference` with the interval, against the committed metrics."""
+    0.1, and its RSUM difference with the interval to each reference the table has a column for (`RSUM - NAME
+    (95% CI)`; `reference` among them), against the committed metrics."""
     section = readme_section(readme, heading)
     if heading is not None and not section:
         failures.append(f"README: no section {heading!r}")
         return
+    headers = [line for line in section if line.startswith("| model |")]
+    if len(headers) != 1:
+        failures.append(f"README: expected one demo table header starting '| model |', found {len(headers)}")
+        return
+    header = [c.strip() for c in headers[0].strip().strip("|").split("|")][1:]
+    fixed = len(RECALLS) + 2  # the recalls, RSUM, average
+    columns = {i: m.group(1) for i, c in enumerate(header) if i >= fixed and (m := INTERVAL_COLUMN.match(c))}
+    if reference not in columns.values():
+        failures.append(f"README: the demo table has no column 'RSUM - {reference} (95% CI)'")
     for model in model_names(metrics):
         prefix = f"| {README_LABELS.get(model, model)} |"
         lines = [line for line in section if line.startswith(prefix)]
@@ -248,12 +262,12 @@ def compare_readme(
             failures.append(f"README: expected one demo table row starting {prefix!r}, found {len(lines)}")
             continue
         cells = [c.strip() for c in lines[0][len(prefix) :].strip().strip("|").split("|")]
-        shown = cells[: len(RECALLS) + 2]
+        shown = cells[:fixed]
         expected = [f"{metrics[model][k]:.1f}" for k in (*RECALLS, "rsum", "average_score")]
-        iv = metrics[model].get(f"rsum_vs_{reference}")
-        if iv:
-            shown.append(cells[len(RECALLS) + 2] if len(cells) > len(RECALLS) + 2 else "")
-            expected.append(f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})")
+        for i, ref in columns.items():
+            iv = metrics[model].get(f"rsum_vs_{ref}")
+            shown.append(cells[i] if i < len(cells) else "")
+            expected.append(f"{iv['diff']:+.1f} ({iv['low']:+.1f} .. {iv['high']:+.1f})" if iv else "-")
         if shown != expected:
             failures.append(
                 f"README: the {model} row shows {' | '.join(shown)}; the metrics record has {' | '.join(expected)}"

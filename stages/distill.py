@@ -66,6 +66,7 @@ def command(
     raw = load_raw(params, set_)
     paths = artifact_paths(raw, params, workdir)
     out_paths, run = paths, None  # where the run goes: an ablation's runs go to its own work directory
+    mined = paths.mined  # the mined store a run reads (when it reads one): an ablation may mine its own
     if variant is None and seed is None and ablation is None:  # the single student (or --baseline) without runs
         section = split_runs(raw.get("distill"))[1]
     elif variant is None or seed is None or baseline:
@@ -74,6 +75,7 @@ def command(
         abl = load_ablation(ablation)
         section, out_paths = ablation_section(raw.get("distill"), abl, variant, seed), ArtifactPaths(abl.workdir)
         run = run_name(variant, seed)
+        mined = out_paths.mined if abl.mine else mined
     else:
         section, baseline = variant_section(raw.get("distill"), variant, seed)
         run = run_name(variant, seed)
@@ -91,7 +93,15 @@ def command(
     # rank 0 locks before joining the process group: the other ranks wait in the rendezvous meanwhile
     with writing(out_dir, no_wait=no_wait):
         result = train(
-            cfg, paths, out_dir, run=run, baseline=baseline, resume=resume, gallery=gallery, out_paths=out_paths
+            cfg,
+            paths,
+            out_dir,
+            run=run,
+            baseline=baseline,
+            resume=resume,
+            gallery=gallery,
+            out_paths=out_paths,
+            mined_path=mined,
         )
     if is_main_process():
         best = f", best val RSUM {result.best_rsum:.2f} at epoch {result.best_epoch}" if result.best_epoch > 0 else ""
@@ -116,10 +126,12 @@ def train(
     resume: bool,
     gallery: str,
     out_paths: ArtifactPaths | None = None,
+    mined_path: Path | None = None,
 ):
-    """Open the inputs (under `paths`), join the process group under torchrun, train into `out_dir` (the training
-    state in <out workdir>/checkpoints/<run>/); a run of `distill.runs` (or of an ablation) also copies its
-    training curves out (under `out_paths`, default `paths`)."""
+    """Open the inputs (under `paths`; the mined store at `mined_path`, default <workdir>/mined.zarr), join the
+    process group under torchrun, train into `out_dir` (the training state in <out workdir>/checkpoints/<run>/); a
+    run of `distill.runs` (or of an ablation) also copies its training curves out (under `out_paths`, default
+    `paths`)."""
     out_paths = out_paths or paths
     from pipeline.config import write_resolved
     from pipeline.data.index import DatasetIndex
@@ -133,7 +145,7 @@ def train(
     store = open_store(paths.features, expect_fingerprint=index.fingerprint, expect_dim=cfg.teacher_dim)
     cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
     # the teacher's mined neighbours (kdpipe mine), checked against the store, only when a setting reads them
-    mined = open_mined(paths.mined, store) if reads_mined(cfg, baseline) else None
+    mined = open_mined(mined_path or paths.mined, store) if reads_mined(cfg, baseline) else None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch

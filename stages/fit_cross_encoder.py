@@ -1,8 +1,9 @@
 """`kdpipe fit-cross-encoder`: train the demo's cross-encoder, a fusion head over the LiT teacher's frozen towers and
 its fitted heads (fit_cross_encoder.heads), on fit_teacher's training pairs (train split only).
 
-Writes `<workdir>/cross_encoder/cross_encoder.safetensors` (the file `mine.cross_encoder.fusion.head` names; its
-sha256 goes into the mined store's attrs) and `fit_summary.json`. A stage of ablation/dvc.yaml.
+Writes `<workdir>/cross_encoder/cross_encoder.safetensors` (the file a `mine.cross_encoder.fusion.head` names, as
+ablation/params.yaml's does; its sha256 goes into the mined store's attrs) and `fit_summary.json`. A stage of
+ablation/dvc.yaml.
 """
 
 from __future__ import annotations

@@ -30,6 +30,12 @@ def command(
     features: Path = typer.Option(None, "--features", help="Feature store (default: <workdir>/features.zarr)."),
     index: Path = typer.Option(None, "--index", help="Dataset index directory (default: <workdir>/index)."),
     out: Path = typer.Option(None, "--out", help="Mined store to write (default: <workdir>/mined.zarr)."),
+    ablation: Path = typer.Option(
+        None,
+        "--ablation",
+        help="An ablation's params file (e.g. ablation/params.yaml): mine with its `mine` keys merged into this "
+        "file's, into its work directory's mined.zarr (its runs read that store).",
+    ),
     fresh: bool = typer.Option(False, "--fresh", help="Start over even if a partial mined store could be resumed."),
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
@@ -39,6 +45,16 @@ def command(
 
     cfg, paths = load_stage(params, "mine", MineConfig, set_, workdir)
     out = out or paths.mined
+    if ablation is not None:  # the data is this file's; the settings and the output the ablation's
+        from pipeline.config import from_dict
+        from pipeline.distill.runs import ablation_mine_section
+        from pipeline.paths import ArtifactPaths
+        from stages._ablation import load_ablation
+        from stages._common import load_raw
+
+        abl = load_ablation(ablation)
+        cfg = from_dict(MineConfig, ablation_mine_section(load_raw(params, set_).get("mine"), abl), "mine")
+        out = ArtifactPaths(abl.workdir).mined
     with writing(out, no_wait=no_wait):
         dataset = DatasetIndex.load(index or paths.index_dir)
         result = run_mine(features or paths.features, cfg, out, index=dataset, fresh=fresh)

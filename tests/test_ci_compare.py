@@ -275,6 +275,40 @@ def test_readme_table_must_show_the_committed_metrics():
     assert failures and "expected one demo table row" in failures[0]
 
 
+def test_every_interval_column_of_the_readme_table_is_checked():
+    """With several references (distill.runs.compare_to), each `RSUM - NAME (95% CI)` column shows the record's
+    interval against NAME, and the reference CI names must have its column."""
+    metrics = copy.deepcopy(METRICS)
+    metrics["teacher"]["rsum_vs_student_unpaired"] = {"diff": 10.0, "low": 5.0, "high": 15.0}
+    metrics["baseline"]["rsum_vs_student_unpaired"] = {"diff": -5.0, "low": -9.0, "high": -1.0}
+    lines = _readme("415.0").splitlines()
+    lines[0] = lines[0].replace(
+        "| RSUM - baseline (95% CI) |", "| RSUM - baseline (95% CI) | RSUM - student_unpaired (95% CI) |"
+    )
+    second = {
+        "teacher": "+10.0 (+5.0 .. +15.0)",
+        "student_unpaired": "-",
+        "baseline": "-5.0 (-9.0 .. -1.0)",
+        "chance": "-",
+    }
+    for i, line in enumerate(lines[1:], 1):
+        model = line.split("|")[1].strip()
+        cells = line.split(" | ")
+        cells.insert(10, second[model])
+        lines[i] = " | ".join(cells)
+    readme = "\n".join(lines)
+    failures: list[str] = []
+    compare_demo.compare_readme(readme, metrics, failures)
+    assert failures == []
+    compare_demo.compare_readme(readme, metrics, failures, reference="student_unpaired")
+    assert failures == []
+    compare_demo.compare_readme(readme.replace("-5.0 (-9.0 .. -1.0)", "-5.0 (-9.0 .. -2.0)"), metrics, failures)
+    assert len(failures) == 1 and "the baseline row shows" in failures[0]
+    failures.clear()
+    compare_demo.compare_readme(_readme("415.0"), metrics, failures, reference="student_unpaired")
+    assert failures == ["README: the demo table has no column 'RSUM - student_unpaired (95% CI)'"]
+
+
 def _gallery_table(
     openmoji_student: str = "405.0", columns: str = "teacher | student_unpaired | baseline | chance"
 ) -> str:
@@ -394,7 +428,9 @@ def test_each_readme_table_is_checked_in_its_own_section(tmp_path, capsys, monke
         return head + "".join(f"\n| {g.title()} (style) | {' | '.join(c)} |" for g, c in cells.items())
 
     demo = _readme("415.0") + "\n\n" + galleries(compare_demo.model_names(METRICS), METRICS)
-    ablation_table = "\n".join(row(m) for m in rows) + "\n\n" + galleries(list(rows), committed)
+    head = "| model | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | RSUM | average "
+    head += "| RSUM - student_unpaired (95% CI) | seeds (RSUM sd) |\n|---|\n"
+    ablation_table = head + "\n".join(row(m) for m in rows) + "\n\n" + galleries(list(rows), committed)
     readme = f"## The built-in demo\n{demo}\n### Ablation\n{ablation_table}\n## Next\n| response | 0 |\n"
     rc, out = _run_ablation(tmp_path, committed, capsys, monkeypatch, readme)
     assert rc == 0, out
@@ -407,8 +443,8 @@ def test_each_readme_table_is_checked_in_its_own_section(tmp_path, capsys, monke
     compare_demo.compare_readme_galleries(readme, METRICS, failures)  # the whole README: two gallery tables
     assert len(failures) == 1 and "expected one table starting" in failures[0]
     failures.clear()
-    compare_demo.compare_readme(readme, METRICS, failures)  # the whole README: two student_unpaired rows
-    assert failures and "expected one demo table row" in failures[0]
+    compare_demo.compare_readme(readme, METRICS, failures)  # the whole README: two tables, two headers
+    assert failures == ["README: expected one demo table header starting '| model |', found 2"]
     failures.clear()
     compare_demo.compare_readme(readme, METRICS, failures, heading="## Missing")
     assert failures == ["README: no section '## Missing'"]
@@ -416,8 +452,8 @@ def test_each_readme_table_is_checked_in_its_own_section(tmp_path, capsys, monke
 
 def test_a_run_whose_inputs_were_not_reproduced_is_compared_as_another_draw(tmp_path, capsys, monkeypatch):
     """--inputs STAGE OLD NEW: on the same machine class, exactness holds only when STAGE's outputs were
-    reproduced; where they differ (the ablation's mine outputs, from a cross-encoder fit that is not yet bit for
-    bit), the seed-spread tolerances apply, and a change beyond them still fails."""
+    reproduced; where they differ (the ablation's mine outputs on another machine class, or from a changed
+    cross-encoder), the seed-spread tolerances apply, and a change beyond them still fails."""
     locks = {"in_old": _lock(mine="m1"), "in_same": _lock(mine="m1"), "in_other": _lock(mine="m2")}
     for name, doc in locks.items():
         (tmp_path / f"{name}.lock").write_text(yaml.safe_dump(doc))

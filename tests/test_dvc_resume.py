@@ -2,8 +2,8 @@
 the stage, so the training state lives outside them (<workdir>/checkpoints/<run>/), and the resumed run leaves
 every DVC-tracked output byte for byte as the uninterrupted run did, with `dvc status` clean.
 
-The project is a tiny one (tests/test_train.py's dataset) with dvc.yaml's own distill stage: its command, outs
-and params as the repository defines them (the code deps aside, which name this repository's files)."""
+The project is a tiny one (tests/test_train.py's dataset) with dvc.yaml's own mine and distill stages: their
+commands, outs and params as the repository defines them (the code deps aside, which name this repository's files)."""
 
 from __future__ import annotations
 
@@ -43,13 +43,17 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 def make_project(project: Path) -> None:
     make_workdir(project / "w")
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["distill"]
-    stage["deps"] = [d for d in stage["deps"] if not d.startswith(("pipeline/", "stages/"))]
-    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"distill": stage}}, sort_keys=False))
+    stages = {}
+    for name in ("mine", "distill"):  # mine: every distill run depends on its store
+        stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]
+        stage["deps"] = [d for d in stage["deps"] if not d.startswith(("pipeline/", "stages/"))]
+        stages[name] = stage
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     distill = tiny_params(project / "w", epochs=3, checkpoint_every_steps=2, lr=0.05, batch_size=4)
     distill["student"]["text"]["tokenizer"] = "w/tok"  # relative: the run's records do not name the tmp dir
     distill["runs"] = {"seeds": [0], "variants": {"a": {}}, "compare_to": "a"}
-    params = {"workdir": "w", "runtime": {"threads": 1}, "distill": distill, "evaluate": {"gallery": "split"}}
+    params = {"workdir": "w", "runtime": {"threads": 1}, "mine": {"k": 2}, "distill": distill}
+    params["evaluate"] = {"gallery": "split"}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     init = dvc(project, "init", "--no-scm")
     assert init.returncode == 0, init.stderr

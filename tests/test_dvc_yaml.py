@@ -147,20 +147,17 @@ def test_the_ablation_runs_its_own_params_from_the_repository_root():
     assert not any("ablation" in str(s.get("cmd")) for s in DVC["stages"].values())
 
 
-def test_distill_depends_on_the_mined_store_exactly_when_a_run_reads_it():
-    """Every run of params.yaml's distill.runs that reads mine's neighbours needs ${workdir}/mined.zarr among the
-    distill deps (else DVC would not rerun it after a re-mine); none reading it keeps the dep out (else every
-    re-mine would retrain runs that never read it)."""
-    from pipeline.config import from_dict
-    from pipeline.distill.config import DistillConfig, reads_mined
-    from pipeline.distill.runs import split_runs, variant_section
-
-    section = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]
-    runs = split_runs(section)[0]
-    reading = []
-    for variant in runs.variants:
-        raw, baseline = variant_section(section, variant, runs.seeds[0])
-        if reads_mined(from_dict(DistillConfig, raw, "distill"), baseline):
-            reading.append(variant)
-    listed = "${workdir}/mined.zarr" in DVC["stages"]["distill"]["deps"]
-    assert listed == bool(reading), f"runs reading the mined store: {reading}; dvc.yaml lists it: {listed}"
+def test_every_distill_run_depends_on_the_mined_store_it_would_read():
+    """dvc.yaml's distill lists ${workdir}/mined.zarr for every run and the mine stage writes it, so that `dvc repro`
+    with a preset whose runs read it (the dcd / mcad configs as params.yaml) mines first and retrains after a
+    re-mine (one that rewrites the same bytes retrains nothing: DVC compares contents). The ablation's runs read its
+    own store exactly when ablation/params.yaml sets `mine`, and its distill lists that one."""
+    assert "${workdir}/mined.zarr" in DVC["stages"]["distill"]["deps"]
+    assert DVC["stages"]["mine"]["outs"] == [{"${workdir}/mined.zarr": {"persist": True}}]
+    assert "mine" in DVC["stages"]["mine"]["params"]
+    ablation = yaml.safe_load((ROOT / "ablation" / "params.yaml").read_text())["ablation"]
+    own = "${ablation.workdir}/mined.zarr"
+    assert bool(ablation.get("mine")) == (own in ABLATION_DVC["stages"]["distill"]["deps"])
+    assert ABLATION_DVC["stages"]["mine"]["outs"] == [{own: {"persist": True}}]
+    assert "--ablation ablation/params.yaml" in ABLATION_DVC["stages"]["mine"]["cmd"]
+    assert "${workdir}/mined.zarr" not in ABLATION_DVC["stages"]["distill"]["deps"]  # not the main one as well

@@ -124,7 +124,7 @@ def test_head_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InputError, match="is not a fusion-head file"):
         FusionHead.load(tmp_path / "junk.safetensors")
-    with pytest.raises(InputError, match="not found; run `kdpipe fit-teacher`"):
+    with pytest.raises(InputError, match="not found; run `kdpipe fit-cross-encoder`"):
         FusionHead.load(tmp_path / "absent.safetensors")
 
 

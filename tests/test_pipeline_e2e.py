@@ -212,3 +212,21 @@ def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
     assert record["student_pairs"]["rsum"] == metrics["student_pairs"]["seeds"]["student_pairs-s1"]["rsum"]
     diff = record["slower"]["rsum_vs_student_pairs"]["diff"]
     assert diff == pytest.approx(record["slower"]["rsum"] - record["student_pairs"]["rsum"])
+
+    # An ablation with a mined store of its own (ablation.mine: the demo's adds its cross-encoder's scores): `kdpipe
+    # mine --ablation` writes it into the ablation's work directory, and its runs read that one, not the main one
+    abl_mined = tmp_path / "ablation-mined"
+    ablation_mined = tmp_path / "ablation-mined.yaml"
+    own = {"workdir": str(abl_mined), "base": "student_pairs", "seeds": [1], "mine": {"k": 2}}
+    own["variants"] = {"hard": {"overrides": {"loss": {"dcd": 1.0, "teacher_temperature": 0.05}}}}
+    ablation_mined.write_text(yaml.safe_dump({"ablation": own}))
+    args = ["distill", "--params", p, "--ablation", str(ablation_mined), "--variant", "hard", "--seed", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and f"{abl_mined / 'mined.zarr'}: no mined store here" in result.output
+    run("mine", "--params", p, "--ablation", str(ablation_mined))
+    assert json.loads((abl_mined / "mined.zarr" / "zarr.json").read_text())["attributes"]["k"] == 2
+    assert not (work / "mined.zarr").exists()
+    run(*args)
+    assert (abl_mined / "models" / "hard-s1" / "model.safetensors").is_file()
+    result = CliRunner().invoke(app, ["mine", "--params", p, "--ablation", str(ablation)])  # one without `mine`
+    assert result.exit_code == 2 and "ablation.mine is empty" in result.output

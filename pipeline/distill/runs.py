@@ -31,6 +31,7 @@ ablation:
   seeds: [0, 1, 2]                    # seeds of distill.runs: the base's runs are the main pipeline's
   variants:
     lemkd: {overrides: {loss: {response: 1.0}}}   # = base + these keys of the distill section
+  mine: {cross_encoder: {...}}        # optional: its own mined store, <workdir>/mined.zarr (kdpipe mine --ablation)
 ```
 """
 
@@ -89,6 +90,10 @@ class AblationConfig:
     seeds: tuple[int, ...]  # each a seed of distill.runs (the base's runs are the main pipeline's)
     variants: dict[str, VariantConfig]
     compare_to: tuple[str, ...] | str = ()  # () = the base; else these models (base or variants), in this order
+    # keys of params.yaml's `mine` section. Empty: the runs read the main pipeline's mined store (if any setting
+    # reads one). Set: `kdpipe mine --ablation` mines <workdir>/mined.zarr with them, and the runs read that store
+    # (the demo's: the same neighbours, plus the demo cross-encoder's scores, which only its mcad row reads)
+    mine: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_seeds(self.seeds)
@@ -186,6 +191,13 @@ def ablation_section(
     return _deep_merge(base, ablation.variants[variant].overrides)
 
 
+def ablation_mine_section(section: Mapping[str, Any] | None, ablation: AblationConfig) -> dict[str, Any]:
+    """The raw `mine` section an ablation mines its own store with: params.yaml's, its `mine` keys merged in."""
+    if not ablation.mine:
+        raise ConfigError("ablation.mine is empty: this ablation's runs read the main pipeline's mined store")
+    return _deep_merge(section or {}, ablation.mine)
+
+
 def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(dict(base))
     for k, v in extra.items():
@@ -197,6 +209,7 @@ __all__ = [
     "AblationConfig",
     "RunsConfig",
     "VariantConfig",
+    "ablation_mine_section",
     "ablation_section",
     "run_name",
     "split_runs",

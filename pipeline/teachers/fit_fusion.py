@@ -12,8 +12,8 @@ decide: the same inputs give bit-identical heads in any process, on any number o
     <heads>.safetensors (fit-teacher) + teacher pairs -> frozen features (again: fit-teacher keeps none)
         -> hard negatives by the heads -> fusion head -> <out>/cross_encoder.safetensors + fit_summary.json
 
-Only the demo's ablation reads it (`kdpipe mine`, mine.cross_encoder.fusion.head), so it is a stage of
-ablation/dvc.yaml, not of the headline demo.
+Only the demo's ablation reads it (its `kdpipe mine --ablation`, ablation.mine.cross_encoder.fusion.head), so
+it is a stage of ablation/dvc.yaml, not of the headline demo.
 """
 
 from __future__ import annotations
