@@ -38,6 +38,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 6px;border-bott
 p.note{color:#555;margin:4px 0 10px}
 table.metrics{border-collapse:collapse;margin:10px 0}
 table.metrics td,table.metrics th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}
+table.metrics th{white-space:normal;vertical-align:bottom}
 table.metrics th:first-child,table.metrics td:first-child{text-align:left}
 table.metrics tbody tr:nth-child(even){background:#f6f6f6}
 img.plot{width:100%;max-width:1400px;display:block;margin:8px auto}
