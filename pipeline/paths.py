@@ -43,6 +43,10 @@ class ArtifactPaths:
         return self.workdir / "mined.zarr"
 
     @property
+    def views(self) -> Path:  # views' teacher features of several views of each training image (extract/views.py)
+        return self.workdir / "views.zarr"
+
+    @property
     def student(self) -> Path:  # distill's outputs: the exported student, its training logs
         return self.workdir / "student"
 

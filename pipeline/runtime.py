@@ -32,10 +32,15 @@ class RuntimeConfig:
 
     # intra-op threads; None: OMP_NUM_THREADS when set, else the CPUs this process may use minus its loader workers
     threads: int | None = None
+    # trainings at once under `kdpipe distill --all` (each a process of its own, with `threads` of its own, so a
+    # run's numbers do not depend on it); None: as many as the CPUs hold (`plan_jobs`), one on a GPU
+    jobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1 (or null for automatic), got {self.threads}")
+        if self.jobs is not None and self.jobs < 1:
+            raise ValueError(f"jobs must be at least 1 (or null for automatic), got {self.jobs}")
 
 
 def available_cpus() -> int:
@@ -55,6 +60,18 @@ def plan_threads(cfg: RuntimeConfig, loader_workers: int = 0, cpus: int | None =
         return int(env)
     cpus = available_cpus() if cpus is None else cpus
     return max(1, cpus - max(0, loader_workers))
+
+
+def plan_jobs(cfg: RuntimeConfig, threads_per_run: int, on_gpu: bool, cpus: int | None = None) -> int:
+    """Trainings at once: the configured number, else one on a GPU (its memory and compute are one run's), else
+    as many runs of `threads_per_run` intra-op threads as the available CPUs hold (their loader threads only copy
+    bytes: two runs of one thread each beside their loaders train on 2 cores in about the time of one)."""
+    if cfg.jobs is not None:
+        return cfg.jobs
+    if on_gpu:
+        return 1
+    cpus = available_cpus() if cpus is None else cpus
+    return max(1, cpus // max(1, threads_per_run))
 
 
 def apply_threads(cfg: RuntimeConfig, loader_workers: int = 0) -> int:

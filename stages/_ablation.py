@@ -1,5 +1,5 @@
 """`--ablation FILE` of `kdpipe distill` and `kdpipe evaluate`: an ablation's params file (one section, `ablation`:
-pipeline/distill/runs.py AblationConfig), beside the main params.yaml whose data and runs it builds on."""
+pipeline/runs.py AblationConfig), beside the main params.yaml whose data and runs it builds on."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError
 from stages._common import load_params
 
 if TYPE_CHECKING:
-    from pipeline.distill.runs import AblationConfig
+    from pipeline.runs import AblationConfig
 
 ABLATION_OPTION = typer.Option(
     None,
@@ -25,9 +25,9 @@ ABLATION_OPTION = typer.Option(
 
 
 def load_ablation(path: Path) -> AblationConfig:
-    """An ablation's params file: one section, `ablation` (pipeline/distill/runs.py AblationConfig). Whether its
+    """An ablation's params file: one section, `ablation` (pipeline/runs.py AblationConfig). Whether its
     base and seeds are those of distill.runs is checked where the two meet (`ablation_section`, evaluate)."""
-    from pipeline.distill.runs import AblationConfig  # on use: the CLI starts without the distill package
+    from pipeline.runs import AblationConfig  # on use: the CLI starts without the distill package
 
     raw = load_params(path)
     if set(raw) != {"ablation"}:

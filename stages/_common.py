@@ -39,6 +39,7 @@ TOP_LEVEL_KEYS = (
     "fit_cross_encoder",
     "prepare",
     "extract",
+    "views",
     "mine",
     "distill",
     "evaluate",
@@ -86,6 +87,18 @@ def load_stage(
     cfg = from_dict(cls, raw.get(section), section)
     apply_runtime(raw, getattr(cfg, "num_workers", None) or 0)
     return cfg, artifact_paths(raw, params_path, workdir)
+
+
+def ablation_stage(params: Path, overrides: list[str] | None, ablation: Path, section: str, cls: type[T]):
+    """(the typed `section` an ablation's own stage runs with: params.yaml's, the ablation's keys of that name merged
+    in; the ablation's artifact paths): `kdpipe mine / fit-teacher / extract --ablation FILE`."""
+    from pipeline.paths import ArtifactPaths
+    from pipeline.runs import ablation_stage_section
+    from stages._ablation import load_ablation
+
+    abl = load_ablation(ablation)
+    raw = load_raw(params, overrides).get(section)
+    return from_dict(cls, ablation_stage_section(section, raw, abl), section), ArtifactPaths(abl.workdir)
 
 
 def apply_runtime(raw: dict[str, Any], loader_workers: int = 0) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from pipeline.distill.runs import run_name, split_runs
 from pipeline.errors import ConfigError
 from pipeline.paths import ArtifactPaths
+from pipeline.runs import run_name, split_runs
 from stages._common import apply_runtime, load_params, workdir_paths
 
 STUDENT_OPTION = typer.Option(

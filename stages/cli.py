@@ -32,6 +32,7 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "prepare": ("stages.prepare", "command"),
         "extract": ("stages.extract", "command"),
         "mine": ("stages.mine", "command"),
+        "views": ("stages.views", "command"),
         "distill": ("stages.distill", "command"),
         "evaluate": ("stages.evaluate", "command"),
     },
@@ -66,6 +67,7 @@ The same commands by hand, in order, each reading its section of params.yaml (--
     kdpipe prepare      dataset -> index + student image cache
     kdpipe extract      teacher -> feature store (once)
     kdpipe mine         optional: the teacher's nearest neighbours (DCD, MCAD)
+    kdpipe views        optional: the teacher on several views of each image
     kdpipe distill      student <- stored teacher features
     kdpipe evaluate     recalls of teacher and student -> metrics.json
     kdpipe search "a dog on a beach"

@@ -6,12 +6,14 @@ into `<workdir>/student/` (with `--baseline`: the undistilled baseline, trained 
 on the pairs alone, into `<workdir>/baseline/`), its training state into `<workdir>/checkpoints/<name>/`
 (resumed by default when it is this run's; removed once the run completes). Validation ranks as evaluate does
 (`evaluate.gallery`). With `--variant NAME --seed S`: one run of `distill.runs`
-(pipeline/distill/runs.py), the variant's settings merged into the section, into `<workdir>/models/NAME-sS/`,
+(pipeline/runs.py), the variant's settings merged into the section, into `<workdir>/models/NAME-sS/`,
 its training logs also copied to `<workdir>/curves/{train,val}/NAME-sS.csv` (small, uncached: `dvc plots`).
-With `--ablation FILE` (and `--variant NAME --seed S`): one run of that ablation (pipeline/distill/runs.py:
+With `--ablation FILE` (and `--variant NAME --seed S`): one run of that ablation (pipeline/runs.py:
 the base variant of distill.runs plus NAME's overrides), from the same data into the ablation's own work
 directory (`<ablation.workdir>/models/NAME-sS/`, its curves and resolved config there too).
-Under torchrun every process runs this same command.
+With `--all` (dvc.yaml's distill stage): every run of distill.runs, or of the ablation, each in a process of its
+own, several at once where the CPUs allow (stages/_all_runs.py).
+Under torchrun every process runs this same command (one run: `--all` starts processes of its own).
 """
 
 from __future__ import annotations
@@ -54,19 +56,40 @@ def command(
         None, "--variant", help="Train this variant of distill.runs (with --seed) into <workdir>/models/VARIANT-sSEED/."
     ),
     seed: int = typer.Option(None, "--seed", help="The seed of the --variant run (one of distill.runs.seeds)."),
+    all_runs: bool = typer.Option(
+        False,
+        "--all",
+        help="Train every run of distill.runs (or of --ablation), each in a process of its own, runtime.jobs at "
+        "once (null: as many as the CPUs hold).",
+    ),
     ablation: Path = ABLATION_OPTION,
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Train the student (or the baseline) from the feature store; export the best epoch on val."""
     from pipeline.config import from_dict
     from pipeline.distill.config import DistillConfig
-    from pipeline.distill.runs import ablation_section, run_name, split_runs, variant_section
     from pipeline.errors import ConfigError
+    from pipeline.runs import ablation_section, run_name, split_runs, variant_section
 
     raw = load_raw(params, set_)
     paths = artifact_paths(raw, params, workdir)
+    if all_runs:
+        train_all(
+            raw,
+            paths,
+            params,
+            set_,
+            workdir,
+            ablation,
+            resume,
+            no_wait,
+            variant is not None or seed is not None or baseline,
+        )
+        return
     out_paths, run = paths, None  # where the run goes: an ablation's runs go to its own work directory
     mined = paths.mined  # the mined store a run reads (when it reads one): an ablation may mine its own
+    views = paths.views  # the views store a run reads (distill.teacher_views): an ablation's are its own
+    features = paths.features  # the feature store: an ablation may extract its own (ablation.extract)
     if variant is None and seed is None and ablation is None:  # the single student (or --baseline) without runs
         section = split_runs(raw.get("distill"))[1]
     elif variant is None or seed is None or baseline:
@@ -76,13 +99,15 @@ def command(
         section, out_paths = ablation_section(raw.get("distill"), abl, variant, seed), ArtifactPaths(abl.workdir)
         run = run_name(variant, seed)
         mined = out_paths.mined if abl.mine else mined
+        views = out_paths.views
+        features = out_paths.features if abl.extract else features
     else:
         section, baseline = variant_section(raw.get("distill"), variant, seed)
         run = run_name(variant, seed)
     cfg = from_dict(DistillConfig, section, "distill")
     gallery = validation_gallery(raw)
     apply_runtime(raw, cfg.num_workers)
-    verify_if_asked(raw, paths.features)
+    verify_if_asked(raw, features)
     name = run or ("baseline" if baseline else "student")
     out_dir = out_paths.model(run) if run else paths.workdir / name
     if run:  # before hours of training: the copies of its curves must be able to go where they go
@@ -102,10 +127,41 @@ def command(
             gallery=gallery,
             out_paths=out_paths,
             mined_path=mined,
+            views_path=views,
+            features_path=features,
         )
     if is_main_process():
         best = f", best val RSUM {result.best_rsum:.2f} at epoch {result.best_epoch}" if result.best_epoch > 0 else ""
         echo(f"distill: {result.epochs_done} epochs, {result.global_step} steps{best}; student in {out_dir}")
+
+
+def train_all(raw, paths, params, set_, workdir, ablation, resume, no_wait, one_run: bool) -> None:
+    """`--all`: every run, several processes at once (stages/_all_runs.py)."""
+    from pipeline.runs import ablation_section, run_name, variant_section
+    from stages._all_runs import child_args, jobs_for, planned_runs, remove_other_runs, run_all
+
+    if one_run:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("--all trains every run: leave out --variant, --seed and --baseline")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("--all starts a process per run: under torchrun, train one run (--variant, --seed)")
+    abl = load_ablation(ablation) if ablation is not None else None
+    runs = planned_runs(raw, abl)
+    if abl is not None:
+        sections = [ablation_section(raw.get("distill"), abl, v, s) for v, s in runs]
+        out = ArtifactPaths(abl.workdir)
+    else:
+        sections = [variant_section(raw.get("distill"), v, s)[0] for v, s in runs]
+        out = paths
+    names = [run_name(v, s) for v, s in runs]
+    jobs = jobs_for(raw, sections, len(runs))
+    remove_other_runs(out, names)
+    echo(f"distill: {len(runs)} runs, {jobs} at once, into {out.workdir / 'models'}")
+    run_all(runs, child_args(params, set_, workdir, ablation, resume, no_wait), jobs, names)
+    echo(f"distill: {len(runs)} runs complete in {out.workdir / 'models'}")
 
 
 def validation_gallery(raw: dict) -> str:
@@ -127,8 +183,11 @@ def train(
     gallery: str,
     out_paths: ArtifactPaths | None = None,
     mined_path: Path | None = None,
+    views_path: Path | None = None,
+    features_path: Path | None = None,
 ):
-    """Open the inputs (under `paths`; the mined store at `mined_path`, default <workdir>/mined.zarr), join the
+    """Open the inputs (under `paths`; the feature, mined and views stores at `features_path`, `mined_path` and
+    `views_path`, default <workdir>/features.zarr, mined.zarr and views.zarr), join the
     process group under torchrun, train into `out_dir` (the training state in <out workdir>/checkpoints/<run>/); a
     run of `distill.runs` (or of an ablation) also copies its training curves out (under `out_paths`, default
     `paths`)."""
@@ -142,10 +201,19 @@ def train(
     from pipeline.store.mined import open_mined
 
     index = DatasetIndex.load(paths.index_dir)
-    store = open_store(paths.features, expect_fingerprint=index.fingerprint, expect_dim=cfg.teacher_dim)
+    store = open_store(
+        features_path or paths.features, expect_fingerprint=index.fingerprint, expect_dim=cfg.teacher_dim
+    )
     cache = open_image_cache(paths.images, expect_fingerprint=index.fingerprint)
     # the teacher's mined neighbours (kdpipe mine), checked against the store, only when a setting reads them
     mined = open_mined(mined_path or paths.mined, store) if reads_mined(cfg, baseline) else None
+    views = None
+    if cfg.teacher_views:  # the teacher's views of the training images (kdpipe views); the baseline crops alike
+        from pipeline.data.pixels import PixelRecipe
+        from pipeline.store.views import open_views
+
+        recipe = PixelRecipe.of_cache(cache.attrs, str(paths.images))
+        views = open_views(views_path or paths.views, store, cfg.train_split, recipe)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch
@@ -176,6 +244,7 @@ def train(
             val_gallery=gallery,
             cache_dir=paths.text_features,
             mined=mined,
+            views=views,
         )
         finished = True
     finally:

@@ -100,7 +100,7 @@ def command(
         return build_teacher(teacher_cfg, device=device, dtype=dtype)
 
     # The trained models are the runs of distill.runs (variant x seed) when the params file defines them.
-    from pipeline.distill.runs import split_runs
+    from pipeline.runs import split_runs
 
     runs_cfg = split_runs(raw.get("distill"))[0]
     runs, reference, out_paths = None, ("baseline",), paths
@@ -133,9 +133,9 @@ def ablation_runs(
 ) -> tuple[dict[str, list[str]], tuple[str, ...], ArtifactPaths]:
     """An ablation's models ({model: run directories}: the base's in the main work directory, the variants' in the
     ablation's, absolute), its references and its work directory."""
-    from pipeline.distill.runs import run_name
     from pipeline.errors import ConfigError
     from pipeline.paths import ArtifactPaths
+    from pipeline.runs import run_name
 
     try:
         ablation.checked_against(runs_cfg)

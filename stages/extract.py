@@ -15,6 +15,7 @@ from stages._common import (
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    ablation_stage,
     echo,
     is_main_process,
     load_stage,
@@ -32,6 +33,13 @@ def command(
     index: Path = typer.Option(None, "--index", help="Dataset index directory (default: <workdir>/index)."),
     out: Path = typer.Option(None, "--out", help="Feature store to write (default: <workdir>/features.zarr)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over even if a partial store could be resumed."),
+    ablation: Path = typer.Option(
+        None,
+        "--ablation",
+        help="An ablation's params file (e.g. ablation/params.yaml): extract with its `extract` keys merged into "
+        "this file's, into its work directory's features.zarr, the main teacher's rows copied from this file's "
+        "store (its runs read that store).",
+    ),
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Compute the teacher's L2-normalized features of all images and captions (resumable, torchrun-aware)."""
@@ -40,10 +48,17 @@ def command(
     from pipeline.extract.run import run_extract
 
     cfg, paths = load_stage(params, "extract", ExtractConfig, set_, workdir)
+    source = None
+    if ablation is not None:  # the data and the main teacher's rows are this file's; the rest the ablation's
+        from pipeline.store.features import open_store
+
+        cfg, abl_paths = ablation_stage(params, set_, ablation, "extract", ExtractConfig)
+        out = out or abl_paths.features
+        source = open_store(paths.features)
     out = out or paths.features
     with writing(out, no_wait=no_wait):  # rank 0 locks before run_extract joins the process group
         dataset = DatasetIndex.load(index or paths.index_dir)
-        result = run_extract(dataset, cfg, out, fresh=fresh)
+        result = run_extract(dataset, cfg, out, fresh=fresh, source=source)
         if is_main_process():
             save_resolved(cfg, paths, "extract")
     if is_main_process():

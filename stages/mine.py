@@ -14,6 +14,7 @@ from stages._common import (
     PARAMS_OPTION,
     SET_OPTION,
     WORKDIR_OPTION,
+    ablation_stage,
     echo,
     load_stage,
     run_stage,
@@ -46,15 +47,8 @@ def command(
     cfg, paths = load_stage(params, "mine", MineConfig, set_, workdir)
     out = out or paths.mined
     if ablation is not None:  # the data is this file's; the settings and the output the ablation's
-        from pipeline.config import from_dict
-        from pipeline.distill.runs import ablation_mine_section
-        from pipeline.paths import ArtifactPaths
-        from stages._ablation import load_ablation
-        from stages._common import load_raw
-
-        abl = load_ablation(ablation)
-        cfg = from_dict(MineConfig, ablation_mine_section(load_raw(params, set_).get("mine"), abl), "mine")
-        out = ArtifactPaths(abl.workdir).mined
+        cfg, abl_paths = ablation_stage(params, set_, ablation, "mine", MineConfig)
+        out = abl_paths.mined
     with writing(out, no_wait=no_wait):
         dataset = DatasetIndex.load(index or paths.index_dir)
         result = run_mine(features or paths.features, cfg, out, index=dataset, fresh=fresh)

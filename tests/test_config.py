@@ -196,10 +196,11 @@ def test_real_process_exit_code_and_no_traceback(project):
 # -- every number of every section: finite, in range, named ------------------------------------------------
 def _sections() -> dict[str, type]:
     from pipeline.distill.config import DistillConfig
-    from pipeline.distill.runs import RunsConfig
     from pipeline.evaluate.run import EvaluateConfig
     from pipeline.extract.config import ExtractConfig
+    from pipeline.extract.views import ViewsConfig
     from pipeline.mine.run import MineConfig
+    from pipeline.runs import RunsConfig
     from pipeline.runtime import RuntimeConfig
     from pipeline.store.verify import StoreConfig
     from pipeline.teachers.fit_fusion import FitCrossEncoderConfig
@@ -212,6 +213,7 @@ def _sections() -> dict[str, type]:
         "prepare": PrepareConfig,
         "extract": ExtractConfig,
         "mine": MineConfig,
+        "views": ViewsConfig,
         "distill": DistillConfig,
         "distill.runs": RunsConfig,
         "evaluate": EvaluateConfig,
@@ -256,7 +258,7 @@ def test_every_number_of_every_section_must_be_finite_and_in_range():
     """An infinite lr, a NaN weight decay, a chunk size of 1e20, a negative seed: each refused by the config
     layer, naming its key, whatever the section's own checks say (they are not all written)."""
     from pipeline.config import INT_MAX
-    from pipeline.distill.runs import split_runs
+    from pipeline.runs import split_runs
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())  # every section valid as the demo runs it
     runs, distill = split_runs(raw["distill"])

@@ -64,6 +64,7 @@ COMMAND_MODULE = {  # a `matrix` / `foreach` stage is one definition here
     "prepare": "stages.prepare",
     "extract": "stages.extract",
     "mine": "stages.mine",
+    "views": "stages.views",
     "distill": "stages.distill",
     "evaluate": "stages.evaluate",
 }
@@ -93,8 +94,12 @@ def test_extract_does_not_depend_on_training_code():
 
 def test_distill_is_one_definition_over_the_runs_of_params_yaml():
     stage = DVC["stages"]["distill"]
-    assert stage["matrix"] == {"variant": "${distill.runs.variants}", "seed": "${distill.runs.seeds}"}
-    assert "--variant ${item.variant} --seed ${item.seed}" in stage["cmd"]
+    assert stage["cmd"] == "kdpipe distill --all"  # every run of distill.runs, each a process of its own
+    # the runs' directories persist: a complete run is kept, a killed one resumes (tests/test_dvc_resume.py)
+    assert stage["outs"] == [
+        {"${workdir}/models": {"persist": True}},
+        {"${workdir}/curves": {"cache": False, "persist": True}},
+    ]
     assert "distill_baseline" not in DVC["stages"]  # the baseline is a variant now
 
 
@@ -138,11 +143,10 @@ def test_the_ablation_runs_its_own_params_from_the_repository_root():
     params = yaml.safe_load((ROOT / "ablation" / "params.yaml").read_text())
     assert set(params) == {"ablation"} and ABLATION_DVC["vars"] == ["../params.yaml:workdir,fit_teacher"]
     distill, evaluate = ABLATION_DVC["stages"]["distill"], ABLATION_DVC["stages"]["evaluate"]
-    assert distill["matrix"] == {"variant": "${ablation.variants}", "seed": "${ablation.seeds}"}
+    assert distill["cmd"] == "kdpipe distill --ablation ablation/params.yaml --all"  # each variant x seed
     for stage in (distill, evaluate):
         assert stage["wdir"] == ".." and "--ablation ablation/params.yaml" in stage["cmd"]
         assert {"ablation/params.yaml": ["ablation"]} in stage["params"]
-    assert "--variant ${item.variant} --seed ${item.seed}" in distill["cmd"]
     assert {"${workdir}/models", "${ablation.workdir}/models"} <= set(evaluate["deps"])  # the base's runs, its own
     assert not any("ablation" in str(s.get("cmd")) for s in DVC["stages"].values())
 
@@ -161,3 +165,18 @@ def test_every_distill_run_depends_on_the_mined_store_it_would_read():
     assert ABLATION_DVC["stages"]["mine"]["outs"] == [{own: {"persist": True}}]
     assert "--ablation ablation/params.yaml" in ABLATION_DVC["stages"]["mine"]["cmd"]
     assert "${workdir}/mined.zarr" not in ABLATION_DVC["stages"]["distill"]["deps"]  # not the main one as well
+
+
+def test_the_ablation_reads_the_stores_of_its_own_stages():
+    """Its runs read its own feature store (ablation.extract: the main teacher's rows + a second teacher) and its
+    views (the views variant), each written by a stage of ablation/dvc.yaml from the ablation's keys."""
+    ablation = yaml.safe_load((ROOT / "ablation" / "params.yaml").read_text())["ablation"]
+    deps = ABLATION_DVC["stages"]["distill"]["deps"]
+    own = "${ablation.workdir}/features.zarr"
+    assert bool(ablation.get("extract")) == (own in deps) != ("${workdir}/features.zarr" in deps)
+    assert ABLATION_DVC["stages"]["extract"]["outs"] == [{own: {"persist": True}}]
+    assert ABLATION_DVC["stages"]["extract"]["cmd"] == "kdpipe extract --ablation ablation/params.yaml"
+    assert "${ablation.workdir}/teacher/heads.safetensors" in ABLATION_DVC["stages"]["extract"]["deps"]
+    assert ABLATION_DVC["stages"]["fit_teacher"]["outs"] == ["${ablation.workdir}/teacher"]
+    assert "${ablation.workdir}/views.zarr" in deps
+    assert ABLATION_DVC["stages"]["views"]["outs"] == [{"${ablation.workdir}/views.zarr": {"persist": True}}]

@@ -8,10 +8,11 @@ import yaml
 from pipeline.config import from_dict
 from pipeline.data.prepare import PrepareConfig
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.runs import split_runs, variant_section
 from pipeline.evaluate.run import EvaluateConfig
 from pipeline.extract.config import ExtractConfig
+from pipeline.extract.views import ViewsConfig
 from pipeline.mine.run import MineConfig
+from pipeline.runs import split_runs, variant_section
 from pipeline.runtime import RuntimeConfig
 from pipeline.store.verify import StoreConfig
 from pipeline.teachers.fit_fusion import FitCrossEncoderConfig
@@ -25,12 +26,13 @@ SECTIONS = {
     "prepare": PrepareConfig,
     "extract": ExtractConfig,
     "mine": MineConfig,  # only where something uses mined candidates (the emoji demo)
+    "views": ViewsConfig,  # only where something uses view-matched targets (the emoji demo's ablation)
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
     "runtime": RuntimeConfig,  # every stage's CPU threads; its defaults fit any machine
     "store": StoreConfig,  # how distill and evaluate read the feature store (default: no full verification)
 }
-OPTIONAL = {"fit_teacher", "fit_cross_encoder", "mine", "runtime", "store"}
+OPTIONAL = {"fit_teacher", "fit_cross_encoder", "mine", "views", "runtime", "store"}
 FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 

@@ -230,3 +230,35 @@ def test_all_stages_through_the_cli(tmp_path, tokenizer_dir):
     assert (abl_mined / "models" / "hard-s1" / "model.safetensors").is_file()
     result = CliRunner().invoke(app, ["mine", "--params", p, "--ablation", str(ablation)])  # one without `mine`
     assert result.exit_code == 2 and "ablation.mine is empty" in result.output
+
+    # An ablation with a feature store of its own (ablation.extract: the main teacher's rows, copied, and a second
+    # teacher beside them) and views (kdpipe views --ablation): its runs read both, the main ones stay as they were
+    abl_own = tmp_path / "ablation-own"
+    ablation_own = tmp_path / "ablation-own.yaml"
+    second = {"kind": "label_bridge", "label_bridge": {"class_names": str(ROOT / "data/demo/imagenet_classes.tsv")}}
+    second["label_bridge"]["prompt"] = "a picture of a {}."
+    own = {
+        "workdir": str(abl_own),
+        "base": "student_pairs",
+        "seeds": [1],
+        "extract": {"extra_teachers": {"two": second}},
+    }
+    own["variants"] = {
+        "both": {"overrides": {"loss": {"response": 1.0, "teacher_temperature": 0.05, "teachers": ["two"]}}},
+        "views": {"overrides": {"teacher_views": True}},
+    }
+    ablation_own.write_text(yaml.safe_dump({"ablation": own}))
+    main_files = {f: f.read_bytes() for f in sorted((work / "features.zarr").rglob("*")) if f.is_file()}
+    run("extract", "--params", p, "--ablation", str(ablation_own))
+    mine_store, main_store = open_store(abl_own / "features.zarr"), open_store(work / "features.zarr")
+    for s in main_store.splits:
+        assert np.array_equal(np.asarray(mine_store.split(s).image_emb), np.asarray(main_store.split(s).image_emb))
+    assert mine_store.extra_teachers == ("two",) and not (work / "features.zarr" / "teachers").exists()
+    run("views", "--params", p, "--set", "views.count=2", "--ablation", str(ablation_own))
+    assert json.loads((abl_own / "views.zarr" / "zarr.json").read_text())["attributes"]["complete"] is True
+    run("distill", "--params", p, "--ablation", str(ablation_own), "--all")
+    for v in ("both", "views"):
+        assert (abl_own / "models" / f"{v}-s1" / "model.safetensors").is_file()
+    assert {f: f.read_bytes() for f in sorted((work / "features.zarr").rglob("*")) if f.is_file()} == main_files
+    result = CliRunner().invoke(app, ["extract", "--params", p, "--ablation", str(ablation)])  # without `extract`
+    assert result.exit_code == 2 and "ablation.extract is empty" in result.output

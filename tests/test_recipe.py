@@ -16,8 +16,8 @@ import yaml
 from pipeline.config import from_dict, to_dict
 from pipeline.data.prepare import PrepareConfig
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.runs import split_runs
 from pipeline.distill.schedule import lr_factor
+from pipeline.runs import split_runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATASETS = ("flickr30k", "coco")

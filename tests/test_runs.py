@@ -6,8 +6,15 @@ import pytest
 
 from pipeline.config import from_dict
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.runs import AblationConfig, ablation_section, run_name, split_runs, variant_section
 from pipeline.errors import ConfigError
+from pipeline.runs import (
+    AblationConfig,
+    ablation_section,
+    ablation_stage_section,
+    run_name,
+    split_runs,
+    variant_section,
+)
 
 SECTION = {
     "lr": 0.001,
@@ -171,3 +178,27 @@ def test_a_runs_curve_copy_replaces_only_an_earlier_copy(tmp_path):
             claim(tmp_path / "mine.csv", training_curve(log))
     with pytest.raises(InputError, match="is not a copy of a val_log.csv"):
         claim(now, training_curve("val"))
+
+
+def test_an_ablations_own_stages_merge_its_keys_into_the_sections_of_params_yaml():
+    abl = from_dict(
+        AblationConfig,
+        {
+            "workdir": "w",
+            "base": "a",
+            "seeds": [0],
+            "variants": {"b": {"overrides": {}}},
+            "fit_teacher": {"backbone": "lite0", "seed": 1},
+            "extract": {"extra_teachers": {"second": {"kind": "lit"}}},
+        },
+        "ablation",
+    )
+    section = {"backbone": "lite2", "seed": 0, "epochs": 10}
+    assert ablation_stage_section("fit_teacher", section, abl) == {"backbone": "lite0", "seed": 1, "epochs": 10}
+    assert section == {"backbone": "lite2", "seed": 0, "epochs": 10}  # params.yaml's own section untouched
+    merged = ablation_stage_section("extract", {"teacher": {"kind": "lit"}, "extra_teachers": {}}, abl)
+    assert merged == {"teacher": {"kind": "lit"}, "extra_teachers": {"second": {"kind": "lit"}}}
+    with pytest.raises(
+        ConfigError, match="ablation.mine is empty: this ablation's runs read the main pipeline's mined"
+    ):
+        ablation_stage_section("mine", {"k": 3}, abl)

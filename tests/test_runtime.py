@@ -67,11 +67,13 @@ def test_every_stage_applies_the_runtime_section(tmp_path, restore_threads):
 def test_runtime_section_refuses_unknown_keys_and_bad_values(tmp_path, restore_threads):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"workdir": "w", "runtime": {"thread": 2}}))
-    with pytest.raises(ConfigError, match=r"runtime\.thread: unknown key; allowed keys are: threads"):
+    with pytest.raises(ConfigError, match=r"runtime\.thread: unknown key; allowed keys are: jobs, threads"):
         load_stage(params, "extract", ExtractConfig, [])
     params.write_text(yaml.safe_dump({"workdir": "w"}))
     with pytest.raises(ConfigError, match=r"runtime: threads must be at least 1 \(or null for automatic\), got 0"):
         load_stage(params, "extract", ExtractConfig, ["runtime.threads=0"])
+    with pytest.raises(ConfigError, match=r"runtime: jobs must be at least 1 \(or null for automatic\), got 0"):
+        load_stage(params, "extract", ExtractConfig, ["runtime.jobs=0"])
 
 
 def test_the_command_line_makes_openmp_wait_passively_unless_told_otherwise():

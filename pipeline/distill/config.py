@@ -50,6 +50,9 @@ class DistillConfig:
     # candidate-aware batches (sampler.CandidateSampler): each anchor caption followed by a caption of each of its
     # first N teacher-mined images (the mined store's text_to_image/rows); 0: a uniform permutation
     batch_neighbours: int = 0
+    # view-matched targets (pipeline/distill/views.py): each image seen through one of the views of `kdpipe views`
+    # (<workdir>/views.zarr), a different one each epoch, with the teacher's feature of that view as its target
+    teacher_views: bool = False
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -100,6 +103,15 @@ class DistillConfig:
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be > 0, weight_decay and grad_clip >= 0, min_lr_ratio in [0, 1]")
         self._check_step_schedule()
+        if self.teacher_views and self.augment.enabled:
+            raise ValueError(
+                "teacher_views and augment.enabled exclude each other: the views are the augmentation, and a crop "
+                "on top of a view would no longer be what the teacher saw"
+            )
+        if self.teacher_views and self.loss.teachers:
+            raise ValueError(
+                "teacher_views has the main teacher's views only; loss.teachers' other teachers saw whole images"
+            )
         if self.select_best_on == "val" and (not self.val_split or self.eval_every_epochs == 0):
             raise ValueError(
                 "select_best_on: val needs val_split and eval_every_epochs > 0 (or use select_best_on: last)"
@@ -154,6 +166,7 @@ ADDED_KEYS = {
     "unpaired_images_per_step": 0,
     "unpaired_texts_per_step": 0,
     "batch_neighbours": 0,
+    "teacher_views": False,
     "loss": _ADDED_LOSS_KEYS,
     "baseline_loss": _ADDED_LOSS_KEYS,
 }

@@ -32,6 +32,7 @@ from pipeline.distill.extra_teachers import ExtraTeachers
 from pipeline.distill.knowledge import MinedLists
 from pipeline.distill.losses import Knowledge, UnpairedRows
 from pipeline.distill.sampler import EpochSampler, UnpairedSampler
+from pipeline.distill.views import ViewChoice
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -109,6 +110,8 @@ class HostBatch:
     u_t_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # "v"/"t": teacher rows when not on device
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None  # mined (cand_v, cand_t) when not on device
     extra: list[dict[str, torch.Tensor]] | None = None  # the other teachers' rows when not on device
+    image_boxes: torch.Tensor | None = None  # float32 [B, 5] the view of each image (distill.teacher_views)
+    u_image_boxes: torch.Tensor | None = None  # float32 [B_v, 5] idem, this rank's unpaired images
 
 
 @dataclass
@@ -131,6 +134,9 @@ class DeviceBatch:
     u_attention_mask: torch.Tensor | None = None
     unpaired: UnpairedRows | None = None  # teacher rows and ids of the global unpaired batch (student rows: later)
     knowledge: Knowledge | None = None  # the knowledge terms' inputs for the global batch (losses/__init__.py)
+    # the view each image is seen through (pipeline/distill/views.py), pairs then unpaired images; None: whole frames
+    image_boxes: torch.Tensor | None = None  # float32 [B, 5] on the device
+    u_image_boxes: torch.Tensor | None = None  # float32 [B_v, 5]
 
 
 @dataclass(frozen=True)
@@ -165,8 +171,10 @@ class BatchLoader:
         unpaired: Unpaired | None = None,
         mined: MinedLists | None = None,
         extra: ExtraTeachers | None = None,
+        views: ViewChoice | None = None,
     ) -> None:
         self.images, self.bank, self.sampler = images, bank, sampler
+        self.views = views  # view-matched targets (pipeline/distill/views.py), when used
         self.mined = mined  # the knowledge terms' candidate lists (pipeline/distill/knowledge.py), when used
         self.extra = extra  # the other teachers' banks (pipeline/distill/extra_teachers.py), when used
         self.unpaired = unpaired or Unpaired()
@@ -231,6 +239,8 @@ class BatchLoader:
         images = self._take(self.images, self.caption_cache_row[rows])
         queue_rows = s.queue_rows(epoch, step, self.queue_size) if self.use_queue and self.queue_size > 0 else None
         hb = HostBatch(epoch, step, rows, global_rows, images, queue_rows)
+        if self.views is not None:
+            hb.image_boxes = self.views.boxes_of(epoch, bank.text_image_np[rows])
         if not bank.on_device:
             hb.t_rows = (self._take(bank.image, bank.text_image_np[global_rows]), self._take(bank.text, global_rows))
             if queue_rows is not None:
@@ -250,6 +260,8 @@ class BatchLoader:
             hb.u_image_rows = u.image_rows[u.images.global_rows(hb.epoch, hb.step)]
             mine = u.image_rows[u.images.rows(hb.epoch, hb.step)]
             hb.u_images = self._take(self.images, mine if self.image_cache_row is None else self.image_cache_row[mine])
+            if self.views is not None:
+                hb.u_image_boxes = self.views.boxes_of(hb.epoch, mine)
             if not bank.on_device:
                 hb.u_t_rows["v"] = self._take(bank.image, hb.u_image_rows)
         if u.texts is not None:
@@ -287,6 +299,8 @@ class BatchLoader:
             t_v, t_t = bank.image[image_ids], bank.text[grows]
         else:
             t_v, t_t = (x.to(dev, non_blocking=True) for x in hb.t_rows)
+        if self.views is not None:  # the teacher's feature of the view each image is seen through
+            t_v = self.views.teacher_rows(hb.epoch, bank.text_image_np[hb.global_rows], image_ids)
         batch = DeviceBatch(
             epoch=hb.epoch,
             step=hb.step,
@@ -298,6 +312,8 @@ class BatchLoader:
             t_t=t_t,
             image_ids=image_ids,
         )
+        if hb.image_boxes is not None:
+            batch.image_boxes = hb.image_boxes.to(dev)
         if hb.u_image_rows is not None or hb.u_text_rows is not None:
             self._device_unpaired(hb, batch)
         queue = self._device_queue(hb, batch) if self.use_queue else None
@@ -333,6 +349,9 @@ class BatchLoader:
             batch.u_images = hb.u_images.to(dev, non_blocking=True)
             batch.unpaired.t_v = bank.image[ids] if "v" not in hb.u_t_rows else hb.u_t_rows["v"].to(dev)
             batch.unpaired.v_ids = ids  # the image's own row: masked where a whole-bank queue holds it
+            if self.views is not None:
+                batch.unpaired.t_v = self.views.teacher_rows(hb.epoch, hb.u_image_rows, ids)
+                batch.u_image_boxes = hb.u_image_boxes.to(dev)
         if hb.u_text_rows is not None:
             rows = torch.from_numpy(hb.u_text_rows).to(dev, non_blocking=True)
             local = torch.from_numpy(hb.u_text_local).to(dev, non_blocking=True)

@@ -11,6 +11,7 @@ from pipeline.distill.config import AugmentConfig
 from pipeline.distill.data import random_resized_crop
 from pipeline.distill.distributed import GatherRows
 from pipeline.distill.losses import DistillLoss
+from pipeline.distill.views import crop_boxes
 from pipeline.towers.student import DualEncoderStudent
 
 
@@ -39,6 +40,9 @@ def loss_terms(
         x = torch.cat([x, model.to_float(b.u_images)])
     if b.u_input_ids is not None:
         ids, mask = torch.cat([ids, b.u_input_ids]), torch.cat([mask, b.u_attention_mask])
+    if b.image_boxes is not None:  # each image seen through the view its teacher row was computed on
+        boxes = b.image_boxes if b.u_images is None else torch.cat([b.image_boxes, b.u_image_boxes])
+        x = crop_boxes(x, boxes)
     if augment.enabled:
         gen.manual_seed(seed)
         x = random_resized_crop(x, model.image_size, gen, scale=augment.scale, ratio=augment.ratio, flip=augment.flip)

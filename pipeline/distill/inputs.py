@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from pipeline.data.index import DatasetIndex, SplitView
 from pipeline.distill.config import DistillConfig
@@ -16,6 +17,7 @@ from pipeline.distill.extra_teachers import ExtraTeachers
 from pipeline.distill.knowledge import MinedLists
 from pipeline.distill.losses import LIST_TERMS, DistillLoss, LossConfig, resolve_teacher_scales
 from pipeline.distill.sampler import CandidateSampler, EpochSampler, UnpairedSampler
+from pipeline.distill.views import ViewChoice
 from pipeline.errors import InputError
 from pipeline.store.alignment import align_store_split
 from pipeline.store.features import FeatureStore, StoreSplit
@@ -200,6 +202,7 @@ def build_data(
     *,
     store: FeatureStore,
     mined=None,
+    views=None,
 ) -> tuple[EpochSampler, BatchLoader, int]:
     """The pair sampler, the teacher bank and the batch loader of the training split; optimizer steps per epoch.
     `mined`: the mined store (pipeline/store/mined.py), when a setting reads it; `store`: the feature store (its
@@ -250,8 +253,18 @@ def build_data(
         unpaired=unpaired,
         mined=lists,
         extra=others,
+        views=view_choice(cfg, views, device),
     )
     return sampler, loader, opt_steps_per_epoch
+
+
+def view_choice(cfg: DistillConfig, views, device: torch.device) -> ViewChoice | None:
+    """The stored views of the training split as the loader uses them (distill.teacher_views), else None."""
+    if not cfg.teacher_views:
+        return None
+    if views is None:
+        raise InputError("distill.teacher_views: no views store was given; run `kdpipe views` first")
+    return ViewChoice(views, cfg.seed, device)
 
 
 def mined_lists(cfg: DistillConfig, loss_fn: DistillLoss, mined, bank: TeacherBank) -> MinedLists:

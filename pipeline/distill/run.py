@@ -152,6 +152,7 @@ def setup_run(
     val_gallery: str = "split",
     cache_dir: Path | None = None,
     mined=None,
+    views=None,
 ) -> Run | DistillResult:
     """Inputs -> model, loss, balancer (the init is a function of the seed) -> data -> optimizer -> resume
     or start over -> logs -> the training forward. A run already complete in `out_dir`: its result."""
@@ -164,6 +165,7 @@ def setup_run(
     torch.manual_seed(cfg.seed)
     model = build_student(cfg.student, store.dim).to(device)
     meta = run_meta(cfg, store, cache, model, baseline=baseline, world=world, val_gallery=val_gallery, mined=mined)
+    meta["views"] = views.identity if views is not None else None  # which stored views the targets come from
     if resume and run_complete(out_dir, to_dict(cfg), meta):
         if rank == 0 and not cfg.keep_checkpoints:  # left by a run killed between its summary and this
             ckpt.remove_checkpoints(ckpt_dir)
@@ -176,7 +178,9 @@ def setup_run(
     )
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
-    sampler, loader, opt_steps_per_epoch = build_data(cfg, train, model, loss_fn, world, rank, store=store, mined=mined)
+    sampler, loader, opt_steps_per_epoch = build_data(
+        cfg, train, model, loss_fn, world, rank, store=store, mined=mined, views=views
+    )
     val_tokens = tokenize_all(model.tokenize, val.captions) if val is not None else None
     # under torchrun, no shared cache: the other ranks write nothing under the work directory
     text_cache, val_text_cache = frozen_text_caches(
@@ -532,12 +536,14 @@ def run_distill(
     cache_dir: Path | str | None = None,
     stop_after_steps: int | None = None,
     mined=None,
+    views=None,
 ) -> DistillResult:
     """Train a student against `store` and export it into `out_dir`.
 
     `ckpt_dir`: the run's checkpoint directory (pipeline.paths: `<workdir>/checkpoints/<run>`), outside
     `out_dir`. `mined`: the teacher's mined neighbours of `store` (pipeline/store/mined.py; candidate-aware
-    batches, the candidate-list terms). `baseline`: train with `cfg.baseline_loss` (pairs only) instead of `cfg.loss`. `resume`: continue
+    batches, the candidate-list terms). `views`: the training split's stored views (pipeline/store/views.py
+    ViewTargets), read when `cfg.teacher_views`. `baseline`: train with `cfg.baseline_loss` (pairs only) instead of `cfg.loss`. `resume`: continue
     from `ckpt_dir/last.pt` when it is this run's (same config, runtime keys aside, and same inputs), or find
     the run already complete in `out_dir`; otherwise start over. `val_gallery`: evaluate.gallery, how validation
     ranks. `cache_dir`: where the frozen text tower's features are kept across runs (None: computed here).
@@ -557,6 +563,7 @@ def run_distill(
         val_gallery=val_gallery,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         mined=mined,
+        views=views,
     )
     if isinstance(run, DistillResult):
         log.info(f"distill: {run.out_dir} holds this run, complete; nothing to train (--no-resume trains it again)")

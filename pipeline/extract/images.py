@@ -23,7 +23,10 @@ from pipeline.teachers import Teacher
 
 
 class _ImageItems(torch.utils.data.Dataset):
-    """Item i -> (pixels [3, S, S], error message or ""); a bad image gives `blank` and its message."""
+    """Item i -> (pixels [3, S, S], error message or ""); a bad image gives `blank` and its message.
+
+    `preprocess_row` (a teacher that sees each row its own way, pipeline/extract/views.py) is given the image with
+    its (split, row), `where[i]`; else `preprocess` the image alone."""
 
     def __init__(
         self,
@@ -32,9 +35,11 @@ class _ImageItems(torch.utils.data.Dataset):
         blank: torch.Tensor,
         draft_size: int | None,
         exif: str,
+        preprocess_row: Callable[[Image.Image, str, int], torch.Tensor] | None = None,
+        where: list[tuple[str, int]] | None = None,
     ) -> None:
         self.images, self.preprocess, self.blank, self.draft_size = images, preprocess, blank, draft_size
-        self.exif = exif
+        self.exif, self.preprocess_row, self.where = exif, preprocess_row, where
         self.files: ImageFiles | None = None  # made in each worker process (its open shard is its own)
 
     def __len__(self) -> int:
@@ -47,6 +52,8 @@ class _ImageItems(torch.utils.data.Dataset):
             image = read_rgb(self.images[i], self.draft_size, self.exif, self.files)  # pipeline/data/image_file.py
         except BadImage as err:
             return self.blank.clone(), err.reason
+        if self.preprocess_row is not None:
+            return self.preprocess_row(image, *self.where[i]), ""
         return self.preprocess(image), ""
 
 
@@ -69,16 +76,18 @@ def extract_images(
     blank = torch.zeros_like(preprocess(Image.new("RGB", (32, 32))))  # [3, S, S]
     draft = int(blank.shape[-1]) if cfg.jpeg_draft else None
     images: list[ImageRef] = []
+    where: list[tuple[str, int]] = []  # (split, row) of each item
     batches: list[list[int]] = []
     batch_of: list[tuple[int, int]] = []  # batch -> (unit number, first row inside the unit)
     for k, u in enumerate(units):
         base = len(images)
         images.extend(views[u.split].image_ref[u.start : u.stop])
+        where.extend((u.split, r) for r in range(u.start, u.stop))
         for b in range(0, u.rows, cfg.image_batch_size):
             batches.append(list(range(base + b, base + min(u.rows, b + cfg.image_batch_size))))
             batch_of.append((k, b))
     loader = data_loader(
-        _ImageItems(images, preprocess, blank, draft, exif),
+        _ImageItems(images, preprocess, blank, draft, exif, getattr(teacher, "preprocess_row", None), where),
         workers,
         device.type == "cuda",
         cfg.prefetch_factor,

@@ -20,11 +20,12 @@ from pipeline.extract.distributed import Ranks, auto_workers, env_int, init_rank
 from pipeline.extract.finalize import finalize, publish
 from pipeline.extract.images import extract_images
 from pipeline.extract.resume import is_done, prepare_store
+from pipeline.extract.reuse import copy_units, reusable
 from pipeline.extract.texts import extract_texts
 from pipeline.extract.units import WORK_DIR, Unit, plan_units, target_dir
 from pipeline.locks import lock_path
 from pipeline.store.durable import naming
-from pipeline.store.features import FEATURE_STORE, TEACHERS, read_attrs
+from pipeline.store.features import FEATURE_STORE, TEACHERS, FeatureStore, read_attrs
 from pipeline.store.features_writer import StoreWriter, clear_store_dir, jsonable
 from pipeline.store.ownership import claim
 from pipeline.teachers import Teacher, build_teacher
@@ -59,13 +60,16 @@ def run_extract(
     *,
     fresh: bool = False,
     extra_teachers: dict[str, Teacher] | None = None,
+    source: FeatureStore | None = None,
 ) -> ExtractResult:
     """Compute the teacher features of every image and caption of `cfg.splits` and write the store; then those
     of each of `cfg.extra_teachers` into its own store under `<out>/teachers/<name>/`.
 
     `teacher` / `extra_teachers`: already built teachers (tests, tools); by default each is built from its
     config on the configured device (an extra teacher just before its passes, and freed after them).
-    `fresh`: start over even when a matching partial store could be resumed."""
+    `fresh`: start over even when a matching partial store could be resumed. `source`: an opened complete
+    FeatureStore whose rows are copied where they are what this run computes (pipeline/extract/reuse.py: a views
+    store's captions, an ablation store's main teacher)."""
     t0 = time.perf_counter()
     out = Path(out_path)
     local_rank = env_int("LOCAL_RANK", 0)
@@ -99,7 +103,7 @@ def run_extract(
             main = job.start(out, teacher, reopen_complete=bool(cfg.extra_teachers) or (out / TEACHERS).is_dir())
             if main.complete:  # finalization of an earlier run had only cleanup left
                 return _result(out, main.units, len(main.units), 0, t0, main.restart_reason)
-            job.compute(main, teacher)
+            job.compute(main, teacher, reusable(source, teacher, cfg, views, index.fingerprint))
             # each a store of its own inside the main one being written (`out`, or its rewrite beside it, swapped
             # in whole with them), complete before the main one is
             for name in cfg.extra_teachers:
@@ -183,8 +187,9 @@ class _Job:
         store.mine = pending[self.dist.rank :: self.dist.world]
         return store
 
-    def compute(self, store: _Store, teacher: Teacher) -> None:
-        """This rank's pending units of `store`, image chunks first, then captions and unpaired texts."""
+    def compute(self, store: _Store, teacher: Teacher, sources: tuple[Any, Any] = (None, None)) -> None:
+        """This rank's pending units of `store`, image chunks first, then captions and unpaired texts; those the
+        (texts, images) `sources` hold are copied from there instead (pipeline/extract/reuse.py)."""
         cfg, dist = self.cfg, self.dist
         workers = cfg.num_workers if cfg.num_workers is not None else auto_workers(self.device, dist.local_world)
         show = dist.rank == 0
@@ -195,6 +200,11 @@ class _Job:
         with torch.inference_mode():
             image_units = [u for u in store.mine if u.array == "image_emb"]
             text_units = [u for u in store.mine if u.array != "image_emb"]  # captions, then unpaired texts
+            texts_from, images_from = sources
+            if images_from is not None:
+                image_units = copy_units(image_units, images_from, writer, work)
+            if texts_from is not None:
+                text_units = copy_units(text_units, texts_from, writer, work)
             if image_units:
                 exif = self.index.exif_orientation
                 extract_images(

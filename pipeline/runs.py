@@ -32,6 +32,8 @@ ablation:
   variants:
     lemkd: {overrides: {loss: {response: 1.0}}}   # = base + these keys of the distill section
   mine: {cross_encoder: {...}}        # optional: its own mined store, <workdir>/mined.zarr (kdpipe mine --ablation)
+  fit_teacher: {backbone: lite0}      # optional: heads of another teacher, <workdir>/teacher (kdpipe fit-teacher --ablation)
+  extract: {extra_teachers: {...}}    # optional: its own feature store, <workdir>/features.zarr (kdpipe extract --ablation)
 ```
 """
 
@@ -94,6 +96,13 @@ class AblationConfig:
     # reads one). Set: `kdpipe mine --ablation` mines <workdir>/mined.zarr with them, and the runs read that store
     # (the demo's: the same neighbours, plus the demo cross-encoder's scores, which only its mcad row reads)
     mine: dict[str, Any] = field(default_factory=dict)
+    # keys of params.yaml's `fit_teacher` section: `kdpipe fit-teacher --ablation` fits the heads of a teacher of
+    # its own into <workdir>/teacher (the demo's: a second dual-stream teacher on another frozen image backbone)
+    fit_teacher: dict[str, Any] = field(default_factory=dict)
+    # keys of params.yaml's `extract` section. Set: `kdpipe extract --ablation` writes <workdir>/features.zarr with
+    # them (the main teacher's rows copied from the main store, bit for bit; e.g. other teachers beside them), and
+    # the runs read that store
+    extract: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_seeds(self.seeds)
@@ -191,11 +200,20 @@ def ablation_section(
     return _deep_merge(base, ablation.variants[variant].overrides)
 
 
-def ablation_mine_section(section: Mapping[str, Any] | None, ablation: AblationConfig) -> dict[str, Any]:
-    """The raw `mine` section an ablation mines its own store with: params.yaml's, its `mine` keys merged in."""
-    if not ablation.mine:
-        raise ConfigError("ablation.mine is empty: this ablation's runs read the main pipeline's mined store")
-    return _deep_merge(section or {}, ablation.mine)
+# what an ablation's own stage of that name writes instead of reading the main pipeline's
+_OWN_OUTPUT = {"mine": "mined store", "fit_teacher": "teacher heads", "extract": "feature store"}
+
+
+def ablation_stage_section(name: str, section: Mapping[str, Any] | None, ablation: AblationConfig) -> dict[str, Any]:
+    """The raw section `name` (mine, fit_teacher, extract) an ablation's own stage runs with: params.yaml's, the
+    ablation's keys of that name merged in; a ConfigError when the ablation sets none (its runs read the main
+    pipeline's output)."""
+    extra = getattr(ablation, name)
+    if not extra:
+        raise ConfigError(
+            f"ablation.{name} is empty: this ablation's runs read the main pipeline's {_OWN_OUTPUT[name]}"
+        )
+    return _deep_merge(section or {}, extra)
 
 
 def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,8 +227,8 @@ __all__ = [
     "AblationConfig",
     "RunsConfig",
     "VariantConfig",
-    "ablation_mine_section",
     "ablation_section",
+    "ablation_stage_section",
     "run_name",
     "split_runs",
     "variant_section",
