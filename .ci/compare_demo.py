@@ -336,8 +336,9 @@ def main() -> int:
     ap.add_argument(
         "--inputs",
         nargs=3,
-        metavar=("STAGE", "COMMITTED_LOCK", "REPRODUCED_LOCK"),
-        help="bit for bit only when STAGE's outputs are the same in both dvc.lock files (else within the seed spread)",
+        metavar=("STAGES", "COMMITTED_LOCK", "REPRODUCED_LOCK"),
+        help="bit for bit only when the outputs of each of STAGES (comma-separated) are the same in both dvc.lock "
+        "files (else within the seed spread)",
     )
     a = ap.parse_args()
     if (a.committed_lock is None) != (a.reproduced_lock is None):
@@ -352,7 +353,7 @@ def main() -> int:
     same_class = old_env is not None and old_env == new_env
     if same_class and a.inputs and not inputs_reproduced(*a.inputs):
         # the runs read an input that this run did not reproduce bit for bit: another draw of the same experiment
-        print(f"the {a.inputs[0]} stage's outputs differ from the committed run's: compared as another machine class")
+        print(f"the {a.inputs[0]} stages' outputs differ from the committed run's: compared as another machine class")
         same_class = False
     if same_class:
         print(
@@ -387,10 +388,12 @@ def main() -> int:
     return 0
 
 
-def inputs_reproduced(stage: str, committed: str, reproduced: str) -> bool:
-    """Whether `stage`'s outputs have the same hashes in the two dvc.lock files."""
+def inputs_reproduced(stages: str, committed: str, reproduced: str) -> bool:
+    """Whether the outputs of each of `stages` (comma-separated) have the same hashes in the two dvc.lock files."""
     old_lock, new_lock = (yaml.safe_load(open(p)) for p in (committed, reproduced))
-    return bool(outs(old_lock, stage)) and outs(old_lock, stage) == outs(new_lock, stage)
+    return all(
+        bool(outs(old_lock, stage)) and outs(old_lock, stage) == outs(new_lock, stage) for stage in stages.split(",")
+    )
 
 
 def compare_locks(committed: str, reproduced: str, same_class: bool, failures: list[str]) -> None:

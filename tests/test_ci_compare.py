@@ -454,7 +454,12 @@ def test_a_run_whose_inputs_were_not_reproduced_is_compared_as_another_draw(tmp_
     """--inputs STAGE OLD NEW: on the same machine class, exactness holds only when STAGE's outputs were
     reproduced; where they differ (the ablation's mine outputs on another machine class, or from a changed
     cross-encoder), the seed-spread tolerances apply, and a change beyond them still fails."""
-    locks = {"in_old": _lock(mine="m1"), "in_same": _lock(mine="m1"), "in_other": _lock(mine="m2")}
+    locks = {
+        "in_old": _lock(mine="m1", views="v1"),
+        "in_same": _lock(mine="m1", views="v1"),
+        "in_other": _lock(mine="m2", views="v1"),
+        "in_views": _lock(mine="m1", views="v2"),  # one of the listed stages is enough
+    }
     for name, doc in locks.items():
         (tmp_path / f"{name}.lock").write_text(yaml.safe_dump(doc))
     moved = {"student_unpaired__i2t_r1": 50.0 + 0.5 * RECALL_TOL}
@@ -464,13 +469,15 @@ def test_a_run_whose_inputs_were_not_reproduced_is_compared_as_another_draw(tmp_
         argv = list(compare_demo.sys.argv)
         cut = argv.index("--committed-lock")
         argv = argv[:cut] + argv[cut + 4 :]  # the demo's locks out: the ablation has none of its own
-        argv += ["--inputs", "mine", str(tmp_path / "in_old.lock"), str(tmp_path / f"in_{new_lock}.lock")]
+        argv += ["--inputs", "mine,views", str(tmp_path / "in_old.lock"), str(tmp_path / f"in_{new_lock}.lock")]
         monkeypatch.setattr("sys.argv", argv)
         return compare_demo.main(), capsys.readouterr().out
 
     rc, out = run("same", moved)
     assert rc == 1 and "FAILED" in out  # inputs reproduced: bit for bit
     rc, out = run("other", moved)
-    assert rc == 0 and "mine stage's outputs differ" in out, out
+    assert rc == 0 and "mine,views stages' outputs differ" in out, out
+    rc, out = run("views", moved)
+    assert rc == 0 and "stages' outputs differ" in out, out
     rc, out = run("other", {"student_unpaired__i2t_r1": 50.0 + 1.05 * RECALL_TOL})
     assert rc == 1 and "FAILED" in out
